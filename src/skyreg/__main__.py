@@ -1,0 +1,3 @@
+from skyreg.cli.main import main
+
+main()

@@ -1,0 +1,85 @@
+"""The `skyreg` command."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from skyreg import __version__
+
+app = typer.Typer(
+    help="skyreg: an OCI container registry and the deploy path behind it.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+def default_data_dir() -> Path:
+    """$SKYREG_DATA_DIR, else $XDG_DATA_HOME/skyreg, else ~/.local/share/skyreg."""
+    if env := os.environ.get("SKYREG_DATA_DIR"):
+        return Path(env)
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "skyreg"
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0: pick a free one).")] = 5000,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Where metadata and blobs live [env: SKYREG_DATA_DIR].",
+            show_default="~/.local/share/skyreg",
+        ),
+    ] = None,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="SKYREG_DATABASE_URL",
+            help="SQLAlchemy URL of the metadata database (default: SQLite in the data dir).",
+        ),
+    ] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes sharing the socket.")] = 1,
+    upload_ttl: Annotated[
+        float, typer.Option(help="Seconds an idle upload is kept before it expires.")
+    ] = 24 * 3600.0,
+    expiry_interval: Annotated[
+        float, typer.Option(help="Seconds between sweeps for expired uploads.")
+    ] = 300.0,
+    port_file: Annotated[
+        Path | None, typer.Option(help="Write the bound port to this file once listening.")
+    ] = None,
+    access_log: Annotated[bool, typer.Option(help="Log one line per request.")] = True,
+) -> None:
+    """Run the registry (SQLite + filesystem under one data dir by default)."""
+    from skyreg.registry.server import ServeConfig
+    from skyreg.registry.server import serve as run
+
+    run(
+        ServeConfig(
+            data_dir=(data_dir or default_data_dir()).resolve(),
+            host=host,
+            port=port,
+            database_url=database_url,
+            workers=workers,
+            upload_ttl=upload_ttl,
+            expiry_interval=expiry_interval,
+            port_file=port_file,
+            access_log=access_log,
+        )
+    )
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    typer.echo(f"skyreg {__version__}")
+
+
+def main() -> None:
+    """Entry point of the `skyreg` script."""
+    app()

@@ -1,0 +1,448 @@
+"""Registry metadata: repositories, blob links, manifests, tags, referrers and uploads.
+
+Methods are synchronous and short (indexed lookups); each write runs in one transaction.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Engine, and_, delete, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from skyreg.meta import schema as s
+from skyreg.meta.db import create_db_engine, sqlite_url, upgrade_schema
+from skyreg.oci.errors import ErrorCode, RegistryError
+from skyreg.oci.manifest import Manifest
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredManifest:
+    """A manifest as stored: its exact bytes and media type."""
+
+    digest: str
+    media_type: str
+    content: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Referrer:
+    """A manifest whose subject is another manifest."""
+
+    digest: str
+    media_type: str
+    size: int
+    artifact_type: str | None
+    annotations: dict[str, str] | None
+
+
+class RegistryMeta:
+    """Queries and updates of the registry's metadata over one SQLAlchemy engine."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._dialect = engine.dialect.name
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        with self.engine.connect().execution_options(skyreg_write=True) as conn, conn.begin():
+            yield conn
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with self.engine.connect() as conn, conn.begin():
+            yield conn
+
+    def _insert_ignore(self, table: Any) -> Any:
+        if self._dialect == "postgresql":
+            return postgresql.insert(table).on_conflict_do_nothing()
+        return sqlite.insert(table).on_conflict_do_nothing()
+
+    # -- repositories --------------------------------------------------------------------------
+
+    def _ensure_repository(self, conn: Connection, name: str) -> int:
+        conn.execute(self._insert_ignore(s.repositories).values(name=name, created_at=_now()))
+        repo_id = conn.execute(
+            select(s.repositories.c.id).where(s.repositories.c.name == name)
+        ).scalar_one()
+        return int(repo_id)
+
+    @staticmethod
+    def _repository_id(conn: Connection, name: str) -> int | None:
+        value = conn.execute(
+            select(s.repositories.c.id).where(s.repositories.c.name == name)
+        ).scalar_one_or_none()
+        return None if value is None else int(value)
+
+    def repository_known(self, name: str) -> bool:
+        """Whether the repository holds any manifest or blob."""
+        with self._read() as conn:
+            repo_id = self._repository_id(conn, name)
+            if repo_id is None:
+                return False
+            for table in (s.manifests, s.repository_blobs):
+                found = conn.execute(
+                    select(table.c.repository_id).where(table.c.repository_id == repo_id).limit(1)
+                ).first()
+                if found is not None:
+                    return True
+            return False
+
+    def catalog(self, n: int | None, last: str | None) -> list[str]:
+        """Repository names that hold at least one manifest, in lexical order."""
+        has_manifest = (
+            select(s.manifests.c.repository_id)
+            .where(s.manifests.c.repository_id == s.repositories.c.id)
+            .exists()
+        )
+        query = select(s.repositories.c.name).where(has_manifest).order_by(s.repositories.c.name)
+        if last:
+            query = query.where(s.repositories.c.name > last)
+        if n is not None:
+            query = query.limit(n)
+        with self._read() as conn:
+            return [row[0] for row in conn.execute(query)]
+
+    # -- blobs ---------------------------------------------------------------------------------
+
+    def link_blob(self, repository: str, digest: str, size: int) -> None:
+        """Record a verified blob and make it visible in `repository`."""
+        with self._write() as conn:
+            repo_id = self._ensure_repository(conn, repository)
+            now = _now()
+            conn.execute(
+                self._insert_ignore(s.blobs).values(digest=digest, size=size, created_at=now)
+            )
+            conn.execute(
+                self._insert_ignore(s.repository_blobs).values(
+                    repository_id=repo_id, digest=digest, created_at=now
+                )
+            )
+
+    def blob_size(self, repository: str, digest: str) -> int | None:
+        """Size of a blob linked into `repository`, or None."""
+        query = (
+            select(s.blobs.c.size)
+            .select_from(
+                s.repositories.join(
+                    s.repository_blobs, s.repository_blobs.c.repository_id == s.repositories.c.id
+                ).join(s.blobs, s.blobs.c.digest == s.repository_blobs.c.digest)
+            )
+            .where(s.repositories.c.name == repository, s.repository_blobs.c.digest == digest)
+        )
+        with self._read() as conn:
+            value = conn.execute(query).scalar_one_or_none()
+        return None if value is None else int(value)
+
+    def any_blob_size(self, digest: str) -> int | None:
+        """Size of a blob stored for any repository, or None."""
+        with self._read() as conn:
+            value = conn.execute(
+                select(s.blobs.c.size).where(s.blobs.c.digest == digest)
+            ).scalar_one_or_none()
+        return None if value is None else int(value)
+
+    def unlink_blob(self, repository: str, digest: str) -> tuple[bool, bool]:
+        """Remove a blob from `repository`: (was linked, no repository links it any more).
+
+        When no repository links it, its row goes too and the caller may delete the bytes.
+        """
+        with self._write() as conn:
+            repo_id = self._repository_id(conn, repository)
+            if repo_id is None:
+                return False, False
+            removed = conn.execute(
+                delete(s.repository_blobs).where(
+                    s.repository_blobs.c.repository_id == repo_id,
+                    s.repository_blobs.c.digest == digest,
+                )
+            ).rowcount
+            if not removed:
+                return False, False
+            remaining = conn.execute(
+                select(func.count())
+                .select_from(s.repository_blobs)
+                .where(s.repository_blobs.c.digest == digest)
+            ).scalar_one()
+            if remaining == 0:
+                conn.execute(delete(s.blobs).where(s.blobs.c.digest == digest))
+            return True, remaining == 0
+
+    # -- manifests -----------------------------------------------------------------------------
+
+    def put_manifest(self, repository: str, manifest: Manifest, tags: list[str]) -> None:
+        """Store `manifest` in `repository` and point `tags` at it, all or nothing.
+
+        Raises MANIFEST_BLOB_UNKNOWN when a referenced blob or child manifest is not in the
+        repository, MANIFEST_INVALID when a referenced blob's size differs from its descriptor.
+        """
+        digest = str(manifest.digest)
+        now = _now()
+        with self._write() as conn:
+            repo_id = self._ensure_repository(conn, repository)
+            blob_refs = manifest.required_blobs()
+            if blob_refs:
+                wanted = {str(d.digest) for d in blob_refs}
+                rows = conn.execute(
+                    select(s.blobs.c.digest, s.blobs.c.size)
+                    .select_from(
+                        s.repository_blobs.join(
+                            s.blobs, s.blobs.c.digest == s.repository_blobs.c.digest
+                        )
+                    )
+                    .where(
+                        s.repository_blobs.c.repository_id == repo_id,
+                        s.repository_blobs.c.digest.in_(wanted),
+                    )
+                )
+                sizes = {row[0]: int(row[1]) for row in rows}
+                missing = sorted(wanted - sizes.keys())
+                if missing:
+                    raise RegistryError(
+                        ErrorCode.MANIFEST_BLOB_UNKNOWN,
+                        f"blob {missing[0]} is not in repository {repository}",
+                        {"digests": missing},
+                    )
+                for d in blob_refs:
+                    if sizes[str(d.digest)] != d.size:
+                        raise RegistryError(
+                            ErrorCode.MANIFEST_INVALID,
+                            f"descriptor of {d.digest} says {d.size} bytes; the blob has "
+                            f"{sizes[str(d.digest)]}",
+                        )
+            children = {str(d.digest) for d in manifest.manifests}
+            if children:
+                present = set(
+                    conn.execute(
+                        select(s.manifests.c.digest).where(
+                            s.manifests.c.repository_id == repo_id,
+                            s.manifests.c.digest.in_(children),
+                        )
+                    ).scalars()
+                )
+                missing = sorted(children - present)
+                if missing:
+                    raise RegistryError(
+                        ErrorCode.MANIFEST_BLOB_UNKNOWN,
+                        f"manifest {missing[0]} is not in repository {repository}",
+                        {"digests": missing},
+                    )
+            conn.execute(
+                self._insert_ignore(s.manifests).values(
+                    repository_id=repo_id,
+                    digest=digest,
+                    media_type=manifest.media_type,
+                    content=manifest.raw,
+                    size=len(manifest.raw),
+                    artifact_type=manifest.referrer_artifact_type(),
+                    subject_digest=str(manifest.subject.digest) if manifest.subject else None,
+                    annotations=json.dumps(manifest.annotations) if manifest.annotations else None,
+                    created_at=now,
+                )
+            )
+            refs = [(str(d.digest), "blob") for d in blob_refs]
+            refs += [(child, "manifest") for child in sorted(children)]
+            if refs:
+                conn.execute(
+                    self._insert_ignore(s.manifest_references),
+                    [
+                        {
+                            "repository_id": repo_id,
+                            "parent_digest": digest,
+                            "child_digest": child,
+                            "kind": kind,
+                        }
+                        for child, kind in refs
+                    ],
+                )
+            for tag in tags:
+                self._set_tag(conn, repo_id, tag, digest, now)
+
+    def _set_tag(
+        self, conn: Connection, repo_id: int, tag: str, digest: str, now: datetime
+    ) -> None:
+        values = {
+            "repository_id": repo_id,
+            "name": tag,
+            "manifest_digest": digest,
+            "updated_at": now,
+        }
+        stmt: Any
+        if self._dialect == "postgresql":
+            stmt = postgresql.insert(s.tags).values(**values)
+        else:
+            stmt = sqlite.insert(s.tags).values(**values)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[s.tags.c.repository_id, s.tags.c.name],
+            set_={"manifest_digest": digest, "updated_at": now},
+        )
+        conn.execute(stmt)
+
+    def get_manifest(
+        self, repository: str, reference: str, by_digest: bool
+    ) -> StoredManifest | None:
+        """The manifest a tag or digest names in `repository`, or None."""
+        m = s.manifests
+        if by_digest:
+            query = (
+                select(m.c.digest, m.c.media_type, m.c.content)
+                .select_from(s.repositories.join(m, m.c.repository_id == s.repositories.c.id))
+                .where(s.repositories.c.name == repository, m.c.digest == reference)
+            )
+        else:
+            t = s.tags
+            query = (
+                select(m.c.digest, m.c.media_type, m.c.content)
+                .select_from(
+                    s.repositories.join(t, t.c.repository_id == s.repositories.c.id).join(
+                        m,
+                        and_(
+                            m.c.repository_id == t.c.repository_id,
+                            m.c.digest == t.c.manifest_digest,
+                        ),
+                    )
+                )
+                .where(s.repositories.c.name == repository, t.c.name == reference)
+            )
+        with self._read() as conn:
+            row = conn.execute(query).first()
+        if row is None:
+            return None
+        return StoredManifest(row[0], row[1], bytes(row[2]))
+
+    def delete_manifest(self, repository: str, digest: str) -> bool:
+        """Delete a manifest and every tag that pointed at it."""
+        with self._write() as conn:
+            repo_id = self._repository_id(conn, repository)
+            if repo_id is None:
+                return False
+            removed = conn.execute(
+                delete(s.manifests).where(
+                    s.manifests.c.repository_id == repo_id, s.manifests.c.digest == digest
+                )
+            ).rowcount
+            if not removed:
+                return False
+            conn.execute(
+                delete(s.tags).where(
+                    s.tags.c.repository_id == repo_id, s.tags.c.manifest_digest == digest
+                )
+            )
+            conn.execute(
+                delete(s.manifest_references).where(
+                    s.manifest_references.c.repository_id == repo_id,
+                    s.manifest_references.c.parent_digest == digest,
+                )
+            )
+            return True
+
+    def delete_tag(self, repository: str, tag: str) -> bool:
+        """Remove one tag; the manifest stays."""
+        with self._write() as conn:
+            repo_id = self._repository_id(conn, repository)
+            if repo_id is None:
+                return False
+            return bool(
+                conn.execute(
+                    delete(s.tags).where(s.tags.c.repository_id == repo_id, s.tags.c.name == tag)
+                ).rowcount
+            )
+
+    def list_tags(self, repository: str, n: int | None, last: str | None) -> list[str]:
+        """Tags of `repository` in lexical order, after `last`, at most `n`."""
+        t = s.tags
+        query = (
+            select(t.c.name)
+            .select_from(s.repositories.join(t, t.c.repository_id == s.repositories.c.id))
+            .where(s.repositories.c.name == repository)
+            .order_by(t.c.name)
+        )
+        if last:
+            query = query.where(t.c.name > last)
+        if n is not None:
+            query = query.limit(n)
+        with self._read() as conn:
+            return [row[0] for row in conn.execute(query)]
+
+    def referrers(self, repository: str, subject: str, artifact_type: str | None) -> list[Referrer]:
+        """Manifests in `repository` whose subject is `subject`, optionally of one artifactType."""
+        m = s.manifests
+        query = (
+            select(m.c.digest, m.c.media_type, m.c.size, m.c.artifact_type, m.c.annotations)
+            .select_from(s.repositories.join(m, m.c.repository_id == s.repositories.c.id))
+            .where(s.repositories.c.name == repository, m.c.subject_digest == subject)
+            .order_by(m.c.created_at, m.c.digest)
+        )
+        if artifact_type is not None:
+            query = query.where(m.c.artifact_type == artifact_type)
+        with self._read() as conn:
+            rows = conn.execute(query).all()
+        return [
+            Referrer(
+                digest=row[0],
+                media_type=row[1],
+                size=int(row[2]),
+                artifact_type=row[3],
+                annotations=json.loads(row[4]) if row[4] else None,
+            )
+            for row in rows
+        ]
+
+    # -- uploads -------------------------------------------------------------------------------
+
+    def create_upload(self, upload_id: str, repository: str) -> None:
+        """Record a new upload session for `repository`."""
+        now = _now()
+        with self._write() as conn:
+            self._ensure_repository(conn, repository)
+            conn.execute(
+                insert(s.uploads).values(
+                    id=upload_id, repository=repository, created_at=now, updated_at=now
+                )
+            )
+
+    def upload_repository(self, upload_id: str) -> str | None:
+        """The repository an upload belongs to, or None if there is no such upload."""
+        with self._read() as conn:
+            value = conn.execute(
+                select(s.uploads.c.repository).where(s.uploads.c.id == upload_id)
+            ).scalar_one_or_none()
+        return None if value is None else str(value)
+
+    def touch_upload(self, upload_id: str) -> None:
+        """Mark an upload as active now (it will not expire soon)."""
+        with self._write() as conn:
+            conn.execute(
+                update(s.uploads).where(s.uploads.c.id == upload_id).values(updated_at=_now())
+            )
+
+    def delete_upload(self, upload_id: str) -> bool:
+        """Forget an upload session."""
+        with self._write() as conn:
+            return bool(conn.execute(delete(s.uploads).where(s.uploads.c.id == upload_id)).rowcount)
+
+    def stale_uploads(self, idle_since: datetime) -> list[str]:
+        """Uploads with no activity since `idle_since`."""
+        with self._read() as conn:
+            return list(
+                conn.execute(
+                    select(s.uploads.c.id).where(s.uploads.c.updated_at < idle_since)
+                ).scalars()
+            )
+
+
+def open_database(url: str | None, data_dir: Path) -> RegistryMeta:
+    """Open (creating and migrating as needed) the metadata database."""
+    engine = create_db_engine(url or sqlite_url(data_dir / "skyreg.db"))
+    upgrade_schema(engine)
+    return RegistryMeta(engine)

@@ -1,0 +1,106 @@
+"""The metadata schema. Alembic migrations under `migrations/versions` create exactly this."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+metadata = MetaData()
+
+repositories = Table(
+    "repositories",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(255), nullable=False, unique=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+blobs = Table(
+    "blobs",
+    metadata,
+    Column("digest", String(200), primary_key=True),
+    Column("size", BigInteger, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+# Which repository may serve which blob (a push or a mount links it).
+repository_blobs = Table(
+    "repository_blobs",
+    metadata,
+    Column(
+        "repository_id",
+        Integer,
+        ForeignKey("repositories.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("digest", String(200), ForeignKey("blobs.digest"), primary_key=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_repository_blobs_digest", "digest"),
+)
+
+manifests = Table(
+    "manifests",
+    metadata,
+    Column(
+        "repository_id",
+        Integer,
+        ForeignKey("repositories.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("digest", String(200), primary_key=True),
+    Column("media_type", String(255), nullable=False),
+    Column("content", LargeBinary, nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("artifact_type", String(255)),
+    Column("subject_digest", String(200)),
+    Column("annotations", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_manifests_subject", "repository_id", "subject_digest"),
+)
+
+# Edges from a manifest to what it references: blobs (config, layers) and child manifests.
+manifest_references = Table(
+    "manifest_references",
+    metadata,
+    Column("repository_id", Integer, primary_key=True),
+    Column("parent_digest", String(200), primary_key=True),
+    Column("child_digest", String(200), primary_key=True),
+    Column("kind", String(16), nullable=False),
+    Index("ix_manifest_references_child", "repository_id", "child_digest"),
+)
+
+tags = Table(
+    "tags",
+    metadata,
+    Column(
+        "repository_id",
+        Integer,
+        ForeignKey("repositories.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("name", String(128), primary_key=True),
+    Column("manifest_digest", String(200), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Index("ix_tags_manifest", "repository_id", "manifest_digest"),
+)
+
+uploads = Table(
+    "uploads",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("repository", String(255), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Index("ix_uploads_updated", "updated_at"),
+)

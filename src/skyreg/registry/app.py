@@ -1,0 +1,129 @@
+"""The aiohttp application: routing below /v2/, errors as spec JSON, upload expiry."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+
+from aiohttp import web
+
+from skyreg.oci.errors import ErrorCode, RegistryError
+from skyreg.oci.names import validate_name
+from skyreg.registry import blobs, discovery, manifests
+from skyreg.registry.context import REGISTRY_KEY, Registry
+from skyreg.registry.routing import METHODS, Endpoint, match_route
+
+log = logging.getLogger("skyreg.registry")
+
+API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
+
+Handler = Callable[[web.Request, str, str], Awaitable[web.StreamResponse]]
+
+_HANDLERS: dict[tuple[Endpoint, str], Handler] = {
+    (Endpoint.CATALOG, "GET"): discovery.catalog,
+    (Endpoint.TAGS, "GET"): discovery.list_tags,
+    (Endpoint.REFERRERS, "GET"): discovery.referrers,
+    (Endpoint.UPLOAD_START, "POST"): blobs.start_upload,
+    (Endpoint.BLOB, "GET"): blobs.get_blob,
+    (Endpoint.BLOB, "HEAD"): blobs.get_blob,
+    (Endpoint.BLOB, "DELETE"): blobs.delete_blob,
+    (Endpoint.MANIFEST, "GET"): manifests.get_manifest,
+    (Endpoint.MANIFEST, "HEAD"): manifests.get_manifest,
+    (Endpoint.MANIFEST, "PUT"): manifests.put_manifest,
+    (Endpoint.MANIFEST, "DELETE"): manifests.delete_manifest,
+}
+for _method in ("GET", "HEAD", "PATCH", "PUT", "DELETE"):
+    _HANDLERS[(Endpoint.UPLOAD, _method)] = blobs.upload_session
+for _endpoint in (Endpoint.CATALOG, Endpoint.TAGS, Endpoint.REFERRERS):
+    _HANDLERS[(_endpoint, "HEAD")] = _HANDLERS[(_endpoint, "GET")]
+
+
+def _error_response(err: RegistryError, method: str) -> web.Response:
+    body = b"" if method == "HEAD" else err.body()
+    resp = web.Response(status=err.status, body=body, headers=err.headers)
+    resp.content_type = "application/json"
+    return resp
+
+
+@web.middleware
+async def _errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Turn every failure into the spec's JSON error body; never let a request crash."""
+    try:
+        resp = await handler(request)
+    except RegistryError as err:
+        resp = _error_response(err, request.method)
+    except web.HTTPRequestEntityTooLarge:
+        resp = _error_response(
+            RegistryError(ErrorCode.SIZE_INVALID, "request body too large", status=413),
+            request.method,
+        )
+    except web.HTTPException:
+        raise
+    except (ConnectionResetError, asyncio.CancelledError):
+        raise
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        resp = _error_response(RegistryError(ErrorCode.UNKNOWN), request.method)
+    resp.headers[API_VERSION_HEADER[0]] = API_VERSION_HEADER[1]
+    return resp
+
+
+async def _base(request: web.Request) -> web.StreamResponse:
+    return web.json_response({})
+
+
+async def _dispatch(request: web.Request) -> web.StreamResponse:
+    tail = request.match_info["tail"]
+    route = match_route(tail)
+    if route is None:
+        raise RegistryError(ErrorCode.NOT_FOUND, f"no endpoint at {request.path[:300]}")
+    handler = _HANDLERS.get((route.endpoint, request.method))
+    if handler is None:
+        allowed = ", ".join(sorted(METHODS[route.endpoint]))
+        raise RegistryError(
+            ErrorCode.UNSUPPORTED,
+            f"{request.method} is not supported here",
+            headers={"Allow": allowed},
+        )
+    if route.endpoint is not Endpoint.CATALOG:
+        validate_name(route.name)
+    return await handler(request, route.name, route.reference)
+
+
+async def _expire_uploads(reg: Registry, interval: float) -> None:
+    """Delete uploads idle for longer than the registry's upload TTL, every `interval` seconds."""
+    while True:
+        try:
+            cutoff = datetime.now(UTC) - timedelta(seconds=reg.upload_ttl)
+            for upload_id in reg.meta.stale_uploads(cutoff):
+                await reg.store.abort(upload_id)
+                reg.meta.delete_upload(upload_id)
+                log.info("expired abandoned upload %s", upload_id)
+        except Exception:
+            log.exception("upload expiry failed; retrying in %.0fs", interval)
+        await asyncio.sleep(interval)
+
+
+def create_app(reg: Registry, *, expiry_interval: float = 300.0) -> web.Application:
+    """The registry's aiohttp application over `reg`."""
+    # Blob bodies are streamed, never buffered, so the whole-body limit only guards read().
+    app = web.Application(middlewares=[_errors], client_max_size=8 * 1024 * 1024)
+    app[REGISTRY_KEY] = reg
+    app.router.add_get("/v2/", _base)
+    app.router.add_get("/v2", _base)
+    app.router.add_route("*", "/v2/{tail:.*}", _dispatch)
+
+    async def expiry(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(_expire_uploads(reg, expiry_interval))
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    app.cleanup_ctx.append(expiry)
+    return app

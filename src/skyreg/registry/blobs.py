@@ -1,0 +1,266 @@
+"""Blob endpoints: pull (GET/HEAD with Range), delete, and uploads (monolithic, chunked, mount)."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from skyreg.oci.digest import Digest
+from skyreg.oci.errors import ErrorCode, RegistryError
+from skyreg.oci.names import validate_name
+from skyreg.registry.context import Registry, registry_of
+from skyreg.registry.responses import empty
+from skyreg.store.base import DigestMismatch, UploadOffsetMismatch, UploadUnknown
+
+_RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_CONTENT_RANGE_RE = re.compile(r"^(?:bytes )?(\d+)-(\d+)(?:/(?:\d+|\*))?$")
+_UPLOAD_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+_BODY_CHUNK = 1 << 20
+
+
+def _blob_headers(digest: Digest, size: int) -> dict[str, str]:
+    return {
+        "Docker-Content-Digest": str(digest),
+        "Content-Type": "application/octet-stream",
+        "Accept-Ranges": "bytes",
+        "Cache-Control": "max-age=31536000",
+        "ETag": f'"{digest}"',
+        "Content-Length": str(size),
+    }
+
+
+def _check_range(header: str, size: int) -> None:
+    """Reject a Range header that is malformed or cannot be satisfied (416 either way)."""
+    m = _RANGE_RE.match(header.strip())
+    unsatisfiable = RegistryError(
+        ErrorCode.RANGE_INVALID,
+        f"range {header[:100]!r} cannot be satisfied for a blob of {size} bytes",
+        headers={"Content-Range": f"bytes */{size}"},
+    )
+    if m is None or (not m.group(1) and not m.group(2)):
+        raise unsatisfiable
+    start, end = m.group(1), m.group(2)
+    if start:
+        if int(start) >= size or (end and int(end) < int(start)):
+            raise unsatisfiable
+    elif int(end) == 0:
+        raise unsatisfiable
+
+
+async def get_blob(request: web.Request, name: str, reference: str) -> web.StreamResponse:
+    """GET/HEAD a blob; bytes from a local file go out with sendfile, Range honoured."""
+    reg = registry_of(request)
+    digest = Digest.parse(reference)
+    size = reg.meta.blob_size(name, str(digest))
+    stored = await reg.store.stat(digest) if size is not None else None
+    if size is None or stored is None:
+        raise RegistryError(
+            ErrorCode.BLOB_UNKNOWN, f"blob {digest} is not in {name}", {"digest": str(digest)}
+        )
+    redirect = await reg.store.redirect_url(digest)
+    if redirect is not None:
+        raise web.HTTPTemporaryRedirect(redirect, headers={"Docker-Content-Digest": str(digest)})
+    headers = _blob_headers(digest, stored)
+    if request.method == "HEAD":
+        return web.Response(status=200, headers=headers)
+    range_header = request.headers.get("Range")
+    if range_header is not None:
+        _check_range(range_header, stored)
+    path = reg.store.local_path(digest)
+    if path is not None:
+        del headers["Content-Length"]
+        del headers["ETag"]
+        return web.FileResponse(path, headers=headers)
+    resp = web.StreamResponse(status=200, headers=headers)
+    await resp.prepare(request)
+    async for chunk in reg.store.read(digest):
+        await resp.write(chunk)
+    await resp.write_eof()
+    return resp
+
+
+async def delete_blob(request: web.Request, name: str, reference: str) -> web.StreamResponse:
+    """DELETE a blob from a repository; its bytes go when no repository links them."""
+    reg = registry_of(request)
+    digest = Digest.parse(reference)
+    linked, last = reg.meta.unlink_blob(name, str(digest))
+    if not linked:
+        raise RegistryError(
+            ErrorCode.BLOB_UNKNOWN, f"blob {digest} is not in {name}", {"digest": str(digest)}
+        )
+    if last:
+        await reg.store.delete(digest)
+    return empty(202, {"Docker-Content-Digest": str(digest)})
+
+
+async def _body(request: web.Request) -> AsyncIterator[bytes]:
+    async for chunk in request.content.iter_chunked(_BODY_CHUNK):
+        yield chunk
+
+
+def _has_body(request: web.Request) -> bool:
+    if request.headers.get("Transfer-Encoding", "").lower() == "chunked":
+        return True
+    return (request.content_length or 0) > 0
+
+
+def _blob_created(name: str, digest: Digest) -> web.Response:
+    return empty(
+        201,
+        {
+            "Location": f"/v2/{name}/blobs/{digest}",
+            "Docker-Content-Digest": str(digest),
+        },
+    )
+
+
+def _upload_headers(name: str, upload_id: str, size: int) -> dict[str, str]:
+    # A zero-length upload also reports "0-0", as Distribution does.
+    return {
+        "Location": f"/v2/{name}/blobs/uploads/{upload_id}",
+        "Range": f"0-{max(size - 1, 0)}",
+        "Docker-Upload-UUID": upload_id,
+    }
+
+
+async def _try_mount(reg: Registry, name: str, request: web.Request) -> web.Response | None:
+    digest = Digest.parse(request.query["mount"])
+    source = request.query.get("from")
+    if source is not None:
+        validate_name(source)
+        size = reg.meta.blob_size(source, str(digest))
+    else:
+        size = reg.meta.any_blob_size(str(digest))
+    if size is None or await reg.store.stat(digest) is None:
+        return None
+    reg.meta.link_blob(name, str(digest), size)
+    return _blob_created(name, digest)
+
+
+async def start_upload(request: web.Request, name: str, _reference: str) -> web.StreamResponse:
+    """POST: mount, monolithic upload with ?digest=, or open an upload session (202)."""
+    reg = registry_of(request)
+    if "mount" in request.query:
+        mounted = await _try_mount(reg, name, request)
+        if mounted is not None:
+            return mounted
+    if "digest" in request.query:
+        digest = Digest.parse(request.query["digest"])
+        try:
+            size = await reg.store.put(digest, _body(request))
+        except DigestMismatch as e:
+            raise RegistryError(ErrorCode.DIGEST_INVALID, str(e), {"digest": str(digest)}) from None
+        reg.meta.link_blob(name, str(digest), size)
+        return _blob_created(name, digest)
+    if _has_body(request):
+        raise RegistryError(
+            ErrorCode.BLOB_UPLOAD_INVALID, "a POST with a body needs ?digest= (monolithic upload)"
+        )
+    upload_id = uuid.uuid4().hex
+    reg.meta.create_upload(upload_id, name)
+    await reg.store.create_upload(upload_id)
+    return empty(202, _upload_headers(name, upload_id, 0))
+
+
+def _session(reg: Registry, name: str, upload_id: str) -> None:
+    unknown = RegistryError(
+        ErrorCode.BLOB_UPLOAD_UNKNOWN,
+        f"upload {upload_id[:64]!r} is unknown",
+        {"upload": upload_id[:64]},
+    )
+    if _UPLOAD_ID_RE.match(upload_id) is None or reg.meta.upload_repository(upload_id) != name:
+        raise unknown
+
+
+async def _upload_size(reg: Registry, upload_id: str) -> int:
+    try:
+        return await reg.store.upload_size(upload_id)
+    except UploadUnknown:
+        raise RegistryError(
+            ErrorCode.BLOB_UPLOAD_UNKNOWN, f"upload {upload_id} is unknown"
+        ) from None
+
+
+async def _append(request: web.Request, reg: Registry, name: str, upload_id: str) -> int:
+    """Append the request body, honouring Content-Range; returns the upload's new size."""
+    offset: int | None = None
+    expected: int | None = None
+    content_range = request.headers.get("Content-Range")
+    if content_range is not None:
+        m = _CONTENT_RANGE_RE.match(content_range.strip())
+        if m is None:
+            raise RegistryError(
+                ErrorCode.BLOB_UPLOAD_INVALID, f"malformed Content-Range {content_range[:100]!r}"
+            )
+        offset, end = int(m.group(1)), int(m.group(2))
+        if end < offset:
+            raise RegistryError(
+                ErrorCode.BLOB_UPLOAD_INVALID,
+                "Content-Range ends before it starts",
+                status=416,
+                headers=_upload_headers(name, upload_id, await _upload_size(reg, upload_id)),
+            )
+        expected = end - offset + 1
+        if request.content_length is not None and request.content_length != expected:
+            raise RegistryError(
+                ErrorCode.BLOB_UPLOAD_INVALID,
+                "Content-Range and Content-Length disagree",
+                status=416,
+                headers=_upload_headers(name, upload_id, await _upload_size(reg, upload_id)),
+            )
+    try:
+        size = await reg.store.append(upload_id, _body(request), offset)
+    except UploadOffsetMismatch as e:
+        raise RegistryError(
+            ErrorCode.BLOB_UPLOAD_INVALID,
+            f"chunk starts at {offset}, but the upload holds {e.size} bytes",
+            status=416,
+            headers=_upload_headers(name, upload_id, e.size),
+        ) from None
+    except UploadUnknown:
+        raise RegistryError(
+            ErrorCode.BLOB_UPLOAD_UNKNOWN, f"upload {upload_id} is unknown"
+        ) from None
+    if expected is not None and offset is not None and size != offset + expected:
+        raise RegistryError(ErrorCode.SIZE_INVALID, "chunk shorter than its Content-Range")
+    reg.meta.touch_upload(upload_id)
+    return size
+
+
+async def upload_session(request: web.Request, name: str, upload_id: str) -> web.StreamResponse:
+    """GET (status), PATCH (chunk), PUT (finish) and DELETE (cancel) an upload session."""
+    reg = registry_of(request)
+    _session(reg, name, upload_id)
+    method = request.method
+    if method in ("GET", "HEAD"):
+        size = await _upload_size(reg, upload_id)
+        return empty(204, _upload_headers(name, upload_id, size))
+    if method == "PATCH":
+        size = await _append(request, reg, name, upload_id)
+        return empty(202, _upload_headers(name, upload_id, size))
+    if method == "DELETE":
+        await reg.store.abort(upload_id)
+        reg.meta.delete_upload(upload_id)
+        return empty(204)
+    # PUT: the last (possibly empty) chunk and the digest.
+    raw_digest = request.query.get("digest")
+    if not raw_digest:
+        raise RegistryError(ErrorCode.DIGEST_INVALID, "finishing an upload needs ?digest=")
+    digest = Digest.parse(raw_digest)
+    if _has_body(request) or "Content-Range" in request.headers:
+        await _append(request, reg, name, upload_id)
+    try:
+        size = await reg.store.commit(upload_id, digest)
+    except DigestMismatch as e:
+        reg.meta.delete_upload(upload_id)
+        raise RegistryError(ErrorCode.DIGEST_INVALID, str(e), {"digest": str(digest)}) from None
+    except UploadUnknown:
+        raise RegistryError(
+            ErrorCode.BLOB_UPLOAD_UNKNOWN, f"upload {upload_id} is unknown"
+        ) from None
+    reg.meta.link_blob(name, str(digest), size)
+    reg.meta.delete_upload(upload_id)
+    return _blob_created(name, digest)

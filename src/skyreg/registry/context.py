@@ -1,0 +1,27 @@
+"""What every registry handler works with: metadata, blob store and settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from skyreg.meta.registry import RegistryMeta
+from skyreg.store.base import BlobStore
+
+
+@dataclass
+class Registry:
+    """The registry's collaborators, shared by all handlers of one server process."""
+
+    meta: RegistryMeta
+    store: BlobStore
+    upload_ttl: float = 24 * 3600.0
+
+
+REGISTRY_KEY = web.AppKey("registry", Registry)
+
+
+def registry_of(request: web.Request) -> Registry:
+    """The Registry a request is served by."""
+    return request.app[REGISTRY_KEY]

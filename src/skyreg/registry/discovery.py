@@ -1,0 +1,65 @@
+"""Content discovery: tag listing, the catalog and the referrers API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from skyreg.oci import mediatypes as mt
+from skyreg.oci.digest import Digest
+from skyreg.oci.errors import ErrorCode, RegistryError
+from skyreg.registry.context import registry_of
+from skyreg.registry.responses import json_response, next_link, page_size
+
+CATALOG_PAGE = 1000
+
+
+async def list_tags(request: web.Request, name: str, _reference: str) -> web.StreamResponse:
+    """GET /v2/<name>/tags/list with `n` and `last` pagination."""
+    reg = registry_of(request)
+    n = page_size(request, None)
+    last = request.query.get("last") or None
+    if not reg.meta.repository_known(name):
+        raise RegistryError(
+            ErrorCode.NAME_UNKNOWN, f"repository {name} is not known", {"name": name}
+        )
+    tags = [] if n == 0 else reg.meta.list_tags(name, None if n is None else n + 1, last)
+    headers = {}
+    if n is not None and len(tags) > n:
+        tags = tags[:n]
+        headers["Link"] = next_link(f"/v2/{name}/tags/list", n, tags[-1])
+    return json_response({"name": name, "tags": tags}, headers=headers)
+
+
+async def catalog(request: web.Request, _name: str, _reference: str) -> web.StreamResponse:
+    """GET /v2/_catalog with `n` and `last` pagination."""
+    reg = registry_of(request)
+    n = page_size(request, CATALOG_PAGE)
+    assert n is not None
+    last = request.query.get("last") or None
+    names = [] if n == 0 else reg.meta.catalog(n + 1, last)
+    headers = {}
+    if len(names) > n:
+        names = names[:n]
+        headers["Link"] = next_link("/v2/_catalog", n, names[-1])
+    return json_response({"repositories": names}, headers=headers)
+
+
+async def referrers(request: web.Request, name: str, reference: str) -> web.StreamResponse:
+    """GET /v2/<name>/referrers/<digest>: an OCI index of the manifests whose subject it is."""
+    reg = registry_of(request)
+    subject = Digest.parse(reference)
+    artifact_type = request.query.get("artifactType") or None
+    found = reg.meta.referrers(name, str(subject), artifact_type)
+    manifests: list[dict[str, Any]] = []
+    for r in found:
+        entry: dict[str, Any] = {"mediaType": r.media_type, "digest": r.digest, "size": r.size}
+        if r.artifact_type:
+            entry["artifactType"] = r.artifact_type
+        if r.annotations:
+            entry["annotations"] = r.annotations
+        manifests.append(entry)
+    headers = {"OCI-Filters-Applied": "artifactType"} if artifact_type else {}
+    doc = {"schemaVersion": 2, "mediaType": mt.OCI_INDEX, "manifests": manifests}
+    return json_response(doc, content_type=mt.OCI_INDEX, headers=headers)

@@ -1,0 +1,108 @@
+"""Manifest endpoints: GET/HEAD with content negotiation, PUT with validation, DELETE."""
+
+from __future__ import annotations
+
+import hashlib
+
+from aiohttp import web
+
+from skyreg.oci import mediatypes as mt
+from skyreg.oci.digest import Digest, is_digest
+from skyreg.oci.errors import ErrorCode, RegistryError
+from skyreg.oci.manifest import MAX_MANIFEST_SIZE, parse_manifest
+from skyreg.oci.names import validate_tag
+from skyreg.registry.context import registry_of
+from skyreg.registry.responses import empty
+
+
+def _unknown(name: str, reference: str) -> RegistryError:
+    return RegistryError(
+        ErrorCode.MANIFEST_UNKNOWN,
+        f"manifest {reference} is not in {name}",
+        {"name": name, "reference": reference},
+    )
+
+
+def _reference(reference: str) -> tuple[str, bool]:
+    """(normalised reference, whether it is a digest)."""
+    if is_digest(reference):
+        return str(Digest.parse(reference)), True
+    return validate_tag(reference), False
+
+
+async def get_manifest(request: web.Request, name: str, reference: str) -> web.StreamResponse:
+    """GET/HEAD a manifest by tag or digest: exact bytes, stored Content-Type, digest, ETag."""
+    reg = registry_of(request)
+    ref, by_digest = _reference(reference)
+    stored = reg.meta.get_manifest(name, ref, by_digest)
+    if stored is None:
+        raise _unknown(name, ref)
+    accepted = mt.parse_accept(request.headers.getall("Accept", []))
+    if accepted is not None and stored.media_type not in accepted:
+        raise RegistryError(
+            ErrorCode.MANIFEST_UNKNOWN,
+            f"manifest {ref} is a {stored.media_type}, which the Accept header does not allow",
+            {"name": name, "reference": ref, "mediaType": stored.media_type},
+        )
+    etag = f'"{stored.digest}"'
+    headers = {"Docker-Content-Digest": stored.digest, "ETag": etag}
+    if etag in request.headers.get("If-None-Match", ""):
+        return web.Response(status=304, headers=headers)
+    headers["Content-Type"] = stored.media_type
+    if request.method == "HEAD":
+        headers["Content-Length"] = str(len(stored.content))
+        return web.Response(status=200, headers=headers)
+    return web.Response(body=stored.content, headers=headers)
+
+
+async def _read_limited(request: web.Request) -> bytes:
+    if request.content_length is not None and request.content_length > MAX_MANIFEST_SIZE:
+        raise RegistryError(
+            ErrorCode.MANIFEST_TOO_LARGE,
+            f"manifest is {request.content_length} bytes; the limit is {MAX_MANIFEST_SIZE} bytes",
+        )
+    data = bytearray()
+    async for chunk in request.content.iter_any():
+        data += chunk
+        if len(data) > MAX_MANIFEST_SIZE:
+            raise RegistryError(
+                ErrorCode.MANIFEST_TOO_LARGE,
+                f"manifest is over the limit of {MAX_MANIFEST_SIZE} bytes",
+            )
+    return bytes(data)
+
+
+async def put_manifest(request: web.Request, name: str, reference: str) -> web.StreamResponse:
+    """PUT a manifest by tag or digest (plus any ?tag= parameters)."""
+    reg = registry_of(request)
+    ref, by_digest = _reference(reference)
+    raw = await _read_limited(request)
+    if by_digest:
+        claimed = Digest.parse(ref)
+        digest = Digest(claimed.algorithm, hashlib.new(claimed.algorithm, raw).hexdigest())
+        if digest != claimed:
+            raise RegistryError(
+                ErrorCode.DIGEST_INVALID,
+                f"manifest digest is {digest}, not {claimed}",
+                {"digest": str(claimed)},
+            )
+    else:
+        digest = Digest("sha256", hashlib.sha256(raw).hexdigest())
+    manifest = parse_manifest(raw, request.headers.get("Content-Type"), digest)
+    tags = [] if by_digest else [ref]
+    tags += [validate_tag(t) for t in request.query.getall("tag", []) if t not in tags]
+    reg.meta.put_manifest(name, manifest, tags)
+    headers = {"Location": f"/v2/{name}/manifests/{digest}", "Docker-Content-Digest": str(digest)}
+    if manifest.subject is not None:
+        headers["OCI-Subject"] = str(manifest.subject.digest)
+    return empty(201, headers)
+
+
+async def delete_manifest(request: web.Request, name: str, reference: str) -> web.StreamResponse:
+    """DELETE by digest removes the manifest and its tags; by tag removes only that tag."""
+    reg = registry_of(request)
+    ref, by_digest = _reference(reference)
+    found = reg.meta.delete_manifest(name, ref) if by_digest else reg.meta.delete_tag(name, ref)
+    if not found:
+        raise _unknown(name, ref)
+    return empty(202)

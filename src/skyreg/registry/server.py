@@ -1,0 +1,142 @@
+"""Running the registry: one listening socket, one or more worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+from skyreg.meta.registry import open_database
+from skyreg.registry.app import create_app
+from skyreg.registry.context import Registry
+from skyreg.store.filesystem import FilesystemBlobStore
+
+log = logging.getLogger("skyreg.server")
+
+ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs "%{User-Agent}i"'
+
+
+@dataclass
+class ServeConfig:
+    """Settings of `skyreg serve`."""
+
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 5000
+    database_url: str | None = None
+    workers: int = 1
+    upload_ttl: float = 24 * 3600.0
+    expiry_interval: float = 300.0
+    port_file: Path | None = None
+    fsync: bool = True
+    access_log: bool = True
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+async def _run_worker(cfg: ServeConfig, sock: socket.socket) -> None:
+    meta = open_database(cfg.database_url, cfg.data_dir)
+    store = FilesystemBlobStore(cfg.data_dir, fsync=cfg.fsync)
+    reg = Registry(meta=meta, store=store, upload_ttl=cfg.upload_ttl)
+    app = create_app(reg, expiry_interval=cfg.expiry_interval)
+    runner = web.AppRunner(
+        app,
+        access_log=logging.getLogger("skyreg.access") if cfg.access_log else None,
+        access_log_format=ACCESS_LOG_FORMAT,
+        handle_signals=False,
+    )
+    await runner.setup()
+    await web.SockSite(runner, sock).start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+        store.close()
+        meta.engine.dispose()
+
+
+def banner(cfg: ServeConfig, port: int) -> str:
+    """What `skyreg serve` tells a new user: where it listens and how to push."""
+    host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+    addr = f"{host}:{port}"
+    return "\n".join(
+        [
+            f"skyreg registry listening on http://{addr}/v2/ ({cfg.workers} worker(s))",
+            f"  data dir: {cfg.data_dir}",
+            "  push an image:",
+            f"    skopeo copy --dest-tls-verify=false docker-archive:image.tar "
+            f"docker://{addr}/myapp:latest",
+            f"    podman push --tls-verify=false myapp:latest {addr}/myapp:latest",
+            f"    docker tag myapp:latest {addr}/myapp:latest && docker push {addr}/myapp:latest",
+            f"  list tags: curl http://{addr}/v2/myapp/tags/list",
+        ]
+    )
+
+
+def serve(cfg: ServeConfig) -> None:
+    """Bind, migrate the database, print the banner and serve until SIGTERM/SIGINT."""
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
+    )
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    open_database(cfg.database_url, cfg.data_dir).engine.dispose()
+    sock = _listen(cfg.host, cfg.port)
+    port = int(sock.getsockname()[1])
+    print(banner(cfg, port), flush=True)
+    if cfg.port_file is not None:
+        cfg.port_file.write_text(f"{port}\n")
+    if cfg.workers <= 1:
+        asyncio.run(_run_worker(cfg, sock))
+        return
+    children: list[int] = []
+    for _ in range(cfg.workers):
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                asyncio.run(_run_worker(cfg, sock))
+            except BaseException:
+                log.exception("worker failed")
+                code = 1
+            finally:
+                os._exit(code)
+        children.append(pid)
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    failed = False
+    for child in children:
+        while True:
+            try:
+                _, status = os.waitpid(child, 0)
+                break
+            except InterruptedError:
+                continue
+        failed = failed or status != 0
+    if failed:
+        raise SystemExit(1)

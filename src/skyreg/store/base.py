@@ -1,0 +1,90 @@
+"""The blob-store interface every backend implements.
+
+A blob store holds verified, content-addressed bytes and in-progress uploads. It knows nothing
+about repositories: which repository may see which blob is metadata (`skyreg.meta`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator
+from pathlib import Path
+from typing import Protocol
+
+from skyreg.oci.digest import Digest
+
+
+class UploadUnknown(Exception):
+    """The upload id names no upload in this store."""
+
+
+class UploadOffsetMismatch(Exception):
+    """A chunk did not start where the upload ends."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(f"upload is {size} bytes long")
+        self.size = size
+
+
+class DigestMismatch(Exception):
+    """The bytes written do not have the digest the client claimed."""
+
+    def __init__(self, expected: Digest, actual: Digest) -> None:
+        super().__init__(f"expected {expected}, got {actual}")
+        self.expected = expected
+        self.actual = actual
+
+
+class BlobStore(Protocol):
+    """Content-addressed blob bytes plus resumable uploads."""
+
+    async def stat(self, digest: Digest) -> int | None:
+        """Size of the blob, or None when it is not stored."""
+        ...
+
+    def local_path(self, digest: Digest) -> Path | None:
+        """A local file holding the blob, for zero-copy sends; None if the backend has none."""
+        ...
+
+    def read(
+        self, digest: Digest, offset: int = 0, length: int | None = None
+    ) -> AsyncIterator[bytes]:
+        """Stream the blob's bytes from `offset`, `length` bytes (to the end when None)."""
+        ...
+
+    async def redirect_url(self, digest: Digest) -> str | None:
+        """A URL the client may fetch the blob from directly, or None."""
+        ...
+
+    async def delete(self, digest: Digest) -> bool:
+        """Remove the blob's bytes; False if there were none."""
+        ...
+
+    async def put(self, digest: Digest, chunks: AsyncIterable[bytes]) -> int:
+        """Write a whole blob, verifying `digest` as the bytes stream in; returns its size."""
+        ...
+
+    async def create_upload(self, upload_id: str) -> None:
+        """Start an empty upload named `upload_id`."""
+        ...
+
+    async def upload_size(self, upload_id: str) -> int:
+        """Bytes received so far; raises UploadUnknown."""
+        ...
+
+    async def append(self, upload_id: str, chunks: AsyncIterable[bytes], offset: int | None) -> int:
+        """Append bytes at `offset` (None: at the end); returns the new size.
+
+        Raises UploadOffsetMismatch when `offset` is not the current size.
+        """
+        ...
+
+    async def commit(self, upload_id: str, digest: Digest) -> int:
+        """Verify the upload against `digest` and make it the blob; returns its size.
+
+        On DigestMismatch the upload is discarded. The blob is visible only after this returns.
+        """
+        ...
+
+    async def abort(self, upload_id: str) -> None:
+        """Discard an upload and its bytes (no error if it is already gone)."""
+        ...

@@ -1,0 +1,267 @@
+"""The filesystem blob store: verified bytes renamed atomically into place, read with sendfile.
+
+Layout under the root directory:
+    blobs/<algorithm>/<first two hex>/<hex>    verified blobs, never modified
+    uploads/<upload id>                        bytes of an upload in progress
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import re
+import uuid
+from collections.abc import AsyncIterable, AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from skyreg.oci.digest import Digest
+from skyreg.store.base import DigestMismatch, UploadOffsetMismatch, UploadUnknown
+
+_UPLOAD_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+_WRITE_BATCH = 1 << 20
+_READ_CHUNK = 1 << 20
+
+
+class _UploadHash:
+    """A running hash of an upload's first `offset` bytes (kept in memory between chunks)."""
+
+    __slots__ = ("hasher", "offset")
+
+    def __init__(self) -> None:
+        self.hasher = hashlib.sha256()
+        self.offset = 0
+
+
+class FilesystemBlobStore:
+    """Blobs as files under one root directory."""
+
+    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+        self.root = root
+        self.blob_dir = root / "blobs"
+        self.upload_dir = root / "uploads"
+        self.blob_dir.mkdir(parents=True, exist_ok=True)
+        self.upload_dir.mkdir(parents=True, exist_ok=True)
+        self._fsync = fsync
+        self._hashes: dict[str, _UploadHash] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        # One writer thread per concurrent upload would be wasteful; hashing and writing release
+        # the GIL, so a small pool overlaps them with the event loop reading the socket.
+        self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="blobwrite")
+
+    # -- paths -------------------------------------------------------------------------------
+
+    def _blob_path(self, digest: Digest) -> Path:
+        return self.blob_dir / digest.algorithm / digest.hex[:2] / digest.hex
+
+    def _upload_path(self, upload_id: str) -> Path:
+        if _UPLOAD_ID_RE.match(upload_id) is None:
+            raise UploadUnknown(upload_id)
+        return self.upload_dir / upload_id
+
+    # -- blobs -------------------------------------------------------------------------------
+
+    async def stat(self, digest: Digest) -> int | None:
+        try:
+            return self._blob_path(digest).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def local_path(self, digest: Digest) -> Path | None:
+        return self._blob_path(digest)
+
+    async def read(
+        self, digest: Digest, offset: int = 0, length: int | None = None
+    ) -> AsyncIterator[bytes]:
+        loop = asyncio.get_running_loop()
+        with open(self._blob_path(digest), "rb") as f:
+            f.seek(offset)
+            remaining = length
+            while remaining is None or remaining > 0:
+                want = _READ_CHUNK if remaining is None else min(_READ_CHUNK, remaining)
+                chunk = await loop.run_in_executor(self._executor, f.read, want)
+                if not chunk:
+                    break
+                if remaining is not None:
+                    remaining -= len(chunk)
+                yield chunk
+
+    async def redirect_url(self, digest: Digest) -> str | None:
+        return None
+
+    async def delete(self, digest: Digest) -> bool:
+        try:
+            self._blob_path(digest).unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+    async def put(self, digest: Digest, chunks: AsyncIterable[bytes]) -> int:
+        upload_id = f"put-{uuid.uuid4().hex}"
+        await self.create_upload(upload_id)
+        try:
+            await self.append(upload_id, chunks, 0)
+            return await self.commit(upload_id, digest)
+        finally:
+            await self.abort(upload_id)
+
+    # -- uploads -----------------------------------------------------------------------------
+
+    def _lock(self, upload_id: str) -> asyncio.Lock:
+        lock = self._locks.get(upload_id)
+        if lock is None:
+            lock = self._locks[upload_id] = asyncio.Lock()
+        return lock
+
+    async def create_upload(self, upload_id: str) -> None:
+        path = self._upload_path(upload_id)
+        path.touch(exist_ok=False)
+        self._hashes[upload_id] = _UploadHash()
+
+    async def upload_size(self, upload_id: str) -> int:
+        try:
+            return self._upload_path(upload_id).stat().st_size
+        except FileNotFoundError:
+            raise UploadUnknown(upload_id) from None
+
+    async def append(self, upload_id: str, chunks: AsyncIterable[bytes], offset: int | None) -> int:
+        path = self._upload_path(upload_id)
+        async with self._lock(upload_id):
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+            except FileNotFoundError:
+                raise UploadUnknown(upload_id) from None
+            try:
+                size = os.fstat(fd).st_size
+                if offset is not None and offset != size:
+                    raise UploadOffsetMismatch(size)
+                running = await self._running_hash(upload_id, path, size)
+                try:
+                    await self._pump(fd, running, chunks)
+                finally:
+                    # Whatever reached the file stays: the client may resume from there.
+                    if running.offset != os.fstat(fd).st_size:
+                        self._hashes.pop(upload_id, None)
+                return running.offset
+            finally:
+                os.close(fd)
+
+    async def _running_hash(self, upload_id: str, path: Path, size: int) -> _UploadHash:
+        """The hash of the upload's current bytes: kept from the last chunk, else recomputed.
+
+        Recomputing happens only after a restart (or when another process took the last chunk).
+        """
+        running = self._hashes.get(upload_id)
+        if running is not None and running.offset == size:
+            return running
+        running = _UploadHash()
+        loop = asyncio.get_running_loop()
+
+        def rehash() -> None:
+            with open(path, "rb") as f:
+                while chunk := f.read(_READ_CHUNK):
+                    running.hasher.update(chunk)
+                    running.offset += len(chunk)
+
+        await loop.run_in_executor(self._executor, rehash)
+        self._hashes[upload_id] = running
+        return running
+
+    async def _pump(self, fd: int, running: _UploadHash, chunks: AsyncIterable[bytes]) -> None:
+        """Write and hash `chunks`, one batch in a worker thread while the next one arrives."""
+        loop = asyncio.get_running_loop()
+        pending: asyncio.Future[None] | None = None
+
+        def write(data: bytearray) -> None:
+            running.hasher.update(data)
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            running.offset += len(data)
+
+        buf = bytearray()
+        try:
+            async for chunk in chunks:
+                buf += chunk
+                if len(buf) >= _WRITE_BATCH:
+                    if pending is not None:
+                        await pending
+                    pending = loop.run_in_executor(self._executor, write, buf)
+                    buf = bytearray()
+        finally:
+            if pending is not None:
+                await pending
+        if buf:
+            await loop.run_in_executor(self._executor, write, buf)
+
+    async def commit(self, upload_id: str, digest: Digest) -> int:
+        path = self._upload_path(upload_id)
+        async with self._lock(upload_id):
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                raise UploadUnknown(upload_id) from None
+            if digest.algorithm == "sha256":
+                running = await self._running_hash(upload_id, path, size)
+                actual = Digest("sha256", running.hasher.hexdigest())
+            else:
+                actual = await self._hash_file(path, digest.algorithm)
+            if actual != digest:
+                await self._discard(upload_id)
+                raise DigestMismatch(digest, actual)
+            target = self._blob_path(digest)
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._executor, self._install, path, target)
+            self._forget(upload_id)
+            return size
+
+    def _install(self, path: Path, target: Path) -> None:
+        """fsync the verified bytes, then rename them into place (atomic on one filesystem)."""
+        if target.exists():
+            path.unlink()
+            return
+        if self._fsync:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+        if self._fsync:
+            dfd = os.open(target.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+
+    async def _hash_file(self, path: Path, algorithm: str) -> Digest:
+        loop = asyncio.get_running_loop()
+
+        def run() -> Digest:
+            h = hashlib.new(algorithm)
+            with open(path, "rb") as f:
+                while chunk := f.read(_READ_CHUNK):
+                    h.update(chunk)
+            return Digest(algorithm, h.hexdigest())
+
+        return await loop.run_in_executor(self._executor, run)
+
+    async def abort(self, upload_id: str) -> None:
+        with contextlib.suppress(UploadUnknown):
+            await self._discard(upload_id)
+
+    async def _discard(self, upload_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._upload_path(upload_id).unlink()
+        self._forget(upload_id)
+
+    def _forget(self, upload_id: str) -> None:
+        self._hashes.pop(upload_id, None)
+        self._locks.pop(upload_id, None)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False)

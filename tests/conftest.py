@@ -1,0 +1,115 @@
+"""Fixtures that start real servers: `skyreg serve` on a free loopback port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["tests.client_fixtures"]
+
+
+@dataclass
+class RunningRegistry:
+    """A `skyreg serve` process bound to 127.0.0.1 on a port it picked itself."""
+
+    data_dir: Path
+    extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+    port: int = 0
+    log_path: Path | None = None
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}"
+
+    def start(self) -> None:
+        port_file = self.data_dir.parent / f"{self.data_dir.name}.port"
+        port_file.unlink(missing_ok=True)
+        self.log_path = self.data_dir.parent / f"{self.data_dir.name}.log"
+        log = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process
+        args = [
+            sys.executable,
+            "-m",
+            "skyreg",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--data-dir",
+            str(self.data_dir),
+            "--port-file",
+            str(port_file),
+            *self.extra_args,
+        ]
+        self.proc = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env}
+        )
+        log.close()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"skyreg serve exited:\n{self.log()}")
+            if port_file.exists() and port_file.read_text().strip():
+                self.port = int(port_file.read_text().strip())
+                break
+            time.sleep(0.05)
+        else:
+            self.stop()
+            raise RuntimeError(f"skyreg serve did not start:\n{self.log()}")
+        with urllib.request.urlopen(f"{self.url}/v2/", timeout=10) as resp:
+            assert resp.headers["Docker-Distribution-API-Version"] == "registry/2.0"
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def restart(self) -> None:
+        """Stop and start again on the same port and data dir."""
+        self.stop()
+        self.start()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[RunningRegistry]:
+    """A fresh `skyreg serve` with its own data dir."""
+    reg = RunningRegistry(data_dir=tmp_path / "data")
+    reg.start()
+    try:
+        yield reg
+    finally:
+        reg.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningRegistry]:
+    """One `skyreg serve` for a whole test module (real-client tests)."""
+    reg = RunningRegistry(data_dir=tmp_path_factory.mktemp("registry") / "data")
+    reg.start()
+    try:
+        yield reg
+    finally:
+        reg.stop()

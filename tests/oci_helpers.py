@@ -1,0 +1,102 @@
+"""Building and pushing blobs and manifests over plain HTTP, for API tests."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def error_codes(resp: requests.Response) -> list[str]:
+    """The `code` of every error in a spec error body."""
+    return [e["code"] for e in resp.json()["errors"]]
+
+
+def push_blob(base: str, repo: str, data: bytes) -> str:
+    """Monolithic POST?digest= upload; returns the digest."""
+    digest = sha256(data)
+    r = requests.post(
+        f"{base}/v2/{repo}/blobs/uploads/",
+        params={"digest": digest},
+        data=data,
+        headers={"Content-Type": "application/octet-stream"},
+    )
+    assert r.status_code == 201, r.text
+    assert r.headers["Docker-Content-Digest"] == digest
+    return digest
+
+
+def descriptor(media_type: str, data: bytes, **extra: Any) -> dict[str, Any]:
+    return {"mediaType": media_type, "digest": sha256(data), "size": len(data), **extra}
+
+
+@dataclass
+class Image:
+    """An image pushed by `push_image`."""
+
+    config: bytes
+    layers: list[bytes]
+    manifest: bytes
+    digest: str
+
+
+def image_manifest(config: bytes, layers: list[bytes], **extra: Any) -> bytes:
+    doc = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": descriptor(OCI_CONFIG, config),
+        "layers": [descriptor(OCI_LAYER, layer) for layer in layers],
+        **extra,
+    }
+    return json.dumps(doc, indent=1).encode()
+
+
+def put_manifest(
+    base: str, repo: str, ref: str, body: bytes, media_type: str = OCI_MANIFEST
+) -> requests.Response:
+    return requests.put(
+        f"{base}/v2/{repo}/manifests/{ref}", data=body, headers={"Content-Type": media_type}
+    )
+
+
+def push_image(
+    base: str,
+    repo: str,
+    tag: str | None = None,
+    *,
+    layers: int = 2,
+    layer_size: int = 1024,
+    arch: str = "amd64",
+) -> Image:
+    """Push random layers, a config and an OCI manifest; tag it when `tag` is given."""
+    layer_data = [os.urandom(layer_size) for _ in range(layers)]
+    config = json.dumps(
+        {
+            "architecture": arch,
+            "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": []},
+            "nonce": os.urandom(8).hex(),
+        }
+    ).encode()
+    for blob in [config, *layer_data]:
+        push_blob(base, repo, blob)
+    manifest = image_manifest(config, layer_data)
+    digest = sha256(manifest)
+    r = put_manifest(base, repo, tag or digest, manifest)
+    assert r.status_code == 201, r.text
+    assert r.headers["Docker-Content-Digest"] == digest
+    return Image(config, layer_data, manifest, digest)
