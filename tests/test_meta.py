@@ -24,7 +24,7 @@ DATABASES: dict[str, Callable[[Path], RegistryMeta]] = {
 def meta(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RegistryMeta]:
     m = DATABASES[request.param](tmp_path)
     yield m
-    m.engine.dispose()
+    m.close()
 
 
 def _desc(data: bytes, media_type: str = "application/octet-stream") -> dict[str, object]:
@@ -50,10 +50,10 @@ def _link(meta: RegistryMeta, repo: str, *blobs: bytes) -> None:
 
 
 def test_migrations_are_idempotent(tmp_path: Path) -> None:
-    open_database(None, tmp_path).engine.dispose()
+    open_database(None, tmp_path).close()
     m = open_database(None, tmp_path)
     assert m.list_tags("none", None, None) == []
-    m.engine.dispose()
+    m.close()
 
 
 def test_manifest_needs_its_blobs_and_stores_nothing_otherwise(meta: RegistryMeta) -> None:

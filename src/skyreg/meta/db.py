@@ -24,8 +24,11 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 
 def _sqlite_begin(conn: Connection) -> None:
+    options = conn.get_execution_options()
+    if options.get("isolation_level") == "AUTOCOMMIT":
+        return  # each statement is its own transaction (the held reader connection)
     # Writers take the write lock up front so two processes never deadlock upgrading a read lock.
-    mode = "IMMEDIATE" if conn.get_execution_options().get("skyreg_write") else "DEFERRED"
+    mode = "IMMEDIATE" if options.get("skyreg_write") else "DEFERRED"
     conn.exec_driver_sql(f"BEGIN {mode}")
 
 

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, delete, func, insert, select, update
+from sqlalchemy import Connection, Engine, and_, bindparam, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from skyreg.meta import schema as s
@@ -24,6 +24,36 @@ from skyreg.oci.manifest import Manifest
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+# Hot read statements, built once: constructing a SELECT costs more than running it.
+_m, _t, _r = s.manifests, s.tags, s.repositories
+_MANIFEST_COLUMNS = (_m.c.digest, _m.c.media_type, _m.c.content)
+_MANIFEST_BY_DIGEST = (
+    select(*_MANIFEST_COLUMNS)
+    .select_from(_r.join(_m, _m.c.repository_id == _r.c.id))
+    .where(_r.c.name == bindparam("repo"), _m.c.digest == bindparam("ref"))
+)
+_MANIFEST_BY_TAG = (
+    select(*_MANIFEST_COLUMNS)
+    .select_from(
+        _r.join(_t, _t.c.repository_id == _r.c.id).join(
+            _m, and_(_m.c.repository_id == _t.c.repository_id, _m.c.digest == _t.c.manifest_digest)
+        )
+    )
+    .where(_r.c.name == bindparam("repo"), _t.c.name == bindparam("ref"))
+)
+_BLOB_SIZE_IN_REPO = (
+    select(s.blobs.c.size)
+    .select_from(
+        _r.join(s.repository_blobs, s.repository_blobs.c.repository_id == _r.c.id).join(
+            s.blobs, s.blobs.c.digest == s.repository_blobs.c.digest
+        )
+    )
+    .where(_r.c.name == bindparam("repo"), s.repository_blobs.c.digest == bindparam("digest"))
+)
+_BLOB_SIZE = select(s.blobs.c.size).where(s.blobs.c.digest == bindparam("digest"))
+_UPLOAD_REPOSITORY = select(s.uploads.c.repository).where(s.uploads.c.id == bindparam("id"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +82,7 @@ class RegistryMeta:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._dialect = engine.dialect.name
+        self._reader: Connection | None = None
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:
@@ -60,8 +91,26 @@ class RegistryMeta:
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:
-        with self.engine.connect() as conn, conn.begin():
-            yield conn
+        """A held autocommit connection: every read sees the latest committed state.
+
+        Checking a pooled connection out per query costs more than the query itself; reads run
+        on the event loop thread only, so one connection per process serves them all.
+        """
+        if self._reader is None or self._reader.closed:
+            self._reader = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        try:
+            yield self._reader
+        except BaseException:
+            self._reader.close()
+            self._reader = None
+            raise
+
+    def close(self) -> None:
+        """Release the reader connection and the engine's pool."""
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+        self.engine.dispose()
 
     def _insert_ignore(self, table: Any) -> Any:
         if self._dialect == "postgresql":
@@ -131,25 +180,16 @@ class RegistryMeta:
 
     def blob_size(self, repository: str, digest: str) -> int | None:
         """Size of a blob linked into `repository`, or None."""
-        query = (
-            select(s.blobs.c.size)
-            .select_from(
-                s.repositories.join(
-                    s.repository_blobs, s.repository_blobs.c.repository_id == s.repositories.c.id
-                ).join(s.blobs, s.blobs.c.digest == s.repository_blobs.c.digest)
-            )
-            .where(s.repositories.c.name == repository, s.repository_blobs.c.digest == digest)
-        )
         with self._read() as conn:
-            value = conn.execute(query).scalar_one_or_none()
+            value = conn.execute(
+                _BLOB_SIZE_IN_REPO, {"repo": repository, "digest": digest}
+            ).scalar_one_or_none()
         return None if value is None else int(value)
 
     def any_blob_size(self, digest: str) -> int | None:
         """Size of a blob stored for any repository, or None."""
         with self._read() as conn:
-            value = conn.execute(
-                select(s.blobs.c.size).where(s.blobs.c.digest == digest)
-            ).scalar_one_or_none()
+            value = conn.execute(_BLOB_SIZE, {"digest": digest}).scalar_one_or_none()
         return None if value is None else int(value)
 
     def unlink_blob(self, repository: str, digest: str) -> tuple[bool, bool]:
@@ -292,30 +332,9 @@ class RegistryMeta:
         self, repository: str, reference: str, by_digest: bool
     ) -> StoredManifest | None:
         """The manifest a tag or digest names in `repository`, or None."""
-        m = s.manifests
-        if by_digest:
-            query = (
-                select(m.c.digest, m.c.media_type, m.c.content)
-                .select_from(s.repositories.join(m, m.c.repository_id == s.repositories.c.id))
-                .where(s.repositories.c.name == repository, m.c.digest == reference)
-            )
-        else:
-            t = s.tags
-            query = (
-                select(m.c.digest, m.c.media_type, m.c.content)
-                .select_from(
-                    s.repositories.join(t, t.c.repository_id == s.repositories.c.id).join(
-                        m,
-                        and_(
-                            m.c.repository_id == t.c.repository_id,
-                            m.c.digest == t.c.manifest_digest,
-                        ),
-                    )
-                )
-                .where(s.repositories.c.name == repository, t.c.name == reference)
-            )
+        query = _MANIFEST_BY_DIGEST if by_digest else _MANIFEST_BY_TAG
         with self._read() as conn:
-            row = conn.execute(query).first()
+            row = conn.execute(query, {"repo": repository, "ref": reference}).first()
         if row is None:
             return None
         return StoredManifest(row[0], row[1], bytes(row[2]))
@@ -414,9 +433,7 @@ class RegistryMeta:
     def upload_repository(self, upload_id: str) -> str | None:
         """The repository an upload belongs to, or None if there is no such upload."""
         with self._read() as conn:
-            value = conn.execute(
-                select(s.uploads.c.repository).where(s.uploads.c.id == upload_id)
-            ).scalar_one_or_none()
+            value = conn.execute(_UPLOAD_REPOSITORY, {"id": upload_id}).scalar_one_or_none()
         return None if value is None else str(value)
 
     def touch_upload(self, upload_id: str) -> None:

@@ -72,7 +72,7 @@ async def _run_worker(cfg: ServeConfig, sock: socket.socket) -> None:
     finally:
         await runner.cleanup()
         store.close()
-        meta.engine.dispose()
+        meta.close()
 
 
 def banner(cfg: ServeConfig, port: int) -> str:
@@ -99,7 +99,7 @@ def serve(cfg: ServeConfig) -> None:
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
     )
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
-    open_database(cfg.database_url, cfg.data_dir).engine.dispose()
+    open_database(cfg.database_url, cfg.data_dir).close()
     sock = _listen(cfg.host, cfg.port)
     port = int(sock.getsockname()[1])
     print(banner(cfg, port), flush=True)
