@@ -21,6 +21,7 @@ from skyreg.store.filesystem import FilesystemBlobStore
 
 log = logging.getLogger("skyreg.server")
 
+_READ_BUFSIZE = 1 << 20
 ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs "%{User-Agent}i"'
 
 
@@ -60,6 +61,8 @@ async def _run_worker(cfg: ServeConfig, sock: socket.socket) -> None:
         access_log=logging.getLogger("skyreg.access") if cfg.access_log else None,
         access_log_format=ACCESS_LOG_FORMAT,
         handle_signals=False,
+        # A larger read buffer lets a blob upload arrive in fewer, bigger pieces.
+        read_bufsize=_READ_BUFSIZE,
     )
     await runner.setup()
     await web.SockSite(runner, sock).start()

@@ -23,6 +23,7 @@ from skyreg.store.base import DigestMismatch, UploadOffsetMismatch, UploadUnknow
 _UPLOAD_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 _WRITE_BATCH = 1 << 20
 _READ_CHUNK = 1 << 20
+_FLUSH_EVERY = 32 << 20
 
 
 class _UploadHash:
@@ -92,11 +93,15 @@ class FilesystemBlobStore:
         return None
 
     async def delete(self, digest: Digest) -> bool:
-        try:
-            self._blob_path(digest).unlink()
-        except FileNotFoundError:
-            return False
-        return True
+        def unlink() -> bool:
+            try:
+                self._blob_path(digest).unlink()
+            except FileNotFoundError:
+                return False
+            return True
+
+        # Unlinking a large file takes long enough to stall every other request on the loop.
+        return await asyncio.get_running_loop().run_in_executor(self._executor, unlink)
 
     async def put(self, digest: Digest, chunks: AsyncIterable[bytes]) -> int:
         upload_id = f"put-{uuid.uuid4().hex}"
@@ -170,9 +175,15 @@ class FilesystemBlobStore:
         return running
 
     async def _pump(self, fd: int, running: _UploadHash, chunks: AsyncIterable[bytes]) -> None:
-        """Write and hash `chunks`, one batch in a worker thread while the next one arrives."""
+        """Write and hash `chunks`, one batch in a worker thread while the next one arrives.
+
+        With fsync on, written ranges are flushed to disk in the background as the upload goes,
+        so the fsync before the final rename has only the tail left to wait for.
+        """
         loop = asyncio.get_running_loop()
         pending: asyncio.Future[None] | None = None
+        flushing: asyncio.Future[None] | None = None
+        flushed_at = running.offset
 
         def write(data: bytearray) -> None:
             running.hasher.update(data)
@@ -191,9 +202,18 @@ class FilesystemBlobStore:
                         await pending
                     pending = loop.run_in_executor(self._executor, write, buf)
                     buf = bytearray()
+                    if (
+                        self._fsync
+                        and running.offset - flushed_at >= _FLUSH_EVERY
+                        and (flushing is None or flushing.done())
+                    ):
+                        flushed_at = running.offset
+                        flushing = loop.run_in_executor(self._executor, os.fdatasync, fd)
         finally:
             if pending is not None:
                 await pending
+            if flushing is not None:
+                await flushing
         if buf:
             await loop.run_in_executor(self._executor, write, buf)
 
@@ -255,9 +275,14 @@ class FilesystemBlobStore:
             await self._discard(upload_id)
 
     async def _discard(self, upload_id: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self._upload_path(upload_id).unlink()
+        path = self._upload_path(upload_id)
         self._forget(upload_id)
+
+        def unlink() -> None:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, unlink)
 
     def _forget(self, upload_id: str) -> None:
         self._hashes.pop(upload_id, None)
