@@ -379,6 +379,7 @@ def test_push_by_digest_with_tag_parameters(base: str, repo: str) -> None:
         headers={"Content-Type": OCI_MANIFEST},
     )
     assert r.status_code == 201
+    assert r.headers["OCI-Tag"] == "a, b"
     assert requests.get(f"{base}/v2/{repo}/tags/list").json()["tags"] == ["a", "b"]
 
 

@@ -30,10 +30,20 @@ def _reference(reference: str) -> tuple[str, bool]:
     return validate_tag(reference), False
 
 
+def _lookup_reference(name: str, reference: str) -> tuple[str, bool]:
+    """Like `_reference`, but a malformed tag names nothing: MANIFEST_UNKNOWN, as clients expect."""
+    try:
+        return _reference(reference)
+    except RegistryError as e:
+        if e.code is ErrorCode.TAG_INVALID:
+            raise _unknown(name, reference[:200]) from None
+        raise
+
+
 async def get_manifest(request: web.Request, name: str, reference: str) -> web.StreamResponse:
     """GET/HEAD a manifest by tag or digest: exact bytes, stored Content-Type, digest, ETag."""
     reg = registry_of(request)
-    ref, by_digest = _reference(reference)
+    ref, by_digest = _lookup_reference(name, reference)
     stored = reg.meta.get_manifest(name, ref, by_digest)
     if stored is None:
         raise _unknown(name, ref)
@@ -95,13 +105,16 @@ async def put_manifest(request: web.Request, name: str, reference: str) -> web.S
     headers = {"Location": f"/v2/{name}/manifests/{digest}", "Docker-Content-Digest": str(digest)}
     if manifest.subject is not None:
         headers["OCI-Subject"] = str(manifest.subject.digest)
-    return empty(201, headers)
+    resp = empty(201, headers)
+    for tag in tags:
+        resp.headers.add("OCI-Tag", tag)
+    return resp
 
 
 async def delete_manifest(request: web.Request, name: str, reference: str) -> web.StreamResponse:
     """DELETE by digest removes the manifest and its tags; by tag removes only that tag."""
     reg = registry_of(request)
-    ref, by_digest = _reference(reference)
+    ref, by_digest = _lookup_reference(name, reference)
     found = reg.meta.delete_manifest(name, ref) if by_digest else reg.meta.delete_tag(name, ref)
     if not found:
         raise _unknown(name, ref)
