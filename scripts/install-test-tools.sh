@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
-# Debian packages the test suite and benchmarks drive: real clients and the anchor registry.
+# Debian packages the test suite and benchmarks drive: the real clients (skopeo, podman, dockerd,
+# containerd/ctr), busybox-static for offline test images, and Distribution (docker-registry) + wrk
+# for the side-by-side benchmark. Skips apt entirely when everything is installed already.
 set -euo pipefail
-pkgs=(curl skopeo podman docker.io containerd docker-registry wrk busybox-static uidmap
-      fuse-overlayfs iptables)
+export DEBIAN_FRONTEND=noninteractive
+pkgs=(curl ca-certificates skopeo podman crun conmon docker.io containerd runc docker-registry wrk
+      busybox-static uidmap iptables)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
-  apt-get update
-  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
+  echo "install-test-tools: installing ${missing[*]}"
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
+# Fail here, loudly, rather than let the real-client tests skip.
+for bin in skopeo podman dockerd docker containerd ctr docker-registry wrk busybox curl; do
+  command -v "$bin" >/dev/null || { echo "install-test-tools: $bin missing" >&2; exit 1; }
+done
