@@ -587,6 +587,10 @@ def test_abandoned_upload_expires(tmp_path: object) -> None:
         assert wait_for(lambda: requests.get(loc).status_code == 404, timeout=20)
         assert not upload_file.exists()
         assert f"expired abandoned upload {upload_id}" in reg.log()
+        orphan = reg.data_dir / "uploads" / "put-leftover-from-a-crash"
+        orphan.write_bytes(b"partial")
+        assert wait_for(lambda: not orphan.exists(), timeout=20)
+        assert "removed orphaned upload bytes put-leftover-from-a-crash" in reg.log()
     finally:
         reg.stop()
 

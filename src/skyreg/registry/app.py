@@ -104,6 +104,12 @@ async def _expire_uploads(reg: Registry, interval: float) -> None:
                 await reg.store.abort(upload_id)
                 reg.meta.delete_upload(upload_id)
                 log.info("expired abandoned upload %s", upload_id)
+            # Bytes with no session left behind (a crash between the two steps above, or in
+            # the middle of a monolithic upload) go once they are as old as an expired upload.
+            for upload_id in await reg.store.idle_uploads(cutoff):
+                if reg.meta.upload_repository(upload_id) is None:
+                    await reg.store.abort(upload_id)
+                    log.info("removed orphaned upload bytes %s", upload_id)
         except Exception:
             log.exception("upload expiry failed; retrying in %.0fs", interval)
         await asyncio.sleep(interval)

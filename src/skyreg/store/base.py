@@ -7,6 +7,7 @@ about repositories: which repository may see which blob is metadata (`skyreg.met
 from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator
+from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
@@ -87,4 +88,9 @@ class BlobStore(Protocol):
 
     async def abort(self, upload_id: str) -> None:
         """Discard an upload and its bytes (no error if it is already gone)."""
+        ...
+
+    async def idle_uploads(self, idle_since: datetime) -> list[str]:
+        """Uploads whose bytes have not changed since `idle_since` (including orphans whose
+        session record is gone, e.g. after a crash mid-request)."""
         ...

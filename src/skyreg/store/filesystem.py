@@ -15,25 +15,48 @@ import re
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from skyreg.oci.digest import Digest
+from skyreg.store import resumable
 from skyreg.store.base import DigestMismatch, UploadOffsetMismatch, UploadUnknown
+from skyreg.store.resumable import ResumableSha256
 
 _UPLOAD_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 _WRITE_BATCH = 1 << 20
 _READ_CHUNK = 1 << 20
 _FLUSH_EVERY = 32 << 20
+_STATE_SUFFIX = ".sha256"
 
 
 class _UploadHash:
-    """A running hash of an upload's first `offset` bytes (kept in memory between chunks)."""
+    """A running SHA-256 of an upload's first `offset` bytes."""
 
     __slots__ = ("hasher", "offset")
 
-    def __init__(self) -> None:
-        self.hasher = hashlib.sha256()
-        self.offset = 0
+    def __init__(self, hasher: ResumableSha256 | Any = None, offset: int = 0) -> None:
+        if hasher is None:
+            hasher = ResumableSha256() if resumable.available() else hashlib.sha256()
+        self.hasher = hasher
+        self.offset = offset
+
+    def encode(self) -> bytes | None:
+        """`offset` and the hash state, or None when the hash cannot be saved."""
+        if not isinstance(self.hasher, ResumableSha256):
+            return None
+        return self.offset.to_bytes(8, "big") + self.hasher.state()
+
+    @classmethod
+    def decode(cls, data: bytes) -> _UploadHash | None:
+        if len(data) != 8 + resumable.STATE_SIZE or not resumable.available():
+            return None
+        try:
+            hasher = ResumableSha256(data[8:])
+        except ValueError:
+            return None
+        return cls(hasher, int.from_bytes(data[:8], "big"))
 
 
 class FilesystemBlobStore:
@@ -61,6 +84,11 @@ class FilesystemBlobStore:
         if _UPLOAD_ID_RE.match(upload_id) is None:
             raise UploadUnknown(upload_id)
         return self.upload_dir / upload_id
+
+    @staticmethod
+    def _state_path(path: Path) -> Path:
+        """Where an upload's saved hash state lives (beside its bytes)."""
+        return path.with_name(path.name + _STATE_SUFFIX)
 
     # -- blobs -------------------------------------------------------------------------------
 
@@ -147,32 +175,51 @@ class FilesystemBlobStore:
                     await self._pump(fd, running, chunks)
                 finally:
                     # Whatever reached the file stays: the client may resume from there.
-                    if running.offset != os.fstat(fd).st_size:
+                    if running.offset == os.fstat(fd).st_size:
+                        await asyncio.get_running_loop().run_in_executor(
+                            self._executor, self._save_state, path, running
+                        )
+                    else:
                         self._hashes.pop(upload_id, None)
                 return running.offset
             finally:
                 os.close(fd)
 
     async def _running_hash(self, upload_id: str, path: Path, size: int) -> _UploadHash:
-        """The hash of the upload's current bytes: kept from the last chunk, else recomputed.
-
-        Recomputing happens only after a restart (or when another process took the last chunk).
-        """
+        """The hash of the upload's current bytes: kept in memory from the last chunk, else
+        restored from the state saved beside the upload, else (state missing or stale after a
+        crash) recomputed from the bytes."""
         running = self._hashes.get(upload_id)
         if running is not None and running.offset == size:
             return running
-        running = _UploadHash()
         loop = asyncio.get_running_loop()
 
-        def rehash() -> None:
+        def restore() -> _UploadHash:
+            try:
+                saved = _UploadHash.decode(self._state_path(path).read_bytes())
+            except FileNotFoundError:
+                saved = None
+            if saved is not None and saved.offset == size:
+                return saved
+            fresh = _UploadHash()
             with open(path, "rb") as f:
                 while chunk := f.read(_READ_CHUNK):
-                    running.hasher.update(chunk)
-                    running.offset += len(chunk)
+                    fresh.hasher.update(chunk)
+                    fresh.offset += len(chunk)
+            return fresh
 
-        await loop.run_in_executor(self._executor, rehash)
+        running = await loop.run_in_executor(self._executor, restore)
         self._hashes[upload_id] = running
         return running
+
+    def _save_state(self, path: Path, running: _UploadHash) -> None:
+        encoded = running.encode()
+        if encoded is None:
+            return
+        state = self._state_path(path)
+        tmp = state.with_name(state.name + ".tmp")
+        tmp.write_bytes(encoded)
+        os.replace(tmp, state)
 
     async def _pump(self, fd: int, running: _UploadHash, chunks: AsyncIterable[bytes]) -> None:
         """Write and hash `chunks`, one batch in a worker thread while the next one arrives.
@@ -240,6 +287,7 @@ class FilesystemBlobStore:
 
     def _install(self, path: Path, target: Path) -> None:
         """fsync the verified bytes, then rename them into place (atomic on one filesystem)."""
+        self._state_path(path).unlink(missing_ok=True)
         if target.exists():
             path.unlink()
             return
@@ -279,14 +327,29 @@ class FilesystemBlobStore:
         self._forget(upload_id)
 
         def unlink() -> None:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+            self._state_path(path).unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
 
         await asyncio.get_running_loop().run_in_executor(self._executor, unlink)
 
     def _forget(self, upload_id: str) -> None:
         self._hashes.pop(upload_id, None)
         self._locks.pop(upload_id, None)
+
+    async def idle_uploads(self, idle_since: datetime) -> list[str]:
+        cutoff = idle_since.timestamp()
+
+        def scan() -> list[str]:
+            newest: dict[str, float] = {}  # an upload is its bytes plus its saved hash state
+            with os.scandir(self.upload_dir) as entries:
+                for entry in entries:
+                    with contextlib.suppress(FileNotFoundError):
+                        upload_id = entry.name.split(".", 1)[0]
+                        mtime = entry.stat().st_mtime
+                        newest[upload_id] = max(mtime, newest.get(upload_id, mtime))
+            return sorted(u for u, mtime in newest.items() if mtime < cutoff)
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, scan)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False)
