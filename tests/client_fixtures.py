@@ -34,12 +34,12 @@ import pytest
 
 from tests.images import (
     BUSYBOX,
-    MT_DOCKER_LIST,
-    MT_DOCKER_MANIFEST,
-    MT_OCI_INDEX,
-    MT_OCI_MANIFEST,
+    DOCKER_LIST,
+    DOCKER_MANIFEST,
+    OCI_INDEX,
+    OCI_MANIFEST,
     TestImage,
-    sha256_digest,
+    sha256,
 )
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ PACKAGES = {
     "busybox": "busybox-static",
 }
 
-ALL_MANIFEST_TYPES = (MT_OCI_MANIFEST, MT_OCI_INDEX, MT_DOCKER_MANIFEST, MT_DOCKER_LIST)
+ALL_MANIFEST_TYPES = (OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST)
 
 INSECURE_POLICY = {"default": [{"type": "insecureAcceptAnything"}]}
 
@@ -349,7 +349,7 @@ def assert_image_in_registry(
     unpacks to the diff_id the config names. Returns (manifest digest, manifest)."""
     status, headers, body = get_manifest_http(base_url, repo, reference)
     assert status == 200, f"GET /v2/{repo}/manifests/{reference} -> {status} {body[:300]!r}"
-    digest = sha256_digest(body)
+    digest = sha256(body)
     assert headers.get("Docker-Content-Digest") == digest
     manifest = json.loads(body)
     assert headers.get("Content-Type") == manifest.get("mediaType")
@@ -361,10 +361,10 @@ def assert_image_in_registry(
     for desc, diff_id in zip(manifest["layers"], image.diff_ids, strict=True):
         status, _, blob = http_request(f"{base_url}/v2/{repo}/blobs/{desc['digest']}")
         assert status == 200, f"GET blob {desc['digest']} -> {status}"
-        assert sha256_digest(blob) == desc["digest"]
+        assert sha256(blob) == desc["digest"]
         assert len(blob) == desc["size"]
         plain = gzip.decompress(blob) if blob[:2] == b"\x1f\x8b" else blob
-        assert sha256_digest(plain) == diff_id
+        assert sha256(plain) == diff_id
     return digest, manifest
 
 

@@ -31,26 +31,26 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.oci_helpers import (
+    DOCKER_CONFIG,
+    DOCKER_LAYER,
+    DOCKER_LIST,
+    DOCKER_MANIFEST,
+    OCI_CONFIG,
+    OCI_INDEX,
+    OCI_LAYER,
+    OCI_MANIFEST,
+    sha256,
+)
+
 BUSYBOX = Path("/bin/busybox")
 BUSYBOX_APPLETS = ("sh", "ls", "cat", "echo", "true")
 
 FIXED_MTIME = 1_700_000_000  # 2023-11-14T22:13:20Z
 FIXED_CREATED = "2023-11-14T22:13:20Z"
 
-MT_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-MT_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-MT_OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
-MT_OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
-MT_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-MT_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-MT_DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
-MT_DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 
 REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
-
-
-def sha256_digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def canonical_json(obj: object) -> bytes:
@@ -159,17 +159,17 @@ class Layer:
 
     @property
     def diff_id(self) -> str:
-        return sha256_digest(self.tar)
+        return sha256(self.tar)
 
     @property
     def digest(self) -> str:
-        return sha256_digest(self.gz)
+        return sha256(self.gz)
 
     @property
     def size(self) -> int:
         return len(self.gz)
 
-    def descriptor(self, media_type: str = MT_OCI_LAYER_GZIP) -> dict[str, object]:
+    def descriptor(self, media_type: str = OCI_LAYER) -> dict[str, object]:
         return {"mediaType": media_type, "digest": self.digest, "size": self.size}
 
 
@@ -227,8 +227,8 @@ class TestImage:
     layers: list[Layer]
     config: bytes
     manifest: bytes
-    # MT_OCI_MANIFEST, or MT_DOCKER_MANIFEST for build_image(..., docker_format=True).
-    manifest_media_type: str = MT_OCI_MANIFEST
+    # OCI_MANIFEST, or DOCKER_MANIFEST for build_image(..., docker_format=True).
+    manifest_media_type: str = OCI_MANIFEST
 
     def __repr__(self) -> str:  # blobs are megabytes: keep failure messages short
         return (
@@ -239,7 +239,7 @@ class TestImage:
     # -- digests --------------------------------------------------------------------
     @property
     def config_digest(self) -> str:
-        return sha256_digest(self.config)
+        return sha256(self.config)
 
     @property
     def image_id(self) -> str:
@@ -248,7 +248,7 @@ class TestImage:
 
     @property
     def manifest_digest(self) -> str:
-        return sha256_digest(self.manifest)
+        return sha256(self.manifest)
 
     @property
     def diff_ids(self) -> list[str]:
@@ -387,16 +387,16 @@ def build_image(
     }
     config = canonical_json(config_obj)
     manifest_type, config_type, layer_type = (
-        (MT_DOCKER_MANIFEST, MT_DOCKER_CONFIG, MT_DOCKER_LAYER_GZIP)
+        (DOCKER_MANIFEST, DOCKER_CONFIG, DOCKER_LAYER)
         if docker_format
-        else (MT_OCI_MANIFEST, MT_OCI_CONFIG, MT_OCI_LAYER_GZIP)
+        else (OCI_MANIFEST, OCI_CONFIG, OCI_LAYER)
     )
     manifest_obj = {
         "schemaVersion": 2,
         "mediaType": manifest_type,
         "config": {
             "mediaType": config_type,
-            "digest": sha256_digest(config),
+            "digest": sha256(config),
             "size": len(config),
         },
         "layers": [layer.descriptor(layer_type) for layer in layers],
@@ -429,7 +429,7 @@ def build_index(images: Sequence[TestImage], *, docker_format: bool = False) -> 
     return canonical_json(
         {
             "schemaVersion": 2,
-            "mediaType": MT_DOCKER_LIST if docker_format else MT_OCI_INDEX,
+            "mediaType": DOCKER_LIST if docker_format else OCI_INDEX,
             "manifests": [img.descriptor(with_platform=True) for img in images],
         }
     )
@@ -439,7 +439,7 @@ def build_index(images: Sequence[TestImage], *, docker_format: bool = False) -> 
 
 
 def _write_blob(directory: Path, data: bytes) -> str:
-    digest = sha256_digest(data)
+    digest = sha256(data)
     path = directory / "blobs" / "sha256" / digest.removeprefix("sha256:")
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -465,7 +465,7 @@ def write_oci_layout(
     if index_path.exists():
         index = json.loads(index_path.read_text())
     else:
-        index = {"schemaVersion": 2, "mediaType": MT_OCI_INDEX, "manifests": []}
+        index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
 
     def add(tag: str, desc: dict[str, object]) -> None:
         index["manifests"] = [
@@ -487,7 +487,7 @@ def write_oci_layout(
             put_image(img)
         data = build_index(imgs)
         digest = _write_blob(directory, data)
-        add(tag, {"mediaType": MT_OCI_INDEX, "digest": digest, "size": len(data)})
+        add(tag, {"mediaType": OCI_INDEX, "digest": digest, "size": len(data)})
     index_path.write_bytes(canonical_json(index))
     return directory
 

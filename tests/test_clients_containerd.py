@@ -15,11 +15,11 @@ from tests.client_fixtures import (
 )
 from tests.conftest import RunningRegistry
 from tests.images import (
-    MT_OCI_INDEX,
-    MT_OCI_MANIFEST,
+    OCI_INDEX,
+    OCI_MANIFEST,
     build_image,
     build_platform_pair,
-    sha256_digest,
+    sha256,
     write_oci_archive,
 )
 
@@ -53,7 +53,7 @@ def test_import_oci_push_remove_pull(
     assert status == 200, registry_log(reg)
     assert body == img.manifest
     assert headers["Docker-Content-Digest"] == img.manifest_digest
-    assert headers["Content-Type"] == MT_OCI_MANIFEST
+    assert headers["Content-Type"] == OCI_MANIFEST
     assert assert_image_in_registry(reg.url, "ctr/app", "v1", img)[0] == img.manifest_digest
 
     containerd.ctr("images", "rm", "--sync", ref)
@@ -109,8 +109,8 @@ def test_push_pull_multi_platform_index(
 
     status, headers, body = get_manifest_http(reg.url, "ctr/multi", "v1")
     assert status == 200, registry_log(reg)
-    assert headers["Content-Type"] == MT_OCI_INDEX
-    assert sha256_digest(body) == index_digest
+    assert headers["Content-Type"] == OCI_INDEX
+    assert sha256(body) == index_digest
     for img in (host, other):
         status, _, child = get_manifest_http(reg.url, "ctr/multi", img.manifest_digest)
         assert status == 200, registry_log(reg)

@@ -20,13 +20,13 @@ from tests.client_fixtures import (
 )
 from tests.conftest import RunningRegistry
 from tests.images import (
-    MT_DOCKER_LIST,
-    MT_DOCKER_MANIFEST,
-    MT_OCI_INDEX,
+    DOCKER_LIST,
+    DOCKER_MANIFEST,
+    OCI_INDEX,
     build_image,
     build_index,
     build_platform_pair,
-    sha256_digest,
+    sha256,
 )
 
 pytestmark = pytest.mark.slow
@@ -64,7 +64,7 @@ def test_load_push_rmi_pull(
 
     digest, manifest = assert_image_in_registry(reg.url, "docker/app", "v1", img)
     assert digest == pushed, registry_log(reg)
-    assert manifest["mediaType"] == MT_DOCKER_MANIFEST
+    assert manifest["mediaType"] == DOCKER_MANIFEST
 
     # Same image to another repository: docker mounts the blobs across repositories.
     ref2 = f"{reg.host}/docker/copy:v2"
@@ -98,7 +98,7 @@ def test_manifest_inspect_insecure(dockerd: DockerEngine, shared_registry: Runni
 
     ok = dockerd.docker("manifest", "inspect", "--insecure", f"{reg.host}/docker/inspect:v1")
     shown = ok.json()
-    assert shown["mediaType"] == MT_DOCKER_MANIFEST
+    assert shown["mediaType"] == DOCKER_MANIFEST
     assert shown["config"]["digest"] == img.config_digest
     assert [layer["digest"] for layer in shown["layers"]] == img.layer_digests
 
@@ -146,24 +146,24 @@ def test_pull_multi_platform_index(
     for img in (host, other):
         push_image_http(reg.url, repo, img.manifest_digest, img)
     index = build_index([host, other], docker_format=docker_format)
-    index_type = MT_DOCKER_LIST if docker_format else MT_OCI_INDEX
-    assert push_manifest_http(reg.url, repo, "v1", index, index_type) == sha256_digest(index)
+    index_type = DOCKER_LIST if docker_format else OCI_INDEX
+    assert push_manifest_http(reg.url, repo, "v1", index, index_type) == sha256(index)
     ref = f"{reg.host}/{repo}:v1"
 
     if docker_format:  # (see test_manifest_inspect_insecure about OCI and old CLIs)
         shown = dockerd.docker("manifest", "inspect", "--insecure", ref).json()
-        assert shown["mediaType"] == MT_DOCKER_LIST
+        assert shown["mediaType"] == DOCKER_LIST
         assert [m["digest"] for m in shown["manifests"]] == [
             host.manifest_digest,
             other.manifest_digest,
         ]
 
     pulled = dockerd.docker("pull", ref)
-    assert f"Digest: {sha256_digest(index)}" in pulled.stdout, pulled.describe()
+    assert f"Digest: {sha256(index)}" in pulled.stdout, pulled.describe()
     info = _image(dockerd, ref)
     assert info["Id"] == host.image_id
     assert info["Architecture"] == host.architecture
-    assert f"{reg.host}/{repo}@{sha256_digest(index)}" in info["RepoDigests"]
+    assert f"{reg.host}/{repo}@{sha256(index)}" in info["RepoDigests"]
     dockerd.docker("rmi", ref)
 
     dockerd.docker("pull", "--platform", f"linux/{other.architecture}", ref)

@@ -20,7 +20,7 @@ from tests.client_fixtures import (
     require_busybox,
 )
 from tests.conftest import RunningRegistry
-from tests.images import MT_OCI_INDEX, MT_OCI_MANIFEST, build_image, sha256_digest
+from tests.images import OCI_INDEX, OCI_MANIFEST, build_image, sha256
 
 oras_provider = pytest.importorskip(
     "oras.provider", reason="oras-py not installed (pip install oras)"
@@ -76,7 +76,7 @@ def _push_artifact(
 ) -> tuple[str, Any]:
     """Push files as one artifact; returns (manifest digest, HTTP response)."""
     paths = []
-    src = tmp_path / f"src-{sha256_digest(target.encode())[7:19]}"
+    src = tmp_path / f"src-{sha256(target.encode())[7:19]}"
     src.mkdir()
     for name, (data, media_type) in files.items():
         (src / name).write_bytes(data)
@@ -94,7 +94,7 @@ def _push_artifact(
     )
     assert resp.status_code == 201, resp.text
     digest = resp.headers["Docker-Content-Digest"]
-    assert digest == sha256_digest(json.dumps(client.sent).encode())
+    assert digest == sha256(json.dumps(client.sent).encode())
     return digest, resp
 
 
@@ -115,11 +115,11 @@ def test_push_pull_artifact(
     )
 
     manifest = oras_client.get_manifest(target)
-    assert manifest["mediaType"] == MT_OCI_MANIFEST
+    assert manifest["mediaType"] == OCI_MANIFEST
     assert manifest["artifactType"] == NOTE_TYPE
     assert manifest["config"] == {
         "mediaType": EMPTY_CONFIG_TYPE,
-        "digest": sha256_digest(b"{}"),
+        "digest": sha256(b"{}"),
         "size": 2,
     }
     assert manifest["annotations"] == {"org.skyreg.test": "push-pull"}
@@ -127,14 +127,14 @@ def test_push_pull_artifact(
         layer["annotations"]["org.opencontainers.image.title"]: layer
         for layer in manifest["layers"]
     }
-    assert layers["note.bin"]["digest"] == sha256_digest(note)
+    assert layers["note.bin"]["digest"] == sha256(note)
     assert layers["note.bin"]["size"] == len(note)
     assert layers["note.bin"]["mediaType"] == "application/octet-stream"
-    assert layers["data.json"]["digest"] == sha256_digest(data)
+    assert layers["data.json"]["digest"] == sha256(data)
 
     status, headers, body = get_manifest_http(reg.url, "oras/artifact", "v1")
     assert status == 200, registry_log(reg)
-    assert headers["Docker-Content-Digest"] == digest == sha256_digest(body)
+    assert headers["Docker-Content-Digest"] == digest == sha256(body)
 
     out = tmp_path / "out"
     files = oras_client.pull(target=target, outdir=str(out))
@@ -160,10 +160,10 @@ def test_chunked_push(
         {"big.bin": (big, "application/octet-stream")},
         chunk_size=1024 * 1024,
     )
-    status, headers, blob = http_request(f"{reg.url}/v2/oras/chunked/blobs/{sha256_digest(big)}")
+    status, headers, blob = http_request(f"{reg.url}/v2/oras/chunked/blobs/{sha256(big)}")
     assert status == 200, registry_log(reg)
     assert blob == big
-    assert headers["Docker-Content-Digest"] == sha256_digest(big)
+    assert headers["Docker-Content-Digest"] == sha256(big)
     out = tmp_path / "out"
     oras_client.pull(target=f"{reg.host}/oras/chunked@{digest}", outdir=str(out))
     assert (out / "big.bin").read_bytes() == big
@@ -176,7 +176,7 @@ def test_referrers(
     img = build_image("oras-subject")
     assert push_image_http(reg.url, "oras/image", "v1", img) == img.manifest_digest
     subject = oras.oci.Subject(
-        mediaType=MT_OCI_MANIFEST, digest=img.manifest_digest, size=len(img.manifest)
+        mediaType=OCI_MANIFEST, digest=img.manifest_digest, size=len(img.manifest)
     )
 
     sbom = json.dumps({"packages": ["busybox"], "marker": "oras-subject"}).encode()
@@ -203,15 +203,15 @@ def test_referrers(
     url = f"{reg.url}/v2/oras/image/referrers/{img.manifest_digest}"
     status, headers, body = http_request(url)
     assert status == 200, f"GET {url} -> {status} {body[:500]!r}\n{registry_log(reg)}"
-    assert headers["Content-Type"] == MT_OCI_INDEX
+    assert headers["Content-Type"] == OCI_INDEX
     index = json.loads(body)
     assert index["schemaVersion"] == 2
-    assert index["mediaType"] == MT_OCI_INDEX
+    assert index["mediaType"] == OCI_INDEX
     by_digest = {m["digest"]: m for m in index["manifests"]}
     assert set(by_digest) == {sbom_digest, sig_digest}
     sbom_entry = by_digest[sbom_digest]
     assert sbom_entry["artifactType"] == SBOM_TYPE
-    assert sbom_entry["mediaType"] == MT_OCI_MANIFEST
+    assert sbom_entry["mediaType"] == OCI_MANIFEST
     assert sbom_entry["size"] == len(get_manifest_http(reg.url, "oras/image", sbom_digest)[2])
     assert sbom_entry["annotations"] == {"org.skyreg.test.kind": "sbom"}
     assert by_digest[sig_digest]["artifactType"] == SIG_TYPE

@@ -17,11 +17,11 @@ from tests.client_fixtures import (
 )
 from tests.conftest import RunningRegistry
 from tests.images import (
-    MT_DOCKER_LIST,
-    MT_OCI_INDEX,
+    DOCKER_LIST,
+    OCI_INDEX,
     build_image,
     build_platform_pair,
-    sha256_digest,
+    sha256,
     write_oci_layout,
 )
 
@@ -53,7 +53,7 @@ def test_push_pull_docker_archive(
     status, headers, body = get_manifest_http(reg.url, "podman/archive", "v1")
     assert status == 200, registry_log(reg)
     assert headers["Docker-Content-Digest"] == pushed
-    assert sha256_digest(body) == pushed
+    assert sha256(body) == pushed
     manifest = json.loads(body)
     assert manifest["config"]["digest"] == img.config_digest
 
@@ -87,7 +87,7 @@ def test_push_pull_from_oci_layout(
 
     status, headers, body = get_manifest_http(reg.url, "podman/oci", "v1")
     assert status == 200, registry_log(reg)
-    assert headers["Docker-Content-Digest"] == pushed == sha256_digest(body)
+    assert headers["Docker-Content-Digest"] == pushed == sha256(body)
     assert json.loads(body)["config"]["digest"] == img.config_digest
     tags = json.loads(http_request(f"{reg.url}/v2/podman/oci/tags/list")[2])
     assert tags == {"name": "podman/oci", "tags": ["v1"]}
@@ -127,9 +127,9 @@ def test_manifest_list_two_platforms(
     status, headers, body = get_manifest_http(reg.url, "podman/multi", "v1")
     assert status == 200, registry_log(reg)
     index = json.loads(body)
-    assert headers["Content-Type"] in (MT_OCI_INDEX, MT_DOCKER_LIST)
+    assert headers["Content-Type"] in (OCI_INDEX, DOCKER_LIST)
     assert index["mediaType"] == headers["Content-Type"]
-    index_digest = sha256_digest(body)
+    index_digest = sha256(body)
     assert headers["Docker-Content-Digest"] == index_digest
     by_arch = {m["platform"]["architecture"]: m for m in index["manifests"]}
     assert len(index["manifests"]) == 2

@@ -19,13 +19,13 @@ from tests.client_fixtures import (
 from tests.conftest import RunningRegistry
 from tests.images import (
     BUSYBOX,
-    MT_OCI_INDEX,
-    MT_OCI_MANIFEST,
+    OCI_INDEX,
+    OCI_MANIFEST,
     build_image,
     build_index,
     build_platform_pair,
     read_layer_files,
-    sha256_digest,
+    sha256,
     write_oci_layout,
 )
 
@@ -56,7 +56,7 @@ def test_copy_oci_layout_then_inspect(
     # The manifest went in unchanged: --raw gives back the very bytes we built.
     raw = skopeo.inspect(ref, "--raw").out
     assert raw == img.manifest
-    assert sha256_digest(raw) == img.manifest_digest
+    assert sha256(raw) == img.manifest_digest
     assert skopeo.inspect(ref, "--config", "--raw").out == img.config
 
     # And plain HTTP agrees, by tag and by digest.
@@ -65,7 +65,7 @@ def test_copy_oci_layout_then_inspect(
         assert status == 200, registry_log(reg)
         assert body == img.manifest
         assert headers["Docker-Content-Digest"] == img.manifest_digest
-        assert headers["Content-Type"] == MT_OCI_MANIFEST
+        assert headers["Content-Type"] == OCI_MANIFEST
 
 
 def test_copy_docker_archive_in(
@@ -83,7 +83,7 @@ def test_copy_docker_archive_in(
     # unpacks to the diff_id the config names.
     digest, manifest = assert_image_in_registry(reg.url, "skopeo/archive", "v1", img)
     raw = skopeo.inspect(ref, "--raw").out
-    assert sha256_digest(raw) == digest
+    assert sha256(raw) == digest
     info = skopeo.inspect(ref).json()
     assert info["Digest"] == digest
     assert info["Layers"] == [layer["digest"] for layer in manifest["layers"]]
@@ -155,8 +155,8 @@ def test_copy_multi_arch_index(
     assert raw == build_index([host, other])
     status, headers, body = get_manifest_http(reg.url, "skopeo/multi", "v1")
     assert status == 200, registry_log(reg)
-    assert headers["Content-Type"] == MT_OCI_INDEX
-    assert headers["Docker-Content-Digest"] == sha256_digest(raw)
+    assert headers["Content-Type"] == OCI_INDEX
+    assert headers["Docker-Content-Digest"] == sha256(raw)
     assert body == raw
     # Each platform resolves to its own manifest.
     for img in (host, other):

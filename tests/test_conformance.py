@@ -10,7 +10,6 @@ a `subject`, an empty `{}` config and an `artifactType`.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import re
@@ -22,12 +21,8 @@ import pytest
 import requests
 
 from tests.conftest import RunningRegistry
+from tests.oci_helpers import OCI_CONFIG, OCI_EMPTY, OCI_INDEX, OCI_LAYER, OCI_MANIFEST, sha256
 
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
-OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
-OCI_EMPTY = "application/vnd.oci.empty.v1+json"
 OCTET = "application/octet-stream"
 EMPTY_JSON = b"{}"
 EMPTY_JSON_DIGEST = "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
@@ -64,10 +59,6 @@ ERROR_CODES = {
 
 
 # -- building the suite's content ---------------------------------------------------------------
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def tabbed(doc: dict[str, Any]) -> bytes:
