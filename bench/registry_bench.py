@@ -455,6 +455,7 @@ def start_skyreg(
     port_file, log_path = workdir / "port", workdir / "skyreg.log"
     argv = [sys.executable, "-m", "skyreg", "serve", "--host", "127.0.0.1", "--port", "0"]
     argv += ["--data-dir", str(workdir / "data"), "--port-file", str(port_file)]
+    argv.append("--no-auth")  # Distribution runs without auth too: compare the same work
     if workers is not None:
         argv += ["--workers", str(workers)]
     if not access_log:
