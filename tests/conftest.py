@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -71,8 +72,13 @@ class RunningRegistry:
         else:
             self.stop()
             raise RuntimeError(f"skyreg serve did not start:\n{self.log()}")
-        with urllib.request.urlopen(f"{self.url}/v2/", timeout=10) as resp:
-            assert resp.headers["Docker-Distribution-API-Version"] == "registry/2.0"
+        try:
+            with urllib.request.urlopen(f"{self.url}/v2/", timeout=10) as resp:
+                headers = resp.headers
+        except urllib.error.HTTPError as e:  # 401 with a challenge when auth is on
+            assert e.code == 401, e
+            headers = e.headers
+        assert headers["Docker-Distribution-API-Version"] == "registry/2.0"
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -96,7 +102,7 @@ class RunningRegistry:
 @pytest.fixture
 def registry(tmp_path: Path) -> Iterator[RunningRegistry]:
     """A fresh `skyreg serve` with its own data dir."""
-    reg = RunningRegistry(data_dir=tmp_path / "data")
+    reg = RunningRegistry(data_dir=tmp_path / "data", extra_args=["--no-auth"])
     reg.start()
     try:
         yield reg
@@ -107,7 +113,9 @@ def registry(tmp_path: Path) -> Iterator[RunningRegistry]:
 @pytest.fixture(scope="module")
 def shared_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningRegistry]:
     """One `skyreg serve` for a whole test module (real-client tests)."""
-    reg = RunningRegistry(data_dir=tmp_path_factory.mktemp("registry") / "data")
+    reg = RunningRegistry(
+        data_dir=tmp_path_factory.mktemp("registry") / "data", extra_args=["--no-auth"]
+    )
     reg.start()
     try:
         yield reg

@@ -576,7 +576,7 @@ def test_abandoned_upload_expires(tmp_path: object) -> None:
 
     reg = RunningRegistry(
         data_dir=Path(str(tmp_path)) / "data",
-        extra_args=["--upload-ttl", "0.5", "--expiry-interval", "0.2"],
+        extra_args=["--no-auth", "--upload-ttl", "0.5", "--expiry-interval", "0.2"],
     )
     reg.start()
     try:

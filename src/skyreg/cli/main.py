@@ -54,6 +54,15 @@ def serve(
         Path | None, typer.Option(help="Write the bound port to this file once listening.")
     ] = None,
     access_log: Annotated[bool, typer.Option(help="Log one line per request.")] = True,
+    auth: Annotated[
+        bool,
+        typer.Option(
+            help="Require tokens (--no-auth: a private registry anyone reaching it may use)."
+        ),
+    ] = True,
+    auth_service: Annotated[
+        str, typer.Option(help="Service name in registry tokens and challenges.")
+    ] = "skyreg",
 ) -> None:
     """Run the registry (SQLite + filesystem under one data dir by default)."""
     from skyreg.registry.server import ServeConfig
@@ -70,6 +79,8 @@ def serve(
             expiry_interval=expiry_interval,
             port_file=port_file,
             access_log=access_log,
+            auth=auth,
+            auth_service=auth_service,
         )
     )
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.dialects import postgresql, sqlite
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -55,3 +58,45 @@ def upgrade_schema(engine: Engine) -> None:
 def sqlite_url(path: Path) -> str:
     """The SQLAlchemy URL of an SQLite file."""
     return f"sqlite:///{path}"
+
+
+class SqlStore:
+    """Base of the metadata query classes: transactions and the held reader connection."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._dialect = engine.dialect.name
+        self._reader: Connection | None = None
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        with self.engine.connect().execution_options(skyreg_write=True) as conn, conn.begin():
+            yield conn
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        """A held autocommit connection: every read sees the latest committed state.
+
+        Checking a pooled connection out per query costs more than the query itself; reads run
+        on the event loop thread only, so one connection per process serves them all.
+        """
+        if self._reader is None or self._reader.closed:
+            self._reader = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        try:
+            yield self._reader
+        except BaseException:
+            self._reader.close()
+            self._reader = None
+            raise
+
+    def close(self) -> None:
+        """Release the reader connection and the engine's pool."""
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+        self.engine.dispose()
+
+    def _insert_ignore(self, table: Any) -> Any:
+        if self._dialect == "postgresql":
+            return postgresql.insert(table).on_conflict_do_nothing()
+        return sqlite.insert(table).on_conflict_do_nothing()

@@ -6,18 +6,16 @@ Methods are synchronous and short (indexed lookups); each write runs in one tran
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, bindparam, delete, func, insert, select, update
+from sqlalchemy import Connection, and_, bindparam, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from skyreg.meta import schema as s
-from skyreg.meta.db import create_db_engine, sqlite_url, upgrade_schema
+from skyreg.meta.db import SqlStore, create_db_engine, sqlite_url, upgrade_schema
 from skyreg.oci.errors import ErrorCode, RegistryError
 from skyreg.oci.manifest import Manifest
 
@@ -76,46 +74,8 @@ class Referrer:
     annotations: dict[str, str] | None
 
 
-class RegistryMeta:
+class RegistryMeta(SqlStore):
     """Queries and updates of the registry's metadata over one SQLAlchemy engine."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self._dialect = engine.dialect.name
-        self._reader: Connection | None = None
-
-    @contextmanager
-    def _write(self) -> Iterator[Connection]:
-        with self.engine.connect().execution_options(skyreg_write=True) as conn, conn.begin():
-            yield conn
-
-    @contextmanager
-    def _read(self) -> Iterator[Connection]:
-        """A held autocommit connection: every read sees the latest committed state.
-
-        Checking a pooled connection out per query costs more than the query itself; reads run
-        on the event loop thread only, so one connection per process serves them all.
-        """
-        if self._reader is None or self._reader.closed:
-            self._reader = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-        try:
-            yield self._reader
-        except BaseException:
-            self._reader.close()
-            self._reader = None
-            raise
-
-    def close(self) -> None:
-        """Release the reader connection and the engine's pool."""
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
-        self.engine.dispose()
-
-    def _insert_ignore(self, table: Any) -> Any:
-        if self._dialect == "postgresql":
-            return postgresql.insert(table).on_conflict_do_nothing()
-        return sqlite.insert(table).on_conflict_do_nothing()
 
     # -- repositories --------------------------------------------------------------------------
 

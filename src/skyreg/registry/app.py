@@ -10,6 +10,15 @@ from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
 
+from skyreg.auth.http import (
+    AUTHENTICATOR_KEY,
+    IDENTITY_KEY,
+    TOKEN_PATH,
+    identify,
+    token_endpoint,
+    unauthorized,
+)
+from skyreg.auth.policy import DELETE, PULL, PUSH
 from skyreg.oci.errors import ErrorCode, RegistryError
 from skyreg.oci.names import validate_name
 from skyreg.registry import blobs, discovery, manifests
@@ -73,7 +82,35 @@ async def _errors(
     return resp
 
 
+_ACTION = {"GET": PULL, "HEAD": PULL, "POST": PUSH, "PATCH": PUSH, "PUT": PUSH, "DELETE": DELETE}
+_SCOPE_ACTIONS = {PULL: "pull", PUSH: "pull,push", DELETE: "delete"}
+
+
+def _authorize(request: web.Request, reg: Registry, endpoint: Endpoint | None, name: str) -> None:
+    """Identify the caller and refuse what it may not do (before the handler looks anything up)."""
+    auth = reg.auth
+    if auth is None:
+        return
+    identity = identify(request, auth)
+    request[IDENTITY_KEY] = identity
+    if endpoint is None:  # GET /v2/: any valid credentials, and a challenge for none
+        if identity.token is None and identity.via == "anonymous":
+            raise unauthorized(request, auth, identity, "")
+        return
+    if endpoint is Endpoint.CATALOG:
+        if not auth.may_list_catalog(identity):
+            raise unauthorized(request, auth, identity, "registry:catalog:*")
+        return
+    action = _ACTION[request.method]
+    if action not in auth.actions(identity, name):
+        scope = f"repository:{name}:{_SCOPE_ACTIONS[action]}"
+        raise unauthorized(
+            request, auth, identity, scope, [{"Type": "repository", "Name": name, "Action": action}]
+        )
+
+
 async def _base(request: web.Request) -> web.StreamResponse:
+    _authorize(request, request.app[REGISTRY_KEY], None, "")
     return web.json_response({})
 
 
@@ -92,6 +129,7 @@ async def _dispatch(request: web.Request) -> web.StreamResponse:
         )
     if route.endpoint is not Endpoint.CATALOG:
         validate_name(route.name)
+    _authorize(request, request.app[REGISTRY_KEY], route.endpoint, route.name)
     return await handler(request, route.name, route.reference)
 
 
@@ -123,6 +161,10 @@ def create_app(reg: Registry, *, expiry_interval: float = 300.0) -> web.Applicat
     app.router.add_get("/v2/", _base)
     app.router.add_get("/v2", _base)
     app.router.add_route("*", "/v2/{tail:.*}", _dispatch)
+    if reg.auth is not None:
+        app[AUTHENTICATOR_KEY] = reg.auth
+        app.router.add_get(TOKEN_PATH, token_endpoint)
+        app.router.add_post(TOKEN_PATH, token_endpoint)
 
     async def expiry(app: web.Application) -> AsyncIterator[None]:
         task = asyncio.create_task(_expire_uploads(reg, expiry_interval))

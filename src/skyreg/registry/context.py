@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from skyreg.auth.service import Authenticator
 from skyreg.meta.registry import RegistryMeta
 from skyreg.store.base import BlobStore
 
@@ -17,6 +18,7 @@ class Registry:
     meta: RegistryMeta
     store: BlobStore
     upload_ttl: float = 24 * 3600.0
+    auth: Authenticator | None = None  # None: no authentication (a private, single-user registry)
 
 
 REGISTRY_KEY = web.AppKey("registry", Registry)

@@ -14,7 +14,10 @@ from pathlib import Path
 
 from aiohttp import web
 
-from skyreg.meta.registry import open_database
+from skyreg.auth.keys import KeyRing
+from skyreg.auth.service import Authenticator
+from skyreg.meta.platform import PlatformMeta
+from skyreg.meta.registry import RegistryMeta, open_database
 from skyreg.registry.app import create_app
 from skyreg.registry.context import Registry
 from skyreg.store.filesystem import FilesystemBlobStore
@@ -39,6 +42,8 @@ class ServeConfig:
     port_file: Path | None = None
     fsync: bool = True
     access_log: bool = True
+    auth: bool = True
+    auth_service: str = "skyreg"
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -51,10 +56,38 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+ADMIN_TOKEN_FILE = "admin-token"
+
+
+def _authenticator(cfg: ServeConfig, meta: RegistryMeta) -> Authenticator | None:
+    if not cfg.auth:
+        return None
+    return Authenticator(
+        PlatformMeta(meta.engine), KeyRing(cfg.data_dir / "keys"), service=cfg.auth_service
+    )
+
+
+def bootstrap_admin(cfg: ServeConfig, auth: Authenticator) -> Path | None:
+    """On first start, create an admin token and keep it in a 0600 file in the data dir."""
+    auth.keys.ensure()
+    if auth.platform.count_tokens("admin") > 0:
+        path = cfg.data_dir / ADMIN_TOKEN_FILE
+        return path if path.exists() else None
+    secret, _ = auth.create_token("admin", name="bootstrap admin")
+    path = cfg.data_dir / ADMIN_TOKEN_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, f"{secret}\n".encode())
+    finally:
+        os.close(fd)
+    return path
+
+
 async def _run_worker(cfg: ServeConfig, sock: socket.socket) -> None:
     meta = open_database(cfg.database_url, cfg.data_dir)
     store = FilesystemBlobStore(cfg.data_dir, fsync=cfg.fsync)
-    reg = Registry(meta=meta, store=store, upload_ttl=cfg.upload_ttl)
+    auth = _authenticator(cfg, meta)
+    reg = Registry(meta=meta, store=store, upload_ttl=cfg.upload_ttl, auth=auth)
     app = create_app(reg, expiry_interval=cfg.expiry_interval)
     runner = web.AppRunner(
         app,
@@ -75,25 +108,40 @@ async def _run_worker(cfg: ServeConfig, sock: socket.socket) -> None:
     finally:
         await runner.cleanup()
         store.close()
+        if auth is not None:
+            auth.platform.close()
         meta.close()
 
 
-def banner(cfg: ServeConfig, port: int) -> str:
+def banner(cfg: ServeConfig, port: int, admin_token: Path | None) -> str:
     """What `skyreg serve` tells a new user: where it listens and how to push."""
     host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
     addr = f"{host}:{port}"
-    return "\n".join(
-        [
-            f"skyreg registry listening on http://{addr}/v2/ ({cfg.workers} worker(s))",
-            f"  data dir: {cfg.data_dir}",
+    lines = [
+        f"skyreg registry listening on http://{addr}/v2/ ({cfg.workers} worker(s))",
+        f"  data dir: {cfg.data_dir}",
+    ]
+    if cfg.auth:
+        token = str(admin_token) if admin_token else "<token>"
+        lines += [
+            f"  admin token: {token} (keep it secret; create scoped tokens with `skyreg tokens`)",
+            "  push an image:",
+            f"    skyreg login --server http://{addr} --token-file {token}",
+            "    skyreg orgs create myorg && skyreg apps create myapp --org myorg",
+            f"    skopeo copy --dest-tls-verify=false --dest-creds x:$(cat {token}) "
+            f"docker-archive:image.tar docker://{addr}/myapp:latest",
+            f"    docker login {addr} -u x --password-stdin < {token}",
+        ]
+    else:
+        lines += [
+            "  authentication is OFF: anyone who reaches this address may push and delete",
             "  push an image:",
             f"    skopeo copy --dest-tls-verify=false docker-archive:image.tar "
             f"docker://{addr}/myapp:latest",
-            f"    podman push --tls-verify=false myapp:latest {addr}/myapp:latest",
             f"    docker tag myapp:latest {addr}/myapp:latest && docker push {addr}/myapp:latest",
-            f"  list tags: curl http://{addr}/v2/myapp/tags/list",
         ]
-    )
+    lines.append(f"  list tags: curl http://{addr}/v2/myapp/tags/list")
+    return "\n".join(lines)
 
 
 def serve(cfg: ServeConfig) -> None:
@@ -102,10 +150,16 @@ def serve(cfg: ServeConfig) -> None:
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
     )
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
-    open_database(cfg.database_url, cfg.data_dir).close()
+    meta = open_database(cfg.database_url, cfg.data_dir)
+    admin_token = None
+    auth = _authenticator(cfg, meta)
+    if auth is not None:
+        admin_token = bootstrap_admin(cfg, auth)
+        auth.platform.close()
+    meta.close()
     sock = _listen(cfg.host, cfg.port)
     port = int(sock.getsockname()[1])
-    print(banner(cfg, port), flush=True)
+    print(banner(cfg, port, admin_token), flush=True)
     if cfg.port_file is not None:
         cfg.port_file.write_text(f"{port}\n")
     if cfg.workers <= 1:

@@ -1,0 +1,341 @@
+"""Platform metadata: organizations, apps, access tokens, and the image listing of an app."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import Connection, bindparam, func, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
+
+from skyreg.meta import schema as s
+from skyreg.meta.db import SqlStore
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    """SQLite hands timestamps back without a zone; they were written in UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+class AlreadyExists(Exception):
+    """A name that must be unique is taken."""
+
+
+@dataclass(frozen=True, slots=True)
+class Org:
+    id: int
+    name: str
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class App:
+    id: int
+    name: str
+    org_id: int
+    org_name: str
+    public: bool
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRecord:
+    """A stored token (never its secret)."""
+
+    id: str
+    name: str
+    kind: str
+    org_id: int | None
+    app_id: int | None
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    org_name: str | None = None
+    app_name: str | None = None
+
+    def active(self, now: datetime | None = None) -> bool:
+        """Neither revoked nor expired."""
+        now = now or _now()
+        return self.revoked_at is None and (self.expires_at is None or self.expires_at > now)
+
+
+@dataclass(frozen=True, slots=True)
+class ImageTag:
+    """One tag of an app's repository, as `skyreg images list` shows it."""
+
+    repository: str
+    tag: str
+    digest: str
+    media_type: str
+    size: int
+    pushed_at: datetime
+
+
+_APP_COLUMNS = (
+    s.apps.c.id,
+    s.apps.c.name,
+    s.apps.c.org_id,
+    s.orgs.c.name,
+    s.apps.c.public,
+    s.apps.c.created_at,
+)
+_APP_BY_NAME = (
+    select(*_APP_COLUMNS)
+    .select_from(s.apps.join(s.orgs, s.orgs.c.id == s.apps.c.org_id))
+    .where(s.apps.c.name == bindparam("name"))
+)
+_TOKEN_COLUMNS = (
+    s.tokens.c.id,
+    s.tokens.c.name,
+    s.tokens.c.kind,
+    s.tokens.c.org_id,
+    s.tokens.c.app_id,
+    s.tokens.c.created_at,
+    s.tokens.c.expires_at,
+    s.tokens.c.revoked_at,
+    s.orgs.c.name,
+    s.apps.c.name,
+)
+_TOKEN_FROM = s.tokens.outerjoin(s.orgs, s.orgs.c.id == s.tokens.c.org_id).outerjoin(
+    s.apps, s.apps.c.id == s.tokens.c.app_id
+)
+_TOKEN_BY_SECRET = (
+    select(*_TOKEN_COLUMNS)
+    .select_from(_TOKEN_FROM)
+    .where(s.tokens.c.secret_sha256 == bindparam("secret"))
+)
+_TOKEN_BY_ID = (
+    select(*_TOKEN_COLUMNS).select_from(_TOKEN_FROM).where(s.tokens.c.id == bindparam("id"))
+)
+
+
+def _token(row: tuple[object, ...]) -> TokenRecord:
+    return TokenRecord(
+        id=str(row[0]),
+        name=str(row[1]),
+        kind=str(row[2]),
+        org_id=None if row[3] is None else int(row[3]),  # type: ignore[call-overload]
+        app_id=None if row[4] is None else int(row[4]),  # type: ignore[call-overload]
+        created_at=_aware(row[5]),  # type: ignore[arg-type]
+        expires_at=_aware(row[6]),  # type: ignore[arg-type]
+        revoked_at=_aware(row[7]),  # type: ignore[arg-type]
+        org_name=None if row[8] is None else str(row[8]),
+        app_name=None if row[9] is None else str(row[9]),
+    )
+
+
+def _app(row: tuple[object, ...]) -> App:
+    return App(
+        id=int(row[0]),  # type: ignore[call-overload]
+        name=str(row[1]),
+        org_id=int(row[2]),  # type: ignore[call-overload]
+        org_name=str(row[3]),
+        public=bool(row[4]),
+        created_at=_aware(row[5]),  # type: ignore[arg-type]
+    )
+
+
+class PlatformMeta(SqlStore):
+    """Queries and updates of orgs, apps and tokens."""
+
+    # -- orgs ----------------------------------------------------------------------------------
+
+    def create_org(self, name: str) -> Org:
+        now = _now()
+        try:
+            with self._write() as conn:
+                org_id = conn.execute(
+                    insert(s.orgs).values(name=name, created_at=now).returning(s.orgs.c.id)
+                ).scalar_one()
+        except IntegrityError:
+            raise AlreadyExists(f"organization {name} already exists") from None
+        return Org(int(org_id), name, now)
+
+    def get_org(self, name: str) -> Org | None:
+        with self._read() as conn:
+            row = conn.execute(
+                select(s.orgs.c.id, s.orgs.c.name, s.orgs.c.created_at).where(s.orgs.c.name == name)
+            ).first()
+        return None if row is None else Org(int(row[0]), row[1], _aware(row[2]))  # type: ignore[arg-type]
+
+    def list_orgs(self, org_id: int | None = None) -> list[Org]:
+        query = select(s.orgs.c.id, s.orgs.c.name, s.orgs.c.created_at).order_by(s.orgs.c.name)
+        if org_id is not None:
+            query = query.where(s.orgs.c.id == org_id)
+        with self._read() as conn:
+            return [Org(int(r[0]), r[1], _aware(r[2])) for r in conn.execute(query)]  # type: ignore[arg-type]
+
+    # -- apps ----------------------------------------------------------------------------------
+
+    def create_app(self, name: str, org_id: int, public: bool = False) -> None:
+        try:
+            with self._write() as conn:
+                conn.execute(
+                    insert(s.apps).values(
+                        name=name, org_id=org_id, public=public, created_at=_now()
+                    )
+                )
+        except IntegrityError:
+            raise AlreadyExists(f"app {name} already exists") from None
+
+    def get_app(self, name: str) -> App | None:
+        with self._read() as conn:
+            row = conn.execute(_APP_BY_NAME, {"name": name}).first()
+        return None if row is None else _app(tuple(row))
+
+    def list_apps(self, org_id: int | None = None) -> list[App]:
+        query = (
+            select(*_APP_COLUMNS)
+            .select_from(s.apps.join(s.orgs, s.orgs.c.id == s.apps.c.org_id))
+            .order_by(s.apps.c.name)
+        )
+        if org_id is not None:
+            query = query.where(s.apps.c.org_id == org_id)
+        with self._read() as conn:
+            return [_app(tuple(r)) for r in conn.execute(query)]
+
+    def set_app_public(self, name: str, public: bool) -> bool:
+        with self._write() as conn:
+            return bool(
+                conn.execute(
+                    update(s.apps).where(s.apps.c.name == name).values(public=public)
+                ).rowcount
+            )
+
+    # -- tokens --------------------------------------------------------------------------------
+
+    def create_token(
+        self,
+        *,
+        token_id: str,
+        name: str,
+        kind: str,
+        secret_sha256: str,
+        org_id: int | None,
+        app_id: int | None,
+        expires_at: datetime | None,
+    ) -> TokenRecord:
+        now = _now()
+        with self._write() as conn:
+            conn.execute(
+                insert(s.tokens).values(
+                    id=token_id,
+                    name=name,
+                    kind=kind,
+                    org_id=org_id,
+                    app_id=app_id,
+                    secret_sha256=secret_sha256,
+                    created_at=now,
+                    expires_at=expires_at,
+                )
+            )
+            row = conn.execute(_TOKEN_BY_ID, {"id": token_id}).first()
+        assert row is not None
+        return _token(tuple(row))
+
+    def token_by_secret(self, secret_sha256: str) -> TokenRecord | None:
+        with self._read() as conn:
+            row = conn.execute(_TOKEN_BY_SECRET, {"secret": secret_sha256}).first()
+        return None if row is None else _token(tuple(row))
+
+    def token_by_id(self, token_id: str) -> TokenRecord | None:
+        with self._read() as conn:
+            row = conn.execute(_TOKEN_BY_ID, {"id": token_id}).first()
+        return None if row is None else _token(tuple(row))
+
+    def list_tokens(self, org_id: int | None = None) -> list[TokenRecord]:
+        query = select(*_TOKEN_COLUMNS).select_from(_TOKEN_FROM).order_by(s.tokens.c.created_at)
+        if org_id is not None:
+            query = query.where(s.tokens.c.org_id == org_id)
+        with self._read() as conn:
+            return [_token(tuple(r)) for r in conn.execute(query)]
+
+    def revoke_token(self, token_id: str) -> bool:
+        with self._write() as conn:
+            return bool(
+                conn.execute(
+                    update(s.tokens)
+                    .where(s.tokens.c.id == token_id, s.tokens.c.revoked_at.is_(None))
+                    .values(revoked_at=_now())
+                ).rowcount
+            )
+
+    def count_tokens(self, kind: str) -> int:
+        with self._read() as conn:
+            return int(
+                conn.execute(
+                    select(func.count()).select_from(s.tokens).where(s.tokens.c.kind == kind)
+                ).scalar_one()
+            )
+
+    # -- images --------------------------------------------------------------------------------
+
+    def image_tags(self, app: str) -> list[ImageTag]:
+        """Every tag of the app's repositories with digest, media type, size and push time.
+
+        Size is the manifest plus the blobs it references (for an index, its manifests' blobs).
+        """
+        r, t, m = s.repositories, s.tags, s.manifests
+        with self._read() as conn:
+            rows = conn.execute(
+                select(
+                    r.c.id,
+                    r.c.name,
+                    t.c.name,
+                    t.c.manifest_digest,
+                    m.c.media_type,
+                    m.c.size,
+                    t.c.updated_at,
+                )
+                .select_from(
+                    r.join(t, t.c.repository_id == r.c.id).join(
+                        m,
+                        (m.c.repository_id == t.c.repository_id)
+                        & (m.c.digest == t.c.manifest_digest),
+                    )
+                )
+                .where(or_(r.c.name == app, r.c.name.startswith(app + "/", autoescape=True)))
+                .order_by(r.c.name, t.c.name)
+            ).all()
+            return [
+                ImageTag(
+                    repository=row[1],
+                    tag=row[2],
+                    digest=row[3],
+                    media_type=row[4],
+                    size=int(row[5]) + self._referenced_size(conn, int(row[0]), row[3]),
+                    pushed_at=_aware(row[6]),  # type: ignore[arg-type]
+                )
+                for row in rows
+            ]
+
+    @staticmethod
+    def _referenced_size(conn: Connection, repo_id: int, digest: str, depth: int = 0) -> int:
+        refs = s.manifest_references
+        total = 0
+        for child, kind in conn.execute(
+            select(refs.c.child_digest, refs.c.kind).where(
+                refs.c.repository_id == repo_id, refs.c.parent_digest == digest
+            )
+        ):
+            if kind == "blob":
+                size = conn.execute(
+                    select(s.blobs.c.size).where(s.blobs.c.digest == child)
+                ).scalar_one_or_none()
+                total += int(size or 0)
+            elif depth < 2:
+                size = conn.execute(
+                    select(s.manifests.c.size).where(
+                        s.manifests.c.repository_id == repo_id, s.manifests.c.digest == child
+                    )
+                ).scalar_one_or_none()
+                total += int(size or 0) + PlatformMeta._referenced_size(
+                    conn, repo_id, child, depth + 1
+                )
+        return total
