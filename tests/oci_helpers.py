@@ -30,10 +30,10 @@ def error_codes(resp: requests.Response) -> list[str]:
     return [e["code"] for e in resp.json()["errors"]]
 
 
-def push_blob(base: str, repo: str, data: bytes) -> str:
+def push_blob(base: str, repo: str, data: bytes, session: Any = requests) -> str:
     """Monolithic POST?digest= upload; returns the digest."""
     digest = sha256(data)
-    r = requests.post(
+    r = session.post(
         f"{base}/v2/{repo}/blobs/uploads/",
         params={"digest": digest},
         data=data,
@@ -70,9 +70,14 @@ def image_manifest(config: bytes, layers: list[bytes], **extra: Any) -> bytes:
 
 
 def put_manifest(
-    base: str, repo: str, ref: str, body: bytes, media_type: str = OCI_MANIFEST
+    base: str,
+    repo: str,
+    ref: str,
+    body: bytes,
+    media_type: str = OCI_MANIFEST,
+    session: Any = requests,
 ) -> requests.Response:
-    return requests.put(
+    return session.put(
         f"{base}/v2/{repo}/manifests/{ref}", data=body, headers={"Content-Type": media_type}
     )
 
@@ -85,6 +90,7 @@ def push_image(
     layers: int = 2,
     layer_size: int = 1024,
     arch: str = "amd64",
+    session: Any = requests,
 ) -> Image:
     """Push random layers, a config and an OCI manifest; tag it when `tag` is given."""
     layer_data = [os.urandom(layer_size) for _ in range(layers)]
@@ -97,10 +103,10 @@ def push_image(
         }
     ).encode()
     for blob in [config, *layer_data]:
-        push_blob(base, repo, blob)
+        push_blob(base, repo, blob, session)
     manifest = image_manifest(config, layer_data)
     digest = sha256(manifest)
-    r = put_manifest(base, repo, tag or digest, manifest)
+    r = put_manifest(base, repo, tag or digest, manifest, session=session)
     assert r.status_code == 201, r.text
     assert r.headers["Docker-Content-Digest"] == digest
     return Image(config, layer_data, manifest, digest)

@@ -103,10 +103,13 @@ def test_unlink_reports_last_reference(meta: RegistryMeta) -> None:
     _link(meta, "a", b"blob")
     _link(meta, "b", b"blob")
     d = str(digest_of(b"blob"))
+    assert meta.repositories_with_blob(d) == ["a", "b"]
     assert meta.unlink_blob("a", d) == (True, False)
     assert meta.unlink_blob("a", d) == (False, False)
+    assert meta.repositories_with_blob(d) == ["b"]
     assert meta.unlink_blob("b", d) == (True, True)
-    assert meta.any_blob_size(d) is None
+    assert meta.repositories_with_blob(d) == []
+    assert meta.blob_size("b", d) is None
 
 
 def test_referrers_filter_by_artifact_type(meta: RegistryMeta) -> None:

@@ -50,7 +50,6 @@ _BLOB_SIZE_IN_REPO = (
     )
     .where(_r.c.name == bindparam("repo"), s.repository_blobs.c.digest == bindparam("digest"))
 )
-_BLOB_SIZE = select(s.blobs.c.size).where(s.blobs.c.digest == bindparam("digest"))
 _UPLOAD_REPOSITORY = select(s.uploads.c.repository).where(s.uploads.c.id == bindparam("id"))
 
 
@@ -146,11 +145,16 @@ class RegistryMeta(SqlStore):
             ).scalar_one_or_none()
         return None if value is None else int(value)
 
-    def any_blob_size(self, digest: str) -> int | None:
-        """Size of a blob stored for any repository, or None."""
+    def repositories_with_blob(self, digest: str) -> list[str]:
+        """Names of the repositories a blob is linked into."""
+        query = (
+            select(_r.c.name)
+            .select_from(_r.join(s.repository_blobs, s.repository_blobs.c.repository_id == _r.c.id))
+            .where(s.repository_blobs.c.digest == digest)
+            .order_by(_r.c.name)
+        )
         with self._read() as conn:
-            value = conn.execute(_BLOB_SIZE, {"digest": digest}).scalar_one_or_none()
-        return None if value is None else int(value)
+            return list(conn.execute(query).scalars())
 
     def unlink_blob(self, repository: str, digest: str) -> tuple[bool, bool]:
         """Remove a blob from `repository`: (was linked, no repository links it any more).

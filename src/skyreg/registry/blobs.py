@@ -11,7 +11,7 @@ from aiohttp import web
 from skyreg.oci.digest import Digest
 from skyreg.oci.errors import ErrorCode, RegistryError
 from skyreg.oci.names import validate_name
-from skyreg.registry.context import Registry, registry_of
+from skyreg.registry.context import Registry, may_pull, registry_of
 from skyreg.registry.responses import empty
 from skyreg.store.base import DigestMismatch, UploadOffsetMismatch, UploadUnknown
 
@@ -127,13 +127,20 @@ def _upload_headers(name: str, upload_id: str, size: int) -> dict[str, str]:
 
 
 async def _try_mount(reg: Registry, name: str, request: web.Request) -> web.Response | None:
+    """Link a blob from another repository the caller may read; None means upload normally.
+
+    A mount the caller may not read from is not a mount (202, a normal upload), so a 201 never
+    tells anyone what another tenant stores.
+    """
     digest = Digest.parse(request.query["mount"])
     source = request.query.get("from")
     if source is not None:
         validate_name(source)
-        size = reg.meta.blob_size(source, str(digest))
+        sources = [source]
     else:
-        size = reg.meta.any_blob_size(str(digest))
+        sources = reg.meta.repositories_with_blob(str(digest))
+    readable = next((r for r in sources if may_pull(request, r)), None)
+    size = reg.meta.blob_size(readable, str(digest)) if readable is not None else None
     if size is None or await reg.store.stat(digest) is None:
         return None
     reg.meta.link_blob(name, str(digest), size)

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from skyreg.auth.http import IDENTITY_KEY
+from skyreg.auth.policy import PULL
 from skyreg.auth.service import Authenticator
 from skyreg.meta.registry import RegistryMeta
 from skyreg.store.base import BlobStore
@@ -27,3 +29,11 @@ REGISTRY_KEY = web.AppKey("registry", Registry)
 def registry_of(request: web.Request) -> Registry:
     """The Registry a request is served by."""
     return request.app[REGISTRY_KEY]
+
+
+def may_pull(request: web.Request, repository: str) -> bool:
+    """Whether the caller of `request` may read `repository` (always, without auth)."""
+    auth = registry_of(request).auth
+    if auth is None:
+        return True
+    return PULL in auth.actions(request[IDENTITY_KEY], repository)

@@ -6,10 +6,11 @@ from typing import Any
 
 from aiohttp import web
 
+from skyreg.auth.policy import app_of
 from skyreg.oci import mediatypes as mt
 from skyreg.oci.digest import Digest
 from skyreg.oci.errors import ErrorCode, RegistryError
-from skyreg.registry.context import registry_of
+from skyreg.registry.context import may_pull, registry_of
 from skyreg.registry.responses import json_response, next_link, page_size
 
 CATALOG_PAGE = 1000
@@ -32,13 +33,34 @@ async def list_tags(request: web.Request, name: str, _reference: str) -> web.Str
     return json_response({"name": name, "tags": tags}, headers=headers)
 
 
-async def catalog(request: web.Request, _name: str, _reference: str) -> web.StreamResponse:
-    """GET /v2/_catalog with `n` and `last` pagination."""
+def _readable_repositories(request: web.Request, limit: int, last: str | None) -> list[str]:
+    """Up to `limit` repository names after `last` that the caller may pull."""
     reg = registry_of(request)
+    if reg.auth is None:
+        return reg.meta.catalog(limit, last)
+    names: list[str] = []
+    readable_apps: dict[str, bool] = {}
+    cursor = last
+    while len(names) < limit:
+        batch = reg.meta.catalog(CATALOG_PAGE, cursor)
+        if not batch:
+            break
+        for name in batch:
+            app = app_of(name)
+            if app not in readable_apps:
+                readable_apps[app] = may_pull(request, name)
+            if readable_apps[app]:
+                names.append(name)
+        cursor = batch[-1]
+    return names[:limit]
+
+
+async def catalog(request: web.Request, _name: str, _reference: str) -> web.StreamResponse:
+    """GET /v2/_catalog with `n` and `last` pagination (only what the caller may pull)."""
     n = page_size(request, CATALOG_PAGE)
     assert n is not None
     last = request.query.get("last") or None
-    names = [] if n == 0 else reg.meta.catalog(n + 1, last)
+    names = [] if n == 0 else _readable_repositories(request, n + 1, last)
     headers = {}
     if len(names) > n:
         names = names[:n]
