@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from skyreg import __version__
+from skyreg.cli.platform import register
 
 app = typer.Typer(
     help="skyreg: an OCI container registry and the deploy path behind it.",
@@ -89,6 +90,9 @@ def serve(
 def version() -> None:
     """Print the version."""
     typer.echo(f"skyreg {__version__}")
+
+
+register(app)
 
 
 def main() -> None:

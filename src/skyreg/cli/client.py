@@ -1,0 +1,203 @@
+"""Talking to a skyreg server's management API: where (URL, token) and how (urllib, JSON)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import typer
+
+API_PREFIX = "/api/v1"
+TIMEOUT = 30.0
+_LOOPBACK = ("localhost", "::1")
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Print `error: message` on stderr and exit non-zero (no traceback)."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def config_path() -> Path:
+    """$XDG_CONFIG_HOME/skyreg/config.json, else ~/.config/skyreg/config.json."""
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "skyreg" / "config.json"
+
+
+def normalize_server(url: str) -> str:
+    """A server URL with a scheme and no trailing slash (no scheme: https, http for loopback)."""
+    url = url.strip().rstrip("/")
+    if not url:
+        fail("the server URL is empty")
+    if "://" not in url:
+        host = urllib.parse.urlsplit("//" + url).hostname or ""
+        scheme = "http" if host in _LOOPBACK or host.startswith("127.") else "https"
+        url = f"{scheme}://{url}"
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        fail(f"invalid server URL {url!r}: use http(s)://host[:port]")
+    return url
+
+
+def read_config() -> dict[str, Any]:
+    """The config file written by `skyreg login` ({} when there is none)."""
+    path = config_path()
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        fail(f"cannot read {path}: {e}")
+    if not isinstance(doc, dict):
+        fail(f"{path} is not a JSON object")
+    return doc
+
+
+def write_private_json(path: Path, doc: object, *, indent: int | str = 2) -> None:
+    """Write JSON atomically to a file only its owner may read (mode 0600)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:  # mkstemp creates the file with mode 0600
+            json.dump(doc, f, indent=indent)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    os.chmod(path, 0o600)
+
+
+def write_config(server: str, token: str) -> Path:
+    path = config_path()
+    doc = read_config()
+    doc.update(server=server, token=token)
+    try:
+        write_private_json(path, doc)
+    except OSError as e:
+        fail(f"cannot write {path}: {e}")
+    return path
+
+
+class ApiFailure(Exception):
+    """The server answered with an error."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Client:
+    """A management API client for one server and token."""
+
+    server: str
+    token: str | None
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        query: dict[str, str | None] | None = None,
+    ) -> Any:
+        """The JSON answer of `method path`; ApiFailure for an error answer, exits when the
+        server cannot be reached."""
+        url = self.server + API_PREFIX + path
+        params = {k: v for k, v in (query or {}).items() if v is not None}
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
+        headers = {"Accept": "application/json", "User-Agent": "skyreg-cli"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        request = urllib.request.Request(url, data=data, headers=headers, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=TIMEOUT) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as e:
+            raise _failure(e) from None
+        except (OSError, ValueError) as e:
+            reason = getattr(e, "reason", e)
+            fail(f"cannot reach {self.server}: {reason}")
+        try:
+            return json.loads(raw)
+        except ValueError:
+            fail(f"{self.server} answered {method} {path} with something that is not JSON")
+
+    def __call__(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        query: dict[str, str | None] | None = None,
+    ) -> Any:
+        """Like `call`, but an error answer is printed and ends the command."""
+        try:
+            return self.call(method, path, body, query)
+        except ApiFailure as e:
+            fail(f"{e.message} (HTTP {e.status})")
+
+
+def _failure(e: urllib.error.HTTPError) -> ApiFailure:
+    try:
+        raw = e.read()
+    except OSError:
+        raw = b""
+    try:
+        err = json.loads(raw)["error"]
+        return ApiFailure(e.code, str(err["code"]), str(err["message"]))
+    except (ValueError, KeyError, TypeError):
+        pass
+    message = f"the server answered {e.code} {e.reason}"
+    if e.code == 404:
+        message += " (does it run skyreg with authentication on?)"
+    return ApiFailure(e.code, "http", message)
+
+
+def client(server: str | None, token: str | None, *, need_token: bool = True) -> Client:
+    """A client from flags / SKYREG_SERVER / SKYREG_TOKEN, else the config file.
+
+    The token in the config file is used only for the server it was saved for.
+    """
+    config = read_config()
+    saved_server = config.get("server") if isinstance(config.get("server"), str) else None
+    saved_token = config.get("token") if isinstance(config.get("token"), str) else None
+    if server:
+        server = normalize_server(server)
+    elif saved_server:
+        server = saved_server
+    else:
+        fail("no server: pass --server URL, set SKYREG_SERVER, or run `skyreg login`")
+    if not token and saved_server and server == normalize_server(saved_server):
+        token = saved_token
+    if need_token and not token:
+        fail(f"no token for {server}: pass --token, set SKYREG_TOKEN, or run `skyreg login`")
+    return Client(server=server, token=token or None)
+
+
+def read_token_file(path: str) -> str:
+    """A token from a file ('-': standard input), without surrounding whitespace."""
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"cannot read the token from {path}: {e}")
+    token = text.strip()
+    if not token:
+        fail(f"{path} holds no token")
+    return token

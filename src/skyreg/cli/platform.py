@@ -1,0 +1,460 @@
+"""`skyreg login`, `orgs`, `apps`, `tokens`, `images`, `auth docker`: the management API's CLI."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import sys
+import urllib.parse
+from datetime import datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from skyreg.cli.client import (
+    ApiFailure,
+    client,
+    config_path,
+    fail,
+    normalize_server,
+    read_token_file,
+    write_config,
+    write_private_json,
+)
+
+Server = Annotated[
+    str | None,
+    typer.Option(
+        "--server",
+        envvar="SKYREG_SERVER",
+        help="Server URL, e.g. http://127.0.0.1:5000 (default: from `skyreg login`).",
+        show_default=False,
+    ),
+]
+Token = Annotated[
+    str | None,
+    typer.Option(
+        "--token",
+        envvar="SKYREG_TOKEN",
+        help="Access token (default: from `skyreg login`).",
+        show_default=False,
+        show_envvar=True,
+    ),
+]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+OrgFilter = Annotated[
+    str | None,
+    typer.Option("--org", help="Only this organization (default: yours; admin: all)."),
+]
+
+orgs_app = typer.Typer(help="Organizations.", no_args_is_help=True)
+apps_app = typer.Typer(
+    help="Apps (globally unique names; their repositories: APP, APP/...).", no_args_is_help=True
+)
+tokens_app = typer.Typer(help="Access tokens: org, deploy and read-only.", no_args_is_help=True)
+images_app = typer.Typer(help="Images pushed to an app.", no_args_is_help=True)
+auth_app = typer.Typer(help="Credentials for other tools.", no_args_is_help=True)
+
+
+def _console() -> Console:
+    """Standard output; wide enough when piped that digests and names are never cut."""
+    wide = not sys.stdout.isatty() and "COLUMNS" not in os.environ
+    return Console(width=200 if wide else None, highlight=False)
+
+
+def _print_json(doc: object) -> None:
+    typer.echo(json.dumps(doc, indent=2))
+
+
+def _when(value: object) -> str:
+    if not isinstance(value, str):
+        return "-"
+    try:
+        return datetime.fromisoformat(value).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except ValueError:
+        return value
+
+
+def human_size(size: int) -> str:
+    """Bytes as B, KiB, MiB, GiB or TiB (one decimal above bytes)."""
+    if size < 1024:
+        return f"{size} B"
+    value = float(size)
+    for unit in ("KiB", "MiB", "GiB"):
+        value /= 1024
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+    return f"{value / 1024:.1f} TiB"
+
+
+def short_digest(digest: str) -> str:
+    """`sha256:0123456789ab`: the algorithm and the first 12 hex digits."""
+    algorithm, _, hex_part = digest.partition(":")
+    return f"{algorithm}:{hex_part[:12]}" if hex_part else digest[:19]
+
+
+def _table(*columns: str) -> Table:
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    return table
+
+
+# -- login ---------------------------------------------------------------------------------------
+
+
+def login(
+    server: Annotated[
+        str,
+        typer.Option(
+            "--server", envvar="SKYREG_SERVER", help="Server URL, e.g. http://127.0.0.1:5000."
+        ),
+    ],
+    token: Token = None,
+    token_file: Annotated[
+        str | None,
+        typer.Option("--token-file", help="Read the token from this file ('-': standard input)."),
+    ] = None,
+) -> None:
+    """Check a token against a server and save both in ~/.config/skyreg/config.json."""
+    if token_file is not None:
+        token = read_token_file(token_file)
+    if not token:
+        fail("give the token with --token, --token-file or SKYREG_TOKEN")
+    url = normalize_server(server)
+    me = client(url, token)("GET", "/whoami")
+    path = write_config(url, token)
+    scope = f" of org {me['org']}" if me.get("org") else ""
+    scope += f" for app {me['app']}" if me.get("app") else ""
+    typer.echo(f"Logged in to {url} with {me['kind']} token {me['id']}{scope}.")
+    typer.echo(f"Saved the server and token in {path}.", err=True)
+
+
+def logout() -> None:
+    """Forget the saved server and token."""
+    path = config_path()
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        typer.echo("Not logged in.", err=True)
+        return
+    except OSError as e:
+        fail(f"cannot remove {path}: {e}")
+    typer.echo(f"Removed {path}.")
+
+
+def whoami(server: Server = None, token: Token = None, as_json: AsJson = False) -> None:
+    """Show the token in use."""
+    me = client(server, token)("GET", "/whoami")
+    if as_json:
+        _print_json(me)
+        return
+    parts = [f"{me['kind']} token {me['id']} ({me['name']})"]
+    if me.get("org"):
+        parts.append(f"org {me['org']}")
+    if me.get("app"):
+        parts.append(f"app {me['app']}")
+    if me.get("expires_at"):
+        parts.append(f"expires {_when(me['expires_at'])}")
+    typer.echo(", ".join(parts))
+
+
+# -- orgs ----------------------------------------------------------------------------------------
+
+
+@orgs_app.command("list")
+def orgs_list(server: Server = None, token: Token = None, as_json: AsJson = False) -> None:
+    """List organizations (admin: all; others: their own)."""
+    orgs = client(server, token)("GET", "/orgs")["orgs"]
+    if as_json:
+        _print_json(orgs)
+        return
+    table = _table("NAME", "CREATED")
+    for org in orgs:
+        table.add_row(org["name"], _when(org["created_at"]))
+    _console().print(table)
+
+
+@orgs_app.command("create")
+def orgs_create(
+    name: Annotated[str, typer.Argument(help="A DNS label: a-z, 0-9, '-'.")],
+    server: Server = None,
+    token: Token = None,
+) -> None:
+    """Create an organization (admin token)."""
+    org = client(server, token)("POST", "/orgs", {"name": name})
+    typer.echo(f"Created organization {org['name']}.")
+
+
+# -- apps ----------------------------------------------------------------------------------------
+
+
+def _app_row(table: Table, app: dict[str, Any]) -> None:
+    table.add_row(
+        app["name"], app["org"], "public" if app["public"] else "private", _when(app["created_at"])
+    )
+
+
+@apps_app.command("list")
+def apps_list(
+    org: OrgFilter = None, server: Server = None, token: Token = None, as_json: AsJson = False
+) -> None:
+    """List apps."""
+    apps = client(server, token)("GET", "/apps", query={"org": org})["apps"]
+    if as_json:
+        _print_json(apps)
+        return
+    table = _table("NAME", "ORG", "VISIBILITY", "CREATED")
+    for app in apps:
+        _app_row(table, app)
+    _console().print(table)
+
+
+@apps_app.command("create")
+def apps_create(
+    name: Annotated[
+        str | None, typer.Argument(help="A DNS label, unique across the registry.")
+    ] = None,
+    org: Annotated[
+        str | None, typer.Option("--org", help="Organization (default: your token's).")
+    ] = None,
+    generate_name: Annotated[
+        bool, typer.Option("--generate-name", help="Let the server pick a readable unused name.")
+    ] = False,
+    public: Annotated[
+        bool, typer.Option("--public", help="Anyone may pull it (never push).")
+    ] = False,
+    server: Server = None,
+    token: Token = None,
+) -> None:
+    """Create an app; its name is printed on standard output."""
+    if (name is None) == (not generate_name):
+        fail("give an app NAME or --generate-name (not both)")
+    body: dict[str, Any] = {"org": org, "public": public}
+    body.update({"generate_name": True} if generate_name else {"name": name})
+    app = client(server, token)("POST", "/apps", body)
+    typer.echo(app["name"])
+    visibility = "public" if app["public"] else "private"
+    typer.echo(f"Created {visibility} app {app['name']} in org {app['org']}.", err=True)
+
+
+@apps_app.command("show")
+def apps_show(
+    app: Annotated[str, typer.Argument(help="App name.")],
+    server: Server = None,
+    token: Token = None,
+    as_json: AsJson = False,
+) -> None:
+    """Show an app."""
+    found = client(server, token, need_token=False)("GET", f"/apps/{_quote(app)}")
+    if as_json:
+        _print_json(found)
+        return
+    table = _table("NAME", "ORG", "VISIBILITY", "CREATED")
+    _app_row(table, found)
+    _console().print(table)
+
+
+@apps_app.command("update")
+def apps_update(
+    app: Annotated[str, typer.Argument(help="App name.")],
+    public: Annotated[
+        bool | None,
+        typer.Option("--public/--private", help="Anonymous pull on or off.", show_default=False),
+    ] = None,
+    server: Server = None,
+    token: Token = None,
+) -> None:
+    """Change an app (admin or org token)."""
+    if public is None:
+        fail("nothing to change: pass --public or --private")
+    found = client(server, token)("PATCH", f"/apps/{_quote(app)}", {"public": public})
+    typer.echo(f"App {found['name']} is now {'public' if found['public'] else 'private'}.")
+
+
+def _quote(segment: str) -> str:
+    return urllib.parse.quote(segment, safe="")
+
+
+# -- tokens --------------------------------------------------------------------------------------
+
+
+class Kind(StrEnum):
+    org = "org"
+    deploy = "deploy"
+    readonly = "readonly"
+
+
+@tokens_app.command("create")
+def tokens_create(
+    kind: Annotated[
+        Kind,
+        typer.Argument(
+            help="org: everything in the org; deploy: push/pull one app, pull the org's others; "
+            "readonly: pull the org's apps."
+        ),
+    ],
+    org: Annotated[
+        str | None, typer.Option("--org", help="Organization (default: your token's).")
+    ] = None,
+    app: Annotated[str | None, typer.Option("--app", help="The app of a deploy token.")] = None,
+    expiry: Annotated[
+        str | None,
+        typer.Option("--expiry", help="Lifetime: 720h, 30m, 7d, or seconds (default: none)."),
+    ] = None,
+    name: Annotated[str | None, typer.Option("--name", help="A label for listings.")] = None,
+    server: Server = None,
+    token: Token = None,
+) -> None:
+    """Create a token. The secret is printed once, alone, on standard output."""
+    if kind is Kind.deploy and not app:
+        fail("a deploy token needs --app APP")
+    if kind is not Kind.deploy and app:
+        fail(f"a {kind.value} token is not tied to an app; use --org, not --app")
+    body: dict[str, Any] = {"kind": kind.value}
+    for key, value in (("org", org), ("app", app), ("expiry", expiry), ("name", name)):
+        if value is not None:
+            body[key] = value
+    created = client(server, token)("POST", "/tokens", body)
+    typer.echo(created["secret"])
+    target = f"app {created['app']}" if created.get("app") else f"org {created['org']}"
+    expires = f"expires {_when(created['expires_at'])}" if created["expires_at"] else "no expiry"
+    typer.echo(
+        f"Created {created['kind']} token {created['id']} for {target} ({expires}). "
+        "This is the only time the secret is shown: store it now.",
+        err=True,
+    )
+
+
+@tokens_app.command("list")
+def tokens_list(
+    org: OrgFilter = None, server: Server = None, token: Token = None, as_json: AsJson = False
+) -> None:
+    """List tokens (never their secrets)."""
+    tokens = client(server, token)("GET", "/tokens", query={"org": org})["tokens"]
+    if as_json:
+        _print_json(tokens)
+        return
+    table = _table("ID", "NAME", "KIND", "ORG", "APP", "CREATED", "EXPIRES", "STATUS")
+    for t in tokens:
+        status = "active" if t["active"] else ("revoked" if t["revoked_at"] else "expired")
+        table.add_row(
+            t["id"],
+            t["name"],
+            t["kind"],
+            t["org"] or "-",
+            t["app"] or "-",
+            _when(t["created_at"]),
+            _when(t["expires_at"]) if t["expires_at"] else "never",
+            status,
+        )
+    _console().print(table)
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(
+    token_id: Annotated[str, typer.Argument(metavar="ID", help="Token id (see `tokens list`).")],
+    server: Server = None,
+    token: Token = None,
+) -> None:
+    """Revoke a token; it stops working at once."""
+    revoked = client(server, token)("DELETE", f"/tokens/{_quote(token_id)}")
+    typer.echo(f"Revoked token {revoked['id']} ({revoked['name']}).")
+
+
+# -- images --------------------------------------------------------------------------------------
+
+
+@images_app.command("list")
+def images_list(
+    app: Annotated[str, typer.Option("--app", help="App name.")],
+    server: Server = None,
+    token: Token = None,
+    as_json: AsJson = False,
+) -> None:
+    """List every tag of an app's repositories with digest, size and push time."""
+    images = client(server, token, need_token=False)("GET", f"/apps/{_quote(app)}/images")
+    if as_json:
+        _print_json(images["images"])
+        return
+    if not images["images"]:
+        typer.echo(f"No images in app {images['app']}.", err=True)
+        return
+    table = _table("REPOSITORY", "TAG", "DIGEST", "SIZE", "PUSHED")
+    for image in images["images"]:
+        table.add_row(
+            image["repository"],
+            image["tag"],
+            short_digest(image["digest"]),
+            human_size(int(image["size"])),
+            _when(image["pushed_at"]),
+        )
+    _console().print(table)
+
+
+# -- auth docker ---------------------------------------------------------------------------------
+
+
+def docker_config_path() -> Path:
+    """$DOCKER_CONFIG/config.json, else ~/.docker/config.json."""
+    base = os.environ.get("DOCKER_CONFIG") or str(Path.home() / ".docker")
+    return Path(base) / "config.json"
+
+
+@auth_app.command("docker")
+def auth_docker(server: Server = None, token: Token = None) -> None:
+    """Add the registry's credentials to Docker's config.json (other entries are kept)."""
+    api = client(server, token)
+    assert api.token is not None
+    try:
+        api.call("GET", "/whoami")
+    except ApiFailure as e:
+        fail(f"the token does not work on {api.server}: {e.message} (HTTP {e.status})")
+    host = urllib.parse.urlsplit(api.server).netloc
+    path = docker_config_path()
+    try:
+        doc = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError) as e:
+        fail(f"cannot read {path} (left unchanged): {e}")
+    if not isinstance(doc, dict):
+        fail(f"{path} is not a JSON object (left unchanged)")
+    auths = doc.setdefault("auths", {})
+    if not isinstance(auths, dict):
+        fail(f'"auths" in {path} is not a JSON object (left unchanged)')
+    auths[host] = {"auth": base64.b64encode(f"x:{api.token}".encode()).decode()}
+    try:
+        write_private_json(path, doc, indent="\t")
+    except OSError as e:
+        fail(f"cannot write {path}: {e}")
+    typer.echo(f"Wrote credentials for {host} to {path}.")
+    helpers = doc.get("credHelpers")
+    helper = helpers.get(host) if isinstance(helpers, dict) else None
+    helper = helper or doc.get("credsStore")
+    if helper:
+        typer.echo(
+            f"warning: Docker is set to use the credential helper {helper!r} for {host}, "
+            "which takes precedence over this entry",
+            err=True,
+        )
+    if api.server.startswith("http://") and not host.startswith(("localhost", "127.")):
+        typer.echo(
+            f"note: {host} is plain HTTP; Docker needs it in insecure-registries",
+            err=True,
+        )
+
+
+def register(app: typer.Typer) -> None:
+    """Add the management commands to the `skyreg` command."""
+    app.command()(login)
+    app.command()(logout)
+    app.command()(whoami)
+    app.add_typer(orgs_app, name="orgs")
+    app.add_typer(apps_app, name="apps")
+    app.add_typer(tokens_app, name="tokens")
+    app.add_typer(images_app, name="images")
+    app.add_typer(auth_app, name="auth")

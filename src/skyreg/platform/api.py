@@ -1,0 +1,497 @@
+"""The management API under /api/v1: orgs, apps, access tokens and image listings, as JSON.
+
+Callers authenticate with an access token (`Authorization: Bearer <secret>`, or Basic with the
+secret as password). What a caller may see follows its token: an admin token sees everything, any
+other token its own organization (and public apps). Resources of other organizations answer 404,
+exactly as if they did not exist.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from importlib import resources
+from typing import Any
+
+from aiohttp import web
+
+from skyreg.auth.http import client_of
+from skyreg.auth.service import Authenticator, AuthFailed, basic_password
+from skyreg.meta.platform import AlreadyExists, App, ImageTag, Org, PlatformMeta, TokenRecord
+from skyreg.platform.names import (
+    MAX_TOKEN_NAME,
+    generate_app_name,
+    is_dns_label,
+    parse_expiry,
+)
+
+log = logging.getLogger("skyreg.platform")
+
+PREFIX = "/api/v1"
+MAX_BODY = 64 * 1024
+_GENERATE_ATTEMPTS = 20
+CREATABLE_KINDS = ("org", "deploy", "readonly")
+
+API_AUTH_KEY = web.AppKey("management_authenticator", Authenticator)
+
+Handler = Callable[["Call"], Awaitable[web.StreamResponse]]
+RequestHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ApiError(Exception):
+    """A failure rendered as `{"error": {"code": ..., "message": ...}}` with an HTTP status."""
+
+    def __init__(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+    def response(self) -> web.Response:
+        body = {"error": {"code": self.code, "message": self.message}}
+        return web.json_response(body, status=self.status, headers=self.headers)
+
+
+def bad_request(message: str) -> ApiError:
+    return ApiError(400, "bad_request", message)
+
+
+def forbidden(message: str) -> ApiError:
+    return ApiError(403, "forbidden", message)
+
+
+def not_found(kind: str, name: str) -> ApiError:
+    """The same answer for a resource that does not exist and one the caller may not see."""
+    return ApiError(404, "not_found", f"{kind} {name[:100]!r} not found")
+
+
+_UNAUTHENTICATED = ApiError(
+    401,
+    "unauthorized",
+    "authentication required: send an access token as `Authorization: Bearer <token>`",
+    headers={"WWW-Authenticate": 'Bearer realm="skyreg"'},
+)
+
+
+# -- JSON shapes --------------------------------------------------------------------------------
+
+
+def _time(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat().replace("+00:00", "Z")
+
+
+def org_json(org: Org) -> dict[str, Any]:
+    return {"name": org.name, "created_at": _time(org.created_at)}
+
+
+def app_json(app: App) -> dict[str, Any]:
+    return {
+        "name": app.name,
+        "org": app.org_name,
+        "public": app.public,
+        "created_at": _time(app.created_at),
+    }
+
+
+def token_json(token: TokenRecord) -> dict[str, Any]:
+    """A token as listings show it: never its secret (which is not stored anyway)."""
+    return {
+        "id": token.id,
+        "name": token.name,
+        "kind": token.kind,
+        "org": token.org_name,
+        "app": token.app_name,
+        "created_at": _time(token.created_at),
+        "expires_at": _time(token.expires_at),
+        "revoked_at": _time(token.revoked_at),
+        "active": token.active(),
+    }
+
+
+def image_json(image: ImageTag) -> dict[str, Any]:
+    return {
+        "repository": image.repository,
+        "tag": image.tag,
+        "digest": image.digest,
+        "media_type": image.media_type,
+        "size": image.size,
+        "pushed_at": _time(image.pushed_at),
+    }
+
+
+# -- requests -----------------------------------------------------------------------------------
+
+
+class Call:
+    """One API request: the caller's token (None: anonymous) and helpers to read the request."""
+
+    def __init__(self, request: web.Request, auth: Authenticator) -> None:
+        self.request = request
+        self.auth = auth
+        self.platform: PlatformMeta = auth.platform
+        self.token: TokenRecord | None = None
+
+    def identify(self) -> None:
+        """Look up the token of the Authorization header; 401 when wrong, 429 when throttled."""
+        header = self.request.headers.get("Authorization")
+        if not header:
+            return
+        client = client_of(self.request)
+        retry_after = self.auth.limiter.retry_after(client)
+        if retry_after is not None:
+            raise ApiError(
+                429,
+                "too_many_requests",
+                "too many failed authentication attempts; retry later",
+                headers={"Retry-After": str(retry_after)},
+            )
+        try:
+            if header.lower().startswith("bearer "):
+                secret: str | None = header[7:].strip()
+            else:
+                secret = basic_password(header)
+            if not secret:
+                raise AuthFailed("unsupported Authorization scheme")
+            self.token = self.auth.token_for_secret(secret)
+        except AuthFailed:
+            self.auth.limiter.failed(client)
+            raise ApiError(
+                401,
+                "unauthorized",
+                "invalid, expired or revoked token",
+                headers={"WWW-Authenticate": 'Bearer realm="skyreg",error="invalid_token"'},
+            ) from None
+
+    def caller(self) -> TokenRecord:
+        """The caller's token; 401 for anonymous callers."""
+        if self.token is None:
+            raise _UNAUTHENTICATED
+        return self.token
+
+    @property
+    def is_admin(self) -> bool:
+        return self.token is not None and self.token.kind == "admin"
+
+    async def body(self) -> dict[str, Any]:
+        """The JSON object in the request body ({} for an empty body)."""
+        if self.request.content_length is not None and self.request.content_length > MAX_BODY:
+            raise ApiError(413, "too_large", f"request body larger than {MAX_BODY} bytes")
+        raw = b""
+        while chunk := await self.request.content.read(MAX_BODY + 1 - len(raw)):
+            raw += chunk
+            if len(raw) > MAX_BODY:
+                raise ApiError(413, "too_large", f"request body larger than {MAX_BODY} bytes")
+        if not raw.strip():
+            return {}
+        try:
+            doc = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise bad_request("the request body is not valid JSON") from None
+        if not isinstance(doc, dict):
+            raise bad_request("the request body must be a JSON object")
+        return doc
+
+    # -- visibility -----------------------------------------------------------------------------
+
+    def org_named(self, name: object) -> Org:
+        """An org the caller belongs to (admin: any); 404 otherwise."""
+        if not isinstance(name, str):
+            raise bad_request("org must be a string")
+        token = self.caller()
+        org = self.platform.get_org(name)
+        if org is None or (token.kind != "admin" and token.org_id != org.id):
+            raise not_found("organization", name)
+        return org
+
+    def org_param(self, value: object) -> Org | None:
+        """The org a request names, else the caller's own (None for an admin naming none)."""
+        if value is not None:
+            return self.org_named(value)
+        token = self.caller()
+        if token.org_name is None:
+            return None
+        return self.org_named(token.org_name)
+
+    def app_named(self, name: str, *, public_ok: bool = False) -> App:
+        """An app of the caller's org (admin: any; with `public_ok`, also any public app).
+
+        Anonymous callers get 401 unless the app is public (and `public_ok`); callers of another
+        org get 404, the same as for an app that does not exist.
+        """
+        app = self.platform.get_app(name)
+        if app is not None and public_ok and app.public:
+            return app
+        token = self.caller()
+        if app is None or (token.kind != "admin" and token.org_id != app.org_id):
+            raise not_found("app", name)
+        return app
+
+    def may_manage(self, org_id: int) -> bool:
+        """Whether the caller may create and change apps and tokens of an org."""
+        token = self.caller()
+        return token.kind == "admin" or (token.kind == "org" and token.org_id == org_id)
+
+
+def _json(doc: object, status: int = 200) -> web.Response:
+    return web.json_response(doc, status=status, headers={"Cache-Control": "no-store"})
+
+
+# -- handlers -----------------------------------------------------------------------------------
+
+
+_OPENAPI: bytes | None = None
+
+
+def openapi_document() -> bytes:
+    """The OpenAPI 3.1 description of this API (shipped next to this module)."""
+    global _OPENAPI
+    if _OPENAPI is None:
+        _OPENAPI = resources.files("skyreg.platform").joinpath("openapi.json").read_bytes()
+    return _OPENAPI
+
+
+async def get_openapi(call: Call) -> web.StreamResponse:
+    return web.Response(body=openapi_document(), content_type="application/json")
+
+
+async def whoami(call: Call) -> web.StreamResponse:
+    token = call.caller()
+    return _json(token_json(token))
+
+
+async def list_orgs(call: Call) -> web.StreamResponse:
+    token = call.caller()
+    if call.is_admin:
+        orgs = call.platform.list_orgs()
+    else:
+        orgs = [] if token.org_id is None else call.platform.list_orgs(token.org_id)
+    return _json({"orgs": [org_json(o) for o in orgs]})
+
+
+async def create_org(call: Call) -> web.StreamResponse:
+    call.caller()
+    body = await call.body()
+    if not call.is_admin:
+        raise forbidden("only an admin token may create organizations")
+    name = body.get("name")
+    if not is_dns_label(name):
+        raise bad_request("name must be a DNS label: a-z, 0-9 and '-', 1 to 63 characters")
+    assert isinstance(name, str)
+    try:
+        org = call.platform.create_org(name)
+    except AlreadyExists:
+        raise ApiError(409, "conflict", f"organization {name!r} already exists") from None
+    log.info("organization %s created by token %s", name, call.caller().id)
+    return _json(org_json(org), status=201)
+
+
+async def list_apps(call: Call) -> web.StreamResponse:
+    call.caller()
+    org = call.org_param(call.request.query.get("org"))
+    apps = call.platform.list_apps(None if org is None else org.id)
+    return _json({"apps": [app_json(a) for a in apps]})
+
+
+async def create_app(call: Call) -> web.StreamResponse:
+    token = call.caller()
+    body = await call.body()
+    org = call.org_param(body.get("org"))
+    if org is None:
+        raise bad_request("org is required")
+    if not call.may_manage(org.id):
+        raise forbidden(f"a {token.kind} token may not create apps")
+    public = body.get("public", False)
+    if not isinstance(public, bool):
+        raise bad_request("public must be true or false")
+    name = body.get("name")
+    generate = body.get("generate_name", False)
+    if not isinstance(generate, bool):
+        raise bad_request("generate_name must be true or false")
+    if generate == (name is not None):
+        raise bad_request("give either a name or generate_name: true")
+    if generate:
+        for _ in range(_GENERATE_ATTEMPTS):
+            name = generate_app_name()
+            try:
+                call.platform.create_app(name, org.id, public=public)
+                break
+            except AlreadyExists:
+                continue
+        else:
+            raise ApiError(409, "conflict", "could not generate an unused app name; try again")
+    else:
+        if not is_dns_label(name):
+            raise bad_request("name must be a DNS label: a-z, 0-9 and '-', 1 to 63 characters")
+        assert isinstance(name, str)
+        try:
+            call.platform.create_app(name, org.id, public=public)
+        except AlreadyExists:
+            raise ApiError(409, "conflict", f"app name {name!r} is taken") from None
+    assert isinstance(name, str)
+    app = call.platform.get_app(name)
+    assert app is not None
+    log.info("app %s created in %s by token %s", name, org.name, token.id)
+    return _json(app_json(app), status=201)
+
+
+async def get_app(call: Call) -> web.StreamResponse:
+    app = call.app_named(call.request.match_info["app"], public_ok=True)
+    return _json(app_json(app))
+
+
+async def update_app(call: Call) -> web.StreamResponse:
+    call.caller()
+    body = await call.body()
+    app = call.app_named(call.request.match_info["app"], public_ok=True)
+    if not call.may_manage(app.org_id):
+        raise forbidden("only an admin or org token of the app's organization may change it")
+    unknown = set(body) - {"public"}
+    if unknown:
+        raise bad_request(f"unknown fields: {', '.join(sorted(unknown))[:200]}")
+    if "public" in body:
+        if not isinstance(body["public"], bool):
+            raise bad_request("public must be true or false")
+        call.platform.set_app_public(app.name, body["public"])
+    updated = call.platform.get_app(app.name)
+    assert updated is not None
+    return _json(app_json(updated))
+
+
+async def list_images(call: Call) -> web.StreamResponse:
+    app = call.app_named(call.request.match_info["app"], public_ok=True)
+    images = call.platform.image_tags(app.name)
+    return _json({"app": app.name, "images": [image_json(i) for i in images]})
+
+
+async def list_tokens(call: Call) -> web.StreamResponse:
+    token = call.caller()
+    if token.kind not in ("admin", "org"):
+        raise forbidden(f"a {token.kind} token may not list tokens")
+    org = call.org_param(call.request.query.get("org"))
+    tokens = call.platform.list_tokens(None if org is None else org.id)
+    return _json({"tokens": [token_json(t) for t in tokens]})
+
+
+async def create_token(call: Call) -> web.StreamResponse:
+    caller = call.caller()
+    if caller.kind not in ("admin", "org"):
+        raise forbidden(f"a {caller.kind} token may not create tokens")
+    body = await call.body()
+    kind = body.get("kind")
+    if kind not in CREATABLE_KINDS:
+        raise bad_request(
+            "kind must be one of org, deploy, readonly (admin tokens are not created via the API)"
+        )
+    name = body.get("name") or ""
+    if not isinstance(name, str) or len(name) > MAX_TOKEN_NAME or not name.isprintable():
+        raise bad_request(f"name must be printable text of at most {MAX_TOKEN_NAME} characters")
+    try:
+        expires_in = parse_expiry(body.get("expiry"))
+    except ValueError as e:
+        raise bad_request(str(e)) from None
+    app: App | None = None
+    if kind == "deploy":
+        app_name = body.get("app")
+        if not isinstance(app_name, str):
+            raise bad_request("a deploy token needs an app")
+        app = call.app_named(app_name)
+        if body.get("org") is not None and body.get("org") != app.org_name:
+            raise bad_request(f"app {app.name!r} is not in organization {body['org']!r}")
+        org = call.org_named(app.org_name)
+    else:
+        if body.get("app") is not None:
+            raise bad_request(f"a {kind} token is not tied to an app; leave app out")
+        found = call.org_param(body.get("org"))
+        if found is None:
+            raise bad_request("org is required")
+        org = found
+    if not call.may_manage(org.id):
+        raise forbidden("only an admin or org token of this organization may create its tokens")
+    secret, record = call.auth.create_token(
+        kind,
+        name=name,
+        org_id=org.id,
+        app_id=None if app is None else app.id,
+        expires_in=expires_in,
+    )
+    log.info("%s token %s created by token %s", kind, record.id, caller.id)
+    return _json({**token_json(record), "secret": secret}, status=201)
+
+
+async def revoke_token(call: Call) -> web.StreamResponse:
+    caller = call.caller()
+    token_id = call.request.match_info["token_id"]
+    target = call.platform.token_by_id(token_id)
+    same_org = target is not None and caller.org_id is not None and caller.org_id == target.org_id
+    if target is None or not (caller.kind == "admin" or caller.id == target.id or same_org):
+        raise not_found("token", token_id)
+    if not (caller.kind == "admin" or caller.id == target.id or caller.kind == "org"):
+        raise forbidden(f"a {caller.kind} token may revoke only itself")
+    if target.kind == "admin" and target.active():
+        others = [t for t in call.platform.list_tokens() if t.kind == "admin" and t.active()]
+        if len(others) <= 1:
+            raise ApiError(409, "conflict", "refusing to revoke the last active admin token")
+    call.platform.revoke_token(target.id)
+    log.info("token %s revoked by token %s", target.id, caller.id)
+    revoked = call.platform.token_by_id(target.id)
+    assert revoked is not None
+    return _json(token_json(revoked))
+
+
+# -- routing ------------------------------------------------------------------------------------
+
+# Every path served, with its handlers by method (the OpenAPI document lists the same).
+ROUTES: dict[str, dict[str, Handler]] = {
+    "/openapi.json": {"GET": get_openapi},
+    "/whoami": {"GET": whoami},
+    "/orgs": {"GET": list_orgs, "POST": create_org},
+    "/apps": {"GET": list_apps, "POST": create_app},
+    "/apps/{app}": {"GET": get_app, "PATCH": update_app},
+    "/apps/{app}/images": {"GET": list_images},
+    "/tokens": {"GET": list_tokens, "POST": create_token},
+    "/tokens/{token_id}": {"DELETE": revoke_token},
+}
+_ANONYMOUS_OK = {get_openapi}
+
+
+def _endpoint(methods: dict[str, Handler]) -> RequestHandler:
+    allow = ", ".join(sorted(methods))
+
+    async def endpoint(request: web.Request) -> web.StreamResponse:
+        handler = methods.get(request.method)
+        if handler is None:
+            return ApiError(
+                405,
+                "method_not_allowed",
+                f"{request.method} is not supported here",
+                headers={"Allow": allow},
+            ).response()
+        call = Call(request, request.app[API_AUTH_KEY])
+        try:
+            if handler not in _ANONYMOUS_OK:
+                call.identify()
+            return await handler(call)
+        except ApiError as err:
+            return err.response()
+        except Exception:
+            log.exception("unhandled error in %s %s", request.method, request.path)
+            return ApiError(500, "internal", "internal server error").response()
+
+    return endpoint
+
+
+async def _no_endpoint(request: web.Request) -> web.StreamResponse:
+    return ApiError(404, "not_found", f"no endpoint at {request.path[:200]}").response()
+
+
+def add_management_routes(app: web.Application, auth: Authenticator) -> None:
+    """Mount the management API under /api/v1 on `app`."""
+    app[API_AUTH_KEY] = auth
+    for path, methods in ROUTES.items():
+        app.router.add_route("*", PREFIX + path, _endpoint(methods))
+    app.router.add_route("*", PREFIX + "/{tail:.*}", _no_endpoint)
