@@ -542,3 +542,54 @@ def test_module_registry_has_auth_on(world: AuthWorld) -> None:
     assert r.headers["WWW-Authenticate"].startswith(
         f'Bearer realm="{world.reg.url}/auth/token",service="skyreg"'
     )
+
+
+def test_skyreg_auth_docker_then_plain_docker_push(
+    dockerd: DockerEngine, world: AuthWorld, tmp_path: Path
+) -> None:
+    """`skyreg auth docker` writes the credentials; a plain `docker push` then just works."""
+    import os
+    import subprocess
+    import sys
+
+    config = tmp_path / "docker-config"
+    config.mkdir()
+    (config / "config.json").write_text(json.dumps({"auths": {"other.example": {"auth": "eDp5"}}}))
+    env = {
+        **os.environ,
+        "DOCKER_CONFIG": str(config),
+        "HOME": str(tmp_path),
+        "XDG_CONFIG_HOME": str(tmp_path / "xdg"),
+    }
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "skyreg",
+            "auth",
+            "docker",
+            "--server",
+            world.reg.url,
+            "--token",
+            world.deploy,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    auths = json.loads((config / "config.json").read_text())["auths"]
+    assert auths["other.example"] == {"auth": "eDp5"}
+    assert base64.b64decode(auths[world.host]["auth"]).decode() == f"x:{world.deploy}"
+
+    img = build_image("auth-docker-cli")
+    archive = img.write_docker_archive(tmp_path / "image.tar", ["skyreg-test/auth-cli:v1"])
+    _docker(dockerd, config, "load", "-i", str(archive))
+    ref = f"{world.host}/app2/cli:v1"
+    _docker(dockerd, config, "tag", "skyreg-test/auth-cli:v1", ref)
+    pushed = _docker(dockerd, config, "push", ref)
+    m = PUSH_DIGEST.search(pushed.stdout)
+    assert m, pushed.describe()
+    assert world.assert_image("app2/cli", "v1", img) == m.group(1)
