@@ -355,3 +355,47 @@ def test_secrets_never_appear_in_logs_or_responses(world: World) -> None:
     for key_file in Path(world.reg.data_dir / "keys").glob("*.pem"):
         assert key_file.stat().st_mode & 0o077 == 0
     assert (world.reg.data_dir / "admin-token").stat().st_mode & 0o077 == 0
+
+
+def _kid(token: str) -> str:
+    header = token.split(".")[0]
+    return str(json.loads(base64.urlsafe_b64decode(header + "=" * (-len(header) % 4)))["kid"])
+
+
+def test_key_rotation_keeps_issued_tokens_until_their_key_is_retired(world: World) -> None:
+    import subprocess
+    import sys
+
+    def rotate(keep: int) -> None:
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "skyreg",
+                "keys",
+                "rotate",
+                "--data-dir",
+                str(world.reg.data_dir),
+                "--keep",
+                str(keep),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+
+    url = f"{world.url}/v2/{OWN}/manifests/latest"
+    old = str(_token(world, "org", f"repository:{OWN}:pull")["token"])
+    rotate(keep=2)
+    deadline = time.monotonic() + 20
+    while _kid(new := str(_token(world, "org", f"repository:{OWN}:pull")["token"])) == _kid(old):
+        assert time.monotonic() < deadline, "the server never picked up the new key"
+        time.sleep(0.2)
+    assert requests.get(url, headers=_bearer(new)).status_code == 200
+    assert requests.get(url, headers=_bearer(old)).status_code == 200
+    rotate(keep=1)  # the key that signed `old` is deleted
+    deadline = time.monotonic() + 20
+    while requests.get(url, headers=_bearer(old)).status_code == 200:
+        assert time.monotonic() < deadline, "a retired key still verifies"
+        time.sleep(0.2)
+    assert requests.get(url, headers=_bearer(old)).status_code == 401

@@ -94,6 +94,34 @@ def version() -> None:
 
 register(app)
 
+keys_app = typer.Typer(help="Registry-token signing keys in the data dir.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+DataDir = Annotated[
+    Path | None,
+    typer.Option(help="The server's data dir [env: SKYREG_DATA_DIR].", show_default=False),
+]
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    data_dir: DataDir = None,
+    keep: Annotated[
+        int, typer.Option(min=1, help="How many of the newest keys keep verifying tokens.")
+    ] = 2,
+) -> None:
+    """Add a new signing key; running servers sign with it within seconds.
+
+    Tokens signed with the previous key keep working until they expire (minutes) while that key
+    is among the `--keep` newest; older keys are deleted.
+    """
+    from skyreg.auth.keys import KeyRing
+
+    ring = KeyRing((data_dir or default_data_dir()).resolve() / "keys")
+    kid = ring.rotate()
+    removed = ring.retire(keep=keep)
+    typer.echo(f"new signing key {kid}" + (f"; removed {', '.join(removed)}" if removed else ""))
+
 
 def main() -> None:
     """Entry point of the `skyreg` script."""
