@@ -43,7 +43,11 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    reg = RunningRegistry(data_dir=tmp_path_factory.mktemp("auth") / "data")
+    # Many tests here fail authentication on purpose; the limiter has its own test below.
+    reg = RunningRegistry(
+        data_dir=tmp_path_factory.mktemp("auth") / "data",
+        extra_args=["--auth-failure-limit", "1000"],
+    )
     reg.start()
     try:
         t = Tenancy(reg.data_dir)
@@ -329,15 +333,24 @@ def _get_from(source: str, port: int, path: str, auth: tuple[str, str]) -> http.
     return resp
 
 
-def test_repeated_failed_logins_are_slowed_down_for_that_client_only(world: World) -> None:
-    port = world.reg.port
+def test_repeated_failed_logins_are_slowed_down_for_that_client_only(tmp_path: Path) -> None:
+    reg = RunningRegistry(data_dir=tmp_path / "data")  # the default limit: 10 a minute
+    reg.start()
+    try:
+        _check_failed_login_limit(reg, Tenancy(reg.data_dir).admin_secret())
+    finally:
+        reg.stop()
+
+
+def _check_failed_login_limit(reg: RunningRegistry, secret: str) -> None:
+    port = reg.port
     statuses = [_get_from("127.0.0.9", port, "/v2/", ("x", "wrong")).status for _ in range(12)]
     assert statuses[:10] == [401] * 10
     assert statuses[10:] == [429, 429]
-    limited = _get_from("127.0.0.9", port, "/v2/", ("x", world.secrets["org"]))
+    limited = _get_from("127.0.0.9", port, "/v2/", ("x", secret))
     assert limited.status == 429
     assert int(limited.headers["Retry-After"]) >= 1
-    other = _get_from("127.0.0.1", port, "/v2/", ("x", world.secrets["org"]))
+    other = _get_from("127.0.0.1", port, "/v2/", ("x", secret))
     assert other.status == 200
 
 

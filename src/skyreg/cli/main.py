@@ -64,6 +64,10 @@ def serve(
     auth_service: Annotated[
         str, typer.Option(help="Service name in registry tokens and challenges.")
     ] = "skyreg",
+    auth_failure_limit: Annotated[
+        int,
+        typer.Option(min=1, help="Failed logins per client per minute before it must wait (429)."),
+    ] = 10,
 ) -> None:
     """Run the registry (SQLite + filesystem under one data dir by default)."""
     from skyreg.registry.server import ServeConfig
@@ -82,6 +86,7 @@ def serve(
             access_log=access_log,
             auth=auth,
             auth_service=auth_service,
+            auth_failure_limit=auth_failure_limit,
         )
     )
 

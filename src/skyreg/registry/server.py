@@ -15,6 +15,7 @@ from pathlib import Path
 from aiohttp import web
 
 from skyreg.auth.keys import KeyRing
+from skyreg.auth.ratelimit import FailureLimiter
 from skyreg.auth.service import Authenticator
 from skyreg.meta.platform import PlatformMeta
 from skyreg.meta.registry import RegistryMeta, open_database
@@ -44,6 +45,7 @@ class ServeConfig:
     access_log: bool = True
     auth: bool = True
     auth_service: str = "skyreg"
+    auth_failure_limit: int = 10  # failed authentications per client per minute before 429
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -63,7 +65,10 @@ def _authenticator(cfg: ServeConfig, meta: RegistryMeta) -> Authenticator | None
     if not cfg.auth:
         return None
     return Authenticator(
-        PlatformMeta(meta.engine), KeyRing(cfg.data_dir / "keys"), service=cfg.auth_service
+        PlatformMeta(meta.engine),
+        KeyRing(cfg.data_dir / "keys"),
+        service=cfg.auth_service,
+        limiter=FailureLimiter(limit=cfg.auth_failure_limit),
     )
 
 
