@@ -183,6 +183,7 @@ def test_openapi_document_lists_every_served_path(server: RunningRegistry) -> No
         "/api/v1/apps",
         "/api/v1/apps/{app}",
         "/api/v1/apps/{app}/images",
+        "/api/v1/apps/{app}/releases",
         "/api/v1/tokens",
         "/api/v1/tokens/{token_id}",
     } == set(doc["paths"])

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import Connection, bindparam, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -339,3 +341,137 @@ class PlatformMeta(SqlStore):
                     conn, repo_id, child, depth + 1
                 )
         return total
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """One release of an app: the image it runs (pinned by digest), who, why and when."""
+
+    id: int
+    app_name: str
+    version: int
+    status: str
+    description: str
+    reason: str
+    image_ref: str
+    image_repository: str
+    image_digest: str
+    strategy: str
+    regions: tuple[str, ...]
+    machine_count: int
+    stable: bool
+    user_id: str
+    user_name: str
+    created_at: datetime
+    updated_at: datetime
+
+
+_RELEASE_COLUMNS = (
+    s.releases.c.id,
+    s.apps.c.name,
+    s.releases.c.version,
+    s.releases.c.status,
+    s.releases.c.description,
+    s.releases.c.reason,
+    s.releases.c.image_ref,
+    s.releases.c.image_repository,
+    s.releases.c.image_digest,
+    s.releases.c.strategy,
+    s.releases.c.regions,
+    s.releases.c.machine_count,
+    s.releases.c.stable,
+    s.releases.c.user_id,
+    s.releases.c.user_name,
+    s.releases.c.created_at,
+    s.releases.c.updated_at,
+)
+_RELEASES_FROM = s.releases.join(s.apps, s.apps.c.id == s.releases.c.app_id)
+
+
+def _release(row: tuple[Any, ...]) -> Release:
+    return Release(
+        id=int(row[0]),
+        app_name=str(row[1]),
+        version=int(row[2]),
+        status=str(row[3]),
+        description=str(row[4]),
+        reason=str(row[5]),
+        image_ref=str(row[6]),
+        image_repository=str(row[7]),
+        image_digest=str(row[8]),
+        strategy=str(row[9]),
+        regions=tuple(json.loads(row[10])),
+        machine_count=int(row[11]),
+        stable=bool(row[12]),
+        user_id=str(row[13]),
+        user_name=str(row[14]),
+        created_at=_aware(row[15]),  # type: ignore[arg-type]
+        updated_at=_aware(row[16]),  # type: ignore[arg-type]
+    )
+
+
+class ReleaseMeta(SqlStore):
+    """Queries and updates of releases."""
+
+    def create_release(
+        self,
+        *,
+        app_id: int,
+        status: str,
+        description: str,
+        reason: str,
+        image_ref: str,
+        image_repository: str,
+        image_digest: str,
+        strategy: str,
+        regions: list[str],
+        machine_count: int,
+        user_id: str,
+        user_name: str,
+    ) -> Release:
+        """Record the app's next release (versions count up from 1, one writer at a time)."""
+        now = _now()
+        with self._write() as conn:
+            latest = conn.execute(
+                select(func.max(s.releases.c.version)).where(s.releases.c.app_id == app_id)
+            ).scalar_one()
+            release_id = conn.execute(
+                insert(s.releases)
+                .values(
+                    app_id=app_id,
+                    version=int(latest or 0) + 1,
+                    status=status,
+                    description=description,
+                    reason=reason,
+                    image_ref=image_ref,
+                    image_repository=image_repository,
+                    image_digest=image_digest,
+                    strategy=strategy,
+                    regions=json.dumps(regions),
+                    machine_count=machine_count,
+                    stable=False,
+                    user_id=user_id,
+                    user_name=user_name,
+                    created_at=now,
+                    updated_at=now,
+                )
+                .returning(s.releases.c.id)
+            ).scalar_one()
+            row = conn.execute(
+                select(*_RELEASE_COLUMNS)
+                .select_from(_RELEASES_FROM)
+                .where(s.releases.c.id == release_id)
+            ).one()
+        return _release(tuple(row))
+
+    def list_releases(self, app_id: int, limit: int) -> list[Release]:
+        """The app's newest releases first."""
+        with self._read() as conn:
+            rows = conn.execute(
+                select(*_RELEASE_COLUMNS)
+                .select_from(_RELEASES_FROM)
+                .where(s.releases.c.app_id == app_id)
+                .order_by(s.releases.c.version.desc())
+                .limit(limit)
+            ).all()
+        return [_release(tuple(r)) for r in rows]

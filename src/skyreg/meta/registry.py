@@ -303,6 +303,55 @@ class RegistryMeta(SqlStore):
             return None
         return StoredManifest(row[0], row[1], bytes(row[2]))
 
+    def copy_manifest(self, source: str, digest: str, target: str, tag: str) -> bool:
+        """Make a manifest of `source` (with its child manifests and blobs) part of `target`
+        and tag it there, in one transaction. False when `source` has no such manifest."""
+        m, refs = s.manifests, s.manifest_references
+        now = _now()
+        with self._write() as conn:
+            source_id = self._repository_id(conn, source)
+            if source_id is None:
+                return False
+            target_id = self._ensure_repository(conn, target)
+            pending, seen = [digest], set()
+            while pending:
+                current = pending.pop()
+                if current in seen:
+                    continue
+                seen.add(current)
+                row = conn.execute(
+                    select(m).where(m.c.repository_id == source_id, m.c.digest == current)
+                ).first()
+                if row is None:
+                    if current == digest:
+                        return False
+                    continue
+                values = {**row._mapping, "repository_id": target_id}
+                conn.execute(self._insert_ignore(m).values(**values))
+                for child, kind in conn.execute(
+                    select(refs.c.child_digest, refs.c.kind).where(
+                        refs.c.repository_id == source_id, refs.c.parent_digest == current
+                    )
+                ).all():
+                    conn.execute(
+                        self._insert_ignore(refs).values(
+                            repository_id=target_id,
+                            parent_digest=current,
+                            child_digest=child,
+                            kind=kind,
+                        )
+                    )
+                    if kind == "blob":
+                        conn.execute(
+                            self._insert_ignore(s.repository_blobs).values(
+                                repository_id=target_id, digest=child, created_at=now
+                            )
+                        )
+                    else:
+                        pending.append(child)
+            self._set_tag(conn, target_id, tag, digest, now)
+            return True
+
     def delete_manifest(self, repository: str, digest: str) -> bool:
         """Delete a manifest and every tag that pointed at it."""
         with self._write() as conn:

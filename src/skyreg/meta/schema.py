@@ -15,6 +15,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
 )
 
 metadata = MetaData()
@@ -141,4 +142,29 @@ tokens = Table(
     Column("expires_at", DateTime(timezone=True)),
     Column("revoked_at", DateTime(timezone=True)),
     Index("ix_tokens_org", "org_id"),
+)
+
+# -- releases: which image an app runs -----------------------------------------------------------
+
+releases = Table(
+    "releases",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("app_id", Integer, ForeignKey("apps.id"), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("description", Text, nullable=False),
+    Column("reason", String(32), nullable=False),
+    Column("image_ref", String(512), nullable=False),
+    Column("image_repository", String(255), nullable=False),
+    Column("image_digest", String(200), nullable=False),
+    Column("strategy", String(16), nullable=False),
+    Column("regions", Text, nullable=False),  # JSON list
+    Column("machine_count", Integer, nullable=False),
+    Column("stable", Boolean, nullable=False),
+    Column("user_id", String(32), nullable=False),
+    Column("user_name", String(100), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("app_id", "version", name="uq_releases_app_version"),
 )

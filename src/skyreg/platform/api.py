@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from importlib import resources
@@ -18,13 +19,23 @@ from typing import Any
 from aiohttp import web
 
 from skyreg.auth.http import client_of
+from skyreg.auth.policy import PULL, PUSH
 from skyreg.auth.service import Authenticator, AuthFailed, basic_password
 from skyreg.meta.platform import AlreadyExists, App, ImageTag, Org, PlatformMeta, TokenRecord
+from skyreg.oci.names import TAG_RE
 from skyreg.platform.names import (
     MAX_TOKEN_NAME,
     generate_app_name,
     is_dns_label,
     parse_expiry,
+)
+from skyreg.platform.releases import (
+    RELEASES_KEY,
+    STRATEGIES,
+    ReleaseService,
+    deployment_tag,
+    parse_image_reference,
+    release_json,
 )
 
 log = logging.getLogger("skyreg.platform")
@@ -32,6 +43,8 @@ log = logging.getLogger("skyreg.platform")
 PREFIX = "/api/v1"
 MAX_BODY = 64 * 1024
 _GENERATE_ATTEMPTS = 20
+MAX_RELEASES = 1000
+REGION_RE = re.compile(r"^[a-z][a-z0-9-]{1,19}$")
 CREATABLE_KINDS = ("org", "deploy", "readonly")
 
 API_AUTH_KEY = web.AppKey("management_authenticator", Authenticator)
@@ -443,6 +456,90 @@ async def revoke_token(call: Call) -> web.StreamResponse:
     return _json(token_json(revoked))
 
 
+async def list_releases(call: Call) -> web.StreamResponse:
+    app = call.app_named(call.request.match_info["app"])
+    raw = call.request.query.get("limit", "25")
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_RELEASES:
+        raise bad_request(f"limit must be a whole number from 1 to {MAX_RELEASES}")
+    service = call.request.app[RELEASES_KEY]
+    found = service.releases.list_releases(app.id, int(raw))
+    return _json({"app": app.name, "releases": [release_json(r) for r in found]})
+
+
+_RELEASE_FIELDS = {"image", "image_label", "regions", "count", "strategy", "description"}
+
+
+async def create_release(call: Call) -> web.StreamResponse:
+    """Deploy: resolve the image to a digest, tag it into the app, record the release."""
+    token = call.caller()
+    body = await call.body()
+    app = call.app_named(call.request.match_info["app"])
+    policy = call.auth.policy
+    if PUSH not in policy.allowed(token, app.name):
+        raise forbidden(f"this token may not deploy app {app.name}")
+    unknown = set(body) - _RELEASE_FIELDS
+    if unknown:
+        raise bad_request(f"unknown fields: {', '.join(sorted(unknown))[:200]}")
+    image = body.get("image")
+    if not isinstance(image, str) or not image:
+        raise bad_request("image is required: REPOSITORY[:TAG] or REPOSITORY@DIGEST")
+    try:
+        ref = parse_image_reference(image)
+    except ValueError as e:
+        raise bad_request(f"image {image[:200]!r}: {e}") from None
+    label = body.get("image_label")
+    if label is not None and (not isinstance(label, str) or TAG_RE.match(label) is None):
+        raise bad_request("image_label must be a valid tag")
+    strategy = body.get("strategy", "rolling")
+    if strategy not in STRATEGIES:
+        raise bad_request(f"strategy must be one of {', '.join(STRATEGIES)}")
+    regions = body.get("regions", [])
+    if not isinstance(regions, list) or not all(
+        isinstance(r, str) and REGION_RE.match(r) for r in regions
+    ):
+        raise bad_request("regions must be a list of region codes such as iad, sin, syd")
+    count = body.get("count", 1)
+    if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= 100:
+        raise bad_request("count must be a whole number from 1 to 100")
+    description = body.get("description")
+    if description is not None and not isinstance(description, str):
+        raise bad_request("description must be a string")
+    service = call.request.app[RELEASES_KEY]
+    stored = None
+    if PULL in policy.allowed(token, ref.repository):
+        stored = service.registry.get_manifest(
+            ref.repository, ref.reference, by_digest=ref.digest is not None
+        )
+    if stored is None:  # the same answer for missing and not readable
+        raise not_found("image", image[:200])
+    host = call.request.host
+    repository = ref.repository
+    if ref.repository != app.name or label:
+        tag = label or deployment_tag()
+        service.registry.copy_manifest(ref.repository, stored.digest, app.name, tag)
+        repository, image_ref = app.name, f"{host}/{app.name}:{tag}"
+    elif ref.tag:
+        image_ref = f"{host}/{app.name}:{ref.tag}"
+    else:
+        image_ref = f"{host}/{app.name}@{stored.digest}"
+    release = service.releases.create_release(
+        app_id=app.id,
+        status="pending",
+        description=(description or f"Deploy image {image_ref}")[:1000],
+        reason="deploy",
+        image_ref=image_ref,
+        image_repository=repository,
+        image_digest=stored.digest,
+        strategy=strategy,
+        regions=sorted(set(regions)),
+        machine_count=count,
+        user_id=token.id,
+        user_name=token.name,
+    )
+    log.info("app %s release v%d: %s (%s)", app.name, release.version, image_ref, stored.digest)
+    return _json(release_json(release), 201)
+
+
 # -- routing ------------------------------------------------------------------------------------
 
 # Every path served, with its handlers by method (the OpenAPI document lists the same).
@@ -453,6 +550,7 @@ ROUTES: dict[str, dict[str, Handler]] = {
     "/apps": {"GET": list_apps, "POST": create_app},
     "/apps/{app}": {"GET": get_app, "PATCH": update_app},
     "/apps/{app}/images": {"GET": list_images},
+    "/apps/{app}/releases": {"GET": list_releases, "POST": create_release},
     "/tokens": {"GET": list_tokens, "POST": create_token},
     "/tokens/{token_id}": {"DELETE": revoke_token},
 }
@@ -489,9 +587,15 @@ async def _no_endpoint(request: web.Request) -> web.StreamResponse:
     return ApiError(404, "not_found", f"no endpoint at {request.path[:200]}").response()
 
 
-def add_management_routes(app: web.Application, auth: Authenticator) -> None:
-    """Mount the management API under /api/v1 on `app`."""
+def add_management_routes(
+    app: web.Application, auth: Authenticator, releases: ReleaseService
+) -> None:
+    """Mount the management API under /api/v1, and the GraphQL endpoint, on `app`."""
+    from skyreg.platform.graphql import graphql_endpoint
+
     app[API_AUTH_KEY] = auth
+    app[RELEASES_KEY] = releases
+    app.router.add_post("/graphql", graphql_endpoint)
     for path, methods in ROUTES.items():
         app.router.add_route("*", PREFIX + path, _endpoint(methods))
     app.router.add_route("*", PREFIX + "/{tail:.*}", _no_endpoint)

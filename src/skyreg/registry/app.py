@@ -19,9 +19,11 @@ from skyreg.auth.http import (
     unauthorized,
 )
 from skyreg.auth.policy import DELETE, PULL, PUSH
+from skyreg.meta.platform import ReleaseMeta
 from skyreg.oci.errors import ErrorCode, RegistryError
 from skyreg.oci.names import validate_name
 from skyreg.platform.api import add_management_routes
+from skyreg.platform.releases import ReleaseService
 from skyreg.registry import blobs, discovery, manifests
 from skyreg.registry.context import REGISTRY_KEY, Registry
 from skyreg.registry.routing import METHODS, Endpoint, match_route
@@ -166,7 +168,13 @@ def create_app(reg: Registry, *, expiry_interval: float = 300.0) -> web.Applicat
         app[AUTHENTICATOR_KEY] = reg.auth
         app.router.add_get(TOKEN_PATH, token_endpoint)
         app.router.add_post(TOKEN_PATH, token_endpoint)
-        add_management_routes(app, reg.auth)
+        releases = ReleaseService(registry=reg.meta, releases=ReleaseMeta(reg.meta.engine))
+        add_management_routes(app, reg.auth, releases)
+
+        async def close_releases(_app: web.Application) -> None:
+            releases.releases.close()
+
+        app.on_cleanup.append(close_releases)
 
     async def expiry(app: web.Application) -> AsyncIterator[None]:
         task = asyncio.create_task(_expire_uploads(reg, expiry_interval))
