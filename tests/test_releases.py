@@ -186,3 +186,55 @@ def test_graphql_hides_other_orgs_apps_and_needs_a_token(deploys: Deploys) -> No
         f"{deploys.reg.url}/graphql", json={"query": "{ nope }"}, auth=("x", deploys.admin)
     )
     assert bad.json()["errors"]
+
+
+def test_cli_deploy_and_releases_with_image(deploys: Deploys, tmp_path: object) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {
+        **os.environ,
+        "HOME": str(tmp_path),
+        "XDG_CONFIG_HOME": str(tmp_path),
+        "SKYREG_SERVER": deploys.reg.url,
+        "SKYREG_TOKEN": deploys.deploy2,
+        "COLUMNS": "250",
+    }
+
+    def skyreg(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "skyreg", *args],
+            env=env,
+            text=True,
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+
+    done = skyreg(
+        "deploy",
+        "--app",
+        "app2",
+        "--image",
+        "app1:build-1",
+        "--image-label",
+        "cli",
+        "--region",
+        "sin",
+        "--description",
+        "from the cli",
+    )
+    assert done.returncode == 0, done.stderr
+    version = re.search(r"Release v(\d+) of app2", done.stdout)
+    assert version, done.stdout
+    assert deploys.build.digest in done.stdout
+    listed = skyreg("releases", "--app", "app2", "--image")
+    assert listed.returncode == 0, listed.stderr
+    first_row = next(line for line in listed.stdout.splitlines() if line.startswith("v"))
+    assert first_row.split()[0] == f"v{version.group(1)}"
+    assert "from the cli" in first_row
+    assert f"{deploys.reg.host}/app2:cli" in first_row
+    refused = skyreg("deploy", "--app", "app2", "--image", "foreign:v1")
+    assert refused.returncode != 0
+    assert "not found" in refused.stderr.lower() or "no image" in refused.stderr.lower()

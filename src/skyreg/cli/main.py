@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from skyreg import __version__
+from skyreg.cli.deploy import register as register_deploy
 from skyreg.cli.platform import register
 
 app = typer.Typer(
@@ -98,6 +99,7 @@ def version() -> None:
 
 
 register(app)
+register_deploy(app)
 
 keys_app = typer.Typer(help="Registry-token signing keys in the data dir.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
