@@ -11,6 +11,7 @@ import typer
 from skyreg import __version__
 from skyreg.cli.deploy import register as register_deploy
 from skyreg.cli.platform import register
+from skyreg.cli.push import register as register_push
 
 app = typer.Typer(
     help="skyreg: an OCI container registry and the deploy path behind it.",
@@ -100,6 +101,7 @@ def version() -> None:
 
 register(app)
 register_deploy(app)
+register_push(app)
 
 keys_app = typer.Typer(help="Registry-token signing keys in the data dir.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
