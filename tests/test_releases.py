@@ -238,3 +238,53 @@ def test_cli_deploy_and_releases_with_image(deploys: Deploys, tmp_path: object) 
     refused = skyreg("deploy", "--app", "app2", "--image", "foreign:v1")
     assert refused.returncode != 0
     assert "not found" in refused.stderr.lower() or "no image" in refused.stderr.lower()
+
+
+def test_cli_deploy_of_a_local_archive_pushes_it_into_the_app(
+    deploys: Deploys, tmp_path: object
+) -> None:
+    """The Nix flow without skopeo: `skyreg deploy --image ./result`."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.images import build_image
+
+    work = Path(str(tmp_path))
+    archive = build_image("deploy-local").write_docker_archive(work / "image.tar", ["x:1"])
+    (work / "result").symlink_to(archive)
+    env = {
+        **os.environ,
+        "HOME": str(work),
+        "XDG_CONFIG_HOME": str(work),
+        "XDG_CACHE_HOME": str(work / "cache"),
+        "SKYREG_SERVER": deploys.reg.url,
+        "SKYREG_TOKEN": deploys.deploy2,
+    }
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "skyreg",
+            "deploy",
+            "--app",
+            "app2",
+            "--image",
+            "./result",
+            "--json",
+        ],
+        cwd=work,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    release = __import__("json").loads(done.stdout)
+    tag = release["image_ref"].rsplit(":", 1)[1]
+    assert re.fullmatch(r"deployment-\d{8}-\d{6}", tag)
+    got = requests.get(f"{deploys.reg.url}/v2/app2/manifests/{tag}", auth=("x", deploys.deploy2))
+    assert got.status_code == 200
+    assert got.headers["Docker-Content-Digest"] == release["image_digest"]

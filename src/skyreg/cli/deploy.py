@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import urllib.parse
 from typing import Annotated
 
 import typer
 
-from skyreg.cli.client import client
+from skyreg.cli.client import client, fail
 from skyreg.cli.platform import AsJson, Server, Token, _console, _print_json, _quote, _table, _when
+from skyreg.cli.push import PushError, push_image
+from skyreg.platform.releases import deployment_tag
 
 
 def deploy(
@@ -35,7 +40,14 @@ def deploy(
     token: Token = None,
     as_json: AsJson = False,
 ) -> None:
-    """Deploy an image: pin its digest in a new release of the app."""
+    """Deploy an image: pin its digest in a new release of the app.
+
+    `--image` may also be a local docker-archive tarball (e.g. nix's `./result`) or OCI layout
+    directory: it is pushed to APP:<label or deployment-YYYYMMDD-HHMMSS> first.
+    """
+    api = client(server, token)
+    if _is_local(image):
+        image, image_label = _push_local(image, app, image_label, api.server, api.token)
     body: dict[str, object] = {
         "image": image,
         "strategy": strategy,
@@ -46,7 +58,7 @@ def deploy(
         body["image_label"] = image_label
     if description:
         body["description"] = description
-    release = client(server, token)("POST", f"/apps/{_quote(app)}/releases", body)
+    release = api("POST", f"/apps/{_quote(app)}/releases", body)
     if as_json:
         _print_json(release)
         return
@@ -54,6 +66,27 @@ def deploy(
         f"Release v{release['version']} of {release['app']}: {release['image_ref']} "
         f"({release['image_digest']}), {release['status']}."
     )
+
+
+def _is_local(image: str) -> bool:
+    """Whether `--image` names a local archive or layout rather than a registry reference."""
+    if image.startswith(("docker-archive:", "oci:")):
+        return True
+    return os.path.lexists(image) and ("/" in image or os.sep in image or image.startswith("."))
+
+
+def _push_local(
+    path: str, app: str, label: str | None, server: str, token: str | None
+) -> tuple[str, str]:
+    """Push a local image into the app; returns (image reference, the tag it got)."""
+    tag = label or deployment_tag()
+    host = urllib.parse.urlsplit(server).netloc
+    try:
+        pushed = push_image(path, f"{host}/{app}:{tag}", token, progress=sys.stderr.isatty())
+    except PushError as e:
+        fail(str(e))
+    typer.echo(f"Pushed {path} as {host}/{app}:{tag} ({pushed.digest}).", err=True)
+    return f"{app}@{pushed.digest}", tag
 
 
 def releases(
