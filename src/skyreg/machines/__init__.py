@@ -1,0 +1,1 @@
+"""The machine agent: layer cache, safe layer unpacking and (later) running images."""
