@@ -1,0 +1,156 @@
+"""Preparing an image for machines: manifest by digest from the region's registry, the host's
+platform from an index, config and layers into the host-wide layer cache (in parallel, each
+downloaded once), and one unpacked tree per image that machines clone."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import platform
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+from skyreg.machines.layercache import LayerCache
+from skyreg.oci import mediatypes as mt
+from skyreg.oci.digest import Digest
+from skyreg.oci.manifest import Descriptor, Manifest, parse_manifest
+
+_ACCEPT = ", ".join(sorted(mt.MANIFEST_TYPES))
+_CHUNK = 1 << 20
+
+
+class PrepareError(Exception):
+    """The image cannot be prepared (missing, not for this platform, corrupt)."""
+
+
+def host_architecture() -> str:
+    """The OCI name of this host's CPU architecture."""
+    machine = platform.machine().lower()
+    return {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(
+        machine, machine
+    )
+
+
+@dataclass
+class RegistrySource:
+    """Reads images through a registry's OCI API with a service credential (Basic token)."""
+
+    base_url: str
+    token: str | None
+    session: aiohttp.ClientSession
+    blobs_fetched: list[str] = field(default_factory=list)
+
+    def headers(self, **extra: str) -> dict[str, str]:
+        """Request headers carrying the credential (Basic, any username, the token)."""
+        if self.token:
+            basic = base64.b64encode(f"x:{self.token}".encode()).decode()
+            extra["Authorization"] = f"Basic {basic}"
+        return extra
+
+    async def manifest(self, repository: str, digest: str) -> tuple[bytes, str]:
+        """The exact bytes and media type of a manifest, verified against `digest`."""
+        url = f"{self.base_url}/v2/{repository}/manifests/{digest}"
+        async with self.session.get(url, headers=self.headers(Accept=_ACCEPT)) as resp:
+            if resp.status != 200:
+                raise PrepareError(
+                    f"manifest {repository}@{digest}: HTTP {resp.status} {await _reason(resp)}"
+                )
+            raw = await resp.read()
+            media_type = resp.headers.get("Content-Type", "")
+        want = Digest.parse(digest)
+        if hashlib.new(want.algorithm, raw).hexdigest() != want.hex:
+            raise PrepareError(f"manifest {repository}@{digest}: content does not match digest")
+        return raw, media_type
+
+    def opener(self, repository: str, digest: str) -> _BlobOpener:
+        return _BlobOpener(self, repository, digest)
+
+
+@dataclass
+class _BlobOpener:
+    source: RegistrySource
+    repository: str
+    digest: str
+
+    async def __call__(self) -> AsyncIterator[bytes]:
+        self.source.blobs_fetched.append(self.digest)
+        return self._stream()
+
+    async def _stream(self) -> AsyncIterator[bytes]:
+        url = f"{self.source.base_url}/v2/{self.repository}/blobs/{self.digest}"
+        async with self.source.session.get(url, headers=self.source.headers()) as resp:
+            if resp.status != 200:
+                raise PrepareError(
+                    f"blob {self.repository}@{self.digest}: HTTP {resp.status} "
+                    f"{await _reason(resp)}"
+                )
+            async for chunk in resp.content.iter_chunked(_CHUNK):
+                yield chunk
+
+
+async def _reason(resp: aiohttp.ClientResponse) -> str:
+    try:
+        doc = json.loads(await resp.read())
+        return str(doc["errors"][0]["code"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return resp.reason or ""
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """An image ready for machines: its config and the shared unpacked tree to clone."""
+
+    manifest_digest: str  # of the platform manifest (an index resolved to one entry)
+    config: bytes
+    rootfs: Path
+
+
+def _pick_platform(index: Manifest, arch: str) -> Descriptor:
+    """The index entry for linux/`arch` (any variant; attestation entries are not images)."""
+    for entry in index.manifests:
+        p = entry.platform or {}
+        if p.get("os") == "linux" and p.get("architecture") == arch:
+            return entry
+    offered = sorted(
+        f"{(e.platform or {}).get('os')}/{(e.platform or {}).get('architecture')}"
+        for e in index.manifests
+    )
+    raise PrepareError(f"no linux/{arch} image in the index (it has {', '.join(offered)})")
+
+
+async def prepare_image(
+    source: RegistrySource,
+    cache: LayerCache,
+    repository: str,
+    digest: str,
+    *,
+    arch: str | None = None,
+) -> PreparedImage:
+    """Fetch `repository@digest` (choosing linux/`arch` from an index) into `cache` and unpack
+    it once; layers already cached are not downloaded, layers are fetched concurrently."""
+    raw, media_type = await source.manifest(repository, digest)
+    manifest = parse_manifest(raw, media_type, Digest.parse(digest))
+    if manifest.is_index:
+        entry = _pick_platform(manifest, arch or host_architecture())
+        digest = str(entry.digest)
+        raw, media_type = await source.manifest(repository, digest)
+        manifest = parse_manifest(raw, media_type, entry.digest)
+        if manifest.is_index:
+            raise PrepareError(f"{repository}@{digest}: nested indexes are not images")
+    assert manifest.config is not None
+    blobs = [manifest.config, *manifest.layers]
+    paths = await asyncio.gather(
+        *(
+            cache.fetch(str(d.digest), d.size, source.opener(repository, str(d.digest)))
+            for d in blobs
+        )
+    )
+    config = paths[0].read_bytes()
+    layers = [(path, d.media_type) for path, d in zip(paths[1:], manifest.layers, strict=True)]
+    rootfs = await cache.rootfs_for(digest, layers)
+    return PreparedImage(manifest_digest=digest, config=config, rootfs=rootfs)
