@@ -530,3 +530,48 @@ def read_layer_files(layer_tar: bytes) -> dict[str, bytes | str]:
             elif m.issym():
                 out[m.name] = f"-> {m.linkname}"
     return out
+
+
+def build_app_image(
+    marker: str,
+    entries: Sequence[Entry],
+    *,
+    cmd: Sequence[str],
+    env: Sequence[str] = (),
+) -> TestImage:
+    """busybox plus a layer of `entries`, running `cmd` with `env` (after PATH): an app image."""
+    arch = host_architecture()
+    layers = [busybox_layer(), layer_from_entries(entries)]
+    config = canonical_json(
+        {
+            "architecture": arch,
+            "os": "linux",
+            "created": FIXED_CREATED,
+            "config": {
+                "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", *env],
+                "Cmd": list(cmd),
+                "Labels": {"org.skyreg.test.marker": marker},
+            },
+            "rootfs": {"type": "layers", "diff_ids": [layer.diff_id for layer in layers]},
+            "history": [
+                {"created": FIXED_CREATED, "created_by": "skyreg tests/images.py: busybox"},
+                {"created": FIXED_CREATED, "created_by": f"skyreg tests/images.py: app {marker}"},
+            ],
+        }
+    )
+    manifest = canonical_json(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": sha256(config), "size": len(config)},
+            "layers": [layer.descriptor(OCI_LAYER) for layer in layers],
+        }
+    )
+    return TestImage(
+        marker=marker,
+        architecture=arch,
+        os="linux",
+        layers=layers,
+        config=config,
+        manifest=manifest,
+    )

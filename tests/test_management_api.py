@@ -186,11 +186,24 @@ def test_openapi_document_lists_every_served_path(server: RunningRegistry) -> No
         "/api/v1/apps/{app}/releases",
         "/api/v1/tokens",
         "/api/v1/tokens/{token_id}",
+        "/api/v1/apps/{app}/machines",
+        "/api/v1/apps/{app}/logs",
+        "/api/v1/machines/{machine_id}/stop",
+        "/api/v1/machines/{machine_id}/start",
+        "/api/v1/machines/{machine_id}/restart",
+        "/api/v1/agent/machines",
+        "/api/v1/agent/machines/{machine_id}/state",
+        "/api/v1/agent/machines/{machine_id}/events",
+        "/api/v1/agent/machines/{machine_id}/logs",
     } == set(doc["paths"])
     # Every documented operation answers something other than "no such endpoint".
     root = admin(server)
     for path, method in documented:
-        concrete = path.replace("{app}", "nonexistent-app").replace("{token_id}", "nonexistent")
+        concrete = (
+            path.replace("{app}", "nonexistent-app")
+            .replace("{token_id}", "nonexistent")
+            .replace("{machine_id}", "nonexistent")
+        )
         r = requests.request(
             method, server.url + concrete, headers={"Authorization": f"Bearer {root.secret}"}
         )

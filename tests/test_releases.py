@@ -81,7 +81,7 @@ def test_deploy_from_another_app_pins_digest_and_tags_it_into_the_app(deploys: D
     assert r.status_code == 201, r.text
     release = r.json()
     assert release["image_digest"] == deploys.build.digest
-    assert release["status"] == "pending"
+    assert release["status"] == "running"  # its machine is created
     assert release["reason"] == "deploy"
     m = re.fullmatch(rf"{re.escape(host)}/app2:(deployment-\d{{8}}-\d{{6}})", release["image_ref"])
     assert m, release["image_ref"]
@@ -170,7 +170,7 @@ def test_releases_list_newest_first_and_graphql_answers_the_fly_query(deploys: D
     assert [n["version"] for n in nodes] == [x["version"] for x in listed]
     first = nodes[0]
     assert first["imageRef"] == listed[0]["image_ref"]
-    assert first["status"] == "pending" and first["reason"] == "deploy"
+    assert first["status"] == "running" and first["reason"] == "deploy"
     assert first["stable"] is False
     assert first["user"]["name"] and first["user"]["id"] == listed[0]["user"]["id"]
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d.*Z", first["createdAt"])

@@ -475,3 +475,12 @@ class ReleaseMeta(SqlStore):
                 .limit(limit)
             ).all()
         return [_release(tuple(r)) for r in rows]
+
+    def get_release(self, release_id: int) -> Release | None:
+        with self._read() as conn:
+            row = conn.execute(
+                select(*_RELEASE_COLUMNS)
+                .select_from(_RELEASES_FROM)
+                .where(s.releases.c.id == release_id)
+            ).first()
+        return None if row is None else _release(tuple(row))

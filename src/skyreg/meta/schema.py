@@ -168,3 +168,44 @@ releases = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
     UniqueConstraint("app_id", "version", name="uq_releases_app_version"),
 )
+
+# -- machines: what runs each release, reported by region agents ---------------------------------
+
+machines = Table(
+    "machines",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("app_id", Integer, ForeignKey("apps.id"), nullable=False),
+    Column("release_id", Integer, ForeignKey("releases.id"), nullable=False),
+    Column("region", String(20), nullable=False),
+    Column("desired", String(16), nullable=False),  # started | stopped
+    Column("state", String(16), nullable=False),  # created | starting | started | stopped | failed
+    Column("generation", Integer, nullable=False),  # bumped by restart
+    Column("exit_code", Integer),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Index("ix_machines_region", "region"),
+    Index("ix_machines_app", "app_id"),
+    Index("ix_machines_release", "release_id"),
+)
+
+machine_events = Table(
+    "machine_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("machine_id", String(32), ForeignKey("machines.id"), nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("message", Text, nullable=False),
+    Column("duration_ms", Integer),
+    Index("ix_machine_events_machine", "machine_id"),
+)
+
+machine_logs = Table(
+    "machine_logs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("machine_id", String(32), ForeignKey("machines.id"), nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("line", Text, nullable=False),
+    Index("ix_machine_logs_machine", "machine_id"),
+)

@@ -21,6 +21,7 @@ from aiohttp import web
 from skyreg.auth.http import client_of
 from skyreg.auth.policy import PULL, PUSH
 from skyreg.auth.service import Authenticator, AuthFailed, basic_password
+from skyreg.meta.machines import STATES, Machine
 from skyreg.meta.platform import AlreadyExists, App, ImageTag, Org, PlatformMeta, TokenRecord
 from skyreg.oci.names import TAG_RE
 from skyreg.platform.names import (
@@ -46,6 +47,7 @@ _GENERATE_ATTEMPTS = 20
 MAX_RELEASES = 1000
 REGION_RE = re.compile(r"^[a-z][a-z0-9-]{1,19}$")
 CREATABLE_KINDS = ("org", "deploy", "readonly")
+DEFAULT_REGION = "local"
 
 API_AUTH_KEY = web.AppKey("management_authenticator", Authenticator)
 
@@ -531,13 +533,196 @@ async def create_release(call: Call) -> web.StreamResponse:
         image_repository=repository,
         image_digest=stored.digest,
         strategy=strategy,
-        regions=sorted(set(regions)),
+        regions=sorted(set(regions)) or [DEFAULT_REGION],
         machine_count=count,
         user_id=token.id,
         user_name=token.name,
     )
+    service.machines.create_for_release(release.id, app.id, list(release.regions), count, strategy)
+    release = service.releases.get_release(release.id) or release
     log.info("app %s release v%d: %s (%s)", app.name, release.version, image_ref, stored.digest)
     return _json(release_json(release), 201)
+
+
+# -- machines -----------------------------------------------------------------------------------
+
+MAX_LOG_LINES = 1000
+MAX_EVENT = 1000
+
+
+def machine_json(machine: Machine) -> dict[str, Any]:
+    return {
+        "id": machine.id,
+        "app": machine.app_name,
+        "region": machine.region,
+        "release_version": machine.release_version,
+        "desired": machine.desired,
+        "state": machine.state,
+        "generation": machine.generation,
+        "exit_code": machine.exit_code,
+        "created_at": _time(machine.created_at),
+        "updated_at": _time(machine.updated_at),
+    }
+
+
+def _agent_caller(call: Call) -> TokenRecord:
+    """Agents use an admin token (every machine) or an org token (its org's machines)."""
+    token = call.caller()
+    if token.kind not in ("admin", "org"):
+        raise forbidden(f"a {token.kind} token may not act as an agent")
+    return token
+
+
+def _agent_machine(call: Call) -> Machine:
+    token = _agent_caller(call)
+    machine_id = call.request.match_info["machine_id"]
+    machine = call.request.app[RELEASES_KEY].machines.get(machine_id)
+    if machine is None or (token.kind != "admin" and token.org_id != machine.org_id):
+        raise not_found("machine", machine_id)
+    return machine
+
+
+async def agent_machines(call: Call) -> web.StreamResponse:
+    token = _agent_caller(call)
+    region = call.request.query.get("region", DEFAULT_REGION)
+    if not REGION_RE.match(region):
+        raise bad_request("region must be a region code such as iad, sin, syd")
+    machines = call.request.app[RELEASES_KEY].machines.in_region(
+        region, None if token.kind == "admin" else token.org_id
+    )
+    return _json(
+        {
+            "region": region,
+            "machines": [
+                {
+                    **machine_json(m),
+                    "image": {"repository": m.image_repository, "digest": m.image_digest},
+                }
+                for m in machines
+            ],
+        }
+    )
+
+
+async def agent_state(call: Call) -> web.StreamResponse:
+    machine = _agent_machine(call)
+    body = await call.body()
+    state = body.get("state")
+    if state not in STATES or state == "created":
+        raise bad_request("state must be one of starting, started, stopped, failed")
+    exit_code = body.get("exit_code")
+    if exit_code is not None and (not isinstance(exit_code, int) or isinstance(exit_code, bool)):
+        raise bad_request("exit_code must be a whole number")
+    machines = call.request.app[RELEASES_KEY].machines
+    machines.report_state(machine.id, str(state), exit_code)
+    found = machines.get(machine.id)
+    assert found is not None
+    return _json(machine_json(found))
+
+
+async def agent_event(call: Call) -> web.StreamResponse:
+    machine = _agent_machine(call)
+    body = await call.body()
+    message = body.get("message")
+    if not isinstance(message, str) or not message:
+        raise bad_request("message is required")
+    duration = body.get("duration_ms")
+    if duration is not None and (not isinstance(duration, int) or isinstance(duration, bool)):
+        raise bad_request("duration_ms must be a whole number")
+    call.request.app[RELEASES_KEY].machines.add_event(machine.id, message[:MAX_EVENT], duration)
+    return _json({}, 201)
+
+
+async def agent_logs(call: Call) -> web.StreamResponse:
+    machine = _agent_machine(call)
+    body = await call.body()
+    lines = body.get("lines")
+    if not isinstance(lines, list) or not all(isinstance(x, str) for x in lines):
+        raise bad_request("lines must be a list of strings")
+    call.request.app[RELEASES_KEY].machines.add_logs(machine.id, lines)
+    return _json({}, 201)
+
+
+async def list_machines(call: Call) -> web.StreamResponse:
+    app = call.app_named(call.request.match_info["app"])
+    machines = call.request.app[RELEASES_KEY].machines
+    found = [
+        {
+            **machine_json(m),
+            "events": [
+                {"at": _time(e.at), "message": e.message, "duration_ms": e.duration_ms}
+                for e in machines.events(m.id)
+            ],
+        }
+        for m in machines.of_app(app.id)
+    ]
+    return _json({"app": app.name, "machines": found})
+
+
+def _user_machine(call: Call) -> Machine:
+    """A machine of an app the caller may deploy (push); another org's answers 404."""
+    token = call.caller()
+    machine_id = call.request.match_info["machine_id"]
+    machine = call.request.app[RELEASES_KEY].machines.get(machine_id)
+    if machine is None or (token.kind != "admin" and token.org_id != machine.org_id):
+        raise not_found("machine", machine_id)
+    if PUSH not in call.auth.policy.allowed(token, machine.app_name):
+        raise forbidden(f"this token may not manage machines of app {machine.app_name}")
+    return machine
+
+
+async def _change_machine(call: Call, action: str) -> web.StreamResponse:
+    machine = _user_machine(call)
+    machines = call.request.app[RELEASES_KEY].machines
+    running = machine.desired == "started" and machine.state in ("starting", "started")
+    if action == "stop":
+        machines.set_desired(machine.id, "stopped")
+    elif action == "restart" or not running:
+        machines.set_desired(machine.id, "started", bump=True)
+    machines.add_event(
+        machine.id,
+        f"{action.capitalize()} requested by {call.caller().name or 'token ' + call.caller().id}",
+    )
+    found = machines.get(machine.id)
+    assert found is not None
+    log.info("machine %s: %s by token %s", machine.id, action, call.caller().id)
+    return _json(machine_json(found))
+
+
+async def stop_machine(call: Call) -> web.StreamResponse:
+    return await _change_machine(call, "stop")
+
+
+async def start_machine(call: Call) -> web.StreamResponse:
+    return await _change_machine(call, "start")
+
+
+async def restart_machine(call: Call) -> web.StreamResponse:
+    return await _change_machine(call, "restart")
+
+
+async def app_logs(call: Call) -> web.StreamResponse:
+    app = call.app_named(call.request.match_info["app"])
+    raw = call.request.query.get("after", "0")
+    if not raw.isdigit():
+        raise bad_request("after must be a log line id (a whole number)")
+    lines = call.request.app[RELEASES_KEY].machines.logs(app.id, int(raw), MAX_LOG_LINES)
+    return _json(
+        {
+            "app": app.name,
+            "lines": [
+                {
+                    "id": ln.id,
+                    "machine_id": ln.machine_id,
+                    "region": ln.region,
+                    "at": _time(ln.at),
+                    "line": ln.line,
+                }
+                for ln in lines
+            ],
+            "last": lines[-1].id if lines else int(raw),
+        }
+    )
 
 
 # -- routing ------------------------------------------------------------------------------------
@@ -551,6 +736,15 @@ ROUTES: dict[str, dict[str, Handler]] = {
     "/apps/{app}": {"GET": get_app, "PATCH": update_app},
     "/apps/{app}/images": {"GET": list_images},
     "/apps/{app}/releases": {"GET": list_releases, "POST": create_release},
+    "/apps/{app}/machines": {"GET": list_machines},
+    "/apps/{app}/logs": {"GET": app_logs},
+    "/machines/{machine_id}/stop": {"POST": stop_machine},
+    "/machines/{machine_id}/start": {"POST": start_machine},
+    "/machines/{machine_id}/restart": {"POST": restart_machine},
+    "/agent/machines": {"GET": agent_machines},
+    "/agent/machines/{machine_id}/state": {"POST": agent_state},
+    "/agent/machines/{machine_id}/events": {"POST": agent_event},
+    "/agent/machines/{machine_id}/logs": {"POST": agent_logs},
     "/tokens": {"GET": list_tokens, "POST": create_token},
     "/tokens/{token_id}": {"DELETE": revoke_token},
 }

@@ -1,6 +1,7 @@
 """Releases: deploying an image to an app records which image (pinned by digest) it runs.
 
-Machines that run releases are not built yet; a release stays `pending` until they are.
+A release is recorded `pending`, becomes `running` once its machines are created, then
+`complete` (all started) or `failed` (see `MachineMeta.reconcile_release`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
+from skyreg.meta.machines import MachineMeta
 from skyreg.meta.platform import Release, ReleaseMeta
 from skyreg.meta.registry import RegistryMeta
 from skyreg.oci.digest import Digest
@@ -27,6 +29,7 @@ class ReleaseService:
 
     registry: RegistryMeta
     releases: ReleaseMeta
+    machines: MachineMeta
 
 
 RELEASES_KEY = web.AppKey("releases", ReleaseService)

@@ -19,6 +19,7 @@ from skyreg.auth.http import (
     unauthorized,
 )
 from skyreg.auth.policy import DELETE, PULL, PUSH
+from skyreg.meta.machines import MachineMeta
 from skyreg.meta.platform import ReleaseMeta
 from skyreg.oci.errors import ErrorCode, RegistryError
 from skyreg.oci.names import validate_name
@@ -168,11 +169,16 @@ def create_app(reg: Registry, *, expiry_interval: float = 300.0) -> web.Applicat
         app[AUTHENTICATOR_KEY] = reg.auth
         app.router.add_get(TOKEN_PATH, token_endpoint)
         app.router.add_post(TOKEN_PATH, token_endpoint)
-        releases = ReleaseService(registry=reg.meta, releases=ReleaseMeta(reg.meta.engine))
+        releases = ReleaseService(
+            registry=reg.meta,
+            releases=ReleaseMeta(reg.meta.engine),
+            machines=MachineMeta(reg.meta.engine),
+        )
         add_management_routes(app, reg.auth, releases)
 
         async def close_releases(_app: web.Application) -> None:
             releases.releases.close()
+            releases.machines.close()
 
         app.on_cleanup.append(close_releases)
 

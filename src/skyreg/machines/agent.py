@@ -1,0 +1,279 @@
+"""The region agent: polls the server for its region's machines and makes them so.
+
+Every `POLL_INTERVAL` the agent reads `GET /api/v1/agent/machines?region=R`. A machine desired
+`started` that does not run here (or whose generation changed: a restart) is prepared (image
+through the same server's `/v2/`, into the host-wide layer cache under `<data-dir>/cache`), given
+a fresh rootfs copy (`<data-dir>/machines/<id>/rootfs`; writes vanish on restart) and started
+with its log in `<data-dir>/machines/<id>/log`. The agent reports `starting`, then `started` once
+the process has lived `EARLY_EXIT` seconds; an exit before that, a non-zero exit, or a failed
+preparation is `failed`; a requested stop (SIGTERM, SIGKILL after `STOP_GRACE`) is `stopped`.
+Events and new log lines are posted as they happen. A machine that exited on its own is not
+started again until its generation changes. Shutting the agent down stops every machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from skyreg.machines.layercache import LayerCache, clone_rootfs, remove_tree
+from skyreg.machines.prepare import RegistrySource, prepare_image
+from skyreg.machines.runtime import ImageConfig, RunningMachine, start_machine
+
+log = logging.getLogger("skyreg.agent")
+
+POLL_INTERVAL = 0.5
+EARLY_EXIT = 2.0  # seconds: exiting sooner than this after starting is a failure
+STOP_GRACE = 5.0
+MAX_LOG_BATCH = 500
+_MONITOR_INTERVAL = 0.2
+_API = "/api/v1"
+
+
+@dataclass
+class _Local:
+    """A machine this agent is running (or preparing) for one generation."""
+
+    id: str
+    generation: int
+    task: asyncio.Task[None] | None = None
+    stop_requested: bool = False  # desired=stopped, a restart, or the agent shutting down
+
+
+@dataclass
+class Agent:
+    server: str
+    token: str
+    region: str
+    data_dir: Path
+    poll_interval: float = POLL_INTERVAL
+    _local: dict[str, _Local] = field(default_factory=dict)
+    # machine id → the generation that ran and exited on its own (not started again)
+    _finished: dict[str, int] = field(default_factory=dict)
+    _session: aiohttp.ClientSession | None = None
+    _cache: LayerCache | None = None
+
+    # -- HTTP -----------------------------------------------------------------------------------
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None
+        return self._session
+
+    async def _api(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        url = self.server + _API + path
+        headers = {"Authorization": f"Bearer {self.token}"}
+        async with self.session.request(method, url, json=body, headers=headers) as resp:
+            if resp.status >= 400:
+                text = (await resp.text())[:300]
+                raise RuntimeError(f"{method} {path}: HTTP {resp.status} {text}")
+            return await resp.json()
+
+    async def _report(self, path: str, body: dict[str, Any]) -> None:
+        """POST a report; failures are logged, never fatal (the next report catches up)."""
+        try:
+            await self._api("POST", path, body)
+        except (aiohttp.ClientError, RuntimeError, TimeoutError) as e:
+            log.warning("report %s failed: %s", path, e)
+
+    async def _state(self, mid: str, state: str, exit_code: int | None = None) -> None:
+        body: dict[str, Any] = {"state": state}
+        if exit_code is not None:
+            body["exit_code"] = exit_code
+        await self._report(f"/agent/machines/{mid}/state", body)
+
+    async def _event(self, mid: str, message: str, duration_ms: int | None = None) -> None:
+        body: dict[str, Any] = {"message": message}
+        if duration_ms is not None:
+            body["duration_ms"] = duration_ms
+        await self._report(f"/agent/machines/{mid}/events", body)
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Poll and reconcile until `stop` is set; then stop every machine."""
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
+        self.data_dir.chmod(0o711)  # runtime.py: a machine's user must reach its rootfs
+        for sub in ("cache", "machines"):
+            (self.data_dir / sub).mkdir(exist_ok=True, mode=0o711)
+            (self.data_dir / sub).chmod(0o711)
+        self._cache = LayerCache(self.data_dir / "cache")
+        timeout = aiohttp.ClientTimeout(total=300, sock_connect=10)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            self._session = session
+            try:
+                while not stop.is_set():
+                    try:
+                        found = await self._api("GET", f"/agent/machines?region={self.region}")
+                        self._reconcile(found["machines"])
+                    except (aiohttp.ClientError, RuntimeError, TimeoutError, KeyError) as e:
+                        log.warning("polling %s failed: %s", self.server, e)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), self.poll_interval)
+            finally:
+                await self.shutdown()
+                self._session = None
+
+    def _reconcile(self, machines: list[dict[str, Any]]) -> None:
+        wanted = {str(m["id"]): m for m in machines}
+        for mid, local in list(self._local.items()):
+            if local.task is not None and local.task.done():
+                del self._local[mid]
+                continue
+            m = wanted.get(mid)
+            if m is None or m["desired"] != "started" or m["generation"] != local.generation:
+                local.stop_requested = True
+        for mid, m in wanted.items():
+            if m["desired"] != "started" or mid in self._local:
+                continue
+            if self._finished.get(mid) == m["generation"]:
+                continue
+            local = _Local(mid, int(m["generation"]))
+            local.task = asyncio.create_task(self._lifecycle(local, m), name=f"machine-{mid}")
+            self._local[mid] = local
+
+    async def shutdown(self) -> None:
+        """Stop every machine this agent runs and wait for their final reports."""
+        for local in self._local.values():
+            local.stop_requested = True
+        tasks = [t for local in self._local.values() if (t := local.task) is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=STOP_GRACE + 20)
+        self._local.clear()
+
+    # -- one machine ----------------------------------------------------------------------------
+
+    async def _lifecycle(self, local: _Local, m: dict[str, Any]) -> None:
+        try:
+            await self._run_machine(local, m)
+        except Exception as e:  # a bug or an unexpected failure: report, never crash the loop
+            log.exception("machine %s failed", local.id)
+            await self._event(local.id, f"Machine failed: {e}"[:1000])
+            await self._state(local.id, "failed")
+            self._finished[local.id] = local.generation
+
+    async def _run_machine(self, local: _Local, m: dict[str, Any]) -> None:
+        mid = local.id
+        home = self.data_dir / "machines" / mid
+        await self._state(mid, "starting")
+        await self._event(mid, "Pulling container image")
+        began = time.monotonic()
+        assert self._cache is not None
+        source = RegistrySource(self.server, self.token, self.session)
+        try:
+            image = await prepare_image(
+                source, self._cache, m["image"]["repository"], m["image"]["digest"]
+            )
+            config = ImageConfig.from_json(image.config)
+        except Exception as e:
+            log.warning("machine %s: cannot prepare the image: %s", mid, e)
+            await self._event(mid, f"Failed to prepare image: {e}"[:1000])
+            await self._state(mid, "failed")
+            self._finished[mid] = local.generation
+            return
+        secs = time.monotonic() - began
+        await self._event(mid, f"Successfully prepared image ({secs:.2f}s)", int(secs * 1000))
+        if local.stop_requested:
+            await self._state(mid, "stopped")
+            return
+        home.mkdir(parents=True, exist_ok=True, mode=0o711)
+        rootfs, log_path = home / "rootfs", home / "log"
+        await asyncio.to_thread(_fresh_rootfs, image.rootfs, rootfs)
+        offset = log_path.stat().st_size if log_path.exists() else 0
+        await self._event(mid, "Starting machine")
+        env = {"SKYREG_MACHINE_ID": mid, "SKYREG_APP": str(m["app"]), "SKYREG_REGION": self.region}
+        try:
+            machine = await asyncio.to_thread(
+                start_machine, rootfs, config, log_path=log_path, hostname=mid, env=env
+            )
+        except Exception as e:
+            await self._event(mid, f"Failed to start machine: {e}"[:1000])
+            await self._state(mid, "failed")
+            self._finished[mid] = local.generation
+            return
+        await self._monitor(local, machine, log_path, offset)
+
+    async def _monitor(
+        self, local: _Local, machine: RunningMachine, log_path: Path, offset: int
+    ) -> None:
+        mid = local.id
+        started_at = time.monotonic()
+        reported_started = False
+        tail = _Tail(log_path, offset)
+        while machine.running:
+            if local.stop_requested:
+                await asyncio.to_thread(machine.stop, STOP_GRACE)
+                break
+            if not reported_started and time.monotonic() - started_at >= EARLY_EXIT:
+                await self._state(mid, "started")
+                reported_started = True
+            await self._ship(mid, tail)
+            await asyncio.sleep(_MONITOR_INTERVAL)
+        code = await asyncio.to_thread(machine.stop, STOP_GRACE)  # reaps; idempotent
+        await self._ship(mid, tail, final=True)
+        if local.stop_requested:
+            await self._event(mid, f"Machine stopped (exit code {code})")
+            await self._state(mid, "stopped", code)
+            return
+        early = time.monotonic() - started_at < EARLY_EXIT
+        failed = code != 0 or early
+        why = "exited early" if early and code == 0 else f"exited with code {code}"
+        await self._event(mid, f"Machine {why}")
+        await self._state(mid, "failed" if failed else "stopped", code)
+        self._finished[mid] = local.generation
+
+    async def _ship(self, mid: str, tail: _Tail, *, final: bool = False) -> None:
+        lines = tail.read(final=final)
+        for i in range(0, len(lines), MAX_LOG_BATCH):
+            await self._report(
+                f"/agent/machines/{mid}/logs", {"lines": lines[i : i + MAX_LOG_BATCH]}
+            )
+
+
+def _fresh_rootfs(image_rootfs: Path, rootfs: Path) -> None:
+    """A new copy of the image's tree for this start: the previous one (and its writes) goes."""
+    if rootfs.exists() or rootfs.is_symlink():
+        remove_tree(rootfs)
+    clone_rootfs(image_rootfs, rootfs)
+
+
+class _Tail:
+    """New complete lines of a log file since `offset` (a partial last line waits)."""
+
+    def __init__(self, path: Path, offset: int) -> None:
+        self.path = path
+        self.offset = offset
+        self.partial = b""
+
+    def read(self, *, final: bool = False) -> list[str]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read(4 << 20)
+        except FileNotFoundError:
+            return []
+        self.offset += len(data)
+        data = self.partial + data
+        *complete, self.partial = data.split(b"\n")
+        if final and self.partial:
+            complete.append(self.partial)
+            self.partial = b""
+        return [line.decode("utf-8", errors="replace") for line in complete]
+
+
+def check_host() -> str | None:
+    """Why machines cannot run on this host, or None."""
+    if shutil.which("bwrap") is None:
+        return "bwrap (bubblewrap) is not installed"
+    if os.name != "posix":
+        return "machines need Linux"
+    return None

@@ -1,0 +1,300 @@
+"""The agent loop end to end: `skyreg serve` + `skyreg agent` run real busybox machines."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import requests
+
+from skyreg.cli.push import push_image
+from tests.conftest import RunningRegistry
+from tests.images import Entry, build_app_image
+from tests.platform_helpers import Tenancy
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("bwrap") is None, reason="bwrap is not installed"),
+]
+
+T = TypeVar("T")
+APP = "web"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(check: Callable[[], T | None], what: str, timeout: float = 60.0) -> T:
+    """Poll `check` until it returns something truthy; fail with `what` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def http_get(port: int, path: str = "/") -> bytes | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return bytes(resp.read())
+    except (OSError, urllib.error.URLError):
+        return None
+
+
+@dataclass
+class Platform:
+    reg: RunningRegistry
+    admin: str
+    agent_dir: Path
+    agent_log: Path
+    work: Path
+
+    def api(self, method: str, path: str, token: str | None = None, **kw: Any) -> Any:
+        r = requests.request(
+            method, f"{self.reg.url}/api/v1{path}", auth=("x", token or self.admin), **kw
+        )
+        assert r.status_code < 400, (method, path, r.status_code, r.text)
+        return r.json()
+
+    def push(self, marker: str, page: bytes, port: int, script: str) -> str:
+        """Push an httpd image serving `page` on `port`; returns its tag."""
+        image = build_app_image(
+            marker,
+            [
+                Entry("www", "dir", mode=0o755),
+                Entry("www/index.html", "file", data=page),
+            ],
+            cmd=["/bin/sh", "-c", script],
+            env=[f"PORT={port}"],
+        )
+        layout = image.write_oci_layout(self.work / marker)
+        push_image(layout, f"{self.reg.host}/{APP}:{marker}", self.admin, progress=False)
+        return marker
+
+    def deploy(self, tag: str, strategy: str = "rolling") -> dict[str, Any]:
+        body = {"image": f"{APP}:{tag}", "strategy": strategy}
+        return dict(self.api("POST", f"/apps/{APP}/releases", json=body))
+
+    def release(self, version: int) -> dict[str, Any]:
+        found = self.api("GET", f"/apps/{APP}/releases", params={"limit": 100})["releases"]
+        return dict(next(r for r in found if r["version"] == version))
+
+    def machines(self, version: int | None = None) -> list[dict[str, Any]]:
+        found = self.api("GET", f"/apps/{APP}/machines")["machines"]
+        return [m for m in found if version is None or m["release_version"] == version]
+
+    def machine(self, machine_id: str) -> dict[str, Any]:
+        return next(m for m in self.machines() if m["id"] == machine_id)
+
+    def diagnostics(self) -> str:
+        return f"agent log:\n{self.agent_log.read_text(errors='replace')[-5000:]}"
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
+    reg = RunningRegistry(data_dir=tmp_path_factory.mktemp("machines") / "data")
+    # Machines must reach their rootfs: every ancestor of the agent's data dir is o+x.
+    top = Path(tempfile.mkdtemp(prefix="skyreg-agent-"))
+    top.chmod(0o711)
+    agent: subprocess.Popen[bytes] | None = None
+    reg.start()
+    try:
+        t = Tenancy(reg.data_dir)
+        t.org("acme")
+        t.app(APP, "acme")
+        admin = t.admin_secret()
+        agent_log = top / "agent.log"
+        with open(agent_log, "ab") as log:
+            agent = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "skyreg",
+                    "agent",
+                    "--region",
+                    "local",
+                    "--server",
+                    reg.url,
+                    "--token",
+                    admin,
+                    "--data-dir",
+                    str(top / "agent"),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        yield Platform(reg, admin, top / "agent", agent_log, tmp_path_factory.mktemp("images"))
+    finally:
+        try:
+            if agent is not None and agent.poll() is None:
+                agent.send_signal(signal.SIGTERM)
+                try:
+                    agent.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    agent.kill()
+                    agent.wait()
+        finally:
+            reg.stop()
+            shutil.rmtree(top, ignore_errors=True)
+
+
+def test_deploy_runs_restarts_rolls_and_survives_a_failed_release(platform: Platform) -> None:
+    p = platform
+    port1, port2 = free_port(), free_port()
+    serve = "exec /bin/busybox httpd -f -vv -p 127.0.0.1:$PORT -h /www"
+    boot = "echo booting $SKYREG_MACHINE_ID in $SKYREG_REGION; echo x > /written; "
+    boot += "echo start >> /www/starts; "
+    v1 = p.deploy(p.push("v1", b"<h1>version one</h1>\n", port1, boot + serve))
+    assert v1["status"] == "running" and v1["regions"] == ["local"]
+    [m1] = p.machines(v1["version"])
+    assert m1["region"] == "local" and m1["desired"] == "started"
+
+    # -- started, complete, serving ----------------------------------------------------------
+    try:
+        wait_for(lambda: p.release(v1["version"])["status"] == "complete", "release v1 complete")
+    except AssertionError:
+        raise AssertionError(p.diagnostics()) from None
+    assert p.release(v1["version"])["stable"] is True
+    assert p.machine(m1["id"])["state"] == "started"
+    assert http_get(port1) == b"<h1>version one</h1>\n"
+    messages = [e["message"] for e in p.machine(m1["id"])["events"]]
+    assert messages[:3] == ["Pulling container image", messages[1], "Starting machine"]
+    assert messages[1].startswith("Successfully prepared image (")
+
+    # -- logs: the echo first, then httpd's request log ---------------------------------------
+    def log_lines(after: int = 0) -> list[dict[str, Any]]:
+        return list(p.api("GET", f"/apps/{APP}/logs", params={"after": after})["lines"])
+
+    lines = wait_for(
+        lambda: [ln for ln in log_lines() if f"booting {m1['id']} in local" in ln["line"]],
+        "the machine's first log line",
+    )
+    assert lines[0]["machine_id"] == m1["id"]
+    later = log_lines(lines[0]["id"])
+    assert all(ln["id"] > lines[0]["id"] for ln in later)
+
+    # -- restart: a fresh rootfs, the first run's writes are gone ---------------------------------
+    rootfs = p.agent_dir / "machines" / m1["id"] / "rootfs"
+    assert (rootfs / "written").read_text() == "x\n"
+    assert http_get(port1, "/starts") == b"start\n"
+    (rootfs / "www" / "marker-of-first-run").write_text("old")  # as if the machine wrote it
+    restarted = p.api("POST", f"/machines/{m1['id']}/restart")
+    assert restarted["generation"] == m1["generation"] + 1
+    wait_for(
+        lambda: (
+            not (rootfs / "www" / "marker-of-first-run").exists()
+            and http_get(port1, "/starts") == b"start\n"
+        ),
+        "the restarted machine on a fresh rootfs",
+    )
+    wait_for(lambda: p.machine(m1["id"])["state"] == "started", "the restarted machine started")
+
+    # -- rolling deploy of a second version ---------------------------------------------------
+    v2 = p.deploy(p.push("v2", b"<h1>version two</h1>\n", port2, boot + serve))
+    [m2] = p.machines(v2["version"])
+    wait_for(lambda: http_get(port2) == b"<h1>version two</h1>\n", "v2 serving")
+    wait_for(lambda: p.release(v2["version"])["status"] == "complete", "release v2 complete")
+    wait_for(lambda: p.machine(m1["id"])["state"] == "stopped", "the v1 machine stopped")
+    assert p.machine(m1["id"])["desired"] == "stopped"
+    assert http_get(port1) is None
+    assert p.machine(m2["id"])["state"] == "started"
+
+    # -- a release whose command exits 1 fails; v2 keeps serving -----------------------------------
+    bad = p.deploy(p.push("bad", b"never served\n", free_port(), "echo about to fail; exit 1"))
+    wait_for(lambda: p.release(bad["version"])["status"] == "failed", "the bad release failed")
+    [mb] = p.machines(bad["version"])
+    failed = p.machine(mb["id"])
+    assert failed["state"] == "failed" and failed["exit_code"] == 1
+    assert p.machine(m2["id"])["desired"] == "started"
+    assert p.machine(m2["id"])["state"] == "started"
+    assert http_get(port2) == b"<h1>version two</h1>\n"
+
+    # -- stop and start by the user API ---------------------------------------------------------
+    p.api("POST", f"/machines/{m2['id']}/stop")
+    wait_for(lambda: p.machine(m2["id"])["state"] == "stopped", "v2 stopped")
+    assert http_get(port2) is None
+    p.api("POST", f"/machines/{m2['id']}/start")
+    wait_for(lambda: http_get(port2) == b"<h1>version two</h1>\n", "v2 serving again")
+
+
+def test_machine_api_refusals(platform: Platform) -> None:
+    p = platform
+    t = Tenancy(p.reg.data_dir)
+    t.org("other")
+    t.app("elsewhere", "other")
+    readonly = t.token("readonly", org="acme")[0]
+    foreign = t.token("org", org="other")[0]
+    base = f"{p.reg.url}/api/v1"
+    v = p.deploy(
+        p.push("refusals", b"x\n", free_port(), "exec /bin/busybox sleep 1000"), "immediate"
+    )
+    [m] = p.machines(v["version"])
+    # `immediate`: every other machine of the app is set desired=stopped at once.
+    assert {o["desired"] for o in p.machines() if o["id"] != m["id"]} == {"stopped"}
+    stop = f"{base}/machines/{m['id']}/stop"
+    assert requests.post(stop, auth=("x", readonly)).status_code == 403
+    assert requests.post(stop, auth=("x", foreign)).status_code == 404
+    assert requests.post(stop).status_code == 401
+    assert requests.get(f"{base}/agent/machines", auth=("x", readonly)).status_code == 403
+    # An org token acting as an agent sees its own org's machines only.
+    seen = requests.get(f"{base}/agent/machines", auth=("x", foreign)).json()["machines"]
+    assert seen == []
+    state = f"{base}/agent/machines/{m['id']}/state"
+    assert requests.post(state, json={"state": "started"}, auth=("x", foreign)).status_code == 404
+    bad = requests.post(state, json={"state": "sleeping"}, auth=("x", p.admin))
+    assert bad.status_code == 400
+    p.api("POST", f"/machines/{m['id']}/stop")
+
+
+def test_cli_lists_machines_and_prints_logs(platform: Platform, tmp_path: Path) -> None:
+    p = platform
+    v = p.deploy(p.push("cli", b"x\n", free_port(), "echo hello from the cli image; exit 3"))
+    [m] = p.machines(v["version"])
+    env = {
+        **os.environ,
+        "HOME": str(tmp_path),
+        "XDG_CONFIG_HOME": str(tmp_path),
+        "SKYREG_SERVER": p.reg.url,
+        "SKYREG_TOKEN": p.admin,
+        "COLUMNS": "250",
+    }
+
+    def skyreg(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "skyreg", *args],
+            env=env,
+            text=True,
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    wait_for(lambda: p.machine(m["id"])["state"] == "failed", "the cli machine failed")
+    listed = skyreg("machines", "list", "--app", APP)
+    row = next(line for line in listed.splitlines() if line.startswith(m["id"]))
+    assert "failed" in row and f"v{v['version']}" in row
+    wait_for(
+        lambda: "hello from the cli image" in skyreg("logs", "--app", APP), "the line in `logs`"
+    )
+    assert "desired stopped" in skyreg("machines", "stop", m["id"])
