@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+from registry_bench import stop_process  # bench/ is on sys.path when run as a script
 
 from skyreg.cli.push import push_image
 from skyreg.machines.layercache import LayerCache, clone_rootfs, remove_tree
@@ -185,16 +186,6 @@ def start_skyreg(tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
             return proc, int(port_file.read_text().strip())
         time.sleep(0.1)
     raise RuntimeError("skyreg did not write its port file within 60 s")
-
-
-def stop_process(proc: subprocess.Popen[bytes]) -> None:
-    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-        if proc.poll() is not None:
-            break
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=grace)
 
 
 # ------------------------------------------------------------------------------ timings
