@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Debian packages the test suite and benchmarks drive: the real clients (skopeo, podman, dockerd,
-# containerd/ctr), busybox-static for offline test images, and Distribution (docker-registry) + wrk
-# for the side-by-side benchmark. Skips apt entirely when everything is installed already.
+# containerd/ctr), bubblewrap for machines, busybox-static for offline test images, and
+# Distribution (docker-registry), wrk and umoci for the side-by-side benchmarks.
+# Skips apt entirely when everything is installed already.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 pkgs=(curl ca-certificates skopeo podman crun conmon docker.io containerd runc docker-registry wrk
-      busybox-static uidmap iptables)
+      busybox-static uidmap iptables bubblewrap umoci)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -16,6 +17,6 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 # Fail here, loudly, rather than let the real-client tests skip.
-for bin in skopeo podman dockerd docker containerd ctr docker-registry wrk busybox curl; do
+for bin in skopeo podman dockerd docker containerd ctr docker-registry wrk busybox curl bwrap umoci; do
   command -v "$bin" >/dev/null || { echo "install-test-tools: $bin missing" >&2; exit 1; }
 done
