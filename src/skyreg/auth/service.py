@@ -17,6 +17,7 @@ from skyreg.auth.keys import KeyRing
 from skyreg.auth.policy import DELETE, PULL, PUSH, TOKEN_KINDS, AccessPolicy
 from skyreg.auth.ratelimit import FailureLimiter
 from skyreg.auth.secrets import new_token_id, new_token_secret, secret_sha256
+from skyreg.clock import utc_iso
 from skyreg.meta.platform import PlatformMeta, TokenRecord
 from skyreg.oci.names import NAME_RE
 
@@ -218,7 +219,7 @@ class Authenticator:
             "access": access,
         }
         signed = self.keys.sign(claims)
-        issued_at = datetime.fromtimestamp(now, UTC).isoformat().replace("+00:00", "Z")
+        issued_at = utc_iso(datetime.fromtimestamp(now, UTC))
         return {
             "token": signed,
             "access_token": signed,

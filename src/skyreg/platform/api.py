@@ -21,6 +21,7 @@ from aiohttp import web
 from skyreg.auth.http import client_of
 from skyreg.auth.policy import PULL, PUSH
 from skyreg.auth.service import Authenticator, AuthFailed, basic_password
+from skyreg.clock import utc_iso
 from skyreg.meta.machines import STATES, Machine
 from skyreg.meta.platform import AlreadyExists, App, ImageTag, Org, PlatformMeta, TokenRecord
 from skyreg.oci.names import TAG_RE
@@ -97,7 +98,7 @@ _UNAUTHENTICATED = ApiError(
 
 
 def _time(value: datetime | None) -> str | None:
-    return None if value is None else value.isoformat().replace("+00:00", "Z")
+    return None if value is None else utc_iso(value)
 
 
 def org_json(org: Org) -> dict[str, Any]:

@@ -10,12 +10,12 @@ It serves, for example:
 from __future__ import annotations
 
 import json
-from datetime import UTC
 from typing import Any
 
 from aiohttp import web
 from graphql import GraphQLError, build_schema, graphql_sync
 
+from skyreg.clock import utc_iso
 from skyreg.meta.platform import Release
 from skyreg.platform.releases import RELEASES_KEY
 
@@ -69,7 +69,7 @@ def _release_node(release: Release) -> dict[str, Any]:
         "stable": release.stable,
         # Releases are made with tokens, not user accounts: the token stands in for the user.
         "user": {"id": release.user_id, "email": "", "name": release.user_name},
-        "createdAt": release.created_at.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+        "createdAt": utc_iso(release.created_at),
     }
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
+from skyreg.clock import utc_iso
 from skyreg.meta.machines import MachineMeta
 from skyreg.meta.platform import Release, ReleaseMeta
 from skyreg.meta.registry import RegistryMeta
@@ -86,9 +87,6 @@ def deployment_tag(now: datetime | None = None) -> str:
 
 
 def release_json(release: Release) -> dict[str, Any]:
-    def time(value: datetime) -> str:
-        return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
     return {
         "id": str(release.id),
         "app": release.app_name,
@@ -104,6 +102,6 @@ def release_json(release: Release) -> dict[str, Any]:
         "count": release.machine_count,
         "stable": release.stable,
         "user": {"id": release.user_id, "name": release.user_name},
-        "created_at": time(release.created_at),
-        "updated_at": time(release.updated_at),
+        "created_at": utc_iso(release.created_at),
+        "updated_at": utc_iso(release.updated_at),
     }
