@@ -6,7 +6,15 @@ import json
 
 from aiohttp import web
 
-from skyreg.auth.service import ANONYMOUS, Authenticator, AuthFailed, Identity, parse_scopes
+from skyreg.auth.service import (
+    ANONYMOUS,
+    Authenticator,
+    AuthFailed,
+    Identity,
+    Throttled,
+    parse_scopes,
+)
+from skyreg.meta.platform import TokenRecord
 from skyreg.oci.errors import ErrorCode, RegistryError
 
 AUTHENTICATOR_KEY = web.AppKey("authenticator", Authenticator)
@@ -45,14 +53,11 @@ def identify(request: web.Request, auth: Authenticator) -> Identity:
     header = request.headers.get("Authorization")
     if not header:
         return ANONYMOUS
-    client = client_of(request)
-    retry_after = auth.limiter.retry_after(client)
-    if retry_after is not None:
-        raise _too_many(retry_after)
     try:
-        return auth.identify(header)
+        return auth.limited(client_of(request), lambda: auth.identify(header))
+    except Throttled as e:
+        raise _too_many(e.retry_after) from None
     except AuthFailed:
-        auth.limiter.failed(client)
         raise RegistryError(
             ErrorCode.UNAUTHORIZED,
             "invalid, expired or revoked credentials",
@@ -82,32 +87,28 @@ def unauthorized(
 async def token_endpoint(request: web.Request) -> web.StreamResponse:
     """GET (Basic or anonymous) and POST (OAuth2 password grant) `/auth/token`."""
     auth = request.app[AUTHENTICATOR_KEY]
-    client = client_of(request)
-    retry_after = auth.limiter.retry_after(client)
-    if retry_after is not None:
-        raise _too_many(retry_after)
     scope_values = request.query.getall("scope", [])
-    secret: str | None = None
+    password: str | None = None  # set for the POST grant; GET uses the Authorization header
     if request.method == "POST":
         form = await request.post()
-        grant = form.get("grant_type")
-        if grant != "password":
-            resp = web.json_response({"error": "unsupported_grant_type"}, status=400)
-            return resp
-        password = form.get("password")
-        secret = password if isinstance(password, str) else None
+        if form.get("grant_type") != "password":
+            return web.json_response({"error": "unsupported_grant_type"}, status=400)
+        value = form.get("password")
+        password = value if isinstance(value, str) else ""
         scope_values = [v for v in form.getall("scope", []) if isinstance(v, str)] or scope_values
-        if not secret:
-            auth.limiter.failed(client)
-            raise RegistryError(ErrorCode.UNAUTHORIZED, "password required")
-    token = None
+
+    def check() -> TokenRecord | None:
+        if password is not None:
+            if not password:
+                raise AuthFailed("password required")
+            return auth.token_for_secret(password)
+        return auth.identify(request.headers.get("Authorization")).token
+
     try:
-        if secret is not None:
-            token = auth.token_for_secret(secret)
-        else:
-            token = auth.identify(request.headers.get("Authorization")).token
+        token = auth.limited(client_of(request), check)
+    except Throttled as e:
+        raise _too_many(e.retry_after) from None
     except AuthFailed:
-        auth.limiter.failed(client)
         raise RegistryError(ErrorCode.UNAUTHORIZED, "invalid, expired or revoked token") from None
     scopes, catalog = parse_scopes(scope_values)
     body = auth.issue(token, scopes, catalog)

@@ -7,9 +7,10 @@ import binascii
 import re
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import jwt
 
@@ -22,12 +23,21 @@ from skyreg.meta.platform import PlatformMeta, TokenRecord
 from skyreg.oci.names import NAME_RE
 
 REGISTRY_TOKEN_TTL = 300
+T = TypeVar("T")
 _SCOPE_RE = re.compile(r"^repository(?:\([a-z0-9]+\))?:([^:]+):([a-z*,]+)$")
 _KNOWN_ACTIONS = frozenset({PULL, PUSH, DELETE})
 
 
 class AuthFailed(Exception):
     """Credentials were presented and are wrong, expired or revoked."""
+
+
+class Throttled(Exception):
+    """The client failed authentication too often lately and must wait."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"retry after {retry_after}s")
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
@@ -149,6 +159,21 @@ class Authenticator:
         return record
 
     # -- requests ------------------------------------------------------------------------------
+
+    def limited(self, client: str, check: Callable[[], T]) -> T:
+        """Run a credential check for `client` under the failed-authentication limiter.
+
+        Raises Throttled while the client must wait; a failed check (AuthFailed) is counted
+        against the client and re-raised.
+        """
+        retry_after = self.limiter.retry_after(client)
+        if retry_after is not None:
+            raise Throttled(retry_after)
+        try:
+            return check()
+        except AuthFailed:
+            self.limiter.failed(client)
+            raise
 
     def identify(self, authorization: str | None) -> Identity:
         """The identity behind an Authorization header (None or empty: anonymous)."""

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from skyreg.auth.http import client_of
 from skyreg.auth.policy import PULL, PUSH
-from skyreg.auth.service import Authenticator, AuthFailed, basic_password
+from skyreg.auth.service import Authenticator, AuthFailed, Throttled, basic_password
 from skyreg.clock import utc_iso
 from skyreg.meta.machines import STATES, Machine
 from skyreg.meta.platform import AlreadyExists, App, ImageTag, Org, PlatformMeta, TokenRecord
@@ -157,25 +157,26 @@ class Call:
         header = self.request.headers.get("Authorization")
         if not header:
             return
-        client = client_of(self.request)
-        retry_after = self.auth.limiter.retry_after(client)
-        if retry_after is not None:
-            raise ApiError(
-                429,
-                "too_many_requests",
-                "too many failed authentication attempts; retry later",
-                headers={"Retry-After": str(retry_after)},
-            )
-        try:
+
+        def check() -> TokenRecord:
             if header.lower().startswith("bearer "):
                 secret: str | None = header[7:].strip()
             else:
                 secret = basic_password(header)
             if not secret:
                 raise AuthFailed("unsupported Authorization scheme")
-            self.token = self.auth.token_for_secret(secret)
+            return self.auth.token_for_secret(secret)
+
+        try:
+            self.token = self.auth.limited(client_of(self.request), check)
+        except Throttled as e:
+            raise ApiError(
+                429,
+                "too_many_requests",
+                "too many failed authentication attempts; retry later",
+                headers={"Retry-After": str(e.retry_after)},
+            ) from None
         except AuthFailed:
-            self.auth.limiter.failed(client)
             raise ApiError(
                 401,
                 "unauthorized",
