@@ -383,9 +383,6 @@ class RunningMachine:
         self.stop()
 
 
-MachineProcess = RunningMachine
-
-
 def bwrap_args(
     config: ImageConfig,
     *,
