@@ -1,16 +1,17 @@
 #!/usr/bin/env python3
-"""Image preparation for machines: skyreg's `prepare_image` + `clone_rootfs` side by side with
+"""Image preparation for machines: skyreg's `prepare_image` + `fresh_rootfs` side by side with
 `skopeo copy` (registry -> OCI layout) + `umoci unpack` doing the same job.
 
 A 10-layer, ~200 MB (uncompressed) image with partly compressible content is generated, pushed
 into a fresh `skyreg serve --no-auth` on 127.0.0.1, and prepared:
 
-- cold: empty layer cache / empty OCI layout (download + verify + unpack), plus a clone into a
+- cold: empty layer cache / empty OCI layout (download + verify + unpack), plus a machine rootfs
+  (`fresh_rootfs`: an overlay over the unpacked tree when run as root, else a copy) in a
   machine directory (what a first machine start needs);
 - warm, layers cached: blobs kept, the unpacked tree removed (unpack again), plus a clone;
   anchor: `skopeo copy` into the layout that already holds the blobs + `umoci unpack`;
 - warm, tree cached: nothing removed (prepare returns at once), plus a clone, and without;
-- second machine: `clone_rootfs` alone; anchor: `umoci unpack` alone from the local layout.
+- second machine: `fresh_rootfs` alone; anchor: `umoci unpack` alone from the local layout.
 
 Each figure is the median of N runs (default 3), skyreg and the anchor alternating. The result
 is checked outside the timings: both trees hold the same files with the same sizes and the same
@@ -46,8 +47,9 @@ import aiohttp
 from registry_bench import stop_process  # bench/ is on sys.path when run as a script
 
 from skyreg.cli.push import push_image
-from skyreg.machines.layercache import LayerCache, clone_rootfs, remove_tree
+from skyreg.machines.layercache import LayerCache, remove_tree
 from skyreg.machines.prepare import RegistrySource, host_architecture, prepare_image
+from skyreg.machines.rootfs import enter_private_mount_namespace, fresh_rootfs, release_rootfs
 
 MB = 1_000_000
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -198,11 +200,11 @@ async def _prepare(base: str, cache: LayerCache, digest: str) -> Path:
 
 
 def skyreg_prepare(base: str, cache: LayerCache, digest: str, machine: Path | None) -> float:
-    """Seconds for prepare_image (and a clone into `machine` unless None)."""
+    """Seconds for prepare_image (and a machine rootfs in `machine` unless None)."""
     start = time.perf_counter()
     rootfs = asyncio.run(_prepare(base, cache, digest))
     if machine is not None:
-        clone_rootfs(rootfs, machine)
+        fresh_rootfs(rootfs, machine)
     return time.perf_counter() - start
 
 
@@ -232,6 +234,8 @@ def timed(*argvs: list[str]) -> float:
 
 def clear(*paths: Path) -> None:
     for p in paths:
+        if (p / "rootfs").exists():
+            release_rootfs(p)  # a machine home: unmount its overlay first
         if p.exists() or p.is_symlink():
             remove_tree(p)
 
@@ -310,6 +314,8 @@ def main() -> int:
         if shutil.which(tool) is None:
             print(f"`{tool}` is needed (apt-get install {tool})", file=sys.stderr)
             return 2
+    if enter_private_mount_namespace():  # before any thread: overlay mounts die with the bench
+        log("machine rootfs mounts are private to this process")
     tmp = Path(tempfile.mkdtemp(prefix="prepare-bench-", dir=args.tmp_dir))
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
@@ -350,51 +356,51 @@ def bench(args: argparse.Namespace, tmp: Path) -> int:
         ours["cold"].append(skyreg_prepare(base, cache, digest, machine))
         anchor["cold"].append(timed(skopeo_copy(port, layout), umoci_unpack(layout, bundle)))
         log(f"cold run {i + 1}: skyreg {fmt(ours['cold'][-1])}, anchor {fmt(anchor['cold'][-1])}")
-    log("verify: " + verify(machine, bundle / "rootfs"))
+    log("verify: " + verify(machine / "rootfs", bundle / "rootfs"))
 
     for i in r:  # warm: blobs cached, tree removed / layout holds the blobs
         clear(cache.rootfs_path(digest), machine, bundle)
         ours["warm"].append(skyreg_prepare(base, cache, digest, machine))
         anchor["warm"].append(timed(skopeo_copy(port, layout), umoci_unpack(layout, bundle)))
         log(f"warm run {i + 1}: skyreg {fmt(ours['warm'][-1])}, anchor {fmt(anchor['warm'][-1])}")
-    log("verify: " + verify(machine, bundle / "rootfs"))
+    log("verify: " + verify(machine / "rootfs", bundle / "rootfs"))
 
     for i in r:  # warm, tree cached: nothing removed but the machine dir
         clear(machine)
         ours["tree"].append(skyreg_prepare(base, cache, digest, machine))
         ours["tree_alone"].append(skyreg_prepare(base, cache, digest, None))
-        log(f"warm (tree cached) run {i + 1}: skyreg {fmt(ours['tree'][-1])} with clone, "
+        log(f"warm (tree cached) run {i + 1}: skyreg {fmt(ours['tree'][-1])} with rootfs, "
             f"{fmt(ours['tree_alone'][-1])} prepare alone")  # fmt: skip
 
     rootfs = cache.rootfs_path(digest)
-    for i in r:  # second machine: a clone alone / umoci unpack from the local layout alone
+    for i in r:  # second machine: a machine rootfs alone / umoci unpack from the local layout alone
         clear(machine, bundle)
         start = time.perf_counter()
-        method = clone_rootfs(rootfs, machine)
+        _, method = fresh_rootfs(rootfs, machine)
         ours["second"].append(time.perf_counter() - start)
         anchor["second"].append(timed(umoci_unpack(layout, bundle)))
         log(f"second run {i + 1}: skyreg {fmt(ours['second'][-1])} ({method}), anchor "
             f"{fmt(anchor['second'][-1])}")  # fmt: skip
-    log("verify: " + verify(machine, bundle / "rootfs"))
+    log("verify: " + verify(machine / "rootfs", bundle / "rootfs"))
 
-    # cold breakdown (one extra run, not in the table): download+verify, unpack+sync, clone
+    # cold breakdown (one extra run, not in the table): download+verify, unpack+sync, machine rootfs
     clear(cache.root, machine)
     phases = asyncio.run(_breakdown(base, cache, digest, machine))
 
     rows: list[tuple[str, float, float | None]] = [
-        ("cold (empty cache) + clone", median(ours["cold"]), median(anchor["cold"])),
-        ("warm, layers cached (unpack again) + clone", median(ours["warm"]),
+        ("cold (empty cache) + machine rootfs", median(ours["cold"]), median(anchor["cold"])),
+        ("warm, layers cached (unpack again) + machine rootfs", median(ours["warm"]),
          median(anchor["warm"])),
-        ("warm, tree cached + clone", median(ours["tree"]), median(anchor["warm"])),
+        ("warm, tree cached + machine rootfs", median(ours["tree"]), median(anchor["warm"])),
         ("warm, tree cached, prepare_image alone", median(ours["tree_alone"]), None),
-        ("second machine: clone alone", median(ours["second"]), median(anchor["second"])),
+        ("second machine: machine rootfs alone", median(ours["second"]), median(anchor["second"])),
     ]  # fmt: skip
     fs = subprocess.run(["stat", "-f", "-c", "%T", str(tmp)], capture_output=True, text=True)
     print(f"- date: {started:%Y-%m-%d %H:%M} UTC; machine: {machine_line()}")
     command = f"python bench/{Path(__file__).name} {shlex.join(sys.argv[1:])}".rstrip()
     print(f"- command: `{command}`")
     print(f"- image: {args.layers} gzip layers, {raw / MB:.0f} MB uncompressed, {gz / MB:.0f} MB "
-          f"compressed; temp dir on {fs.stdout.strip()} (clone method: {method})")  # fmt: skip
+          f"compressed; temp dir on {fs.stdout.strip()} (machine rootfs by: {method})")  # fmt: skip
     print(f"- median of {args.runs} runs; ratio = skyreg / anchor, **lower is better**")
     print()
     print("| figure | skyreg | skopeo+umoci | ratio |")
@@ -403,7 +409,7 @@ def bench(args: argparse.Namespace, tmp: Path) -> int:
         if b is None:
             print(f"| {name} | {fmt(a)} | — | — |")
         else:
-            print(f"| {name} | {fmt(a)} | {fmt(b)} | {a / b:.2f} |")
+            print(f"| {name} | {fmt(a)} | {fmt(b)} | {a / b:.{2 if a / b >= 0.01 else 4}f} |")
     print()
     print("Anchor per row: cold = `skopeo copy` into a fresh OCI layout + `umoci unpack` into a")
     print("fresh bundle; both warm rows = `skopeo copy` into the layout already holding the blobs")
@@ -435,9 +441,9 @@ async def _breakdown(
         layers = [(p, d.media_type) for p, d in zip(paths[1:], manifest.layers, strict=True)]
         rootfs = await cache.rootfs_for(digest, layers)
         t2 = time.perf_counter()
-    clone_rootfs(rootfs, machine)
+    _, method = fresh_rootfs(rootfs, machine)
     t3 = time.perf_counter()
-    return [("download+verify", t1 - t0), ("unpack+syncfs", t2 - t1), ("clone", t3 - t2)]
+    return [("download+verify", t1 - t0), ("unpack+syncfs", t2 - t1), (method, t3 - t2)]
 
 
 if __name__ == "__main__":

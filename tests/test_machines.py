@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import signal
 import socket
@@ -67,6 +68,12 @@ class Platform:
     agent_dir: Path
     agent_log: Path
     work: Path
+    agent_pid: int
+
+    def machine_rootfs(self, machine_id: str) -> Path:
+        """A machine's rootfs as the agent sees it (its overlay mounts are private to it)."""
+        home = self.agent_dir / "machines" / machine_id / "rootfs"
+        return Path(f"/proc/{self.agent_pid}/root") / home.relative_to("/")
 
     def api(self, method: str, path: str, token: str | None = None, **kw: Any) -> Any:
         r = requests.request(
@@ -142,7 +149,9 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        yield Platform(reg, admin, top / "agent", agent_log, tmp_path_factory.mktemp("images"))
+        yield Platform(
+            reg, admin, top / "agent", agent_log, tmp_path_factory.mktemp("images"), agent.pid
+        )
     finally:
         try:
             if agent is not None and agent.poll() is None:
@@ -193,7 +202,7 @@ def test_deploy_runs_restarts_rolls_and_survives_a_failed_release(platform: Plat
     assert all(ln["id"] > lines[0]["id"] for ln in later)
 
     # -- restart: a fresh rootfs, the first run's writes are gone ---------------------------------
-    rootfs = p.agent_dir / "machines" / m1["id"] / "rootfs"
+    rootfs = p.machine_rootfs(m1["id"])
     assert (rootfs / "written").read_text() == "x\n"
     assert http_get(port1, "/starts") == b"start\n"
     (rootfs / "www" / "marker-of-first-run").write_text("old")  # as if the machine wrote it
@@ -298,3 +307,73 @@ def test_cli_lists_machines_and_prints_logs(platform: Platform, tmp_path: Path) 
         lambda: "hello from the cli image" in skyreg("logs", "--app", APP), "the line in `logs`"
     )
     assert "desired stopped" in skyreg("machines", "stop", m["id"])
+
+
+def _blob_gets(reg: RunningRegistry) -> int:
+    return sum(1 for line in reg.log().splitlines() if f'"GET /v2/{APP}/blobs/' in line)
+
+
+def test_redeploying_the_same_digest_downloads_and_unpacks_nothing(platform: Platform) -> None:
+    p = platform
+    # No port: the old and new machines overlap (rolling), and they share the host network.
+    script = "trap 'exit 0' TERM; echo up $SKYREG_MACHINE_ID; while :; do sleep 1; done"
+    tag = p.push("same", b"same image\n", free_port(), script)
+    first = p.deploy(tag)
+    wait_for(lambda: p.release(first["version"])["status"] == "complete", "first release complete")
+    fetched = _blob_gets(p.reg)
+    assert fetched >= 2  # the config and the layers came through the registry once
+    [image_tree] = [
+        d for d in (p.agent_dir / "cache" / "rootfs").iterdir() if d.name in first["image_digest"]
+    ]
+    unpacked = image_tree.stat().st_ino, image_tree.stat().st_mtime_ns
+
+    again = p.deploy(tag)
+    assert again["image_digest"] == first["image_digest"]
+    assert again["version"] == first["version"] + 1
+    wait_for(lambda: p.release(again["version"])["status"] == "complete", "redeploy complete")
+    [m] = p.machines(again["version"])
+    assert _blob_gets(p.reg) == fetched  # not one blob downloaded again
+    assert (image_tree.stat().st_ino, image_tree.stat().st_mtime_ns) == unpacked  # not re-unpacked
+    prepared = [e for e in p.machine(m["id"])["events"] if e["message"].startswith("Successfully")]
+    assert prepared and prepared[0]["duration_ms"] < 5000
+    [old] = p.machines(first["version"])
+    wait_for(lambda: p.machine(old["id"])["state"] == "stopped", "the first machine replaced")
+
+
+def test_logs_follow_prints_new_lines_until_interrupted(platform: Platform, tmp_path: Path) -> None:
+    p = platform
+    env = {
+        **os.environ,
+        "XDG_CONFIG_HOME": str(tmp_path),
+        "SKYREG_SERVER": p.reg.url,
+        "SKYREG_TOKEN": p.admin,
+    }
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "skyreg", "logs", "--app", APP, "-f"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        # Lines logged after `logs -f` started must reach it without a new command.
+        marker = f"followed-{time.time_ns()}"
+        v = p.deploy(p.push("follow", b"f\n", free_port(), f"echo {marker}; sleep 30"))
+        assert follower.stdout is not None
+        seen = b""
+        deadline = time.monotonic() + 60
+        while marker.encode() not in seen:
+            assert follower.poll() is None, follower.stderr.read() if follower.stderr else ""
+            assert time.monotonic() < deadline, f"`logs -f` never printed the marker: {seen!r}"
+            ready, _, _ = select.select([follower.stdout], [], [], 1.0)
+            if ready:
+                seen += os.read(follower.stdout.fileno(), 65536)
+        [m] = p.machines(v["version"])
+        line = next(ln for ln in seen.decode().splitlines() if marker in ln)
+        assert m["id"] in line and "[local]" in line
+        follower.send_signal(signal.SIGINT)
+        assert follower.wait(timeout=15) == 130
+        assert follower.stderr is not None and b"Traceback" not in follower.stderr.read()
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()

@@ -37,6 +37,7 @@ def agent(
 ) -> None:
     """Run the machine agent of a region: start, stop and report the region's machines."""
     from skyreg.machines.agent import Agent, check_host
+    from skyreg.machines.rootfs import enter_private_mount_namespace
 
     if not token:
         fail("no token: pass --token or set SKYREG_TOKEN (an admin or org token)")
@@ -44,6 +45,9 @@ def agent(
     if problem:
         fail(problem)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # Before any thread starts: overlay rootfs mounts stay private to this agent.
+    if enter_private_mount_namespace():
+        logging.getLogger("skyreg.agent").info("machine rootfs mounts are private to this agent")
     runner = Agent(
         server=normalize_server(server), token=token, region=region, data_dir=data_dir.resolve()
     )
@@ -132,10 +136,13 @@ def logs(
 ) -> None:
     """Print the app's machine logs (`-f`: follow them until interrupted)."""
     api = client(server, token)
-    after = _print_logs(api, app, 0)
-    while follow:
-        time.sleep(FOLLOW_INTERVAL)
-        after = _print_logs(api, app, after)
+    try:
+        after = _print_logs(api, app, 0)
+        while follow:
+            time.sleep(FOLLOW_INTERVAL)
+            after = _print_logs(api, app, after)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
 
 
 def _print_logs(api: Client, app: str, after: int) -> int:

@@ -10,6 +10,7 @@ import typer
 
 from skyreg import __version__
 from skyreg.cli.deploy import register as register_deploy
+from skyreg.cli.dev import register as register_dev
 from skyreg.cli.machines import register as register_machines
 from skyreg.cli.platform import register
 from skyreg.cli.push import register as register_push
@@ -102,6 +103,7 @@ def version() -> None:
 
 register(app)
 register_deploy(app)
+register_dev(app)
 register_machines(app)
 register_push(app)
 

@@ -25,8 +25,9 @@ from typing import Any
 
 import aiohttp
 
-from skyreg.machines.layercache import LayerCache, clone_rootfs, remove_tree
+from skyreg.machines.layercache import LayerCache
 from skyreg.machines.prepare import RegistrySource, prepare_image
+from skyreg.machines.rootfs import fresh_rootfs, release_rootfs
 from skyreg.machines.runtime import ImageConfig, RunningMachine, start_machine
 
 log = logging.getLogger("skyreg.agent")
@@ -186,8 +187,9 @@ class Agent:
             await self._state(mid, "stopped")
             return
         home.mkdir(parents=True, exist_ok=True, mode=0o711)
-        rootfs, log_path = home / "rootfs", home / "log"
-        await asyncio.to_thread(_fresh_rootfs, image.rootfs, rootfs)
+        log_path = home / "log"
+        rootfs, method = await asyncio.to_thread(fresh_rootfs, image.rootfs, home)
+        log.debug("machine %s: rootfs by %s", mid, method)
         offset = log_path.stat().st_size if log_path.exists() else 0
         await self._event(mid, "Starting machine")
         env = {"SKYREG_MACHINE_ID": mid, "SKYREG_APP": str(m["app"]), "SKYREG_REGION": self.region}
@@ -196,11 +198,15 @@ class Agent:
                 start_machine, rootfs, config, log_path=log_path, hostname=mid, env=env
             )
         except Exception as e:
+            await asyncio.to_thread(release_rootfs, home)
             await self._event(mid, f"Failed to start machine: {e}"[:1000])
             await self._state(mid, "failed")
             self._finished[mid] = local.generation
             return
-        await self._monitor(local, machine, log_path, offset)
+        try:
+            await self._monitor(local, machine, log_path, offset)
+        finally:
+            await asyncio.to_thread(release_rootfs, home)
 
     async def _monitor(
         self, local: _Local, machine: RunningMachine, log_path: Path, offset: int
@@ -237,13 +243,6 @@ class Agent:
             await self._report(
                 f"/agent/machines/{mid}/logs", {"lines": lines[i : i + MAX_LOG_BATCH]}
             )
-
-
-def _fresh_rootfs(image_rootfs: Path, rootfs: Path) -> None:
-    """A new copy of the image's tree for this start: the previous one (and its writes) goes."""
-    if rootfs.exists() or rootfs.is_symlink():
-        remove_tree(rootfs)
-    clone_rootfs(image_rootfs, rootfs)
 
 
 class _Tail:

@@ -1,0 +1,139 @@
+"""`skyreg dev`: the whole platform on one machine, driven only through the `skyreg` command."""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.images import Entry, build_app_image
+from tests.test_machines import free_port, http_get, wait_for
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("bwrap") is None, reason="bwrap is not installed"),
+]
+
+
+def _read_until(proc: subprocess.Popen[bytes], pattern: str, timeout: float = 60.0) -> str:
+    """Read the process's stdout until `pattern` matches; the text read so far."""
+    assert proc.stdout is not None
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while not re.search(pattern, seen.decode(errors="replace")):
+        if proc.poll() is not None:
+            raise AssertionError(f"exited with {proc.returncode}: {seen.decode(errors='replace')}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {pattern!r} in: {seen.decode(errors='replace')}")
+        ready, _, _ = select.select([proc.stdout], [], [], 0.5)
+        if ready:
+            seen += os.read(proc.stdout.fileno(), 65536)
+    return seen.decode()
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    # Machines must reach their rootfs: every ancestor of the data dir is o+x.
+    top = Path(tempfile.mkdtemp(prefix="skyreg-dev-"))
+    top.chmod(0o711)
+    try:
+        yield top
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def test_dev_runs_push_deploy_and_a_serving_machine_then_stops_it_all(workdir: Path) -> None:
+    dev = subprocess.Popen(
+        [sys.executable, "-m", "skyreg", "dev", "--data-dir", str(workdir / "dev"), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    port = free_port()
+    try:
+        banner = _read_until(dev, r"skyreg logs --app myapp -f")
+        url = re.search(r"registry\s+(http://127\.0\.0\.1:\d+)", banner)
+        assert url, banner
+        token_file = workdir / "dev" / "registry" / "admin-token"
+        assert str(token_file) in banner
+        env = {
+            **os.environ,
+            "XDG_CONFIG_HOME": str(workdir / "config"),
+            "SKYREG_SERVER": url.group(1),
+            "SKYREG_TOKEN": token_file.read_text().strip(),
+            "COLUMNS": "250",
+        }
+
+        def skyreg(*args: str) -> str:
+            done = subprocess.run(
+                [sys.executable, "-m", "skyreg", *args],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+            assert done.returncode == 0, (args, done.stdout, done.stderr)
+            return done.stdout
+
+        skyreg("orgs", "create", "acme")
+        skyreg("apps", "create", "myapp", "--org", "acme")
+        image = build_app_image(
+            "dev",
+            [Entry("www", "dir", mode=0o755), Entry("www/index.html", "file", data=b"hi dev\n")],
+            cmd=[
+                "/bin/sh",
+                "-c",
+                "echo serving; exec /bin/busybox httpd -f -p 127.0.0.1:$PORT -h /www",
+            ],
+            env=[f"PORT={port}"],
+        )
+        archive = image.write_docker_archive(workdir / "image.tar")
+        skyreg("deploy", "--app", "myapp", "--image", str(archive), "--region", "local")
+        wait_for(lambda: http_get(port) == b"hi dev\n", "the machine serving through skyreg dev")
+        releases = wait_for(
+            lambda: (
+                o if "complete" in (o := skyreg("releases", "--app", "myapp", "--image")) else None
+            ),
+            "the release complete",
+        )
+        assert "myapp:deployment-" in releases
+        assert "serving" in wait_for(lambda: skyreg("logs", "--app", "myapp"), "the machine log")
+        children = _children(dev.pid)
+        assert len(children) == 2  # the registry and the agent
+    finally:
+        dev.send_signal(signal.SIGINT)
+        try:
+            code = dev.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            dev.kill()
+            dev.wait()
+            raise
+    assert code == 0
+    assert http_get(port) is None  # the machine went down with the platform
+    for pid in children:
+        assert not Path(f"/proc/{pid}").exists()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == pid:
+            found.append(int(entry.name))
+    return found
