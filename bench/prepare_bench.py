@@ -48,8 +48,9 @@ from registry_bench import stop_process  # bench/ is on sys.path when run as a s
 
 from skyreg.cli.push import push_image
 from skyreg.machines.layercache import LayerCache, remove_tree
-from skyreg.machines.prepare import RegistrySource, host_architecture, prepare_image
+from skyreg.machines.prepare import RegistrySource, prepare_image
 from skyreg.machines.rootfs import enter_private_mount_namespace, fresh_rootfs, release_rootfs
+from skyreg.oci.platforms import host_architecture
 
 MB = 1_000_000
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"

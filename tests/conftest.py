@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -9,13 +10,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.client_fixtures"]
+pytest_plugins = ["tests.client_fixtures", "tests.pg_fixtures", "tests.s3_fixtures"]
 
 
 @dataclass
@@ -110,14 +112,53 @@ def registry(tmp_path: Path) -> Iterator[RunningRegistry]:
         reg.stop()
 
 
-@pytest.fixture(scope="module")
-def shared_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningRegistry]:
-    """One `skyreg serve` for a whole test module (real-client tests)."""
-    reg = RunningRegistry(
-        data_dir=tmp_path_factory.mktemp("registry") / "data", extra_args=["--no-auth"]
-    )
-    reg.start()
+@contextlib.contextmanager
+def scaleout_backing(request: pytest.FixtureRequest) -> Iterator[tuple[list[str], dict[str, str]]]:
+    """A fresh bucket on the session's SeaweedFS and a fresh database on its PostgreSQL: the
+    `skyreg serve` arguments and environment that put a node on them (dropped afterwards)."""
+    s3 = request.getfixturevalue("seaweedfs")
+    pg = request.getfixturevalue("postgres_server")
+    bucket = f"reg-{uuid.uuid4().hex[:16]}"
+    database = f"skyreg_{uuid.uuid4().hex[:16]}"
+    client = s3.client()
+    client.create_bucket(Bucket=bucket)
+    with pg.admin() as conn:
+        conn.execute(f'CREATE DATABASE "{database}"')
     try:
-        yield reg
+        yield (
+            [
+                "--database-url", pg.url(database),
+                "--storage", f"s3://{bucket}/registry",
+                "--s3-endpoint", s3.endpoint,
+            ],
+            s3.aws_env(),
+        )  # fmt: skip
     finally:
-        reg.stop()
+        with pg.admin() as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        with contextlib.suppress(Exception):
+            client.delete_bucket(Bucket=bucket)
+
+
+BACKINGS = ["embedded", "s3+postgresql"]
+
+
+@pytest.fixture(scope="module", params=BACKINGS)
+def shared_registry(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningRegistry]:
+    """One `skyreg serve` for a whole test module, on each backing: the embedded default
+    (SQLite + filesystem) and the scale-out one (S3 on SeaweedFS + PostgreSQL)."""
+    with contextlib.ExitStack() as stack:
+        args, env = ["--no-auth"], {}
+        if request.param == "s3+postgresql":
+            more, env = stack.enter_context(scaleout_backing(request))
+            args += more
+        reg = RunningRegistry(
+            data_dir=tmp_path_factory.mktemp("registry") / "data", extra_args=args, env=env
+        )
+        reg.start()
+        try:
+            yield reg
+        finally:
+            reg.stop()

@@ -21,7 +21,9 @@ class Tenancy:
     def _auth(self) -> Authenticator:
         meta = open_database(None, self.data_dir)
         return Authenticator(
-            PlatformMeta(meta.engine), KeyRing(self.data_dir / "keys"), service="skyreg"
+            PlatformMeta(meta.engine),
+            KeyRing(meta.engine, legacy_dir=self.data_dir / "keys"),
+            service="skyreg",
         )
 
     def org(self, name: str) -> int:

@@ -15,6 +15,7 @@ import pytest
 import requests
 
 from skyreg.auth.keys import KeyRing
+from skyreg.meta.registry import open_database
 from tests.conftest import RunningRegistry
 from tests.oci_helpers import Image, push_blob, push_image, put_manifest, sha256
 from tests.platform_helpers import Tenancy
@@ -257,7 +258,8 @@ def test_tampered_or_expired_registry_token_is_refused(world: World) -> None:
         assert r.status_code == 401, bad
         assert 'error="invalid_token"' in r.headers["WWW-Authenticate"]
     now = int(time.time())
-    expired = KeyRing(world.reg.data_dir / "keys").sign(
+    ring = KeyRing(open_database(None, world.reg.data_dir).engine)
+    expired = ring.sign(
         {
             "iss": "skyreg",
             "sub": _claims(token)["sub"],
@@ -267,6 +269,7 @@ def test_tampered_or_expired_registry_token_is_refused(world: World) -> None:
             "access": [{"type": "repository", "name": OWN, "actions": ["pull"]}],
         }
     )
+    ring.close()
     r = requests.get(f"{world.url}/v2/{OWN}/manifests/latest", headers=_bearer(expired))
     assert r.status_code == 401
 
@@ -365,8 +368,8 @@ def test_secrets_never_appear_in_logs_or_responses(world: World) -> None:
     assert "PRIVATE KEY" not in log
     r = requests.get(f"{world.url}/v2/{OWN}/tags/list", auth=("x", "skyreg_wrong-secret"))
     assert "skyreg_wrong" not in r.text
-    for key_file in Path(world.reg.data_dir / "keys").glob("*.pem"):
-        assert key_file.stat().st_mode & 0o077 == 0
+    assert not (world.reg.data_dir / "keys").exists()  # signing keys live in the database
+    assert (world.reg.data_dir / "skyreg.db").stat().st_mode & 0o077 == 0
     assert (world.reg.data_dir / "admin-token").stat().st_mode & 0o077 == 0
 
 

@@ -13,15 +13,35 @@ import pytest
 from skyreg.oci.digest import Digest
 from skyreg.store import FilesystemBlobStore
 from skyreg.store.base import BlobStore, DigestMismatch, UploadOffsetMismatch, UploadUnknown
+from skyreg.store.s3 import S3BlobStore
+from tests.s3_fixtures import S3Bucket
 
-BACKENDS: dict[str, Callable[[Path], BlobStore]] = {
-    "filesystem": lambda root: FilesystemBlobStore(root),
+
+def s3_store(request: pytest.FixtureRequest, _root: Path) -> S3BlobStore:
+    """An S3 store in the test's own bucket on the session's SeaweedFS (same bucket each call)."""
+    bucket: S3Bucket = request.getfixturevalue("s3_bucket")
+    server = bucket.server
+    return S3BlobStore(
+        bucket.name,
+        prefix="registry/v1",
+        endpoint_url=server.endpoint,
+        region=server.region,
+        access_key_id=server.access_key,
+        secret_access_key=server.secret_key,
+    )
+
+
+# Each factory builds a store over the test's storage; called again, a fresh instance over the
+# same storage (another process or node).
+BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path], BlobStore]] = {
+    "filesystem": lambda _request, root: FilesystemBlobStore(root),
+    "s3": s3_store,
 }
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BlobStore]:
-    backend = BACKENDS[request.param](tmp_path)
+    backend = BACKENDS[request.param](request, tmp_path)
     yield backend
     close = getattr(backend, "close", None)
     if close is not None:
@@ -120,7 +140,7 @@ def test_upload_resumes_in_a_new_store_instance(
     async def go() -> None:
         await store.create_upload("u3")
         await store.append("u3", chunks(data[:700_000]), 0)
-        again = BACKENDS[backend](tmp_path)
+        again = BACKENDS[backend](request, tmp_path)
         assert await again.upload_size("u3") == 700_000
         await again.append("u3", chunks(data[700_000:]), 700_000)
         assert await again.commit("u3", d) == len(data)

@@ -61,7 +61,7 @@ def test_dev_runs_push_deploy_and_a_serving_machine_then_stops_it_all(workdir: P
     port = free_port()
     try:
         banner = _read_until(dev, r"skyreg logs --app myapp -f")
-        url = re.search(r"registry\s+(http://127\.0\.0\.1:\d+)", banner)
+        url = re.search(r"registry (http://127\.0\.0\.1:\d+)", banner)
         assert url, banner
         token_file = workdir / "dev" / "registry" / "admin-token"
         assert str(token_file) in banner
@@ -137,3 +137,75 @@ def _children(pid: int) -> list[int]:
         if ppid == pid:
             found.append(int(entry.name))
     return found
+
+
+def test_dev_regions_push_in_one_region_and_run_in_another(workdir: Path) -> None:
+    dev = subprocess.Popen(
+        [
+            sys.executable, "-m", "skyreg", "dev",
+            "--data-dir", str(workdir / "dev"), "--port", "0", "--regions", "iad,sin,syd",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    port = free_port()
+    try:
+        banner = _read_until(dev, r"skyreg replication status")
+        urls = dict(re.findall(r"region (\w+)\s+registry (http://127\.0\.0\.1:\d+)", banner))
+        assert sorted(urls) == ["iad", "sin", "syd"] and len(set(urls.values())) == 3
+        token = (workdir / "dev" / "iad" / "registry" / "admin-token").read_text().strip()
+        env = {
+            **os.environ,
+            "XDG_CONFIG_HOME": str(workdir / "config"),
+            "SKYREG_SERVER": urls["iad"],
+            "SKYREG_TOKEN": token,
+            "COLUMNS": "250",
+        }
+
+        def skyreg(*args: str) -> str:
+            done = subprocess.run(
+                [sys.executable, "-m", "skyreg", *args],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+            assert done.returncode == 0, (args, done.stdout, done.stderr)
+            return done.stdout
+
+        skyreg("orgs", "create", "acme")
+        skyreg("apps", "create", "myapp", "--org", "acme")
+        image = build_app_image(
+            "far",
+            [Entry("www", "dir", mode=0o755), Entry("www/index.html", "file", data=b"from syd\n")],
+            cmd=["/bin/sh", "-c", "exec /bin/busybox httpd -f -p 127.0.0.1:$PORT -h /www"],
+            env=[f"PORT={port}"],
+        )
+        layout = image.write_oci_layout(workdir / "layout")
+        iad_host = urls["iad"].removeprefix("http://")
+        skyreg("push", str(layout), f"{iad_host}/myapp:v1")
+        shown = skyreg("images", "show", "myapp:v1", "--json")
+        assert '"complete": false' in shown  # only iad holds it so far
+        skyreg("deploy", "--app", "myapp", "--image", f"{iad_host}/myapp:v1", "--region", "syd")
+        wait_for(lambda: http_get(port) == b"from syd\n", "the syd machine serving")
+        machines = skyreg("machines", "list", "--app", "myapp")
+        assert "syd" in machines and "started" in machines
+        table = wait_for(
+            lambda: o if "done" in (o := skyreg("replication", "status")) else None,
+            "replication jobs done",
+        )
+        assert "syd" in table
+        shown = skyreg("images", "show", f"{iad_host}/myapp:v1")
+        complete = next(line for line in shown.splitlines() if line.startswith("complete"))
+        assert complete.split()[-3:] == ["yes", "no", "yes"]  # iad, sin, syd
+    finally:
+        dev.send_signal(signal.SIGINT)
+        try:
+            code = dev.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            dev.kill()
+            dev.wait()
+            raise
+    assert code == 0
+    assert http_get(port) is None

@@ -183,6 +183,8 @@ def test_openapi_document_lists_every_served_path(server: RunningRegistry) -> No
         "/api/v1/apps",
         "/api/v1/apps/{app}",
         "/api/v1/apps/{app}/images",
+        "/api/v1/apps/{app}/images/{reference}",
+        "/api/v1/replication",
         "/api/v1/apps/{app}/releases",
         "/api/v1/tokens",
         "/api/v1/tokens/{token_id}",
@@ -203,6 +205,7 @@ def test_openapi_document_lists_every_served_path(server: RunningRegistry) -> No
             path.replace("{app}", "nonexistent-app")
             .replace("{token_id}", "nonexistent")
             .replace("{machine_id}", "nonexistent")
+            .replace("{reference}", "v1")
         )
         r = requests.request(
             method, server.url + concrete, headers={"Authorization": f"Bearer {root.secret}"}

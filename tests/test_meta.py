@@ -3,26 +3,47 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import requests
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect, select
 
+from skyreg.meta import schema
+from skyreg.meta.db import create_db_engine, head_revision, sqlite_url
+from skyreg.meta.platform import PlatformMeta, ReleaseMeta
 from skyreg.meta.registry import RegistryMeta, open_database
 from skyreg.oci import mediatypes as mt
 from skyreg.oci.digest import digest_of
 from skyreg.oci.errors import ErrorCode, RegistryError
 from skyreg.oci.manifest import Manifest, parse_manifest
+from tests.conftest import RunningRegistry
+from tests.oci_helpers import push_image
 
-DATABASES: dict[str, Callable[[Path], RegistryMeta]] = {
-    "sqlite": lambda tmp: open_database(None, tmp),
+# Every database the metadata layer supports: the URL of a fresh, empty one for a test.
+DATABASES: dict[str, Callable[[pytest.FixtureRequest, Path], str]] = {
+    "postgresql": lambda request, _tmp: str(request.getfixturevalue("pg_url")),
+    "sqlite": lambda _request, tmp: sqlite_url(tmp / "skyreg.db"),
 }
 
 
 @pytest.fixture(params=sorted(DATABASES))
-def meta(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RegistryMeta]:
-    m = DATABASES[request.param](tmp_path)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The URL of a fresh database, once per supported database."""
+    return DATABASES[request.param](request, tmp_path)
+
+
+@pytest.fixture
+def meta(database_url: str, tmp_path: Path) -> Iterator[RegistryMeta]:
+    m = open_database(database_url, tmp_path)
     yield m
     m.close()
 
@@ -49,9 +70,9 @@ def _link(meta: RegistryMeta, repo: str, *blobs: bytes) -> None:
         meta.link_blob(repo, str(digest_of(b)), len(b))
 
 
-def test_migrations_are_idempotent(tmp_path: Path) -> None:
-    open_database(None, tmp_path).close()
-    m = open_database(None, tmp_path)
+def test_migrations_are_idempotent(database_url: str, tmp_path: Path) -> None:
+    open_database(database_url, tmp_path).close()
+    m = open_database(database_url, tmp_path)
     assert m.list_tags("none", None, None) == []
     m.close()
 
@@ -146,3 +167,171 @@ def test_stale_uploads(meta: RegistryMeta) -> None:
     assert meta.stale_uploads(datetime.now(UTC) + timedelta(seconds=1)) == ["u1"]
     assert meta.delete_upload("u1")
     assert meta.upload_repository("u1") is None
+
+
+def test_migrations_create_exactly_the_schema(database_url: str, tmp_path: Path) -> None:
+    m = open_database(database_url, tmp_path)
+    try:
+        with m.engine.connect() as conn:
+            context = MigrationContext.configure(
+                conn, opts={"compare_type": conn.dialect.name == "postgresql"}
+            )
+            assert compare_metadata(context, schema.metadata) == []
+    finally:
+        m.close()
+
+
+def test_names_are_listed_in_byte_order(meta: RegistryMeta) -> None:
+    names = ["B", "a", "a-b", "a.b", "a_b", "ab", "A", "a0", "Z9"]
+    _link(meta, "r", b"c", b"l")
+    meta.put_manifest("r", _manifest(b"c", [b"l"]), names)
+    expected = sorted(names, key=lambda n: n.encode())
+    assert meta.list_tags("r", None, None) == expected
+    assert meta.list_tags("r", 3, "a") == expected[expected.index("a") + 1 :][:3]
+    repos = ["a-b", "a/b", "ab", "a.b", "a_b", "a0"]
+    for repo in repos:
+        _link(meta, repo, b"c", b"l")
+        meta.put_manifest(repo, _manifest(b"c", [b"l"]), [])
+    assert meta.catalog(None, None) == sorted([*repos, "r"], key=lambda n: n.encode())
+
+
+def test_a_manifest_an_index_references_cannot_be_deleted_before_the_index(
+    meta: RegistryMeta,
+) -> None:
+    _link(meta, "a", b"c", b"l")
+    child = _manifest(b"c", [b"l"])
+    meta.put_manifest("a", child, ["child"])
+    raw = json.dumps(
+        {"schemaVersion": 2, "mediaType": mt.OCI_INDEX, "manifests": [_desc(child.raw)]}
+    ).encode()
+    index = parse_manifest(raw, mt.OCI_INDEX, digest_of(raw))
+    meta.put_manifest("a", index, ["multi"])
+    with pytest.raises(RegistryError) as info:
+        meta.delete_manifest("a", str(child.digest))
+    assert info.value.status == 409 and info.value.detail["referenced_by"] == str(index.digest)
+    assert meta.list_tags("a", None, None) == ["child", "multi"]  # the refused delete left all
+    assert meta.delete_manifest("a", str(index.digest))
+    assert meta.delete_manifest("a", str(child.digest))
+    assert meta.list_tags("a", None, None) == []
+
+
+def test_values_without_a_length_limit_are_stored_whole(
+    meta: RegistryMeta, database_url: str
+) -> None:
+    artifact_type = "application/vnd.example." + "x" * 400
+    _link(meta, "a", b"c", b"l")
+    m = _manifest(b"c", [b"l"], artifactType=artifact_type)
+    meta.put_manifest("a", m, [])
+    platform = PlatformMeta(meta.engine)
+    org = platform.create_org("acme")
+    platform.create_app("web", org.id)
+    app = platform.get_app("web")
+    assert app is not None
+    image_ref = "a-very-long-host-name." * 30 + ":5000/web@" + str(m.digest)
+    release = ReleaseMeta(meta.engine).create_release(
+        app_id=app.id,
+        status="pending",
+        description="d" * 1000,
+        reason="deploy",
+        image_ref=image_ref,
+        image_repository="web",
+        image_digest=str(m.digest),
+        strategy="rolling",
+        regions=["local"],
+        machine_count=1,
+        user_id="t" * 32,
+        user_name="n" * 100,
+    )
+    assert release.image_ref == image_ref and release.version == 1
+    with meta.engine.connect() as conn:
+        stored = conn.execute(select(schema.manifests.c.artifact_type)).scalar_one()
+    assert stored == artifact_type
+
+
+@pytest.mark.parametrize("scheme", ["postgresql", "postgres", "postgresql+psycopg"])
+def test_postgresql_urls_of_every_spelling_use_psycopg(
+    scheme: str, pg_url: str, tmp_path: Path
+) -> None:
+    url = pg_url.replace("postgresql+psycopg://", f"{scheme}://")
+    m = open_database(url, tmp_path)
+    try:
+        assert m.engine.dialect.name == "postgresql" and m.engine.dialect.driver == "psycopg"
+        _link(m, "a", b"blob")
+        assert m.blob_size("a", str(digest_of(b"blob"))) == 4
+    finally:
+        m.close()
+
+
+def test_db_upgrade_command_creates_the_tables_in_postgresql(pg_url: str, tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "skyreg", "db", "upgrade", "--database-url", pg_url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "SKYREG_DATA_DIR": str(tmp_path / "unused")},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"database schema at revision {head_revision()}"
+    engine = create_db_engine(pg_url)
+    try:
+        assert set(schema.metadata.tables) <= set(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+    assert not (tmp_path / "unused").exists()
+
+
+def test_db_upgrade_command_without_a_url_migrates_sqlite_in_the_data_dir(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "skyreg", "db", "upgrade", "--data-dir", str(tmp_path / "d")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"database schema at revision {head_revision()}"
+    assert (tmp_path / "d" / "skyreg.db").exists()
+
+
+def test_db_upgrade_command_reports_an_unreachable_database_without_a_traceback() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens there once closed
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "skyreg",
+            "db",
+            "upgrade",
+            "--database-url",
+            f"postgresql://nobody@127.0.0.1:{port}/none",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: cannot migrate the database:")
+    assert "Traceback" not in proc.stderr
+
+
+def test_serve_keeps_its_metadata_in_postgresql(pg_url: str, tmp_path: Path) -> None:
+    reg = RunningRegistry(
+        data_dir=tmp_path / "data",
+        extra_args=["--no-auth", "--database-url", pg_url, "--workers", "2"],
+    )
+    reg.start()
+    try:
+        image = push_image(reg.url, "app/web", "v1")
+        r = requests.get(
+            f"{reg.url}/v2/app/web/manifests/v1", headers={"Accept": mt.OCI_MANIFEST}, timeout=30
+        )
+        assert r.status_code == 200 and r.content == image.manifest
+    finally:
+        reg.stop()
+    assert not (tmp_path / "data" / "skyreg.db").exists()
+    m = open_database(pg_url, tmp_path)
+    try:
+        assert m.list_tags("app/web", None, None) == ["v1"]
+    finally:
+        m.close()

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import Annotated
@@ -16,6 +19,7 @@ from typing import Annotated
 import typer
 
 from skyreg.cli.client import fail
+from skyreg.geo.regions import REGION_RE
 
 STARTUP_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
@@ -28,45 +32,110 @@ class _Child:
 
 
 @dataclass
+class RegionEndpoints:
+    code: str
+    url: str
+    data_dir: Path
+    agent_dir: Path
+
+
+@dataclass
 class DevPlatform:
-    """The processes `skyreg dev` runs, started and stopped together."""
+    """The processes `skyreg dev` runs, started and stopped together.
+
+    One region (`regions` = [code]): a registry node with everything in its data dir. Several:
+    one node per region, each with its own blob directory, all on one metadata database
+    (`<data-dir>/meta.db`) and one regions file (`<data-dir>/regions.json`), the nodes
+    fetching from each other with the admin token as their service credential.
+    """
 
     data_dir: Path
     host: str
     port: int
-    region: str
+    regions: list[str]
     children: list[_Child] = field(default_factory=list)
-    url: str = ""
+    endpoints: list[RegionEndpoints] = field(default_factory=list)
     admin_token: str = ""
 
+    @property
+    def multi(self) -> bool:
+        return len(self.regions) > 1
+
+    @property
+    def url(self) -> str:
+        return self.endpoints[0].url
+
+    @property
+    def _token_file(self) -> Path:
+        home = self.data_dir / self.regions[0] if self.multi else self.data_dir
+        return home / "registry" / "admin-token"
+
     def start(self) -> None:
-        registry_dir = self.data_dir / "registry"
-        port_file = self.data_dir / "registry.port"
-        port_file.unlink(missing_ok=True)
-        self._spawn(
-            "registry",
-            [
+        ports = self._ports()
+        for i, (code, port) in enumerate(zip(self.regions, ports, strict=True)):
+            home = self.data_dir / code if self.multi else self.data_dir
+            registry_dir = home / "registry"
+            port_file = home / "registry.port"
+            port_file.unlink(missing_ok=True)
+            args = [
                 "serve",
                 "--host", self.host,
-                "--port", str(self.port),
+                "--port", str(port),
                 "--data-dir", str(registry_dir),
                 "--port-file", str(port_file),
-            ],
-        )  # fmt: skip
-        port = self._wait_for(lambda: _read(port_file), "the registry to listen")
-        self.url = f"http://{_url_host(self.host)}:{port}"
-        token_file = registry_dir / "admin-token"
-        self.admin_token = self._wait_for(lambda: _read(token_file), "the admin token")
-        self._spawn(
-            f"agent {self.region}",
-            [
-                "agent",
-                "--region", self.region,
-                "--server", self.url,
-                "--data-dir", str(self.data_dir / f"agent-{self.region}"),
-            ],
-            env={"SKYREG_TOKEN": self.admin_token},
-        )  # fmt: skip
+            ]  # fmt: skip
+            if self.multi:
+                if i == 0:
+                    self._write_regions(ports)
+                args += [
+                    "--database-url", f"sqlite:///{self.data_dir / 'meta.db'}",
+                    "--region", code,
+                    "--regions-file", str(self.data_dir / "regions.json"),
+                    # The first node creates the admin token; every node uses it between regions.
+                    "--peer-token-file", str(self._token_file),
+                ]  # fmt: skip
+            self._spawn(f"registry {code}", args)
+            bound = self._wait_for(partial(_read, port_file), f"the {code} registry to listen")
+            url = f"http://{_url_host(self.host)}:{bound}"
+            self.endpoints.append(RegionEndpoints(code, url, registry_dir, home / f"agent-{code}"))
+            if i == 0:
+                self.admin_token = self._wait_for(
+                    lambda: _read(self._token_file), "the admin token"
+                )
+        for ep in self.endpoints:
+            self._spawn(
+                f"agent {ep.code}",
+                ["agent", "--region", ep.code, "--server", ep.url, "--data-dir", str(ep.agent_dir)],
+                env={"SKYREG_TOKEN": self.admin_token},
+            )
+
+    def _ports(self) -> list[int]:
+        """One port per region: consecutive from `port`, or free ones picked now for port 0
+        (a multi-region file names every node before it starts)."""
+        if self.port != 0:
+            return [self.port + i for i in range(len(self.regions))]
+        if not self.multi:
+            return [0]
+        socks = [socket.socket() for _ in self.regions]
+        try:
+            for sock in socks:
+                sock.bind((self.host, 0))
+            return [int(sock.getsockname()[1]) for sock in socks]
+        finally:
+            for sock in socks:
+                sock.close()
+
+    def _write_regions(self, ports: list[int]) -> None:
+        doc = {
+            "regions": {
+                code: {"url": f"http://{_url_host(self.host)}:{port}"}
+                for code, port in zip(self.regions, ports, strict=True)
+            }
+        }
+        path = self.data_dir / "regions.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc, indent=2) + "\n")
+        tmp.replace(path)
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
         proc = subprocess.Popen(
@@ -133,11 +202,23 @@ def dev(
     host: Annotated[str, typer.Option(help="Address the registry listens on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Registry port (0: pick a free one).")] = 5000,
     region: Annotated[str, typer.Option(help="The region code of the machine agent.")] = "local",
+    regions: Annotated[
+        str | None,
+        typer.Option(
+            help="Several regions, e.g. iad,sin,syd: a registry node (own blob store) and an "
+            "agent per region over one metadata database.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """Run the whole platform on this machine: a registry and a machine agent, until Ctrl-C."""
+    """Run the whole platform on this machine: registry and machine agent, until Ctrl-C."""
+    codes = [c.strip() for c in (regions or region).split(",") if c.strip()]
+    bad = [c for c in codes if not REGION_RE.match(c)]
+    if bad or not codes or len(set(codes)) != len(codes):
+        fail(f"regions must be distinct region codes such as iad,sin,syd (got {regions or region})")
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    platform = DevPlatform(data_dir=data_dir, host=host, port=port, region=region)
+    platform = DevPlatform(data_dir=data_dir, host=host, port=port, regions=codes)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         raise KeyboardInterrupt
@@ -161,22 +242,29 @@ def dev(
 
 def _banner(p: DevPlatform) -> None:
     host = p.url.removeprefix("http://")
-    token_file = p.data_dir / "registry" / "admin-token"
-    lines = [
-        "",
-        "skyreg dev is running",
-        f"  registry   {p.url}   (OCI API /v2/, management API /api/v1, GraphQL /graphql)",
-        f"  region     {p.region}: machine agent, data in {p.data_dir / f'agent-{p.region}'}",
-        f"  admin      token in {token_file}",
+    token_file = p._token_file
+    lines = ["", "skyreg dev is running"]
+    for ep in p.endpoints:
+        lines.append(
+            f"  region {ep.code:<6} registry {ep.url}  (/v2/, /api/v1, /graphql, /metrics)  "
+            f"agent data {ep.agent_dir}"
+        )
+    last = p.endpoints[-1]
+    lines += [
+        f"  admin token in {token_file}",
         "",
         "Try:",
         f"  export SKYREG_SERVER={p.url} SKYREG_TOKEN=$(cat {token_file})",
         "  skyreg orgs create acme && skyreg apps create myapp --org acme",
         f"  skyreg push ./result {host}/myapp:latest",
-        f"  skyreg deploy --app myapp --image {host}/myapp:latest --region {p.region}",
+        f"  skyreg deploy --app myapp --image {host}/myapp:latest --region {last.code}",
         "  skyreg machines list --app myapp; skyreg logs --app myapp -f",
-        "",
     ]
+    if p.multi:
+        lines.append(
+            "  skyreg images show myapp:latest; skyreg replication status   # copies per region"
+        )
+    lines.append("")
     if (blocked := _unreachable_ancestor(p.data_dir)) is not None:
         lines.append(
             f"note: {blocked} is not o+x: machines whose image runs as a non-root user cannot "

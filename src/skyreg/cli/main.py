@@ -72,11 +72,82 @@ def serve(
         int,
         typer.Option(min=1, help="Failed logins per client per minute before it must wait (429)."),
     ] = 10,
+    storage: Annotated[
+        str,
+        typer.Option(
+            envvar="SKYREG_STORAGE",
+            help="Where blobs live: 'file' (the data dir), s3://BUCKET or s3://BUCKET/PREFIX "
+            "(credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE).",
+        ),
+    ] = "file",
+    s3_endpoint: Annotated[
+        str | None,
+        typer.Option(
+            envvar="SKYREG_S3_ENDPOINT",
+            help="URL of an S3-compatible endpoint (default: AWS).",
+        ),
+    ] = None,
+    s3_region: Annotated[
+        str | None,
+        typer.Option(envvar="SKYREG_S3_REGION", help="S3 region (default: AWS_REGION)."),
+    ] = None,
+    s3_redirect: Annotated[
+        bool,
+        typer.Option(help="Answer blob downloads with a presigned S3 URL (307 redirect)."),
+    ] = False,
+    region: Annotated[
+        str | None,
+        typer.Option(
+            envvar="SKYREG_REGION",
+            help="Multi-region: this node's region code (with --regions-file and a database "
+            "shared by every region).",
+            show_default=False,
+        ),
+    ] = None,
+    regions_file: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="SKYREG_REGIONS_FILE",
+            help="JSON naming every region, its node URL and round-trip times.",
+            show_default=False,
+        ),
+    ] = None,
+    peer_token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="SKYREG_PEER_TOKEN",
+            help="Token this node uses to fetch blobs from other regions' nodes (admin).",
+            show_default=False,
+        ),
+    ] = None,
+    peer_token_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="File holding the peer token (read when first needed).", show_default=False
+        ),
+    ] = None,
+    replication_lease: Annotated[
+        float,
+        typer.Option(min=0.5, help="Seconds before a crashed node's replication job is retried."),
+    ] = 30.0,
 ) -> None:
     """Run the registry (SQLite + filesystem under one data dir by default)."""
-    from skyreg.registry.server import ServeConfig
+    from skyreg.registry.server import ServeConfig, parse_storage
     from skyreg.registry.server import serve as run
 
+    try:
+        parse_storage(storage)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--storage") from None
+    if (region is None) != (regions_file is None):
+        raise typer.BadParameter("--region and --regions-file go together", param_hint="--region")
+    if region is not None and regions_file is not None:
+        from skyreg.geo.regions import RegionConfigError, RegionMap
+
+        try:
+            RegionMap(regions_file.resolve(), region)
+        except RegionConfigError as e:
+            raise typer.BadParameter(str(e), param_hint="--regions-file") from None
     run(
         ServeConfig(
             data_dir=(data_dir or default_data_dir()).resolve(),
@@ -91,6 +162,15 @@ def serve(
             auth=auth,
             auth_service=auth_service,
             auth_failure_limit=auth_failure_limit,
+            storage=storage,
+            s3_endpoint=s3_endpoint,
+            s3_region=s3_region,
+            s3_redirect=s3_redirect,
+            region=region,
+            regions_file=regions_file.resolve() if regions_file else None,
+            peer_token=peer_token,
+            peer_token_file=peer_token_file.resolve() if peer_token_file else None,
+            replication_lease=replication_lease,
         )
     )
 
@@ -119,6 +199,13 @@ DataDir = Annotated[
 @keys_app.command("rotate")
 def keys_rotate(
     data_dir: DataDir = None,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="SKYREG_DATABASE_URL",
+            help="SQLAlchemy URL of the metadata database (default: SQLite in the data dir).",
+        ),
+    ] = None,
     keep: Annotated[
         int, typer.Option(min=1, help="How many of the newest keys keep verifying tokens.")
     ] = 2,
@@ -126,14 +213,62 @@ def keys_rotate(
     """Add a new signing key; running servers sign with it within seconds.
 
     Tokens signed with the previous key keep working until they expire (minutes) while that key
-    is among the `--keep` newest; older keys are deleted.
+    is among the `--keep` newest; older keys are deleted. The keys live in the metadata
+    database, so every node of the registry follows.
     """
     from skyreg.auth.keys import KeyRing
+    from skyreg.meta.registry import open_database
 
-    ring = KeyRing((data_dir or default_data_dir()).resolve() / "keys")
-    kid = ring.rotate()
-    removed = ring.retire(keep=keep)
+    directory = (data_dir or default_data_dir()).resolve()
+    meta = open_database(database_url, directory)
+    ring = KeyRing(meta.engine, legacy_dir=directory / "keys")
+    try:
+        ring.ensure()
+        kid = ring.rotate()
+        removed = ring.retire(keep=keep)
+    finally:
+        ring.close()
     typer.echo(f"new signing key {kid}" + (f"; removed {', '.join(removed)}" if removed else ""))
+
+
+db_app = typer.Typer(help="The metadata database.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="SKYREG_DATABASE_URL",
+            help="SQLAlchemy URL of the metadata database (default: SQLite in the data dir).",
+        ),
+    ] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Apply every migration not yet applied and print the schema revision.
+
+    `skyreg serve` does the same at start; run this first to migrate a shared PostgreSQL before
+    rolling out new servers. Concurrent runs are safe.
+    """
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from skyreg.meta.db import create_db_engine, sqlite_url, upgrade_schema
+
+    if database_url is None:
+        directory = (data_dir or default_data_dir()).resolve()
+        directory.mkdir(parents=True, exist_ok=True)
+        database_url = sqlite_url(directory / "skyreg.db")
+    try:
+        engine = create_db_engine(database_url)
+        try:
+            revision = upgrade_schema(engine)
+        finally:
+            engine.dispose()
+    except SQLAlchemyError as e:
+        typer.echo(f"error: cannot migrate the database: {getattr(e, 'orig', None) or e}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"database schema at revision {revision}")
 
 
 def main() -> None:

@@ -267,14 +267,41 @@ def apps_update(
         bool | None,
         typer.Option("--public/--private", help="Anonymous pull on or off.", show_default=False),
     ] = None,
+    regions: Annotated[
+        str | None,
+        typer.Option(
+            help="Regions the app runs in, e.g. iad,syd (multi-region registries; '' clears).",
+            show_default=False,
+        ),
+    ] = None,
+    replicate_ahead: Annotated[
+        bool | None,
+        typer.Option(
+            "--replicate-ahead/--no-replicate-ahead",
+            help="Copy every tagged push to the app's regions before any deploy.",
+            show_default=False,
+        ),
+    ] = None,
     server: Server = None,
     token: Token = None,
 ) -> None:
     """Change an app (admin or org token)."""
-    if public is None:
-        fail("nothing to change: pass --public or --private")
-    found = client(server, token)("PATCH", f"/apps/{_quote(app)}", {"public": public})
-    typer.echo(f"App {found['name']} is now {'public' if found['public'] else 'private'}.")
+    body: dict[str, Any] = {}
+    if public is not None:
+        body["public"] = public
+    if regions is not None:
+        body["regions"] = [r.strip() for r in regions.split(",") if r.strip()]
+    if replicate_ahead is not None:
+        body["replicate_ahead"] = replicate_ahead
+    if not body:
+        fail("nothing to change: pass --public/--private, --regions or --replicate-ahead")
+    found = client(server, token)("PATCH", f"/apps/{_quote(app)}", body)
+    line = f"App {found['name']} is {'public' if found['public'] else 'private'}"
+    if "regions" in found:
+        where = ", ".join(found["regions"]) or "no regions set"
+        ahead = "copied there on push" if found["replicate_ahead"] else "copied on deploy"
+        line += f"; regions: {where} (images {ahead})"
+    typer.echo(line + ".")
 
 
 def _quote(segment: str) -> str:
@@ -397,6 +424,83 @@ def images_list(
     _console().print(table)
 
 
+@images_app.command("show")
+def images_show(
+    image: Annotated[str, typer.Argument(help="APP:TAG or APP@DIGEST.")],
+    server: Server = None,
+    token: Token = None,
+    as_json: AsJson = False,
+) -> None:
+    """Show an image's blobs and, in a multi-region registry, which regions hold each."""
+    first, slash, rest = image.partition("/")
+    if slash and ("." in first or ":" in first or first == "localhost"):
+        image = rest  # HOST[:PORT]/ in front, as docker writes it
+    if "@" in image:
+        app, ref = image.partition("@")[0], image
+    elif ":" in image:
+        app, ref = image.rpartition(":")[0], image
+    else:
+        app, ref = image, f"{image}:latest"
+    found = client(server, token, need_token=False)(
+        "GET", f"/apps/{_quote(app)}/images/{_quote(ref)}"
+    )
+    if as_json:
+        _print_json(found)
+        return
+    typer.echo(f"{found['repository']} {found['reference']} {found['digest']}")
+    if "blobs" not in found:
+        typer.echo("(one region: every blob is here)")
+        return
+    regions = sorted(found["regions"])
+    table = _table("BLOB", "SIZE", *[r.upper() for r in regions])
+    for blob in found["blobs"]:
+        table.add_row(
+            short_digest(blob["digest"]),
+            human_size(int(blob["size"])),
+            *["yes" if r in blob["regions"] else "-" for r in regions],
+        )
+    table.add_row(
+        "complete",
+        human_size(int(found["size"])),
+        *["yes" if found["regions"][r]["complete"] else "no" for r in regions],
+    )
+    _console().print(table)
+
+
+# -- replication ---------------------------------------------------------------------------------
+
+replication_app = typer.Typer(help="Copies of images between regions.", no_args_is_help=True)
+
+
+@replication_app.command("status")
+def replication_status(server: Server = None, token: Token = None, as_json: AsJson = False) -> None:
+    """Replication jobs per region and state, bytes moved, and the latest jobs (admin)."""
+    found = client(server, token)("GET", "/replication")
+    if as_json:
+        _print_json(found)
+        return
+    if not found["regions"]:
+        typer.echo("This registry has one region: nothing is replicated.")
+        return
+    table = _table("REGION", "STATE", "JOBS", "BYTES")
+    for row in found["jobs"]:
+        table.add_row(row["region"], row["state"], str(row["count"]), human_size(int(row["bytes"])))
+    _console().print(table)
+    recent = _table("BLOB", "TO", "FROM", "STATE", "TRIES", "SIZE", "UPDATED", "ERROR")
+    for job in found["recent"][:20]:
+        recent.add_row(
+            short_digest(job["digest"]),
+            job["region"],
+            job["source"] or "",
+            job["state"],
+            str(job["attempts"]),
+            human_size(int(job["size"])),
+            _when(job["updated_at"]),
+            (job["error"] or "")[:60],
+        )
+    _console().print(recent)
+
+
 # -- auth docker ---------------------------------------------------------------------------------
 
 
@@ -457,4 +561,5 @@ def register(app: typer.Typer) -> None:
     app.add_typer(apps_app, name="apps")
     app.add_typer(tokens_app, name="tokens")
     app.add_typer(images_app, name="images")
+    app.add_typer(replication_app, name="replication")
     app.add_typer(auth_app, name="auth")

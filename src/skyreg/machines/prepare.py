@@ -8,7 +8,6 @@ import asyncio
 import base64
 import hashlib
 import json
-import platform
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from skyreg.machines.layercache import LayerCache
 from skyreg.oci import mediatypes as mt
 from skyreg.oci.digest import Digest
 from skyreg.oci.manifest import Descriptor, Manifest, parse_manifest
+from skyreg.oci.platforms import host_architecture, platform_entry
 
 _ACCEPT = ", ".join(sorted(mt.MANIFEST_TYPES))
 _CHUNK = 1 << 20
@@ -26,14 +26,6 @@ _CHUNK = 1 << 20
 
 class PrepareError(Exception):
     """The image cannot be prepared (missing, not for this platform, corrupt)."""
-
-
-def host_architecture() -> str:
-    """The OCI name of this host's CPU architecture."""
-    machine = platform.machine().lower()
-    return {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(
-        machine, machine
-    )
 
 
 @dataclass
@@ -111,11 +103,10 @@ class PreparedImage:
 
 
 def _pick_platform(index: Manifest, arch: str) -> Descriptor:
-    """The index entry for linux/`arch` (any variant; attestation entries are not images)."""
-    for entry in index.manifests:
-        p = entry.platform or {}
-        if p.get("os") == "linux" and p.get("architecture") == arch:
-            return entry
+    """The index entry for linux/`arch`; PrepareError names what the index offers instead."""
+    entry = platform_entry(index, arch)
+    if entry is not None:
+        return entry
     offered = sorted(
         f"{(e.platform or {}).get('os')}/{(e.platform or {}).get('architecture')}"
         for e in index.manifests

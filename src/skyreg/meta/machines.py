@@ -127,29 +127,33 @@ class MachineMeta(SqlStore):
         """
         now = _now()
         ids = [new_machine_id() for _ in regions for _ in range(count)]
-        with self._write() as conn:
-            rows = [
-                {
-                    "id": ids[i * count + j],
-                    "app_id": app_id,
-                    "release_id": release_id,
-                    "region": region,
-                    "desired": "started",
-                    "state": "created",
-                    "generation": 1,
-                    "exit_code": None,
-                    "created_at": now,
-                    "updated_at": now,
-                }
-                for i, region in enumerate(regions)
-                for j in range(count)
-            ]
+        rows = [
+            {
+                "id": ids[i * count + j],
+                "app_id": app_id,
+                "release_id": release_id,
+                "region": region,
+                "desired": "started",
+                "state": "created",
+                "generation": 1,
+                "exit_code": None,
+                "created_at": now,
+                "updated_at": now,
+            }
+            for i, region in enumerate(regions)
+            for j in range(count)
+        ]
+
+        def work(conn: Connection) -> None:
+            self._lock_release(conn, release_id)
             conn.execute(insert(_m), rows)
             if strategy == "immediate":
                 self._stop_others(conn, app_id, release_id, now)
             conn.execute(
                 update(_r).where(_r.c.id == release_id).values(status="running", updated_at=now)
             )
+
+        self._transaction(work)
         return ids
 
     @staticmethod
@@ -167,7 +171,13 @@ class MachineMeta(SqlStore):
         return None if found is None else _machine(found)
 
     def in_region(self, region: str, org_id: int | None = None) -> list[Machine]:
-        query = select(*_COLUMNS).select_from(_FROM).where(_m.c.region == region)
+        """The region's machines desired `started`: what its agent must run (any other it runs,
+        it stops)."""
+        query = (
+            select(*_COLUMNS)
+            .select_from(_FROM)
+            .where(_m.c.region == region, _m.c.desired == "started")
+        )
         if org_id is not None:
             query = query.where(_a.c.org_id == org_id)
         with self._read() as conn:
@@ -187,27 +197,43 @@ class MachineMeta(SqlStore):
 
     def report_state(self, machine_id: str, state: str, exit_code: int | None) -> None:
         """An agent's report; the machine's release status follows (`reconcile_release`)."""
-        now = _now()
-        with self._write() as conn:
+
+        def work(conn: Connection) -> None:
+            now = _now()
+            release_id = conn.execute(
+                select(_m.c.release_id).where(_m.c.id == machine_id)
+            ).scalar_one_or_none()
+            if release_id is None:
+                return
+            # Reports on one release queue on its row (before touching their machine, so they
+            # never wait for each other crosswise): each reconciles with the others' states.
+            self._lock_release(conn, int(release_id))
             conn.execute(
                 update(_m)
                 .where(_m.c.id == machine_id)
                 .values(state=state, exit_code=exit_code, updated_at=now)
             )
-            release_id = conn.execute(
-                select(_m.c.release_id).where(_m.c.id == machine_id)
-            ).scalar_one_or_none()
-            if release_id is not None:
-                self._reconcile(conn, int(release_id), now)
+            self._reconcile(conn, int(release_id), now)
+
+        self._transaction(work)
 
     def reconcile_release(self, release_id: int) -> None:
-        with self._write() as conn:
+        def work(conn: Connection) -> None:
+            self._lock_release(conn, release_id)
             self._reconcile(conn, release_id, _now())
+
+        self._transaction(work)
+
+    def _lock_release(self, conn: Connection, release_id: int) -> None:
+        if self._locks:
+            conn.execute(
+                select(_r.c.id).where(_r.c.id == release_id).with_for_update(key_share=True)
+            )
 
     def _reconcile(self, conn: Connection, release_id: int, now: datetime) -> None:
         """running → failed (a machine failed: its machines are stopped, a rolling deploy's
         previous machines were never stopped) or complete (all started: stable; the app's
-        other machines are stopped)."""
+        other machines are stopped). The caller holds the release's row (`_lock_release`)."""
         release = conn.execute(
             select(_r.c.status, _r.c.app_id).where(_r.c.id == release_id)
         ).first()

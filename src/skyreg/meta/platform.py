@@ -259,14 +259,40 @@ class PlatformMeta(SqlStore):
             return [_token(tuple(r)) for r in conn.execute(query)]
 
     def revoke_token(self, token_id: str) -> bool:
-        with self._write() as conn:
+        """Revoke a token: False if it is unknown, already revoked, or the last active admin
+        token (which stays, however many revocations race: they queue on the admin rows)."""
+        t = s.tokens
+
+        def work(conn: Connection) -> bool:
+            now = _now()
+            kind = conn.execute(
+                select(t.c.kind).where(t.c.id == token_id, t.c.revoked_at.is_(None))
+            ).scalar_one_or_none()
+            if kind is None:
+                return False
+            if kind == "admin":
+                active = (
+                    select(t.c.id)
+                    .where(
+                        t.c.kind == "admin",
+                        t.c.revoked_at.is_(None),
+                        or_(t.c.expires_at.is_(None), t.c.expires_at > now),
+                    )
+                    .order_by(t.c.id)
+                )
+                if self._locks:
+                    active = active.with_for_update()
+                if list(conn.execute(active).scalars()) == [token_id]:
+                    return False
             return bool(
                 conn.execute(
-                    update(s.tokens)
-                    .where(s.tokens.c.id == token_id, s.tokens.c.revoked_at.is_(None))
-                    .values(revoked_at=_now())
+                    update(t)
+                    .where(t.c.id == token_id, t.c.revoked_at.is_(None))
+                    .values(revoked_at=now)
                 ).rowcount
             )
+
+        return self._transaction(work)
 
     def count_tokens(self, kind: str) -> int:
         with self._read() as conn:
@@ -429,9 +455,15 @@ class ReleaseMeta(SqlStore):
         user_id: str,
         user_name: str,
     ) -> Release:
-        """Record the app's next release (versions count up from 1, one writer at a time)."""
-        now = _now()
-        with self._write() as conn:
+        """Record the app's next release: versions count up from 1 without gaps, also when
+        deploys race (they queue on the app's row; the unique (app, version) backs it up)."""
+
+        def work(conn: Connection) -> Release:
+            now = _now()
+            if self._locks:
+                conn.execute(
+                    select(s.apps.c.id).where(s.apps.c.id == app_id).with_for_update(key_share=True)
+                )
             latest = conn.execute(
                 select(func.max(s.releases.c.version)).where(s.releases.c.app_id == app_id)
             ).scalar_one()
@@ -462,7 +494,9 @@ class ReleaseMeta(SqlStore):
                 .select_from(_RELEASES_FROM)
                 .where(s.releases.c.id == release_id)
             ).one()
-        return _release(tuple(row))
+            return _release(tuple(row))
+
+        return self._transaction(work, conflicts=True)
 
     def list_releases(self, app_id: int, limit: int) -> list[Release]:
         """The app's newest releases first."""

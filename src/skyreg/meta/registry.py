@@ -1,6 +1,13 @@
 """Registry metadata: repositories, blob links, manifests, tags, referrers and uploads.
 
 Methods are synchronous and short (indexed lookups); each write runs in one transaction.
+
+Concurrent writers (several worker processes, several servers on one PostgreSQL) keep these
+invariants: a manifest is stored only while every blob and child manifest it references is in its
+repository (a child manifest cannot be deleted while another manifest references it), and a tag
+points only at a stored manifest. On PostgreSQL the rows such a check depends on are locked
+until the transaction ends (`FOR KEY SHARE` against deletes, `FOR UPDATE` on a blob whose last
+link goes), and a transaction that lost a race runs again (`SqlStore._transaction`).
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from sqlalchemy import Connection, and_, bindparam, delete, func, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from skyreg.meta import schema as s
-from skyreg.meta.db import SqlStore, create_db_engine, sqlite_url, upgrade_schema
+from skyreg.meta.db import Retry, SqlStore, create_db_engine, sqlite_url, upgrade_schema
 from skyreg.oci.errors import ErrorCode, RegistryError
 from skyreg.oci.manifest import Manifest
 
@@ -51,6 +58,7 @@ _BLOB_SIZE_IN_REPO = (
     .where(_r.c.name == bindparam("repo"), s.repository_blobs.c.digest == bindparam("digest"))
 )
 _UPLOAD_REPOSITORY = select(s.uploads.c.repository).where(s.uploads.c.id == bindparam("id"))
+_REPOSITORY_ID = select(_r.c.id).where(_r.c.name == bindparam("name"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,18 +87,34 @@ class RegistryMeta(SqlStore):
     # -- repositories --------------------------------------------------------------------------
 
     def _ensure_repository(self, conn: Connection, name: str) -> int:
-        conn.execute(self._insert_ignore(s.repositories).values(name=name, created_at=_now()))
-        repo_id = conn.execute(
-            select(s.repositories.c.id).where(s.repositories.c.name == name)
-        ).scalar_one()
-        return int(repo_id)
+        # Look first: an INSERT that hits the conflict still uses up a PostgreSQL sequence value.
+        repo_id = self._repository_id(conn, name)
+        if repo_id is None:
+            # A concurrent creator makes this wait for its commit, then insert nothing.
+            conn.execute(self._insert_ignore(s.repositories).values(name=name, created_at=_now()))
+            repo_id = self._repository_id(conn, name)
+            if repo_id is None:  # pragma: no cover - repositories are never deleted
+                raise Retry
+        return repo_id
 
     @staticmethod
     def _repository_id(conn: Connection, name: str) -> int | None:
-        value = conn.execute(
-            select(s.repositories.c.id).where(s.repositories.c.name == name)
-        ).scalar_one_or_none()
+        value = conn.execute(_REPOSITORY_ID, {"name": name}).scalar_one_or_none()
         return None if value is None else int(value)
+
+    def _keep_manifest(self, conn: Connection, repo_id: int, digest: str) -> None:
+        """Hold a manifest just written (or found already there) until commit: a concurrent
+        delete waits for us. If one committed first, the manifest is gone: run again."""
+        if not self._locks:
+            return
+        m = s.manifests
+        kept = conn.execute(
+            select(m.c.digest)
+            .where(m.c.repository_id == repo_id, m.c.digest == digest)
+            .with_for_update(read=True, key_share=True)
+        ).first()
+        if kept is None:
+            raise Retry
 
     def repository_known(self, name: str) -> bool:
         """Whether the repository holds any manifest or blob."""
@@ -125,17 +149,22 @@ class RegistryMeta(SqlStore):
 
     def link_blob(self, repository: str, digest: str, size: int) -> None:
         """Record a verified blob and make it visible in `repository`."""
-        with self._write() as conn:
+
+        def work(conn: Connection) -> None:
             repo_id = self._ensure_repository(conn, repository)
             now = _now()
             conn.execute(
                 self._insert_ignore(s.blobs).values(digest=digest, size=size, created_at=now)
             )
+            # The foreign key holds the blob row against a concurrent last unlink; if that one
+            # deleted it first, this insert fails and the next run inserts the blob again.
             conn.execute(
                 self._insert_ignore(s.repository_blobs).values(
                     repository_id=repo_id, digest=digest, created_at=now
                 )
             )
+
+        self._transaction(work, conflicts=True)
 
     def blob_size(self, repository: str, digest: str) -> int | None:
         """Size of a blob linked into `repository`, or None."""
@@ -161,10 +190,16 @@ class RegistryMeta(SqlStore):
 
         When no repository links it, its row goes too and the caller may delete the bytes.
         """
-        with self._write() as conn:
+
+        def work(conn: Connection) -> tuple[bool, bool]:
             repo_id = self._repository_id(conn, repository)
             if repo_id is None:
                 return False, False
+            if self._locks:
+                # Unlinks and links of this blob queue here, so the count below is final.
+                conn.execute(
+                    select(s.blobs.c.digest).where(s.blobs.c.digest == digest).with_for_update()
+                )
             removed = conn.execute(
                 delete(s.repository_blobs).where(
                     s.repository_blobs.c.repository_id == repo_id,
@@ -182,6 +217,8 @@ class RegistryMeta(SqlStore):
                 conn.execute(delete(s.blobs).where(s.blobs.c.digest == digest))
             return True, remaining == 0
 
+        return self._transaction(work)
+
     # -- manifests -----------------------------------------------------------------------------
 
     def put_manifest(self, repository: str, manifest: Manifest, tags: list[str]) -> None:
@@ -191,56 +228,13 @@ class RegistryMeta(SqlStore):
         repository, MANIFEST_INVALID when a referenced blob's size differs from its descriptor.
         """
         digest = str(manifest.digest)
-        now = _now()
-        with self._write() as conn:
+        # One order for every writer: two pushes moving the same tags never deadlock.
+        tag_names = sorted(set(tags))
+
+        def work(conn: Connection) -> None:
+            now = _now()
             repo_id = self._ensure_repository(conn, repository)
-            blob_refs = manifest.required_blobs()
-            if blob_refs:
-                wanted = {str(d.digest) for d in blob_refs}
-                rows = conn.execute(
-                    select(s.blobs.c.digest, s.blobs.c.size)
-                    .select_from(
-                        s.repository_blobs.join(
-                            s.blobs, s.blobs.c.digest == s.repository_blobs.c.digest
-                        )
-                    )
-                    .where(
-                        s.repository_blobs.c.repository_id == repo_id,
-                        s.repository_blobs.c.digest.in_(wanted),
-                    )
-                )
-                sizes = {row[0]: int(row[1]) for row in rows}
-                missing = sorted(wanted - sizes.keys())
-                if missing:
-                    raise RegistryError(
-                        ErrorCode.MANIFEST_BLOB_UNKNOWN,
-                        f"blob {missing[0]} is not in repository {repository}",
-                        {"digests": missing},
-                    )
-                for d in blob_refs:
-                    if sizes[str(d.digest)] != d.size:
-                        raise RegistryError(
-                            ErrorCode.MANIFEST_INVALID,
-                            f"descriptor of {d.digest} says {d.size} bytes; the blob has "
-                            f"{sizes[str(d.digest)]}",
-                        )
-            children = {str(d.digest) for d in manifest.manifests}
-            if children:
-                present = set(
-                    conn.execute(
-                        select(s.manifests.c.digest).where(
-                            s.manifests.c.repository_id == repo_id,
-                            s.manifests.c.digest.in_(children),
-                        )
-                    ).scalars()
-                )
-                missing = sorted(children - present)
-                if missing:
-                    raise RegistryError(
-                        ErrorCode.MANIFEST_BLOB_UNKNOWN,
-                        f"manifest {missing[0]} is not in repository {repository}",
-                        {"digests": missing},
-                    )
+            self._check_references(conn, repo_id, repository, manifest)
             conn.execute(
                 self._insert_ignore(s.manifests).values(
                     repository_id=repo_id,
@@ -254,8 +248,11 @@ class RegistryMeta(SqlStore):
                     created_at=now,
                 )
             )
-            refs = [(str(d.digest), "blob") for d in blob_refs]
-            refs += [(child, "manifest") for child in sorted(children)]
+            self._keep_manifest(conn, repo_id, digest)
+            refs = [(str(d.digest), "blob") for d in manifest.required_blobs()]
+            refs += [
+                (child, "manifest") for child in sorted({str(d.digest) for d in manifest.manifests})
+            ]
             if refs:
                 conn.execute(
                     self._insert_ignore(s.manifest_references),
@@ -269,8 +266,64 @@ class RegistryMeta(SqlStore):
                         for child, kind in refs
                     ],
                 )
-            for tag in tags:
+            for tag in tag_names:
                 self._set_tag(conn, repo_id, tag, digest, now)
+
+        self._transaction(work)
+
+    def _check_references(
+        self, conn: Connection, repo_id: int, repository: str, manifest: Manifest
+    ) -> None:
+        """MANIFEST_BLOB_UNKNOWN unless every blob and child manifest is in the repository;
+        MANIFEST_INVALID when a blob's size differs from its descriptor. On PostgreSQL the child
+        manifests stay locked (FOR KEY SHARE) so that none is deleted before we commit."""
+        blob_refs = manifest.required_blobs()
+        if blob_refs:
+            wanted = {str(d.digest) for d in blob_refs}
+            rows = conn.execute(
+                select(s.blobs.c.digest, s.blobs.c.size)
+                .select_from(
+                    s.repository_blobs.join(
+                        s.blobs, s.blobs.c.digest == s.repository_blobs.c.digest
+                    )
+                )
+                .where(
+                    s.repository_blobs.c.repository_id == repo_id,
+                    s.repository_blobs.c.digest.in_(wanted),
+                )
+            )
+            sizes = {row[0]: int(row[1]) for row in rows}
+            missing = sorted(wanted - sizes.keys())
+            if missing:
+                raise RegistryError(
+                    ErrorCode.MANIFEST_BLOB_UNKNOWN,
+                    f"blob {missing[0]} is not in repository {repository}",
+                    {"digests": missing},
+                )
+            for d in blob_refs:
+                if sizes[str(d.digest)] != d.size:
+                    raise RegistryError(
+                        ErrorCode.MANIFEST_INVALID,
+                        f"descriptor of {d.digest} says {d.size} bytes; the blob has "
+                        f"{sizes[str(d.digest)]}",
+                    )
+        children = {str(d.digest) for d in manifest.manifests}
+        if children:
+            query = select(s.manifests.c.digest).where(
+                s.manifests.c.repository_id == repo_id, s.manifests.c.digest.in_(children)
+            )
+            if self._locks:
+                query = query.order_by(s.manifests.c.digest).with_for_update(
+                    read=True, key_share=True
+                )
+            present = set(conn.execute(query).scalars())
+            missing = sorted(children - present)
+            if missing:
+                raise RegistryError(
+                    ErrorCode.MANIFEST_BLOB_UNKNOWN,
+                    f"manifest {missing[0]} is not in repository {repository}",
+                    {"digests": missing},
+                )
 
     def _set_tag(
         self, conn: Connection, repo_id: int, tag: str, digest: str, now: datetime
@@ -307,8 +360,9 @@ class RegistryMeta(SqlStore):
         """Make a manifest of `source` (with its child manifests and blobs) part of `target`
         and tag it there, in one transaction. False when `source` has no such manifest."""
         m, refs = s.manifests, s.manifest_references
-        now = _now()
-        with self._write() as conn:
+
+        def work(conn: Connection) -> bool:
+            now = _now()
             source_id = self._repository_id(conn, source)
             if source_id is None:
                 return False
@@ -319,15 +373,17 @@ class RegistryMeta(SqlStore):
                 if current in seen:
                     continue
                 seen.add(current)
-                row = conn.execute(
-                    select(m).where(m.c.repository_id == source_id, m.c.digest == current)
-                ).first()
+                query = select(m).where(m.c.repository_id == source_id, m.c.digest == current)
+                if self._locks:  # the source manifest stays while we copy what it references
+                    query = query.with_for_update(read=True, key_share=True)
+                row = conn.execute(query).first()
                 if row is None:
                     if current == digest:
                         return False
                     continue
                 values = {**row._mapping, "repository_id": target_id}
                 conn.execute(self._insert_ignore(m).values(**values))
+                self._keep_manifest(conn, target_id, current)
                 for child, kind in conn.execute(
                     select(refs.c.child_digest, refs.c.kind).where(
                         refs.c.repository_id == source_id, refs.c.parent_digest == current
@@ -352,31 +408,55 @@ class RegistryMeta(SqlStore):
             self._set_tag(conn, target_id, tag, digest, now)
             return True
 
+        return self._transaction(work, conflicts=True)
+
     def delete_manifest(self, repository: str, digest: str) -> bool:
-        """Delete a manifest and every tag that pointed at it."""
-        with self._write() as conn:
+        """Delete a manifest and every tag that pointed at it.
+
+        Refused (DENIED, 409) while another manifest of the repository (an index) references
+        it: delete that one first.
+        """
+        m, refs = s.manifests, s.manifest_references
+
+        def work(conn: Connection) -> bool:
             repo_id = self._repository_id(conn, repository)
             if repo_id is None:
                 return False
+            # Deleting first locks the row: a push that references it either committed before
+            # (its reference is seen below) or waits and then finds it gone.
             removed = conn.execute(
-                delete(s.manifests).where(
-                    s.manifests.c.repository_id == repo_id, s.manifests.c.digest == digest
-                )
+                delete(m).where(m.c.repository_id == repo_id, m.c.digest == digest)
             ).rowcount
             if not removed:
                 return False
+            parent = conn.execute(
+                select(refs.c.parent_digest)
+                .where(
+                    refs.c.repository_id == repo_id,
+                    refs.c.child_digest == digest,
+                    refs.c.kind == "manifest",
+                    refs.c.parent_digest != digest,
+                )
+                .limit(1)
+            ).scalar_one_or_none()
+            if parent is not None:  # raising rolls the delete back
+                raise RegistryError(
+                    ErrorCode.DENIED,
+                    f"manifest {digest} is referenced by manifest {parent}; delete that first",
+                    {"digest": digest, "referenced_by": parent},
+                    status=409,
+                )
             conn.execute(
                 delete(s.tags).where(
                     s.tags.c.repository_id == repo_id, s.tags.c.manifest_digest == digest
                 )
             )
             conn.execute(
-                delete(s.manifest_references).where(
-                    s.manifest_references.c.repository_id == repo_id,
-                    s.manifest_references.c.parent_digest == digest,
-                )
+                delete(refs).where(refs.c.repository_id == repo_id, refs.c.parent_digest == digest)
             )
             return True
+
+        return self._transaction(work)
 
     def delete_tag(self, repository: str, tag: str) -> bool:
         """Remove one tag; the manifest stays."""

@@ -17,14 +17,27 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
+from sqlalchemy.sql.expression import false
+from sqlalchemy.types import TypeEngine
 
 metadata = MetaData()
+
+
+def _name(length: int) -> TypeEngine[str]:
+    """A name listed in byte order (tags, repositories), like SQLite's BINARY collation: on
+    PostgreSQL the column collates "C" whatever the database's locale (migration 0005)."""
+    return String(length).with_variant(String(length, collation="C"), "postgresql")
+
+
+# A 64-bit id for high-volume rows (SQLite's INTEGER PRIMARY KEY already is one). Values with no
+# length limit of their own are Text, not String(n): PostgreSQL enforces n, SQLite never did.
+_BIG_ID = BigInteger().with_variant(Integer(), "sqlite")
 
 repositories = Table(
     "repositories",
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("name", String(255), nullable=False, unique=True),
+    Column("name", _name(255), nullable=False, unique=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
 
@@ -64,7 +77,7 @@ manifests = Table(
     Column("media_type", String(255), nullable=False),
     Column("content", LargeBinary, nullable=False),
     Column("size", BigInteger, nullable=False),
-    Column("artifact_type", String(255)),
+    Column("artifact_type", Text),  # any string a manifest carries
     Column("subject_digest", String(200)),
     Column("annotations", Text),
     Column("created_at", DateTime(timezone=True), nullable=False),
@@ -91,7 +104,7 @@ tags = Table(
         ForeignKey("repositories.id", ondelete="CASCADE"),
         primary_key=True,
     ),
-    Column("name", String(128), primary_key=True),
+    Column("name", _name(128), primary_key=True),
     Column("manifest_digest", String(200), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Index("ix_tags_manifest", "repository_id", "manifest_digest"),
@@ -125,6 +138,10 @@ apps = Table(
     Column("org_id", Integer, ForeignKey("orgs.id"), nullable=False),
     Column("public", Boolean, nullable=False, default=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    # Placement (migration 0006): the app's regions (JSON list) and whether a push copies its
+    # images there ahead of any deploy.
+    Column("regions", Text),
+    Column("replicate_ahead", Boolean, nullable=False, default=False, server_default=false()),
     Index("ix_apps_org", "org_id"),
 )
 
@@ -155,7 +172,7 @@ releases = Table(
     Column("status", String(16), nullable=False),
     Column("description", Text, nullable=False),
     Column("reason", String(32), nullable=False),
-    Column("image_ref", String(512), nullable=False),
+    Column("image_ref", Text, nullable=False),
     Column("image_repository", String(255), nullable=False),
     Column("image_digest", String(200), nullable=False),
     Column("strategy", String(16), nullable=False),
@@ -203,9 +220,52 @@ machine_events = Table(
 machine_logs = Table(
     "machine_logs",
     metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("id", _BIG_ID, primary_key=True, autoincrement=True),
     Column("machine_id", String(32), ForeignKey("machines.id"), nullable=False),
     Column("at", DateTime(timezone=True), nullable=False),
     Column("line", Text, nullable=False),
     Index("ix_machine_logs_machine", "machine_id"),
+)
+
+# -- regions (migration 0006) ---------------------------------------------------------------------
+
+# Which region's blob store holds a verified copy of which blob.
+blob_regions = Table(
+    "blob_regions",
+    metadata,
+    Column("digest", String(200), primary_key=True),
+    Column("region", String(20), primary_key=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+# The durable replication queue: one job per (blob, target region).
+replication_jobs = Table(
+    "replication_jobs",
+    metadata,
+    Column("id", _BIG_ID, primary_key=True, autoincrement=True),
+    Column("digest", String(200), nullable=False),
+    Column("region", String(20), nullable=False),
+    Column("repository", String(255), nullable=False),  # a repository linking the blob
+    Column("size", BigInteger, nullable=False),
+    Column("state", String(16), nullable=False),  # queued | running | done | failed
+    Column("attempts", Integer, nullable=False),
+    Column("lease_owner", String(64)),
+    Column("lease_until", DateTime(timezone=True)),
+    Column("next_attempt_at", DateTime(timezone=True), nullable=False),
+    Column("bytes_moved", BigInteger, nullable=False),
+    Column("source_region", String(20)),
+    Column("error", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("digest", "region", name="uq_replication_jobs_digest_region"),
+    Index("ix_replication_jobs_due", "region", "state", "next_attempt_at"),
+)
+
+# Registry-token signing keys (migration 0007): every node signs and verifies with the same ones.
+signing_keys = Table(
+    "signing_keys",
+    metadata,
+    Column("kid", String(32), primary_key=True),
+    Column("private_pem", LargeBinary, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
 )

@@ -30,6 +30,7 @@ class ErrorCode(Enum):
     NOT_FOUND = (404, "no such endpoint")
     MANIFEST_TOO_LARGE = (413, "manifest too large")
     UNKNOWN = (500, "internal server error")
+    UNAVAILABLE = (503, "service unavailable")  # Distribution's code for a backend it cannot reach
 
     @property
     def status(self) -> int:

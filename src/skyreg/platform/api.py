@@ -14,7 +14,7 @@ import re
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -39,6 +39,9 @@ from skyreg.platform.releases import (
     parse_image_reference,
     release_json,
 )
+
+if TYPE_CHECKING:
+    from skyreg.geo.node import GeoNode
 
 log = logging.getLogger("skyreg.platform")
 
@@ -358,7 +361,7 @@ async def create_app(call: Call) -> web.StreamResponse:
 
 async def get_app(call: Call) -> web.StreamResponse:
     app = call.app_named(call.request.match_info["app"], public_ok=True)
-    return _json(app_json(app))
+    return _json(_app_with_placement(app, call.request.app[RELEASES_KEY].geo))
 
 
 async def update_app(call: Call) -> web.StreamResponse:
@@ -367,22 +370,127 @@ async def update_app(call: Call) -> web.StreamResponse:
     app = call.app_named(call.request.match_info["app"], public_ok=True)
     if not call.may_manage(app.org_id):
         raise forbidden("only an admin or org token of the app's organization may change it")
-    unknown = set(body) - {"public"}
+    geo = call.request.app[RELEASES_KEY].geo
+    unknown = set(body) - {"public", "regions", "replicate_ahead"}
     if unknown:
         raise bad_request(f"unknown fields: {', '.join(sorted(unknown))[:200]}")
+    if "public" in body and not isinstance(body["public"], bool):
+        raise bad_request("public must be true or false")
+    placement = _placement_change(geo, app.name, body)
     if "public" in body:
-        if not isinstance(body["public"], bool):
-            raise bad_request("public must be true or false")
         call.platform.set_app_public(app.name, body["public"])
+    if placement is not None and geo is not None:
+        geo.meta.set_app_placement(app.name, *placement)
     updated = call.platform.get_app(app.name)
     assert updated is not None
-    return _json(app_json(updated))
+    return _json(_app_with_placement(updated, geo))
+
+
+def _placement_change(
+    geo: GeoNode | None, app: str, body: dict[str, Any]
+) -> tuple[list[str], bool] | None:
+    """The new (regions, replicate_ahead) a PATCH asks for, validated; None: unchanged."""
+    if "regions" not in body and "replicate_ahead" not in body:
+        return None
+    if geo is None:
+        raise bad_request("this registry has one region: regions cannot be set")
+    regions, ahead = geo.meta.app_placement(app) or ([], False)
+    if "regions" in body:
+        wanted = body["regions"]
+        if not isinstance(wanted, list) or not all(isinstance(r, str) for r in wanted):
+            raise bad_request("regions must be a list of region codes")
+        absent = sorted(r for r in set(wanted) if not geo.regions.knows(r))
+        if absent:
+            raise bad_request(
+                f"unknown region(s) {', '.join(absent)}; regions: {', '.join(geo.regions.codes)}"
+            )
+        regions = sorted(set(wanted))
+    if "replicate_ahead" in body:
+        if not isinstance(body["replicate_ahead"], bool):
+            raise bad_request("replicate_ahead must be true or false")
+        ahead = body["replicate_ahead"]
+    return regions, ahead
+
+
+def _app_with_placement(app: App, geo: GeoNode | None) -> dict[str, Any]:
+    doc = app_json(app)
+    if geo is not None:
+        regions, ahead = geo.meta.app_placement(app.name) or ([], False)
+        doc["regions"], doc["replicate_ahead"] = regions, ahead
+    return doc
 
 
 async def list_images(call: Call) -> web.StreamResponse:
     app = call.app_named(call.request.match_info["app"], public_ok=True)
     images = call.platform.image_tags(app.name)
     return _json({"app": app.name, "images": [image_json(i) for i in images]})
+
+
+async def show_image(call: Call) -> web.StreamResponse:
+    """One image of the app (`[repo:]tag` or digest): its blobs and the regions holding each."""
+    app = call.app_named(call.request.match_info["app"], public_ok=True)
+    service = call.request.app[RELEASES_KEY]
+    reference = call.request.match_info["reference"]
+    repository, by_digest, ref = app.name, False, reference
+    if "@" in reference:  # APP@DIGEST
+        repository, _, ref = reference.partition("@")
+        by_digest = True
+    elif reference.startswith(("sha256:", "sha512:")):  # DIGEST
+        by_digest = True
+    elif ":" in reference:  # APP:TAG
+        repository, _, ref = reference.rpartition(":")
+    if repository != app.name:
+        raise not_found("image", reference[:200])
+    stored = service.registry.get_manifest(repository, ref, by_digest=by_digest)
+    if stored is None:
+        raise not_found("image", reference[:200])
+    doc: dict[str, Any] = {
+        "repository": repository,
+        "reference": ref,
+        "digest": stored.digest,
+        "media_type": stored.media_type,
+    }
+    geo = service.geo
+    if geo is None:
+        return _json(doc)
+    blobs = geo.image_blobs(repository, stored.digest)
+    copies = geo.meta.copies([d for d, _ in blobs])
+    doc["blobs"] = [{"digest": d, "size": size, "regions": sorted(copies[d])} for d, size in blobs]
+    doc["regions"] = {
+        region: {
+            "complete": all(region in copies[d] for d, _ in blobs),
+            "bytes": sum(size for d, size in blobs if region in copies[d]),
+        }
+        for region in geo.regions.codes
+    }
+    doc["size"] = sum(size for _, size in blobs)
+    return _json(doc)
+
+
+async def replication_status(call: Call) -> web.StreamResponse:
+    """The replication queue: job counts and bytes per region and state, recent jobs."""
+    token = call.caller()
+    if token.kind != "admin":
+        raise forbidden("only an admin token may see the replication queue")
+    geo = call.request.app[RELEASES_KEY].geo
+    if geo is None:
+        return _json({"region": None, "regions": [], "jobs": [], "recent": []})
+    doc = geo.status_json()
+    doc["recent"] = [
+        {
+            "digest": j.digest,
+            "region": j.region,
+            "state": j.state,
+            "attempts": j.attempts,
+            "bytes": j.bytes_moved,
+            "size": j.size,
+            "source": j.source_region,
+            "error": j.error,
+            "updated_at": _time(j.updated_at),
+        }
+        for j in geo.meta.jobs(limit=50)
+    ]
+    return _json(doc)
 
 
 async def list_tokens(call: Call) -> web.StreamResponse:
@@ -509,6 +617,16 @@ async def create_release(call: Call) -> web.StreamResponse:
     if description is not None and not isinstance(description, str):
         raise bad_request("description must be a string")
     service = call.request.app[RELEASES_KEY]
+    geo = service.geo
+    if geo is not None:
+        absent = sorted(r for r in set(regions) if not geo.regions.knows(r))
+        if absent:
+            raise bad_request(
+                f"unknown region(s) {', '.join(absent)}; regions: {', '.join(geo.regions.codes)}"
+            )
+        if not regions:
+            placement = geo.meta.app_placement(app.name)
+            regions = list((placement[0] if placement else []) or [geo.region])
     stored = None
     if PULL in policy.allowed(token, ref.repository):
         stored = service.registry.get_manifest(
@@ -540,6 +658,9 @@ async def create_release(call: Call) -> web.StreamResponse:
         user_id=token.id,
         user_name=token.name,
     )
+    if geo is not None:  # copies first: a region's machines then find the image at home
+        queued = geo.enqueue_image(repository, stored.digest, list(release.regions))
+        log.info("app %s: %d blob copies queued for %s", app.name, queued, release.regions)
     service.machines.create_for_release(release.id, app.id, list(release.regions), count, strategy)
     release = service.releases.get_release(release.id) or release
     log.info("app %s release v%d: %s (%s)", app.name, release.version, image_ref, stored.digest)
@@ -737,6 +858,8 @@ ROUTES: dict[str, dict[str, Handler]] = {
     "/apps": {"GET": list_apps, "POST": create_app},
     "/apps/{app}": {"GET": get_app, "PATCH": update_app},
     "/apps/{app}/images": {"GET": list_images},
+    "/apps/{app}/images/{reference}": {"GET": show_image},
+    "/replication": {"GET": replication_status},
     "/apps/{app}/releases": {"GET": list_releases, "POST": create_release},
     "/apps/{app}/machines": {"GET": list_machines},
     "/apps/{app}/logs": {"GET": app_logs},

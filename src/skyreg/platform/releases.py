@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -19,6 +19,9 @@ from skyreg.meta.registry import RegistryMeta
 from skyreg.oci.digest import Digest
 from skyreg.oci.errors import RegistryError
 from skyreg.oci.names import validate_name, validate_tag
+
+if TYPE_CHECKING:
+    from skyreg.geo.node import GeoNode
 
 STRATEGIES = ("rolling", "immediate")
 MAX_LIST = 1000
@@ -31,6 +34,7 @@ class ReleaseService:
     registry: RegistryMeta
     releases: ReleaseMeta
     machines: MachineMeta
+    geo: GeoNode | None = None  # multi-region: deploys queue copies of the image
 
 
 RELEASES_KEY = web.AppKey("releases", ReleaseService)

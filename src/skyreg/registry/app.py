@@ -173,6 +173,7 @@ def create_app(reg: Registry, *, expiry_interval: float = 300.0) -> web.Applicat
             registry=reg.meta,
             releases=ReleaseMeta(reg.meta.engine),
             machines=MachineMeta(reg.meta.engine),
+            geo=reg.geo,
         )
         add_management_routes(app, reg.auth, releases)
 
@@ -190,4 +191,12 @@ def create_app(reg: Registry, *, expiry_interval: float = 300.0) -> web.Applicat
             await task
 
     app.cleanup_ctx.append(expiry)
+    if reg.geo is not None:
+        geo = reg.geo
+        app.cleanup_ctx.append(geo.run)
+
+        async def metrics(_request: web.Request) -> web.StreamResponse:
+            return web.Response(text=geo.metrics(), content_type="text/plain", charset="utf-8")
+
+        app.router.add_get("/metrics", metrics)
     return app

@@ -32,8 +32,8 @@ def _blob_headers(digest: Digest, size: int) -> dict[str, str]:
     }
 
 
-def _check_range(header: str, size: int) -> None:
-    """Reject a Range header that is malformed or cannot be satisfied (416 either way)."""
+def _byte_range(header: str, size: int) -> tuple[int, int]:
+    """The first and last byte a Range header asks for; malformed or unsatisfiable is 416."""
     m = _RANGE_RE.match(header.strip())
     unsatisfiable = RegistryError(
         ErrorCode.RANGE_INVALID,
@@ -46,8 +46,10 @@ def _check_range(header: str, size: int) -> None:
     if start:
         if int(start) >= size or (end and int(end) < int(start)):
             raise unsatisfiable
-    elif int(end) == 0:
+        return int(start), min(int(end), size - 1) if end else size - 1
+    if int(end) == 0 or size == 0:
         raise unsatisfiable
+    return max(size - int(end), 0), size - 1
 
 
 async def get_blob(request: web.Request, name: str, reference: str) -> web.StreamResponse:
@@ -56,27 +58,42 @@ async def get_blob(request: web.Request, name: str, reference: str) -> web.Strea
     digest = Digest.parse(reference)
     size = reg.meta.blob_size(name, str(digest))
     stored = await reg.store.stat(digest) if size is not None else None
+    if size is not None and stored is None and reg.geo is not None:
+        # In the registry, not in this region: from the nearest region holding it, via here.
+        answer = await reg.geo.serve_missing(
+            request, name, digest, size, _blob_headers(digest, size)
+        )
+        if answer is not None:
+            return answer
+        stored = await reg.store.stat(digest)
     if size is None or stored is None:
         raise RegistryError(
             ErrorCode.BLOB_UNKNOWN, f"blob {digest} is not in {name}", {"digest": str(digest)}
         )
-    redirect = await reg.store.redirect_url(digest)
-    if redirect is not None:
-        raise web.HTTPTemporaryRedirect(redirect, headers={"Docker-Content-Digest": str(digest)})
     headers = _blob_headers(digest, stored)
     if request.method == "HEAD":
         return web.Response(status=200, headers=headers)
+    # Like Distribution's redirect middleware: the client fetches the bytes from the storage
+    # itself (a presigned URL, signed for GET only, so HEAD is answered here).
+    redirect = await reg.store.redirect_url(digest)
+    if redirect is not None:
+        raise web.HTTPTemporaryRedirect(redirect, headers={"Docker-Content-Digest": str(digest)})
     range_header = request.headers.get("Range")
-    if range_header is not None:
-        _check_range(range_header, stored)
+    byte_range = _byte_range(range_header, stored) if range_header is not None else None
     path = reg.store.local_path(digest)
     if path is not None:
         del headers["Content-Length"]
         del headers["ETag"]
         return web.FileResponse(path, headers=headers)
-    resp = web.StreamResponse(status=200, headers=headers)
+    # No local file (an object store): stream the bytes, honouring the range ourselves.
+    offset, length, status = 0, stored, 200
+    if byte_range is not None:
+        offset, length, status = byte_range[0], byte_range[1] - byte_range[0] + 1, 206
+        headers["Content-Range"] = f"bytes {byte_range[0]}-{byte_range[1]}/{stored}"
+        headers["Content-Length"] = str(length)
+    resp = web.StreamResponse(status=status, headers=headers)
     await resp.prepare(request)
-    async for chunk in reg.store.read(digest):
+    async for chunk in reg.store.read(digest, offset, length):
         await resp.write(chunk)
     await resp.write_eof()
     return resp
@@ -160,6 +177,8 @@ async def start_upload(request: web.Request, name: str, _reference: str) -> web.
             size = await reg.store.put(digest, _body(request))
         except DigestMismatch as e:
             raise RegistryError(ErrorCode.DIGEST_INVALID, str(e), {"digest": str(digest)}) from None
+        if reg.geo is not None:  # the copy is recorded before anyone can ask for it
+            reg.geo.stored(digest)
         reg.meta.link_blob(name, str(digest), size)
         return _blob_created(name, digest)
     if _has_body(request):
@@ -268,6 +287,8 @@ async def upload_session(request: web.Request, name: str, upload_id: str) -> web
         raise RegistryError(
             ErrorCode.BLOB_UPLOAD_UNKNOWN, f"upload {upload_id} is unknown"
         ) from None
+    if reg.geo is not None:  # the copy is recorded before anyone can ask for it
+        reg.geo.stored(digest)
     reg.meta.link_blob(name, str(digest), size)
     reg.meta.delete_upload(upload_id)
     return _blob_created(name, digest)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -11,6 +12,9 @@ from skyreg.auth.policy import PULL
 from skyreg.auth.service import Authenticator
 from skyreg.meta.registry import RegistryMeta
 from skyreg.store.base import BlobStore
+
+if TYPE_CHECKING:
+    from skyreg.geo.node import GeoNode
 
 
 @dataclass
@@ -21,6 +25,7 @@ class Registry:
     store: BlobStore
     upload_ttl: float = 24 * 3600.0
     auth: Authenticator | None = None  # None: no authentication (a private, single-user registry)
+    geo: GeoNode | None = None  # None: one region (no copies elsewhere, no pull-through)
 
 
 REGISTRY_KEY = web.AppKey("registry", Registry)

@@ -102,6 +102,8 @@ async def put_manifest(request: web.Request, name: str, reference: str) -> web.S
     tags = [] if by_digest else [ref]
     tags += [validate_tag(t) for t in request.query.getall("tag", []) if t not in tags]
     reg.meta.put_manifest(name, manifest, tags)
+    if reg.geo is not None and tags:  # a tagged push (an index's children come untagged first)
+        reg.geo.after_push(name, str(digest))
     headers = {"Location": f"/v2/{name}/manifests/{digest}", "Docker-Content-Digest": str(digest)}
     if manifest.subject is not None:
         headers["OCI-Subject"] = str(manifest.subject.digest)

@@ -11,6 +11,7 @@ import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -21,7 +22,11 @@ from skyreg.meta.platform import PlatformMeta
 from skyreg.meta.registry import RegistryMeta, open_database
 from skyreg.registry.app import create_app
 from skyreg.registry.context import Registry
+from skyreg.store.base import BlobStore
 from skyreg.store.filesystem import FilesystemBlobStore
+
+if TYPE_CHECKING:
+    from skyreg.geo.node import GeoNode
 
 log = logging.getLogger("skyreg.server")
 
@@ -46,6 +51,65 @@ class ServeConfig:
     auth: bool = True
     auth_service: str = "skyreg"
     auth_failure_limit: int = 10  # failed authentications per client per minute before 429
+    storage: str = "file"  # "file" (the data dir) or "s3://BUCKET[/PREFIX]"
+    s3_endpoint: str | None = None  # None: AWS (or AWS_ENDPOINT_URL)
+    s3_region: str | None = None  # None: AWS_REGION / the profile's
+    s3_redirect: bool = False  # answer blob GETs with a presigned URL (307)
+    region: str | None = None  # multi-region: this node's region (needs regions_file)
+    regions_file: Path | None = None
+    peer_token: str | None = None  # credential for other regions' nodes
+    peer_token_file: Path | None = None
+    replication_lease: float = 30.0  # seconds a replication job stays claimed without renewal
+
+
+def parse_storage(storage: str) -> tuple[str, str] | None:
+    """`file` → None; `s3://BUCKET[/PREFIX]` → (bucket, prefix); anything else is ValueError."""
+    if storage == "file":
+        return None
+    if not storage.startswith("s3://"):
+        raise ValueError(f"storage must be 'file' or 's3://BUCKET[/PREFIX]', not {storage!r}")
+    bucket, _, prefix = storage.removeprefix("s3://").partition("/")
+    if not bucket:
+        raise ValueError(f"no bucket in {storage!r} (s3://BUCKET[/PREFIX])")
+    return bucket, prefix.strip("/")
+
+
+def open_blob_store(cfg: ServeConfig) -> BlobStore:
+    """The blob store `cfg.storage` names (aiobotocore is imported only for S3)."""
+    target = parse_storage(cfg.storage)
+    if target is None:
+        return FilesystemBlobStore(cfg.data_dir, fsync=cfg.fsync)
+    from skyreg.store.s3 import S3BlobStore
+
+    bucket, prefix = target
+    return S3BlobStore(
+        bucket,
+        prefix=prefix,
+        endpoint_url=cfg.s3_endpoint,
+        region=cfg.s3_region,
+        redirect=cfg.s3_redirect,
+    )
+
+
+async def close_blob_store(store: BlobStore) -> None:
+    """Release a store's connections and threads, whichever backend it is."""
+    aclose = getattr(store, "aclose", None)
+    if aclose is not None:
+        await aclose()
+    close = getattr(store, "close", None)
+    if close is not None:
+        close()
+
+
+async def _check_blob_store(cfg: ServeConfig) -> None:
+    """Fail at start, with the reason, when the configured storage cannot be reached."""
+    store = open_blob_store(cfg)
+    try:
+        check = getattr(store, "check", None)
+        if check is not None:
+            await check()
+    finally:
+        await close_blob_store(store)
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -66,7 +130,7 @@ def _authenticator(cfg: ServeConfig, meta: RegistryMeta) -> Authenticator | None
         return None
     return Authenticator(
         PlatformMeta(meta.engine),
-        KeyRing(cfg.data_dir / "keys"),
+        KeyRing(meta.engine, legacy_dir=cfg.data_dir / "keys"),
         service=cfg.auth_service,
         limiter=FailureLimiter(limit=cfg.auth_failure_limit),
     )
@@ -90,9 +154,10 @@ def bootstrap_admin(cfg: ServeConfig, auth: Authenticator) -> Path | None:
 
 async def _run_worker(cfg: ServeConfig, sock: socket.socket) -> None:
     meta = open_database(cfg.database_url, cfg.data_dir)
-    store = FilesystemBlobStore(cfg.data_dir, fsync=cfg.fsync)
+    store = open_blob_store(cfg)
     auth = _authenticator(cfg, meta)
     reg = Registry(meta=meta, store=store, upload_ttl=cfg.upload_ttl, auth=auth)
+    reg.geo = _geo_node(cfg, reg)
     app = create_app(reg, expiry_interval=cfg.expiry_interval)
     runner = web.AppRunner(
         app,
@@ -112,10 +177,31 @@ async def _run_worker(cfg: ServeConfig, sock: socket.socket) -> None:
         await stop.wait()
     finally:
         await runner.cleanup()
-        store.close()
+        await close_blob_store(store)
         if auth is not None:
             auth.platform.close()
         meta.close()
+
+
+def _geo_node(cfg: ServeConfig, reg: Registry) -> GeoNode | None:
+    """This node's part in a multi-region registry, or None for a single-region one."""
+    if cfg.region is None:
+        return None
+    from skyreg.geo.node import GeoNode
+    from skyreg.geo.regions import RegionMap
+    from skyreg.meta.geo import GeoMeta
+
+    assert cfg.regions_file is not None
+    return GeoNode(
+        region=cfg.region,
+        regions=RegionMap(cfg.regions_file, cfg.region),
+        store=reg.store,
+        meta=GeoMeta(reg.meta.engine),
+        registry=reg.meta,
+        peer_token=cfg.peer_token,
+        peer_token_file=cfg.peer_token_file,
+        lease=cfg.replication_lease,
+    )
 
 
 def banner(cfg: ServeConfig, port: int, admin_token: Path | None) -> str:
@@ -126,6 +212,10 @@ def banner(cfg: ServeConfig, port: int, admin_token: Path | None) -> str:
         f"skyreg registry listening on http://{addr}/v2/ ({cfg.workers} worker(s))",
         f"  data dir: {cfg.data_dir}",
     ]
+    if cfg.storage != "file":
+        lines.append(
+            f"  blobs: {cfg.storage}" + (f" at {cfg.s3_endpoint}" if cfg.s3_endpoint else "")
+        )
     if cfg.auth:
         token = str(admin_token) if admin_token else "<token>"
         lines += [
@@ -155,6 +245,11 @@ def serve(cfg: ServeConfig) -> None:
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
     )
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.storage != "file":
+        try:
+            asyncio.run(_check_blob_store(cfg))
+        except Exception as e:
+            raise SystemExit(f"error: cannot use blob storage {cfg.storage}: {e}") from None
     meta = open_database(cfg.database_url, cfg.data_dir)
     admin_token = None
     auth = _authenticator(cfg, meta)

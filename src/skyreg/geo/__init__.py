@@ -1,0 +1,1 @@
+"""Regions: where blobs live, pulls across regions, and the replication queue."""

@@ -1,0 +1,268 @@
+"""One registry node's part in a multi-region registry.
+
+- Every blob this node stores (a push, a copy) is recorded as held by its region.
+- A GET of a blob its region lacks is a pull-through (`serve_missing`): the bytes come from the
+  nearest region holding them, stream to the client and land in this region's store.
+- A replication worker claims this region's queued jobs and runs them through the same
+  transfers (`MAX_PARALLEL` at once), so a pull and a job for one blob share one transfer.
+- `enqueue_image` asks for every blob of an image (the host platform's child of an index) in
+  the given regions: deploys call it, and pushes do for apps that keep their images in their
+  regions (`replicate_ahead`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from skyreg.geo.regions import RegionMap
+from skyreg.geo.transfer import (
+    LEASE_SECONDS,
+    PEER_HEADER,
+    Transfer,
+    TransferFailed,
+    Transfers,
+)
+from skyreg.meta.geo import JOB_STATES, GeoMeta
+from skyreg.meta.registry import RegistryMeta
+from skyreg.oci.digest import Digest
+from skyreg.oci.errors import ErrorCode, RegistryError
+from skyreg.oci.manifest import Descriptor, parse_manifest
+from skyreg.oci.platforms import host_architecture, platform_entry
+from skyreg.store.base import BlobStore
+
+log = logging.getLogger("skyreg.geo")
+
+MAX_PARALLEL = 4
+POLL_INTERVAL = 1.0
+
+
+@dataclass
+class GeoNode:
+    region: str
+    regions: RegionMap
+    store: BlobStore
+    meta: GeoMeta
+    registry: RegistryMeta
+    peer_token: str | None = None  # the service credential for other regions' nodes
+    peer_token_file: Path | None = None  # or a file holding it (read when first needed)
+    replicate: bool = True  # run the replication worker
+    lease: float = LEASE_SECONDS  # a claimed job is claimable again this long after a crash
+    _session: aiohttp.ClientSession | None = None
+    transfers: Transfers = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.transfers = Transfers(
+            self.region, self.regions, self.store, self.meta, self.session, self._peer_token
+        )
+        self.transfers.lease = self.lease
+
+    def _peer_token(self) -> str | None:
+        if self.peer_token is None and self.peer_token_file is not None:
+            with contextlib.suppress(OSError):
+                self.peer_token = self.peer_token_file.read_text().strip() or None
+        return self.peer_token
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60)
+            connector = aiohttp.TCPConnector(limit=64, force_close=False)
+            self._session = aiohttp.ClientSession(timeout=timeout, connector=connector)
+        return self._session
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def run(self, app: web.Application) -> AsyncIterator[None]:
+        """aiohttp cleanup context: the replication worker runs while the app does."""
+        stop = asyncio.Event()
+        worker = asyncio.create_task(self._replicate(stop)) if self.replicate else None
+        yield
+        stop.set()
+        if worker is not None:
+            worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker
+        await self.transfers.close()
+        if self._session is not None:
+            await self._session.close()
+        self.meta.close()
+
+    # -- copies ------------------------------------------------------------------------------------
+
+    def stored(self, digest: Digest) -> None:
+        """This region's store now holds `digest` (pushed here)."""
+        self.meta.add_copy(str(digest), self.region)
+
+    def holds(self, digest: Digest) -> bool:
+        return self.region in self.meta.regions_of(str(digest))
+
+    async def serve_missing(
+        self,
+        request: web.Request,
+        repository: str,
+        digest: Digest,
+        size: int,
+        headers: dict[str, str],
+    ) -> web.StreamResponse | None:
+        """Answer a GET/HEAD of a blob this region lacks, from another region through here.
+
+        Returns None once the blob is in this region's store, for the caller to serve it as
+        any local blob (Range requests, and clients joining a transfer whose bytes have
+        passed, wait for that); otherwise streams the bytes as they arrive.
+        """
+        if request.headers.get(PEER_HEADER):
+            # Another region asked for bytes this one does not hold: never chain pull-throughs.
+            raise RegistryError(
+                ErrorCode.BLOB_UNKNOWN,
+                f"blob {digest} is not in this region",
+                {"digest": str(digest)},
+            )
+        if request.method == "HEAD":
+            return web.Response(status=200, headers=headers)
+        transfer = self.transfers.get(repository, digest, size)
+        feed = transfer.subscribe()
+        if request.headers.get("Range") is not None or feed is None:
+            await self._wait(transfer, digest)
+            return None
+        resp = web.StreamResponse(status=200, headers=headers)
+        sent = 0
+        async for chunk in feed:
+            if not resp.prepared:
+                await resp.prepare(request)
+            await resp.write(chunk)
+            sent += len(chunk)
+        await self._wait(transfer, digest)  # after bytes went out, a failure cuts the stream
+        if not resp.prepared:
+            await resp.prepare(request)
+        if sent < size:
+            async for chunk in self.store.read(digest, sent):
+                await resp.write(chunk)
+        await resp.write_eof()
+        return resp
+
+    async def _wait(self, transfer: Transfer, digest: Digest) -> None:
+        try:
+            await asyncio.shield(transfer.wait())
+        except TransferFailed as e:
+            log.warning("pull-through of %s into %s failed: %s", digest, self.region, e)
+            raise RegistryError(
+                ErrorCode.UNAVAILABLE,
+                f"blob {digest} cannot be fetched from the regions holding it right now",
+                {"digest": str(digest)},
+            ) from None
+
+    # -- replication -------------------------------------------------------------------------------
+
+    def image_blobs(self, repository: str, digest: str) -> list[tuple[str, int]]:
+        """(digest, size) of every blob an image needs: config and layers; of an index, the
+        host platform's child (all children when none matches)."""
+        stored = self.registry.get_manifest(repository, digest, True)
+        if stored is None:
+            return []
+        manifest = parse_manifest(stored.content, stored.media_type, Digest.parse(stored.digest))
+        if manifest.manifests:
+            entry = platform_entry(manifest, host_architecture())
+            children = [entry] if entry is not None else list(manifest.manifests)
+            found: list[tuple[str, int]] = []
+            for child in children:
+                found += self.image_blobs(repository, str(child.digest))
+            return list(dict.fromkeys(found))
+        blobs: list[Descriptor] = [
+            *([manifest.config] if manifest.config else []),
+            *manifest.layers,
+        ]
+        return [(str(d.digest), d.size) for d in blobs]
+
+    def enqueue_image(self, repository: str, digest: str, regions: list[str]) -> int:
+        """Queue a copy of each blob of the image into each region lacking it; jobs queued."""
+        blobs = self.image_blobs(repository, digest)
+        copies = self.meta.copies([d for d, _ in blobs])
+        queued = 0
+        for region in regions:
+            if not self.regions.knows(region):
+                continue
+            for blob, size in blobs:
+                if region not in copies[blob] and self.meta.enqueue(blob, size, repository, region):
+                    queued += 1
+        return queued
+
+    def after_push(self, repository: str, digest: str) -> None:
+        """A manifest was pushed: apps that keep images in their regions copy it ahead."""
+        placement = self.meta.app_placement(repository.split("/", 1)[0])
+        if placement is not None and placement[1] and placement[0]:
+            self.enqueue_image(repository, digest, placement[0])
+
+    async def _replicate(self, stop: asyncio.Event) -> None:
+        running: set[asyncio.Task[None]] = set()
+        while not stop.is_set():
+            try:
+                while len(running) < MAX_PARALLEL:
+                    job = self.meta.claim_next(self.region, self.transfers.owner, self.lease)
+                    if job is None:
+                        break
+                    transfer = self.transfers.get(
+                        job.repository, Digest.parse(job.digest), job.size, job
+                    )
+                    task = asyncio.create_task(_settle(transfer))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+            except Exception:
+                log.exception("replication worker of %s", self.region)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), POLL_INTERVAL)
+
+    # -- metrics -----------------------------------------------------------------------------------
+
+    def metrics(self) -> str:
+        """Prometheus text: jobs by region and state, bytes moved, this process's transfers."""
+        counts = self.meta.counts()
+        lines = [
+            "# HELP skyreg_replication_jobs Replication jobs by target region and state.",
+            "# TYPE skyreg_replication_jobs gauge",
+        ]
+        regions = sorted({r for r, _ in counts} | {self.region})
+        for region in regions:
+            for state in JOB_STATES:
+                n = counts.get((region, state), (0, 0))[0]
+                lines.append(f'skyreg_replication_jobs{{region="{region}",state="{state}"}} {n}')
+        lines += [
+            "# HELP skyreg_replication_bytes_total Bytes copied into each region by replication.",
+            "# TYPE skyreg_replication_bytes_total counter",
+        ]
+        for region in regions:
+            moved = sum(b for (r, _), (_, b) in counts.items() if r == region)
+            lines.append(f'skyreg_replication_bytes_total{{region="{region}"}} {moved}')
+        c, me = self.transfers.counters, f'region="{self.region}"'
+        lines += [
+            "# HELP skyreg_transfer_bytes_in_total Bytes this process fetched from other regions.",
+            "# TYPE skyreg_transfer_bytes_in_total counter",
+            f"skyreg_transfer_bytes_in_total{{{me}}} {c.bytes_in}",
+            "# TYPE skyreg_transfers_total counter",
+            f'skyreg_transfers_total{{{me},result="done"}} {c.transfers_done}',
+            f'skyreg_transfers_total{{{me},result="failed"}} {c.transfers_failed}',
+            "",
+        ]
+        return "\n".join(lines)
+
+    def status_json(self) -> dict[str, object]:
+        counts = self.meta.counts()
+        return {
+            "region": self.region,
+            "regions": self.regions.codes,
+            "jobs": [
+                {"region": r, "state": s, "count": n, "bytes": b}
+                for (r, s), (n, b) in sorted(counts.items())
+            ],
+        }
+
+
+async def _settle(transfer: Transfer) -> None:
+    with contextlib.suppress(TransferFailed):
+        await transfer.wait()

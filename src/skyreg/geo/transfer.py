@@ -1,0 +1,322 @@
+"""Moving one blob into this region: from the nearest region holding it, through the registry's
+own blob API, into this region's store, verified before it counts.
+
+One `Transfer` per blob per process at a time (`Transfers.get` is a single flight); across the
+processes and nodes of a region, the replication job's lease (`GeoMeta.claim`) elects the one
+that moves the bytes while the others wait for the copy to appear. Clients that ask while the
+bytes are on their way subscribe to a `Feed` and receive them as they arrive; a feed that falls
+too far behind (or joins once bytes have passed) is detached and continues from this region's
+store once the copy is complete — content addressing makes bytes from any source identical.
+
+A source that fails mid-transfer (region down, connection cut) is replaced by the next nearest;
+the upload continues where it stopped (`Range: bytes=N-`). Nothing is visible in this region
+until the store has verified the digest and the job is marked done with the copy recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from skyreg.geo.regions import RegionMap
+from skyreg.meta.geo import GeoMeta, Job
+from skyreg.oci.digest import Digest
+from skyreg.store.base import BlobStore, DigestMismatch, UploadUnknown
+
+log = logging.getLogger("skyreg.geo")
+
+LEASE_SECONDS = 30.0
+PEER_HEADER = "X-Skyreg-Peer"  # set on requests between regions: answer from local bytes only
+_FEED_LIMIT = 32  # chunks (~1 MiB each) a subscriber may lag before it is detached
+_CHUNK = 1 << 20
+_WAIT_POLL = 0.2
+_WAIT_LIMIT = 3600.0
+
+
+class TransferFailed(Exception):
+    """No region could supply the blob (the message names the regions tried: logs only)."""
+
+
+@dataclass
+class Counters:
+    """What this process moved across regions (Prometheus counters)."""
+
+    bytes_in: int = 0
+    transfers_done: int = 0
+    transfers_failed: int = 0
+
+
+class Feed:
+    """Bytes of an in-flight transfer for one subscriber, in order, from offset 0."""
+
+    def __init__(self) -> None:
+        self._chunks: deque[bytes] = deque()
+        self._wake = asyncio.Event()
+        self.detached = False
+        self.closed = False
+
+    def _push(self, chunk: bytes) -> None:
+        if self.detached:
+            return
+        if len(self._chunks) >= _FEED_LIMIT:
+            self.detached = True  # too slow: it will read the rest from the store
+        else:
+            self._chunks.append(chunk)
+        self._wake.set()
+
+    def _end(self, *, detach: bool = False) -> None:
+        self.detached = self.detached or detach
+        self.closed = True
+        self._wake.set()
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while True:
+            if self._chunks:
+                yield self._chunks.popleft()
+                continue
+            if self.detached or self.closed:
+                return
+            self._wake.clear()
+            await self._wake.wait()
+
+
+@dataclass
+class Transfer:
+    digest: Digest
+    size: int
+    repository: str
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    error: TransferFailed | None = None
+    received: int = 0
+    source: str | None = None
+    _feeds: list[Feed] = field(default_factory=list)
+    _live: bool = True  # bytes flow from offset 0: subscribers may still join
+
+    def subscribe(self) -> Feed | None:
+        """A live feed, or None when bytes have already passed (read the store afterwards)."""
+        if not self._live or self.received > 0 or self.done.is_set():
+            return None
+        feed = Feed()
+        self._feeds.append(feed)
+        return feed
+
+    async def wait(self) -> None:
+        """Until the copy is in this region's store; raises TransferFailed."""
+        await self.done.wait()
+        if self.error is not None:
+            raise self.error
+
+    def _publish(self, chunk: bytes) -> None:
+        self.received += len(chunk)
+        for feed in self._feeds:
+            feed._push(chunk)
+
+    def _detach_all(self) -> None:
+        self._live = False
+        for feed in self._feeds:
+            feed._end(detach=True)
+
+    def _finish(self, error: TransferFailed | None) -> None:
+        self.error = error
+        for feed in self._feeds:
+            feed._end(detach=error is not None)
+        self.done.set()
+
+
+class Transfers:
+    """This process's transfers into its region."""
+
+    def __init__(
+        self,
+        region: str,
+        regions: RegionMap,
+        store: BlobStore,
+        meta: GeoMeta,
+        session: Callable[[], aiohttp.ClientSession],
+        peer_token: Callable[[], str | None],
+    ) -> None:
+        self.region = region
+        self.regions = regions
+        self.store = store
+        self.meta = meta
+        self._session = session
+        self.peer_token = peer_token
+        self.owner = f"{region}/{uuid.uuid4().hex[:12]}"
+        self.lease = LEASE_SECONDS
+        self.counters = Counters()
+        self._active: dict[str, Transfer] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def get(self, repository: str, digest: Digest, size: int, job: Job | None = None) -> Transfer:
+        """The transfer of `digest` into this region: joined if running, else started."""
+        key = str(digest)
+        running = self._active.get(key)
+        if running is not None:
+            return running
+        transfer = Transfer(digest, size, repository)
+        self._active[key] = transfer
+        task = asyncio.create_task(self._run(transfer, job), name=f"transfer-{digest.hex[:12]}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return transfer
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    # -- the work ----------------------------------------------------------------------------
+
+    async def _run(self, t: Transfer, job: Job | None) -> None:
+        error: TransferFailed | None = None
+        try:
+            await self._move(t, job)
+            self.counters.transfers_done += 1
+        except TransferFailed as e:
+            error = e
+            self.counters.transfers_failed += 1
+        except asyncio.CancelledError:
+            error = TransferFailed("the node is shutting down")
+            raise
+        except Exception as e:  # a bug: never leave waiters hanging
+            log.exception("transfer of %s failed", t.digest)
+            error = TransferFailed(f"internal error: {e}")
+        finally:
+            self._active.pop(str(t.digest), None)
+            t._finish(error)
+
+    async def _move(self, t: Transfer, job: Job | None) -> None:
+        digest = str(t.digest)
+        deadline = time.monotonic() + _WAIT_LIMIT
+        while job is None:
+            if await self.store.stat(t.digest) is not None:
+                if self.region not in self.meta.regions_of(digest):
+                    self.meta.add_copy(digest, self.region)
+                t._detach_all()
+                return
+            job = self.meta.claim(
+                digest, t.size, t.repository, self.region, self.owner, LEASE_SECONDS
+            )
+            if job is not None:
+                break
+            current = self.meta.job(digest, self.region)
+            if current is not None and current.state == "failed":
+                raise TransferFailed(f"{digest}: replication failed: {current.error}")
+            if time.monotonic() > deadline:
+                raise TransferFailed(f"{digest}: waited too long for another node's transfer")
+            t._live = False  # another node moves it; we read the store once it lands
+            await asyncio.sleep(_WAIT_POLL)
+        renewer = asyncio.create_task(self._renew(job))
+        moved = 0
+        try:
+            if await self.store.stat(t.digest) is not None:  # pushed or copied here meanwhile
+                t._detach_all()
+                self.meta.finish(job.id, self.owner, 0, None)
+                return
+            moved, source = await self._fetch(t)
+            self.meta.finish(job.id, self.owner, moved, source)
+            t.source = source
+            log.info("copied %s (%d bytes) from %s into %s", digest, t.size, source, self.region)
+        except TransferFailed as e:
+            self.meta.fail(job.id, self.owner, str(e), t.received)
+            log.warning("cannot copy %s into %s: %s", digest, self.region, e)
+            raise
+        except asyncio.CancelledError:
+            self.meta.release(job.id, self.owner, t.received)
+            raise
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+
+    async def _renew(self, job: Job) -> None:
+        while True:
+            await asyncio.sleep(self.lease / 3)
+            if not self.meta.renew(job.id, self.owner, self.lease):
+                log.warning("lost the lease of replication job %d", job.id)
+                return
+
+    async def _fetch(self, t: Transfer) -> tuple[int, str]:
+        """Copy the blob from the nearest region that has it; (bytes moved, source region)."""
+        digest = str(t.digest)
+        holders = self.meta.regions_of(digest)
+        sources = self.regions.nearest(holders)
+        if not sources:
+            raise TransferFailed(f"{digest}: no other region holds it (holders: {holders})")
+        upload_id = uuid.uuid4().hex
+        await self.store.create_upload(upload_id)
+        tried: list[str] = []
+        moved = 0
+        try:
+            for source in sources:
+                try:
+                    moved += await self._from(t, source, upload_id)
+                    await self.store.commit(upload_id, t.digest)
+                    return moved, source
+                except DigestMismatch as e:
+                    tried.append(f"{source}: content does not match the digest ({e})")
+                    t._detach_all()
+                    await self.store.abort(upload_id)
+                    upload_id = uuid.uuid4().hex
+                    await self.store.create_upload(upload_id)
+                except (aiohttp.ClientError, TimeoutError, _SourceError) as e:
+                    tried.append(f"{source}: {e or type(e).__name__}")
+                    t._detach_all()
+                    log.warning("copy of %s from %s failed: %s", digest, source, e)
+            raise TransferFailed(f"{digest}: every region failed: {'; '.join(tried)}")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.store.abort(upload_id)
+            raise
+
+    async def _from(self, t: Transfer, source: str, upload_id: str) -> int:
+        """Append the blob's bytes from `source` to the upload (continuing it); bytes moved."""
+        try:
+            offset = await self.store.upload_size(upload_id)
+        except UploadUnknown:
+            await self.store.create_upload(upload_id)
+            offset = 0
+        if offset >= t.size:
+            return 0  # every byte is here already: the commit verifies them
+        url = f"{self.regions.url_of(source)}/v2/{t.repository}/blobs/{t.digest}"
+        headers = {PEER_HEADER: self.region}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+        token = self.peer_token()
+        auth = aiohttp.BasicAuth("skyreg-peer", token) if token else None
+        moved = 0
+        async with self._session().get(url, headers=headers, auth=auth) as resp:
+            if offset and resp.status == 200:  # no range support: start again
+                await self.store.abort(upload_id)
+                await self.store.create_upload(upload_id)
+                offset = 0
+                t._detach_all()
+            elif resp.status not in (200, 206):
+                raise _SourceError(f"HTTP {resp.status}")
+
+            async def pieces() -> AsyncIterator[bytes]:
+                nonlocal moved
+                async for chunk in resp.content.iter_chunked(_CHUNK):
+                    moved += len(chunk)
+                    self.counters.bytes_in += len(chunk)
+                    t._publish(chunk)
+                    yield chunk
+
+            size = await self.store.append(upload_id, pieces(), offset)
+        if size != t.size:
+            raise _SourceError(f"got {size} of {t.size} bytes")
+        return moved
+
+
+class _SourceError(Exception):
+    """A source region answered, but not with the blob."""
