@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -415,3 +416,43 @@ def test_key_rotation_keeps_issued_tokens_until_their_key_is_retired(world: Worl
         assert time.monotonic() < deadline, "a retired key still verifies"
         time.sleep(0.2)
     assert requests.get(url, headers=_bearer(old)).status_code == 401
+
+
+def _get_forwarded(port: int, forwarded_for: str, auth: tuple[str, str], **extra: str) -> Any:
+    headers = {"X-Forwarded-For": forwarded_for, **extra}
+    return requests.get(f"http://127.0.0.1:{port}/v2/", auth=auth, headers=headers, timeout=10)
+
+
+def test_behind_a_trusted_proxy_each_forwarded_client_is_limited_on_its_own(
+    tmp_path: Path,
+) -> None:
+    reg = RunningRegistry(data_dir=tmp_path / "data", extra_args=["--trusted-proxy", "127.0.0.1"])
+    reg.start()
+    try:
+        secret = Tenancy(reg.data_dir).admin_secret()
+        # "spoofed, 10.9.8.7": a client's own header, then what the proxy appended.
+        bad = [_get_forwarded(reg.port, "1.2.3.4, 10.9.8.7", ("x", "wrong")) for _ in range(11)]
+        assert [r.status_code for r in bad] == [401] * 10 + [429]
+        assert _get_forwarded(reg.port, "10.9.8.7", ("x", secret)).status_code == 429
+        assert _get_forwarded(reg.port, "10.9.8.8", ("x", secret)).status_code == 200
+        anonymous = _get_forwarded(reg.port, "10.9.8.8", ("", ""), **{"X-Forwarded-Proto": "https"})
+        assert 'realm="https://127.0.0.1:' in anonymous.headers["WWW-Authenticate"]
+    finally:
+        reg.stop()
+
+
+def test_forwarded_headers_from_untrusted_peers_are_ignored(tmp_path: Path) -> None:
+    reg = RunningRegistry(data_dir=tmp_path / "data")
+    reg.start()
+    try:
+        secret = Tenancy(reg.data_dir).admin_secret()
+        # A client rotating its claimed address is still one client.
+        bad = [_get_forwarded(reg.port, f"10.0.0.{i}", ("x", "wrong")) for i in range(11)]
+        assert [r.status_code for r in bad] == [401] * 10 + [429]
+        assert _get_forwarded(reg.port, "10.0.0.99", ("x", secret)).status_code == 429
+        anonymous = requests.get(
+            f"http://127.0.0.1:{reg.port}/v2/", headers={"X-Forwarded-Proto": "https"}, timeout=10
+        )
+        assert 'realm="http://127.0.0.1:' in anonymous.headers["WWW-Authenticate"]
+    finally:
+        reg.stop()

@@ -91,6 +91,7 @@ class Cluster:
 @pytest.fixture
 def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]:
     with scaleout_backing(request) as (args, env):
+        args = [*args, "--trusted-proxy", "127.0.0.1"]  # nginx (examples/) is in front in one test
         a = RunningRegistry(data_dir=tmp_path / "a", extra_args=args, env=env)
         b = RunningRegistry(data_dir=tmp_path / "b", extra_args=args, env=env)
         try:

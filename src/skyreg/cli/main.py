@@ -130,8 +130,17 @@ def serve(
         float,
         typer.Option(min=0.5, help="Seconds before a crashed node's replication job is retried."),
     ] = 30.0,
+    trusted_proxy: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Address or CIDR of a load balancer whose X-Forwarded-For/-Proto are believed "
+            "(repeatable).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run the registry (SQLite + filesystem under one data dir by default)."""
+    from skyreg.registry.forwarded import parse_networks
     from skyreg.registry.server import ServeConfig, parse_storage
     from skyreg.registry.server import serve as run
 
@@ -139,6 +148,10 @@ def serve(
         parse_storage(storage)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--storage") from None
+    try:
+        parse_networks(trusted_proxy or [])
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--trusted-proxy") from None
     if (region is None) != (regions_file is None):
         raise typer.BadParameter("--region and --regions-file go together", param_hint="--region")
     if region is not None and regions_file is not None:
@@ -171,6 +184,7 @@ def serve(
             peer_token=peer_token,
             peer_token_file=peer_token_file.resolve() if peer_token_file else None,
             replication_lease=replication_lease,
+            trusted_proxies=tuple(trusted_proxy or ()),
         )
     )
 

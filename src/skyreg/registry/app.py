@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from skyreg.auth.http import (
     AUTHENTICATOR_KEY,
@@ -27,6 +28,7 @@ from skyreg.platform.api import add_management_routes
 from skyreg.platform.releases import ReleaseService
 from skyreg.registry import blobs, discovery, manifests
 from skyreg.registry.context import REGISTRY_KEY, Registry
+from skyreg.registry.forwarded import forwarded_middleware
 from skyreg.registry.routing import METHODS, Endpoint, match_route
 
 log = logging.getLogger("skyreg.registry")
@@ -160,7 +162,10 @@ async def _expire_uploads(reg: Registry, interval: float) -> None:
 def create_app(reg: Registry, *, expiry_interval: float = 300.0) -> web.Application:
     """The registry's aiohttp application over `reg`."""
     # Blob bodies are streamed, never buffered, so the whole-body limit only guards read().
-    app = web.Application(middlewares=[_errors], client_max_size=8 * 1024 * 1024)
+    middlewares: list[Middleware] = [_errors]
+    if reg.trusted_proxies:  # first: every later step sees the client, not the proxy
+        middlewares.insert(0, forwarded_middleware(reg.trusted_proxies))
+    app = web.Application(middlewares=middlewares, client_max_size=8 * 1024 * 1024)
     app[REGISTRY_KEY] = reg
     app.router.add_get("/v2/", _base)
     app.router.add_get("/v2", _base)

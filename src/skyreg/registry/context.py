@@ -11,6 +11,7 @@ from skyreg.auth.http import IDENTITY_KEY
 from skyreg.auth.policy import PULL
 from skyreg.auth.service import Authenticator
 from skyreg.meta.registry import RegistryMeta
+from skyreg.registry.forwarded import Network
 from skyreg.store.base import BlobStore
 
 if TYPE_CHECKING:
@@ -26,6 +27,7 @@ class Registry:
     upload_ttl: float = 24 * 3600.0
     auth: Authenticator | None = None  # None: no authentication (a private, single-user registry)
     geo: GeoNode | None = None  # None: one region (no copies elsewhere, no pull-through)
+    trusted_proxies: tuple[Network, ...] = ()  # whose X-Forwarded-For/-Proto are believed
 
 
 REGISTRY_KEY = web.AppKey("registry", Registry)

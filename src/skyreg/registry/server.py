@@ -22,6 +22,7 @@ from skyreg.meta.platform import PlatformMeta
 from skyreg.meta.registry import RegistryMeta, open_database
 from skyreg.registry.app import create_app
 from skyreg.registry.context import Registry
+from skyreg.registry.forwarded import parse_networks
 from skyreg.store.base import BlobStore
 from skyreg.store.filesystem import FilesystemBlobStore
 
@@ -60,6 +61,7 @@ class ServeConfig:
     peer_token: str | None = None  # credential for other regions' nodes
     peer_token_file: Path | None = None
     replication_lease: float = 30.0  # seconds a replication job stays claimed without renewal
+    trusted_proxies: tuple[str, ...] = ()  # CIDRs of load balancers whose X-Forwarded-* count
 
 
 def parse_storage(storage: str) -> tuple[str, str] | None:
@@ -158,6 +160,7 @@ async def _run_worker(cfg: ServeConfig, sock: socket.socket) -> None:
     auth = _authenticator(cfg, meta)
     reg = Registry(meta=meta, store=store, upload_ttl=cfg.upload_ttl, auth=auth)
     reg.geo = _geo_node(cfg, reg)
+    reg.trusted_proxies = parse_networks(cfg.trusted_proxies)
     app = create_app(reg, expiry_interval=cfg.expiry_interval)
     runner = web.AppRunner(
         app,
