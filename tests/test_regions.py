@@ -108,6 +108,8 @@ class Regions:
     ports: dict[str, int]
     peer_urls: dict[str, dict[str, str]] = field(default_factory=dict)
     nodes: dict[str, RunningRegistry] = field(default_factory=dict)
+    # a region's own blob store when not its data dir: (serve arguments, environment)
+    storage: dict[str, tuple[list[str], dict[str, str]]] = field(default_factory=dict)
 
     @property
     def admin(self) -> str:
@@ -136,7 +138,9 @@ class Regions:
                 "--regions-file", str(self.top / "regions.json"),
                 "--peer-token-file", str(self.top / "iad" / "data" / "admin-token"),
                 "--replication-lease", str(LEASE),
+                *self.storage.get(code, ([], {}))[0],
             ],
+            env=self.storage.get(code, ([], {}))[1],
         )  # fmt: skip
         node.port = self.ports[code]
         (self.top / code).mkdir(exist_ok=True)
@@ -371,3 +375,39 @@ def test_a_deploy_copies_the_image_to_its_regions(regions: Regions, tmp_path: Pa
         timeout=30,
     )
     assert bad.status_code == 400 and "mars" in bad.json()["error"]["message"]
+
+
+def test_a_region_with_its_own_s3_bucket_takes_copies_into_it(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    s3 = request.getfixturevalue("seaweedfs")
+    bucket = f"syd-{os.urandom(6).hex()}"
+    s3.client().create_bucket(Bucket=bucket)
+    r = Regions(top=tmp_path, ports={code: free_port() for code in ("iad", "sin", "syd")})
+    r.storage["syd"] = (
+        ["--storage", f"s3://{bucket}/syd", "--s3-endpoint", s3.endpoint],
+        s3.aws_env(),
+    )
+    r.write_regions()
+    try:
+        for code in ("iad", "sin", "syd"):
+            r.start(code)
+        r.api("iad", "POST", "/orgs", json={"name": "acme"})
+        r.api("iad", "POST", "/apps", json={"name": "web", "org": "acme"})
+        data = os.urandom(12 << 20)  # more than one S3 part
+        digest = r.put_blob("iad", "web", data)
+        got = r.get_blob("syd", "web", digest)
+        assert got.status_code == 200 and got.content == data
+        listed = s3.client().list_objects_v2(
+            Bucket=bucket, Prefix=f"syd/blobs/sha256/{digest[7:9]}/"
+        )
+        assert [o["Key"] for o in listed.get("Contents", [])] == [
+            f"syd/blobs/sha256/{digest[7:9]}/{digest[7:]}"
+        ]
+        ranged = r.get_blob("syd", "web", digest, Range="bytes=5000000-5000009")
+        assert ranged.status_code == 206 and ranged.content == data[5000000:5000010]
+        assert r.peer_fetches("iad", digest) == 1  # the range came from syd's own bucket
+        assert not (tmp_path / "syd" / "data" / "blobs").exists()
+    finally:
+        for node in r.nodes.values():
+            node.stop()
