@@ -210,6 +210,12 @@ class Transfers:
             if job is not None:
                 break
             current = self.meta.job(digest, self.region)
+            if current is not None and (current.state, current.lease_owner) == (
+                "running",
+                self.owner,
+            ):
+                job = current  # this process's replication worker claimed it and joined us
+                break
             if current is not None and current.state == "failed":
                 raise TransferFailed(f"{digest}: replication failed: {current.error}")
             if time.monotonic() > deadline:

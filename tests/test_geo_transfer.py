@@ -1,0 +1,71 @@
+"""Transfers into a region (`skyreg.geo.transfer`) against real SQLite metadata and a real store."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from skyreg.geo.regions import RegionMap
+from skyreg.geo.transfer import TransferFailed, Transfers
+from skyreg.meta.db import create_db_engine, sqlite_url, upgrade_schema
+from skyreg.meta.geo import GeoMeta
+from skyreg.oci.digest import Digest
+from skyreg.store.filesystem import FilesystemBlobStore
+
+DIGEST = Digest.parse("sha256:" + "ab" * 32)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])  # nothing listens once the socket is closed
+
+
+def test_a_pull_joins_the_job_its_own_replication_worker_claimed(tmp_path: Path) -> None:
+    regions = tmp_path / "regions.json"
+    regions.write_text(
+        json.dumps(
+            {
+                "regions": {
+                    "iad": {"url": f"http://127.0.0.1:{_closed_port()}"},
+                    "syd": {"url": f"http://127.0.0.1:{_closed_port()}"},
+                }
+            }
+        )
+    )
+    engine = create_db_engine(sqlite_url(tmp_path / "meta.db"))
+    upgrade_schema(engine)
+    meta = GeoMeta(engine)
+    meta.add_copy(str(DIGEST), "iad")
+    store = FilesystemBlobStore(tmp_path / "syd")
+
+    async def scenario() -> None:
+        async with aiohttp.ClientSession() as session:
+            transfers = Transfers(
+                "syd", RegionMap(regions, "syd"), store, meta, lambda: session, lambda: None
+            )
+            transfers.lease = 1.0
+            # The worker claims the job in the database; a pull of the same blob then starts
+            # the transfer without it (the worker joins that transfer, not the other way).
+            meta.enqueue(str(DIGEST), 10, "web", "syd")
+            claimed = meta.claim_next("syd", transfers.owner, transfers.lease)
+            assert claimed is not None
+            transfer = transfers.get("web", DIGEST, 10)
+            with pytest.raises(TransferFailed, match="iad"):
+                await transfer.wait()
+
+    try:
+        asyncio.run(scenario())
+        job = meta.job(str(DIGEST), "syd")
+        # One attempt: the transfer used its own process's claim instead of waiting for that
+        # lease to expire and claiming the job a second time.
+        assert job is not None and job.attempts == 1 and job.state == "queued"
+        assert job.error is not None and "iad" in job.error
+    finally:
+        meta.close()
+        store.close()
