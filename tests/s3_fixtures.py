@@ -53,6 +53,42 @@ def weed_binary() -> str:
     return found
 
 
+def weed_server_command(
+    weed: str, root: Path, data: Path, config: Path, ports: list[int], *, volume_size_mb: int
+) -> list[str]:
+    """`weed server` with master, volume, filer and S3 on 127.0.0.1 only and no telemetry;
+    `ports` are master, its gRPC, volume, gRPC, filer, gRPC, S3, gRPC (8 free ports)."""
+    master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = ports
+    return [
+        weed,
+        "server",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-dir={data}",
+        f"-master.port={master}",
+        f"-master.port.grpc={master_grpc}",
+        # Never report anywhere: the only address this may talk to is 127.0.0.1.
+        "-master.telemetry=false",
+        "-master.telemetry.url=http://127.0.0.1:9/",
+        f"-master.volumeSizeLimitMB={volume_size_mb}",
+        f"-volume.port={volume}",
+        f"-volume.port.grpc={volume_grpc}",
+        "-volume.max=1000",
+        "-volume.preStopSeconds=0",
+        "-filer",
+        f"-filer.port={filer}",
+        f"-filer.port.grpc={filer_grpc}",
+        f"-filer.localSocket={root / 'filer.sock'}",
+        "-s3",
+        f"-s3.port={s3}",
+        f"-s3.port.grpc={s3_grpc}",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        f"-s3.config={config}",
+        f"-s3.localSocket={root / 's3.sock'}",
+    ]
+
+
 def free_ports(count: int) -> list[int]:
     """`count` distinct loopback ports the kernel reports free (all held open while picking)."""
     socks = []
@@ -194,45 +230,10 @@ def seaweedfs() -> Iterator[SeaweedS3]:
                 }
             )
         )
-        (
-            master,
-            master_grpc,
-            volume,
-            volume_grpc,
-            filer,
-            filer_grpc,
-            s3,
-            s3_grpc,
-        ) = free_ports(8)
+        ports = free_ports(8)
+        _, master_grpc, _, volume_grpc, _, filer_grpc, s3, s3_grpc = ports
         grpc_ports = [master_grpc, volume_grpc, filer_grpc, s3_grpc]
-        args = [
-            weed,
-            "server",
-            "-ip=127.0.0.1",
-            "-ip.bind=127.0.0.1",
-            f"-dir={data}",
-            f"-master.port={master}",
-            f"-master.port.grpc={master_grpc}",
-            # Never report anywhere: the only address this may talk to is 127.0.0.1.
-            "-master.telemetry=false",
-            "-master.telemetry.url=http://127.0.0.1:9/",
-            "-master.volumeSizeLimitMB=256",
-            f"-volume.port={volume}",
-            f"-volume.port.grpc={volume_grpc}",
-            "-volume.max=1000",
-            "-volume.preStopSeconds=0",
-            "-filer",
-            f"-filer.port={filer}",
-            f"-filer.port.grpc={filer_grpc}",
-            f"-filer.localSocket={root / 'filer.sock'}",
-            "-s3",
-            f"-s3.port={s3}",
-            f"-s3.port.grpc={s3_grpc}",
-            "-s3.port.iceberg=0",
-            "-s3.port.lance=0",
-            f"-s3.config={config}",
-            f"-s3.localSocket={root / 's3.sock'}",
-        ]
+        args = weed_server_command(weed, root, data, config, ports, volume_size_mb=256)
         env = {
             **os.environ,
             "TMPDIR": str(root),

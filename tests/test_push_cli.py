@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -103,8 +104,15 @@ def check_docker_push(setup: Setup, name: str, tag: str, image: TestImage, diges
         assert sha256(tar) == diff_id
 
 
-def access_log_since(setup: Setup, offset: int) -> list[str]:
-    return setup.server.log()[offset:].splitlines()
+def access_log_since(setup: Setup, offset: int, last: str | None = None) -> list[str]:
+    """Access-log lines written since `offset`; with `last`, once a line containing it is there
+    (the server logs a request after its response went out, so the client can be faster)."""
+    deadline = time.monotonic() + 10
+    while True:
+        lines = setup.server.log()[offset:].splitlines()
+        if last is None or any(last in line for line in lines) or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.05)
 
 
 # -- docker-archive ------------------------------------------------------------------------------
@@ -180,7 +188,7 @@ def test_second_push_skips_every_layer(
         assert (second.layers_uploaded, second.layers_skipped) == (0, 2), label
         assert second.bytes_uploaded == 0
         assert second.digest == first.digest
-        lines = access_log_since(setup, offset)
+        lines = access_log_since(setup, offset, last=f'"PUT /v2/{name}/manifests/v2')
         assert any(f'"HEAD /v2/{name}/blobs/' in line for line in lines), lines
         uploads = [
             line

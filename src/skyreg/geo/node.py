@@ -133,14 +133,21 @@ class GeoNode:
             return None
         resp = web.StreamResponse(status=200, headers=headers)
         sent = 0
+        held = b""  # the latest chunk goes out only once the copy is verified: a client never
+        # holds the whole body of bytes that turned out wrong (the stream is cut instead)
         async for chunk in feed:
             if not resp.prepared:
                 await resp.prepare(request)
-            await resp.write(chunk)
-            sent += len(chunk)
-        await self._wait(transfer, digest)  # after bytes went out, a failure cuts the stream
+            if held:
+                await resp.write(held)
+                sent += len(held)
+            held = chunk
+        await self._wait(transfer, digest)
         if not resp.prepared:
             await resp.prepare(request)
+        if held:
+            await resp.write(held)
+            sent += len(held)
         if sent < size:
             async for chunk in self.store.read(digest, sent):
                 await resp.write(chunk)
