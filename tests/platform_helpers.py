@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -73,3 +76,29 @@ class Tenancy:
 
     def admin_secret(self) -> str:
         return (self.data_dir / "admin-token").read_text().strip()
+
+
+def cli_env(workdir: Path, server: str, token: str) -> dict[str, str]:
+    """The environment of a `skyreg` command talking to `server` with `token` (own config dir)."""
+    return {
+        **os.environ,
+        "HOME": str(workdir),
+        "XDG_CONFIG_HOME": str(workdir / "config"),
+        "SKYREG_SERVER": server,
+        "SKYREG_TOKEN": token,
+        "COLUMNS": "250",
+    }
+
+
+def run_skyreg(env: dict[str, str], *args: str, timeout: float = 120) -> str:
+    """Run `skyreg ARGS`; its stdout, or a failed assertion with its stderr."""
+    done = subprocess.run(
+        [sys.executable, "-m", "skyreg", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert done.returncode == 0, (args, done.stdout, done.stderr)
+    return done.stdout

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.images import Entry, build_app_image
+from tests.platform_helpers import cli_env, run_skyreg
 from tests.test_machines import free_port, http_get, wait_for
 
 pytestmark = [
@@ -65,25 +66,10 @@ def test_dev_runs_push_deploy_and_a_serving_machine_then_stops_it_all(workdir: P
         assert url, banner
         token_file = workdir / "dev" / "registry" / "admin-token"
         assert str(token_file) in banner
-        env = {
-            **os.environ,
-            "XDG_CONFIG_HOME": str(workdir / "config"),
-            "SKYREG_SERVER": url.group(1),
-            "SKYREG_TOKEN": token_file.read_text().strip(),
-            "COLUMNS": "250",
-        }
+        env = cli_env(workdir, url.group(1), token_file.read_text().strip())
 
         def skyreg(*args: str) -> str:
-            done = subprocess.run(
-                [sys.executable, "-m", "skyreg", *args],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=120,
-                check=False,
-            )
-            assert done.returncode == 0, (args, done.stdout, done.stderr)
-            return done.stdout
+            return run_skyreg(env, *args)
 
         skyreg("orgs", "create", "acme")
         skyreg("apps", "create", "myapp", "--org", "acme")
@@ -154,25 +140,10 @@ def test_dev_regions_push_in_one_region_and_run_in_another(workdir: Path) -> Non
         urls = dict(re.findall(r"region (\w+)\s+registry (http://127\.0\.0\.1:\d+)", banner))
         assert sorted(urls) == ["iad", "sin", "syd"] and len(set(urls.values())) == 3
         token = (workdir / "dev" / "iad" / "registry" / "admin-token").read_text().strip()
-        env = {
-            **os.environ,
-            "XDG_CONFIG_HOME": str(workdir / "config"),
-            "SKYREG_SERVER": urls["iad"],
-            "SKYREG_TOKEN": token,
-            "COLUMNS": "250",
-        }
+        env = cli_env(workdir, urls["iad"], token)
 
         def skyreg(*args: str) -> str:
-            done = subprocess.run(
-                [sys.executable, "-m", "skyreg", *args],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=120,
-                check=False,
-            )
-            assert done.returncode == 0, (args, done.stdout, done.stderr)
-            return done.stdout
+            return run_skyreg(env, *args)
 
         skyreg("orgs", "create", "acme")
         skyreg("apps", "create", "myapp", "--org", "acme")

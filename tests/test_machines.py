@@ -24,7 +24,7 @@ import requests
 from skyreg.cli.push import push_image
 from tests.conftest import RunningRegistry
 from tests.images import Entry, build_app_image
-from tests.platform_helpers import Tenancy
+from tests.platform_helpers import Tenancy, cli_env, run_skyreg
 
 pytestmark = [
     pytest.mark.slow,
@@ -278,26 +278,10 @@ def test_cli_lists_machines_and_prints_logs(platform: Platform, tmp_path: Path) 
     p = platform
     v = p.deploy(p.push("cli", b"x\n", free_port(), "echo hello from the cli image; exit 3"))
     [m] = p.machines(v["version"])
-    env = {
-        **os.environ,
-        "HOME": str(tmp_path),
-        "XDG_CONFIG_HOME": str(tmp_path),
-        "SKYREG_SERVER": p.reg.url,
-        "SKYREG_TOKEN": p.admin,
-        "COLUMNS": "250",
-    }
+    env = cli_env(tmp_path, p.reg.url, p.admin)
 
     def skyreg(*args: str) -> str:
-        done = subprocess.run(
-            [sys.executable, "-m", "skyreg", *args],
-            env=env,
-            text=True,
-            capture_output=True,
-            timeout=60,
-            check=False,
-        )
-        assert done.returncode == 0, done.stderr
-        return done.stdout
+        return run_skyreg(env, *args, timeout=60)
 
     wait_for(lambda: p.machine(m["id"])["state"] == "failed", "the cli machine failed")
     listed = skyreg("machines", "list", "--app", APP)

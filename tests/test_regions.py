@@ -8,10 +8,8 @@ import asyncio
 import hashlib
 import json
 import os
-import socket
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,29 +20,13 @@ import requests
 from skyreg.cli.push import push_image
 from tests.conftest import RunningRegistry
 from tests.images import Entry, build_app_image
+from tests.test_machines import free_port, wait_for
 
 pytestmark = pytest.mark.slow
 
 T = TypeVar("T")
 RTT = {("iad", "sin"): 230, ("iad", "syd"): 200, ("sin", "syd"): 95}
 LEASE = 2.0  # seconds: a killed node's job is claimable again soon after
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(check: Callable[[], T | None], what: str, timeout: float = 60.0) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def sha256(data: bytes) -> str:

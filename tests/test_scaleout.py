@@ -9,7 +9,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -22,6 +21,7 @@ import requests
 
 from tests.conftest import RunningRegistry, scaleout_backing
 from tests.images import build_image
+from tests.test_machines import free_port
 
 pytestmark = pytest.mark.slow
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "nginx" / "skyreg.conf"
@@ -29,12 +29,6 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "nginx" / "skyre
 
 def sha256(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
