@@ -100,9 +100,6 @@ class GeoNode:
         """This region's store now holds `digest` (pushed here)."""
         self.meta.add_copy(str(digest), self.region)
 
-    def holds(self, digest: Digest) -> bool:
-        return self.region in self.meta.regions_of(str(digest))
-
     async def serve_missing(
         self,
         request: web.Request,
