@@ -12,10 +12,14 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 import requests
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from skyreg.auth.keys import KeyRing
+from skyreg.auth.keys import _kid as key_id
 from skyreg.meta.registry import open_database
 from tests.conftest import RunningRegistry
 from tests.oci_helpers import Image, push_blob, push_image, put_manifest, sha256
@@ -456,3 +460,29 @@ def test_forwarded_headers_from_untrusted_peers_are_ignored(tmp_path: Path) -> N
         assert 'realm="http://127.0.0.1:' in anonymous.headers["WWW-Authenticate"]
     finally:
         reg.stop()
+
+
+def test_signing_keys_from_old_key_files_are_imported_and_keep_verifying(tmp_path: Path) -> None:
+    legacy = tmp_path / "keys"
+    legacy.mkdir()
+    old = Ed25519PrivateKey.generate()
+    pem = old.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    (legacy / "1700000000000-old.pem").write_bytes(pem)
+    now = int(time.time())
+    claims = {"iss": "skyreg", "sub": "t", "aud": "skyreg", "iat": now, "exp": now + 60}
+    signed_before = jwt.encode(claims, old, algorithm="EdDSA", headers={"kid": _kid_of(old)})
+    ring = KeyRing(open_database(None, tmp_path).engine, legacy_dir=legacy)
+    try:
+        ring.ensure()
+        assert ring.verify(signed_before, "skyreg")["sub"] == "t"
+        ring.rotate()
+        assert _kid(ring.sign(claims)) != _kid_of(old)  # the new key signs
+        assert ring.verify(signed_before, "skyreg")["sub"] == "t"  # the old one still verifies
+    finally:
+        ring.close()
+
+
+def _kid_of(key: Ed25519PrivateKey) -> str:
+    return key_id(key.public_key())

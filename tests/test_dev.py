@@ -42,6 +42,17 @@ def _read_until(proc: subprocess.Popen[bytes], pattern: str, timeout: float = 60
     return seen.decode()
 
 
+def _interrupt(dev: subprocess.Popen[bytes]) -> int:
+    """Ctrl-C `skyreg dev` and wait for it (killed, and the test failed, if it hangs)."""
+    dev.send_signal(signal.SIGINT)
+    try:
+        return dev.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        dev.kill()
+        dev.wait()
+        raise
+
+
 @pytest.fixture
 def workdir() -> Iterator[Path]:
     # Machines must reach their rootfs: every ancestor of the data dir is o+x.
@@ -97,13 +108,7 @@ def test_dev_runs_push_deploy_and_a_serving_machine_then_stops_it_all(workdir: P
         children = _children(dev.pid)
         assert len(children) == 2  # the registry and the agent
     finally:
-        dev.send_signal(signal.SIGINT)
-        try:
-            code = dev.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            dev.kill()
-            dev.wait()
-            raise
+        code = _interrupt(dev)
     assert code == 0
     assert http_get(port) is None  # the machine went down with the platform
     for pid in children:
@@ -171,12 +176,6 @@ def test_dev_regions_push_in_one_region_and_run_in_another(workdir: Path) -> Non
         complete = next(line for line in shown.splitlines() if line.startswith("complete"))
         assert complete.split()[-3:] == ["yes", "no", "yes"]  # iad, sin, syd
     finally:
-        dev.send_signal(signal.SIGINT)
-        try:
-            code = dev.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            dev.kill()
-            dev.wait()
-            raise
+        code = _interrupt(dev)
     assert code == 0
     assert http_get(port) is None

@@ -241,6 +241,9 @@ def test_deploy_runs_restarts_rolls_and_survives_a_failed_release(platform: Plat
     p.api("POST", f"/machines/{m2['id']}/stop")
     wait_for(lambda: p.machine(m2["id"])["state"] == "stopped", "v2 stopped")
     assert http_get(port2) is None
+    agent_view = p.api("GET", "/agent/machines", params={"region": "local"})["machines"]
+    assert m2["id"] not in [m["id"] for m in agent_view]  # agents get only what must run
+    assert m1["id"] not in [m["id"] for m in agent_view]
     p.api("POST", f"/machines/{m2['id']}/start")
     wait_for(lambda: http_get(port2) == b"<h1>version two</h1>\n", "v2 serving again")
 

@@ -23,6 +23,7 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import aiohttp
 
@@ -200,24 +201,23 @@ class Transfers:
         deadline = time.monotonic() + _WAIT_LIMIT
         while job is None:
             if await self.store.stat(t.digest) is not None:
-                if self.region not in self.meta.regions_of(digest):
-                    self.meta.add_copy(digest, self.region)
+                self.meta.add_copy(digest, self.region)  # idempotent
                 t._detach_all()
                 return
-            job = self.meta.claim(
-                digest, t.size, t.repository, self.region, self.owner, LEASE_SECONDS
-            )
-            if job is not None:
-                break
             current = self.meta.job(digest, self.region)
-            if current is not None and (current.state, current.lease_owner) == (
-                "running",
-                self.owner,
+            if (
+                current is not None
+                and current.state == "running"
+                and current.lease_owner == self.owner
             ):
                 job = current  # this process's replication worker claimed it and joined us
                 break
-            if current is not None and current.state == "failed":
-                raise TransferFailed(f"{digest}: replication failed: {current.error}")
+            if not _leased_elsewhere(current):  # a read first: waiting costs no write
+                job = self.meta.claim(
+                    digest, t.size, t.repository, self.region, self.owner, self.lease
+                )
+                if job is not None:
+                    break
             if time.monotonic() > deadline:
                 raise TransferFailed(f"{digest}: waited too long for another node's transfer")
             t._live = False  # another node moves it; we read the store once it lands
@@ -322,6 +322,16 @@ class Transfers:
         if size != t.size:
             raise _SourceError(f"got {size} of {t.size} bytes")
         return moved
+
+
+def _leased_elsewhere(job: Job | None) -> bool:
+    """Another process holds a live lease on the job: it is moving the bytes."""
+    return (
+        job is not None
+        and job.state == "running"
+        and job.lease_until is not None
+        and job.lease_until > datetime.now(UTC)
+    )
 
 
 class _SourceError(Exception):
