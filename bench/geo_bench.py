@@ -482,7 +482,9 @@ class Api:
         return json.loads(raw) if raw else None
 
     def metric(self, name: str) -> float:
-        status, raw = self.net.call(self.region, http, "GET", self.base + "/metrics").result()
+        status, raw = self.net.call(
+            self.region, http, "GET", self.base + "/metrics", self.token
+        ).result()
         for line in raw.decode().splitlines():
             if line.startswith(name):
                 return float(line.rsplit(" ", 1)[1])

@@ -174,7 +174,7 @@ class Regions:
         return sum(1 for line in log.splitlines() if f"/blobs/{digest}" in line and "GET" in line)
 
     def metric(self, code: str, name: str) -> float:
-        text = requests.get(f"{self.url(code)}/metrics", timeout=10).text
+        text = requests.get(f"{self.url(code)}/metrics", auth=("x", self.admin), timeout=10).text
         for line in text.splitlines():
             if line.startswith(name):
                 return float(line.rsplit(" ", 1)[1])

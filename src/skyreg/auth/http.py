@@ -10,6 +10,7 @@ from skyreg.auth.service import (
     ANONYMOUS,
     Authenticator,
     AuthFailed,
+    Client,
     Identity,
     Throttled,
     parse_scopes,
@@ -22,17 +23,27 @@ IDENTITY_KEY = "skyreg.identity"
 TOKEN_PATH = "/auth/token"
 
 
-def client_of(request: web.Request) -> str:
-    """The key failed attempts are counted under: the peer address."""
-    return request.remote or "unknown"
+def client_of(request: web.Request) -> Client:
+    """Whom failed attempts are counted against: the client's address (behind a trusted proxy,
+    the one the proxies forwarded) and the proxy it came through, if any."""
+    address = request.remote or "unknown"
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    proxy = str(peer[0]) if isinstance(peer, tuple) and peer else None
+    return Client(address, proxy if proxy != address else None)
 
 
-def challenge(
-    request: web.Request, service: str, scope: str | None = None, error: str | None = None
-) -> str:
-    """A `WWW-Authenticate: Bearer ...` value pointing clients at the token endpoint."""
-    realm = f"{request.scheme}://{request.host}{TOKEN_PATH}"
-    parts = [f'realm="{realm}"', f'service="{service}"']
+class BearerRefused(AuthFailed):
+    """A registry JWT was offered to the token endpoint, which mints only from access tokens."""
+
+
+def challenge(auth: Authenticator, scope: str | None = None, error: str | None = None) -> str:
+    """A `WWW-Authenticate: Bearer ...` value pointing clients at the token endpoint.
+
+    The realm is the server's configured public URL, never built from the request's Host or
+    X-Forwarded-* headers: a caller must not choose where other clients send credentials.
+    """
+    realm = f"{auth.public_url}{TOKEN_PATH}"
+    parts = [f'realm="{realm}"', f'service="{auth.service}"']
     if scope:
         parts.append(f'scope="{scope}"')
     if error:
@@ -61,7 +72,7 @@ def identify(request: web.Request, auth: Authenticator) -> Identity:
         raise RegistryError(
             ErrorCode.UNAUTHORIZED,
             "invalid, expired or revoked credentials",
-            headers={"WWW-Authenticate": challenge(request, auth.service, error="invalid_token")},
+            headers={"WWW-Authenticate": challenge(auth, error="invalid_token")},
         ) from None
 
 
@@ -80,7 +91,7 @@ def unauthorized(
         ErrorCode.UNAUTHORIZED,
         "authentication required",
         detail,
-        headers={"WWW-Authenticate": challenge(request, auth.service, scope, error)},
+        headers={"WWW-Authenticate": challenge(auth, scope, error)},
     )
 
 
@@ -102,12 +113,23 @@ async def token_endpoint(request: web.Request) -> web.StreamResponse:
             if not password:
                 raise AuthFailed("password required")
             return auth.token_for_secret(password)
-        return auth.identify(request.headers.get("Authorization")).token
+        header = request.headers.get("Authorization")
+        if header and header.lower().startswith("bearer "):
+            # A registry token is never traded for another: that would let a narrow, short-lived
+            # JWT become a wider or longer-lived one. Only access tokens mint JWTs.
+            raise BearerRefused
+        return auth.identify(header).token
 
     try:
         token = auth.limited(client_of(request), check)
     except Throttled as e:
         raise _too_many(e.retry_after) from None
+    except BearerRefused:
+        raise RegistryError(
+            ErrorCode.UNAUTHORIZED,
+            "the token endpoint takes an access token (Basic or the password grant), "
+            "not a registry token",
+        ) from None
     except AuthFailed:
         raise RegistryError(ErrorCode.UNAUTHORIZED, "invalid, expired or revoked token") from None
     scopes, catalog = parse_scopes(scope_values)

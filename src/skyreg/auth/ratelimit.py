@@ -4,41 +4,36 @@ from __future__ import annotations
 
 import math
 import time
-from collections import deque
+from collections import OrderedDict, deque
 
 
 class FailureLimiter:
-    """After `limit` failures within `window` seconds a client waits until the oldest expires."""
+    """After `limit` failures within `window` seconds, a client's next failure is answered with a
+    wait until the oldest of them expires.
+
+    Only failures count: nothing here refuses a request whose credentials are valid. Memory and
+    time are bounded whatever clients do: at most `limit + 1` times per client and `max_clients`
+    clients, the least recently failing forgotten first (O(1) per failure).
+    """
 
     def __init__(self, limit: int = 10, window: float = 60.0, max_clients: int = 100_000) -> None:
         self.limit = limit
         self.window = window
         self.max_clients = max_clients
-        self._failures: dict[str, deque[float]] = {}
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
 
-    def _recent(self, client: str, now: float) -> deque[float] | None:
-        failures = self._failures.get(client)
+    def failed(self, client: str) -> int | None:
+        """Count a failure; the seconds the client must now wait when it is over the limit."""
+        now = time.monotonic()
+        failures = self._failures.pop(client, None)
         if failures is None:
-            return None
+            failures = deque(maxlen=self.limit + 1)
+            while len(self._failures) >= self.max_clients:
+                self._failures.popitem(last=False)
         while failures and failures[0] <= now - self.window:
             failures.popleft()
-        if not failures:
-            del self._failures[client]
-            return None
-        return failures
-
-    def retry_after(self, client: str) -> int | None:
-        """Seconds the client must wait, or None when it may try now."""
-        now = time.monotonic()
-        failures = self._recent(client, now)
-        if failures is None or len(failures) < self.limit:
+        failures.append(now)
+        self._failures[client] = failures  # now the most recently failing
+        if len(failures) <= self.limit:
             return None
         return max(1, math.ceil(failures[0] + self.window - now))
-
-    def failed(self, client: str) -> None:
-        now = time.monotonic()
-        if len(self._failures) >= self.max_clients and client not in self._failures:
-            # Forget the client whose failures are oldest rather than grow without bound.
-            oldest = min(self._failures, key=lambda c: self._failures[c][-1])
-            del self._failures[oldest]
-        self._failures.setdefault(client, deque()).append(now)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import jwt
 
@@ -23,9 +24,19 @@ from skyreg.meta.platform import PlatformMeta, TokenRecord
 from skyreg.oci.names import NAME_RE
 
 REGISTRY_TOKEN_TTL = 300
+PROXY_FACTOR = 10
 T = TypeVar("T")
 _SCOPE_RE = re.compile(r"^repository(?:\([a-z0-9]+\))?:([^:]+):([a-z*,]+)$")
 _KNOWN_ACTIONS = frozenset({PULL, PUSH, DELETE})
+
+
+@dataclass(frozen=True)
+class Client:
+    """Whom failed attempts are counted against: the client's address and, when it came through
+    a trusted proxy, that proxy's own address."""
+
+    address: str
+    proxy: str | None = None
 
 
 class AuthFailed(Exception):
@@ -112,13 +123,24 @@ class Authenticator:
         service: str,
         token_ttl: int = REGISTRY_TOKEN_TTL,
         limiter: FailureLimiter | None = None,
+        public_url: str = "http://127.0.0.1:5000",
     ) -> None:
         self.platform = platform
+        self.public_url = public_url.rstrip("/")  # what the server calls itself (token realm)
         self.keys = keys
         self.service = service
         self.token_ttl = token_ttl
         self.policy = AccessPolicy(platform)
         self.limiter = limiter or FailureLimiter()
+        # Every client behind one trusted proxy together gets PROXY_FACTOR clients' allowance.
+        self.proxy_limiter = FailureLimiter(
+            limit=self.limiter.limit * PROXY_FACTOR, window=self.limiter.window
+        )
+
+    @property
+    def public_host(self) -> str:
+        """HOST[:PORT] of the public URL: how image references made by the server begin."""
+        return urlsplit(self.public_url).netloc
 
     # -- access tokens -------------------------------------------------------------------------
 
@@ -160,19 +182,25 @@ class Authenticator:
 
     # -- requests ------------------------------------------------------------------------------
 
-    def limited(self, client: str, check: Callable[[], T]) -> T:
+    def limited(self, client: Client, check: Callable[[], T]) -> T:
         """Run a credential check for `client` under the failed-authentication limiter.
 
-        Raises Throttled while the client must wait; a failed check (AuthFailed) is counted
-        against the client and re-raised.
+        Valid credentials always pass, whatever others at the client's address did: the check
+        runs first. A failed check (AuthFailed) counts against the client (and, behind a proxy,
+        against that proxy's larger allowance, so inventing a new forwarded address for every
+        attempt does not escape the limit) and is re-raised, or raised as Throttled once either
+        is over its limit.
         """
-        retry_after = self.limiter.retry_after(client)
-        if retry_after is not None:
-            raise Throttled(retry_after)
         try:
             return check()
         except AuthFailed:
-            self.limiter.failed(client)
+            retry_after = self.limiter.failed(client.address)
+            if client.proxy is not None:
+                proxy_retry = self.proxy_limiter.failed(client.proxy)
+                if proxy_retry is not None:
+                    retry_after = max(retry_after or 0, proxy_retry)
+            if retry_after is not None:
+                raise Throttled(retry_after) from None
             raise
 
     def identify(self, authorization: str | None) -> Identity:

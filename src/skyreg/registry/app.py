@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -20,6 +21,7 @@ from skyreg.auth.http import (
     unauthorized,
 )
 from skyreg.auth.policy import DELETE, PULL, PUSH
+from skyreg.auth.service import Authenticator
 from skyreg.meta.machines import MachineMeta
 from skyreg.meta.platform import ReleaseMeta
 from skyreg.oci.errors import ErrorCode, RegistryError
@@ -30,6 +32,9 @@ from skyreg.registry import blobs, discovery, manifests
 from skyreg.registry.context import REGISTRY_KEY, Registry
 from skyreg.registry.forwarded import forwarded_middleware
 from skyreg.registry.routing import METHODS, Endpoint, match_route
+
+if TYPE_CHECKING:
+    from skyreg.geo.node import GeoNode
 
 log = logging.getLogger("skyreg.registry")
 
@@ -200,8 +205,39 @@ def create_app(reg: Registry, *, expiry_interval: float = 300.0) -> web.Applicat
         geo = reg.geo
         app.cleanup_ctx.append(geo.run)
 
-        async def metrics(_request: web.Request) -> web.StreamResponse:
-            return web.Response(text=geo.metrics(), content_type="text/plain", charset="utf-8")
+        async def metrics(request: web.Request) -> web.StreamResponse:
+            if reg.auth is not None:
+                _require_admin(request, reg.auth)
+            return _metrics_response(geo)
 
         app.router.add_get("/metrics", metrics)
+    return app
+
+
+def _metrics_response(geo: GeoNode) -> web.Response:
+    return web.Response(text=geo.metrics(), content_type="text/plain", charset="utf-8")
+
+
+def _require_admin(request: web.Request, auth: Authenticator) -> None:
+    """Metrics describe every tenant's traffic: only an admin access token reads them here."""
+    identity = identify(request, auth)
+    if identity.token is None:
+        raise RegistryError(
+            ErrorCode.UNAUTHORIZED,
+            "metrics need an admin token",
+            headers={"WWW-Authenticate": 'Basic realm="skyreg metrics"'},
+        )
+    if identity.token.kind != "admin":
+        raise RegistryError(ErrorCode.DENIED, "metrics need an admin token")
+
+
+def metrics_app(geo: GeoNode) -> web.Application:
+    """`/metrics` alone, for `serve --metrics-address`: an address only the operator's scraper
+    reaches, so no token is asked."""
+    app = web.Application(middlewares=[_errors])
+
+    async def metrics(_request: web.Request) -> web.StreamResponse:
+        return _metrics_response(geo)
+
+    app.router.add_get("/metrics", metrics)
     return app

@@ -2,8 +2,12 @@
 
 Only requests arriving from a trusted proxy (`serve --trusted-proxy CIDR`) are rewritten; from
 anyone else the headers are ignored, so a client cannot pick its own address to dodge the
-failed-login limiter. The client is the rightmost address in X-Forwarded-For that is not itself
-a trusted proxy (each proxy appends the address it received the request from).
+failed-login limiter. The client is found right to left (each proxy appends the address it
+received the request from): the rightmost address in X-Forwarded-For that is not itself a trusted
+proxy. A hop that is not an address ends the walk at the last trusted hop, so no made-up name ever
+becomes a client of its own. Whoever can reach the server directly from a trusted address can claim
+any client address; the failed-login limiter therefore also counts failures per proxy
+(`auth.service.Authenticator.limited`).
 """
 
 from __future__ import annotations
@@ -53,8 +57,12 @@ def forwarded_middleware(networks: tuple[Network, ...]) -> Middleware:
         ]
         remote = request.remote or ""
         for hop in reversed(hops):
-            remote = hop
-            if not _trusted(hop, networks):
+            try:
+                address = str(ipaddress.ip_address(hop))
+            except ValueError:
+                break
+            remote = address
+            if not _trusted(address, networks):
                 break
         proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
         if proto in ("http", "https"):

@@ -1,0 +1,1 @@
+"""Regression tests for the promises in SECURITY.md."""
