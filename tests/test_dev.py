@@ -18,7 +18,7 @@ import pytest
 
 from tests.images import Entry, build_app_image
 from tests.platform_helpers import cli_env, run_skyreg
-from tests.test_machines import free_port, http_get, wait_for
+from tests.waiting import free_port, http_get, wait_for
 
 pytestmark = [
     pytest.mark.slow,

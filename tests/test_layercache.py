@@ -21,7 +21,7 @@ from skyreg.machines.layercache import (
     Opener,
     clone_rootfs,
 )
-from skyreg.machines.unpack import UnpackError, UnpackReport, unpack_layers
+from skyreg.machines.unpack import UnpackError, UnpackLimits, UnpackReport, unpack_layers
 from tests.test_unpack import OCI_GZIP, OCI_ZSTD, dir_, file, hard, sym, write_layer
 
 DATA = bytes(range(256)) * 1200  # 300 KiB
@@ -59,7 +59,7 @@ def test_fetch_stores_a_verified_read_only_blob(tmp_path: Path) -> None:
     path = asyncio.run(cache.fetch(DIGEST, len(DATA), opener_for(DATA, calls)))
     assert path == tmp_path / "blobs/sha256" / DIGEST.split(":")[1] == cache.path(DIGEST)
     assert path.read_bytes() == DATA
-    assert stat.S_IMODE(path.stat().st_mode) == 0o444
+    assert stat.S_IMODE(path.stat().st_mode) == 0o400  # read-only, root's alone
     assert cache.has(DIGEST)
     assert blob_files(tmp_path) == [path]
 
@@ -252,9 +252,11 @@ def test_rootfs_for_unpacks_once_for_concurrent_callers(
     real = unpack_layers
     unpacks: list[int] = []
 
-    def counting(layers: list[tuple[Path, str]], rootfs: Path) -> UnpackReport:
+    def counting(
+        layers: list[tuple[Path, str]], rootfs: Path, limits: UnpackLimits | None = None
+    ) -> UnpackReport:
         unpacks.append(1)
-        return real(layers, rootfs)
+        return real(layers, rootfs, limits=limits)
 
     monkeypatch.setattr(layercache, "unpack_layers", counting)
     locks = count_lock_calls(monkeypatch)

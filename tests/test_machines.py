@@ -2,78 +2,52 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import requests
 
 from skyreg.cli.push import push_image
+from tests.agents import RunningAgent, machine_top
 from tests.conftest import RunningRegistry
 from tests.images import Entry, build_app_image
 from tests.platform_helpers import Tenancy, cli_env, run_skyreg
+from tests.waiting import free_port, http_get, wait_for
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(shutil.which("bwrap") is None, reason="bwrap is not installed"),
 ]
 
-T = TypeVar("T")
 APP = "web"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(check: Callable[[], T | None], what: str, timeout: float = 60.0) -> T:
-    """Poll `check` until it returns something truthy; fail with `what` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
-
-
-def http_get(port: int, path: str = "/") -> bytes | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
-            return bytes(resp.read())
-    except (OSError, urllib.error.URLError):
-        return None
 
 
 @dataclass
 class Platform:
     reg: RunningRegistry
     admin: str
-    agent_dir: Path
-    agent_log: Path
+    agent: RunningAgent
     work: Path
-    agent_pid: int
+
+    @property
+    def agent_dir(self) -> Path:
+        return self.agent.data_dir
 
     def machine_rootfs(self, machine_id: str) -> Path:
         """A machine's rootfs as the agent sees it (its overlay mounts are private to it)."""
         home = self.agent_dir / "machines" / machine_id / "rootfs"
-        return Path(f"/proc/{self.agent_pid}/root") / home.relative_to("/")
+        return Path(f"/proc/{self.agent.pid}/root") / home.relative_to("/")
 
     def api(self, method: str, path: str, token: str | None = None, **kw: Any) -> Any:
         r = requests.request(
@@ -113,57 +87,24 @@ class Platform:
         return next(m for m in self.machines() if m["id"] == machine_id)
 
     def diagnostics(self) -> str:
-        return f"agent log:\n{self.agent_log.read_text(errors='replace')[-5000:]}"
+        return f"agent log:\n{self.agent.log()}"
 
 
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
     reg = RunningRegistry(data_dir=tmp_path_factory.mktemp("machines") / "data")
-    # Machines must reach their rootfs: every ancestor of the agent's data dir is o+x.
-    top = Path(tempfile.mkdtemp(prefix="skyreg-agent-"))
-    top.chmod(0o711)
-    agent: subprocess.Popen[bytes] | None = None
-    reg.start()
-    try:
+    with contextlib.ExitStack() as stack:
+        top = machine_top(stack, "skyreg-agent-")
+        stack.callback(reg.stop)
+        reg.start()
         t = Tenancy(reg.data_dir)
         t.org("acme")
         t.app(APP, "acme")
         admin = t.admin_secret()
-        agent_log = top / "agent.log"
-        with open(agent_log, "ab") as log:
-            agent = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "skyreg",
-                    "agent",
-                    "--region",
-                    "local",
-                    "--server",
-                    reg.url,
-                    "--token",
-                    admin,
-                    "--data-dir",
-                    str(top / "agent"),
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        yield Platform(
-            reg, admin, top / "agent", agent_log, tmp_path_factory.mktemp("images"), agent.pid
-        )
-    finally:
-        try:
-            if agent is not None and agent.poll() is None:
-                agent.send_signal(signal.SIGTERM)
-                try:
-                    agent.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    agent.kill()
-                    agent.wait()
-        finally:
-            reg.stop()
-            shutil.rmtree(top, ignore_errors=True)
+        agent = RunningAgent(reg.url, admin, top / "agent", top / "agent.log")
+        stack.callback(agent.stop)
+        agent.start()
+        yield Platform(reg, admin, agent, tmp_path_factory.mktemp("images"))
 
 
 def test_deploy_runs_restarts_rolls_and_survives_a_failed_release(platform: Platform) -> None:

@@ -20,7 +20,7 @@ import requests
 from skyreg.cli.push import push_image
 from tests.conftest import RunningRegistry
 from tests.images import Entry, build_app_image
-from tests.test_machines import free_port, wait_for
+from tests.waiting import free_port, wait_for
 
 pytestmark = pytest.mark.slow
 

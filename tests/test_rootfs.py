@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -90,4 +91,9 @@ def test_root_gets_an_overlay_owned_like_the_image_root(image_tree: Path, home: 
     assert os.path.ismount(rootfs)
     assert rootfs.stat().st_mode & 0o7777 == 0o750
     (rootfs / "new").write_text("in the upper layer\n")
-    assert (home / "upper" / "new").read_text() == "in the upper layer\n"
+    assert (home / "overlay" / "upper" / "new").read_text() == "in the upper layer\n"
+    # What the machine writes (setuid files included) is root's alone; so is the mount.
+    assert stat.S_IMODE((home / "overlay").stat().st_mode) == 0o700
+    mounts = Path("/proc/self/mountinfo").read_text().splitlines()
+    options = next(ln.split()[5] for ln in mounts if ln.split()[4] == str(rootfs))
+    assert {"nosuid", "nodev"} <= set(options.split(","))

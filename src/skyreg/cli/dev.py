@@ -20,6 +20,7 @@ import typer
 
 from skyreg.cli.client import fail
 from skyreg.geo.regions import REGION_RE
+from skyreg.privatefs import private_dir
 
 STARTUP_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
@@ -74,6 +75,7 @@ class DevPlatform:
         ports = self._ports()
         for i, (code, port) in enumerate(zip(self.regions, ports, strict=True)):
             home = self.data_dir / code if self.multi else self.data_dir
+            private_dir(home, mode=0o711)  # as data_dir: an ancestor of an agent's data dir
             registry_dir = home / "registry"
             port_file = home / "registry.port"
             port_file.unlink(missing_ok=True)
@@ -217,7 +219,9 @@ def dev(
     if bad or not codes or len(set(codes)) != len(codes):
         fail(f"regions must be distinct region codes such as iad,sin,syd (got {regions or region})")
     data_dir = data_dir.resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    # 0711: what lies in it is private (the registry's and agents' own 0700 dirs), but agents'
+    # non-root machines need o+x on every ancestor of the agent's data dir.
+    private_dir(data_dir, mode=0o711)
     platform = DevPlatform(data_dir=data_dir, host=host, port=port, regions=codes)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

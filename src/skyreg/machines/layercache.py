@@ -14,6 +14,11 @@ whoever gets the lock second finds the result in place. Results appear by atomic
 a crash leaves at most a `.<hex>.*` temporary, removed by the next fetch of that digest.
 
 Machines never run in `rootfs/<hex>` itself: `clone_rootfs` gives each start a fresh copy.
+
+Modes are set explicitly, whatever the umask: the root and every directory of the layout are
+0700, blobs 0400, lock files 0600. The unpacked trees keep the image's own modes, setuid bits
+included; they are safe only because no other host user can traverse the 0700 directories above
+them (an older cache with looser modes is tightened when a `LayerCache` is created).
 """
 
 from __future__ import annotations
@@ -33,9 +38,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from skyreg.machines.unpack import unpack_layers
+from skyreg.machines.unpack import UnpackLimits, unpack_layers
 from skyreg.oci.digest import Digest
 from skyreg.oci.errors import RegistryError
+from skyreg.privatefs import private_dir
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +68,10 @@ class LayerCache:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        private_dir(root)
+        for sub in ("blobs", "rootfs", "locks"):
+            # Only the top levels: what lies below is unreachable through them (no tree walk).
+            private_dir(root / sub)
         self._blob_tasks: dict[str, asyncio.Task[Path]] = {}
         self._rootfs_tasks: dict[str, asyncio.Task[Path]] = {}
 
@@ -93,15 +103,25 @@ class LayerCache:
         )
         return await asyncio.shield(task)
 
-    async def rootfs_for(self, image_digest: str, layers: list[tuple[Path, str]]) -> Path:
-        """The unpacked tree of `image_digest`, unpacking `layers` (path, media type) once."""
+    async def rootfs_for(
+        self,
+        image_digest: str,
+        layers: list[tuple[Path, str]],
+        limits: UnpackLimits | None = None,
+    ) -> Path:
+        """The unpacked tree of `image_digest`, unpacking `layers` (path, media type) once.
+
+        A layer breaking `limits` raises `UnpackLimitError`; no partial tree is kept.
+        """
         d = _parse(image_digest)
         target = self.rootfs_path(image_digest)
         if target.is_dir():
             return target
         lock = self._lock_path(f"rootfs-{d.hex}")
         task = _shared(
-            self._rootfs_tasks, str(d), lambda: _in_lock_thread(list(layers), target, lock)
+            self._rootfs_tasks,
+            str(d),
+            lambda: _in_lock_thread(list(layers), target, lock, limits),
         )
         return await asyncio.shield(task)
 
@@ -189,9 +209,11 @@ def _task_done(tasks: dict[str, asyncio.Task[Path]], key: str, task: asyncio.Tas
 
 def _lock_file(path: Path) -> int:
     """Open `path` and take an exclusive flock on it (blocking); returns the fd."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    if not path.parent.is_dir():
+        private_dir(path.parent)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
+        os.fchmod(fd, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX)
     except BaseException:
         os.close(fd)
@@ -252,7 +274,8 @@ async def _fetch_locked(d: Digest, size: int, opener: Opener, target: Path, lock
     async with _async_lock(lock):
         if target.is_file():  # another process fetched it while we waited
             return target
-        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.parent.is_dir():
+            private_dir(target.parent)
         _remove_stale(target.parent, f".{d.hex}.")
         await _download(d, size, opener, target)
     return target
@@ -309,7 +332,7 @@ def _write_batch(out: BinaryIO, hasher: hashlib._Hash, batch: list[bytes]) -> No
 def _publish(out: BinaryIO, tmp: Path, target: Path) -> None:
     out.flush()
     os.fsync(out.fileno())
-    os.chmod(tmp, 0o444)
+    os.chmod(tmp, 0o400)
     os.replace(tmp, target)
     _fsync_dir(target.parent)
 
@@ -317,27 +340,36 @@ def _publish(out: BinaryIO, tmp: Path, target: Path) -> None:
 # -- unpacked trees --------------------------------------------------------------------------
 
 
-async def _in_lock_thread(layers: list[tuple[Path, str]], target: Path, lock: Path) -> Path:
+async def _in_lock_thread(
+    layers: list[tuple[Path, str]], target: Path, lock: Path, limits: UnpackLimits | None
+) -> Path:
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(_LOCK_THREADS, _build_rootfs_locked, layers, target, lock)
+    return await loop.run_in_executor(
+        _LOCK_THREADS, _build_rootfs_locked, layers, target, lock, limits
+    )
 
 
-def _build_rootfs_locked(layers: list[tuple[Path, str]], target: Path, lock: Path) -> Path:
+def _build_rootfs_locked(
+    layers: list[tuple[Path, str]], target: Path, lock: Path, limits: UnpackLimits | None
+) -> Path:
     """Unpack under the cross-process lock unless another process already did (worker thread)."""
     with _locked(lock):
         if not target.is_dir():
-            _build_rootfs(layers, target)
+            _build_rootfs(layers, target, limits)
     return target
 
 
-def _build_rootfs(layers: list[tuple[Path, str]], target: Path) -> None:
+def _build_rootfs(
+    layers: list[tuple[Path, str]], target: Path, limits: UnpackLimits | None = None
+) -> None:
     """Unpack into a temporary directory, flush it to disk, then rename it to `target`."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.parent.is_dir():
+        private_dir(target.parent)
     _remove_stale(target.parent, f".{target.name}.")
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
         tmp.chmod(0o755)
-        report = unpack_layers(layers, tmp)
+        report = unpack_layers(layers, tmp, limits=limits)
         if report.rejected_count:
             log.warning("%s: %d unsafe entries skipped", target.name, report.rejected_count)
         _syncfs(tmp)

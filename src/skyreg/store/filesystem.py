@@ -3,6 +3,11 @@
 Layout under the root directory:
     blobs/<algorithm>/<first two hex>/<hex>    verified blobs, never modified
     uploads/<upload id>                        bytes of an upload in progress
+
+Every directory is 0700 and every file 0600, set explicitly whatever the umask: blobs are
+tenants' private images. A root (the data dir) from an older version with looser modes is
+tightened on start at its top levels only: walking millions of blobs would take too long, and
+a 0700 root makes everything below it unreachable anyway.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from skyreg.oci.digest import Digest
+from skyreg.privatefs import private_dir
 from skyreg.store import resumable
 from skyreg.store.base import DigestMismatch, UploadOffsetMismatch, UploadUnknown
 from skyreg.store.resumable import ResumableSha256
@@ -29,6 +35,19 @@ _WRITE_BATCH = 1 << 20
 _READ_CHUNK = 1 << 20
 _FLUSH_EVERY = 32 << 20
 _STATE_SUFFIX = ".sha256"
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+
+
+def _create_private_file(path: Path, data: bytes = b"") -> None:
+    """Create `path` (it must not exist) as a 0600 file holding `data`."""
+    fd = os.open(path, _NEW_FILE, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
 
 
 class _UploadHash:
@@ -66,8 +85,8 @@ class FilesystemBlobStore:
         self.root = root
         self.blob_dir = root / "blobs"
         self.upload_dir = root / "uploads"
-        self.blob_dir.mkdir(parents=True, exist_ok=True)
-        self.upload_dir.mkdir(parents=True, exist_ok=True)
+        for directory in (root, self.blob_dir, self.upload_dir):
+            private_dir(directory)
         self._fsync = fsync
         self._hashes: dict[str, _UploadHash] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -150,7 +169,7 @@ class FilesystemBlobStore:
 
     async def create_upload(self, upload_id: str) -> None:
         path = self._upload_path(upload_id)
-        path.touch(exist_ok=False)
+        _create_private_file(path)
         self._hashes[upload_id] = _UploadHash()
 
     async def upload_size(self, upload_id: str) -> int:
@@ -218,7 +237,8 @@ class FilesystemBlobStore:
             return
         state = self._state_path(path)
         tmp = state.with_name(state.name + ".tmp")
-        tmp.write_bytes(encoded)
+        tmp.unlink(missing_ok=True)  # left by a crash: recreated with our mode
+        _create_private_file(tmp, encoded)
         os.replace(tmp, state)
 
     async def _pump(self, fd: int, running: _UploadHash, chunks: AsyncIterable[bytes]) -> None:
@@ -297,7 +317,8 @@ class FilesystemBlobStore:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.parent.is_dir():
+            private_dir(target.parent)
         os.replace(path, target)
         if self._fsync:
             dfd = os.open(target.parent, os.O_RDONLY)
