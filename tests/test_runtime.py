@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -308,6 +309,23 @@ def test_machine_runs_as_pid_1_with_env_workdir_and_hostname(run: Run, workdir: 
     proc_lines = lines[5 : lines.index("end")]
     assert proc_lines[0] == "1"  # a fresh /proc of its own PID namespace
     assert lines[-1] == "/root"
+
+
+@needs_bwrap
+def test_machine_env_never_appears_on_a_host_command_line(run: Run, workdir: Path) -> None:
+    """Other host users read every /proc/<pid>/cmdline: the environment (secrets, later) must not
+    be there, so bwrap gets its arguments through a file descriptor (SECURITY.md)."""
+    secret = "probe-" + os.urandom(8).hex()
+    conf = config(Cmd=["/bin/sh", "-c", "echo started; sleep 30"], Env=[f"IMAGE_SECRET={secret}"])
+    log = workdir / "env.log"
+    machine = run(conf, log_path=log, env={"RUNTIME_SECRET": secret + "x"})
+    assert wait_until(lambda: "started" in log.read_text())
+    seen = []
+    for pid in [machine._proc.pid, *group_members(machine._proc.pid)]:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            seen.append(Path(f"/proc/{pid}/cmdline").read_bytes())
+    assert seen and any(b"bwrap" in c for c in seen)
+    assert not any(secret.encode() in c for c in seen), seen
 
 
 @pytest.mark.slow

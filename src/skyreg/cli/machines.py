@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 import time
 import urllib.parse
 from pathlib import Path
@@ -27,20 +28,63 @@ def agent(
     token: Annotated[
         str | None,
         typer.Option(
-            "--token", envvar="SKYREG_TOKEN", help="Admin or org token.", show_default=False
+            "--token",
+            envvar="SKYREG_TOKEN",
+            help="Admin or org token. Prefer SKYREG_TOKEN or --token-file: every host user can "
+            "read a process's command line.",
+            show_default=False,
         ),
+    ] = None,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(help="File holding the token (e.g. mode 0600).", show_default=False),
     ] = None,
     data_dir: Annotated[
         Path,
-        typer.Option(help="Layer cache and machine rootfs copies (made mode 0711)."),
+        typer.Option(help="Layer cache and machine rootfs copies (root-only: mode 0700)."),
     ] = Path("/var/lib/skyreg-agent"),
+    # The defaults are UnpackLimits' (they admit a real 10 GB image).
+    max_layer_bytes: Annotated[
+        int, typer.Option(min=1, help="Most bytes one layer may hold once decompressed.")
+    ] = 16 << 30,
+    max_image_bytes: Annotated[
+        int, typer.Option(min=1, help="Most bytes all layers of an image may hold, decompressed.")
+    ] = 32 << 30,
+    max_layer_entries: Annotated[
+        int, typer.Option(min=1, help="Most tar entries in one layer.")
+    ] = 1_000_000,
+    max_header_bytes: Annotated[
+        int,
+        typer.Option(
+            min=512, help="Most bytes of extended tar headers (PAX, GNU long names) per entry."
+        ),
+    ] = 1 << 20,
+    max_path_bytes: Annotated[
+        int, typer.Option(min=1, help="Longest entry name or link target in a layer, in bytes.")
+    ] = 4096,
+    max_path_depth: Annotated[
+        int,
+        typer.Option(min=1, help="Most components in an entry name or hard link target."),
+    ] = 256,
 ) -> None:
     """Run the machine agent of a region: start, stop and report the region's machines."""
     from skyreg.machines.agent import Agent, check_host
     from skyreg.machines.rootfs import enter_private_mount_namespace
+    from skyreg.machines.unpack import UnpackLimits
 
+    if token_file is not None:
+        try:
+            token = token_file.read_text().strip()
+        except OSError as e:
+            fail(f"cannot read --token-file: {e}")
+    elif token and any(a == "--token" or a.startswith("--token=") for a in sys.argv):
+        typer.echo(
+            "warning: --token puts the token on this process's command line, which every host "
+            "user can read; use SKYREG_TOKEN or --token-file",
+            err=True,
+        )
     if not token:
-        fail("no token: pass --token or set SKYREG_TOKEN (an admin or org token)")
+        fail("no token: set SKYREG_TOKEN or pass --token-file (an admin or org token)")
     problem = check_host()
     if problem:
         fail(problem)
@@ -48,8 +92,20 @@ def agent(
     # Before any thread starts: overlay rootfs mounts stay private to this agent.
     if enter_private_mount_namespace():
         logging.getLogger("skyreg.agent").info("machine rootfs mounts are private to this agent")
+    limits = UnpackLimits(
+        layer_bytes=max_layer_bytes,
+        image_bytes=max_image_bytes,
+        entries=max_layer_entries,
+        header_bytes=max_header_bytes,
+        path_bytes=max_path_bytes,
+        path_depth=max_path_depth,
+    )
     runner = Agent(
-        server=normalize_server(server), token=token, region=region, data_dir=data_dir.resolve()
+        server=normalize_server(server),
+        token=token,
+        region=region,
+        data_dir=data_dir.resolve(),
+        limits=limits,
     )
 
     async def main() -> None:
@@ -70,7 +126,7 @@ def list_machines(
     as_json: AsJson = False,
 ) -> None:
     """The app's machines: id, region, release, desired and reported state, last event."""
-    found = client(server, token)("GET", f"/apps/{_quote(app)}/machines")["machines"]
+    found = _all_machines(client(server, token), app)
     if as_json:
         _print_json(found)
         return
@@ -87,6 +143,24 @@ def list_machines(
             last,
         )
     _console().print(table)
+
+
+LIST_PAGE = 100
+MAX_LIST_PAGES = 1000
+
+
+def _all_machines(api: Client, app: str) -> list[dict[str, Any]]:
+    """Every machine of the app, following the listing's pages."""
+    found: list[dict[str, Any]] = []
+    query: dict[str, str | None] = {"limit": str(LIST_PAGE)}
+    for _ in range(MAX_LIST_PAGES):
+        page: dict[str, Any] = api("GET", f"/apps/{_quote(app)}/machines", query=query)
+        found += page["machines"]
+        cursor = page.get("next_cursor")
+        if not cursor or cursor == query.get("cursor"):
+            return found
+        query["cursor"] = str(cursor)
+    fail(f"more than {MAX_LIST_PAGES} pages of machines")
 
 
 def _change(action: str, machine_id: str, server: str | None, token: str | None) -> None:

@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,10 @@ import aiohttp
 
 from skyreg.machines.layercache import LayerCache
 from skyreg.machines.prepare import RegistrySource, prepare_image
-from skyreg.machines.rootfs import fresh_rootfs, release_rootfs
+from skyreg.machines.rootfs import fresh_rootfs, release_rootfs, share_data_dir
 from skyreg.machines.runtime import ImageConfig, RunningMachine, start_machine
+from skyreg.machines.unpack import UnpackLimits
+from skyreg.privatefs import private_dir
 
 log = logging.getLogger("skyreg.agent")
 
@@ -36,6 +39,9 @@ POLL_INTERVAL = 0.5
 EARLY_EXIT = 2.0  # seconds: exiting sooner than this after starting is a failure
 STOP_GRACE = 5.0
 MAX_LOG_BATCH = 500
+MAX_LOG_LINE = 64 << 10  # bytes of one log line kept; longer lines are cut
+PAGE_SIZE = 500  # machines per page of `agent/machines`
+MAX_PAGES = 200  # pages one poll follows (100,000 machines) before it gives up
 _MONITOR_INTERVAL = 0.2
 _API = "/api/v1"
 
@@ -57,6 +63,8 @@ class Agent:
     region: str
     data_dir: Path
     poll_interval: float = POLL_INTERVAL
+    page_size: int = PAGE_SIZE
+    limits: UnpackLimits = field(default_factory=UnpackLimits)  # unpacking an image
     _local: dict[str, _Local] = field(default_factory=dict)
     # machine id → the generation that ran and exited on its own (not started again)
     _finished: dict[str, int] = field(default_factory=dict)
@@ -102,11 +110,14 @@ class Agent:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Poll and reconcile until `stop` is set; then stop every machine."""
-        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
-        self.data_dir.chmod(0o711)  # runtime.py: a machine's user must reach its rootfs
-        for sub in ("cache", "machines"):
-            (self.data_dir / sub).mkdir(exist_ok=True, mode=0o711)
-            (self.data_dir / sub).chmod(0o711)
+        # Root's alone on the host; machines/ (and machines/<id>) are 0711 for the machines'
+        # users, who reach them only through share_data_dir's view (see rootfs.py). An older
+        # data dir is tightened here; its top levels suffice to make everything below private.
+        private_dir(self.data_dir)
+        private_dir(self.data_dir / "cache")
+        private_dir(self.data_dir / "machines", mode=0o711)
+        if await asyncio.to_thread(share_data_dir, self.data_dir, ("cache", "machines")):
+            log.info("machine users reach their rootfs through this agent's mount namespace")
         self._cache = LayerCache(self.data_dir / "cache")
         timeout = aiohttp.ClientTimeout(total=300, sock_connect=10)
         async with aiohttp.ClientSession(timeout=timeout) as session:
@@ -114,8 +125,7 @@ class Agent:
             try:
                 while not stop.is_set():
                     try:
-                        found = await self._api("GET", f"/agent/machines?region={self.region}")
-                        self._reconcile(found["machines"])
+                        self._reconcile(await self.fetch_wanted())
                     except (aiohttp.ClientError, RuntimeError, TimeoutError, KeyError) as e:
                         log.warning("polling %s failed: %s", self.server, e)
                     with contextlib.suppress(TimeoutError):
@@ -123,6 +133,22 @@ class Agent:
             finally:
                 await self.shutdown()
                 self._session = None
+
+    async def fetch_wanted(self) -> list[dict[str, Any]]:
+        """Every machine the server wants running in this region, following the list's pages
+        (all of them before reconciling: a machine missing from the answer would be stopped)."""
+        machines: list[dict[str, Any]] = []
+        query = {"region": self.region, "limit": str(self.page_size)}
+        for _ in range(MAX_PAGES):
+            page = await self._api("GET", "/agent/machines?" + urllib.parse.urlencode(query))
+            machines += page["machines"]
+            cursor = page.get("next_cursor")
+            if not cursor:
+                return machines
+            if cursor == query.get("cursor"):
+                raise RuntimeError(f"agent/machines: the cursor {cursor} did not advance")
+            query["cursor"] = str(cursor)
+        raise RuntimeError(f"agent/machines: more than {MAX_PAGES} pages")
 
     def _reconcile(self, machines: list[dict[str, Any]]) -> None:
         wanted = {str(m["id"]): m for m in machines}
@@ -171,8 +197,13 @@ class Agent:
         assert self._cache is not None
         source = RegistrySource(self.server, self.token, self.session)
         try:
+            # Also proves the app's repository may read every blob: a failure names the blob.
             image = await prepare_image(
-                source, self._cache, m["image"]["repository"], m["image"]["digest"]
+                source,
+                self._cache,
+                m["image"]["repository"],
+                m["image"]["digest"],
+                limits=self.limits,
             )
             config = ImageConfig.from_json(image.config)
         except Exception as e:
@@ -186,7 +217,6 @@ class Agent:
         if local.stop_requested:
             await self._state(mid, "stopped")
             return
-        home.mkdir(parents=True, exist_ok=True, mode=0o711)
         log_path = home / "log"
         rootfs, method = await asyncio.to_thread(fresh_rootfs, image.rootfs, home)
         log.debug("machine %s: rootfs by %s", mid, method)
@@ -214,7 +244,7 @@ class Agent:
         mid = local.id
         started_at = time.monotonic()
         reported_started = False
-        tail = _Tail(log_path, offset)
+        tail = LogTail(log_path, offset)
         while machine.running:
             if local.stop_requested:
                 await asyncio.to_thread(machine.stop, STOP_GRACE)
@@ -237,7 +267,7 @@ class Agent:
         await self._state(mid, "failed" if failed else "stopped", code)
         self._finished[mid] = local.generation
 
-    async def _ship(self, mid: str, tail: _Tail, *, final: bool = False) -> None:
+    async def _ship(self, mid: str, tail: LogTail, *, final: bool = False) -> None:
         lines = tail.read(final=final)
         for i in range(0, len(lines), MAX_LOG_BATCH):
             await self._report(
@@ -245,7 +275,7 @@ class Agent:
             )
 
 
-class _Tail:
+class LogTail:
     """New complete lines of a log file since `offset` (a partial last line waits)."""
 
     def __init__(self, path: Path, offset: int) -> None:
@@ -263,10 +293,14 @@ class _Tail:
         self.offset += len(data)
         data = self.partial + data
         *complete, self.partial = data.split(b"\n")
-        if final and self.partial:
-            complete.append(self.partial)
+        if (final or len(self.partial) > MAX_LOG_LINE) and self.partial:
+            complete.append(self.partial)  # a machine that never ends its line is not buffered
             self.partial = b""
-        return [line.decode("utf-8", errors="replace") for line in complete]
+        # NUL is no text a database column keeps: shown as U+FFFD, like undecodable bytes.
+        return [
+            line[:MAX_LOG_LINE].decode("utf-8", errors="replace").replace("\x00", "\ufffd")
+            for line in complete
+        ]
 
 
 def check_host() -> str | None:

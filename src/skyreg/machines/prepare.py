@@ -1,13 +1,18 @@
 """Preparing an image for machines: manifest by digest from the region's registry, the host's
 platform from an index, config and layers into the host-wide layer cache (in parallel, each
-downloaded once), and one unpacked tree per image that machines clone."""
+downloaded once), and one unpacked tree per image that machines clone.
+
+The cache is shared by every app on the host, so it is a speed-up, never an authorization:
+before any cached blob or tree is used, a HEAD through the release's repository proves that the
+repository may read every blob of the image (the registry answers 404 for a blob not linked to
+it), also when the unpacked tree is already there. The manifest is always read through that
+repository (never from the cache), which proves the same for it."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import hashlib
-import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,13 +20,19 @@ from pathlib import Path
 import aiohttp
 
 from skyreg.machines.layercache import LayerCache
+from skyreg.machines.unpack import UnpackLimits
 from skyreg.oci import mediatypes as mt
+from skyreg.oci.bounded import load_json
 from skyreg.oci.digest import Digest
 from skyreg.oci.manifest import Descriptor, Manifest, parse_manifest
 from skyreg.oci.platforms import host_architecture, platform_entry
 
 _ACCEPT = ", ".join(sorted(mt.MANIFEST_TYPES))
 _CHUNK = 1 << 20
+MAX_MANIFEST_BYTES = 4 << 20  # what the registry accepts at push
+MAX_CONFIG_BYTES = 16 << 20  # image configs are JSON, read whole into memory
+_MAX_ERROR_BODY = 64 << 10
+_MAX_NAMED_BLOBS = 5
 
 
 class PrepareError(Exception):
@@ -52,7 +63,7 @@ class RegistrySource:
                 raise PrepareError(
                     f"manifest {repository}@{digest}: HTTP {resp.status} {await _reason(resp)}"
                 )
-            raw = await resp.read()
+            raw = await _read_bounded(resp, MAX_MANIFEST_BYTES, f"manifest {repository}@{digest}")
             media_type = resp.headers.get("Content-Type", "")
         want = Digest.parse(digest)
         if hashlib.new(want.algorithm, raw).hexdigest() != want.hex:
@@ -60,7 +71,40 @@ class RegistrySource:
         return raw, media_type
 
     def opener(self, repository: str, digest: str) -> _BlobOpener:
+        """Starts the download of blob `digest` through `repository` (for `LayerCache.fetch`)."""
         return _BlobOpener(self, repository, digest)
+
+    async def check_readable(self, repository: str, digests: list[str]) -> None:
+        """Prove that `repository` may read every blob of `digests` (concurrent HEADs);
+        PrepareError names the blobs it may not read."""
+        results = await asyncio.gather(
+            *(self._head_blob(repository, d) for d in digests), return_exceptions=True
+        )
+        denied: list[tuple[str, str]] = []
+        for d, r in zip(digests, results, strict=True):
+            if isinstance(r, BaseException) and not isinstance(r, Exception):
+                raise r  # cancelled
+            if r is not None:
+                denied.append((d, r if isinstance(r, str) else f"cannot check: {r!r}"))
+        if denied:
+            named = "; ".join(f"{d} ({why})" for d, why in denied[:_MAX_NAMED_BLOBS])
+            extra = len(denied) - _MAX_NAMED_BLOBS
+            more = f" and {extra} more" if extra > 0 else ""
+            raise PrepareError(
+                f"repository {repository} may not read blob {named}{more}: the image refers "
+                "to blobs it does not hold, and cached copies are never used without that right"
+            )
+
+    async def _head_blob(self, repository: str, digest: str) -> str | None:
+        """None if `repository` serves blob `digest`, else why not."""
+        url = f"{self.base_url}/v2/{repository}/blobs/{digest}"
+        try:
+            async with self.session.head(url, headers=self.headers()) as resp:
+                if resp.status == 200:
+                    return None
+                return f"HTTP {resp.status} {resp.reason or ''}".strip()
+        except aiohttp.ClientError as e:
+            return f"cannot check: {e}"
 
 
 @dataclass
@@ -85,9 +129,21 @@ class _BlobOpener:
                 yield chunk
 
 
+async def _read_bounded(resp: aiohttp.ClientResponse, limit: int, what: str) -> bytes:
+    """The whole body of `resp`, refusing more than `limit` bytes."""
+    if (resp.content_length or 0) > limit:
+        raise PrepareError(f"{what}: {resp.content_length} bytes, more than {limit}")
+    body = bytearray()
+    async for chunk in resp.content.iter_chunked(_CHUNK):
+        body += chunk
+        if len(body) > limit:
+            raise PrepareError(f"{what}: more than {limit} bytes")
+    return bytes(body)
+
+
 async def _reason(resp: aiohttp.ClientResponse) -> str:
     try:
-        doc = json.loads(await resp.read())
+        doc = load_json(await resp.content.read(_MAX_ERROR_BODY), max_bytes=_MAX_ERROR_BODY)
         return str(doc["errors"][0]["code"])
     except (ValueError, KeyError, IndexError, TypeError):
         return resp.reason or ""
@@ -121,9 +177,11 @@ async def prepare_image(
     digest: str,
     *,
     arch: str | None = None,
+    limits: UnpackLimits | None = None,
 ) -> PreparedImage:
     """Fetch `repository@digest` (choosing linux/`arch` from an index) into `cache` and unpack
-    it once; layers already cached are not downloaded, layers are fetched concurrently."""
+    it once (within `limits`); layers already cached are not downloaded, layers are fetched
+    concurrently. Nothing cached is used before `repository` is shown to hold every blob."""
     raw, media_type = await source.manifest(repository, digest)
     manifest = parse_manifest(raw, media_type, Digest.parse(digest))
     if manifest.is_index:
@@ -134,7 +192,13 @@ async def prepare_image(
         if manifest.is_index:
             raise PrepareError(f"{repository}@{digest}: nested indexes are not images")
     assert manifest.config is not None
+    if manifest.config.size > MAX_CONFIG_BYTES:
+        raise PrepareError(
+            f"{repository}@{digest}: config of {manifest.config.size} bytes, "
+            f"more than {MAX_CONFIG_BYTES}"
+        )
     blobs = [manifest.config, *manifest.layers]
+    await source.check_readable(repository, [str(d.digest) for d in blobs])
     paths = await asyncio.gather(
         *(
             cache.fetch(str(d.digest), d.size, source.opener(repository, str(d.digest)))
@@ -143,5 +207,5 @@ async def prepare_image(
     )
     config = paths[0].read_bytes()
     layers = [(path, d.media_type) for path, d in zip(paths[1:], manifest.layers, strict=True)]
-    rootfs = await cache.rootfs_for(digest, layers)
+    rootfs = await cache.rootfs_for(digest, layers, limits)
     return PreparedImage(manifest_digest=digest, config=config, rootfs=rootfs)

@@ -18,8 +18,9 @@ sets up an unprivileged user namespace mapping the uid to itself: the machine's 
 the host's uid 1000, files it creates belong to 1000, it has no capabilities, and it can write
 only what that uid may write. (bwrap's own `--unshare-user --uid` would instead map the
 sandbox uid onto host root and show every root-owned file as the user's.) The price: the
-rootfs and volume directories must be reachable (`o+x` on their ancestors) by that uid, and
-that needs unprivileged user namespaces in the kernel.
+rootfs and volume directories must be reachable (`o+x` on their ancestors) by that uid in the
+caller's mount namespace (the agent shows them through its own: see rootfs.py), and that needs
+unprivileged user namespaces in the kernel. The log file is created 0600 (root's alone).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+
+from skyreg.oci.bounded import load_json
 
 BWRAP = "bwrap"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -93,8 +96,8 @@ class ImageConfig:
     def from_json(cls, raw: bytes) -> ImageConfig:
         """Parse an image config blob; a missing or null `config` means all defaults."""
         try:
-            doc = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
+            doc = load_json(raw, max_bytes=len(raw))  # its size was bounded when it was read
+        except ValueError as e:
             raise MachineError(f"image config is not JSON: {e}") from e
         if not isinstance(doc, dict):
             raise MachineError("image config is not a JSON object")
@@ -418,6 +421,21 @@ def bwrap_args(
     return [*args, "--", *argv]
 
 
+def _args_file(args: Sequence[str]) -> int:
+    """A sealed-to-us memory file holding `args` NUL-separated, positioned at its start."""
+    fd = os.memfd_create("bwrap-args", os.MFD_CLOEXEC)
+    try:
+        data = b"".join(a.encode() + b"\0" for a in args)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def start_machine(
     rootfs: Path,
     config: ImageConfig,
@@ -452,8 +470,9 @@ def start_machine(
             raise MachineError(f"cannot create {inside} in the rootfs: {e}") from e
 
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    args_fd = -1
     try:
-        args = [BWRAP, "--bind", str(rootfs), "/"]
+        args = ["--bind", str(rootfs), "/"]
         args += bwrap_args(
             config,
             argv=argv,
@@ -463,13 +482,21 @@ def start_machine(
             volume=volume,
             status_fd=write_fd,
         )
-        with open(log_path, "ab") as log:
+        # Every host user can read /proc/<pid>/cmdline: the environment (and all the rest) goes
+        # to bwrap through a memory file instead (`--args FD`), never on its command line.
+        # The command stays on the command line (bwrap wants it there, and the machine's own
+        # PID 1 shows it anyway).
+        split = args.index("--")
+        args_fd = _args_file(args[:split])
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        with open(log_fd, "ab") as log:
+            os.fchmod(log_fd, 0o600)  # whatever the umask, and an older log's looser mode
             proc = subprocess.Popen(
-                args,
+                [BWRAP, "--args", str(args_fd), *args[split:]],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
-                pass_fds=(write_fd,),
+                pass_fds=(write_fd, args_fd),
                 start_new_session=True,
                 close_fds=True,
                 # bwrap itself runs as the machine's user: see the module docstring.
@@ -482,6 +509,8 @@ def start_machine(
         raise
     finally:
         os.close(write_fd)
+        if args_fd >= 0:
+            os.close(args_fd)
     try:
         pid = _read_child_pid(read_fd, proc)
     except BaseException:
