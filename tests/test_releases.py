@@ -151,7 +151,7 @@ def test_deploy_validates_its_body(deploys: Deploys, body: dict[str, object]) ->
 def test_releases_list_newest_first_and_graphql_answers_the_fly_query(deploys: Deploys) -> None:
     for _ in range(2):
         r = deploys.deploy(
-            "app1", deploys.deploy1, image="app1:build-1", regions=["iad"], strategy="immediate"
+            "app1", deploys.deploy1, image="app1:build-1", regions=["local"], strategy="immediate"
         )
         assert r.status_code == 201
     listed = requests.get(
@@ -162,7 +162,7 @@ def test_releases_list_newest_first_and_graphql_answers_the_fly_query(deploys: D
     assert [x["version"] for x in listed] == sorted((x["version"] for x in listed), reverse=True)
     assert len(listed) == 2
     assert listed[0]["image_ref"] == f"{deploys.reg.host}/app1:build-1"
-    assert listed[0]["regions"] == ["iad"]
+    assert listed[0]["regions"] == ["local"]
 
     r = deploys.graphql(deploys.deploy1, "app1", limit=2)
     assert r.status_code == 200, r.text
@@ -221,7 +221,7 @@ def test_cli_deploy_and_releases_with_image(deploys: Deploys, tmp_path: object) 
         "--image-label",
         "cli",
         "--region",
-        "sin",
+        "local",
         "--description",
         "from the cli",
     )

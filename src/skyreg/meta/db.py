@@ -195,11 +195,16 @@ class SqlStore:
             self._reader = None
             raise
 
-    def close(self) -> None:
-        """Release the reader connection and the engine's pool."""
+    def close_reader(self) -> None:
+        """Release this store's reader connection, leaving the shared engine as it is (for a
+        store made by a worker thread, which must not share the event loop's reader)."""
         if self._reader is not None:
             self._reader.close()
             self._reader = None
+
+    def close(self) -> None:
+        """Release the reader connection and the engine's pool."""
+        self.close_reader()
         self.engine.dispose()
 
     def _insert_ignore(self, table: Any) -> Any:

@@ -12,14 +12,44 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, and_, delete, func, insert, or_, select, update
 
 from skyreg.meta import schema as s
 from skyreg.meta.db import SqlStore
 
 DESIRED = ("started", "stopped")
 STATES = ("created", "starting", "started", "stopped", "failed")
+# Desired stopped and in one of these, no agent runs the machine: it may be deleted. (`created`:
+# no agent reported on it; one that fetched it just before the stop gets 404s on its reports and
+# stops it at its next poll, as it stops any machine no longer wanted.)
+IDLE_STATES = ("created", "stopped", "failed")
 MAX_LINE = 4096
+IDLE_KEPT_PER_LIVE = 10  # idle machines an app keeps (for their events and logs), per live one
+RECORDS_PER_LIVE = 20  # machine rows an app may hold, per live one
+
+
+class TooManyMachines(Exception):
+    """A release would leave its app with more live machines than allowed."""
+
+    def __init__(self, live: int, wanted: int, limit: int) -> None:
+        super().__init__(
+            f"the app has {live} live machines; {wanted} more would exceed its limit of {limit}"
+        )
+        self.live, self.wanted, self.limit = live, wanted, limit
+
+
+class TooManyMachineRecords(TooManyMachines):
+    """A release would leave its app with more machine records than allowed, even after its
+    idle machines beyond the kept number were deleted (the rest are running or stopping)."""
+
+    def __init__(self, records: int, wanted: int, limit: int) -> None:
+        Exception.__init__(
+            self,
+            f"the app has {records} machine records; {wanted} more would exceed its limit of "
+            f"{limit} machine records (stop its machines and let their agents report them "
+            "stopped, then deploy again)",
+        )
+        self.live, self.wanted, self.limit = records, wanted, limit
 
 
 def _now() -> datetime:
@@ -72,6 +102,7 @@ class LogLine:
 
 
 _m, _r, _a = s.machines, s.releases, s.apps
+_DELETE_BATCH = 500
 _COLUMNS = (
     _m.c.id,
     _m.c.app_id,
@@ -118,13 +149,31 @@ class MachineMeta(SqlStore):
     # -- machines -------------------------------------------------------------------------------
 
     def create_for_release(
-        self, release_id: int, app_id: int, regions: list[str], count: int, strategy: str
+        self,
+        release_id: int,
+        app_id: int,
+        regions: list[str],
+        count: int,
+        strategy: str,
+        *,
+        max_live: int | None = None,
+        keep_idle: int | None = None,
+        max_records: int | None = None,
     ) -> list[str]:
         """`count` machines per region (desired started) for a release, which becomes `running`.
 
         With `immediate`, every other machine of the app is set desired=stopped at once; with
         `rolling` they keep running until the new release completes (`reconcile_release`).
+        `max_live` caps the app's live machines (`live_count`) once these are created: over it,
+        the release is marked `failed`, nothing is created and TooManyMachines is raised.
+        `keep_idle`: the app's idle machines (desired stopped, state in IDLE_STATES) beyond the
+        newest `keep_idle` are deleted first, with their events and logs. `max_records` then caps
+        the app's machine rows once these are created (TooManyMachineRecords, release `failed`).
+        Both default to multiples of `max_live` (IDLE_KEPT_PER_LIVE, RECORDS_PER_LIVE).
         """
+        if max_live is not None:
+            keep_idle = IDLE_KEPT_PER_LIVE * max_live if keep_idle is None else keep_idle
+            max_records = RECORDS_PER_LIVE * max_live if max_records is None else max_records
         now = _now()
         ids = [new_machine_id() for _ in regions for _ in range(count)]
         rows = [
@@ -144,17 +193,122 @@ class MachineMeta(SqlStore):
             for j in range(count)
         ]
 
-        def work(conn: Connection) -> None:
+        def work(conn: Connection) -> TooManyMachines | None:
+            if self._locks:  # deploys of one app count its machines one at a time
+                conn.execute(select(_a.c.id).where(_a.c.id == app_id).with_for_update())
             self._lock_release(conn, release_id)
+            refusal: TooManyMachines | None = None
+            if max_live is not None:
+                live = 0 if strategy == "immediate" else self._live(conn, app_id)
+                if live + len(rows) > max_live:
+                    refusal = TooManyMachines(live, len(rows), max_live)
+            if refusal is None and keep_idle is not None:
+                self._delete_idle(conn, app_id, keep_idle)
+            if refusal is None and max_records is not None:
+                records = self._records(conn, app_id)
+                if records + len(rows) > max_records:
+                    refusal = TooManyMachineRecords(records, len(rows), max_records)
+            if refusal is not None:
+                conn.execute(
+                    update(_r).where(_r.c.id == release_id).values(status="failed", updated_at=now)
+                )
+                return refusal
             conn.execute(insert(_m), rows)
             if strategy == "immediate":
                 self._stop_others(conn, app_id, release_id, now)
             conn.execute(
                 update(_r).where(_r.c.id == release_id).values(status="running", updated_at=now)
             )
+            return None
 
-        self._transaction(work)
+        refused = self._transaction(work)
+        if refused is not None:
+            raise refused
         return ids
+
+    @staticmethod
+    def _live(conn: Connection, app_id: int) -> int:
+        return int(
+            conn.execute(
+                select(func.count())
+                .select_from(_m)
+                .where(_m.c.app_id == app_id, _m.c.desired == "started")
+            ).scalar_one()
+        )
+
+    @staticmethod
+    def _records(conn: Connection, app_id: int) -> int:
+        return int(
+            conn.execute(
+                select(func.count()).select_from(_m).where(_m.c.app_id == app_id)
+            ).scalar_one()
+        )
+
+    def _delete_idle(self, conn: Connection, app_id: int, keep: int) -> int:
+        """Delete the app's idle machines beyond the newest `keep`, with their events and logs.
+
+        The caller holds the app's row. The chosen rows are locked (PostgreSQL) so no agent
+        report moves them out of idle before they go; an agent's event or log line racing the
+        delete finds no machine (`add_event`, `add_logs`).
+        """
+        query = (
+            select(_m.c.id)
+            .where(
+                _m.c.app_id == app_id,
+                _m.c.desired == "stopped",
+                _m.c.state.in_(IDLE_STATES),
+            )
+            .order_by(_m.c.created_at.desc(), _m.c.id.desc())
+            .offset(keep)
+        )
+        if self._locks:
+            query = query.with_for_update()
+        ids = [str(r[0]) for r in conn.execute(query)]
+        for start in range(0, len(ids), _DELETE_BATCH):
+            batch = ids[start : start + _DELETE_BATCH]
+            conn.execute(delete(s.machine_logs).where(s.machine_logs.c.machine_id.in_(batch)))
+            conn.execute(delete(s.machine_events).where(s.machine_events.c.machine_id.in_(batch)))
+            conn.execute(delete(_m).where(_m.c.id.in_(batch)))
+        return len(ids)
+
+    def start(self, machine_id: str, *, bump: bool, max_live: int | None = None) -> bool:
+        """Set a machine desired `started` (`bump`: a new generation, so its agent restarts
+        it); False when it does not exist.
+
+        A machine not yet desired started becomes a live one: over `max_live` for its app, it
+        raises TooManyMachines and changes nothing. Checked under the app's row, as deploys do.
+        """
+
+        def work(conn: Connection) -> bool:
+            app_id = conn.execute(
+                select(_m.c.app_id).where(_m.c.id == machine_id)
+            ).scalar_one_or_none()
+            if app_id is None:
+                return False
+            if self._locks:
+                conn.execute(select(_a.c.id).where(_a.c.id == app_id).with_for_update())
+            desired = conn.execute(
+                select(_m.c.desired).where(_m.c.id == machine_id)
+            ).scalar_one_or_none()
+            if desired is None:
+                return False
+            if desired != "started" and max_live is not None:
+                live = self._live(conn, int(app_id))
+                if live + 1 > max_live:
+                    raise TooManyMachines(live, 1, max_live)
+            values: dict[str, Any] = {"desired": "started", "updated_at": _now()}
+            if bump:
+                values["generation"] = _m.c.generation + 1
+            conn.execute(update(_m).where(_m.c.id == machine_id).values(**values))
+            return True
+
+        return self._transaction(work)
+
+    def live_count(self, app_id: int) -> int:
+        """The app's live machines: those desired `started` (a machine stopped by a user, by a
+        newer release or by its release failing is desired `stopped` and no longer counts)."""
+        with self._read() as conn:
+            return self._live(conn, app_id)
 
     @staticmethod
     def _stop_others(conn: Connection, app_id: int, release_id: int, now: datetime) -> None:
@@ -170,9 +324,16 @@ class MachineMeta(SqlStore):
             found = row.first()
         return None if found is None else _machine(found)
 
-    def in_region(self, region: str, org_id: int | None = None) -> list[Machine]:
+    def in_region(
+        self,
+        region: str,
+        org_id: int | None = None,
+        *,
+        limit: int | None = None,
+        after: str | None = None,
+    ) -> list[Machine]:
         """The region's machines desired `started`: what its agent must run (any other it runs,
-        it stops)."""
+        it stops). Oldest first; `limit`/`after` page as in `of_app`."""
         query = (
             select(*_COLUMNS)
             .select_from(_FROM)
@@ -180,13 +341,29 @@ class MachineMeta(SqlStore):
         )
         if org_id is not None:
             query = query.where(_a.c.org_id == org_id)
-        with self._read() as conn:
-            return [_machine(r) for r in conn.execute(query.order_by(_m.c.created_at, _m.c.id))]
+        return self._page(query, limit, after)
 
-    def of_app(self, app_id: int) -> list[Machine]:
+    def of_app(
+        self, app_id: int, *, limit: int | None = None, after: str | None = None
+    ) -> list[Machine]:
+        """The app's machines, oldest first: at most `limit`, those after machine id `after`
+        (the last one of the previous page) when given."""
         query = select(*_COLUMNS).select_from(_FROM).where(_m.c.app_id == app_id)
+        return self._page(query, limit, after)
+
+    def _page(self, query: Any, limit: int | None, after: str | None) -> list[Machine]:
+        if after is not None:
+            # Keyset paging on (created_at, id), compared with the cursor machine's own row.
+            inner = _m.alias("after_machine")
+            at = select(inner.c.created_at).where(inner.c.id == after).scalar_subquery()
+            query = query.where(
+                or_(_m.c.created_at > at, and_(_m.c.created_at == at, _m.c.id > after))
+            )
+        query = query.order_by(_m.c.created_at, _m.c.id)
+        if limit is not None:
+            query = query.limit(limit)
         with self._read() as conn:
-            return [_machine(r) for r in conn.execute(query.order_by(_m.c.created_at, _m.c.id))]
+            return [_machine(r) for r in conn.execute(query)]
 
     def set_desired(self, machine_id: str, desired: str, *, bump: bool = False) -> None:
         values: dict[str, Any] = {"desired": desired, "updated_at": _now()}
@@ -264,12 +441,21 @@ class MachineMeta(SqlStore):
     # -- events and logs -------------------------------------------------------------------------
 
     def add_event(self, machine_id: str, message: str, duration_ms: int | None = None) -> None:
-        with self._write() as conn:
-            conn.execute(
-                insert(s.machine_events).values(
-                    machine_id=machine_id, at=_now(), message=message, duration_ms=duration_ms
-                )
-            )
+        """Record an event; nothing when the machine is gone (`_delete_idle`)."""
+        row = {"machine_id": machine_id, "at": _now(), "message": message}
+        self._add(machine_id, s.machine_events, [{**row, "duration_ms": duration_ms}])
+
+    def _add(self, machine_id: str, table: Any, rows: list[dict[str, Any]]) -> None:
+        def work(conn: Connection) -> None:
+            # Holds the machine against `_delete_idle` until commit (PostgreSQL), or finds it
+            # already gone (an agent's late report), instead of a foreign-key error.
+            query = select(_m.c.id).where(_m.c.id == machine_id)
+            if self._locks:
+                query = query.with_for_update(key_share=True)
+            if conn.execute(query).first() is not None:
+                conn.execute(insert(table), rows)
+
+        self._transaction(work)
 
     def events(self, machine_id: str, limit: int = 20) -> list[MachineEvent]:
         """The machine's newest `limit` events, oldest first."""
@@ -287,11 +473,11 @@ class MachineMeta(SqlStore):
         if not lines:
             return
         now = _now()
-        with self._write() as conn:
-            conn.execute(
-                insert(s.machine_logs),
-                [{"machine_id": machine_id, "at": now, "line": ln[:MAX_LINE]} for ln in lines],
-            )
+        self._add(
+            machine_id,
+            s.machine_logs,
+            [{"machine_id": machine_id, "at": now, "line": ln[:MAX_LINE]} for ln in lines],
+        )
 
     def logs(self, app_id: int, after: int = 0, limit: int = 1000) -> list[LogLine]:
         """Log lines of the app's machines with ids above `after`, oldest first."""

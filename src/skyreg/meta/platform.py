@@ -439,6 +439,27 @@ def _release(row: tuple[Any, ...]) -> Release:
 class ReleaseMeta(SqlStore):
     """Queries and updates of releases."""
 
+    def app_named(self, name: str) -> App | None:
+        """The app called `name` (for readers that cannot share `PlatformMeta`'s connection)."""
+        with self._read() as conn:
+            row = conn.execute(_APP_BY_NAME, {"name": name}).first()
+        return None if row is None else _app(tuple(row))
+
+    def linked_blobs(self, repository: str, digests: list[str]) -> set[str]:
+        """Which of `digests` are linked into `repository` (whose bytes it may serve)."""
+        rb, repos = s.repository_blobs, s.repositories
+        found: set[str] = set()
+        with self._read() as conn:
+            for i in range(0, len(digests), 500):
+                found.update(
+                    conn.execute(
+                        select(rb.c.digest)
+                        .select_from(rb.join(repos, repos.c.id == rb.c.repository_id))
+                        .where(repos.c.name == repository, rb.c.digest.in_(digests[i : i + 500]))
+                    ).scalars()
+                )
+        return found
+
     def create_release(
         self,
         *,
