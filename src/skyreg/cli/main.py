@@ -138,8 +138,82 @@ def serve(
             show_default=False,
         ),
     ] = None,
+    max_machines_per_region: Annotated[
+        int, typer.Option(min=1, help="Machines one release may ask for in each region (count).")
+    ] = 100,
+    max_machines_per_release: Annotated[
+        int, typer.Option(min=1, help="Machines one release may create (count x regions).")
+    ] = 1000,
+    max_machines_per_app: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Live machines (desired started) an app may have; a rolling deploy counts the "
+            "running ones too.",
+        ),
+    ] = 1000,
+    max_regions_per_release: Annotated[
+        int, typer.Option(min=1, help="Regions one release may name.")
+    ] = 50,
+    public_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="SKYREG_PUBLIC_URL",
+            help="The URL clients use to reach this server, e.g. https://registry.example.com "
+            "(token realm, image references). Default: this region's URL in --regions-file, "
+            "else http://HOST:PORT of the listening address. Never taken from requests.",
+            show_default=False,
+        ),
+    ] = None,
+    metrics_address: Annotated[
+        str | None,
+        typer.Option(
+            help="HOST:PORT where /metrics answers without a token (for a scraper); on the main "
+            "address /metrics needs an admin token.",
+            show_default=False,
+        ),
+    ] = None,
+    header_timeout: Annotated[
+        float,
+        typer.Option(
+            min=0.001,
+            help="Seconds a connection has to send a complete request head, from connecting "
+            "or from the first byte after a response (slow clients are closed).",
+        ),
+    ] = 30.0,
+    keepalive_timeout: Annotated[
+        float,
+        typer.Option(min=0.001, help="Seconds an idle connection is kept open after a response."),
+    ] = 30.0,
+    body_timeout: Annotated[
+        float,
+        typer.Option(
+            min=0.001,
+            help="Seconds a request body (an upload) may send nothing before its connection is "
+            "closed; the upload stays resumable.",
+        ),
+    ] = 60.0,
+    request_timeout: Annotated[
+        float,
+        typer.Option(
+            min=0.001,
+            help="Seconds from a complete request head until its whole body has arrived, for "
+            "every request but blob uploads (which only --body-timeout bounds); the connection "
+            "is closed when it passes.",
+        ),
+    ] = 120.0,
+    max_connections_per_client: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Open connections per client address (per worker) before new ones get 429; "
+            "0: no cap. Trusted proxies are not capped.",
+        ),
+    ] = 128,
 ) -> None:
     """Run the registry (SQLite + filesystem under one data dir by default)."""
+    from skyreg.platform.releases import DeployLimits
+    from skyreg.registry.connections import ConnectionLimits
     from skyreg.registry.forwarded import parse_networks
     from skyreg.registry.server import ServeConfig, parse_storage
     from skyreg.registry.server import serve as run
@@ -152,6 +226,15 @@ def serve(
         parse_networks(trusted_proxy or [])
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--trusted-proxy") from None
+    if public_url is not None:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(public_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path.strip("/"):
+            raise typer.BadParameter(
+                "give scheme and host only, like https://registry.example.com",
+                param_hint="--public-url",
+            )
     if (region is None) != (regions_file is None):
         raise typer.BadParameter("--region and --regions-file go together", param_hint="--region")
     if region is not None and regions_file is not None:
@@ -185,6 +268,21 @@ def serve(
             peer_token_file=peer_token_file.resolve() if peer_token_file else None,
             replication_lease=replication_lease,
             trusted_proxies=tuple(trusted_proxy or ()),
+            deploy_limits=DeployLimits(
+                per_region=max_machines_per_region,
+                per_release=max_machines_per_release,
+                per_app=max_machines_per_app,
+                regions=max_regions_per_release,
+            ),
+            connections=ConnectionLimits(
+                header_timeout=header_timeout,
+                keepalive_timeout=keepalive_timeout,
+                body_timeout=body_timeout,
+                request_timeout=request_timeout,
+                max_per_client=max_connections_per_client,
+            ),
+            public_url=public_url,
+            metrics_address=metrics_address,
         )
     )
 
@@ -270,8 +368,9 @@ def db_upgrade(
     from skyreg.meta.db import create_db_engine, sqlite_url, upgrade_schema
 
     if database_url is None:
-        directory = (data_dir or default_data_dir()).resolve()
-        directory.mkdir(parents=True, exist_ok=True)
+        from skyreg.privatefs import private_dir
+
+        directory = private_dir((data_dir or default_data_dir()).resolve())
         database_url = sqlite_url(directory / "skyreg.db")
     try:
         engine = create_db_engine(database_url)

@@ -6,21 +6,26 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from skyreg.auth.keys import KeyRing
 from skyreg.auth.ratelimit import FailureLimiter
 from skyreg.auth.service import Authenticator
 from skyreg.meta.platform import PlatformMeta
 from skyreg.meta.registry import RegistryMeta, open_database
-from skyreg.registry.app import create_app
+from skyreg.platform.releases import RELEASES_KEY, DeployLimits
+from skyreg.privatefs import private_dir
+from skyreg.registry.app import create_app, metrics_app
+from skyreg.registry.connections import ConnectionGuard, ConnectionLimits
 from skyreg.registry.context import Registry
 from skyreg.registry.forwarded import parse_networks
 from skyreg.store.base import BlobStore
@@ -62,6 +67,10 @@ class ServeConfig:
     peer_token_file: Path | None = None
     replication_lease: float = 30.0  # seconds a replication job stays claimed without renewal
     trusted_proxies: tuple[str, ...] = ()  # CIDRs of load balancers whose X-Forwarded-* count
+    deploy_limits: DeployLimits = field(default_factory=DeployLimits)  # machines per release/app
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)  # timeouts, cap
+    public_url: str | None = None  # what the server calls itself; None: see public_url_of
+    metrics_address: str | None = None  # HOST:PORT serving /metrics without a token
 
 
 def parse_storage(storage: str) -> tuple[str, str] | None:
@@ -135,6 +144,7 @@ def _authenticator(cfg: ServeConfig, meta: RegistryMeta) -> Authenticator | None
         KeyRing(meta.engine, legacy_dir=cfg.data_dir / "keys"),
         service=cfg.auth_service,
         limiter=FailureLimiter(limit=cfg.auth_failure_limit),
+        public_url=cfg.public_url or "http://127.0.0.1:5000",
     )
 
 
@@ -154,7 +164,9 @@ def bootstrap_admin(cfg: ServeConfig, auth: Authenticator) -> Path | None:
     return path
 
 
-async def _run_worker(cfg: ServeConfig, sock: socket.socket) -> None:
+async def _run_worker(
+    cfg: ServeConfig, sock: socket.socket, metrics_sock: socket.socket | None = None
+) -> None:
     meta = open_database(cfg.database_url, cfg.data_dir)
     store = open_blob_store(cfg)
     auth = _authenticator(cfg, meta)
@@ -162,16 +174,28 @@ async def _run_worker(cfg: ServeConfig, sock: socket.socket) -> None:
     reg.geo = _geo_node(cfg, reg)
     reg.trusted_proxies = parse_networks(cfg.trusted_proxies)
     app = create_app(reg, expiry_interval=cfg.expiry_interval)
-    runner = web.AppRunner(
-        app,
-        access_log=logging.getLogger("skyreg.access") if cfg.access_log else None,
-        access_log_format=ACCESS_LOG_FORMAT,
-        handle_signals=False,
+    if RELEASES_KEY in app:
+        app[RELEASES_KEY].limits = cfg.deploy_limits
+    handler_kwargs: dict[str, Any] = {
+        "access_log": logging.getLogger("skyreg.access") if cfg.access_log else None,
+        "access_log_format": ACCESS_LOG_FORMAT,
         # A larger read buffer lets a blob upload arrive in fewer, bigger pieces.
-        read_bufsize=_READ_BUFSIZE,
-    )
+        "read_bufsize": _READ_BUFSIZE,
+        "keepalive_timeout": cfg.connections.aiohttp_keepalive,
+    }
+    runner = web.AppRunner(app, handle_signals=False, **handler_kwargs)
     await runner.setup()
-    await web.SockSite(runner, sock).start()
+    assert runner.server is not None
+    # Not a SockSite: every connection is a GuardedRequestHandler (timeouts, per-client cap).
+    guard = ConnectionGuard(cfg.connections, reg.trusted_proxies)
+    listener = await asyncio.get_running_loop().create_server(
+        guard.protocol_factory(runner.server, **handler_kwargs), sock=sock
+    )
+    metrics_runner = None
+    if metrics_sock is not None and reg.geo is not None:
+        metrics_runner = web.AppRunner(metrics_app(reg.geo), access_log=None, handle_signals=False)
+        await metrics_runner.setup()
+        await web.SockSite(metrics_runner, metrics_sock).start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -179,6 +203,9 @@ async def _run_worker(cfg: ServeConfig, sock: socket.socket) -> None:
     try:
         await stop.wait()
     finally:
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
+        listener.close()  # stop accepting; runner.cleanup() ends the open connections
         await runner.cleanup()
         await close_blob_store(store)
         if auth is not None:
@@ -205,6 +232,57 @@ def _geo_node(cfg: ServeConfig, reg: Registry) -> GeoNode | None:
         peer_token_file=cfg.peer_token_file,
         lease=cfg.replication_lease,
     )
+
+
+def _metrics_socket(cfg: ServeConfig) -> socket.socket | None:
+    """The socket of `--metrics-address HOST:PORT`, bound before the workers start."""
+    if cfg.metrics_address is None:
+        return None
+    host, sep, port = cfg.metrics_address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise SystemExit(f"error: --metrics-address must be HOST:PORT, not {cfg.metrics_address!r}")
+    return _listen(host.strip("[]") or "127.0.0.1", int(port))
+
+
+def _unreadable_bodies_in_one_line(record: logging.LogRecord) -> bool:
+    """aiohttp logs a traceback when a request body turns out to be unreadable (a client's
+    "gzip" that is not) after the answer went out; that is the client's mistake: one INFO line."""
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(exc, RequestPayloadError):
+        record.msg, record.args, record.exc_info, record.exc_text = (
+            "unreadable request body: %s",
+            (str(exc).replace("\n", " ")[:200],),
+            None,
+            None,
+        )
+        record.levelno, record.levelname = logging.INFO, "INFO"
+    return True
+
+
+def public_url_of(cfg: ServeConfig, port: int) -> str:
+    """The URL the server gives as its own (token realm, image references).
+
+    `--public-url` when given; in a multi-region registry, this region's URL in the regions
+    file; else the listening address. Never derived from a request: the Host header is the
+    caller's to choose.
+    """
+    if cfg.public_url:
+        return cfg.public_url.rstrip("/")
+    if cfg.region is not None and cfg.regions_file is not None:
+        from skyreg.geo.regions import RegionMap
+
+        return RegionMap(cfg.regions_file, cfg.region).url_of(cfg.region).rstrip("/")
+    host = cfg.host
+    if host in ("0.0.0.0", "::", ""):
+        host = socket.getfqdn()
+        log.warning(
+            "listening on every address: calling this server http://%s:%d; "
+            "set --public-url to the name clients use",
+            host,
+            port,
+        )
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{port}"
 
 
 def banner(cfg: ServeConfig, port: int, admin_token: Path | None) -> str:
@@ -242,12 +320,34 @@ def banner(cfg: ServeConfig, port: int, admin_token: Path | None) -> str:
     return "\n".join(lines)
 
 
+def raise_descriptor_limit() -> int:
+    """Raise this process's open-file soft limit to its hard limit (workers inherit it), so
+    idle clients exhaust descriptors later; returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:  # the kernel still caps it at fs.nr_open
+        try:
+            target = int(Path("/proc/sys/fs/nr_open").read_text())
+        except (OSError, ValueError):
+            target = 1 << 20
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (OSError, ValueError) as e:
+        log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, e)
+        return soft
+    return target
+
+
 def serve(cfg: ServeConfig) -> None:
     """Bind, migrate the database, print the banner and serve until SIGTERM/SIGINT."""
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
     )
-    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("aiohttp.server").addFilter(_unreadable_bodies_in_one_line)
+    log.info("open-file limit: %d descriptors per process", raise_descriptor_limit())
+    private_dir(cfg.data_dir)  # 0700 whatever the umask; an older one is tightened
     if cfg.storage != "file":
         try:
             asyncio.run(_check_blob_store(cfg))
@@ -262,11 +362,13 @@ def serve(cfg: ServeConfig) -> None:
     meta.close()
     sock = _listen(cfg.host, cfg.port)
     port = int(sock.getsockname()[1])
+    cfg.public_url = public_url_of(cfg, port)
+    metrics_sock = _metrics_socket(cfg)
     print(banner(cfg, port, admin_token), flush=True)
     if cfg.port_file is not None:
         cfg.port_file.write_text(f"{port}\n")
     if cfg.workers <= 1:
-        asyncio.run(_run_worker(cfg, sock))
+        asyncio.run(_run_worker(cfg, sock, metrics_sock))
         return
     children: list[int] = []
     for _ in range(cfg.workers):
@@ -274,7 +376,7 @@ def serve(cfg: ServeConfig) -> None:
         if pid == 0:
             code = 0
             try:
-                asyncio.run(_run_worker(cfg, sock))
+                asyncio.run(_run_worker(cfg, sock, metrics_sock))
             except BaseException:
                 log.exception("worker failed")
                 code = 1
