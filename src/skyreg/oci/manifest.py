@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from skyreg.oci import mediatypes as mt
+from skyreg.oci.bounded import JSONInputError, load_json
 from skyreg.oci.digest import Digest
 from skyreg.oci.errors import ErrorCode, RegistryError
 
@@ -126,9 +126,9 @@ def parse_manifest(raw: bytes, content_type: str | None, digest: Digest) -> Mani
             f"manifest is {len(raw)} bytes; the limit is {MAX_MANIFEST_SIZE} bytes",
         )
     try:
-        doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _invalid(f"manifest is not valid JSON: {e}") from None
+        doc = load_json(raw, max_bytes=MAX_MANIFEST_SIZE)
+    except JSONInputError as e:
+        raise _invalid(f"manifest: {e}") from None
     if not isinstance(doc, dict):
         raise _invalid("manifest must be a JSON object")
     field_type = doc.get("mediaType")

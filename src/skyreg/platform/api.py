@@ -8,7 +8,6 @@ exactly as if they did not exist.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -17,13 +16,15 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from skyreg.auth.http import client_of
 from skyreg.auth.policy import PULL, PUSH
 from skyreg.auth.service import Authenticator, AuthFailed, Throttled, basic_password
 from skyreg.clock import utc_iso
-from skyreg.meta.machines import STATES, Machine
+from skyreg.meta.machines import STATES, Machine, TooManyMachines
 from skyreg.meta.platform import AlreadyExists, App, ImageTag, Org, PlatformMeta, TokenRecord
+from skyreg.oci.bounded import MAX_INT, JSONInputError, load_json, parse_int, storable
 from skyreg.oci.names import TAG_RE
 from skyreg.platform.names import (
     MAX_TOKEN_NAME,
@@ -82,6 +83,19 @@ def bad_request(message: str) -> ApiError:
 
 def forbidden(message: str) -> ApiError:
     return ApiError(403, "forbidden", message)
+
+
+def query_int(
+    request: web.Request, name: str, default: int, minimum: int = 0, maximum: int = MAX_INT
+) -> int:
+    """The integer query parameter `name` (`default` when absent); 400 unless in the bounds."""
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        return parse_int(raw, minimum=minimum, maximum=maximum)
+    except ValueError as e:
+        raise bad_request(f"{name} {e}") from None
 
 
 def not_found(kind: str, name: str) -> ApiError:
@@ -209,9 +223,9 @@ class Call:
         if not raw.strip():
             return {}
         try:
-            doc = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise bad_request("the request body is not valid JSON") from None
+            doc = load_json(raw, max_bytes=MAX_BODY)
+        except JSONInputError as e:
+            raise bad_request(f"the request body is not valid JSON: {e}") from None
         if not isinstance(doc, dict):
             raise bad_request("the request body must be a JSON object")
         return doc
@@ -570,11 +584,9 @@ async def revoke_token(call: Call) -> web.StreamResponse:
 
 async def list_releases(call: Call) -> web.StreamResponse:
     app = call.app_named(call.request.match_info["app"])
-    raw = call.request.query.get("limit", "25")
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_RELEASES:
-        raise bad_request(f"limit must be a whole number from 1 to {MAX_RELEASES}")
+    limit = query_int(call.request, "limit", 25, 1, MAX_RELEASES)
     service = call.request.app[RELEASES_KEY]
-    found = service.releases.list_releases(app.id, int(raw))
+    found = service.releases.list_releases(app.id, limit)
     return _json({"app": app.name, "releases": [release_json(r) for r in found]})
 
 
@@ -605,28 +617,43 @@ async def create_release(call: Call) -> web.StreamResponse:
     strategy = body.get("strategy", "rolling")
     if strategy not in STRATEGIES:
         raise bad_request(f"strategy must be one of {', '.join(STRATEGIES)}")
+    service = call.request.app[RELEASES_KEY]
+    limits = service.limits
     regions = body.get("regions", [])
     if not isinstance(regions, list) or not all(
         isinstance(r, str) and REGION_RE.match(r) for r in regions
     ):
         raise bad_request("regions must be a list of region codes such as iad, sin, syd")
+    if len(set(regions)) > limits.regions:
+        raise bad_request(f"a release may name at most {limits.regions} regions")
     count = body.get("count", 1)
-    if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= 100:
-        raise bad_request("count must be a whole number from 1 to 100")
+    if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= limits.per_region:
+        raise bad_request(f"count must be a whole number from 1 to {limits.per_region}")
     description = body.get("description")
     if description is not None and not isinstance(description, str):
         raise bad_request("description must be a string")
-    service = call.request.app[RELEASES_KEY]
     geo = service.geo
-    if geo is not None:
-        absent = sorted(r for r in set(regions) if not geo.regions.knows(r))
-        if absent:
-            raise bad_request(
-                f"unknown region(s) {', '.join(absent)}; regions: {', '.join(geo.regions.codes)}"
-            )
-        if not regions:
-            placement = geo.meta.app_placement(app.name)
-            regions = list((placement[0] if placement else []) or [geo.region])
+    known = geo.regions.knows if geo is not None else (lambda r: r == DEFAULT_REGION)
+    absent = sorted(r for r in set(regions) if not known(r))
+    if absent:
+        more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
+        raise bad_request(f"unknown region {absent[0]!r}{more}")
+    if geo is not None and not regions:
+        placement = geo.meta.app_placement(app.name)
+        regions = list((placement[0] if placement else []) or [geo.region])
+    regions = sorted(set(regions)) or [DEFAULT_REGION]
+    wanted = count * len(regions)
+    if wanted > limits.per_release:
+        raise bad_request(
+            f"{count} machines in each of {len(regions)} regions is {wanted}, over the "
+            f"limit of {limits.per_release} machines per release"
+        )
+    live = 0 if strategy == "immediate" else service.machines.live_count(app.id)
+    if live + wanted > limits.per_app:
+        raise bad_request(
+            f"app {app.name} has {live} live machines; {wanted} more would exceed its limit of "
+            f"{limits.per_app} (an immediate deploy stops the others first)"
+        )
     stored = None
     if PULL in policy.allowed(token, ref.repository):
         stored = service.registry.get_manifest(
@@ -634,7 +661,19 @@ async def create_release(call: Call) -> web.StreamResponse:
         )
     if stored is None:  # the same answer for missing and not readable
         raise not_found("image", image[:200])
-    host = call.request.host
+    try:
+        unavailable = await service.blobs_missing_for_deploy(
+            ref.repository, stored.digest, app.name
+        )
+    except ValueError as e:
+        raise bad_request(f"image {image[:200]!r}: {e}") from None
+    if unavailable:  # e.g. a foreign layer (`urls`) whose bytes were never pushed to this app
+        more = f" (and {len(unavailable) - 1} more)" if len(unavailable) > 1 else ""
+        raise bad_request(
+            f"blob {unavailable[0]}{more} of image {image[:200]!r} is not in repository "
+            f"{app.name}: push every layer (foreign layers too) before deploying"
+        )
+    host = call.auth.public_host
     repository = ref.repository
     if ref.repository != app.name or label:
         tag = label or deployment_tag()
@@ -653,7 +692,7 @@ async def create_release(call: Call) -> web.StreamResponse:
         image_repository=repository,
         image_digest=stored.digest,
         strategy=strategy,
-        regions=sorted(set(regions)) or [DEFAULT_REGION],
+        regions=regions,
         machine_count=count,
         user_id=token.id,
         user_name=token.name,
@@ -661,7 +700,12 @@ async def create_release(call: Call) -> web.StreamResponse:
     if geo is not None:  # copies first: a region's machines then find the image at home
         queued = geo.enqueue_image(repository, stored.digest, list(release.regions))
         log.info("app %s: %d blob copies queued for %s", app.name, queued, release.regions)
-    service.machines.create_for_release(release.id, app.id, list(release.regions), count, strategy)
+    try:
+        service.machines.create_for_release(
+            release.id, app.id, list(release.regions), count, strategy, max_live=limits.per_app
+        )
+    except TooManyMachines as e:  # a concurrent deploy took the room: this release failed
+        raise bad_request(f"app {app.name}: {e}") from None
     release = service.releases.get_release(release.id) or release
     log.info("app %s release v%d: %s (%s)", app.name, release.version, image_ref, stored.digest)
     return _json(release_json(release), 201)
@@ -705,13 +749,32 @@ def _agent_machine(call: Call) -> Machine:
     return machine
 
 
+MAX_MACHINE_PAGE = 1000
+MACHINE_PAGE = 100  # default page of an app's machines (the agent's default page is the max)
+MACHINE_ID_RE = re.compile(r"^[0-9a-f]{1,64}$")
+
+
+def _machine_page(call: Call, default: int) -> tuple[int, str | None]:
+    """`limit` (1 to MAX_MACHINE_PAGE) and `cursor` (the previous page's `next_cursor`)."""
+    limit = query_int(call.request, "limit", default, 1, MAX_MACHINE_PAGE)
+    cursor = call.request.query.get("cursor") or None
+    if cursor is not None and not MACHINE_ID_RE.match(cursor):
+        raise bad_request("cursor must be the next_cursor of a previous page")
+    return limit, cursor
+
+
+def _next_cursor(machines: list[Machine], limit: int) -> str | None:
+    return machines[-1].id if len(machines) == limit else None
+
+
 async def agent_machines(call: Call) -> web.StreamResponse:
     token = _agent_caller(call)
     region = call.request.query.get("region", DEFAULT_REGION)
     if not REGION_RE.match(region):
         raise bad_request("region must be a region code such as iad, sin, syd")
+    limit, cursor = _machine_page(call, MAX_MACHINE_PAGE)
     machines = call.request.app[RELEASES_KEY].machines.in_region(
-        region, None if token.kind == "admin" else token.org_id
+        region, None if token.kind == "admin" else token.org_id, limit=limit, after=cursor
     )
     return _json(
         {
@@ -723,6 +786,7 @@ async def agent_machines(call: Call) -> web.StreamResponse:
                 }
                 for m in machines
             ],
+            "next_cursor": _next_cursor(machines, limit),
         }
     )
 
@@ -734,13 +798,22 @@ async def agent_state(call: Call) -> web.StreamResponse:
     if state not in STATES or state == "created":
         raise bad_request("state must be one of starting, started, stopped, failed")
     exit_code = body.get("exit_code")
-    if exit_code is not None and (not isinstance(exit_code, int) or isinstance(exit_code, bool)):
-        raise bad_request("exit_code must be a whole number")
+    if exit_code is not None and not _int32(exit_code, minimum=-INT32_MAX - 1):
+        raise bad_request(f"exit_code must be a whole number from {-INT32_MAX - 1} to {INT32_MAX}")
     machines = call.request.app[RELEASES_KEY].machines
     machines.report_state(machine.id, str(state), exit_code)
     found = machines.get(machine.id)
-    assert found is not None
+    if found is None:  # deleted meanwhile as an idle record (create_for_release)
+        raise not_found("machine", machine.id)
     return _json(machine_json(found))
+
+
+INT32_MAX = 2**31 - 1  # what an Integer column holds on every database
+
+
+def _int32(value: object, *, minimum: int) -> bool:
+    """Whether `value` is a JSON whole number (not a bool) from `minimum` to INT32_MAX."""
+    return isinstance(value, int) and not isinstance(value, bool) and minimum <= value <= INT32_MAX
 
 
 async def agent_event(call: Call) -> web.StreamResponse:
@@ -750,8 +823,8 @@ async def agent_event(call: Call) -> web.StreamResponse:
     if not isinstance(message, str) or not message:
         raise bad_request("message is required")
     duration = body.get("duration_ms")
-    if duration is not None and (not isinstance(duration, int) or isinstance(duration, bool)):
-        raise bad_request("duration_ms must be a whole number")
+    if duration is not None and not _int32(duration, minimum=0):
+        raise bad_request(f"duration_ms must be a whole number from 0 to {INT32_MAX}")
     call.request.app[RELEASES_KEY].machines.add_event(machine.id, message[:MAX_EVENT], duration)
     return _json({}, 201)
 
@@ -768,7 +841,9 @@ async def agent_logs(call: Call) -> web.StreamResponse:
 
 async def list_machines(call: Call) -> web.StreamResponse:
     app = call.app_named(call.request.match_info["app"])
+    limit, cursor = _machine_page(call, MACHINE_PAGE)
     machines = call.request.app[RELEASES_KEY].machines
+    page = machines.of_app(app.id, limit=limit, after=cursor)
     found = [
         {
             **machine_json(m),
@@ -777,9 +852,9 @@ async def list_machines(call: Call) -> web.StreamResponse:
                 for e in machines.events(m.id)
             ],
         }
-        for m in machines.of_app(app.id)
+        for m in page
     ]
-    return _json({"app": app.name, "machines": found})
+    return _json({"app": app.name, "machines": found, "next_cursor": _next_cursor(page, limit)})
 
 
 def _user_machine(call: Call) -> Machine:
@@ -796,18 +871,24 @@ def _user_machine(call: Call) -> Machine:
 
 async def _change_machine(call: Call, action: str) -> web.StreamResponse:
     machine = _user_machine(call)
-    machines = call.request.app[RELEASES_KEY].machines
+    service = call.request.app[RELEASES_KEY]
+    machines = service.machines
     running = machine.desired == "started" and machine.state in ("starting", "started")
     if action == "stop":
         machines.set_desired(machine.id, "stopped")
     elif action == "restart" or not running:
-        machines.set_desired(machine.id, "started", bump=True)
+        # A machine not desired started becomes live: the app's live cap applies, as to deploys.
+        try:
+            machines.start(machine.id, bump=True, max_live=service.limits.per_app)
+        except TooManyMachines as e:
+            raise bad_request(f"app {machine.app_name}: {e}") from None
     machines.add_event(
         machine.id,
         f"{action.capitalize()} requested by {call.caller().name or 'token ' + call.caller().id}",
     )
     found = machines.get(machine.id)
-    assert found is not None
+    if found is None:  # deleted meanwhile (an idle machine of a busy app)
+        raise not_found("machine", machine.id)
     log.info("machine %s: %s by token %s", machine.id, action, call.caller().id)
     return _json(machine_json(found))
 
@@ -826,10 +907,8 @@ async def restart_machine(call: Call) -> web.StreamResponse:
 
 async def app_logs(call: Call) -> web.StreamResponse:
     app = call.app_named(call.request.match_info["app"])
-    raw = call.request.query.get("after", "0")
-    if not raw.isdigit():
-        raise bad_request("after must be a log line id (a whole number)")
-    lines = call.request.app[RELEASES_KEY].machines.logs(app.id, int(raw), MAX_LOG_LINES)
+    after = query_int(call.request, "after", 0)  # a log line id
+    lines = call.request.app[RELEASES_KEY].machines.logs(app.id, after, MAX_LOG_LINES)
     return _json(
         {
             "app": app.name,
@@ -843,7 +922,7 @@ async def app_logs(call: Call) -> web.StreamResponse:
                 }
                 for ln in lines
             ],
-            "last": lines[-1].id if lines else int(raw),
+            "last": lines[-1].id if lines else after,
         }
     )
 
@@ -876,6 +955,18 @@ ROUTES: dict[str, dict[str, Handler]] = {
 _ANONYMOUS_OK = {get_openapi}
 
 
+def _refuse_unstorable_parameters(request: web.Request) -> None:
+    """400 for a path or query parameter holding NUL or a lone surrogate, before any handler
+    looks it up (PostgreSQL refuses such text; no driver encodes a lone surrogate). JSON bodies
+    get the same check in `load_json`."""
+    for where, params in (("path", request.match_info), ("query", request.query)):
+        for key, value in params.items():
+            if not (storable(key) and storable(value)):
+                raise bad_request(
+                    f"{where} parameter {key[:40]!r} must not contain NUL or a lone surrogate"
+                )
+
+
 def _endpoint(methods: dict[str, Handler]) -> RequestHandler:
     allow = ", ".join(sorted(methods))
 
@@ -890,11 +981,14 @@ def _endpoint(methods: dict[str, Handler]) -> RequestHandler:
             ).response()
         call = Call(request, request.app[API_AUTH_KEY])
         try:
+            _refuse_unstorable_parameters(request)
             if handler not in _ANONYMOUS_OK:
                 call.identify()
             return await handler(call)
         except ApiError as err:
             return err.response()
+        except RequestPayloadError as e:  # a body the client mis-encoded (say, "gzip" that is not)
+            return ApiError(400, "bad_request", f"unreadable request body: {e}"[:300]).response()
         except Exception:
             log.exception("unhandled error in %s %s", request.method, request.path)
             return ApiError(500, "internal", "internal server error").response()
@@ -910,11 +1004,11 @@ def add_management_routes(
     app: web.Application, auth: Authenticator, releases: ReleaseService
 ) -> None:
     """Mount the management API under /api/v1, and the GraphQL endpoint, on `app`."""
-    from skyreg.platform.graphql import graphql_endpoint
+    from skyreg.platform.graphql import add_graphql
 
     app[API_AUTH_KEY] = auth
     app[RELEASES_KEY] = releases
-    app.router.add_post("/graphql", graphql_endpoint)
+    add_graphql(app, releases.releases.engine)
     for path, methods in ROUTES.items():
         app.router.add_route("*", PREFIX + path, _endpoint(methods))
     app.router.add_route("*", PREFIX + "/{tail:.*}", _no_endpoint)

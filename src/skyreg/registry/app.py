@@ -11,19 +11,22 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
+from aiohttp.web_protocol import RequestPayloadError
 
 from skyreg.auth.http import (
     AUTHENTICATOR_KEY,
     IDENTITY_KEY,
     TOKEN_PATH,
+    client_of,
     identify,
     token_endpoint,
     unauthorized,
 )
 from skyreg.auth.policy import DELETE, PULL, PUSH
-from skyreg.auth.service import Authenticator
+from skyreg.auth.service import Authenticator, AuthFailed, Throttled, basic_password
 from skyreg.meta.machines import MachineMeta
 from skyreg.meta.platform import ReleaseMeta
+from skyreg.oci.bounded import storable
 from skyreg.oci.errors import ErrorCode, RegistryError
 from skyreg.oci.names import validate_name
 from skyreg.platform.api import add_management_routes
@@ -61,6 +64,30 @@ for _endpoint in (Endpoint.CATALOG, Endpoint.TAGS, Endpoint.REFERRERS):
     _HANDLERS[(_endpoint, "HEAD")] = _HANDLERS[(_endpoint, "GET")]
 
 
+# Every query parameter a handler reads, and the code refusing a value no database stores.
+_QUERY_CODES = {
+    "last": ErrorCode.TAG_INVALID,  # NAME_INVALID on the catalog
+    "artifactType": ErrorCode.MANIFEST_INVALID,
+    "tag": ErrorCode.TAG_INVALID,
+    "from": ErrorCode.NAME_INVALID,
+    "mount": ErrorCode.DIGEST_INVALID,
+    "digest": ErrorCode.DIGEST_INVALID,
+    "n": ErrorCode.PAGINATION_NUMBER_INVALID,
+}
+
+
+def _refuse_unstorable_query(request: web.Request, endpoint: Endpoint) -> None:
+    """400 for a query parameter holding NUL or a lone surrogate, before any handler compares
+    it with a column (PostgreSQL refuses such text; no driver encodes a lone surrogate)."""
+    for key, value in request.query.items():
+        code = _QUERY_CODES.get(key)
+        if code is None or storable(value):
+            continue
+        if key == "last" and endpoint is Endpoint.CATALOG:
+            code = ErrorCode.NAME_INVALID
+        raise RegistryError(code, f"{key} must not contain NUL or a lone surrogate")
+
+
 def _error_response(err: RegistryError, method: str) -> web.Response:
     body = b"" if method == "HEAD" else err.body()
     resp = web.Response(status=err.status, body=body, headers=err.headers)
@@ -84,6 +111,11 @@ async def _errors(
         )
     except web.HTTPException:
         raise
+    except RequestPayloadError as e:  # a body the client mis-encoded (say, "gzip" that is not)
+        resp = _error_response(
+            RegistryError(ErrorCode.UNSUPPORTED, f"unreadable request body: {e}"[:300], status=400),
+            request.method,
+        )
     except (ConnectionResetError, asyncio.CancelledError):
         raise
     except Exception:
@@ -141,6 +173,7 @@ async def _dispatch(request: web.Request) -> web.StreamResponse:
     if route.endpoint is not Endpoint.CATALOG:
         validate_name(route.name)
     _authorize(request, request.app[REGISTRY_KEY], route.endpoint, route.name)
+    _refuse_unstorable_query(request, route.endpoint)
     return await handler(request, route.name, route.reference)
 
 
@@ -219,15 +252,34 @@ def _metrics_response(geo: GeoNode) -> web.Response:
 
 
 def _require_admin(request: web.Request, auth: Authenticator) -> None:
-    """Metrics describe every tenant's traffic: only an admin access token reads them here."""
-    identity = identify(request, auth)
-    if identity.token is None:
+    """Metrics describe every tenant's traffic: only an admin access token reads them here, as
+    Basic or as Bearer (a scraper's bearer token). Registry JWTs are not access tokens, whatever
+    token they were made from."""
+    header = request.headers.get("Authorization", "")
+    if header.lower().startswith("bearer "):
+        secret: str | None = header[7:].strip()
+    else:
+        try:
+            secret = basic_password(header) if header else None
+        except AuthFailed:
+            secret = None
+    if not secret:
         raise RegistryError(
             ErrorCode.UNAUTHORIZED,
             "metrics need an admin token",
             headers={"WWW-Authenticate": 'Basic realm="skyreg metrics"'},
         )
-    if identity.token.kind != "admin":
+    try:
+        token = auth.limited(client_of(request), lambda: auth.token_for_secret(secret))
+    except Throttled as e:
+        raise RegistryError(
+            ErrorCode.TOOMANYREQUESTS,
+            "too many failed authentication attempts; retry later",
+            headers={"Retry-After": str(e.retry_after)},
+        ) from None
+    except AuthFailed:
+        raise RegistryError(ErrorCode.UNAUTHORIZED, "invalid, expired or revoked token") from None
+    if token.kind != "admin":
         raise RegistryError(ErrorCode.DENIED, "metrics need an admin token")
 
 

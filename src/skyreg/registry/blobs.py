@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from skyreg.oci.bounded import MAX_INT, parse_int
 from skyreg.oci.digest import Digest
 from skyreg.oci.errors import ErrorCode, RegistryError
 from skyreg.oci.names import validate_name
@@ -15,8 +16,8 @@ from skyreg.registry.context import Registry, may_pull, registry_of
 from skyreg.registry.responses import empty
 from skyreg.store.base import DigestMismatch, UploadOffsetMismatch, UploadUnknown
 
-_RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
-_CONTENT_RANGE_RE = re.compile(r"^(?:bytes )?(\d+)-(\d+)(?:/(?:\d+|\*))?$")
+_RANGE_RE = re.compile(r"^bytes=([0-9]*)-([0-9]*)$")
+_CONTENT_RANGE_RE = re.compile(r"^(?:bytes )?([0-9]+)-([0-9]+)(?:/(?:[0-9]+|\*))?$")
 _UPLOAD_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 _BODY_CHUNK = 1 << 20
 
@@ -32,6 +33,14 @@ def _blob_headers(digest: Digest, size: int) -> dict[str, str]:
     }
 
 
+def _position(digits: str) -> int:
+    """A byte position or length from a header; any beyond MAX_INT is past every blob."""
+    try:
+        return parse_int(digits)
+    except ValueError:
+        return MAX_INT + 1
+
+
 def _byte_range(header: str, size: int) -> tuple[int, int]:
     """The first and last byte a Range header asks for; malformed or unsatisfiable is 416."""
     m = _RANGE_RE.match(header.strip())
@@ -42,14 +51,16 @@ def _byte_range(header: str, size: int) -> tuple[int, int]:
     )
     if m is None or (not m.group(1) and not m.group(2)):
         raise unsatisfiable
-    start, end = m.group(1), m.group(2)
-    if start:
-        if int(start) >= size or (end and int(end) < int(start)):
+    start = _position(m.group(1)) if m.group(1) else None
+    end = _position(m.group(2)) if m.group(2) else None
+    if start is not None:
+        if start >= size or (end is not None and end < start):
             raise unsatisfiable
-        return int(start), min(int(end), size - 1) if end else size - 1
-    if int(end) == 0 or size == 0:
+        return start, size - 1 if end is None else min(end, size - 1)
+    assert end is not None  # a suffix length: the last `end` bytes
+    if end == 0 or size == 0:
         raise unsatisfiable
-    return max(size - int(end), 0), size - 1
+    return max(size - end, 0), size - 1
 
 
 async def get_blob(request: web.Request, name: str, reference: str) -> web.StreamResponse:
@@ -221,7 +232,15 @@ async def _append(request: web.Request, reg: Registry, name: str, upload_id: str
             raise RegistryError(
                 ErrorCode.BLOB_UPLOAD_INVALID, f"malformed Content-Range {content_range[:100]!r}"
             )
-        offset, end = int(m.group(1)), int(m.group(2))
+        try:
+            offset, end = parse_int(m.group(1)), parse_int(m.group(2))
+        except ValueError:
+            raise RegistryError(
+                ErrorCode.BLOB_UPLOAD_INVALID,
+                f"Content-Range {content_range[:100]!r} is beyond any upload",
+                status=416,
+                headers=_upload_headers(name, upload_id, await _upload_size(reg, upload_id)),
+            ) from None
         if end < offset:
             raise RegistryError(
                 ErrorCode.BLOB_UPLOAD_INVALID,

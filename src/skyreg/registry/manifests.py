@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 
 from aiohttp import web
@@ -98,7 +99,10 @@ async def put_manifest(request: web.Request, name: str, reference: str) -> web.S
             )
     else:
         digest = Digest("sha256", hashlib.sha256(raw).hexdigest())
-    manifest = parse_manifest(raw, request.headers.get("Content-Type"), digest)
+    # Parsing up to 4 MiB of JSON (and bounding its depth first) takes a while: not on the loop.
+    manifest = await asyncio.to_thread(
+        parse_manifest, raw, request.headers.get("Content-Type"), digest
+    )
     tags = [] if by_digest else [ref]
     tags += [validate_tag(t) for t in request.query.getall("tag", []) if t not in tags]
     reg.meta.put_manifest(name, manifest, tags)

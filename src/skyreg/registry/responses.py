@@ -8,6 +8,7 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
+from skyreg.oci.bounded import parse_int
 from skyreg.oci.errors import ErrorCode, RegistryError
 
 MAX_PAGE = 10000
@@ -38,13 +39,9 @@ def page_size(request: web.Request, default: int | None) -> int | None:
     if raw is None or raw == "":
         return default
     try:
-        n = int(raw)
-    except ValueError:
-        raise RegistryError(
-            ErrorCode.PAGINATION_NUMBER_INVALID, f"invalid n {raw[:50]!r}"
-        ) from None
-    if n < 0:
-        raise RegistryError(ErrorCode.PAGINATION_NUMBER_INVALID, "n must not be negative")
+        n = parse_int(raw)
+    except ValueError as e:
+        raise RegistryError(ErrorCode.PAGINATION_NUMBER_INVALID, f"n {raw[:50]!r}: {e}") from None
     return min(n, MAX_PAGE)
 
 
