@@ -450,7 +450,6 @@ def test_forwarded_headers_from_untrusted_peers_are_ignored(tmp_path: Path) -> N
     reg = RunningRegistry(data_dir=tmp_path / "data")
     reg.start()
     try:
-        secret = Tenancy(reg.data_dir).admin_secret()
         # A client rotating its claimed address is still one client.
         bad = [_get_forwarded(reg.port, f"10.0.0.{i}", ("x", "wrong")) for i in range(11)]
         assert [r.status_code for r in bad] == [401] * 10 + [429]

@@ -372,6 +372,8 @@ class _Proxy(BaseHTTPRequestHandler):
         data = resp.read()
         self.send_response(resp.status)
         for k, v in resp.getheaders():
+            if k.lower() == "www-authenticate":  # as skyreg would say with --public-url = us
+                v = v.replace(f"//{self.upstream}/", f"//{self.headers['Host']}/")
             if k.lower() not in ("transfer-encoding", "connection", "content-length", "date"):
                 self.send_header(k, v)
         self.send_header("Content-Length", str(len(data)))

@@ -21,7 +21,7 @@ import requests
 
 from tests.conftest import RunningRegistry, scaleout_backing
 from tests.images import build_image
-from tests.test_machines import free_port
+from tests.waiting import free_port
 
 pytestmark = pytest.mark.slow
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "nginx" / "skyreg.conf"
@@ -35,6 +35,7 @@ def sha256(data: bytes) -> str:
 class Cluster:
     a: RunningRegistry
     b: RunningRegistry
+    lb_port: int  # where nginx listens when a test puts it in front: the nodes' public URL
 
     @property
     def admin(self) -> str:
@@ -85,13 +86,20 @@ class Cluster:
 @pytest.fixture
 def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]:
     with scaleout_backing(request) as (args, env):
-        args = [*args, "--trusted-proxy", "127.0.0.1"]  # nginx (examples/) is in front in one test
+        lb_port = free_port()  # nginx (examples/) is in front in one test
+        args = [
+            *args,
+            "--trusted-proxy",
+            "127.0.0.1",
+            "--public-url",
+            f"http://127.0.0.1:{lb_port}",
+        ]
         a = RunningRegistry(data_dir=tmp_path / "a", extra_args=args, env=env)
         b = RunningRegistry(data_dir=tmp_path / "b", extra_args=args, env=env)
         try:
             a.start()  # creates the admin token in its data dir (and in the shared database)
             b.start()
-            c = Cluster(a, b)
+            c = Cluster(a, b, lb_port)
             for path, body in (
                 ("/orgs", {"name": "acme"}),
                 ("/apps", {"name": "web", "org": "acme"}),
@@ -225,7 +233,7 @@ def nginx(cluster: Cluster, tmp_path: Path) -> Iterator[str]:
         pytest.fail("nginx is not installed (scripts/install-test-tools.sh installs it)")
     prefix = tmp_path / "nginx"
     prefix.mkdir()
-    port = free_port()
+    port = cluster.lb_port
     conf = (
         EXAMPLE.read_text()
         .replace("@PREFIX@", str(prefix))

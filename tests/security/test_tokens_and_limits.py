@@ -177,3 +177,49 @@ def test_a_forwarded_hop_that_is_not_an_address_is_never_taken_as_the_client(
         assert _get_from("127.0.0.1", reg.port, "skyreg_wrong").status == 429
     finally:
         reg.stop()
+
+
+def test_a_malformed_token_request_body_is_a_400_not_a_500(tenants: Tenants) -> None:
+    url = f"{tenants.url}/auth/token"
+    cases: list[tuple[dict[str, str], bytes]] = [
+        ({"Content-Type": "multipart/form-data"}, b"grant_type=password"),
+        ({"Content-Type": "application/x-www-form-urlencoded; charset=utf-99"}, b"a=b"),
+        ({"Content-Type": "application/x-www-form-urlencoded"}, b"grant_type=\xff\xfe\xfd"),
+        (
+            {"Content-Type": "application/x-www-form-urlencoded", "Content-Encoding": "gzip"},
+            b"not gzip at all",
+        ),
+    ]
+    for headers, body in cases:
+        r = requests.post(url, headers=headers, data=body)
+        assert 400 <= r.status_code < 500, (headers, r.status_code, r.text)
+    assert "Traceback" not in tenants.reg.log()
+
+
+def test_metrics_refuse_a_registry_jwt_even_one_made_from_an_admin_token(tmp_path: Path) -> None:
+    import json
+
+    from tests.s3_fixtures import free_ports
+
+    (port,) = free_ports(1)
+    regions = tmp_path / "regions.json"
+    regions.write_text(
+        json.dumps({"regions": {"iad": {"url": f"http://127.0.0.1:{port}", "rtt_ms": {}}}})
+    )
+    reg = RunningRegistry(
+        data_dir=tmp_path / "data", extra_args=["--region", "iad", "--regions-file", str(regions)]
+    )
+    reg.port = port
+    reg.start()
+    try:
+        admin = Tenancy(reg.data_dir).admin_secret()
+        token = _jwt(reg.url, admin, "repository:w:pull")
+        r = requests.get(f"{reg.url}/metrics", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code in (401, 403), r.text
+        assert "skyreg_replication" not in r.text
+        # The admin access token itself works as Basic and as Bearer (a scraper's bearer_token).
+        assert requests.get(f"{reg.url}/metrics", auth=("x", admin)).status_code == 200
+        bearer = requests.get(f"{reg.url}/metrics", headers={"Authorization": f"Bearer {admin}"})
+        assert bearer.status_code == 200
+    finally:
+        reg.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from skyreg.auth.service import (
     ANONYMOUS,
@@ -16,6 +17,7 @@ from skyreg.auth.service import (
     parse_scopes,
 )
 from skyreg.meta.platform import TokenRecord
+from skyreg.netaddr import client_key
 from skyreg.oci.errors import ErrorCode, RegistryError
 
 AUTHENTICATOR_KEY = web.AppKey("authenticator", Authenticator)
@@ -24,12 +26,13 @@ TOKEN_PATH = "/auth/token"
 
 
 def client_of(request: web.Request) -> Client:
-    """Whom failed attempts are counted against: the client's address (behind a trusted proxy,
-    the one the proxies forwarded) and the proxy it came through, if any."""
+    """Whom failed attempts are counted against: the client (behind a trusted proxy, the one
+    the proxies forwarded) and the proxy it came through, if any; each as `client_key` has it
+    (an IPv4 address, an IPv6 /64), so one IPv6 host cannot rotate through its addresses."""
     address = request.remote or "unknown"
     peer = request.transport.get_extra_info("peername") if request.transport else None
     proxy = str(peer[0]) if isinstance(peer, tuple) and peer else None
-    return Client(address, proxy if proxy != address else None)
+    return Client(client_key(address), client_key(proxy) if proxy not in (None, address) else None)
 
 
 class BearerRefused(AuthFailed):
@@ -101,7 +104,18 @@ async def token_endpoint(request: web.Request) -> web.StreamResponse:
     scope_values = request.query.getall("scope", [])
     password: str | None = None  # set for the POST grant; GET uses the Authorization header
     if request.method == "POST":
-        form = await request.post()
+        try:
+            form = await request.post()
+        except (ValueError, LookupError, web.HTTPException, RequestPayloadError) as e:
+            # Unknown charset, bytes that are not that charset, a multipart body without a
+            # boundary, a Content-Encoding the body is not in: the client's mistake, said once.
+            return web.json_response(
+                {
+                    "error": "invalid_request",
+                    "error_description": f"unreadable form body ({e})"[:200],
+                },
+                status=400,
+            )
         if form.get("grant_type") != "password":
             return web.json_response({"error": "unsupported_grant_type"}, status=400)
         value = form.get("password")
