@@ -7,6 +7,7 @@ trees, machine logs) lies below a directory made here, so no other host user can
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 
@@ -14,8 +15,14 @@ def private_dir(path: Path, *, mode: int = 0o700, parents_mode: int = 0o700) -> 
     """Make `path` a directory with exactly `mode` (tightening an existing one); returns it.
 
     Missing parents are created with `parents_mode` (never world-writable, as `mkdir -p` under
-    umask 000 would make them); existing parents are left alone.
+    umask 000 would make them); existing parents are left alone. A shared directory (sticky,
+    like /tmp, or /) is refused with ValueError rather than taken over.
     """
+    if os.path.lexists(path):
+        st = os.stat(path)
+        if st.st_mode & stat.S_ISVTX or os.path.realpath(path) == "/":
+            # /tmp and the like: shared by design; taking them over would break the host.
+            raise ValueError(f"{path} is a shared directory: give skyreg a directory of its own")
     missing = []
     p = path
     while not os.path.lexists(p) and p != p.parent:

@@ -71,6 +71,7 @@ def agent(
     from skyreg.machines.agent import Agent, check_host
     from skyreg.machines.rootfs import enter_private_mount_namespace
     from skyreg.machines.unpack import UnpackLimits
+    from skyreg.privatefs import private_dir
 
     if token_file is not None:
         try:
@@ -88,6 +89,10 @@ def agent(
     problem = check_host()
     if problem:
         fail(problem)
+    try:
+        private_dir(data_dir.resolve())
+    except ValueError as e:
+        fail(f"--data-dir: {e}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     # Before any thread starts: overlay rootfs mounts stay private to this agent.
     if enter_private_mount_namespace():

@@ -235,6 +235,11 @@ def serve(
                 "give scheme and host only, like https://registry.example.com",
                 param_hint="--public-url",
             )
+    if metrics_address is not None and region is None:
+        raise typer.BadParameter(
+            "metrics exist in a multi-region registry only (--region)",
+            param_hint="--metrics-address",
+        )
     if (region is None) != (regions_file is None):
         raise typer.BadParameter("--region and --regions-file go together", param_hint="--region")
     if region is not None and regions_file is not None:
@@ -370,7 +375,10 @@ def db_upgrade(
     if database_url is None:
         from skyreg.privatefs import private_dir
 
-        directory = private_dir((data_dir or default_data_dir()).resolve())
+        try:
+            directory = private_dir((data_dir or default_data_dir()).resolve())
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--data-dir") from None
         database_url = sqlite_url(directory / "skyreg.db")
     try:
         engine = create_db_engine(database_url)

@@ -347,7 +347,10 @@ def serve(cfg: ServeConfig) -> None:
     )
     logging.getLogger("aiohttp.server").addFilter(_unreadable_bodies_in_one_line)
     log.info("open-file limit: %d descriptors per process", raise_descriptor_limit())
-    private_dir(cfg.data_dir)  # 0700 whatever the umask; an older one is tightened
+    try:
+        private_dir(cfg.data_dir)  # 0700 whatever the umask; an older one is tightened
+    except ValueError as e:
+        raise SystemExit(f"error: --data-dir: {e}") from None
     if cfg.storage != "file":
         try:
             asyncio.run(_check_blob_store(cfg))
