@@ -52,6 +52,20 @@ def _sqlite_begin(conn: Connection) -> None:
     conn.exec_driver_sql(f"BEGIN {mode}")
 
 
+_SQLITE_FULL = 13  # "database or disk is full" (extended codes keep it in the low byte)
+_PG_DISK_FULL = "53100"
+
+
+def disk_full(error: BaseException) -> bool:
+    """Whether `error` is the database refusing a write because its disk (or quota) is full."""
+    if not isinstance(error, DBAPIError):
+        return False
+    code = getattr(error.orig, "sqlite_errorcode", None)
+    if isinstance(code, int) and code & 0xFF == _SQLITE_FULL:
+        return True
+    return getattr(error.orig, "sqlstate", None) == _PG_DISK_FULL
+
+
 def normalize_url(url: str) -> str:
     """`postgresql://` and `postgres://` (libpq style) mean PostgreSQL through psycopg 3."""
     for prefix in ("postgresql://", "postgres://"):

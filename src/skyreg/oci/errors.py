@@ -31,6 +31,9 @@ class ErrorCode(Enum):
     MANIFEST_TOO_LARGE = (413, "manifest too large")
     UNKNOWN = (500, "internal server error")
     UNAVAILABLE = (503, "service unavailable")  # Distribution's code for a backend it cannot reach
+    # 507 (RFC 4918): the server cannot store what the request needs. Not 503 + Retry-After:
+    # space comes back when an operator frees it, not after a time the registry could name.
+    STORAGE_FULL = (507, "registry storage is full: pushes fail until space is freed")
 
     @property
     def status(self) -> int:
@@ -42,8 +45,15 @@ class ErrorCode(Enum):
 
     @property
     def wire_code(self) -> str:
-        """The code as written on the wire (an oversized manifest is a SIZE_INVALID)."""
-        return "SIZE_INVALID" if self is ErrorCode.MANIFEST_TOO_LARGE else self.name
+        """The code as written on the wire (an oversized manifest is a SIZE_INVALID; full
+        storage is Distribution's UNAVAILABLE, a code clients already know)."""
+        return _WIRE_CODES.get(self, self.name)
+
+
+_WIRE_CODES = {
+    ErrorCode.MANIFEST_TOO_LARGE: "SIZE_INVALID",
+    ErrorCode.STORAGE_FULL: "UNAVAILABLE",
+}
 
 
 class RegistryError(Exception):

@@ -26,6 +26,14 @@ class UploadOffsetMismatch(Exception):
         self.size = size
 
 
+class StorageFull(Exception):
+    """The backend has no room left for the bytes (no space, or over a quota).
+
+    Nothing of the failed write counts: an upload keeps exactly the bytes it held before and can
+    resume once space is freed. Reads of stored blobs are unaffected.
+    """
+
+
 class DigestMismatch(Exception):
     """The bytes written do not have the digest the client claimed."""
 

@@ -3,6 +3,8 @@
 Layout under the root directory:
     blobs/<algorithm>/<first two hex>/<hex>    verified blobs, never modified
     uploads/<upload id>                        bytes of an upload in progress
+    uploads/<upload id>.sha256                 its saved hash state (a cache for restarts)
+    uploads/<upload id>.sha256.tmp             that state while it is being written
 
 Every directory is 0700 and every file 0600, set explicitly whatever the umask: blobs are
 tenants' private images. A root (the data dir) from an older version with looser modes is
@@ -14,11 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import os
 import re
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
@@ -27,7 +30,7 @@ from typing import Any
 from skyreg.oci.digest import Digest
 from skyreg.privatefs import private_dir
 from skyreg.store import resumable
-from skyreg.store.base import DigestMismatch, UploadOffsetMismatch, UploadUnknown
+from skyreg.store.base import DigestMismatch, StorageFull, UploadOffsetMismatch, UploadUnknown
 from skyreg.store.resumable import ResumableSha256
 
 _UPLOAD_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
@@ -35,6 +38,8 @@ _WRITE_BATCH = 1 << 20
 _READ_CHUNK = 1 << 20
 _FLUSH_EVERY = 32 << 20
 _STATE_SUFFIX = ".sha256"
+_TMP_SUFFIX = ".tmp"
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 
 
@@ -48,6 +53,17 @@ def _create_private_file(path: Path, data: bytes = b"") -> None:
             view = view[os.write(fd, view) :]
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def _storage_full_on_enospc() -> Iterator[None]:
+    """Raise a full disk (or quota) as StorageFull; every other OSError as it is."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in _FULL_ERRNOS:
+            raise StorageFull(f"no space left for blob bytes: {e.strerror}") from e
+        raise
 
 
 class _UploadHash:
@@ -109,6 +125,12 @@ class FilesystemBlobStore:
         """Where an upload's saved hash state lives (beside its bytes)."""
         return path.with_name(path.name + _STATE_SUFFIX)
 
+    @classmethod
+    def _upload_files(cls, path: Path) -> tuple[Path, ...]:
+        """Every file an upload can leave: its bytes, its hash state, a half-written state."""
+        state = cls._state_path(path)
+        return path, state, state.with_name(state.name + _TMP_SUFFIX)
+
     # -- blobs -------------------------------------------------------------------------------
 
     async def stat(self, digest: Digest) -> int | None:
@@ -169,7 +191,8 @@ class FilesystemBlobStore:
 
     async def create_upload(self, upload_id: str) -> None:
         path = self._upload_path(upload_id)
-        _create_private_file(path)
+        with _storage_full_on_enospc():
+            _create_private_file(path)
         self._hashes[upload_id] = _UploadHash()
 
     async def upload_size(self, upload_id: str) -> int:
@@ -191,7 +214,8 @@ class FilesystemBlobStore:
                     raise UploadOffsetMismatch(size)
                 running = await self._running_hash(upload_id, path, size)
                 try:
-                    await self._pump(fd, running, chunks)
+                    with _storage_full_on_enospc():
+                        await self._pump(fd, running, chunks)
                 finally:
                     # Whatever reached the file stays: the client may resume from there.
                     if running.offset == os.fstat(fd).st_size:
@@ -232,14 +256,23 @@ class FilesystemBlobStore:
         return running
 
     def _save_state(self, path: Path, running: _UploadHash) -> None:
+        """Save the hash state beside the upload, if possible.
+
+        The state only spares a restart rehashing the bytes, so failing to save it (a full disk)
+        fails nothing: an older state stays behind but is never used, as its offset is not the
+        upload's size.
+        """
         encoded = running.encode()
         if encoded is None:
             return
-        state = self._state_path(path)
-        tmp = state.with_name(state.name + ".tmp")
-        tmp.unlink(missing_ok=True)  # left by a crash: recreated with our mode
-        _create_private_file(tmp, encoded)
-        os.replace(tmp, state)
+        _, state, tmp = self._upload_files(path)
+        try:
+            tmp.unlink(missing_ok=True)  # left by a crash: recreated with our mode
+            _create_private_file(tmp, encoded)
+            os.replace(tmp, state)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
 
     async def _pump(self, fd: int, running: _UploadHash, chunks: AsyncIterable[bytes]) -> None:
         """Write and hash `chunks`, one batch in a worker thread while the next one arrives.
@@ -253,12 +286,16 @@ class FilesystemBlobStore:
         flushed_at = running.offset
 
         def write(data: bytearray) -> None:
-            running.hasher.update(data)
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            running.offset += len(data)
+            # Hash exactly what reached the file, even when a write fails part way (a full
+            # disk): the running hash must always be the hash of the upload's bytes.
+            done = 0
+            try:
+                with memoryview(data) as view:
+                    while done < len(data):
+                        done += os.write(fd, view[done:])
+            finally:
+                running.hasher.update(data if done == len(data) else data[:done])
+                running.offset += done
 
         buf = bytearray()
         try:
@@ -301,7 +338,8 @@ class FilesystemBlobStore:
                 raise DigestMismatch(digest, actual)
             target = self._blob_path(digest)
             loop = asyncio.get_running_loop()
-            await loop.run_in_executor(self._executor, self._install, path, target)
+            with _storage_full_on_enospc():
+                await loop.run_in_executor(self._executor, self._install, path, target)
             self._forget(upload_id)
             return size
 
@@ -348,8 +386,8 @@ class FilesystemBlobStore:
         self._forget(upload_id)
 
         def unlink() -> None:
-            self._state_path(path).unlink(missing_ok=True)
-            path.unlink(missing_ok=True)
+            for file in reversed(self._upload_files(path)):  # the bytes last: they mark the upload
+                file.unlink(missing_ok=True)
 
         await asyncio.get_running_loop().run_in_executor(self._executor, unlink)
 
@@ -364,8 +402,10 @@ class FilesystemBlobStore:
             newest: dict[str, float] = {}  # an upload is its bytes plus its saved hash state
             with os.scandir(self.upload_dir) as entries:
                 for entry in entries:
+                    upload_id = entry.name.split(".", 1)[0]
+                    if _UPLOAD_ID_RE.match(upload_id) is None:
+                        continue  # not an upload's file: abort() could not remove it anyway
                     with contextlib.suppress(FileNotFoundError):
-                        upload_id = entry.name.split(".", 1)[0]
                         mtime = entry.stat().st_mtime
                         newest[upload_id] = max(mtime, newest.get(upload_id, mtime))
             return sorted(u for u, mtime in newest.items() if mtime < cutoff)

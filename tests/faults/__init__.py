@@ -1,0 +1,1 @@
+"""Faults skyreg must survive: a full disk, killed processes, a power cut."""
