@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -24,6 +25,7 @@ from skyreg.auth.http import (
 )
 from skyreg.auth.policy import DELETE, PULL, PUSH
 from skyreg.auth.service import Authenticator, AuthFailed, Throttled, basic_password
+from skyreg.meta.db import disk_full
 from skyreg.meta.machines import MachineMeta
 from skyreg.meta.platform import ReleaseMeta
 from skyreg.oci.bounded import storable
@@ -35,6 +37,7 @@ from skyreg.registry import blobs, discovery, manifests
 from skyreg.registry.context import REGISTRY_KEY, Registry
 from skyreg.registry.forwarded import forwarded_middleware
 from skyreg.registry.routing import METHODS, Endpoint, match_route
+from skyreg.store.base import StorageFull
 
 if TYPE_CHECKING:
     from skyreg.geo.node import GeoNode
@@ -95,6 +98,34 @@ def _error_response(err: RegistryError, method: str) -> web.Response:
     return resp
 
 
+def _out_of_space(error: BaseException) -> bool:
+    """A write refused for lack of space: by the blob store, the database, or any file write."""
+    return (
+        isinstance(error, StorageFull)
+        or (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT))
+        or disk_full(error)
+    )
+
+
+class _StorageCondition:
+    """Full storage is logged as a condition, when it starts and when it ends, not per request:
+    this process saw a write fail for lack of space, and no write has succeeded since."""
+
+    full = False
+
+    @classmethod
+    def failed(cls, error: BaseException) -> None:
+        if not cls.full:
+            cls.full = True
+            log.warning("storage full: pushes answer 507 until space is freed (%s)", error)
+
+    @classmethod
+    def stored(cls) -> None:
+        if cls.full:
+            cls.full = False
+            log.info("storage has space again: pushes succeed")
+
+
 @web.middleware
 async def _errors(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -116,11 +147,25 @@ async def _errors(
             RegistryError(ErrorCode.UNSUPPORTED, f"unreadable request body: {e}"[:300], status=400),
             request.method,
         )
-    except (ConnectionResetError, asyncio.CancelledError):
-        raise
-    except Exception:
-        log.exception("unhandled error in %s %s", request.method, request.path)
+    except (ConnectionError, asyncio.CancelledError) as e:
+        transport = request.transport
+        if isinstance(e, asyncio.CancelledError) or transport is None or transport.is_closing():
+            raise  # the client is gone: nothing to answer (GuardedRequestHandler.handle_error)
+        # A connection of ours (S3, another region) broke while the client waits: a 500.
+        log.exception("lost a connection in %s %s", request.method, request.path)
         resp = _error_response(RegistryError(ErrorCode.UNKNOWN), request.method)
+    except Exception as e:
+        if _out_of_space(e):
+            _StorageCondition.failed(e)
+            resp = _error_response(RegistryError(ErrorCode.STORAGE_FULL), request.method)
+        else:
+            log.exception("unhandled error in %s %s", request.method, request.path)
+            resp = _error_response(RegistryError(ErrorCode.UNKNOWN), request.method)
+    else:
+        # Bytes or a manifest stored (201), or a chunk appended (PATCH 202): space is back.
+        # Opening an upload proves nothing (an empty file and a row may still fit).
+        if resp.status == 201 or (resp.status == 202 and request.method == "PATCH"):
+            _StorageCondition.stored()
     resp.headers[API_VERSION_HEADER[0]] = API_VERSION_HEADER[1]
     return resp
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -20,6 +21,8 @@ _RANGE_RE = re.compile(r"^bytes=([0-9]*)-([0-9]*)$")
 _CONTENT_RANGE_RE = re.compile(r"^(?:bytes )?([0-9]+)-([0-9]+)(?:/(?:[0-9]+|\*))?$")
 _UPLOAD_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 _BODY_CHUNK = 1 << 20
+
+log = logging.getLogger("skyreg.blobs")
 
 
 def _blob_headers(digest: Digest, size: int) -> dict[str, str]:
@@ -124,9 +127,23 @@ async def delete_blob(request: web.Request, name: str, reference: str) -> web.St
     return empty(202, {"Docker-Content-Digest": str(digest)})
 
 
-async def _body(request: web.Request) -> AsyncIterator[bytes]:
-    async for chunk in request.content.iter_chunked(_BODY_CHUNK):
-        yield chunk
+class _Body:
+    """A request body as the store reads it, counting the bytes that arrived."""
+
+    def __init__(self, request: web.Request) -> None:
+        self.request = request
+        self.received = 0
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self.request.content.iter_chunked(_BODY_CHUNK):
+            self.received += len(chunk)
+            yield chunk
+
+    def lost(self) -> bool:
+        """Whether this request's connection closed (the client left, or a connection limit
+        closed it): a ConnectionError then is not one of ours to a store or a peer."""
+        transport = self.request.transport
+        return transport is None or transport.is_closing()
 
 
 def _has_body(request: web.Request) -> bool:
@@ -184,8 +201,18 @@ async def start_upload(request: web.Request, name: str, _reference: str) -> web.
             return mounted
     if "digest" in request.query:
         digest = Digest.parse(request.query["digest"])
+        body = _Body(request)
         try:
-            size = await reg.store.put(digest, _body(request))
+            size = await reg.store.put(digest, body)
+        except ConnectionError:
+            if body.lost():  # one line, no traceback; the middleware lets it through
+                log.info(
+                    "monolithic upload of %s to %s: connection lost after %d bytes; nothing kept",
+                    digest,
+                    name,
+                    body.received,
+                )
+            raise
         except DigestMismatch as e:
             raise RegistryError(ErrorCode.DIGEST_INVALID, str(e), {"digest": str(digest)}) from None
         if reg.geo is not None:  # the copy is recorded before anyone can ask for it
@@ -256,8 +283,18 @@ async def _append(request: web.Request, reg: Registry, name: str, upload_id: str
                 status=416,
                 headers=_upload_headers(name, upload_id, await _upload_size(reg, upload_id)),
             )
+    body = _Body(request)
     try:
-        size = await reg.store.append(upload_id, _body(request), offset)
+        size = await reg.store.append(upload_id, body, offset)
+    except ConnectionError:
+        if body.lost():  # one line, no traceback; the middleware lets it through
+            log.info(
+                "upload %s: connection lost after %d bytes; the upload holds %d bytes (resumable)",
+                upload_id,
+                body.received,
+                await _upload_size(reg, upload_id),
+            )
+        raise
     except UploadOffsetMismatch as e:
         raise RegistryError(
             ErrorCode.BLOB_UPLOAD_INVALID,

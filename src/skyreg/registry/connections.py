@@ -282,10 +282,23 @@ class GuardedRequestHandler(web.RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
-        """A handler whose body read failed because a limit closed the connection is no
-        server error: the close was logged already, the access log says 408, nothing is sent."""
-        if self._timed_out and isinstance(exc, ConnectionError):
-            return web.Response(status=408)
+        """A handler that failed because its connection closed is no server error, and
+        nothing can be sent: one INFO line, no traceback. A limit here that closed it was
+        logged already (the access log says 408); a blob upload names itself in its line
+        (`registry/blobs.py`); for any other request the client's leaving is logged here
+        (the access log says 499, "client closed request")."""
+        if isinstance(exc, ConnectionError):
+            if self._timed_out:
+                return web.Response(status=408)
+            if self.transport is None or self.transport.is_closing():
+                if not is_blob_upload(request):
+                    log.info(
+                        "client %s went away during %s %s",
+                        self._address,
+                        request.method,
+                        request.rel_url.path[:200],
+                    )
+                return web.Response(status=499)
         return super().handle_error(request, status, exc, message)
 
     def _idle(self) -> bool:
