@@ -18,7 +18,7 @@ import pytest
 
 from tests.images import Entry, build_app_image
 from tests.platform_helpers import cli_env, run_skyreg
-from tests.waiting import free_port, http_get, wait_for
+from tests.waiting import children, free_port, http_get, wait_for
 
 pytestmark = [
     pytest.mark.slow,
@@ -105,29 +105,14 @@ def test_dev_runs_push_deploy_and_a_serving_machine_then_stops_it_all(workdir: P
         )
         assert "myapp:deployment-" in releases
         assert "serving" in wait_for(lambda: skyreg("logs", "--app", "myapp"), "the machine log")
-        children = _children(dev.pid)
-        assert len(children) == 2  # the registry and the agent
+        processes = children(dev.pid)
+        assert len(processes) == 2  # the registry and the agent
     finally:
         code = _interrupt(dev)
     assert code == 0
     assert http_get(port) is None  # the machine went down with the platform
-    for pid in children:
+    for pid in processes:
         assert not Path(f"/proc/{pid}").exists()
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == pid:
-            found.append(int(entry.name))
-    return found
 
 
 def test_dev_regions_push_in_one_region_and_run_in_another(workdir: Path) -> None:

@@ -13,23 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import RunningRegistry
-from tests.waiting import http_get, wait_for
-
-
-def _children(pid: int) -> set[int]:
-    """Live (not zombie) processes whose parent is `pid`."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
-        if int(ppid) == pid and state != "Z":
-            found.add(int(entry.name))
-    return found
+from tests.waiting import children, http_get, wait_for
 
 
 def _alive(pid: int) -> bool:
@@ -43,7 +27,7 @@ def _alive(pid: int) -> bool:
 
 def _replaced(master: int, victim: int, seen: set[int]) -> bool:
     """Whether `master` has two workers again, `victim` not among them (all noted in `seen`)."""
-    now = _children(master)
+    now = children(master)
     seen |= now
     return len(now) == 2 and victim not in now
 
@@ -59,7 +43,7 @@ def workers(tmp_path: Path) -> Iterator[tuple[RunningRegistry, set[int]]]:
         master = reg.proc.pid
 
         def two_workers() -> set[int] | None:
-            found = _children(master)
+            found = children(master)
             return found if len(found) == 2 else None
 
         pids = wait_for(two_workers, "two workers")
@@ -67,7 +51,7 @@ def workers(tmp_path: Path) -> Iterator[tuple[RunningRegistry, set[int]]]:
         yield reg, seen
     finally:
         if reg.proc is not None:
-            seen |= _children(reg.proc.pid)
+            seen |= children(reg.proc.pid)
         reg.stop()
         for pid in seen:  # orphans a broken master left behind
             with contextlib.suppress(ProcessLookupError):
@@ -87,7 +71,7 @@ def test_workers_exit_when_master_is_killed_and_restart_binds(
 
     reg.start()  # the same port and data dir
     assert reg.proc is not None
-    pids |= _children(reg.proc.pid)
+    pids |= children(reg.proc.pid)
     assert http_get(reg.port, "/v2/") is not None
 
 
@@ -124,7 +108,7 @@ def test_worker_that_keeps_dying_is_replaced_after_a_backoff(
     assert reg.proc is not None
     master = reg.proc.pid
     for delay in (0, 1):
-        victim = min(_children(master))
+        victim = min(children(master))
         os.kill(victim, signal.SIGKILL)
         wait_for(functools.partial(_replaced, master, victim, pids), "a replacement worker")
         assert f"worker {victim} killed by signal SIGKILL" in reg.log()

@@ -54,7 +54,8 @@ def challenge(auth: Authenticator, scope: str | None = None, error: str | None =
     return "Bearer " + ",".join(parts)
 
 
-def _too_many(retry_after: int) -> RegistryError:
+def too_many(retry_after: int) -> RegistryError:
+    """429 for a client that failed authentication too often lately."""
     return RegistryError(
         ErrorCode.TOOMANYREQUESTS,
         "too many failed authentication attempts; retry later",
@@ -70,7 +71,7 @@ def identify(request: web.Request, auth: Authenticator) -> Identity:
     try:
         return auth.limited(client_of(request), lambda: auth.identify(header))
     except Throttled as e:
-        raise _too_many(e.retry_after) from None
+        raise too_many(e.retry_after) from None
     except AuthFailed:
         raise RegistryError(
             ErrorCode.UNAUTHORIZED,
@@ -137,7 +138,7 @@ async def token_endpoint(request: web.Request) -> web.StreamResponse:
     try:
         token = auth.limited(client_of(request), check)
     except Throttled as e:
-        raise _too_many(e.retry_after) from None
+        raise too_many(e.retry_after) from None
     except BearerRefused:
         raise RegistryError(
             ErrorCode.UNAUTHORIZED,

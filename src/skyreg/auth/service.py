@@ -180,6 +180,17 @@ class Authenticator:
             raise AuthFailed("invalid, expired or revoked token")
         return record
 
+    def access_token(self, authorization: str) -> TokenRecord:
+        """The active access token of an Authorization header: Bearer or Basic (password) with
+        the token's secret. A registry JWT is not an access token and fails like a wrong one."""
+        if authorization.lower().startswith("bearer "):
+            secret: str | None = authorization[7:].strip()
+        else:
+            secret = basic_password(authorization)
+        if not secret:
+            raise AuthFailed("unsupported Authorization scheme")
+        return self.token_for_secret(secret)
+
     # -- requests ------------------------------------------------------------------------------
 
     def limited(self, client: Client, check: Callable[[], T]) -> T:

@@ -178,13 +178,6 @@ def layer_compression(media_type: str, head: bytes) -> str:
     return "tar"
 
 
-@contextmanager
-def open_layer(path: Path, media_type: str) -> Iterator[tarfile.TarFile]:
-    """A streaming `TarFile` over the (decompressed) layer at `path`, without limits."""
-    with _open_bounded(path, media_type, UnpackLimits(), _Totals()) as (tar, _):
-        yield tar
-
-
 class _Readable(Protocol):
     def read(self, size: int = -1, /) -> bytes: ...
 

@@ -20,7 +20,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from skyreg.auth.http import client_of
 from skyreg.auth.policy import PULL, PUSH
-from skyreg.auth.service import Authenticator, AuthFailed, Throttled, basic_password
+from skyreg.auth.service import Authenticator, AuthFailed, Throttled
 from skyreg.clock import utc_iso
 from skyreg.meta.machines import STATES, Machine, TooManyMachines
 from skyreg.meta.platform import AlreadyExists, App, ImageTag, Org, PlatformMeta, TokenRecord
@@ -175,17 +175,10 @@ class Call:
         if not header:
             return
 
-        def check() -> TokenRecord:
-            if header.lower().startswith("bearer "):
-                secret: str | None = header[7:].strip()
-            else:
-                secret = basic_password(header)
-            if not secret:
-                raise AuthFailed("unsupported Authorization scheme")
-            return self.auth.token_for_secret(secret)
-
         try:
-            self.token = self.auth.limited(client_of(self.request), check)
+            self.token = self.auth.limited(
+                client_of(self.request), lambda: self.auth.access_token(header)
+            )
         except Throttled as e:
             raise ApiError(
                 429,

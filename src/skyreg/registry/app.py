@@ -21,10 +21,11 @@ from skyreg.auth.http import (
     client_of,
     identify,
     token_endpoint,
+    too_many,
     unauthorized,
 )
 from skyreg.auth.policy import DELETE, PULL, PUSH
-from skyreg.auth.service import Authenticator, AuthFailed, Throttled, basic_password
+from skyreg.auth.service import Authenticator, AuthFailed, Throttled
 from skyreg.meta.db import disk_full
 from skyreg.meta.machines import MachineMeta
 from skyreg.meta.platform import ReleaseMeta
@@ -300,28 +301,17 @@ def _require_admin(request: web.Request, auth: Authenticator) -> None:
     """Metrics describe every tenant's traffic: only an admin access token reads them here, as
     Basic or as Bearer (a scraper's bearer token). Registry JWTs are not access tokens, whatever
     token they were made from."""
-    header = request.headers.get("Authorization", "")
-    if header.lower().startswith("bearer "):
-        secret: str | None = header[7:].strip()
-    else:
-        try:
-            secret = basic_password(header) if header else None
-        except AuthFailed:
-            secret = None
-    if not secret:
+    header = request.headers.get("Authorization")
+    if not header:
         raise RegistryError(
             ErrorCode.UNAUTHORIZED,
             "metrics need an admin token",
             headers={"WWW-Authenticate": 'Basic realm="skyreg metrics"'},
         )
     try:
-        token = auth.limited(client_of(request), lambda: auth.token_for_secret(secret))
+        token = auth.limited(client_of(request), lambda: auth.access_token(header))
     except Throttled as e:
-        raise RegistryError(
-            ErrorCode.TOOMANYREQUESTS,
-            "too many failed authentication attempts; retry later",
-            headers={"Retry-After": str(e.retry_after)},
-        ) from None
+        raise too_many(e.retry_after) from None
     except AuthFailed:
         raise RegistryError(ErrorCode.UNAUTHORIZED, "invalid, expired or revoked token") from None
     if token.kind != "admin":

@@ -36,7 +36,7 @@ from typing import Any
 from aiohttp import web
 
 from skyreg.netaddr import client_key
-from skyreg.registry.forwarded import Network
+from skyreg.registry.forwarded import Network, trusted
 from skyreg.registry.routing import Endpoint, match_route
 
 log = logging.getLogger("skyreg.connections")
@@ -114,7 +114,9 @@ class ConnectionGuard:
 
     def capped(self, address: str | None) -> bool:
         """Whether connections from `address` count against a cap (not trusted proxies)."""
-        return address is not None and self.limits.max_per_client > 0 and not self._trusted(address)
+        if address is None or self.limits.max_per_client <= 0:
+            return False
+        return not trusted(address, self.trusted_proxies)
 
     def admit(self, address: str) -> bool:
         """Count a new connection from a capped `address`; False (not counted) over the cap."""
@@ -145,10 +147,6 @@ class ConnectionGuard:
     def open_connections(self, address: str) -> int:
         """Connections from `address`'s client currently counted against its cap."""
         return self._open.get(client_key(address), 0)
-
-    def _trusted(self, address: str) -> bool:
-        ip = ipaddress.ip_address(address)
-        return any(ip in net for net in self.trusted_proxies)
 
     def protocol_factory(
         self, server: web.Server, **handler_kwargs: Any

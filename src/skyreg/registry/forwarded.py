@@ -32,7 +32,8 @@ def parse_networks(values: Sequence[str]) -> tuple[Network, ...]:
     return tuple(networks)
 
 
-def _trusted(address: str | None, networks: tuple[Network, ...]) -> bool:
+def trusted(address: str | None, networks: tuple[Network, ...]) -> bool:
+    """Whether `address` is an IP address inside one of `networks` (a trusted proxy)."""
     if not address:
         return False
     try:
@@ -47,7 +48,7 @@ def forwarded_middleware(networks: tuple[Network, ...]) -> Middleware:
 
     @web.middleware
     async def forwarded(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not _trusted(request.remote, networks):
+        if not trusted(request.remote, networks):
             return await handler(request)
         hops = [
             hop.strip()
@@ -62,7 +63,7 @@ def forwarded_middleware(networks: tuple[Network, ...]) -> Middleware:
             except ValueError:
                 break
             remote = address
-            if not _trusted(address, networks):
+            if not trusted(address, networks):
                 break
         proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
         if proto in ("http", "https"):
