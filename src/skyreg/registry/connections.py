@@ -273,6 +273,22 @@ class GuardedRequestHandler(web.RequestHandler):
             if self._idle():
                 self._arm(now + self._guard.limits.keepalive_timeout)
 
+    async def shutdown(self, timeout: float | None = 15.0) -> None:
+        """The server is stopping: a request whose body is still arriving can never finish
+        (once stopping, aiohttp drops every byte that arrives), so its connection is closed
+        now rather than after the grace: an upload keeps what reached the store and the client
+        resumes it on the next server. Every other request gets the usual grace."""
+        request = self._current_request
+        if request is not None and not request.content.is_eof() and self.transport is not None:
+            log.info(
+                "server stopping: closing %s %s from %s, its body still arriving",
+                request.method,
+                request.rel_url.path[:200],
+                self._address,
+            )
+            self.transport.close()
+        await super().shutdown(timeout)
+
     def handle_error(
         self,
         request: web.BaseRequest,
