@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-import subprocess
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,38 +22,15 @@ from skyreg.store.filesystem import FilesystemBlobStore
 from tests.conftest import RunningRegistry
 from tests.oci_helpers import error_codes, push_blob, push_image, sha256
 
-_DISK_SIZE = "16m"
 _CHUNK = 256 << 10  # below the store's 1 MiB write batch: the whole body is read before a write
 
 
 @pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 16 MiB tmpfs mounted at `tmp_path/data` (the registry's data dir), unmounted afterwards.
-
-    The data dir is the mount point itself so that the server's log and port file, which
-    RunningRegistry keeps beside the data dir, never land on the full disk.
-    """
-    mountpoint = tmp_path / "data"
-    mountpoint.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={_DISK_SIZE},mode=0700", "tmpfs", str(mountpoint)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"mounting a tmpfs is not permitted here: {mounted.stderr.strip()}")
-    try:
-        yield mountpoint
-    finally:
-        if subprocess.run(["umount", str(mountpoint)], check=False).returncode != 0:
-            subprocess.run(["umount", "--lazy", str(mountpoint)], check=True)
-
-
-@pytest.fixture
 def full_disk_registry(small_disk: Path) -> Iterator[RunningRegistry]:
-    """`skyreg serve --no-auth` whose data dir (SQLite and blobs) is the small tmpfs."""
-    reg = RunningRegistry(data_dir=small_disk, extra_args=["--no-auth"])
+    """`skyreg serve --no-auth` whose data dir (SQLite and blobs) is the small tmpfs, with no
+    low-space watermark: these tests run the disk really full (tests/faults/test_low_space.py
+    covers the watermark)."""
+    reg = RunningRegistry(data_dir=small_disk, extra_args=["--no-auth", "--min-free-space", "0"])
     reg.start()
     try:
         yield reg

@@ -210,6 +210,29 @@ def serve(
             "0: no cap. Trusted proxies are not capped.",
         ),
     ] = 128,
+    min_free_space: Annotated[
+        str,
+        typer.Option(
+            help="Free space to keep on the data dir's disk (filesystem storage): below it, "
+            "unused uploads are reclaimed and, if that is not enough, new uploads answer 507. "
+            "Bytes with a binary unit (512MiB, 2GiB) or a share of the disk (2%); 0: off.",
+        ),
+    ] = "2%",
+    reclaim_idle: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="Seconds without activity after which low space may reclaim an upload "
+            "(uploads that failed for lack of space go first, whatever their age).",
+        ),
+    ] = 600.0,
+    sqlite_synchronous: Annotated[
+        str,
+        typer.Option(
+            help="SQLite durability: full (every acknowledged write survives a power cut) or "
+            "normal (faster commits; a power cut can take back the last acknowledged writes).",
+        ),
+    ] = "full",
 ) -> None:
     """Run the registry (SQLite + filesystem under one data dir by default)."""
     from skyreg.platform.releases import DeployLimits
@@ -217,11 +240,18 @@ def serve(
     from skyreg.registry.forwarded import parse_networks
     from skyreg.registry.server import ServeConfig, parse_storage
     from skyreg.registry.server import serve as run
+    from skyreg.registry.space import parse_watermark
 
     try:
         parse_storage(storage)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--storage") from None
+    if sqlite_synchronous not in ("full", "normal"):
+        raise typer.BadParameter("full or normal", param_hint="--sqlite-synchronous")
+    try:
+        watermark = parse_watermark(min_free_space)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--min-free-space") from None
     try:
         parse_networks(trusted_proxy or [])
     except ValueError as e:
@@ -288,6 +318,9 @@ def serve(
             ),
             public_url=public_url,
             metrics_address=metrics_address,
+            min_free_space=watermark,
+            reclaim_idle=reclaim_idle,
+            sqlite_synchronous=sqlite_synchronous,
         )
     )
 

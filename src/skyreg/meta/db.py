@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import random
+import select
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import psycopg
 from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, ExceptionContext, create_engine, event, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
+
+log = logging.getLogger("skyreg.meta")
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
 T = TypeVar("T")
@@ -32,12 +38,17 @@ MAX_ATTEMPTS = 8
 _MIGRATION_LOCK = 0x736B7972  # "skyr"
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+SQLITE_SYNCHRONOUS = ("full", "normal")
+
+
+def _sqlite_pragmas(synchronous: str, dbapi_conn: Any, _record: Any) -> None:
     # Let SQLAlchemy's begin event decide how a transaction starts (see _sqlite_begin).
     dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=NORMAL")
+    # FULL: every commit syncs the WAL before it returns, so a write acknowledged to a client
+    # survives a power cut. NORMAL syncs only at checkpoints (a cut can take back commits).
+    cur.execute(f"PRAGMA synchronous={synchronous.upper()}")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA busy_timeout=10000")
     cur.close()
@@ -66,6 +77,79 @@ def disk_full(error: BaseException) -> bool:
     return getattr(error.orig, "sqlstate", None) == _PG_DISK_FULL
 
 
+# Server states meaning "not now": shutting down (fast or crash), starting, out of connections.
+_PG_UNREACHABLE = frozenset({"57P01", "57P02", "57P03", "53300"})
+_PG_CONNECT_TIMEOUT = 5  # seconds; libpq's default is to wait forever, on the event loop
+
+
+def _pg_unreachable(orig: BaseException | None) -> bool:
+    if not isinstance(orig, psycopg.OperationalError | psycopg.InterfaceError):
+        return False
+    state = orig.sqlstate
+    # No SQLSTATE: the client's side (refused, timed out, connection lost or closed).
+    return state is None or state.startswith("08") or state in _PG_UNREACHABLE
+
+
+def unreachable(error: BaseException) -> bool:
+    """Whether `error` is PostgreSQL being out of reach: refused, shut down, restarting, or the
+    connection lost. Never true on SQLite (a file, not a server)."""
+    if not isinstance(error, DBAPIError):
+        return False
+    return error.connection_invalidated or _pg_unreachable(error.orig)
+
+
+class _Reachability:
+    """Logs the database becoming unreachable once (the first connection or query failing for
+    that) and reachable again once (the next connection made), not a line per request. Before
+    the first connection there is no outage: whoever connects first reports the failure."""
+
+    def __init__(self) -> None:
+        self.reached = False
+        self.down = False
+
+    def failed(self, context: ExceptionContext) -> None:
+        # A stale pooled connection failing its ping is routine: the reconnect after it decides.
+        if context.is_pre_ping or self.down or not self.reached:
+            return
+        if context.is_disconnect or _pg_unreachable(context.original_exception):
+            self.down = True
+            log.warning(
+                "database unreachable: requests answer 503 until it is back: %s",
+                str(context.original_exception).strip().splitlines()[0][:300],
+            )
+
+    def connected(self, _dbapi_conn: Any, _record: Any) -> None:
+        self.reached = True
+        if self.down:
+            self.down = False
+            log.info("database reachable again")
+
+
+def _postgres_engine(url: str) -> Engine:
+    """Stale pooled connections are replaced before use (pre-ping), connecting gives up after
+    `_PG_CONNECT_TIMEOUT` unless the URL says otherwise, and outages are logged once."""
+    timeout = (
+        {} if "connect_timeout" in make_url(url).query else {"connect_timeout": _PG_CONNECT_TIMEOUT}
+    )
+    engine = create_engine(url, pool_pre_ping=True, connect_args=timeout)
+    reachability = _Reachability()
+    event.listen(engine, "handle_error", reachability.failed)
+    event.listen(engine, "connect", reachability.connected)
+    return engine
+
+
+def _hung_up(conn: Connection) -> bool:
+    """Whether the server has spoken on this idle autocommit connection. It only does so to
+    end the session (the FATAL before a shutdown or restart closes it), so it is dead."""
+    try:
+        fileno = conn.connection.dbapi_connection.fileno()  # type: ignore[union-attr]
+    except Exception:
+        return True
+    poller = select.poll()
+    poller.register(fileno, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 def normalize_url(url: str) -> str:
     """`postgresql://` and `postgres://` (libpq style) mean PostgreSQL through psycopg 3."""
     for prefix in ("postgresql://", "postgres://"):
@@ -90,16 +174,22 @@ def _private_file(path: str | None) -> None:
         pass  # its directory does not exist: SQLite will say so
 
 
-def create_db_engine(url: str) -> Engine:
-    """An engine for `url` (sqlite:///path, or postgresql[+psycopg]://... / postgres://...)."""
+def create_db_engine(url: str, *, sqlite_synchronous: str = "full") -> Engine:
+    """An engine for `url` (sqlite:///path, or postgresql[+psycopg]://... / postgres://...).
+
+    `sqlite_synchronous` ("full" or "normal") is SQLite's durability setting; see
+    `_sqlite_pragmas`. PostgreSQL's defaults already make every commit durable.
+    """
+    if sqlite_synchronous not in SQLITE_SYNCHRONOUS:
+        raise ValueError(f"sqlite_synchronous must be one of {SQLITE_SYNCHRONOUS}")
     url = normalize_url(url)
     if url.startswith("sqlite"):
         _private_file(make_url(url).database)
         engine = create_engine(url, connect_args={"check_same_thread": False})
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", functools.partial(_sqlite_pragmas, sqlite_synchronous))
         event.listen(engine, "begin", _sqlite_begin)
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return _postgres_engine(url)
 
 
 def _alembic_config() -> Config:
@@ -200,6 +290,12 @@ class SqlStore:
         Checking a pooled connection out per query costs more than the query itself; reads run
         on the event loop thread only, so one connection per process serves them all.
         """
+        reader = self._reader
+        postgres = self._dialect == "postgresql"
+        if reader is not None and not reader.closed and postgres and _hung_up(reader):
+            # Reconnect now rather than fail the next request on a session the server ended.
+            reader.invalidate()
+            reader.close()
         if self._reader is None or self._reader.closed:
             self._reader = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
         try:

@@ -147,10 +147,15 @@ class RegistryMeta(SqlStore):
 
     # -- blobs ---------------------------------------------------------------------------------
 
-    def link_blob(self, repository: str, digest: str, size: int) -> None:
-        """Record a verified blob and make it visible in `repository`."""
+    def link_blob(
+        self, repository: str, digest: str, size: int, *, finished_upload: str | None = None
+    ) -> None:
+        """Record a verified blob and make it visible in `repository`; `finished_upload`: the
+        upload session it came from, forgotten in the same transaction (one commit, not two)."""
 
         def work(conn: Connection) -> None:
+            if finished_upload is not None:
+                conn.execute(delete(s.uploads).where(s.uploads.c.id == finished_upload))
             repo_id = self._ensure_repository(conn, repository)
             now = _now()
             conn.execute(
@@ -542,17 +547,23 @@ class RegistryMeta(SqlStore):
             return bool(conn.execute(delete(s.uploads).where(s.uploads.c.id == upload_id)).rowcount)
 
     def stale_uploads(self, idle_since: datetime) -> list[str]:
-        """Uploads with no activity since `idle_since`."""
+        """Uploads with no activity since `idle_since`, the longest idle first."""
         with self._read() as conn:
             return list(
                 conn.execute(
-                    select(s.uploads.c.id).where(s.uploads.c.updated_at < idle_since)
+                    select(s.uploads.c.id)
+                    .where(s.uploads.c.updated_at < idle_since)
+                    .order_by(s.uploads.c.updated_at)
                 ).scalars()
             )
 
 
-def open_database(url: str | None, data_dir: Path) -> RegistryMeta:
+def open_database(
+    url: str | None, data_dir: Path, *, sqlite_synchronous: str = "full"
+) -> RegistryMeta:
     """Open (creating and migrating as needed) the metadata database."""
-    engine = create_db_engine(url or sqlite_url(data_dir / "skyreg.db"))
+    engine = create_db_engine(
+        url or sqlite_url(data_dir / "skyreg.db"), sqlite_synchronous=sqlite_synchronous
+    )
     upgrade_schema(engine)
     return RegistryMeta(engine)

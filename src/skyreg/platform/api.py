@@ -22,6 +22,7 @@ from skyreg.auth.http import client_of
 from skyreg.auth.policy import PULL, PUSH
 from skyreg.auth.service import Authenticator, AuthFailed, Throttled
 from skyreg.clock import utc_iso
+from skyreg.meta.db import unreachable as database_unreachable
 from skyreg.meta.machines import STATES, Machine, TooManyMachines
 from skyreg.meta.platform import AlreadyExists, App, ImageTag, Org, PlatformMeta, TokenRecord
 from skyreg.oci.bounded import MAX_INT, JSONInputError, load_json, parse_int, storable
@@ -982,7 +983,14 @@ def _endpoint(methods: dict[str, Handler]) -> RequestHandler:
             return err.response()
         except RequestPayloadError as e:  # a body the client mis-encoded (say, "gzip" that is not)
             return ApiError(400, "bad_request", f"unreadable request body: {e}"[:300]).response()
-        except Exception:
+        except Exception as e:
+            if database_unreachable(e):  # logged once by the engine, not per request
+                return ApiError(
+                    503,
+                    "unavailable",
+                    "registry database is unreachable: retry later",
+                    headers={"Retry-After": "5"},
+                ).response()
             log.exception("unhandled error in %s %s", request.method, request.path)
             return ApiError(500, "internal", "internal server error").response()
 

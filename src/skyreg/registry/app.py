@@ -27,6 +27,7 @@ from skyreg.auth.http import (
 from skyreg.auth.policy import DELETE, PULL, PUSH
 from skyreg.auth.service import Authenticator, AuthFailed, Throttled
 from skyreg.meta.db import disk_full
+from skyreg.meta.db import unreachable as database_unreachable
 from skyreg.meta.machines import MachineMeta
 from skyreg.meta.platform import ReleaseMeta
 from skyreg.oci.bounded import storable
@@ -38,7 +39,7 @@ from skyreg.registry import blobs, discovery, manifests
 from skyreg.registry.context import REGISTRY_KEY, Registry
 from skyreg.registry.forwarded import forwarded_middleware
 from skyreg.registry.routing import METHODS, Endpoint, match_route
-from skyreg.store.base import StorageFull
+from skyreg.store.base import StorageFull, StorageUnavailable
 
 if TYPE_CHECKING:
     from skyreg.geo.node import GeoNode
@@ -108,6 +109,26 @@ def _out_of_space(error: BaseException) -> bool:
     )
 
 
+# When a client should try again after a backend (blob store, database) was out of reach: about
+# a restart's length. Each backend logs its outage itself, once (S3BlobStore, meta.db).
+_RETRY_AFTER = "5"
+
+
+def _unreachable_answer(error: BaseException) -> RegistryError | None:
+    """503 UNAVAILABLE + Retry-After when `error` is a backend out of reach, else None."""
+    if isinstance(error, StorageUnavailable):
+        backend = "storage"
+    elif database_unreachable(error):
+        backend = "database"
+    else:
+        return None
+    return RegistryError(
+        ErrorCode.UNAVAILABLE,
+        f"registry {backend} is unreachable: retry later",
+        headers={"Retry-After": _RETRY_AFTER},
+    )
+
+
 class _StorageCondition:
     """Full storage is logged as a condition, when it starts and when it ends, not per request:
     this process saw a write fail for lack of space, and no write has succeeded since."""
@@ -156,9 +177,12 @@ async def _errors(
         log.exception("lost a connection in %s %s", request.method, request.path)
         resp = _error_response(RegistryError(ErrorCode.UNKNOWN), request.method)
     except Exception as e:
+        unreachable = _unreachable_answer(e)
         if _out_of_space(e):
             _StorageCondition.failed(e)
             resp = _error_response(RegistryError(ErrorCode.STORAGE_FULL), request.method)
+        elif unreachable is not None:
+            resp = _error_response(unreachable, request.method)
         else:
             log.exception("unhandled error in %s %s", request.method, request.path)
             resp = _error_response(RegistryError(ErrorCode.UNKNOWN), request.method)

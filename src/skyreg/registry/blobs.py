@@ -15,7 +15,7 @@ from skyreg.oci.errors import ErrorCode, RegistryError
 from skyreg.oci.names import validate_name
 from skyreg.registry.context import Registry, may_pull, registry_of
 from skyreg.registry.responses import empty
-from skyreg.store.base import DigestMismatch, UploadOffsetMismatch, UploadUnknown
+from skyreg.store.base import DigestMismatch, StorageFull, UploadOffsetMismatch, UploadUnknown
 
 _RANGE_RE = re.compile(r"^bytes=([0-9]*)-([0-9]*)$")
 _CONTENT_RANGE_RE = re.compile(r"^(?:bytes )?([0-9]+)-([0-9]+)(?:/(?:[0-9]+|\*))?$")
@@ -201,6 +201,8 @@ async def start_upload(request: web.Request, name: str, _reference: str) -> web.
             return mounted
     if "digest" in request.query:
         digest = Digest.parse(request.query["digest"])
+        if reg.space is not None:  # a new upload needs room (a mount above needs none)
+            await reg.space.ensure_room()
         body = _Body(request)
         try:
             size = await reg.store.put(digest, body)
@@ -223,6 +225,8 @@ async def start_upload(request: web.Request, name: str, _reference: str) -> web.
         raise RegistryError(
             ErrorCode.BLOB_UPLOAD_INVALID, "a POST with a body needs ?digest= (monolithic upload)"
         )
+    if reg.space is not None:
+        await reg.space.ensure_room()
     upload_id = uuid.uuid4().hex
     reg.meta.create_upload(upload_id, name)
     await reg.store.create_upload(upload_id)
@@ -306,6 +310,12 @@ async def _append(request: web.Request, reg: Registry, name: str, upload_id: str
         raise RegistryError(
             ErrorCode.BLOB_UPLOAD_UNKNOWN, f"upload {upload_id} is unknown"
         ) from None
+    except StorageFull:
+        if reg.space is not None:
+            reg.space.failed(upload_id)
+        raise
+    if reg.space is not None:
+        reg.space.resumed(upload_id)
     if expected is not None and offset is not None and size != offset + expected:
         raise RegistryError(ErrorCode.SIZE_INVALID, "chunk shorter than its Content-Range")
     reg.meta.touch_upload(upload_id)
@@ -345,6 +355,5 @@ async def upload_session(request: web.Request, name: str, upload_id: str) -> web
         ) from None
     if reg.geo is not None:  # the copy is recorded before anyone can ask for it
         reg.geo.stored(digest)
-    reg.meta.link_blob(name, str(digest), size)
-    reg.meta.delete_upload(upload_id)
+    reg.meta.link_blob(name, str(digest), size, finished_upload=upload_id)
     return _blob_created(name, digest)

@@ -16,6 +16,7 @@ from skyreg.store.base import BlobStore
 
 if TYPE_CHECKING:
     from skyreg.geo.node import GeoNode
+    from skyreg.registry.space import SpaceGuard
 
 
 @dataclass
@@ -28,6 +29,7 @@ class Registry:
     auth: Authenticator | None = None  # None: no authentication (a private, single-user registry)
     geo: GeoNode | None = None  # None: one region (no copies elsewhere, no pull-through)
     trusted_proxies: tuple[Network, ...] = ()  # whose X-Forwarded-For/-Proto are believed
+    space: SpaceGuard | None = None  # None: no low-space watermark (S3, or turned off)
 
 
 REGISTRY_KEY = web.AppKey("registry", Registry)

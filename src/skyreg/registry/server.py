@@ -30,6 +30,7 @@ from skyreg.registry.app import create_app, metrics_app
 from skyreg.registry.connections import ConnectionGuard, ConnectionLimits
 from skyreg.registry.context import Registry
 from skyreg.registry.forwarded import parse_networks
+from skyreg.registry.space import SpaceGuard, Watermark
 from skyreg.store.base import BlobStore
 from skyreg.store.filesystem import FilesystemBlobStore
 
@@ -75,6 +76,9 @@ class ServeConfig:
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)  # timeouts, cap
     public_url: str | None = None  # what the server calls itself; None: see public_url_of
     metrics_address: str | None = None  # HOST:PORT serving /metrics without a token
+    min_free_space: Watermark = field(default_factory=lambda: Watermark(percent=2.0))
+    reclaim_idle: float = 600.0  # seconds idle before low space may reclaim an upload
+    sqlite_synchronous: str = "full"  # "normal": faster, but a power cut may undo acknowledgements
 
 
 def parse_storage(storage: str) -> tuple[str, str] | None:
@@ -171,10 +175,12 @@ def bootstrap_admin(cfg: ServeConfig, auth: Authenticator) -> Path | None:
 async def _run_worker(
     cfg: ServeConfig, sock: socket.socket, metrics_sock: socket.socket | None = None
 ) -> None:
-    meta = open_database(cfg.database_url, cfg.data_dir)
+    meta = open_database(cfg.database_url, cfg.data_dir, sqlite_synchronous=cfg.sqlite_synchronous)
     store = open_blob_store(cfg)
     auth = _authenticator(cfg, meta)
     reg = Registry(meta=meta, store=store, upload_ttl=cfg.upload_ttl, auth=auth)
+    if isinstance(store, FilesystemBlobStore) and cfg.min_free_space != Watermark():
+        reg.space = SpaceGuard(store, meta, cfg.min_free_space, cfg.reclaim_idle)
     reg.geo = _geo_node(cfg, reg)
     reg.trusted_proxies = parse_networks(cfg.trusted_proxies)
     app = create_app(reg, expiry_interval=cfg.expiry_interval)
@@ -360,7 +366,7 @@ def serve(cfg: ServeConfig) -> None:
             asyncio.run(_check_blob_store(cfg))
         except Exception as e:
             raise SystemExit(f"error: cannot use blob storage {cfg.storage}: {e}") from None
-    meta = open_database(cfg.database_url, cfg.data_dir)
+    meta = open_database(cfg.database_url, cfg.data_dir, sqlite_synchronous=cfg.sqlite_synchronous)
     admin_token = None
     auth = _authenticator(cfg, meta)
     if auth is not None:

@@ -34,6 +34,15 @@ class StorageFull(Exception):
     """
 
 
+class StorageUnavailable(Exception):
+    """The backend cannot be reached (down, restarting, or the network to it is cut).
+
+    An upload holds the bytes its last acknowledged write left (or, when the backend failed
+    after storing a write but before answering it, that write too: its size says which), and
+    resumes from there once the backend is back. Stored blobs are untouched.
+    """
+
+
 class DigestMismatch(Exception):
     """The bytes written do not have the digest the client claimed."""
 

@@ -381,6 +381,29 @@ class FilesystemBlobStore:
         with contextlib.suppress(UploadUnknown):
             await self._discard(upload_id)
 
+    async def reclaim(self, upload_id: str) -> int | None:
+        """Remove an upload unless a request of this process is using it: the bytes freed
+        (0 if there was no such upload), or None when it is busy."""
+        try:
+            path = self._upload_path(upload_id)
+        except UploadUnknown:
+            return 0
+        lock = self._lock(upload_id)
+        if lock.locked():
+            return None
+
+        def sizes() -> int:
+            total = 0
+            for file in self._upload_files(path):
+                with contextlib.suppress(FileNotFoundError):
+                    total += file.stat().st_size
+            return total
+
+        async with lock:
+            size = await asyncio.get_running_loop().run_in_executor(self._executor, sizes)
+            await self._discard(upload_id)
+        return size
+
     async def _discard(self, upload_id: str) -> None:
         path = self._upload_path(upload_id)
         self._forget(upload_id)

@@ -30,25 +30,33 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import hashlib
 import json
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
+import aiohttp
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as EndpointUnreachable
 
 from skyreg.oci.digest import Digest
 from skyreg.store import resumable
-from skyreg.store.base import DigestMismatch, UploadOffsetMismatch, UploadUnknown
+from skyreg.store.base import (
+    DigestMismatch,
+    StorageUnavailable,
+    UploadOffsetMismatch,
+    UploadUnknown,
+)
 from skyreg.store.resumable import ResumableSha256
 
 if TYPE_CHECKING:
@@ -67,6 +75,16 @@ _HASH_BATCH = 1 << 20
 _READ_CHUNK = 1 << 20
 _COPY_CONCURRENCY = 4
 _MISSING = frozenset({"404", "NoSuchKey", "NotFound"})
+# An unreachable endpoint must answer the client within seconds, not after botocore's default
+# minute-long timeouts and 5 retries with up to 20 s backoff: 3 attempts in all (backoff at most
+# 1 + 2 s), 3 s to connect. A connection that stays silent is given 60 s (botocore's default):
+# a server-side copy of a multi-GiB part can take that long before its answer starts.
+_CONNECT_TIMEOUT = 3
+_READ_TIMEOUT = 60
+_ATTEMPTS = 3
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
 @dataclass(frozen=True)
@@ -175,6 +193,35 @@ class _UploadState:
 
 def _error_code(e: ClientError) -> str:
     return str(e.response.get("Error", {}).get("Code", ""))
+
+
+def _unreachable(e: BaseException) -> bool:
+    """Whether `e` means the S3 endpoint did not answer (or answered only that it cannot)."""
+    if isinstance(e, EndpointUnreachable | HTTPClientError):
+        return True  # refused, timed out, connection closed or broken mid-response
+    if isinstance(e, ClientError):
+        return int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)) >= 500
+    # A body stream of ours broke; a builtin ConnectionError is the client's request going away.
+    return isinstance(e, aiohttp.ClientError) and not isinstance(e, ConnectionError)
+
+
+def _reaching(
+    method: Callable[Concatenate[S3BlobStore, _P], Awaitable[_R]],
+) -> Callable[Concatenate[S3BlobStore, _P], Coroutine[Any, Any, _R]]:
+    """An S3BlobStore method whose unreachable endpoint is StorageUnavailable (see `_lost`)."""
+
+    async def call(self: S3BlobStore, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            result = await method(self, *args, **kwargs)
+        except Exception as e:
+            if _unreachable(e):
+                raise self._lost(e) from e
+            raise
+        self._reached()
+        return result
+
+    functools.update_wrapper(call, method)
+    return call
 
 
 def _md5(data: bytes) -> str:
@@ -298,9 +345,12 @@ class S3BlobStore:
                 request_checksum_calculation="when_required",
                 response_checksum_validation="when_required",
                 max_pool_connections=max_connections,
-                retries={"max_attempts": 5, "mode": "standard"},
+                connect_timeout=_CONNECT_TIMEOUT,
+                read_timeout=_READ_TIMEOUT,
+                retries={"total_max_attempts": _ATTEMPTS, "mode": "standard"},
             ),
         }
+        self._down = False  # the last S3 call found the endpoint unreachable
         self._clients: dict[
             asyncio.AbstractEventLoop, tuple[asyncio.Future[S3Client], asyncio.Task[None]]
         ] = {}
@@ -354,6 +404,18 @@ class S3BlobStore:
         """Fail unless the bucket is reachable with these credentials."""
         client = await self._client()
         await client.head_bucket(Bucket=self.bucket)
+
+    def _lost(self, error: BaseException) -> StorageUnavailable:
+        """The error to raise for an unreachable endpoint; logged once per outage, not per call."""
+        if not self._down:
+            self._down = True
+            log.warning("storage unreachable: blob requests answer 503 until it is back: %s", error)
+        return StorageUnavailable(f"the S3 endpoint did not answer: {error}")
+
+    def _reached(self) -> None:
+        if self._down:
+            self._down = False
+            log.info("storage reachable again")
 
     async def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -443,6 +505,7 @@ class S3BlobStore:
 
     # -- blobs -------------------------------------------------------------------------------
 
+    @_reaching
     async def stat(self, digest: Digest) -> int | None:
         return await self._head(await self._client(), self.blob_key(digest))
 
@@ -460,17 +523,23 @@ class S3BlobStore:
             end = "" if length is None else str(offset + length - 1)
             kwargs["Range"] = f"bytes={offset}-{end}"
         try:
-            resp = await client.get_object(**kwargs)
-        except ClientError as e:
-            code = _error_code(e)
-            if code in _MISSING:
-                raise FileNotFoundError(str(digest)) from None
-            if code == "InvalidRange":  # offset at or past the end: nothing to read
-                return
+            try:
+                resp = await client.get_object(**kwargs)
+            except ClientError as e:
+                code = _error_code(e)
+                if code in _MISSING:
+                    raise FileNotFoundError(str(digest)) from None
+                if code == "InvalidRange":  # offset at or past the end: nothing to read
+                    return
+                raise
+            async with resp["Body"] as body:
+                async for chunk in body.iter_chunks(_READ_CHUNK):
+                    yield chunk
+        except Exception as e:
+            if _unreachable(e):
+                raise self._lost(e) from e
             raise
-        async with resp["Body"] as body:
-            async for chunk in body.iter_chunks(_READ_CHUNK):
-                yield chunk
+        self._reached()
 
     async def redirect_url(self, digest: Digest) -> str | None:
         if not self._redirect:
@@ -482,6 +551,7 @@ class S3BlobStore:
             ExpiresIn=self._redirect_expiry,
         )
 
+    @_reaching
     async def delete(self, digest: Digest) -> bool:
         client = await self._client()
         key = self.blob_key(digest)
@@ -490,6 +560,7 @@ class S3BlobStore:
         await client.delete_object(Bucket=self.bucket, Key=key)
         return True
 
+    @_reaching
     async def put(self, digest: Digest, chunks: AsyncIterable[bytes]) -> int:
         """Stream a blob whose digest is known: a multipart upload at the blob key itself,
         completed only once the bytes hash to `digest` (a small blob: one PUT after the check).
@@ -553,6 +624,7 @@ class S3BlobStore:
     async def _save(self, client: S3Client, upload_id: str, state: _UploadState) -> None:
         await self._put_bytes(client, self._state_key(upload_id), state.encode())
 
+    @_reaching
     async def create_upload(self, upload_id: str) -> None:
         client = await self._client()
         state = _UploadState(key=self._upload_dir(upload_id) + "data")
@@ -560,9 +632,11 @@ class S3BlobStore:
             state.sha256 = ResumableSha256().state()
         await self._save(client, upload_id, state)
 
+    @_reaching
     async def upload_size(self, upload_id: str) -> int:
         return (await self._load(await self._client(), upload_id)).size
 
+    @_reaching
     async def append(self, upload_id: str, chunks: AsyncIterable[bytes], offset: int | None) -> int:
         client = await self._client()
         async with self._lock(upload_id):
@@ -691,6 +765,7 @@ class S3BlobStore:
         await self._save(client, upload_id, state)
         return state.key
 
+    @_reaching
     async def commit(self, upload_id: str, digest: Digest) -> int:
         client = await self._client()
         async with self._lock(upload_id):
@@ -779,6 +854,7 @@ class S3BlobStore:
             await self._abort_multipart(client, target, upload)
             raise
 
+    @_reaching
     async def abort(self, upload_id: str) -> None:
         try:
             self._upload_dir(upload_id)
@@ -806,6 +882,7 @@ class S3BlobStore:
         await self._delete_keys(client, keys)
         await client.delete_object(Bucket=self.bucket, Key=state_key)
 
+    @_reaching
     async def idle_uploads(self, idle_since: datetime) -> list[str]:
         client = await self._client()
         root = f"{self.prefix}uploads/"
