@@ -76,10 +76,11 @@ class Sizes:
     wrk_seconds: int
     wrk_connections: int
     runs: int
+    small_writes: int  # manifests PUT (and small blobs pushed) per run, one after another
 
 
-FULL = Sizes(512 * MIB, 64 * MIB, 64 * MIB, 16, 10, 64, 3)
-QUICK = Sizes(32 * MIB, 8 * MIB, 8 * MIB, 16, 3, 64, 3)
+FULL = Sizes(512 * MIB, 64 * MIB, 64 * MIB, 16, 10, 64, 3, 300)
+QUICK = Sizes(32 * MIB, 8 * MIB, 8 * MIB, 16, 3, 64, 3, 50)
 
 
 def human_size(n: int) -> str:
@@ -194,6 +195,37 @@ def start_upload(base: str, repo: str) -> str:
             + "\n  (no Location header)",
         )
     return resolve(url, location)
+
+
+class Session:
+    """One kept-alive HTTP connection to a registry, for many small requests in a row."""
+
+    def __init__(self, base: str) -> None:
+        parts = urllib.parse.urlsplit(check_loopback(base))
+        self.conn = http.client.HTTPConnection(
+            parts.hostname or "127.0.0.1", parts.port, timeout=60
+        )
+
+    def request(
+        self, method: str, path: str, headers: dict[str, str], body: bytes, expect: int
+    ) -> Response:
+        all_headers = {"Content-Length": str(len(body)), **headers}
+        try:
+            self.conn.request(method, path, body=body or None, headers=all_headers)
+            raw = self.conn.getresponse()
+            response = Response(raw.status, raw.getheaders(), raw.read())
+        except (OSError, http.client.HTTPException) as exc:
+            request = describe_request(method, path, list(all_headers), f"{len(body)} bytes")
+            raise RequestFailed(request, f"  <no response: {exc!r}>") from exc
+        if response.status != expect:
+            raise RequestFailed(
+                describe_request(method, path, list(all_headers), f"{len(body)} bytes"),
+                describe_response(response.status, response.headers, response.body),
+            )
+        return response
+
+    def close(self) -> None:
+        self.conn.close()
 
 
 def push_small_blob(base: str, repo: str, data: bytes) -> str:
@@ -449,7 +481,12 @@ def read_port_file(path: Path, proc: subprocess.Popen[bytes], log_path: Path) ->
 
 
 def start_skyreg(
-    stack: contextlib.ExitStack, workdir: Path, workers: int | None, access_log: bool
+    stack: contextlib.ExitStack,
+    workdir: Path,
+    workers: int | None,
+    access_log: bool,
+    synchronous: str = "full",
+    name: str = "skyreg",
 ) -> Server:
     workdir.mkdir(parents=True)
     port_file, log_path = workdir / "port", workdir / "skyreg.log"
@@ -460,10 +497,11 @@ def start_skyreg(
         argv += ["--workers", str(workers)]
     if not access_log:
         argv.append("--no-access-log")
+    argv += ["--sqlite-synchronous", synchronous]
     log(f"starting: {shlex.join(argv)}")
     proc = spawn(stack, argv, log_path)
     port = read_port_file(port_file, proc, log_path)
-    server = Server("skyreg", f"http://127.0.0.1:{port}", proc, log_path)
+    server = Server(name, f"http://127.0.0.1:{port}", proc, log_path)
     wait_ready(server)
     return server
 
@@ -476,6 +514,7 @@ class Target:
     server: Server
     scratch: Path
     pushed: Blob | None = None  # the monolithic blob pulled by the pull figures
+    image: ImageParts | None = None  # the blobs the manifest PUT figure refers to
 
     @property
     def name(self) -> str:
@@ -564,9 +603,38 @@ def parallel_pulls(target: Target, repo: str, blob: Blob, count: int) -> float:
     return wall
 
 
-def push_image(target: Target, repo: str, tag: str) -> str:
-    """Push config + layer blobs and an OCI image manifest under `tag`; return its digest."""
-    base = target.server.base_url
+@dataclass(frozen=True)
+class ImageParts:
+    """A config and a layer pushed to a registry, for manifests that refer to them."""
+
+    config: bytes
+    layer: bytes
+
+    def manifest(self, note: str | None = None) -> bytes:
+        """An OCI image manifest of the two; `note` (an annotation) makes each one distinct."""
+        doc: dict[str, object] = {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": sha256_digest(self.config),
+                "size": len(self.config),
+            },
+            "layers": [
+                {
+                    "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                    "digest": sha256_digest(self.layer),
+                    "size": len(self.layer),
+                }
+            ],
+        }
+        if note is not None:
+            doc["annotations"] = {"org.example.bench": note}
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def image_parts(target: Target, repo: str) -> ImageParts:
+    """Push a random layer and its config to `repo`."""
     layer = os.urandom(4096)
     config = json.dumps(
         {
@@ -575,25 +643,15 @@ def push_image(target: Target, repo: str, tag: str) -> str:
             "rootfs": {"type": "layers", "diff_ids": [sha256_digest(layer)]},
         }
     ).encode()
-    config_digest = push_small_blob(base, repo, config)
-    layer_digest = push_small_blob(base, repo, layer)
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": config_digest,
-            "size": len(config),
-        },
-        "layers": [
-            {
-                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                "digest": layer_digest,
-                "size": len(layer),
-            }
-        ],
-    }
-    body = json.dumps(manifest, separators=(",", ":")).encode()
+    base = target.server.base_url
+    push_small_blob(base, repo, config)
+    push_small_blob(base, repo, layer)
+    return ImageParts(config, layer)
+
+
+def push_image(target: Target, repo: str, tag: str) -> str:
+    """Push config + layer blobs and an OCI image manifest under `tag`; return its digest."""
+    body = image_parts(target, repo).manifest()
     url = target.url(f"/v2/{repo}/manifests/{tag}")
     http_request("PUT", url, {"Content-Type": OCI_MANIFEST}, body, expect=(201,))
     return sha256_digest(body)
@@ -674,8 +732,47 @@ def make_figures(data: TestData, sizes: Sizes) -> list[Figure]:
         seconds = parallel_pulls(target, "bench/parallel", data.parallel, n)
         return n * data.parallel.size / MB / seconds
 
+    def prepare_writes(target: Target) -> None:
+        target.image = image_parts(target, "bench/writes")
+
+    def manifest_puts(target: Target, run: int) -> float:
+        assert target.image is not None
+        session = Session(target.server.base_url)
+        try:
+            start = time.perf_counter()
+            for i in range(sizes.small_writes):
+                body = target.image.manifest(f"{run}-{i}")
+                session.request(
+                    "PUT",
+                    f"/v2/bench/writes/manifests/r{run}-{i}",
+                    {"Content-Type": OCI_MANIFEST},
+                    body,
+                    201,
+                )
+            return sizes.small_writes / (time.perf_counter() - start)
+        finally:
+            session.close()
+
+    def small_blob_pushes(target: Target, run: int) -> float:
+        session = Session(target.server.base_url)
+        blobs = [os.urandom(4096) for _ in range(sizes.small_writes)]
+        try:
+            start = time.perf_counter()
+            for blob in blobs:
+                opened = session.request("POST", "/v2/bench/small/blobs/uploads/", {}, b"", 202)
+                location = urllib.parse.urlsplit(header(opened.headers, "Location") or "")
+                query = location.query + ("&" if location.query else "")
+                query += "digest=" + urllib.parse.quote(sha256_digest(blob))
+                session.request(
+                    "PUT", f"{location.path}?{query}", {"Content-Type": OCTET}, blob, 201
+                )
+            return sizes.small_writes / (time.perf_counter() - start)
+        finally:
+            session.close()
+
     chunk = human_size(sizes.chunk)
     conns = sizes.wrk_connections
+    writes = sizes.small_writes
     return [
         Figure(f"push {big} blob, single PUT (MB/s)", runs, push_mono),
         Figure(f"push {big} blob, PATCH {chunk} chunks + PUT (MB/s)", runs, push_chunks),
@@ -688,6 +785,17 @@ def make_figures(data: TestData, sizes: Sizes) -> list[Figure]:
         ),
         Figure(
             f"{n} parallel pulls of {par} blob (aggregate MB/s)", runs, parallel, prepare_parallel
+        ),
+        Figure(
+            f"manifest PUT with a new tag, 1 client, {writes} in a row (req/s)",
+            runs,
+            manifest_puts,
+            prepare_writes,
+        ),
+        Figure(
+            f"push 4 KiB blob, POST + PUT, 1 client, {writes} in a row (blobs/s)",
+            runs,
+            small_blob_pushes,
         ),
     ]
 
@@ -783,13 +891,15 @@ def tool_version(argv: list[str]) -> str:
 
 
 def render_table(results: Results, names: Sequence[str]) -> str:
-    ratio = len(names) == 2
-    head = ["figure", *names] + ([f"ratio {names[0]}/{names[1]}"] if ratio else [])
+    """One row per figure; with several registries, each one's ratio to the last (the anchor)."""
+    anchor, others = names[-1], list(names[:-1])
+    head = ["figure", *names] + [f"ratio {name}/{anchor}" for name in others]
     lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
     for label, outcomes in results.items():
         cells = [outcomes[name].cell() for name in names]
-        if ratio:
-            a, b = (outcomes[name] for name in names)
+        b = outcomes[anchor]
+        for name in others:
+            a = outcomes[name]
             ok = a.values and b.values and a.error is None and b.error is None
             quotient = statistics.median(a.values) / statistics.median(b.values) if ok else None
             cells.append(f"{quotient:.2f}" if quotient is not None else "-")
@@ -828,6 +938,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--markdown", type=Path, help="append the results table to FILE")
     parser.add_argument("--only", choices=("skyreg", "distribution"), help="run one registry")
     parser.add_argument(
+        "--sqlite-synchronous",
+        choices=("full", "normal", "both"),
+        default="full",
+        help="passed to skyreg as --sqlite-synchronous; both: one skyreg of each, side by side "
+        "(what durable commits cost)",
+    )
+    parser.add_argument(
         "--tmp-dir", type=Path, help="parent of the temporary directory (default: system temp)"
     )
     parser.add_argument(
@@ -855,7 +972,16 @@ def start_targets(stack: contextlib.ExitStack, args: argparse.Namespace, tmp: Pa
         if args.skyreg_is_distribution:
             servers.append(start_distribution(stack, "distribution#2", tmp / "skyreg", access_log))
         else:
-            servers.append(start_skyreg(stack, tmp / "skyreg", args.skyreg_workers, access_log))
+            modes = (
+                ["full", "normal"]
+                if args.sqlite_synchronous == "both"
+                else [args.sqlite_synchronous]
+            )
+            for mode in modes:
+                name = "skyreg" if mode == "full" else f"skyreg ({mode})"
+                workdir = tmp / ("skyreg" if mode == "full" else f"skyreg-{mode}")
+                server = start_skyreg(stack, workdir, args.skyreg_workers, access_log, mode, name)
+                servers.append(server)
     if args.only != "skyreg":
         servers.append(start_distribution(stack, "distribution", tmp / "distribution", access_log))
     for server in servers:
@@ -877,6 +1003,7 @@ def report_context(
         "temp dir (test data and both registries' storage)": f"{tmp} on {filesystem_of(tmp)}",
         "distribution": tool_version(["docker-registry", "--version"]),
         "skyreg workers": str(args.skyreg_workers) if args.skyreg_workers else "default",
+        "skyreg --sqlite-synchronous": args.sqlite_synchronous,
         "access logs": "on in both registries" if args.access_log else "off in both registries",
         "clients": f"{tool_version(['curl', '--version'])}; {tool_version(['wrk', '-v'])}",
         "method": f"median of {sizes.runs} runs per figure, alternating registries; "
