@@ -192,12 +192,18 @@ def test_absolute_symlink_to_a_host_dir_stays_inside(box: Box) -> None:
     assert not report.rejected
 
 
-@pytest.mark.parametrize("target", ["../../..", "..", "d/../../x", "/../x"])
-def test_relative_symlink_escaping_the_root_is_rejected(box: Box, target: str) -> None:
+@pytest.mark.parametrize(
+    ("target", "lands"), [("../../..", ""), ("..", ""), ("d/../../x", "x"), ("/../x", "x")]
+)
+def test_relative_symlink_climbing_above_the_root_stays_at_the_root(
+    box: Box, target: str, lands: str
+) -> None:
+    # As the machine sees it (rootpath.py): `..` at the root is the root.
     report = box.unpack([dir_("d"), sym("a", target)], [file("a/x", b"x"), file("a/y/z", b"z")])
-    assert rejected(report) == {"a/x", "a/y/z"}
+    assert not report.rejected
     assert os.readlink(box / "a") == target
-    assert sorted(os.listdir(box.rootfs)) == ["a", "d"]
+    assert (box.rootfs / lands / "x").read_bytes() == b"x"
+    assert (box.rootfs / lands / "y/z").read_bytes() == b"z"
 
 
 def test_symlink_loops_are_rejected(box: Box) -> None:

@@ -32,12 +32,12 @@ import signal
 import stat
 import subprocess
 import time
-from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from skyreg.machines import rootpath
 from skyreg.oci.bounded import load_json
 
 BWRAP = "bwrap"
@@ -60,9 +60,7 @@ ROOT_CAPABILITIES = (
     "CAP_SETUID",
     "CAP_SYS_CHROOT",
 )
-_MAX_SYMLINK_HOPS = 40
 _MAX_DB_SIZE = 4 << 20  # /etc/passwd or /etc/group larger than this is not read
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class MachineError(Exception):
@@ -160,67 +158,49 @@ class ImageConfig:
 # --------------------------------------------------------------------------- rootfs files
 
 
-def _components(path: str) -> deque[str]:
-    return deque(p for p in path.split("/") if p not in ("", "."))
-
-
 @contextmanager
 def _open_dir_in_rootfs(rootfs: Path, path: str, *, create: bool = False) -> Iterator[int]:
-    """A directory fd for `path` inside `rootfs`, resolving symlinks as if rootfs were `/`.
-
-    Nothing outside the rootfs is ever opened: `..` stops at the root, absolute symlink targets
-    restart at the root. With `create`, missing directories are made (0755, owned by the agent).
+    """A directory fd for `path` inside `rootfs`, resolved by `rootpath` as the machine will see
+    it (`..` stops at the root, absolute symlink targets restart there); nothing outside the
+    rootfs is ever opened. With `create`, missing directories are made (0755, owned by the
+    agent). Raises `MachineError` for a path that cannot be resolved (and OSError for the rest).
     """
-    stack = [os.open(rootfs, _DIR_FLAGS)]
+    root_fd = rootpath.open_root(rootfs)
     try:
-        parts, hops = _components(path), 0
-        while parts:
-            name = parts.popleft()
-            if name == "..":
-                if len(stack) > 1:
-                    os.close(stack.pop())
-                continue
-            try:
-                st = os.stat(name, dir_fd=stack[-1], follow_symlinks=False)
-            except FileNotFoundError:
-                if not create:
-                    raise
-                os.mkdir(name, 0o755, dir_fd=stack[-1])
-                st = os.stat(name, dir_fd=stack[-1], follow_symlinks=False)
-            if stat.S_ISLNK(st.st_mode):
-                hops += 1
-                if hops > _MAX_SYMLINK_HOPS:
-                    raise MachineError(f"too many symlinks in {path} in the rootfs")
-                target = os.readlink(name, dir_fd=stack[-1])
-                if target.startswith("/"):
-                    while len(stack) > 1:
-                        os.close(stack.pop())
-                parts.extendleft(reversed(_components(target)))
-                continue
-            stack.append(os.open(name, _DIR_FLAGS, dir_fd=stack[-1]))
-        yield stack[-1]
+        with rootpath.open_dir(root_fd, path, create=create) as loc:
+            yield loc.dir_fd
+    except rootpath.RootPathError as e:
+        raise MachineError(f"{_shown(path)} in the rootfs: {e}") from e
     finally:
-        for fd in stack:
-            os.close(fd)
+        os.close(root_fd)
 
 
-def _read_rootfs_file(rootfs: Path, path: str, hops: int = 0) -> bytes | None:
-    """A regular file inside `rootfs` (symlinks resolved inside it), or None if missing."""
-    where = PurePosixPath("/", path)
-    if where.name in ("", ".."):
+def _shown(path: str, limit: int = 200) -> str:
+    """`path` for a message: quoted, and cut short (a WorkingDir may be megabytes long)."""
+    return repr(path) if len(path) <= limit else repr(path[:limit]) + "..."
+
+
+def _read_rootfs_file(rootfs: Path, path: str) -> bytes | None:
+    """A regular file inside `rootfs` (symlinks resolved inside it, the last one too), or None
+    if it or a directory on its way is missing."""
+    try:
+        root_fd = rootpath.open_root(rootfs)
+    except FileNotFoundError:
         return None
     try:
-        with _open_dir_in_rootfs(rootfs, str(where.parent)) as dir_fd:
-            st = os.stat(where.name, dir_fd=dir_fd, follow_symlinks=False)
-            if stat.S_ISLNK(st.st_mode):
-                if hops >= _MAX_SYMLINK_HOPS:
-                    raise MachineError(f"too many symlinks in {path} in the rootfs")
-                target = os.readlink(where.name, dir_fd=dir_fd)
-                return _read_rootfs_file(rootfs, str(where.parent / target), hops + 1)
+        with rootpath.resolve(root_fd, path, follow_last=True) as loc:
+            if loc.name is None:
+                raise MachineError(f"{path} in the rootfs is not a regular file")
             flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-            fd = os.open(where.name, flags, dir_fd=dir_fd)
-    except (FileNotFoundError, NotADirectoryError):
+            fd = os.open(loc.name, flags, dir_fd=loc.dir_fd)
+    except (rootpath.PathNotFound, rootpath.NotADirectory, FileNotFoundError, NotADirectoryError):
         return None
+    except rootpath.RootPathError as e:
+        raise MachineError(f"{_shown(path)} in the rootfs: {e}") from e
+    except OSError as e:
+        raise MachineError(f"cannot open {path} in the rootfs: {e.strerror}") from e
+    finally:
+        os.close(root_fd)
     with os.fdopen(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise MachineError(f"{path} in the rootfs is not a regular file")
@@ -466,8 +446,10 @@ def start_machine(
         try:
             with _open_dir_in_rootfs(rootfs, inside, create=True):
                 pass
+        except MachineError as e:
+            raise MachineError(f"cannot create {e}") from e
         except OSError as e:
-            raise MachineError(f"cannot create {inside} in the rootfs: {e}") from e
+            raise MachineError(f"cannot create {_shown(inside)} in the rootfs: {e}") from e
 
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     args_fd = -1

@@ -5,17 +5,21 @@ entry by entry with directory file descriptors (`dir_fd=`, `O_NOFOLLOW`), so not
 written outside the rootfs:
 
 - Entry names are cleaned lexically: a leading `/` is dropped (absolute names land inside the
-  root), `.` is ignored and a `..` that would climb above the root rejects the entry.
-- Parent directories are resolved component by component inside the rootfs. A symlink met on
-  the way is followed *as if the rootfs were `/`* (an absolute target restarts at the rootfs; a
-  relative one whose `..` would climb above the rootfs rejects the entry), at most 40 hops.
-  Missing parents are created (0755). A parent that is a file rejects the entry.
+  root), `.` is ignored and a `..` that would climb above the root rejects the entry (a tar
+  name is not a path in the rootfs yet: no honest tar writer makes one, GNU tar refuses it).
+- The cleaned name is then resolved by `rootpath` (see there: the same rule as the runtime's,
+  the one the machine itself sees). Its parents are walked component by component from the
+  rootfs fd; a symlink met on the way is followed *as if the rootfs were `/`* (an absolute
+  target restarts at the rootfs, a `..` at the rootfs stays there), at most 40 hops. Missing
+  parents are created (0755). A parent that is a file, a symlink loop, a name with NUL or of
+  more than 255 bytes, or a resolved path deeper than the depth limit rejects the entry.
 - The last component is never followed: a file, directory, symlink or hard link replaces
   whatever is there (a symlink is removed, never written through; a directory over a directory
   keeps its contents, anything else over a directory removes it first).
 - Hard links must name an entry already in the rootfs, through real directories only (no
   symlink in the target's path), and not a directory.
-- Symlink targets are stored verbatim; they may point anywhere.
+- Symlink targets are stored verbatim; they may point anywhere (one holding a NUL byte, which
+  no file system can store, rejects the entry).
 - Device nodes and FIFOs are skipped and counted; owners are applied only when running as root
   (errors ignored), setuid/setgid bits are dropped otherwise. Directory modes and mtimes are
   applied once at the end, deepest first, so read-only directories never block later layers.
@@ -68,11 +72,12 @@ from typing import IO, Protocol, Self, cast
 
 import zstandard
 
+from skyreg.machines import rootpath
+
 log = logging.getLogger(__name__)
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
-MAX_SYMLINK_HOPS = 40
 MAX_REJECTED_NAMES = 1000
 _CHUNK = 1 << 20
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -711,7 +716,7 @@ class _Unpacker:
                 for name, child in pending:
                     try:
                         child_fd = os.open(name, _DIR_FLAGS, dir_fd=fd)
-                    except OSError:  # gone, or not a directory: as `_walk(follow=False)` finds
+                    except OSError:  # gone, or not a directory (a symlink is not followed)
                         continue
                     stack.append((child_fd, child, iter(child.children())))
                     break
@@ -798,6 +803,8 @@ class _Unpacker:
         self.report.files += 1
 
     def _symlink(self, parts: RelPath, info: tarfile.TarInfo) -> None:
+        if "\0" in info.linkname:
+            raise _Reject("symlink target holds a NUL byte")
         with self._parent(parts) as (pfd, rel):
             name = parts[-1]
             self._clear(pfd, name, rel)
@@ -856,14 +863,12 @@ class _Unpacker:
     def _opaque(self, dir_parts: RelPath) -> None:
         self.report.opaque_dirs += 1
         try:
-            fd, rel = self._walk(dir_parts, create=False, follow=True)
+            loc = self._resolved(dir_parts, create=False, follow=True, last=True)
         except _NotFound:  # not a directory yet: no lower contents to hide
             return
-        try:
-            self._prune(fd, rel)
-        finally:
-            os.close(fd)
-        self._touch(rel)
+        with loc:
+            self._prune(loc.dir_fd, loc.parts)
+        self._touch(loc.parts)
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -959,76 +964,37 @@ class _Unpacker:
     def _parent(
         self, parts: RelPath, *, create: bool = True, follow: bool = True
     ) -> Iterator[tuple[int, RelPath]]:
-        """Open the parent directory of `parts`; yields its fd and the entry's resolved path."""
-        fd, prel = self._walk(parts[:-1], create=create, follow=follow)
-        try:
-            if len(prel) >= self.limits.path_depth:
-                raise _Reject("path too deep once symlinks are resolved")
-            yield fd, (*prel, parts[-1])
-        finally:
-            os.close(fd)
+        """Open the parent directory of `parts` (its last component is never followed); yields
+        its fd and the entry's physical path. Raises `_NotFound` (not creating: a parent is
+        missing or not a directory) or `_Reject` (any other reason it cannot be resolved)."""
+        with self._resolved(parts, create=create, follow=follow, last=False) as loc:
+            assert loc.name is not None  # cleaned by `_split`: `parts` ends with a name
+            yield loc.dir_fd, (*loc.parts, loc.name)
 
-    def _walk(self, parts: RelPath, *, create: bool, follow: bool) -> tuple[int, RelPath]:
-        """Open directory `parts` below the root, resolving symlinks inside the root only.
-
-        Returns a new fd and the physical path. Raises `_NotFound` (missing or not a directory,
-        when not creating) or `_Reject` (escaping symlink, symlink with `follow=False`, loop,
-        a file in the way when creating).
-        """
-        pending = list(reversed(parts))
-        names: list[str] = []
-        fds: list[int] = []
-        hops = 0
+    def _resolved(
+        self, parts: RelPath, *, create: bool, follow: bool, last: bool
+    ) -> rootpath.Location:
+        """`parts` resolved by `rootpath` (with `last`: as a directory, fully followed), its
+        errors mapped to `_NotFound` and `_Reject`."""
+        depth = self.limits.path_depth
+        size = max(self.limits.path_bytes, rootpath.MAX_PATH_BYTES) + 1
         try:
-            while pending:
-                name = pending.pop()
-                if name in ("", "."):
-                    continue
-                if name == "..":
-                    if not names:
-                        raise _Reject("a symlink in the path points outside the root")
-                    names.pop()
-                    os.close(fds.pop())
-                    continue
-                cur = fds[-1] if fds else self.root_fd
-                link = self._lookup(cur, name, create=create, follow=follow)
-                if link is not None:
-                    hops += 1
-                    if hops > MAX_SYMLINK_HOPS:
-                        raise _Reject("too many levels of symbolic links")
-                    if link.startswith("/"):
-                        while fds:
-                            os.close(fds.pop())
-                        names.clear()
-                    pending.extend(reversed(link.split("/")))
-                    continue
-                fds.append(os.open(name, _DIR_FLAGS, dir_fd=cur))
-                names.append(name)
-                if len(names) > self.limits.path_depth:
-                    raise _Reject("path too deep")
-            return (fds.pop() if fds else os.dup(self.root_fd)), tuple(names)
-        finally:
-            for fd in fds:
-                os.close(fd)
-
-    def _lookup(self, cur: int, name: str, *, create: bool, follow: bool) -> str | None:
-        """Make sure `name` in `cur` is a directory; returns a symlink's target to follow."""
-        try:
-            st = os.lstat(name, dir_fd=cur)
-        except FileNotFoundError:
+            if last:
+                return rootpath.open_dir(
+                    self.root_fd, parts, create=create, max_depth=depth, max_path_bytes=size
+                )
+            return rootpath.resolve(
+                self.root_fd,
+                parts,
+                follow_last=False,
+                create_dirs=create,
+                follow_symlinks=follow,
+                max_depth=depth,
+                max_path_bytes=size,
+            )
+        except (rootpath.PathNotFound, rootpath.NotADirectory) as e:
             if not create:
                 raise _NotFound from None
-            os.mkdir(name, 0o755, dir_fd=cur)
-            return None
-        if stat.S_ISLNK(st.st_mode):
-            if not follow:
-                raise _Reject("path passes through a symlink")
-            link = os.readlink(name, dir_fd=cur)
-            if not link:
-                raise _Reject("empty symlink in the path")
-            return link
-        if not stat.S_ISDIR(st.st_mode):
-            if not create:
-                raise _NotFound
-            raise _Reject("a parent is not a directory")
-        return None
+            raise _Reject(str(e)) from None
+        except rootpath.RootPathError as e:
+            raise _Reject(str(e)) from None
