@@ -19,6 +19,11 @@ import pytest
 
 pytest_plugins = ["tests.client_fixtures", "tests.pg_fixtures", "tests.s3_fixtures"]
 
+# Every server the suite starts (and every store it makes) refuses a query on an event loop
+# thread (skyreg.meta.db.Database): a request handler that forgot to hop answers 500 and the
+# test that drives it fails, instead of the server quietly stalling under a slow database.
+os.environ["SKYREG_STRICT_DB_THREADS"] = "1"
+
 
 @dataclass
 class RunningRegistry:

@@ -43,9 +43,7 @@ BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path], BlobStore]] = {
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BlobStore]:
     backend = BACKENDS[request.param](request, tmp_path)
     yield backend
-    close = getattr(backend, "close", None)
-    if close is not None:
-        close()
+    backend.close()
 
 
 def run(coro: object) -> object:
@@ -230,3 +228,13 @@ def test_resumed_upload_continues_saved_hash_without_rereading(tmp_path: Path) -
         second.close()
 
     run(go())
+
+
+def test_check_passes_on_usable_storage_and_aclose_then_close_release_it(
+    store: BlobStore,
+) -> None:
+    async def check_then_release() -> None:
+        await store.check()
+        await store.aclose()
+
+    run(check_then_release())  # the fixture closes it

@@ -52,8 +52,8 @@ def test_a_pull_joins_the_job_its_own_replication_worker_claimed(tmp_path: Path)
             transfers.lease = 1.0
             # The worker claims the job in the database; a pull of the same blob then starts
             # the transfer without it (the worker joins that transfer, not the other way).
-            meta.enqueue(str(DIGEST), 10, "web", "syd")
-            claimed = meta.claim_next("syd", transfers.owner, transfers.lease)
+            await meta.run(meta.enqueue, str(DIGEST), 10, "web", "syd")
+            claimed = await meta.run(meta.claim_next, "syd", transfers.owner, transfers.lease)
             assert claimed is not None
             transfer = transfers.get("web", DIGEST, 10)
             with pytest.raises(TransferFailed, match="iad"):

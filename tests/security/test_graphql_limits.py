@@ -278,7 +278,7 @@ def test_per_org_cap_refuses_the_excess_and_others_queue_in_turn(
 ) -> None:
     """In one event loop, admission is decided in submission order: deterministic outcomes."""
     meta = open_database(None, server.reg.data_dir)
-    runner = GraphQLRunner(meta.engine, workers=1, per_caller=2)
+    runner = GraphQLRunner(meta.db, workers=1, per_caller=2)
     org_a, org_b = _token(server), _token(other_org)
 
     async def scenario() -> tuple[dict[str, int], list[str]]:
@@ -312,8 +312,8 @@ def test_waiting_for_the_pool_is_bounded(server: Server, other_org: Server) -> N
     org_a, org_b = _token(server), _token(other_org)
     # No wait at all, or no room to wait: a caller finding the pool busy is told to come back.
     for runner in (
-        GraphQLRunner(meta.engine, workers=1, per_caller=1, wait_timeout=0),
-        GraphQLRunner(meta.engine, workers=1, per_caller=1, max_waiting=0),
+        GraphQLRunner(meta.db, workers=1, per_caller=1, wait_timeout=0),
+        GraphQLRunner(meta.db, workers=1, per_caller=1, max_waiting=0),
     ):
 
         async def scenario(runner: GraphQLRunner = runner) -> tuple[int, int, bytes]:

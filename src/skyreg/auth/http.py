@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
@@ -135,8 +136,15 @@ async def token_endpoint(request: web.Request) -> web.StreamResponse:
             raise BearerRefused
         return auth.identify(header).token
 
+    client = client_of(request)
+
+    def mint() -> dict[str, Any]:  # token, app and key lookups: on a database thread
+        token = auth.limited(client, check)
+        scopes, catalog = parse_scopes(scope_values)
+        return auth.issue(token, scopes, catalog)
+
     try:
-        token = auth.limited(client_of(request), check)
+        body = await auth.platform.run(mint)
     except Throttled as e:
         raise too_many(e.retry_after) from None
     except BearerRefused:
@@ -147,8 +155,6 @@ async def token_endpoint(request: web.Request) -> web.StreamResponse:
         ) from None
     except AuthFailed:
         raise RegistryError(ErrorCode.UNAUTHORIZED, "invalid, expired or revoked token") from None
-    scopes, catalog = parse_scopes(scope_values)
-    body = auth.issue(token, scopes, catalog)
     if request.method == "POST":
         body["scope"] = " ".join(scope_values)
     return web.Response(

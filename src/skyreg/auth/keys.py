@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from sqlalchemy import Engine, delete, select
 
 from skyreg.meta import schema as s
-from skyreg.meta.db import SqlStore
+from skyreg.meta.db import Database, SqlStore
 
 ALGORITHM = "EdDSA"
 _REFRESH = 5.0  # seconds between looks for keys another process added or retired
@@ -53,8 +53,8 @@ def _pem(key: Ed25519PrivateKey) -> bytes:
 class KeyRing(SqlStore):
     """The token signing keys in the metadata database."""
 
-    def __init__(self, engine: Engine, legacy_dir: Path | None = None) -> None:
-        super().__init__(engine)
+    def __init__(self, database: Database | Engine, legacy_dir: Path | None = None) -> None:
+        super().__init__(database)
         self.legacy_dir = legacy_dir
         self._keys: dict[str, SigningKey] = {}
         self._loaded_at = 0.0

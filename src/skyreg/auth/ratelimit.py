@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections import OrderedDict, deque
 
@@ -13,7 +14,8 @@ class FailureLimiter:
 
     Only failures count: nothing here refuses a request whose credentials are valid. Memory and
     time are bounded whatever clients do: at most `limit + 1` times per client and `max_clients`
-    clients, the least recently failing forgotten first (O(1) per failure).
+    clients, the least recently failing forgotten first (O(1) per failure). Safe to call from
+    several threads (credential checks run on database threads).
     """
 
     def __init__(self, limit: int = 10, window: float = 60.0, max_clients: int = 100_000) -> None:
@@ -21,9 +23,14 @@ class FailureLimiter:
         self.window = window
         self.max_clients = max_clients
         self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+        self._lock = threading.Lock()
 
     def failed(self, client: str) -> int | None:
         """Count a failure; the seconds the client must now wait when it is over the limit."""
+        with self._lock:
+            return self._count(client)
+
+    def _count(self, client: str) -> int | None:
         now = time.monotonic()
         failures = self._failures.pop(client, None)
         if failures is None:

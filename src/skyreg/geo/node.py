@@ -96,9 +96,9 @@ class GeoNode:
 
     # -- copies ------------------------------------------------------------------------------------
 
-    def stored(self, digest: Digest) -> None:
+    async def stored(self, digest: Digest) -> None:
         """This region's store now holds `digest` (pushed here)."""
-        self.meta.add_copy(str(digest), self.region)
+        await self.meta.run(self.meta.add_copy, str(digest), self.region)
 
     async def serve_missing(
         self,
@@ -208,7 +208,9 @@ class GeoNode:
         while not stop.is_set():
             try:
                 while len(running) < MAX_PARALLEL:
-                    job = self.meta.claim_next(self.region, self.transfers.owner, self.lease)
+                    job = await self.meta.run(
+                        self.meta.claim_next, self.region, self.transfers.owner, self.lease
+                    )
                     if job is None:
                         break
                     transfer = self.transfers.get(
@@ -225,7 +227,8 @@ class GeoNode:
     # -- metrics -----------------------------------------------------------------------------------
 
     def metrics(self) -> str:
-        """Prometheus text: jobs by region and state, bytes moved, this process's transfers."""
+        """Prometheus text: jobs by region and state, bytes moved, this process's transfers
+        (a query: call it on a database thread)."""
         counts = self.meta.counts()
         lines = [
             "# HELP skyreg_replication_jobs Replication jobs by target region and state.",

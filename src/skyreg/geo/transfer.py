@@ -201,10 +201,10 @@ class Transfers:
         deadline = time.monotonic() + _WAIT_LIMIT
         while job is None:
             if await self.store.stat(t.digest) is not None:
-                self.meta.add_copy(digest, self.region)  # idempotent
+                await self.meta.run(self.meta.add_copy, digest, self.region)  # idempotent
                 t._detach_all()
                 return
-            current = self.meta.job(digest, self.region)
+            current = await self.meta.run(self.meta.job, digest, self.region)
             if (
                 current is not None
                 and current.state == "running"
@@ -213,8 +213,14 @@ class Transfers:
                 job = current  # this process's replication worker claimed it and joined us
                 break
             if not _leased_elsewhere(current):  # a read first: waiting costs no write
-                job = self.meta.claim(
-                    digest, t.size, t.repository, self.region, self.owner, self.lease
+                job = await self.meta.run(
+                    self.meta.claim,
+                    digest,
+                    t.size,
+                    t.repository,
+                    self.region,
+                    self.owner,
+                    self.lease,
                 )
                 if job is not None:
                     break
@@ -227,18 +233,18 @@ class Transfers:
         try:
             if await self.store.stat(t.digest) is not None:  # pushed or copied here meanwhile
                 t._detach_all()
-                self.meta.finish(job.id, self.owner, 0, None)
+                await self.meta.run(self.meta.finish, job.id, self.owner, 0, None)
                 return
             moved, source = await self._fetch(t)
-            self.meta.finish(job.id, self.owner, moved, source)
+            await self.meta.run(self.meta.finish, job.id, self.owner, moved, source)
             t.source = source
             log.info("copied %s (%d bytes) from %s into %s", digest, t.size, source, self.region)
         except TransferFailed as e:
-            self.meta.fail(job.id, self.owner, str(e), t.received)
+            await self.meta.run(self.meta.fail, job.id, self.owner, str(e), t.received)
             log.warning("cannot copy %s into %s: %s", digest, self.region, e)
             raise
         except asyncio.CancelledError:
-            self.meta.release(job.id, self.owner, t.received)
+            await self.meta.run(self.meta.release, job.id, self.owner, t.received)
             raise
         finally:
             renewer.cancel()
@@ -248,14 +254,14 @@ class Transfers:
     async def _renew(self, job: Job) -> None:
         while True:
             await asyncio.sleep(self.lease / 3)
-            if not self.meta.renew(job.id, self.owner, self.lease):
+            if not await self.meta.run(self.meta.renew, job.id, self.owner, self.lease):
                 log.warning("lost the lease of replication job %d", job.id)
                 return
 
     async def _fetch(self, t: Transfer) -> tuple[int, str]:
         """Copy the blob from the nearest region that has it; (bytes moved, source region)."""
         digest = str(t.digest)
-        holders = self.meta.regions_of(digest)
+        holders = await self.meta.run(self.meta.regions_of, digest)
         sources = self.regions.nearest(holders)
         if not sources:
             raise TransferFailed(f"{digest}: no other region holds it (holders: {holders})")

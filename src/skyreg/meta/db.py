@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import logging
 import os
 import random
 import select
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import psycopg
 from alembic import command
@@ -26,6 +30,7 @@ log = logging.getLogger("skyreg.meta")
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
 T = TypeVar("T")
+_P = ParamSpec("_P")
 
 # PostgreSQL errors that mean "this transaction lost a race; running it again may succeed":
 # serialization failure and deadlock (always), unique and foreign-key violations (for the
@@ -76,6 +81,10 @@ def disk_full(error: BaseException) -> bool:
         return True
     return getattr(error.orig, "sqlstate", None) == _PG_DISK_FULL
 
+
+# Threads a process runs queries on: each holds a reader connection, and may hold a writer.
+DEFAULT_THREADS = 16
+_POOL: dict[str, Any] = {"pool_size": DEFAULT_THREADS, "max_overflow": DEFAULT_THREADS}
 
 # Server states meaning "not now": shutting down (fast or crash), starting, out of connections.
 _PG_UNREACHABLE = frozenset({"57P01", "57P02", "57P03", "53300"})
@@ -131,7 +140,7 @@ def _postgres_engine(url: str) -> Engine:
     timeout = (
         {} if "connect_timeout" in make_url(url).query else {"connect_timeout": _PG_CONNECT_TIMEOUT}
     )
-    engine = create_engine(url, pool_pre_ping=True, connect_args=timeout)
+    engine = create_engine(url, pool_pre_ping=True, connect_args=timeout, **_POOL)
     reachability = _Reachability()
     event.listen(engine, "handle_error", reachability.failed)
     event.listen(engine, "connect", reachability.connected)
@@ -185,7 +194,7 @@ def create_db_engine(url: str, *, sqlite_synchronous: str = "full") -> Engine:
     url = normalize_url(url)
     if url.startswith("sqlite"):
         _private_file(make_url(url).database)
-        engine = create_engine(url, connect_args={"check_same_thread": False})
+        engine = create_engine(url, connect_args={"check_same_thread": False}, **_POOL)
         event.listen(engine, "connect", functools.partial(_sqlite_pragmas, sqlite_synchronous))
         event.listen(engine, "begin", _sqlite_begin)
         return engine
@@ -228,6 +237,99 @@ def sqlite_url(path: Path) -> str:
     return f"sqlite:///{path}"
 
 
+class LoopBlocked(RuntimeError):
+    """A database query was about to run on an event loop thread (see `Database`)."""
+
+
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+class Database:
+    """The metadata database of one process: the engine and its connection pool, the threads
+    queries run on, and one held reader connection per thread.
+
+    Async code never queries on its event loop: it hands the work to `run`, which runs it on
+    one of `threads` database threads (a query that waits for PostgreSQL 2 ms away, or for
+    SQLite's write lock, stalls that thread only). With `strict`, a query issued on a thread
+    that runs an event loop raises `LoopBlocked` (the test suite turns it on with
+    SKYREG_STRICT_DB_THREADS=1); otherwise it is logged once.
+    """
+
+    def __init__(
+        self, engine: Engine, *, threads: int = DEFAULT_THREADS, strict: bool | None = None
+    ) -> None:
+        self.engine = engine
+        self.threads = threads
+        self.strict = (
+            os.environ.get("SKYREG_STRICT_DB_THREADS") == "1" if strict is None else strict
+        )
+        self._executor: ThreadPoolExecutor | None = None
+        self._local = threading.local()
+        self._readers: set[Connection] = set()
+        self._readers_lock = threading.Lock()
+        self._warned = False
+        event.listen(engine, "before_cursor_execute", self._check_thread)
+
+    def _check_thread(self, *_args: Any) -> None:
+        if not _on_event_loop():
+            return
+        if self.strict:
+            raise LoopBlocked("a database query on the event loop: use Database.run")
+        if not self._warned:
+            self._warned = True
+            log.warning("a database query ran on the event loop", stack_info=True)
+
+    async def run(self, fn: Callable[_P, T], *args: _P.args, **kwargs: _P.kwargs) -> T:
+        """`fn(*args, **kwargs)` on a database thread; its result or its exception."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="db")
+        call = functools.partial(fn, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    def reader(self) -> Connection:
+        """This thread's held autocommit connection, (re)connected as needed."""
+        reader: Connection | None = getattr(self._local, "reader", None)
+        postgres = self.engine.dialect.name == "postgresql"
+        if reader is not None and not reader.closed and postgres and _hung_up(reader):
+            # Reconnect now rather than fail the next request on a session the server ended.
+            reader.invalidate()
+            self.drop_reader()
+            reader = None
+        if reader is None or reader.closed:
+            reader = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+            self._local.reader = reader
+            with self._readers_lock:
+                self._readers.add(reader)
+        return reader
+
+    def drop_reader(self) -> None:
+        """Close this thread's reader connection (the next read connects again)."""
+        reader: Connection | None = getattr(self._local, "reader", None)
+        self._local.reader = None
+        if reader is not None:
+            with self._readers_lock:
+                self._readers.discard(reader)
+            with contextlib.suppress(Exception):
+                reader.close()
+
+    def close(self) -> None:
+        """Stop the threads (after their current query), close every reader, dispose the pool."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        with self._readers_lock:
+            readers, self._readers = list(self._readers), set()
+        for reader in readers:
+            with contextlib.suppress(Exception):
+                reader.close()
+        self.engine.dispose()
+
+
 class Retry(Exception):
     """Raised inside a transaction that lost a race it wins by running again from the start
     (e.g. a row it had just checked was deleted by a writer that committed first)."""
@@ -244,12 +346,19 @@ class SqlStore:
     serialization failure, `Retry`). No lock is ever held in the process.
     """
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self._dialect = engine.dialect.name
+    def __init__(self, database: Database | Engine) -> None:
+        # A store made from a bare engine (a test, a CLI command) owns a Database of its own.
+        self._owns_db = not isinstance(database, Database)
+        self.db = database if isinstance(database, Database) else Database(database)
+        self.engine = self.db.engine
+        self._dialect = self.engine.dialect.name
         # Row locks matter only where writers run concurrently (not SQLite, see above).
         self._locks = self._dialect != "sqlite"
-        self._reader: Connection | None = None
+
+    async def run(self, fn: Callable[_P, T], *args: _P.args, **kwargs: _P.kwargs) -> T:
+        """`fn(*args, **kwargs)` — one or more of this store's methods — on a database thread,
+        never on the event loop."""
+        return await self.db.run(fn, *args, **kwargs)
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:
@@ -273,7 +382,7 @@ class SqlStore:
             except DBAPIError as e:
                 if attempt >= MAX_ATTEMPTS or not self._retryable(e, conflicts):
                     raise
-            # Short, jittered: the caller may be an event loop (races are rare and brief).
+            # Short and jittered, on a database thread (never the event loop: see Database).
             time.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
             attempt += 1
 
@@ -285,37 +394,25 @@ class SqlStore:
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:
-        """A held autocommit connection: every read sees the latest committed state.
-
-        Checking a pooled connection out per query costs more than the query itself; reads run
-        on the event loop thread only, so one connection per process serves them all.
-        """
-        reader = self._reader
-        postgres = self._dialect == "postgresql"
-        if reader is not None and not reader.closed and postgres and _hung_up(reader):
-            # Reconnect now rather than fail the next request on a session the server ended.
-            reader.invalidate()
-            reader.close()
-        if self._reader is None or self._reader.closed:
-            self._reader = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        """This thread's held autocommit connection: every read sees the latest committed
+        state (checking a pooled connection out per query costs more than the query)."""
+        reader = self.db.reader()
         try:
-            yield self._reader
+            yield reader
         except BaseException:
-            self._reader.close()
-            self._reader = None
+            self.db.drop_reader()
             raise
 
     def close_reader(self) -> None:
-        """Release this store's reader connection, leaving the shared engine as it is (for a
-        store made by a worker thread, which must not share the event loop's reader)."""
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
+        """Release this thread's reader connection, leaving the database as it is."""
+        self.db.drop_reader()
 
     def close(self) -> None:
-        """Release the reader connection and the engine's pool."""
-        self.close_reader()
-        self.engine.dispose()
+        """Release the database if this store owns it (else its owner closes it)."""
+        if self._owns_db:
+            self.db.close()
+        else:
+            self.db.drop_reader()
 
     def _insert_ignore(self, table: Any) -> Any:
         if self._dialect == "postgresql":

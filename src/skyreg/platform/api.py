@@ -49,6 +49,7 @@ log = logging.getLogger("skyreg.platform")
 
 PREFIX = "/api/v1"
 MAX_BODY = 64 * 1024
+_BODY_METHODS = frozenset({"POST", "PATCH", "PUT"})  # requests whose body `_endpoint` reads
 _GENERATE_ATTEMPTS = 20
 MAX_RELEASES = 1000
 REGION_RE = re.compile(r"^[a-z][a-z0-9-]{1,19}$")
@@ -57,7 +58,8 @@ DEFAULT_REGION = "local"
 
 API_AUTH_KEY = web.AppKey("management_authenticator", Authenticator)
 
-Handler = Callable[["Call"], Awaitable[web.StreamResponse]]
+# Handlers are plain functions: they query the database, so they run on a database thread.
+Handler = Callable[["Call"], web.StreamResponse]
 RequestHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -169,17 +171,19 @@ class Call:
         self.auth = auth
         self.platform: PlatformMeta = auth.platform
         self.token: TokenRecord | None = None
+        self.client = client_of(request)  # the transport is the event loop's: read it there
+        self._raw: bytes | None = None
+        self._body_error: ApiError | RequestPayloadError | None = None
 
     def identify(self) -> None:
-        """Look up the token of the Authorization header; 401 when wrong, 429 when throttled."""
+        """Look up the token of the Authorization header; 401 when wrong, 429 when throttled.
+        Queries: call it on a database thread."""
         header = self.request.headers.get("Authorization")
         if not header:
             return
 
         try:
-            self.token = self.auth.limited(
-                client_of(self.request), lambda: self.auth.access_token(header)
-            )
+            self.token = self.auth.limited(self.client, lambda: self.auth.access_token(header))
         except Throttled as e:
             raise ApiError(
                 429,
@@ -205,8 +209,17 @@ class Call:
     def is_admin(self) -> bool:
         return self.token is not None and self.token.kind == "admin"
 
-    async def body(self) -> dict[str, Any]:
-        """The JSON object in the request body ({} for an empty body)."""
+    async def read_body(self) -> None:
+        """Read the request body (at most MAX_BODY bytes) on the event loop, before the handler
+        runs on a database thread. A body too large or unreadable is kept and raised by `body`,
+        so the checks a handler makes before it reads its body (401 for an anonymous caller,
+        403, 404) still answer first."""
+        try:
+            self._raw = await self._read()
+        except (ApiError, RequestPayloadError) as e:
+            self._body_error = e
+
+    async def _read(self) -> bytes:
         if self.request.content_length is not None and self.request.content_length > MAX_BODY:
             raise ApiError(413, "too_large", f"request body larger than {MAX_BODY} bytes")
         raw = b""
@@ -214,6 +227,15 @@ class Call:
             raw += chunk
             if len(raw) > MAX_BODY:
                 raise ApiError(413, "too_large", f"request body larger than {MAX_BODY} bytes")
+        return raw
+
+    def body(self) -> dict[str, Any]:
+        """The JSON object in the request body ({} for an empty body), as `read_body` read it."""
+        if self._body_error is not None:
+            raise self._body_error
+        raw = self._raw
+        if raw is None:
+            raise RuntimeError(f"the body of a {self.request.method} request is not read")
         if not raw.strip():
             return {}
         try:
@@ -283,16 +305,16 @@ def openapi_document() -> bytes:
     return _OPENAPI
 
 
-async def get_openapi(call: Call) -> web.StreamResponse:
+def get_openapi(call: Call) -> web.StreamResponse:
     return web.Response(body=openapi_document(), content_type="application/json")
 
 
-async def whoami(call: Call) -> web.StreamResponse:
+def whoami(call: Call) -> web.StreamResponse:
     token = call.caller()
     return _json(token_json(token))
 
 
-async def list_orgs(call: Call) -> web.StreamResponse:
+def list_orgs(call: Call) -> web.StreamResponse:
     token = call.caller()
     if call.is_admin:
         orgs = call.platform.list_orgs()
@@ -301,9 +323,9 @@ async def list_orgs(call: Call) -> web.StreamResponse:
     return _json({"orgs": [org_json(o) for o in orgs]})
 
 
-async def create_org(call: Call) -> web.StreamResponse:
+def create_org(call: Call) -> web.StreamResponse:
     call.caller()
-    body = await call.body()
+    body = call.body()
     if not call.is_admin:
         raise forbidden("only an admin token may create organizations")
     name = body.get("name")
@@ -318,16 +340,16 @@ async def create_org(call: Call) -> web.StreamResponse:
     return _json(org_json(org), status=201)
 
 
-async def list_apps(call: Call) -> web.StreamResponse:
+def list_apps(call: Call) -> web.StreamResponse:
     call.caller()
     org = call.org_param(call.request.query.get("org"))
     apps = call.platform.list_apps(None if org is None else org.id)
     return _json({"apps": [app_json(a) for a in apps]})
 
 
-async def create_app(call: Call) -> web.StreamResponse:
+def create_app(call: Call) -> web.StreamResponse:
     token = call.caller()
-    body = await call.body()
+    body = call.body()
     org = call.org_param(body.get("org"))
     if org is None:
         raise bad_request("org is required")
@@ -367,14 +389,14 @@ async def create_app(call: Call) -> web.StreamResponse:
     return _json(app_json(app), status=201)
 
 
-async def get_app(call: Call) -> web.StreamResponse:
+def get_app(call: Call) -> web.StreamResponse:
     app = call.app_named(call.request.match_info["app"], public_ok=True)
     return _json(_app_with_placement(app, call.request.app[RELEASES_KEY].geo))
 
 
-async def update_app(call: Call) -> web.StreamResponse:
+def update_app(call: Call) -> web.StreamResponse:
     call.caller()
-    body = await call.body()
+    body = call.body()
     app = call.app_named(call.request.match_info["app"], public_ok=True)
     if not call.may_manage(app.org_id):
         raise forbidden("only an admin or org token of the app's organization may change it")
@@ -428,13 +450,13 @@ def _app_with_placement(app: App, geo: GeoNode | None) -> dict[str, Any]:
     return doc
 
 
-async def list_images(call: Call) -> web.StreamResponse:
+def list_images(call: Call) -> web.StreamResponse:
     app = call.app_named(call.request.match_info["app"], public_ok=True)
     images = call.platform.image_tags(app.name)
     return _json({"app": app.name, "images": [image_json(i) for i in images]})
 
 
-async def show_image(call: Call) -> web.StreamResponse:
+def show_image(call: Call) -> web.StreamResponse:
     """One image of the app (`[repo:]tag` or digest): its blobs and the regions holding each."""
     app = call.app_named(call.request.match_info["app"], public_ok=True)
     service = call.request.app[RELEASES_KEY]
@@ -475,7 +497,7 @@ async def show_image(call: Call) -> web.StreamResponse:
     return _json(doc)
 
 
-async def replication_status(call: Call) -> web.StreamResponse:
+def replication_status(call: Call) -> web.StreamResponse:
     """The replication queue: job counts and bytes per region and state, recent jobs."""
     token = call.caller()
     if token.kind != "admin":
@@ -501,7 +523,7 @@ async def replication_status(call: Call) -> web.StreamResponse:
     return _json(doc)
 
 
-async def list_tokens(call: Call) -> web.StreamResponse:
+def list_tokens(call: Call) -> web.StreamResponse:
     token = call.caller()
     if token.kind not in ("admin", "org"):
         raise forbidden(f"a {token.kind} token may not list tokens")
@@ -510,11 +532,11 @@ async def list_tokens(call: Call) -> web.StreamResponse:
     return _json({"tokens": [token_json(t) for t in tokens]})
 
 
-async def create_token(call: Call) -> web.StreamResponse:
+def create_token(call: Call) -> web.StreamResponse:
     caller = call.caller()
     if caller.kind not in ("admin", "org"):
         raise forbidden(f"a {caller.kind} token may not create tokens")
-    body = await call.body()
+    body = call.body()
     kind = body.get("kind")
     if kind not in CREATABLE_KINDS:
         raise bad_request(
@@ -556,7 +578,7 @@ async def create_token(call: Call) -> web.StreamResponse:
     return _json({**token_json(record), "secret": secret}, status=201)
 
 
-async def revoke_token(call: Call) -> web.StreamResponse:
+def revoke_token(call: Call) -> web.StreamResponse:
     caller = call.caller()
     token_id = call.request.match_info["token_id"]
     target = call.platform.token_by_id(token_id)
@@ -576,7 +598,7 @@ async def revoke_token(call: Call) -> web.StreamResponse:
     return _json(token_json(revoked))
 
 
-async def list_releases(call: Call) -> web.StreamResponse:
+def list_releases(call: Call) -> web.StreamResponse:
     app = call.app_named(call.request.match_info["app"])
     limit = query_int(call.request, "limit", 25, 1, MAX_RELEASES)
     service = call.request.app[RELEASES_KEY]
@@ -587,10 +609,10 @@ async def list_releases(call: Call) -> web.StreamResponse:
 _RELEASE_FIELDS = {"image", "image_label", "regions", "count", "strategy", "description"}
 
 
-async def create_release(call: Call) -> web.StreamResponse:
+def create_release(call: Call) -> web.StreamResponse:
     """Deploy: resolve the image to a digest, tag it into the app, record the release."""
     token = call.caller()
-    body = await call.body()
+    body = call.body()
     app = call.app_named(call.request.match_info["app"])
     policy = call.auth.policy
     if PUSH not in policy.allowed(token, app.name):
@@ -656,9 +678,7 @@ async def create_release(call: Call) -> web.StreamResponse:
     if stored is None:  # the same answer for missing and not readable
         raise not_found("image", image[:200])
     try:
-        unavailable = await service.blobs_missing_for_deploy(
-            ref.repository, stored.digest, app.name
-        )
+        unavailable = service.unavailable_blobs(ref.repository, stored.digest, app.name)
     except ValueError as e:
         raise bad_request(f"image {image[:200]!r}: {e}") from None
     if unavailable:  # e.g. a foreign layer (`urls`) whose bytes were never pushed to this app
@@ -761,7 +781,7 @@ def _next_cursor(machines: list[Machine], limit: int) -> str | None:
     return machines[-1].id if len(machines) == limit else None
 
 
-async def agent_machines(call: Call) -> web.StreamResponse:
+def agent_machines(call: Call) -> web.StreamResponse:
     token = _agent_caller(call)
     region = call.request.query.get("region", DEFAULT_REGION)
     if not REGION_RE.match(region):
@@ -785,9 +805,9 @@ async def agent_machines(call: Call) -> web.StreamResponse:
     )
 
 
-async def agent_state(call: Call) -> web.StreamResponse:
+def agent_state(call: Call) -> web.StreamResponse:
     machine = _agent_machine(call)
-    body = await call.body()
+    body = call.body()
     state = body.get("state")
     if state not in STATES or state == "created":
         raise bad_request("state must be one of starting, started, stopped, failed")
@@ -810,9 +830,9 @@ def _int32(value: object, *, minimum: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and minimum <= value <= INT32_MAX
 
 
-async def agent_event(call: Call) -> web.StreamResponse:
+def agent_event(call: Call) -> web.StreamResponse:
     machine = _agent_machine(call)
-    body = await call.body()
+    body = call.body()
     message = body.get("message")
     if not isinstance(message, str) or not message:
         raise bad_request("message is required")
@@ -823,9 +843,9 @@ async def agent_event(call: Call) -> web.StreamResponse:
     return _json({}, 201)
 
 
-async def agent_logs(call: Call) -> web.StreamResponse:
+def agent_logs(call: Call) -> web.StreamResponse:
     machine = _agent_machine(call)
-    body = await call.body()
+    body = call.body()
     lines = body.get("lines")
     if not isinstance(lines, list) or not all(isinstance(x, str) for x in lines):
         raise bad_request("lines must be a list of strings")
@@ -833,7 +853,7 @@ async def agent_logs(call: Call) -> web.StreamResponse:
     return _json({}, 201)
 
 
-async def list_machines(call: Call) -> web.StreamResponse:
+def list_machines(call: Call) -> web.StreamResponse:
     app = call.app_named(call.request.match_info["app"])
     limit, cursor = _machine_page(call, MACHINE_PAGE)
     machines = call.request.app[RELEASES_KEY].machines
@@ -863,7 +883,7 @@ def _user_machine(call: Call) -> Machine:
     return machine
 
 
-async def _change_machine(call: Call, action: str) -> web.StreamResponse:
+def _change_machine(call: Call, action: str) -> web.StreamResponse:
     machine = _user_machine(call)
     service = call.request.app[RELEASES_KEY]
     machines = service.machines
@@ -887,19 +907,19 @@ async def _change_machine(call: Call, action: str) -> web.StreamResponse:
     return _json(machine_json(found))
 
 
-async def stop_machine(call: Call) -> web.StreamResponse:
-    return await _change_machine(call, "stop")
+def stop_machine(call: Call) -> web.StreamResponse:
+    return _change_machine(call, "stop")
 
 
-async def start_machine(call: Call) -> web.StreamResponse:
-    return await _change_machine(call, "start")
+def start_machine(call: Call) -> web.StreamResponse:
+    return _change_machine(call, "start")
 
 
-async def restart_machine(call: Call) -> web.StreamResponse:
-    return await _change_machine(call, "restart")
+def restart_machine(call: Call) -> web.StreamResponse:
+    return _change_machine(call, "restart")
 
 
-async def app_logs(call: Call) -> web.StreamResponse:
+def app_logs(call: Call) -> web.StreamResponse:
     app = call.app_named(call.request.match_info["app"])
     after = query_int(call.request, "after", 0)  # a log line id
     lines = call.request.app[RELEASES_KEY].machines.logs(app.id, after, MAX_LOG_LINES)
@@ -961,6 +981,13 @@ def _refuse_unstorable_parameters(request: web.Request) -> None:
                 )
 
 
+def _handle(call: Call, handler: Handler) -> web.StreamResponse:
+    """Identify the caller and run the handler: on a database thread, in one hop."""
+    if handler not in _ANONYMOUS_OK:
+        call.identify()
+    return handler(call)
+
+
 def _endpoint(methods: dict[str, Handler]) -> RequestHandler:
     allow = ", ".join(sorted(methods))
 
@@ -973,12 +1000,12 @@ def _endpoint(methods: dict[str, Handler]) -> RequestHandler:
                 f"{request.method} is not supported here",
                 headers={"Allow": allow},
             ).response()
-        call = Call(request, request.app[API_AUTH_KEY])
         try:
+            call = Call(request, request.app[API_AUTH_KEY])
             _refuse_unstorable_parameters(request)
-            if handler not in _ANONYMOUS_OK:
-                call.identify()
-            return await handler(call)
+            if request.method in _BODY_METHODS:
+                await call.read_body()
+            return await call.platform.run(_handle, call, handler)
         except ApiError as err:
             return err.response()
         except RequestPayloadError as e:  # a body the client mis-encoded (say, "gzip" that is not)
@@ -1009,7 +1036,7 @@ def add_management_routes(
 
     app[API_AUTH_KEY] = auth
     app[RELEASES_KEY] = releases
-    add_graphql(app, releases.releases.engine)
+    add_graphql(app, releases.releases.db)
     for path, methods in ROUTES.items():
         app.router.add_route("*", PREFIX + path, _endpoint(methods))
     app.router.add_route("*", PREFIX + "/{tail:.*}", _no_endpoint)

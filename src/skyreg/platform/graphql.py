@@ -10,7 +10,7 @@ Every query is bounded before it runs: its document size and tokens, and (fragme
 depth, aliases, field selections, page sizes (`first`) and the release nodes it may return in
 total (`QueryLimits`); its answer is refused when larger than `MAX_ANSWER_BYTES`. Parsing,
 validation, execution and serialisation run in a small thread pool (`GraphQLRunner`), never on the
-event loop, with their own database connections (`SqlStore` readers belong to one thread).
+event loop; their queries use the process's shared `Database` (a reader connection per thread).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -44,9 +43,9 @@ from graphql import (
     specified_rules,
     validate,
 )
-from sqlalchemy import Engine
 
 from skyreg.clock import utc_iso
+from skyreg.meta.db import Database
 from skyreg.meta.platform import Release, ReleaseMeta, TokenRecord
 from skyreg.oci.bounded import storable
 
@@ -236,7 +235,8 @@ def _caller(token: TokenRecord) -> str:
 
 @dataclass
 class GraphQLRunner:
-    """Runs queries in a small pool of threads, each with its own database reader.
+    """Runs queries in a small pool of threads (each with its reader connection of the shared
+    `Database`): the database threads stay free for the other requests.
 
     Admission: each caller (`_caller`) has at most `per_caller` queries running or waiting
     (more answer 429), so no tenant can hold every worker and the queue; a query within its
@@ -245,27 +245,20 @@ class GraphQLRunner:
     `max_waiting` others, else 503.
     """
 
-    engine: Engine
+    db: Database
     workers: int = WORKERS
     per_caller: int = PER_CALLER
     max_waiting: int = MAX_WAITING
     wait_timeout: float = WAIT_TIMEOUT
     _pool: ThreadPoolExecutor = field(init=False)
-    _local: threading.local = field(default_factory=threading.local)
-    _stores: list[ReleaseMeta] = field(default_factory=list)
+    _store: ReleaseMeta = field(init=False)
     _callers: dict[str, int] = field(default_factory=dict)  # queries admitted per caller
     _running: int = 0  # workers handed out (queries executing or about to)
     _waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
 
     def __post_init__(self) -> None:
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="graphql")
-
-    def _store(self) -> ReleaseMeta:
-        store: ReleaseMeta | None = getattr(self._local, "store", None)
-        if store is None:
-            store = self._local.store = ReleaseMeta(self.engine)
-            self._stores.append(store)
-        return store
+        self._store = ReleaseMeta(self.db)
 
     async def run(
         self, token: TokenRecord, query: str, variables: dict[str, Any], operation: str | None
@@ -387,7 +380,7 @@ class GraphQLRunner:
         return 200, body
 
     def _resolve_app(self, token: TokenRecord) -> Any:
-        store = self._store()
+        store = self._store
 
         def resolve_app(_info: Any, name: str) -> dict[str, Any] | None:
             # A literal may spell NUL or a lone surrogate, which no database column compares with.
@@ -413,18 +406,17 @@ class GraphQLRunner:
         return resolve_app
 
     def close(self) -> None:
-        """Wait for running queries, then release the threads' database connections."""
+        """Wait for running queries. The threads' reader connections belong to the shared
+        `Database`, which closes them when it closes."""
         self._pool.shutdown(wait=True)
-        for store in self._stores:
-            store.close_reader()
 
 
 GRAPHQL_KEY = web.AppKey("graphql", GraphQLRunner)
 
 
-def add_graphql(app: web.Application, engine: Engine) -> None:
-    """Serve `POST /graphql` on `app`, its queries run by a `GraphQLRunner` over `engine`."""
-    runner = GraphQLRunner(engine)
+def add_graphql(app: web.Application, db: Database) -> None:
+    """Serve `POST /graphql` on `app`, its queries run by a `GraphQLRunner` over `db`."""
+    runner = GraphQLRunner(db)
     app[GRAPHQL_KEY] = runner
     app.router.add_post("/graphql", graphql_endpoint)
 
@@ -439,9 +431,14 @@ async def graphql_endpoint(request: web.Request) -> web.StreamResponse:
     from skyreg.platform.api import API_AUTH_KEY, ApiError, Call
 
     call = Call(request, request.app[API_AUTH_KEY])
-    try:
+    await call.read_body()
+
+    def identify_then_read() -> dict[str, Any]:  # token lookups: on a database thread
         call.identify()
-        body = await call.body()
+        return call.body()
+
+    try:
+        body = await call.platform.run(identify_then_read)
     except ApiError as err:
         return err.response()
     query = body.get("query")

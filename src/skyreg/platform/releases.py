@@ -6,7 +6,6 @@ A release is recorded `pending`, becomes `running` once its machines are created
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -47,7 +46,11 @@ class DeployLimits:
 
 @dataclass
 class ReleaseService:
-    """What deploys need beyond the platform tables: the registry's manifests and tags."""
+    """What deploys need beyond the platform tables: the registry's manifests and tags.
+
+    Every store shares the process's one `Database`; their methods query, so callers use
+    them on a database thread (`store.run`), never on the event loop.
+    """
 
     registry: RegistryMeta
     releases: ReleaseMeta
@@ -55,20 +58,10 @@ class ReleaseService:
     geo: GeoNode | None = None  # multi-region: deploys queue copies of the image
     limits: DeployLimits = field(default_factory=DeployLimits)
 
-    async def blobs_missing_for_deploy(self, source: str, digest: str, target: str) -> list[str]:
-        """`unavailable_blobs`, in a worker thread with readers of its own: walking an index
-        parses up to MAX_IMAGE_MANIFESTS manifests, too much work for the event loop."""
-
-        def walk() -> list[str]:
-            registry = RegistryMeta(self.registry.engine)
-            releases = ReleaseMeta(self.releases.engine)
-            try:
-                return unavailable_blobs(registry, releases, source, digest, target)
-            finally:
-                registry.close_reader()
-                releases.close_reader()
-
-        return await asyncio.to_thread(walk)
+    def unavailable_blobs(self, source: str, digest: str, target: str) -> list[str]:
+        """`unavailable_blobs` with this service's stores. Queries, and walking an index parses
+        up to MAX_IMAGE_MANIFESTS manifests: call it on a database thread."""
+        return unavailable_blobs(self.registry, self.releases, source, digest, target)
 
 
 def unavailable_blobs(

@@ -199,8 +199,18 @@ _ACTION = {"GET": PULL, "HEAD": PULL, "POST": PUSH, "PATCH": PUSH, "PUT": PUSH, 
 _SCOPE_ACTIONS = {PULL: "pull", PUSH: "pull,push", DELETE: "delete"}
 
 
-def _authorize(request: web.Request, reg: Registry, endpoint: Endpoint | None, name: str) -> None:
-    """Identify the caller and refuse what it may not do (before the handler looks anything up)."""
+async def _authorize(
+    request: web.Request, reg: Registry, endpoint: Endpoint | None, name: str
+) -> None:
+    """Identify the caller and refuse what it may not do (before the handler looks anything
+    up): token and app lookups, so on a database thread."""
+    if reg.auth is not None:
+        await reg.meta.run(_authorize_now, request, reg, endpoint, name)
+
+
+def _authorize_now(
+    request: web.Request, reg: Registry, endpoint: Endpoint | None, name: str
+) -> None:
     auth = reg.auth
     if auth is None:
         return
@@ -223,7 +233,7 @@ def _authorize(request: web.Request, reg: Registry, endpoint: Endpoint | None, n
 
 
 async def _base(request: web.Request) -> web.StreamResponse:
-    _authorize(request, request.app[REGISTRY_KEY], None, "")
+    await _authorize(request, request.app[REGISTRY_KEY], None, "")
     return web.json_response({})
 
 
@@ -242,7 +252,7 @@ async def _dispatch(request: web.Request) -> web.StreamResponse:
         )
     if route.endpoint is not Endpoint.CATALOG:
         validate_name(route.name)
-    _authorize(request, request.app[REGISTRY_KEY], route.endpoint, route.name)
+    await _authorize(request, request.app[REGISTRY_KEY], route.endpoint, route.name)
     _refuse_unstorable_query(request, route.endpoint)
     return await handler(request, route.name, route.reference)
 
@@ -252,14 +262,14 @@ async def _expire_uploads(reg: Registry, interval: float) -> None:
     while True:
         try:
             cutoff = datetime.now(UTC) - timedelta(seconds=reg.upload_ttl)
-            for upload_id in reg.meta.stale_uploads(cutoff):
+            for upload_id in await reg.meta.run(reg.meta.stale_uploads, cutoff):
                 await reg.store.abort(upload_id)
-                reg.meta.delete_upload(upload_id)
+                await reg.meta.run(reg.meta.delete_upload, upload_id)
                 log.info("expired abandoned upload %s", upload_id)
             # Bytes with no session left behind (a crash between the two steps above, or in
             # the middle of a monolithic upload) go once they are as old as an expired upload.
             for upload_id in await reg.store.idle_uploads(cutoff):
-                if reg.meta.upload_repository(upload_id) is None:
+                if await reg.meta.run(reg.meta.upload_repository, upload_id) is None:
                     await reg.store.abort(upload_id)
                     log.info("removed orphaned upload bytes %s", upload_id)
         except Exception:
@@ -284,8 +294,8 @@ def create_app(reg: Registry, *, expiry_interval: float = 300.0) -> web.Applicat
         app.router.add_post(TOKEN_PATH, token_endpoint)
         releases = ReleaseService(
             registry=reg.meta,
-            releases=ReleaseMeta(reg.meta.engine),
-            machines=MachineMeta(reg.meta.engine),
+            releases=ReleaseMeta(reg.meta.db),
+            machines=MachineMeta(reg.meta.db),
             geo=reg.geo,
         )
         add_management_routes(app, reg.auth, releases)
@@ -310,15 +320,16 @@ def create_app(reg: Registry, *, expiry_interval: float = 300.0) -> web.Applicat
 
         async def metrics(request: web.Request) -> web.StreamResponse:
             if reg.auth is not None:
-                _require_admin(request, reg.auth)
-            return _metrics_response(geo)
+                await reg.meta.run(_require_admin, request, reg.auth)
+            return await _metrics_response(geo)
 
         app.router.add_get("/metrics", metrics)
     return app
 
 
-def _metrics_response(geo: GeoNode) -> web.Response:
-    return web.Response(text=geo.metrics(), content_type="text/plain", charset="utf-8")
+async def _metrics_response(geo: GeoNode) -> web.Response:
+    text = await geo.meta.run(geo.metrics)
+    return web.Response(text=text, content_type="text/plain", charset="utf-8")
 
 
 def _require_admin(request: web.Request, auth: Authenticator) -> None:
@@ -348,7 +359,7 @@ def metrics_app(geo: GeoNode) -> web.Application:
     app = web.Application(middlewares=[_errors])
 
     async def metrics(_request: web.Request) -> web.StreamResponse:
-        return _metrics_response(geo)
+        return await _metrics_response(geo)
 
     app.router.add_get("/metrics", metrics)
     return app

@@ -70,7 +70,7 @@ async def get_blob(request: web.Request, name: str, reference: str) -> web.Strea
     """GET/HEAD a blob; bytes from a local file go out with sendfile, Range honoured."""
     reg = registry_of(request)
     digest = Digest.parse(reference)
-    size = reg.meta.blob_size(name, str(digest))
+    size = await reg.meta.run(reg.meta.blob_size, name, str(digest))
     stored = await reg.store.stat(digest) if size is not None else None
     if size is not None and stored is None and reg.geo is not None:
         # In the registry, not in this region: from the nearest region holding it, via here.
@@ -117,7 +117,7 @@ async def delete_blob(request: web.Request, name: str, reference: str) -> web.St
     """DELETE a blob from a repository; its bytes go when no repository links them."""
     reg = registry_of(request)
     digest = Digest.parse(reference)
-    linked, last = reg.meta.unlink_blob(name, str(digest))
+    linked, last = await reg.meta.run(reg.meta.unlink_blob, name, str(digest))
     if not linked:
         raise RegistryError(
             ErrorCode.BLOB_UNKNOWN, f"blob {digest} is not in {name}", {"digest": str(digest)}
@@ -171,6 +171,15 @@ def _upload_headers(name: str, upload_id: str, size: int) -> dict[str, str]:
     }
 
 
+def _mountable_size(request: web.Request, digest: str, source: str | None) -> int | None:
+    """The size of `digest` in `source` (or any repository holding it) if the caller may pull
+    it from there, else None (queries: run it on a database thread)."""
+    meta = registry_of(request).meta
+    sources = [source] if source is not None else meta.repositories_with_blob(digest)
+    readable = next((r for r in sources if may_pull(request, r)), None)
+    return meta.blob_size(readable, digest) if readable is not None else None
+
+
 async def _try_mount(reg: Registry, name: str, request: web.Request) -> web.Response | None:
     """Link a blob from another repository the caller may read; None means upload normally.
 
@@ -181,14 +190,10 @@ async def _try_mount(reg: Registry, name: str, request: web.Request) -> web.Resp
     source = request.query.get("from")
     if source is not None:
         validate_name(source)
-        sources = [source]
-    else:
-        sources = reg.meta.repositories_with_blob(str(digest))
-    readable = next((r for r in sources if may_pull(request, r)), None)
-    size = reg.meta.blob_size(readable, str(digest)) if readable is not None else None
+    size = await reg.meta.run(_mountable_size, request, str(digest), source)
     if size is None or await reg.store.stat(digest) is None:
         return None
-    reg.meta.link_blob(name, str(digest), size)
+    await reg.meta.run(reg.meta.link_blob, name, str(digest), size)
     return _blob_created(name, digest)
 
 
@@ -218,8 +223,8 @@ async def start_upload(request: web.Request, name: str, _reference: str) -> web.
         except DigestMismatch as e:
             raise RegistryError(ErrorCode.DIGEST_INVALID, str(e), {"digest": str(digest)}) from None
         if reg.geo is not None:  # the copy is recorded before anyone can ask for it
-            reg.geo.stored(digest)
-        reg.meta.link_blob(name, str(digest), size)
+            await reg.geo.stored(digest)
+        await reg.meta.run(reg.meta.link_blob, name, str(digest), size)
         return _blob_created(name, digest)
     if _has_body(request):
         raise RegistryError(
@@ -228,18 +233,20 @@ async def start_upload(request: web.Request, name: str, _reference: str) -> web.
     if reg.space is not None:
         await reg.space.ensure_room()
     upload_id = uuid.uuid4().hex
-    reg.meta.create_upload(upload_id, name)
+    await reg.meta.run(reg.meta.create_upload, upload_id, name)
     await reg.store.create_upload(upload_id)
     return empty(202, _upload_headers(name, upload_id, 0))
 
 
-def _session(reg: Registry, name: str, upload_id: str) -> None:
+async def _session(reg: Registry, name: str, upload_id: str) -> None:
     unknown = RegistryError(
         ErrorCode.BLOB_UPLOAD_UNKNOWN,
         f"upload {upload_id[:64]!r} is unknown",
         {"upload": upload_id[:64]},
     )
-    if _UPLOAD_ID_RE.match(upload_id) is None or reg.meta.upload_repository(upload_id) != name:
+    if _UPLOAD_ID_RE.match(upload_id) is None:
+        raise unknown
+    if await reg.meta.run(reg.meta.upload_repository, upload_id) != name:
         raise unknown
 
 
@@ -318,14 +325,14 @@ async def _append(request: web.Request, reg: Registry, name: str, upload_id: str
         reg.space.resumed(upload_id)
     if expected is not None and offset is not None and size != offset + expected:
         raise RegistryError(ErrorCode.SIZE_INVALID, "chunk shorter than its Content-Range")
-    reg.meta.touch_upload(upload_id)
+    await reg.meta.run(reg.meta.touch_upload, upload_id)
     return size
 
 
 async def upload_session(request: web.Request, name: str, upload_id: str) -> web.StreamResponse:
     """GET (status), PATCH (chunk), PUT (finish) and DELETE (cancel) an upload session."""
     reg = registry_of(request)
-    _session(reg, name, upload_id)
+    await _session(reg, name, upload_id)
     method = request.method
     if method in ("GET", "HEAD"):
         size = await _upload_size(reg, upload_id)
@@ -335,7 +342,7 @@ async def upload_session(request: web.Request, name: str, upload_id: str) -> web
         return empty(202, _upload_headers(name, upload_id, size))
     if method == "DELETE":
         await reg.store.abort(upload_id)
-        reg.meta.delete_upload(upload_id)
+        await reg.meta.run(reg.meta.delete_upload, upload_id)
         return empty(204)
     # PUT: the last (possibly empty) chunk and the digest.
     raw_digest = request.query.get("digest")
@@ -347,13 +354,13 @@ async def upload_session(request: web.Request, name: str, upload_id: str) -> web
     try:
         size = await reg.store.commit(upload_id, digest)
     except DigestMismatch as e:
-        reg.meta.delete_upload(upload_id)
+        await reg.meta.run(reg.meta.delete_upload, upload_id)
         raise RegistryError(ErrorCode.DIGEST_INVALID, str(e), {"digest": str(digest)}) from None
     except UploadUnknown:
         raise RegistryError(
             ErrorCode.BLOB_UPLOAD_UNKNOWN, f"upload {upload_id} is unknown"
         ) from None
     if reg.geo is not None:  # the copy is recorded before anyone can ask for it
-        reg.geo.stored(digest)
-    reg.meta.link_blob(name, str(digest), size, finished_upload=upload_id)
+        await reg.geo.stored(digest)
+    await reg.meta.run(reg.meta.link_blob, name, str(digest), size, finished_upload=upload_id)
     return _blob_created(name, digest)

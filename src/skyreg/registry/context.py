@@ -41,7 +41,8 @@ def registry_of(request: web.Request) -> Registry:
 
 
 def may_pull(request: web.Request, repository: str) -> bool:
-    """Whether the caller of `request` may read `repository` (always, without auth)."""
+    """Whether the caller of `request` may read `repository` (always, without auth); it may
+    query the database: call it on a database thread (`RegistryMeta.run`)."""
     auth = registry_of(request).auth
     if auth is None:
         return True

@@ -21,11 +21,12 @@ async def list_tags(request: web.Request, name: str, _reference: str) -> web.Str
     reg = registry_of(request)
     n = page_size(request, None)
     last = request.query.get("last") or None
-    if not reg.meta.repository_known(name):
+    if not await reg.meta.run(reg.meta.repository_known, name):
         raise RegistryError(
             ErrorCode.NAME_UNKNOWN, f"repository {name} is not known", {"name": name}
         )
-    tags = [] if n == 0 else reg.meta.list_tags(name, None if n is None else n + 1, last)
+    limit = None if n is None else n + 1
+    tags = [] if n == 0 else await reg.meta.run(reg.meta.list_tags, name, limit, last)
     headers = {}
     if n is not None and len(tags) > n:
         tags = tags[:n]
@@ -34,7 +35,8 @@ async def list_tags(request: web.Request, name: str, _reference: str) -> web.Str
 
 
 def _readable_repositories(request: web.Request, limit: int, last: str | None) -> list[str]:
-    """Up to `limit` repository names after `last` that the caller may pull."""
+    """Up to `limit` repository names after `last` that the caller may pull (queries: run it
+    on a database thread)."""
     reg = registry_of(request)
     if reg.auth is None:
         return reg.meta.catalog(limit, last)
@@ -60,7 +62,8 @@ async def catalog(request: web.Request, _name: str, _reference: str) -> web.Stre
     n = page_size(request, CATALOG_PAGE)
     assert n is not None
     last = request.query.get("last") or None
-    names = [] if n == 0 else _readable_repositories(request, n + 1, last)
+    reg = registry_of(request)
+    names = [] if n == 0 else await reg.meta.run(_readable_repositories, request, n + 1, last)
     headers = {}
     if len(names) > n:
         names = names[:n]
@@ -73,7 +76,7 @@ async def referrers(request: web.Request, name: str, reference: str) -> web.Stre
     reg = registry_of(request)
     subject = Digest.parse(reference)
     artifact_type = request.query.get("artifactType") or None
-    found = reg.meta.referrers(name, str(subject), artifact_type)
+    found = await reg.meta.run(reg.meta.referrers, name, str(subject), artifact_type)
     manifests: list[dict[str, Any]] = []
     for r in found:
         entry: dict[str, Any] = {"mediaType": r.media_type, "digest": r.digest, "size": r.size}

@@ -45,7 +45,7 @@ async def get_manifest(request: web.Request, name: str, reference: str) -> web.S
     """GET/HEAD a manifest by tag or digest: exact bytes, stored Content-Type, digest, ETag."""
     reg = registry_of(request)
     ref, by_digest = _lookup_reference(name, reference)
-    stored = reg.meta.get_manifest(name, ref, by_digest)
+    stored = await reg.meta.run(reg.meta.get_manifest, name, ref, by_digest)
     if stored is None:
         raise _unknown(name, ref)
     accepted = mt.parse_accept(request.headers.getall("Accept", []))
@@ -105,9 +105,9 @@ async def put_manifest(request: web.Request, name: str, reference: str) -> web.S
     )
     tags = [] if by_digest else [ref]
     tags += [validate_tag(t) for t in request.query.getall("tag", []) if t not in tags]
-    reg.meta.put_manifest(name, manifest, tags)
+    await reg.meta.run(reg.meta.put_manifest, name, manifest, tags)
     if reg.geo is not None and tags:  # a tagged push (an index's children come untagged first)
-        reg.geo.after_push(name, str(digest))
+        await reg.meta.run(reg.geo.after_push, name, str(digest))
     headers = {"Location": f"/v2/{name}/manifests/{digest}", "Docker-Content-Digest": str(digest)}
     if manifest.subject is not None:
         headers["OCI-Subject"] = str(manifest.subject.digest)
@@ -121,7 +121,11 @@ async def delete_manifest(request: web.Request, name: str, reference: str) -> we
     """DELETE by digest removes the manifest and its tags; by tag removes only that tag."""
     reg = registry_of(request)
     ref, by_digest = _lookup_reference(name, reference)
-    found = reg.meta.delete_manifest(name, ref) if by_digest else reg.meta.delete_tag(name, ref)
+    found = (
+        await reg.meta.run(reg.meta.delete_manifest, name, ref)
+        if by_digest
+        else await reg.meta.run(reg.meta.delete_tag, name, ref)
+    )
     if not found:
         raise _unknown(name, ref)
     return empty(202)

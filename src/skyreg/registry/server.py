@@ -112,21 +112,15 @@ def open_blob_store(cfg: ServeConfig) -> BlobStore:
 
 async def close_blob_store(store: BlobStore) -> None:
     """Release a store's connections and threads, whichever backend it is."""
-    aclose = getattr(store, "aclose", None)
-    if aclose is not None:
-        await aclose()
-    close = getattr(store, "close", None)
-    if close is not None:
-        close()
+    await store.aclose()
+    store.close()
 
 
 async def _check_blob_store(cfg: ServeConfig) -> None:
     """Fail at start, with the reason, when the configured storage cannot be reached."""
     store = open_blob_store(cfg)
     try:
-        check = getattr(store, "check", None)
-        if check is not None:
-            await check()
+        await store.check()
     finally:
         await close_blob_store(store)
 
@@ -148,8 +142,8 @@ def _authenticator(cfg: ServeConfig, meta: RegistryMeta) -> Authenticator | None
     if not cfg.auth:
         return None
     return Authenticator(
-        PlatformMeta(meta.engine),
-        KeyRing(meta.engine, legacy_dir=cfg.data_dir / "keys"),
+        PlatformMeta(meta.db),
+        KeyRing(meta.db, legacy_dir=cfg.data_dir / "keys"),
         service=cfg.auth_service,
         limiter=FailureLimiter(limit=cfg.auth_failure_limit),
         public_url=cfg.public_url or "http://127.0.0.1:5000",
@@ -236,7 +230,7 @@ def _geo_node(cfg: ServeConfig, reg: Registry) -> GeoNode | None:
         region=cfg.region,
         regions=RegionMap(cfg.regions_file, cfg.region),
         store=reg.store,
-        meta=GeoMeta(reg.meta.engine),
+        meta=GeoMeta(reg.meta.db),
         registry=reg.meta,
         peer_token=cfg.peer_token,
         peer_token_file=cfg.peer_token_file,

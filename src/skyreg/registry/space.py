@@ -20,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Protocol
 
+from skyreg.meta.registry import RegistryMeta
 from skyreg.oci.errors import ErrorCode, RegistryError
 
 log = logging.getLogger("skyreg.space")
@@ -70,25 +71,12 @@ class Reclaimable(Protocol):
         """Upload ids whose bytes have not changed since `idle_since`."""
 
 
-class UploadSessions(Protocol):
-    """The metadata side: upload sessions by last activity."""
-
-    def stale_uploads(self, idle_since: datetime) -> list[str]:
-        """Sessions with no activity since `idle_since`, the longest idle first."""
-
-    def delete_upload(self, upload_id: str) -> bool:
-        """Forget a session; whether there was one."""
-
-    def upload_repository(self, upload_id: str) -> str | None:
-        """The repository of a session, None if there is no such session."""
-
-
 @dataclass
 class SpaceGuard:
     """The low-space watermark of one filesystem store, for one server process."""
 
     store: Reclaimable
-    sessions: UploadSessions
+    sessions: RegistryMeta
     watermark: Watermark
     reclaim_idle: float = 600.0  # seconds without activity before an upload counts as abandoned
     _failed: dict[str, None] = field(default_factory=dict)  # insertion-ordered: oldest first
@@ -153,7 +141,7 @@ class SpaceGuard:
         """Remove unused uploads until `needed` bytes are free: failed ones, then sessions idle
         longer than `reclaim_idle` (longest idle first), then bytes with no session left."""
         cutoff = datetime.now(UTC) - timedelta(seconds=self.reclaim_idle)
-        stale = self.sessions.stale_uploads(cutoff)
+        stale = await self.sessions.run(self.sessions.stale_uploads, cutoff)
         candidates = list(dict.fromkeys([*self._failed, *stale]))
         freed = count = 0
         for upload_id in candidates[:MAX_RECLAIMED_PER_CHECK]:
@@ -161,15 +149,17 @@ class SpaceGuard:
             self._failed.pop(upload_id, None)
             if got is None:
                 continue  # a request is writing to it right now
-            self.sessions.delete_upload(upload_id)
+            await self.sessions.run(self.sessions.delete_upload, upload_id)
             freed, count = freed + got, count + 1
             if (await self._space())[0] >= needed:
                 return freed, count
-        sessionless = [
-            upload_id
-            for upload_id in await self.store.idle_uploads(cutoff)
-            if self.sessions.upload_repository(upload_id) is None
-        ]
+        idle = await self.store.idle_uploads(cutoff)
+        sessions = self.sessions
+
+        def without_session() -> list[str]:
+            return [u for u in idle if sessions.upload_repository(u) is None]
+
+        sessionless = await sessions.run(without_session)
         for upload_id in sessionless[: MAX_RECLAIMED_PER_CHECK - count]:
             got = await self.store.reclaim(upload_id)
             if got is not None:

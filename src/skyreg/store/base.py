@@ -111,3 +111,15 @@ class BlobStore(Protocol):
         """Uploads whose bytes have not changed since `idle_since` (including orphans whose
         session record is gone, e.g. after a crash mid-request)."""
         ...
+
+    async def check(self) -> None:
+        """Fail, with the reason, unless the storage can be used (run once at start)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release what this event loop holds (connections); call before the loop ends."""
+        ...
+
+    def close(self) -> None:
+        """Release the store's threads; the last call, after `aclose`."""
+        ...

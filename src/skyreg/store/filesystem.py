@@ -435,5 +435,15 @@ class FilesystemBlobStore:
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, scan)
 
+    async def check(self) -> None:
+        """Fail unless the blob and upload directories are writable by this process."""
+        for directory in (self.blob_dir, self.upload_dir):
+            if not os.access(directory, os.W_OK | os.X_OK):
+                raise PermissionError(f"{directory} is not writable by this process")
+
+    async def aclose(self) -> None:
+        """Nothing is bound to the event loop."""
+
     def close(self) -> None:
+        """Stop the writer threads."""
         self._executor.shutdown(wait=False)
