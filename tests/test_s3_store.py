@@ -569,7 +569,7 @@ def test_serve_refuses_a_storage_it_cannot_reach(tmp_path: Path, s3_bucket: S3Bu
 
 
 def test_storage_setting_parses_file_and_s3_urls() -> None:
-    from skyreg.registry.server import parse_storage
+    from skyreg.server.config import parse_storage
 
     assert parse_storage("file") is None
     assert parse_storage("s3://bucket") == ("bucket", "")

@@ -238,9 +238,9 @@ def serve(
     from skyreg.platform.releases import DeployLimits
     from skyreg.registry.connections import ConnectionLimits
     from skyreg.registry.forwarded import parse_networks
-    from skyreg.registry.server import ServeConfig, parse_storage
-    from skyreg.registry.server import serve as run
     from skyreg.registry.space import parse_watermark
+    from skyreg.server.config import ServeConfig, parse_storage
+    from skyreg.server.process import serve as run
 
     try:
         parse_storage(storage)

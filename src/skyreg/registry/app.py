@@ -1,4 +1,5 @@
-"""The aiohttp application: routing below /v2/, errors as spec JSON, upload expiry."""
+"""The OCI distribution API on an aiohttp application: routing below /v2/, errors as spec
+JSON, upload expiry. `skyreg.server` makes the application and mounts the rest beside it."""
 
 from __future__ import annotations
 
@@ -8,41 +9,23 @@ import errno
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 from aiohttp.web_protocol import RequestPayloadError
 
-from skyreg.auth.http import (
-    AUTHENTICATOR_KEY,
-    IDENTITY_KEY,
-    TOKEN_PATH,
-    client_of,
-    identify,
-    token_endpoint,
-    too_many,
-    unauthorized,
-)
+from skyreg.auth.http import IDENTITY_KEY, identify, unauthorized
 from skyreg.auth.policy import DELETE, PULL, PUSH
-from skyreg.auth.service import Authenticator, AuthFailed, Throttled
 from skyreg.meta.db import disk_full
 from skyreg.meta.db import unreachable as database_unreachable
-from skyreg.meta.machines import MachineMeta
-from skyreg.meta.platform import ReleaseMeta
 from skyreg.oci.bounded import storable
 from skyreg.oci.errors import ErrorCode, RegistryError
 from skyreg.oci.names import validate_name
-from skyreg.platform.api import add_management_routes
-from skyreg.platform.releases import ReleaseService
 from skyreg.registry import blobs, discovery, manifests
 from skyreg.registry.context import REGISTRY_KEY, Registry
-from skyreg.registry.forwarded import forwarded_middleware
+from skyreg.registry.forwarded import Network, forwarded_middleware
 from skyreg.registry.routing import METHODS, Endpoint, match_route
 from skyreg.store.base import StorageFull, StorageUnavailable
-
-if TYPE_CHECKING:
-    from skyreg.geo.node import GeoNode
 
 log = logging.getLogger("skyreg.registry")
 
@@ -277,34 +260,29 @@ async def _expire_uploads(reg: Registry, interval: float) -> None:
         await asyncio.sleep(interval)
 
 
-def create_app(reg: Registry, *, expiry_interval: float = 300.0) -> web.Application:
-    """The registry's aiohttp application over `reg`."""
-    # Blob bodies are streamed, never buffered, so the whole-body limit only guards read().
-    middlewares: list[Middleware] = [_errors]
-    if reg.trusted_proxies:  # first: every later step sees the client, not the proxy
-        middlewares.insert(0, forwarded_middleware(reg.trusted_proxies))
-    app = web.Application(middlewares=middlewares, client_max_size=8 * 1024 * 1024)
+CLIENT_MAX_SIZE = 8 * 1024 * 1024
+"""The whole-body limit of an app serving the registry: blob bodies are streamed, never
+buffered, so it only guards read() (manifests, JSON bodies)."""
+
+
+def middlewares(trusted_proxies: tuple[Network, ...] = ()) -> list[Middleware]:
+    """The middlewares of an application serving the registry (and whatever the server mounts
+    beside it): errors as the spec's JSON and the API version header (`_errors`), after the
+    client address from trusted proxies' X-Forwarded-* headers when there are any."""
+    chain: list[Middleware] = [_errors]
+    if trusted_proxies:  # first: every later step sees the client, not the proxy
+        chain.insert(0, forwarded_middleware(trusted_proxies))
+    return chain
+
+
+def add_routes(app: web.Application, reg: Registry, *, expiry_interval: float = 300.0) -> None:
+    """Serve the OCI distribution API over `reg` under /v2/ on `app` (made with
+    `middlewares(reg.trusted_proxies)` and `CLIENT_MAX_SIZE`), and expire idle uploads every
+    `expiry_interval` seconds while it runs."""
     app[REGISTRY_KEY] = reg
     app.router.add_get("/v2/", _base)
     app.router.add_get("/v2", _base)
     app.router.add_route("*", "/v2/{tail:.*}", _dispatch)
-    if reg.auth is not None:
-        app[AUTHENTICATOR_KEY] = reg.auth
-        app.router.add_get(TOKEN_PATH, token_endpoint)
-        app.router.add_post(TOKEN_PATH, token_endpoint)
-        releases = ReleaseService(
-            registry=reg.meta,
-            releases=ReleaseMeta(reg.meta.db),
-            machines=MachineMeta(reg.meta.db),
-            geo=reg.geo,
-        )
-        add_management_routes(app, reg.auth, releases)
-
-        async def close_releases(_app: web.Application) -> None:
-            releases.releases.close()
-            releases.machines.close()
-
-        app.on_cleanup.append(close_releases)
 
     async def expiry(app: web.Application) -> AsyncIterator[None]:
         task = asyncio.create_task(_expire_uploads(reg, expiry_interval))
@@ -314,52 +292,3 @@ def create_app(reg: Registry, *, expiry_interval: float = 300.0) -> web.Applicat
             await task
 
     app.cleanup_ctx.append(expiry)
-    if reg.geo is not None:
-        geo = reg.geo
-        app.cleanup_ctx.append(geo.run)
-
-        async def metrics(request: web.Request) -> web.StreamResponse:
-            if reg.auth is not None:
-                await reg.meta.run(_require_admin, request, reg.auth)
-            return await _metrics_response(geo)
-
-        app.router.add_get("/metrics", metrics)
-    return app
-
-
-async def _metrics_response(geo: GeoNode) -> web.Response:
-    text = await geo.meta.run(geo.metrics)
-    return web.Response(text=text, content_type="text/plain", charset="utf-8")
-
-
-def _require_admin(request: web.Request, auth: Authenticator) -> None:
-    """Metrics describe every tenant's traffic: only an admin access token reads them here, as
-    Basic or as Bearer (a scraper's bearer token). Registry JWTs are not access tokens, whatever
-    token they were made from."""
-    header = request.headers.get("Authorization")
-    if not header:
-        raise RegistryError(
-            ErrorCode.UNAUTHORIZED,
-            "metrics need an admin token",
-            headers={"WWW-Authenticate": 'Basic realm="skyreg metrics"'},
-        )
-    try:
-        token = auth.limited(client_of(request), lambda: auth.access_token(header))
-    except Throttled as e:
-        raise too_many(e.retry_after) from None
-    except AuthFailed:
-        raise RegistryError(ErrorCode.UNAUTHORIZED, "invalid, expired or revoked token") from None
-    if token.kind != "admin":
-        raise RegistryError(ErrorCode.DENIED, "metrics need an admin token")
-
-
-def metrics_app(geo: GeoNode) -> web.Application:
-    """`/metrics` alone, for `serve --metrics-address`: an address only the operator's scraper
-    reaches, so no token is asked."""
-    app = web.Application(middlewares=[_errors])
-
-    async def metrics(_request: web.Request) -> web.StreamResponse:
-        return await _metrics_response(geo)
-
-    app.router.add_get("/metrics", metrics)
-    return app

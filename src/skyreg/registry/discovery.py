@@ -21,12 +21,19 @@ async def list_tags(request: web.Request, name: str, _reference: str) -> web.Str
     reg = registry_of(request)
     n = page_size(request, None)
     last = request.query.get("last") or None
-    if not await reg.meta.run(reg.meta.repository_known, name):
+    limit = None if n is None else n + 1
+    meta = reg.meta
+
+    def known_and_tags() -> list[str] | None:  # one database hop for both queries
+        if not meta.repository_known(name):
+            return None
+        return [] if n == 0 else meta.list_tags(name, limit, last)
+
+    tags = await meta.run(known_and_tags)
+    if tags is None:
         raise RegistryError(
             ErrorCode.NAME_UNKNOWN, f"repository {name} is not known", {"name": name}
         )
-    limit = None if n is None else n + 1
-    tags = [] if n == 0 else await reg.meta.run(reg.meta.list_tags, name, limit, last)
     headers = {}
     if n is not None and len(tags) > n:
         tags = tags[:n]

@@ -1,4 +1,5 @@
-"""Running the registry: one listening socket, one or more worker processes."""
+"""Running the server: one listening socket, one or more worker processes, each building
+the database, stores, auth, geo and services it serves with."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -22,15 +22,17 @@ from aiohttp.web_protocol import RequestPayloadError
 from skyreg.auth.keys import KeyRing
 from skyreg.auth.ratelimit import FailureLimiter
 from skyreg.auth.service import Authenticator
-from skyreg.meta.platform import PlatformMeta
+from skyreg.meta.machines import MachineMeta
+from skyreg.meta.platform import PlatformMeta, ReleaseMeta
 from skyreg.meta.registry import RegistryMeta, open_database
-from skyreg.platform.releases import RELEASES_KEY, DeployLimits
+from skyreg.platform.releases import ReleaseService
 from skyreg.privatefs import private_dir
-from skyreg.registry.app import create_app, metrics_app
-from skyreg.registry.connections import ConnectionGuard, ConnectionLimits
+from skyreg.registry.connections import ConnectionGuard
 from skyreg.registry.context import Registry
 from skyreg.registry.forwarded import parse_networks
 from skyreg.registry.space import SpaceGuard, Watermark
+from skyreg.server.app import create_app, metrics_app
+from skyreg.server.config import ServeConfig, parse_storage
 from skyreg.store.base import BlobStore
 from skyreg.store.filesystem import FilesystemBlobStore
 
@@ -43,54 +45,6 @@ log = logging.getLogger("skyreg.server")
 
 _READ_BUFSIZE = 1 << 20
 ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs "%{User-Agent}i"'
-
-
-@dataclass
-class ServeConfig:
-    """Settings of `skyreg serve`."""
-
-    data_dir: Path
-    host: str = "127.0.0.1"
-    port: int = 5000
-    database_url: str | None = None
-    workers: int = 1
-    upload_ttl: float = 24 * 3600.0
-    expiry_interval: float = 300.0
-    port_file: Path | None = None
-    fsync: bool = True
-    access_log: bool = True
-    auth: bool = True
-    auth_service: str = "skyreg"
-    auth_failure_limit: int = 10  # failed authentications per client per minute before 429
-    storage: str = "file"  # "file" (the data dir) or "s3://BUCKET[/PREFIX]"
-    s3_endpoint: str | None = None  # None: AWS (or AWS_ENDPOINT_URL)
-    s3_region: str | None = None  # None: AWS_REGION / the profile's
-    s3_redirect: bool = False  # answer blob GETs with a presigned URL (307)
-    region: str | None = None  # multi-region: this node's region (needs regions_file)
-    regions_file: Path | None = None
-    peer_token: str | None = None  # credential for other regions' nodes
-    peer_token_file: Path | None = None
-    replication_lease: float = 30.0  # seconds a replication job stays claimed without renewal
-    trusted_proxies: tuple[str, ...] = ()  # CIDRs of load balancers whose X-Forwarded-* count
-    deploy_limits: DeployLimits = field(default_factory=DeployLimits)  # machines per release/app
-    connections: ConnectionLimits = field(default_factory=ConnectionLimits)  # timeouts, cap
-    public_url: str | None = None  # what the server calls itself; None: see public_url_of
-    metrics_address: str | None = None  # HOST:PORT serving /metrics without a token
-    min_free_space: Watermark = field(default_factory=lambda: Watermark(percent=2.0))
-    reclaim_idle: float = 600.0  # seconds idle before low space may reclaim an upload
-    sqlite_synchronous: str = "full"  # "normal": faster, but a power cut may undo acknowledgements
-
-
-def parse_storage(storage: str) -> tuple[str, str] | None:
-    """`file` → None; `s3://BUCKET[/PREFIX]` → (bucket, prefix); anything else is ValueError."""
-    if storage == "file":
-        return None
-    if not storage.startswith("s3://"):
-        raise ValueError(f"storage must be 'file' or 's3://BUCKET[/PREFIX]', not {storage!r}")
-    bucket, _, prefix = storage.removeprefix("s3://").partition("/")
-    if not bucket:
-        raise ValueError(f"no bucket in {storage!r} (s3://BUCKET[/PREFIX])")
-    return bucket, prefix.strip("/")
 
 
 def open_blob_store(cfg: ServeConfig) -> BlobStore:
@@ -177,9 +131,16 @@ async def _run_worker(
         reg.space = SpaceGuard(store, meta, cfg.min_free_space, cfg.reclaim_idle)
     reg.geo = _geo_node(cfg, reg)
     reg.trusted_proxies = parse_networks(cfg.trusted_proxies)
-    app = create_app(reg, expiry_interval=cfg.expiry_interval)
-    if RELEASES_KEY in app:
-        app[RELEASES_KEY].limits = cfg.deploy_limits
+    releases = None
+    if auth is not None:
+        releases = ReleaseService(
+            registry=meta,
+            releases=ReleaseMeta(meta.db),
+            machines=MachineMeta(meta.db),
+            geo=reg.geo,
+            limits=cfg.deploy_limits,
+        )
+    app = create_app(reg, releases, expiry_interval=cfg.expiry_interval)
     handler_kwargs: dict[str, Any] = {
         "access_log": logging.getLogger("skyreg.access") if cfg.access_log else None,
         "access_log_format": ACCESS_LOG_FORMAT,
@@ -211,6 +172,9 @@ async def _run_worker(
             await metrics_runner.cleanup()
         listener.close()  # stop accepting; runner.cleanup() ends the open connections
         await runner.cleanup()
+        if releases is not None:
+            releases.releases.close()
+            releases.machines.close()
         await close_blob_store(store)
         if auth is not None:
             auth.platform.close()

@@ -1,0 +1,87 @@
+"""The server's aiohttp application: the OCI API (`/v2/`), the token endpoint, the management
+API and GraphQL, and `/metrics`, under the registry's middlewares."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from skyreg.auth.http import AUTHENTICATOR_KEY, TOKEN_PATH, client_of, token_endpoint, too_many
+from skyreg.auth.service import Authenticator, AuthFailed, Throttled
+from skyreg.oci.errors import ErrorCode, RegistryError
+from skyreg.platform.api import add_management_routes
+from skyreg.registry import CLIENT_MAX_SIZE, add_routes, middlewares
+from skyreg.registry.context import Registry
+
+if TYPE_CHECKING:
+    from skyreg.geo.node import GeoNode
+    from skyreg.platform.releases import ReleaseService
+
+
+def create_app(
+    reg: Registry, releases: ReleaseService | None = None, *, expiry_interval: float = 300.0
+) -> web.Application:
+    """The application of one worker over `reg`: the OCI API; with auth, the token endpoint and
+    (given `releases`) the management API; with a region, `/metrics` and the replication worker.
+    Every route answers errors through the registry's middleware (the token endpoint's and
+    `/metrics`' answers too)."""
+    app = web.Application(
+        middlewares=middlewares(reg.trusted_proxies), client_max_size=CLIENT_MAX_SIZE
+    )
+    add_routes(app, reg, expiry_interval=expiry_interval)
+    if reg.auth is not None:
+        app[AUTHENTICATOR_KEY] = reg.auth
+        app.router.add_get(TOKEN_PATH, token_endpoint)
+        app.router.add_post(TOKEN_PATH, token_endpoint)
+        if releases is not None:
+            add_management_routes(app, reg.auth, releases)
+    if reg.geo is not None:
+        geo = reg.geo
+        app.cleanup_ctx.append(geo.run)
+
+        async def metrics(request: web.Request) -> web.StreamResponse:
+            if reg.auth is not None:
+                await reg.meta.run(_require_admin, request, reg.auth)
+            return await _metrics_response(geo)
+
+        app.router.add_get("/metrics", metrics)
+    return app
+
+
+async def _metrics_response(geo: GeoNode) -> web.Response:
+    text = await geo.meta.run(geo.metrics)
+    return web.Response(text=text, content_type="text/plain", charset="utf-8")
+
+
+def _require_admin(request: web.Request, auth: Authenticator) -> None:
+    """Metrics describe every tenant's traffic: only an admin access token reads them here, as
+    Basic or as Bearer (a scraper's bearer token). Registry JWTs are not access tokens, whatever
+    token they were made from."""
+    header = request.headers.get("Authorization")
+    if not header:
+        raise RegistryError(
+            ErrorCode.UNAUTHORIZED,
+            "metrics need an admin token",
+            headers={"WWW-Authenticate": 'Basic realm="skyreg metrics"'},
+        )
+    try:
+        token = auth.limited(client_of(request), lambda: auth.access_token(header))
+    except Throttled as e:
+        raise too_many(e.retry_after) from None
+    except AuthFailed:
+        raise RegistryError(ErrorCode.UNAUTHORIZED, "invalid, expired or revoked token") from None
+    if token.kind != "admin":
+        raise RegistryError(ErrorCode.DENIED, "metrics need an admin token")
+
+
+def metrics_app(geo: GeoNode) -> web.Application:
+    """`/metrics` alone, for `serve --metrics-address`: an address only the operator's scraper
+    reaches, so no token is asked."""
+    app = web.Application(middlewares=middlewares())
+
+    async def metrics(_request: web.Request) -> web.StreamResponse:
+        return await _metrics_response(geo)
+
+    app.router.add_get("/metrics", metrics)
+    return app
