@@ -12,7 +12,6 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -23,6 +22,8 @@ from pathlib import Path
 import psycopg
 import pytest
 from psycopg import sql
+
+from tests.waiting import free_port
 
 PG_ROOT = "/usr/lib/postgresql"
 PG_SUPERUSER = "postgres"  # the database role, and the system user when running as root
@@ -43,12 +44,6 @@ def postgres_bindir() -> Path:
             pytrace=False,
         )
     return max(found, key=version)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -107,7 +102,7 @@ class PostgresServer:
     def start(self) -> None:
         proc = None
         for _ in range(5):  # the free port may be taken between picking and binding it
-            self.port = _free_port()
+            self.port = free_port()
             options = [
                 "-c listen_addresses=127.0.0.1",
                 f"-c port={self.port}",

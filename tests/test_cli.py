@@ -6,7 +6,6 @@ import base64
 import json
 import os
 import re
-import socket
 import stat
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import requests
 
 from tests.conftest import RunningRegistry
 from tests.test_management_api import authed, push_image
+from tests.waiting import free_port
 
 
 @pytest.fixture(scope="module")
@@ -125,9 +125,7 @@ def test_login_with_a_bad_token_fails_cleanly(cli: Cli, server: RunningRegistry)
 
 
 def test_unreachable_server_and_missing_things(cli: Cli, server: RunningRegistry) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        closed = s.getsockname()[1]
+    closed = free_port()  # nothing listens there
     err = cli.fails("orgs", "list", "--server", f"http://127.0.0.1:{closed}", "--token", "x")
     assert "cannot reach" in err
     login_admin(cli, server)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -27,6 +26,7 @@ from skyreg.oci.errors import ErrorCode, RegistryError
 from skyreg.oci.manifest import Manifest, parse_manifest
 from tests.conftest import RunningRegistry
 from tests.oci_helpers import push_image
+from tests.waiting import free_port
 
 # Every database the metadata layer supports: the URL of a fresh, empty one for a test.
 DATABASES: dict[str, Callable[[pytest.FixtureRequest, Path], str]] = {
@@ -293,9 +293,7 @@ def test_db_upgrade_command_without_a_url_migrates_sqlite_in_the_data_dir(tmp_pa
 
 
 def test_db_upgrade_command_reports_an_unreachable_database_without_a_traceback() -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # nothing listens there once closed
+    port = free_port()  # nothing listens there
     proc = subprocess.run(
         [
             sys.executable,

@@ -29,6 +29,7 @@ from skyreg.machines.runtime import (
 from skyreg.machines.unpack import unpack_layers
 from tests.images import FIXED_MTIME, build_image
 from tests.oci_helpers import OCI_LAYER
+from tests.waiting import free_port
 
 needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bwrap is not installed")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
@@ -285,12 +286,6 @@ def wait_until(check: Callable[[], bool], timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.05)
     return check()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 IDENTITY_SCRIPT = (
