@@ -24,8 +24,8 @@ rootfs (a chroot).
 - Bounds: the path given is at most `max_path_bytes` (4096) bytes, every name at most 255 bytes
   and free of NUL (`BadName`, which the kernel would otherwise refuse as a crash-like
   `ValueError`/`ENAMETOOLONG`), the resolved path at most `max_depth` (256) components
-  (`PathTooDeep`); every symlink target is bounded by the kernel (4095 bytes), so the work of one
-  resolution is bounded too.
+  (`PathTooDeep`); one resolution looks up at most `MAX_STEPS` (1024) names (every component
+  but `..`, symlink targets included; `SymlinkLoop` beyond), so its work is a small constant.
 
 Why chroot semantics rather than refusing a `..` that climbs above the root: both keep every
 access inside the rootfs (containment comes from walking from the root fd and never handing the
@@ -56,6 +56,10 @@ MAX_SYMLINK_HOPS = 40
 MAX_NAME_BYTES = 255
 MAX_PATH_BYTES = 4096
 DEFAULT_MAX_DEPTH = 256
+# Names one resolution may look up (every component but `..`, symlink targets included). A real
+# path needs far fewer; 40 hops of 4095-byte targets like `d/../d/../…` would otherwise open
+# ~32,000 directories for one tar entry (and a layer may hold a million entries).
+MAX_STEPS = 4 * DEFAULT_MAX_DEPTH
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 RelPath = tuple[str, ...]
@@ -210,6 +214,7 @@ class _Walk:
         self.fds: list[int] = []
         self.names: list[str] = []
         self.hops = 0
+        self.steps = 0
 
     def run(self, pending: list[str], *, want_dir: bool, follow_last: bool) -> Location:
         """Walk `pending` (a stack of names, no empty ones or `.`); see `resolve`, `open_dir`."""
@@ -233,6 +238,9 @@ class _Walk:
                     os.close(self.fds.pop())
                 continue
             _check_name(name)
+            self.steps += 1
+            if self.steps > MAX_STEPS:
+                raise SymlinkLoop(f"resolving the path looks up more than {MAX_STEPS} names")
             cur = self.fds[-1] if self.fds else self.root_fd
             if not pending and not want_dir:
                 target = self._link_of(cur, name) if follow_last else None

@@ -159,16 +159,19 @@ class ImageConfig:
 
 
 @contextmanager
-def _open_dir_in_rootfs(rootfs: Path, path: str, *, create: bool = False) -> Iterator[int]:
-    """A directory fd for `path` inside `rootfs`, resolved by `rootpath` as the machine will see
-    it (`..` stops at the root, absolute symlink targets restart there); nothing outside the
-    rootfs is ever opened. With `create`, missing directories are made (0755, owned by the
-    agent). Raises `MachineError` for a path that cannot be resolved (and OSError for the rest).
+def _open_dir_in_rootfs(
+    rootfs: Path, path: str, *, create: bool = False
+) -> Iterator[rootpath.Location]:
+    """The directory `path` leads to inside `rootfs` (its fd, and its real path there), resolved
+    by `rootpath` as the machine will see it (`..` stops at the root, absolute symlink targets
+    restart there); nothing outside the rootfs is ever opened. With `create`, missing
+    directories are made (0755, owned by the agent). Raises `MachineError` for a path that
+    cannot be resolved (and OSError for the rest).
     """
     root_fd = rootpath.open_root(rootfs)
     try:
         with rootpath.open_dir(root_fd, path, create=create) as loc:
-            yield loc.dir_fd
+            yield loc
     except rootpath.RootPathError as e:
         raise MachineError(f"{_shown(path)} in the rootfs: {e}") from e
     finally:
@@ -201,9 +204,15 @@ def _read_rootfs_file(rootfs: Path, path: str) -> bytes | None:
         raise MachineError(f"cannot open {path} in the rootfs: {e.strerror}") from e
     finally:
         os.close(root_fd)
+    try:  # checked before fdopen, which refuses a directory and would leak the fd
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError:
+        os.close(fd)
+        raise
+    if not regular:
+        os.close(fd)
+        raise MachineError(f"{path} in the rootfs is not a regular file")
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise MachineError(f"{path} in the rootfs is not a regular file")
         data = f.read(_MAX_DB_SIZE + 1)
     if len(data) > _MAX_DB_SIZE:
         raise MachineError(f"{path} in the rootfs is too large")
@@ -442,14 +451,19 @@ def start_machine(
         raise MachineError(f"volume path {volume[1]!r} must be absolute")
     # Mount points and the working directory must exist before an unprivileged bwrap needs
     # them (it could not create them in root-owned directories); made here as root, safely.
+    real: dict[str, str] = {}  # each mount point as a path free of symlinks inside the rootfs
     for inside in ("/proc", "/dev", "/tmp", config.workdir, *([volume[1]] if volume else [])):
         try:
-            with _open_dir_in_rootfs(rootfs, inside, create=True):
-                pass
+            with _open_dir_in_rootfs(rootfs, inside, create=True) as where:
+                real[inside] = "/" + "/".join(where.parts)
         except MachineError as e:
             raise MachineError(f"cannot create {e}") from e
         except OSError as e:
             raise MachineError(f"cannot create {_shown(inside)} in the rootfs: {e}") from e
+    if volume is not None:
+        # bwrap makes a bind target's parents by path, following symlinks, while the host's
+        # root is still reachable (/oldroot): hand it the resolved path, which has none.
+        volume = (volume[0], real[volume[1]])
 
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     args_fd = -1

@@ -78,6 +78,7 @@ log = logging.getLogger(__name__)
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
+_SYMLINK_MAX = 4096  # PATH_MAX: a symlink target holds at most 4095 bytes
 MAX_REJECTED_NAMES = 1000
 _CHUNK = 1 << 20
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -579,9 +580,9 @@ def _write_sparse(stream: _BoundedStream, info: tarfile.TarInfo, fd: int) -> Non
 def _set_mtime(
     target: int | str, mtime: float, *, dir_fd: int | None = None, follow: bool = True
 ) -> None:
-    """Set atime and mtime; out-of-range times are ignored."""
-    ns = int(mtime * 1_000_000_000)
+    """Set atime and mtime; out-of-range times (NaN and infinities too) are ignored."""
     try:
+        ns = int(mtime * 1_000_000_000)
         os.utime(target, ns=(ns, ns), dir_fd=dir_fd, follow_symlinks=follow)
     except (OSError, OverflowError, ValueError):
         log.debug("cannot set mtime %r on %r", mtime, target)
@@ -690,6 +691,7 @@ class _Unpacker:
         # is dropped with it.
         self._dirs = _PathNode()
         self._dir_nodes = 0
+        self._pruned: set[RelPath] = set()  # see apply_layer
 
     # -- layers ------------------------------------------------------------------------------
 
@@ -700,6 +702,10 @@ class _Unpacker:
         self.layer = index
         self._keep = _PathNode()
         self._keep_nodes = 0
+        # Directories (physical paths) already rid of lower contents in this layer: below them
+        # only this layer's entries remain, so another marker or whiteout there has nothing to
+        # do (without this, K markers in a directory of K entries cost K * K lookups).
+        self._pruned = set()
         for info in tar if members is None else members:
             try:
                 self._apply(info, tar)
@@ -805,6 +811,10 @@ class _Unpacker:
     def _symlink(self, parts: RelPath, info: tarfile.TarInfo) -> None:
         if "\0" in info.linkname:
             raise _Reject("symlink target holds a NUL byte")
+        if not info.linkname:
+            raise _Reject("symlink with an empty target")
+        if len(os.fsencode(info.linkname)) >= _SYMLINK_MAX:
+            raise _Reject(f"symlink target longer than the kernel's {_SYMLINK_MAX - 1} bytes")
         with self._parent(parts) as (pfd, rel):
             name = parts[-1]
             self._clear(pfd, name, rel)
@@ -888,7 +898,7 @@ class _Unpacker:
             return
         try:
             os.chown(target, info.uid, info.gid, dir_fd=dir_fd, follow_symlinks=follow)
-        except OSError as e:
+        except (OSError, OverflowError) as e:  # OverflowError: an owner id beyond uid_t
             log.debug("cannot chown %r: %s", info.name, e)
 
     def _dir_attrs(self, fd: int, rel: RelPath, info: tarfile.TarInfo) -> None:
@@ -936,6 +946,9 @@ class _Unpacker:
 
     def _prune(self, top_fd: int, top_rel: RelPath) -> None:
         """Remove everything below directory `top_fd` not written by the current layer."""
+        if any(top_rel[:n] in self._pruned for n in range(len(top_rel) + 1)):
+            return
+        self._pruned.add(top_rel)
         top = (os.dup(top_fd), self._keep.find(top_rel), self._dirs.find(top_rel))
         stack = [top]
         try:
