@@ -26,6 +26,7 @@ from skyreg.cli.client import (
     write_config,
     write_private_json,
 )
+from skyreg.oci.reference import parse_reference
 
 Server = Annotated[
     str | None,
@@ -432,15 +433,12 @@ def images_show(
     as_json: AsJson = False,
 ) -> None:
     """Show an image's blobs and, in a multi-region registry, which regions hold each."""
-    first, slash, rest = image.partition("/")
-    if slash and ("." in first or ":" in first or first == "localhost"):
-        image = rest  # HOST[:PORT]/ in front, as docker writes it
-    if "@" in image:
-        app, ref = image.partition("@")[0], image
-    elif ":" in image:
-        app, ref = image.rpartition(":")[0], image
-    else:
-        app, ref = image, f"{image}:latest"
+    try:
+        parsed = parse_reference(image.strip()).for_pull()  # a HOST[:PORT]/ in front is ignored
+    except ValueError as e:
+        fail(f"invalid image reference {image[:300]!r}: {e}")
+    app = parsed.repository
+    ref = f"{app}@{parsed.digest}" if parsed.digest else f"{app}:{parsed.tag}"
     found = client(server, token, need_token=False)(
         "GET", f"/apps/{_quote(app)}/images/{_quote(ref)}"
     )

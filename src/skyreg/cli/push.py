@@ -49,8 +49,6 @@ from skyreg.cli.imagesource import (
     read_docker_archive,
     sha256_digest,
 )
-from skyreg.oci.digest import Digest
-from skyreg.oci.errors import RegistryError
 from skyreg.oci.mediatypes import (
     DOCKER_MANIFEST,
     FOREIGN_LAYERS,
@@ -58,7 +56,8 @@ from skyreg.oci.mediatypes import (
     OCI_INDEX,
     OCI_MANIFEST,
 )
-from skyreg.oci.names import NAME_RE, TAG_RE
+from skyreg.oci.reference import ImageReference
+from skyreg.oci.reference import parse_reference as parse_image_reference
 
 DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 DOCKER_LAYER_TAR = "application/vnd.docker.image.rootfs.diff.tar"
@@ -70,9 +69,6 @@ OCI_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
 PATCH_SIZE = 64 * 1024 * 1024  # bytes per PATCH request of a blob upload
 TIMEOUT = 120.0
 USER_AGENT = "skyreg-push"
-_HOST_RE = re.compile(
-    r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)(?::\d+)?$"
-)
 
 
 class PushError(Exception):
@@ -82,55 +78,15 @@ class PushError(Exception):
 # -- references ----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ImageReference:
-    """`HOST[:PORT]/REPO[:TAG][@DIGEST]`."""
-
-    host: str
-    repository: str
-    tag: str | None
-    digest: str | None
-
-    @property
-    def hostname(self) -> str:
-        return urllib.parse.urlsplit("//" + self.host).hostname or self.host
-
-    def __str__(self) -> str:
-        text = f"{self.host}/{self.repository}"
-        if self.tag:
-            text += f":{self.tag}"
-        if self.digest:
-            text += f"@{self.digest}"
-        return text
-
-
 def parse_reference(text: str) -> ImageReference:
-    """Parse `HOST[:PORT]/REPO[:TAG|@DIGEST]` (no tag and no digest: `latest`)."""
-    rest = text.strip().removeprefix("docker://")
-    host, slash, rest = rest.partition("/")
-    if not slash or not rest or not _HOST_RE.match(host):
-        raise PushError(f"invalid image reference {text!r}: use HOST[:PORT]/APP[/NAME][:TAG]")
-    digest: str | None = None
-    if "@" in rest:
-        rest, _, digest = rest.partition("@")
-        try:
-            Digest.parse(digest)
-        except RegistryError as e:
-            raise PushError(f"invalid image reference {text!r}: {e}") from None
-    tag: str | None = None
-    last_slash = rest.rfind("/")
-    if ":" in rest[last_slash + 1 :]:
-        rest, _, tag = rest.rpartition(":")
-        if not TAG_RE.match(tag):
-            raise PushError(f"invalid image reference {text!r}: bad tag {tag!r}")
-    if not NAME_RE.match(rest) or len(rest) > 255:
-        raise PushError(
-            f"invalid image reference {text!r}: bad repository name {rest!r} "
-            "(lowercase letters, digits, '.', '_', '-', separated by '/')"
-        )
-    if tag is None and digest is None:
-        tag = "latest"
-    return ImageReference(host, rest, tag, digest)
+    """Parse `HOST[:PORT]/REPO[:TAG][@DIGEST]` (no tag and no digest: `latest`)."""
+    try:
+        target = parse_image_reference(text.strip().removeprefix("docker://"))
+    except ValueError as e:
+        raise PushError(f"invalid image reference {text[:300]!r}: {e}") from None
+    if target.host is None:
+        raise PushError(f"invalid image reference {text[:300]!r}: use HOST[:PORT]/APP[/NAME][:TAG]")
+    return target.with_default_tag()
 
 
 def registry_url(host: str, insecure: bool = False) -> str:
@@ -593,7 +549,9 @@ def push_image(
         src = detect_source(source, ref)
     except SourceError as e:
         raise PushError(str(e)) from None
-    client = RegistryClient(registry_url(target.host, insecure), target.repository, token)
+    client = RegistryClient(
+        registry_url(target.registry_host(), insecure), target.repository, token
+    )
     try:
         with _Progress(progress) as bars:
             pusher = _Pusher(client, bars)
@@ -894,7 +852,7 @@ def push(
         result = push_image(
             source,
             reference,
-            token or _saved_token(target.host),
+            token or _saved_token(target.registry_host()),
             progress=not quiet,
             ref=ref,
             insecure=insecure,

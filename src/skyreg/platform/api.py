@@ -27,6 +27,7 @@ from skyreg.meta.machines import STATES, Machine, TooManyMachines
 from skyreg.meta.platform import AlreadyExists, App, ImageTag, Org, PlatformMeta, TokenRecord
 from skyreg.oci.bounded import MAX_INT, JSONInputError, load_json, parse_int, storable
 from skyreg.oci.names import TAG_RE
+from skyreg.oci.reference import parse_reference
 from skyreg.platform.names import (
     MAX_TOKEN_NAME,
     generate_app_name,
@@ -38,7 +39,6 @@ from skyreg.platform.releases import (
     STRATEGIES,
     ReleaseService,
     deployment_tag,
-    parse_image_reference,
     release_json,
 )
 
@@ -52,7 +52,7 @@ MAX_BODY = 64 * 1024
 _BODY_METHODS = frozenset({"POST", "PATCH", "PUT"})  # requests whose body `_endpoint` reads
 _GENERATE_ATTEMPTS = 20
 MAX_RELEASES = 1000
-REGION_RE = re.compile(r"^[a-z][a-z0-9-]{1,19}$")
+REGION_RE = re.compile(r"^[a-z][a-z0-9-]{1,19}\Z")
 CREATABLE_KINDS = ("org", "deploy", "readonly")
 DEFAULT_REGION = "local"
 
@@ -624,7 +624,7 @@ def create_release(call: Call) -> web.StreamResponse:
     if not isinstance(image, str) or not image:
         raise bad_request("image is required: REPOSITORY[:TAG] or REPOSITORY@DIGEST")
     try:
-        ref = parse_image_reference(image)
+        ref = parse_reference(image.strip()).for_pull()  # a HOST[:PORT]/ in front is ignored
     except ValueError as e:
         raise bad_request(f"image {image[:200]!r}: {e}") from None
     label = body.get("image_label")
@@ -765,7 +765,7 @@ def _agent_machine(call: Call) -> Machine:
 
 MAX_MACHINE_PAGE = 1000
 MACHINE_PAGE = 100  # default page of an app's machines (the agent's default page is the max)
-MACHINE_ID_RE = re.compile(r"^[0-9a-f]{1,64}$")
+MACHINE_ID_RE = re.compile(r"^[0-9a-f]{1,64}\Z")
 
 
 def _machine_page(call: Call, default: int) -> tuple[int, str | None]:

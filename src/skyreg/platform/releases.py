@@ -19,7 +19,6 @@ from skyreg.meta.registry import RegistryMeta
 from skyreg.oci.digest import Digest
 from skyreg.oci.errors import RegistryError
 from skyreg.oci.manifest import parse_manifest
-from skyreg.oci.names import validate_name, validate_tag
 
 if TYPE_CHECKING:
     from skyreg.geo.node import GeoNode
@@ -106,51 +105,6 @@ def unavailable_blobs(
 
 
 RELEASES_KEY = web.AppKey("releases", ReleaseService)
-
-
-@dataclass(frozen=True)
-class ImageReference:
-    """`[HOST/]REPOSITORY[:TAG|@DIGEST]` within this registry."""
-
-    repository: str
-    tag: str | None
-    digest: str | None
-
-    @property
-    def reference(self) -> str:
-        return self.digest or self.tag or "latest"
-
-
-def parse_image_reference(text: str) -> ImageReference:
-    """Parse an image reference; the registry host, when present, is dropped (it is this one).
-
-    Raises ValueError with a message a user can act on.
-    """
-    rest = text.strip()
-    first, sep, remainder = rest.partition("/")
-    if sep and ("." in first or ":" in first or first == "localhost"):
-        rest = remainder
-    digest = tag = None
-    if "@" in rest:
-        rest, _, digest_text = rest.partition("@")
-        try:
-            digest = str(Digest.parse(digest_text))
-        except RegistryError as e:
-            raise ValueError(e.message) from None
-    else:
-        name, _, last = rest.rpartition("/")
-        if ":" in last:
-            last, _, tag = last.partition(":")
-            rest = f"{name}/{last}" if name else last
-    try:
-        validate_name(rest)
-        if tag is not None:
-            validate_tag(tag)
-    except RegistryError as e:
-        raise ValueError(e.message) from None
-    if tag is None and digest is None:
-        tag = "latest"
-    return ImageReference(rest, tag, digest)
 
 
 def deployment_tag(now: datetime | None = None) -> str:
