@@ -18,11 +18,11 @@ from sqlalchemy import inspect, select
 
 from skyreg.meta import schema
 from skyreg.meta.db import create_db_engine, head_revision, sqlite_url
+from skyreg.meta.errors import BlobSizeMismatch, ManifestInUse, ReferenceMissing
 from skyreg.meta.platform import PlatformMeta, ReleaseMeta
 from skyreg.meta.registry import RegistryMeta, open_database
 from skyreg.oci import mediatypes as mt
 from skyreg.oci.digest import digest_of
-from skyreg.oci.errors import ErrorCode, RegistryError
 from skyreg.oci.manifest import Manifest, parse_manifest
 from tests.conftest import RunningRegistry
 from tests.oci_helpers import push_image
@@ -80,9 +80,9 @@ def test_migrations_are_idempotent(database_url: str, tmp_path: Path) -> None:
 def test_manifest_needs_its_blobs_and_stores_nothing_otherwise(meta: RegistryMeta) -> None:
     m = _manifest(b"cfg", [b"layer"])
     _link(meta, "a", b"cfg")
-    with pytest.raises(RegistryError) as info:
+    with pytest.raises(ReferenceMissing) as info:
         meta.put_manifest("a", m, ["latest"])
-    assert info.value.code is ErrorCode.MANIFEST_BLOB_UNKNOWN
+    assert info.value.kind == "blob" and info.value.missing == [str(digest_of(b"layer"))]
     assert meta.get_manifest("a", "latest", by_digest=False) is None
     assert meta.get_manifest("a", str(m.digest), by_digest=True) is None
     _link(meta, "a", b"layer")
@@ -93,16 +93,16 @@ def test_manifest_needs_its_blobs_and_stores_nothing_otherwise(meta: RegistryMet
 
 def test_blob_in_another_repository_does_not_count(meta: RegistryMeta) -> None:
     _link(meta, "other", b"cfg", b"layer")
-    with pytest.raises(RegistryError):
+    with pytest.raises(ReferenceMissing):
         meta.put_manifest("a", _manifest(b"cfg", [b"layer"]), [])
 
 
 def test_descriptor_size_must_match_blob(meta: RegistryMeta) -> None:
     meta.link_blob("a", str(digest_of(b"cfg")), 999)
     _link(meta, "a", b"layer")
-    with pytest.raises(RegistryError) as info:
+    with pytest.raises(BlobSizeMismatch) as info:
         meta.put_manifest("a", _manifest(b"cfg", [b"layer"]), [])
-    assert info.value.code is ErrorCode.MANIFEST_INVALID
+    assert info.value.actual == 999 and info.value.declared == 3
 
 
 def test_tag_moves_and_deletes(meta: RegistryMeta) -> None:
@@ -206,9 +206,9 @@ def test_a_manifest_an_index_references_cannot_be_deleted_before_the_index(
     ).encode()
     index = parse_manifest(raw, mt.OCI_INDEX, digest_of(raw))
     meta.put_manifest("a", index, ["multi"])
-    with pytest.raises(RegistryError) as info:
+    with pytest.raises(ManifestInUse) as info:
         meta.delete_manifest("a", str(child.digest))
-    assert info.value.status == 409 and info.value.detail["referenced_by"] == str(index.digest)
+    assert info.value.referenced_by == str(index.digest)
     assert meta.list_tags("a", None, None) == ["child", "multi"]  # the refused delete left all
     assert meta.delete_manifest("a", str(index.digest))
     assert meta.delete_manifest("a", str(child.digest))

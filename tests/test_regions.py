@@ -256,6 +256,42 @@ def test_pull_falls_back_to_another_region_and_fails_clearly_when_none_answers(
     assert "iad" in regions.nodes["syd"].log()  # the regions tried are in the log
 
 
+def test_a_blob_this_region_lacks_is_refused_to_other_regions_and_unavailable_without_holders(
+    regions: Regions,
+) -> None:
+    """The exact answers (geo/'s domain errors, shaped by registry/app.py): a node asked by
+    another region's node never chains a pull-through; none answering is a 503 naming no region."""
+    data = os.urandom(1 << 10)
+    digest = regions.put_blob("iad", "web", data)
+    peer = {"X-Skyreg-Peer": "sin"}
+    not_here = json.dumps(
+        {
+            "errors": [
+                {
+                    "code": "BLOB_UNKNOWN",
+                    "message": f"blob {digest} is not in this region",
+                    "detail": {"digest": digest},
+                }
+            ]
+        }
+    ).encode()
+    chained = regions.get_blob("syd", "web", digest, **peer)
+    assert chained.status_code == 404 and chained.content == not_here
+    url = f"{regions.url('syd')}/v2/web/blobs/{digest}"
+    head = requests.head(url, auth=("x", regions.admin), headers=peer, timeout=60)
+    assert head.status_code == 404 and head.content == b""
+    head = requests.head(url, auth=("x", regions.admin), timeout=60)  # answered, nothing fetched
+    assert head.status_code == 200 and head.headers["Content-Length"] == str(len(data))
+    assert regions.peer_fetches("iad", digest) == 0
+
+    regions.nodes["iad"].stop()
+    failed = regions.get_blob("syd", "web", digest)
+    message = f"blob {digest} cannot be fetched from the regions holding it right now"
+    unavailable = {"code": "UNAVAILABLE", "message": message, "detail": {"digest": digest}}
+    assert failed.status_code == 503
+    assert failed.content == json.dumps({"errors": [unavailable]}).encode()
+
+
 def test_a_node_killed_mid_replication_finishes_the_job_after_restart(regions: Regions) -> None:
     data = os.urandom(24 << 20)
     digest = regions.put_blob("iad", "web", data)

@@ -26,7 +26,7 @@ from skyreg.oci.names import NAME_RE
 REGISTRY_TOKEN_TTL = 300
 PROXY_FACTOR = 10
 T = TypeVar("T")
-_SCOPE_RE = re.compile(r"^repository(?:\([a-z0-9]+\))?:([^:]+):([a-z*,]+)$")
+_SCOPE_RE = re.compile(r"^repository(?:\([a-z0-9]+\))?:([^:]+):([a-z*,]+)\Z")
 _KNOWN_ACTIONS = frozenset({PULL, PUSH, DELETE})
 
 

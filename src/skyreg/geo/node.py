@@ -1,7 +1,7 @@
 """One registry node's part in a multi-region registry.
 
 - Every blob this node stores (a push, a copy) is recorded as held by its region.
-- A GET of a blob its region lacks is a pull-through (`serve_missing`): the bytes come from the
+- A GET of a blob its region lacks is a pull-through (`pull_through`): the bytes come from the
   nearest region holding them, stream to the client and land in this region's store.
 - A replication worker claims this region's queued jobs and runs them through the same
   transfers (`MAX_PARALLEL` at once), so a pull and a job for one blob share one transfer.
@@ -15,17 +15,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 
+from skyreg.geo.errors import BlobNotInRegion, RegionsUnavailable
 from skyreg.geo.regions import RegionMap
 from skyreg.geo.transfer import (
     LEASE_SECONDS,
-    PEER_HEADER,
+    Feed,
     Transfer,
     TransferFailed,
     Transfers,
@@ -33,10 +34,10 @@ from skyreg.geo.transfer import (
 from skyreg.meta.geo import JOB_STATES, GeoMeta
 from skyreg.meta.registry import RegistryMeta
 from skyreg.oci.digest import Digest
-from skyreg.oci.errors import ErrorCode, RegistryError
 from skyreg.oci.manifest import Descriptor, parse_manifest
 from skyreg.oci.platforms import host_architecture, platform_entry
 from skyreg.store.base import BlobStore
+from skyreg.workers import PeriodicWorker
 
 log = logging.getLogger("skyreg.geo")
 
@@ -53,10 +54,11 @@ class GeoNode:
     registry: RegistryMeta
     peer_token: str | None = None  # the service credential for other regions' nodes
     peer_token_file: Path | None = None  # or a file holding it (read when first needed)
-    replicate: bool = True  # run the replication worker
+    replicate: bool = True  # the server runs `replication_worker`
     lease: float = LEASE_SECONDS  # a claimed job is claimable again this long after a crash
     _session: aiohttp.ClientSession | None = None
     transfers: Transfers = field(init=False)
+    _replicating: set[asyncio.Task[None]] = field(init=False, default_factory=set)
 
     def __post_init__(self) -> None:
         self.transfers = Transfers(
@@ -80,15 +82,9 @@ class GeoNode:
     # -- lifecycle ---------------------------------------------------------------------------------
 
     async def run(self, app: web.Application) -> AsyncIterator[None]:
-        """aiohttp cleanup context: the replication worker runs while the app does."""
-        stop = asyncio.Event()
-        worker = asyncio.create_task(self._replicate(stop)) if self.replicate else None
+        """aiohttp cleanup context: once the app stops, end this process's transfers and close
+        the peer session (the server stops `replication_worker` before)."""
         yield
-        stop.set()
-        if worker is not None:
-            worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await worker
         await self.transfers.close()
         if self._session is not None:
             await self._session.close()
@@ -100,67 +96,59 @@ class GeoNode:
         """This region's store now holds `digest` (pushed here)."""
         await self.meta.run(self.meta.add_copy, str(digest), self.region)
 
-    async def serve_missing(
-        self,
-        request: web.Request,
-        repository: str,
-        digest: Digest,
-        size: int,
-        headers: dict[str, str],
-    ) -> web.StreamResponse | None:
-        """Answer a GET/HEAD of a blob this region lacks, from another region through here.
+    def refuse_chained(self, digest: Digest, *, for_peer: bool) -> None:
+        """Raises BlobNotInRegion when another region's node asks for a blob this region lacks
+        (it sent `transfer.PEER_HEADER`): pull-throughs never chain."""
+        if for_peer:
+            raise BlobNotInRegion(str(digest))
+
+    async def pull_through(
+        self, repository: str, digest: Digest, size: int, *, ranged: bool
+    ) -> AsyncGenerator[bytes, None] | None:
+        """Bring a blob this region lacks here from the nearest region holding it.
 
         Returns None once the blob is in this region's store, for the caller to serve it as
         any local blob (Range requests, and clients joining a transfer whose bytes have
-        passed, wait for that); otherwise streams the bytes as they arrive.
+        passed, wait for that); otherwise the bytes as they arrive, led by one empty chunk as
+        soon as they flow (the caller may send its headers then). Raises RegionsUnavailable
+        when no holder answers: from the iterator once it has begun, so a stream is cut.
         """
-        if request.headers.get(PEER_HEADER):
-            # Another region asked for bytes this one does not hold: never chain pull-throughs.
-            raise RegistryError(
-                ErrorCode.BLOB_UNKNOWN,
-                f"blob {digest} is not in this region",
-                {"digest": str(digest)},
-            )
-        if request.method == "HEAD":
-            return web.Response(status=200, headers=headers)
         transfer = self.transfers.get(repository, digest, size)
         feed = transfer.subscribe()
-        if request.headers.get("Range") is not None or feed is None:
+        if ranged or feed is None:
             await self._wait(transfer, digest)
             return None
-        resp = web.StreamResponse(status=200, headers=headers)
+        return self._stream(transfer, feed, digest, size)
+
+    async def _stream(
+        self, transfer: Transfer, feed: Feed, digest: Digest, size: int
+    ) -> AsyncGenerator[bytes, None]:
+        started = False
         sent = 0
         held = b""  # the latest chunk goes out only once the copy is verified: a client never
         # holds the whole body of bytes that turned out wrong (the stream is cut instead)
         async for chunk in feed:
-            if not resp.prepared:
-                await resp.prepare(request)
+            if not started:
+                started = True
+                yield b""
             if held:
-                await resp.write(held)
+                yield held
                 sent += len(held)
             held = chunk
         await self._wait(transfer, digest)
-        if not resp.prepared:
-            await resp.prepare(request)
         if held:
-            await resp.write(held)
+            yield held
             sent += len(held)
         if sent < size:
             async for chunk in self.store.read(digest, sent):
-                await resp.write(chunk)
-        await resp.write_eof()
-        return resp
+                yield chunk
 
     async def _wait(self, transfer: Transfer, digest: Digest) -> None:
         try:
             await asyncio.shield(transfer.wait())
         except TransferFailed as e:
             log.warning("pull-through of %s into %s failed: %s", digest, self.region, e)
-            raise RegistryError(
-                ErrorCode.UNAVAILABLE,
-                f"blob {digest} cannot be fetched from the regions holding it right now",
-                {"digest": str(digest)},
-            ) from None
+            raise RegionsUnavailable(str(digest)) from None
 
     # -- replication -------------------------------------------------------------------------------
 
@@ -203,26 +191,22 @@ class GeoNode:
         if placement is not None and placement[1] and placement[0]:
             self.enqueue_image(repository, digest, placement[0])
 
-    async def _replicate(self, stop: asyncio.Event) -> None:
-        running: set[asyncio.Task[None]] = set()
-        while not stop.is_set():
-            try:
-                while len(running) < MAX_PARALLEL:
-                    job = await self.meta.run(
-                        self.meta.claim_next, self.region, self.transfers.owner, self.lease
-                    )
-                    if job is None:
-                        break
-                    transfer = self.transfers.get(
-                        job.repository, Digest.parse(job.digest), job.size, job
-                    )
-                    task = asyncio.create_task(_settle(transfer))
-                    running.add(task)
-                    task.add_done_callback(running.discard)
-            except Exception:
-                log.exception("replication worker of %s", self.region)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), POLL_INTERVAL)
+    def replication_worker(self) -> PeriodicWorker:
+        """The worker claiming this region's due jobs every `POLL_INTERVAL` seconds."""
+        return PeriodicWorker("replication", POLL_INTERVAL, self._replicate, logger=log)
+
+    async def _replicate(self) -> None:
+        """Claim due jobs until `MAX_PARALLEL` of the ones claimed here are moving."""
+        while len(self._replicating) < MAX_PARALLEL:
+            job = await self.meta.run(
+                self.meta.claim_next, self.region, self.transfers.owner, self.lease
+            )
+            if job is None:
+                return
+            transfer = self.transfers.get(job.repository, Digest.parse(job.digest), job.size, job)
+            task = asyncio.create_task(_settle(transfer))
+            self._replicating.add(task)
+            task.add_done_callback(self._replicating.discard)
 
     # -- metrics -----------------------------------------------------------------------------------
 

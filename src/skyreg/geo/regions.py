@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REGION_RE = re.compile(r"^[a-z][a-z0-9-]{0,19}$")
+REGION_RE = re.compile(r"^[a-z][a-z0-9-]{0,19}\Z")
 DEFAULT_RTT_MS = 100.0
 
 

@@ -23,7 +23,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from skyreg.meta import schema as s
 from skyreg.meta.db import Retry, SqlStore, create_db_engine, sqlite_url, upgrade_schema
-from skyreg.oci.errors import ErrorCode, RegistryError
+from skyreg.meta.errors import BlobSizeMismatch, ManifestInUse, ReferenceMissing
 from skyreg.oci.manifest import Manifest
 
 
@@ -229,8 +229,8 @@ class RegistryMeta(SqlStore):
     def put_manifest(self, repository: str, manifest: Manifest, tags: list[str]) -> None:
         """Store `manifest` in `repository` and point `tags` at it, all or nothing.
 
-        Raises MANIFEST_BLOB_UNKNOWN when a referenced blob or child manifest is not in the
-        repository, MANIFEST_INVALID when a referenced blob's size differs from its descriptor.
+        Raises ReferenceMissing when a referenced blob or child manifest is not in the
+        repository, BlobSizeMismatch when a referenced blob's size differs from its descriptor.
         """
         digest = str(manifest.digest)
         # One order for every writer: two pushes moving the same tags never deadlock.
@@ -279,8 +279,8 @@ class RegistryMeta(SqlStore):
     def _check_references(
         self, conn: Connection, repo_id: int, repository: str, manifest: Manifest
     ) -> None:
-        """MANIFEST_BLOB_UNKNOWN unless every blob and child manifest is in the repository;
-        MANIFEST_INVALID when a blob's size differs from its descriptor. On PostgreSQL the child
+        """ReferenceMissing unless every blob and child manifest is in the repository;
+        BlobSizeMismatch when a blob's size differs from its descriptor. On PostgreSQL the child
         manifests stay locked (FOR KEY SHARE) so that none is deleted before we commit."""
         blob_refs = manifest.required_blobs()
         if blob_refs:
@@ -300,18 +300,10 @@ class RegistryMeta(SqlStore):
             sizes = {row[0]: int(row[1]) for row in rows}
             missing = sorted(wanted - sizes.keys())
             if missing:
-                raise RegistryError(
-                    ErrorCode.MANIFEST_BLOB_UNKNOWN,
-                    f"blob {missing[0]} is not in repository {repository}",
-                    {"digests": missing},
-                )
+                raise ReferenceMissing(repository, "blob", missing)
             for d in blob_refs:
                 if sizes[str(d.digest)] != d.size:
-                    raise RegistryError(
-                        ErrorCode.MANIFEST_INVALID,
-                        f"descriptor of {d.digest} says {d.size} bytes; the blob has "
-                        f"{sizes[str(d.digest)]}",
-                    )
+                    raise BlobSizeMismatch(str(d.digest), d.size, sizes[str(d.digest)])
         children = {str(d.digest) for d in manifest.manifests}
         if children:
             query = select(s.manifests.c.digest).where(
@@ -324,11 +316,7 @@ class RegistryMeta(SqlStore):
             present = set(conn.execute(query).scalars())
             missing = sorted(children - present)
             if missing:
-                raise RegistryError(
-                    ErrorCode.MANIFEST_BLOB_UNKNOWN,
-                    f"manifest {missing[0]} is not in repository {repository}",
-                    {"digests": missing},
-                )
+                raise ReferenceMissing(repository, "manifest", missing)
 
     def _set_tag(
         self, conn: Connection, repo_id: int, tag: str, digest: str, now: datetime
@@ -418,7 +406,7 @@ class RegistryMeta(SqlStore):
     def delete_manifest(self, repository: str, digest: str) -> bool:
         """Delete a manifest and every tag that pointed at it.
 
-        Refused (DENIED, 409) while another manifest of the repository (an index) references
+        Refused (ManifestInUse) while another manifest of the repository (an index) references
         it: delete that one first.
         """
         m, refs = s.manifests, s.manifest_references
@@ -445,12 +433,7 @@ class RegistryMeta(SqlStore):
                 .limit(1)
             ).scalar_one_or_none()
             if parent is not None:  # raising rolls the delete back
-                raise RegistryError(
-                    ErrorCode.DENIED,
-                    f"manifest {digest} is referenced by manifest {parent}; delete that first",
-                    {"digest": digest, "referenced_by": parent},
-                    status=409,
-                )
+                raise ManifestInUse(digest, parent)
             conn.execute(
                 delete(s.tags).where(
                     s.tags.c.repository_id == repo_id, s.tags.c.manifest_digest == digest

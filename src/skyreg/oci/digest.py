@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from skyreg.oci.errors import ErrorCode, RegistryError
 
 _HEX_LENGTH = {"sha256": 64, "sha512": 128}
-_DIGEST_RE = re.compile(r"^([a-z0-9]+(?:[+._-][a-z0-9]+)*):([a-zA-Z0-9=_-]+)$")
+_DIGEST_RE = re.compile(r"^([a-z0-9]+(?:[+._-][a-z0-9]+)*):([a-zA-Z0-9=_-]+)\Z")
 
 
 @dataclass(frozen=True, slots=True)

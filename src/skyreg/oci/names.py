@@ -7,8 +7,8 @@ import re
 from skyreg.oci.errors import ErrorCode, RegistryError
 
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
-NAME_RE = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
-TAG_RE = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$")
+NAME_RE = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*\Z")
+TAG_RE = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}\Z")
 MAX_NAME_LENGTH = 255
 
 

@@ -6,7 +6,7 @@ import re
 import secrets
 from datetime import timedelta
 
-DNS_LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+DNS_LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 MAX_TOKEN_NAME = 100
 MAX_EXPIRY = timedelta(days=3650)
 

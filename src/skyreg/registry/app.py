@@ -4,10 +4,9 @@ JSON, upload expiry. `skyreg.server` makes the application and mounts the rest b
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
@@ -16,8 +15,10 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from skyreg.auth.http import IDENTITY_KEY, identify, unauthorized
 from skyreg.auth.policy import DELETE, PULL, PUSH
+from skyreg.geo.errors import BlobNotInRegion, GeoRefused, RegionsUnavailable
 from skyreg.meta.db import disk_full
 from skyreg.meta.db import unreachable as database_unreachable
+from skyreg.meta.errors import BlobSizeMismatch, ManifestInUse, MetaRefused, ReferenceMissing
 from skyreg.oci.bounded import storable
 from skyreg.oci.errors import ErrorCode, RegistryError
 from skyreg.oci.names import validate_name
@@ -26,6 +27,7 @@ from skyreg.registry.context import REGISTRY_KEY, Registry
 from skyreg.registry.forwarded import Network, forwarded_middleware
 from skyreg.registry.routing import METHODS, Endpoint, match_route
 from skyreg.store.base import StorageFull, StorageUnavailable
+from skyreg.workers import PeriodicWorker
 
 log = logging.getLogger("skyreg.registry")
 
@@ -81,6 +83,26 @@ def _error_response(err: RegistryError, method: str) -> web.Response:
     resp = web.Response(status=err.status, body=body, headers=err.headers)
     resp.content_type = "application/json"
     return resp
+
+
+def _refusal_answer(error: MetaRefused | GeoRefused) -> RegistryError:
+    """The one table giving meta/'s and geo/'s domain errors their wire shape."""
+    message = str(error)
+    match error:
+        case ReferenceMissing():
+            return RegistryError(
+                ErrorCode.MANIFEST_BLOB_UNKNOWN, message, {"digests": list(error.missing)}
+            )
+        case BlobSizeMismatch():
+            return RegistryError(ErrorCode.MANIFEST_INVALID, message)
+        case ManifestInUse():
+            detail = {"digest": error.digest, "referenced_by": error.referenced_by}
+            return RegistryError(ErrorCode.DENIED, message, detail, status=409)
+        case BlobNotInRegion():
+            return RegistryError(ErrorCode.BLOB_UNKNOWN, message, {"digest": error.digest})
+        case RegionsUnavailable():
+            return RegistryError(ErrorCode.UNAVAILABLE, message, {"digest": error.digest})
+    raise TypeError(f"no answer for {type(error).__name__}")  # a new refusal needs its row
 
 
 def _out_of_space(error: BaseException) -> bool:
@@ -140,6 +162,8 @@ async def _errors(
         resp = await handler(request)
     except RegistryError as err:
         resp = _error_response(err, request.method)
+    except (MetaRefused, GeoRefused) as err:
+        resp = _error_response(_refusal_answer(err), request.method)
     except web.HTTPRequestEntityTooLarge:
         resp = _error_response(
             RegistryError(ErrorCode.SIZE_INVALID, "request body too large", status=413),
@@ -240,24 +264,24 @@ async def _dispatch(request: web.Request) -> web.StreamResponse:
     return await handler(request, route.name, route.reference)
 
 
-async def _expire_uploads(reg: Registry, interval: float) -> None:
-    """Delete uploads idle for longer than the registry's upload TTL, every `interval` seconds."""
-    while True:
-        try:
-            cutoff = datetime.now(UTC) - timedelta(seconds=reg.upload_ttl)
-            for upload_id in await reg.meta.run(reg.meta.stale_uploads, cutoff):
-                await reg.store.abort(upload_id)
-                await reg.meta.run(reg.meta.delete_upload, upload_id)
-                log.info("expired abandoned upload %s", upload_id)
-            # Bytes with no session left behind (a crash between the two steps above, or in
-            # the middle of a monolithic upload) go once they are as old as an expired upload.
-            for upload_id in await reg.store.idle_uploads(cutoff):
-                if await reg.meta.run(reg.meta.upload_repository, upload_id) is None:
-                    await reg.store.abort(upload_id)
-                    log.info("removed orphaned upload bytes %s", upload_id)
-        except Exception:
-            log.exception("upload expiry failed; retrying in %.0fs", interval)
-        await asyncio.sleep(interval)
+def upload_expiry(reg: Registry, interval: float) -> PeriodicWorker:
+    """The worker deleting uploads idle longer than the registry's upload TTL (and upload bytes
+    with no session as old), every `interval` seconds."""
+    return PeriodicWorker("upload_expiry", interval, lambda: _expire_uploads(reg), logger=log)
+
+
+async def _expire_uploads(reg: Registry) -> None:
+    cutoff = datetime.now(UTC) - timedelta(seconds=reg.upload_ttl)
+    for upload_id in await reg.meta.run(reg.meta.stale_uploads, cutoff):
+        await reg.store.abort(upload_id)
+        await reg.meta.run(reg.meta.delete_upload, upload_id)
+        log.info("expired abandoned upload %s", upload_id)
+    # Bytes with no session left behind (a crash between the two steps above, or in the middle
+    # of a monolithic upload) go once they are as old as an expired upload.
+    for upload_id in await reg.store.idle_uploads(cutoff):
+        if await reg.meta.run(reg.meta.upload_repository, upload_id) is None:
+            await reg.store.abort(upload_id)
+            log.info("removed orphaned upload bytes %s", upload_id)
 
 
 CLIENT_MAX_SIZE = 8 * 1024 * 1024
@@ -275,20 +299,11 @@ def middlewares(trusted_proxies: tuple[Network, ...] = ()) -> list[Middleware]:
     return chain
 
 
-def add_routes(app: web.Application, reg: Registry, *, expiry_interval: float = 300.0) -> None:
+def add_routes(app: web.Application, reg: Registry) -> None:
     """Serve the OCI distribution API over `reg` under /v2/ on `app` (made with
-    `middlewares(reg.trusted_proxies)` and `CLIENT_MAX_SIZE`), and expire idle uploads every
-    `expiry_interval` seconds while it runs."""
+    `middlewares(reg.trusted_proxies)` and `CLIENT_MAX_SIZE`); the server runs `upload_expiry`
+    beside it."""
     app[REGISTRY_KEY] = reg
     app.router.add_get("/v2/", _base)
     app.router.add_get("/v2", _base)
     app.router.add_route("*", "/v2/{tail:.*}", _dispatch)
-
-    async def expiry(app: web.Application) -> AsyncIterator[None]:
-        task = asyncio.create_task(_expire_uploads(reg, expiry_interval))
-        yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-    app.cleanup_ctx.append(expiry)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 from aiohttp import web
 
+from skyreg.geo.transfer import PEER_HEADER
 from skyreg.oci.bounded import MAX_INT, parse_int
 from skyreg.oci.digest import Digest
 from skyreg.oci.errors import ErrorCode, RegistryError
@@ -17,9 +19,9 @@ from skyreg.registry.context import Registry, may_pull, registry_of
 from skyreg.registry.responses import empty
 from skyreg.store.base import DigestMismatch, StorageFull, UploadOffsetMismatch, UploadUnknown
 
-_RANGE_RE = re.compile(r"^bytes=([0-9]*)-([0-9]*)$")
-_CONTENT_RANGE_RE = re.compile(r"^(?:bytes )?([0-9]+)-([0-9]+)(?:/(?:[0-9]+|\*))?$")
-_UPLOAD_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+_RANGE_RE = re.compile(r"^bytes=([0-9]*)-([0-9]*)\Z")
+_CONTENT_RANGE_RE = re.compile(r"^(?:bytes )?([0-9]+)-([0-9]+)(?:/(?:[0-9]+|\*))?\Z")
+_UPLOAD_ID_RE = re.compile(r"^[0-9a-f]{32}\Z")
 _BODY_CHUNK = 1 << 20
 
 log = logging.getLogger("skyreg.blobs")
@@ -74,11 +76,13 @@ async def get_blob(request: web.Request, name: str, reference: str) -> web.Strea
     stored = await reg.store.stat(digest) if size is not None else None
     if size is not None and stored is None and reg.geo is not None:
         # In the registry, not in this region: from the nearest region holding it, via here.
-        answer = await reg.geo.serve_missing(
-            request, name, digest, size, _blob_headers(digest, size)
-        )
-        if answer is not None:
-            return answer
+        reg.geo.refuse_chained(digest, for_peer=bool(request.headers.get(PEER_HEADER)))
+        if request.method == "HEAD":
+            return web.Response(status=200, headers=_blob_headers(digest, size))
+        ranged = request.headers.get("Range") is not None
+        chunks = await reg.geo.pull_through(name, digest, size, ranged=ranged)
+        if chunks is not None:
+            return await _stream(request, chunks, _blob_headers(digest, size))
         stored = await reg.store.stat(digest)
     if size is None or stored is None:
         raise RegistryError(
@@ -109,6 +113,24 @@ async def get_blob(request: web.Request, name: str, reference: str) -> web.Strea
     await resp.prepare(request)
     async for chunk in reg.store.read(digest, offset, length):
         await resp.write(chunk)
+    await resp.write_eof()
+    return resp
+
+
+async def _stream(
+    request: web.Request, chunks: AsyncGenerator[bytes, None], headers: dict[str, str]
+) -> web.StreamResponse:
+    """Send a blob's bytes as another region supplies them: the headers once bytes flow, so a
+    failure before that is still a clean error answer (after it, the stream is cut)."""
+    resp = web.StreamResponse(status=200, headers=headers)
+    async with contextlib.aclosing(chunks):
+        async for chunk in chunks:
+            if not resp.prepared:
+                await resp.prepare(request)
+            if chunk:
+                await resp.write(chunk)
+    if not resp.prepared:
+        await resp.prepare(request)
     await resp.write_eof()
     return resp
 

@@ -29,12 +29,12 @@ class Route:
 
 
 _PATTERNS: list[tuple[re.Pattern[str], Endpoint]] = [
-    (re.compile(r"^(?P<name>.+)/blobs/uploads/?$"), Endpoint.UPLOAD_START),
-    (re.compile(r"^(?P<name>.+)/blobs/uploads/(?P<ref>[^/]+)$"), Endpoint.UPLOAD),
-    (re.compile(r"^(?P<name>.+)/blobs/(?P<ref>[^/]+)$"), Endpoint.BLOB),
-    (re.compile(r"^(?P<name>.+)/manifests/(?P<ref>[^/]+)$"), Endpoint.MANIFEST),
-    (re.compile(r"^(?P<name>.+)/tags/list/?$"), Endpoint.TAGS),
-    (re.compile(r"^(?P<name>.+)/referrers/(?P<ref>[^/]+)$"), Endpoint.REFERRERS),
+    (re.compile(r"^(?P<name>.+)/blobs/uploads/?\Z"), Endpoint.UPLOAD_START),
+    (re.compile(r"^(?P<name>.+)/blobs/uploads/(?P<ref>[^/]+)\Z"), Endpoint.UPLOAD),
+    (re.compile(r"^(?P<name>.+)/blobs/(?P<ref>[^/]+)\Z"), Endpoint.BLOB),
+    (re.compile(r"^(?P<name>.+)/manifests/(?P<ref>[^/]+)\Z"), Endpoint.MANIFEST),
+    (re.compile(r"^(?P<name>.+)/tags/list/?\Z"), Endpoint.TAGS),
+    (re.compile(r"^(?P<name>.+)/referrers/(?P<ref>[^/]+)\Z"), Endpoint.REFERRERS),
 ]
 
 METHODS: dict[Endpoint, frozenset[str]] = {

@@ -1,5 +1,6 @@
 """The server's aiohttp application: the OCI API (`/v2/`), the token endpoint, the management
-API and GraphQL, and `/metrics`, under the registry's middlewares."""
+API and GraphQL, and `/metrics` (background workers, replication), under the registry's
+middlewares."""
 
 from __future__ import annotations
 
@@ -17,19 +18,21 @@ from skyreg.registry.context import Registry
 if TYPE_CHECKING:
     from skyreg.geo.node import GeoNode
     from skyreg.platform.releases import ReleaseService
+    from skyreg.workers import Workers
 
 
 def create_app(
-    reg: Registry, releases: ReleaseService | None = None, *, expiry_interval: float = 300.0
+    reg: Registry, releases: ReleaseService | None = None, *, workers: Workers | None = None
 ) -> web.Application:
-    """The application of one worker over `reg`: the OCI API; with auth, the token endpoint and
-    (given `releases`) the management API; with a region, `/metrics` and the replication worker.
-    Every route answers errors through the registry's middleware (the token endpoint's and
-    `/metrics`' answers too)."""
+    """The application of one worker process over `reg`: the OCI API; with auth, the token
+    endpoint and (given `releases`) the management API; `/metrics` (an admin token when auth
+    is on) with this process's `workers` and, with a region, replication. The caller starts
+    and stops `workers`. Every route answers errors through the registry's middleware (the
+    token endpoint's and `/metrics`' answers too)."""
     app = web.Application(
         middlewares=middlewares(reg.trusted_proxies), client_max_size=CLIENT_MAX_SIZE
     )
-    add_routes(app, reg, expiry_interval=expiry_interval)
+    add_routes(app, reg)
     if reg.auth is not None:
         app[AUTHENTICATOR_KEY] = reg.auth
         app.router.add_get(TOKEN_PATH, token_endpoint)
@@ -37,20 +40,23 @@ def create_app(
         if releases is not None:
             add_management_routes(app, reg.auth, releases)
     if reg.geo is not None:
+        app.cleanup_ctx.append(reg.geo.run)
+    if reg.geo is not None or workers is not None:
         geo = reg.geo
-        app.cleanup_ctx.append(geo.run)
 
         async def metrics(request: web.Request) -> web.StreamResponse:
             if reg.auth is not None:
                 await reg.meta.run(_require_admin, request, reg.auth)
-            return await _metrics_response(geo)
+            return await _metrics_response(geo, workers)
 
         app.router.add_get("/metrics", metrics)
     return app
 
 
-async def _metrics_response(geo: GeoNode) -> web.Response:
-    text = await geo.meta.run(geo.metrics)
+async def _metrics_response(geo: GeoNode | None, workers: Workers | None) -> web.Response:
+    text = await geo.meta.run(geo.metrics) if geo is not None else ""
+    if workers is not None:
+        text += workers.metrics()
     return web.Response(text=text, content_type="text/plain", charset="utf-8")
 
 
@@ -75,13 +81,13 @@ def _require_admin(request: web.Request, auth: Authenticator) -> None:
         raise RegistryError(ErrorCode.DENIED, "metrics need an admin token")
 
 
-def metrics_app(geo: GeoNode) -> web.Application:
+def metrics_app(geo: GeoNode | None, workers: Workers | None = None) -> web.Application:
     """`/metrics` alone, for `serve --metrics-address`: an address only the operator's scraper
     reaches, so no token is asked."""
     app = web.Application(middlewares=middlewares())
 
     async def metrics(_request: web.Request) -> web.StreamResponse:
-        return await _metrics_response(geo)
+        return await _metrics_response(geo, workers)
 
     app.router.add_get("/metrics", metrics)
     return app

@@ -1,5 +1,5 @@
 """Running the server: one listening socket, one or more worker processes, each building
-the database, stores, auth, geo and services it serves with."""
+the database, stores, auth, geo, services and background workers it serves with."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from skyreg.meta.platform import PlatformMeta, ReleaseMeta
 from skyreg.meta.registry import RegistryMeta, open_database
 from skyreg.platform.releases import ReleaseService
 from skyreg.privatefs import private_dir
+from skyreg.registry.app import upload_expiry
 from skyreg.registry.connections import ConnectionGuard
 from skyreg.registry.context import Registry
 from skyreg.registry.forwarded import parse_networks
@@ -35,6 +36,7 @@ from skyreg.server.app import create_app, metrics_app
 from skyreg.server.config import ServeConfig, parse_storage
 from skyreg.store.base import BlobStore
 from skyreg.store.filesystem import FilesystemBlobStore
+from skyreg.workers import Workers
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -140,7 +142,8 @@ async def _run_worker(
             geo=reg.geo,
             limits=cfg.deploy_limits,
         )
-    app = create_app(reg, releases, expiry_interval=cfg.expiry_interval)
+    workers = _workers(cfg, reg)
+    app = create_app(reg, releases, workers=workers)
     handler_kwargs: dict[str, Any] = {
         "access_log": logging.getLogger("skyreg.access") if cfg.access_log else None,
         "access_log_format": ACCESS_LOG_FORMAT,
@@ -157,20 +160,24 @@ async def _run_worker(
         guard.protocol_factory(runner.server, **handler_kwargs), sock=sock
     )
     metrics_runner = None
-    if metrics_sock is not None and reg.geo is not None:
-        metrics_runner = web.AppRunner(metrics_app(reg.geo), access_log=None, handle_signals=False)
+    if metrics_sock is not None:
+        metrics_runner = web.AppRunner(
+            metrics_app(reg.geo, workers), access_log=None, handle_signals=False
+        )
         await metrics_runner.setup()
         await web.SockSite(metrics_runner, metrics_sock).start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    workers.start()
     try:
         await stop.wait()
     finally:
+        listener.close()  # stop accepting; runner.cleanup() ends the open connections
+        await workers.stop()  # before what they use (the geo node, stores, database) closes
         if metrics_runner is not None:
             await metrics_runner.cleanup()
-        listener.close()  # stop accepting; runner.cleanup() ends the open connections
         await runner.cleanup()
         if releases is not None:
             releases.releases.close()
@@ -179,6 +186,14 @@ async def _run_worker(
         if auth is not None:
             auth.platform.close()
         meta.close()
+
+
+def _workers(cfg: ServeConfig, reg: Registry) -> Workers:
+    """Everything this process runs in the background: one place to see it."""
+    workers = Workers([upload_expiry(reg, cfg.expiry_interval)])
+    if reg.geo is not None and reg.geo.replicate:
+        workers.add(reg.geo.replication_worker())
+    return workers
 
 
 def _geo_node(cfg: ServeConfig, reg: Registry) -> GeoNode | None:

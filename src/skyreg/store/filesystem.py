@@ -33,7 +33,7 @@ from skyreg.store import resumable
 from skyreg.store.base import DigestMismatch, StorageFull, UploadOffsetMismatch, UploadUnknown
 from skyreg.store.resumable import ResumableSha256
 
-_UPLOAD_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+_UPLOAD_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}\Z")
 _WRITE_BATCH = 1 << 20
 _READ_CHUNK = 1 << 20
 _FLUSH_EVERY = 32 << 20

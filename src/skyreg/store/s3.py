@@ -70,7 +70,7 @@ MAX_PART_SIZE = 5 << 30
 MAX_PARTS = 10_000
 MAX_COPY_SIZE = 5 << 30  # the largest single CopyObject
 
-_UPLOAD_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+_UPLOAD_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}\Z")
 _HASH_BATCH = 1 << 20
 _READ_CHUNK = 1 << 20
 _COPY_CONCURRENCY = 4
