@@ -110,3 +110,23 @@ def push_image(
     assert r.status_code == 201, r.text
     assert r.headers["Docker-Content-Digest"] == digest
     return Image(config, layer_data, manifest, digest)
+
+
+def start_upload(base: str, repo: str) -> str:
+    """Open an upload session in `repo` (202 asserted); its Location."""
+    r = requests.post(f"{base}/v2/{repo}/blobs/uploads/", timeout=30)
+    assert r.status_code == 202, r.text
+    return str(r.headers["Location"])
+
+
+def patch_chunk(base: str, location: str, data: bytes, offset: int) -> requests.Response:
+    """PATCH `data` into an upload at `offset` (Content-Range set); the answer, unchecked."""
+    return requests.patch(
+        base + location,
+        data=data,
+        headers={
+            "Content-Type": "application/octet-stream",
+            "Content-Range": f"{offset}-{offset + len(data) - 1}",
+        },
+        timeout=30,
+    )

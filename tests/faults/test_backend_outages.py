@@ -26,7 +26,15 @@ import pytest
 import requests
 
 from tests.conftest import RunningRegistry
-from tests.oci_helpers import OCI_MANIFEST, Image, error_codes, push_image, sha256
+from tests.oci_helpers import (
+    OCI_MANIFEST,
+    Image,
+    error_codes,
+    patch_chunk,
+    push_image,
+    sha256,
+    start_upload,
+)
 from tests.pg_fixtures import PG_SUPERUSER, PostgresServer, postgres_bindir
 from tests.s3_fixtures import (
     ACCESS_KEY,
@@ -223,24 +231,6 @@ def registry_on_private_postgres(
         reg.stop()
 
 
-def _start_upload(base: str, repo: str) -> str:
-    r = requests.post(f"{base}/v2/{repo}/blobs/uploads/", timeout=_TIMEOUT)
-    assert r.status_code == 202, r.text
-    return str(r.headers["Location"])
-
-
-def _patch(base: str, location: str, data: bytes, offset: int) -> requests.Response:
-    return requests.patch(
-        base + location,
-        data=data,
-        headers={
-            "Content-Type": "application/octet-stream",
-            "Content-Range": f"{offset}-{offset + len(data) - 1}",
-        },
-        timeout=_TIMEOUT,
-    )
-
-
 def _get_manifest(base: str, repo: str, ref: str) -> requests.Response:
     return requests.get(
         f"{base}/v2/{repo}/manifests/{ref}", headers={"Accept": OCI_MANIFEST}, timeout=_TIMEOUT
@@ -281,8 +271,8 @@ def test_s3_killed_mid_upload_answers_503_and_the_upload_resumes_once_it_is_back
     image = push_image(base, repo, "v1", layer_size=64 << 10)
     # More than one 8 MiB part: the acknowledged bytes are a multipart upload plus a tail.
     first, second = os.urandom(9 * MiB), os.urandom(MiB)
-    location = _start_upload(base, repo)
-    acked = _patch(base, location, first, 0)
+    location = start_upload(base, repo)
+    acked = patch_chunk(base, location, first, 0)
     assert acked.status_code == 202, acked.text
 
     # Killed while a monolithic body streams in.
@@ -302,7 +292,7 @@ def test_s3_killed_mid_upload_answers_503_and_the_upload_resumes_once_it_is_back
     )
     _assert_unavailable(monolithic, "storage")
     # ... and between two PATCHes of a chunked upload.
-    _assert_unavailable(_patch(base, location, second, len(first)), "storage")
+    _assert_unavailable(patch_chunk(base, location, second, len(first)), "storage")
     _assert_unavailable(requests.get(base + location, timeout=_TIMEOUT), "storage")
     # Stored blobs cannot be read either; metadata still answers.
     layer_url = f"{base}/v2/{repo}/blobs/{sha256(image.layers[0])}"
@@ -318,7 +308,7 @@ def test_s3_killed_mid_upload_answers_503_and_the_upload_resumes_once_it_is_back
     status = requests.get(base + location, timeout=_TIMEOUT)
     assert status.status_code == 204, status.text
     assert status.headers["Range"] == f"0-{len(first) - 1}"  # resumes where it was acknowledged
-    resumed = _patch(base, location, second, len(first))
+    resumed = patch_chunk(base, location, second, len(first))
     assert resumed.status_code == 202, resumed.text
     digest = sha256(first + second)
     done = requests.put(base + location, params={"digest": digest}, timeout=_TIMEOUT)
@@ -340,7 +330,7 @@ def test_s3_killed_during_a_monolithic_put_answers_503_and_the_put_succeeds_once
     image = push_image(base, repo, "v1")
     whole = os.urandom(3 * MiB)
     digest = sha256(whole)
-    location = _start_upload(base, repo)
+    location = start_upload(base, repo)
 
     def killed_half_way() -> Iterator[bytes]:
         yield whole[:MiB]
@@ -387,12 +377,12 @@ def test_postgres_restarted_mid_push_the_push_goes_on_without_restarting_skyreg(
     base, repo = reg.url, "app/outage"
     image = push_image(base, repo, "v1")
     first, second = os.urandom(MiB), os.urandom(MiB)
-    location = _start_upload(base, repo)
-    assert _patch(base, location, first, 0).status_code == 202
+    location = start_upload(base, repo)
+    assert patch_chunk(base, location, first, 0).status_code == 202
 
     private_postgres.restart_fast()
     # Every session skyreg held (its reader, its pool) is gone; the very next requests work.
-    resumed = _patch(base, location, second, len(first))
+    resumed = patch_chunk(base, location, second, len(first))
     assert resumed.status_code == 202, resumed.text
     digest = sha256(first + second)
     done = requests.put(base + location, params={"digest": digest}, timeout=_TIMEOUT)
@@ -410,11 +400,11 @@ def test_postgres_down_answers_503_and_skyreg_recovers_once_it_is_back(
     base, repo = reg.url, "app/outage"
     image = push_image(base, repo, "v1")
     first, second = os.urandom(MiB), os.urandom(MiB)
-    location = _start_upload(base, repo)
-    assert _patch(base, location, first, 0).status_code == 202
+    location = start_upload(base, repo)
+    assert patch_chunk(base, location, first, 0).status_code == 202
 
     private_postgres.stop_fast()
-    _assert_unavailable(_patch(base, location, second, len(first)), "database")
+    _assert_unavailable(patch_chunk(base, location, second, len(first)), "database")
     _assert_unavailable(_get_manifest(base, repo, "v1"), "database")
     _assert_unavailable(
         requests.put(
@@ -437,7 +427,7 @@ def test_postgres_down_answers_503_and_skyreg_recovers_once_it_is_back(
     assert log.count("database unreachable") == 1, log
 
     private_postgres.start_again()
-    resumed = _patch(base, location, second, len(first))
+    resumed = patch_chunk(base, location, second, len(first))
     assert resumed.status_code == 202, resumed.text
     digest = sha256(first + second)
     done = requests.put(base + location, params={"digest": digest}, timeout=_TIMEOUT)

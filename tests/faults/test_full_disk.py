@@ -20,7 +20,7 @@ import requests
 
 from skyreg.store.filesystem import FilesystemBlobStore
 from tests.conftest import RunningRegistry
-from tests.oci_helpers import error_codes, push_blob, push_image, sha256
+from tests.oci_helpers import error_codes, patch_chunk, push_blob, push_image, sha256, start_upload
 
 _CHUNK = 256 << 10  # below the store's 1 MiB write batch: the whole body is read before a write
 
@@ -52,24 +52,6 @@ def _fill(disk: Path) -> Path:
     raise AssertionError("the disk never filled up")
 
 
-def _start_upload(base: str, repo: str) -> str:
-    r = requests.post(f"{base}/v2/{repo}/blobs/uploads/", timeout=30)
-    assert r.status_code == 202, r.text
-    return str(r.headers["Location"])
-
-
-def _patch(base: str, location: str, data: bytes, offset: int) -> requests.Response:
-    return requests.patch(
-        base + location,
-        data=data,
-        headers={
-            "Content-Type": "application/octet-stream",
-            "Content-Range": f"{offset}-{offset + len(data) - 1}",
-        },
-        timeout=30,
-    )
-
-
 def _upload_files(disk: Path) -> list[str]:
     return sorted(os.listdir(disk / "uploads"))
 
@@ -80,18 +62,18 @@ def test_upload_that_hit_a_full_disk_finishes_once_space_is_freed(
     reg = full_disk_registry
     base, repo = reg.url, "app/full"
     first, second = os.urandom(_CHUNK), os.urandom(_CHUNK)
-    location = _start_upload(base, repo)
-    assert _patch(base, location, first, 0).status_code == 202
+    location = start_upload(base, repo)
+    assert patch_chunk(base, location, first, 0).status_code == 202
 
     filler = _fill(reg.data_dir)
-    refused = _patch(base, location, second, len(first))
+    refused = patch_chunk(base, location, second, len(first))
     assert refused.status_code >= 500, refused.text  # nothing was written
     status = requests.get(base + location, timeout=30)
     assert status.status_code == 204, status.text
     assert status.headers["Range"] == f"0-{len(first) - 1}"
 
     filler.unlink()
-    resumed = _patch(base, location, second, len(first))
+    resumed = patch_chunk(base, location, second, len(first))
     assert resumed.status_code == 202, resumed.text
     assert resumed.headers["Range"] == f"0-{len(first) + len(second) - 1}"
     digest = sha256(first + second)
@@ -115,10 +97,10 @@ def test_full_disk_answers_507_once_logged_and_pulls_keep_working(
     reg = full_disk_registry
     base, repo = reg.url, "app/full"
     image = push_image(base, repo, "v1", layer_size=64 << 10)
-    location = _start_upload(base, repo)
+    location = start_upload(base, repo)
 
     filler = _fill(reg.data_dir)
-    _assert_storage_full(_patch(base, location, os.urandom(_CHUNK), 0))
+    _assert_storage_full(patch_chunk(base, location, os.urandom(_CHUNK), 0))
     _assert_storage_full(
         requests.post(
             f"{base}/v2/{repo}/blobs/uploads/",

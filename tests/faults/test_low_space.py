@@ -18,7 +18,7 @@ import requests
 
 from skyreg.registry.space import Watermark, parse_watermark
 from tests.conftest import RunningRegistry
-from tests.oci_helpers import error_codes, push_image, sha256
+from tests.oci_helpers import error_codes, patch_chunk, push_image, sha256
 
 _MiB = 1 << 20
 
@@ -62,21 +62,9 @@ def _upload(base: str, repo: str, data: bytes) -> str:
     opened = _start(base, repo)
     assert opened.status_code == 202, opened.text
     location = str(opened.headers["Location"])
-    patched = _patch(base, location, data, 0)
+    patched = patch_chunk(base, location, data, 0)
     assert patched.status_code == 202, patched.text
     return location
-
-
-def _patch(base: str, location: str, data: bytes, offset: int) -> requests.Response:
-    return requests.patch(
-        base + location,
-        data=data,
-        headers={
-            "Content-Type": "application/octet-stream",
-            "Content-Range": f"{offset}-{offset + len(data) - 1}",
-        },
-        timeout=30,
-    )
 
 
 def _status(base: str, location: str) -> int:
@@ -110,7 +98,7 @@ def test_new_uploads_are_refused_below_the_watermark_before_the_disk_is_full(
     assert requests.head(f"{base}/v2/{repo}/blobs/{sha256(data)}", timeout=30).status_code == 404
 
     # An upload already under way may finish, and pulls keep working.
-    assert _patch(base, in_flight, os.urandom(4096), 64 << 10).status_code == 202
+    assert patch_chunk(base, in_flight, os.urandom(4096), 64 << 10).status_code == 202
     layer = requests.get(f"{base}/v2/{repo}/blobs/{sha256(image.layers[0])}", timeout=30)
     assert layer.status_code == 200 and layer.content == image.layers[0]
 
@@ -131,7 +119,7 @@ def test_low_space_reclaims_an_upload_that_failed_for_lack_of_space_first(
     failed = _upload(base, repo, os.urandom(3 * _MiB))
 
     filler = _leave_free(reg.data_dir, 2 * _MiB)
-    full = _patch(base, failed, os.urandom(4 * _MiB), 3 * _MiB)  # more than is left
+    full = patch_chunk(base, failed, os.urandom(4 * _MiB), 3 * _MiB)  # more than is left
     assert full.status_code == 507, full.text
     assert _status(base, failed) == 204  # failed, and still resumable until space is needed
 

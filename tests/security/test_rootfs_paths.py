@@ -11,11 +11,9 @@ sentinel is also compared before and after.
 
 from __future__ import annotations
 
-import ctypes
 import io
 import os
 import shutil
-import struct
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,83 +33,18 @@ from skyreg.machines.rootpath import (
 )
 from skyreg.machines.runtime import ImageConfig, MachineError, resolve_user, start_machine
 from skyreg.machines.unpack import UnpackReport, unpack_layers
+from tests.sentinel import Sentinel
 
-SECRET = b"outsider:x:4242:4242::/:/bin/sh\n"
 INSIDE_PASSWD = b"inside:x:7:8::/:/bin/sh\n"
 OCI_TAR = "application/vnd.oci.image.layer.v1.tar"
 
 # --------------------------------------------------------------------------- the sentinel
 
-_IN_NONBLOCK = 0o4000
-_IN_CLOEXEC = 0o2000000
-_IN_ALL_EVENTS = 0xFFF
-_EVENT = struct.Struct("iIII")
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-class Sentinel:
-    """`outside` beside `rootfs`, watched with inotify from construction until `close`."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp / "box"  # watched; layers and logs go beside it, in `spare`
-        self.spare = tmp / "spare"
-        self.spare.mkdir()
-        tmp = self.tmp
-        self.rootfs = tmp / "rootfs"
-        self.outside = tmp / "outside"
-        (self.outside / "dir").mkdir(parents=True)
-        (self.outside / "secret").write_bytes(SECRET)
-        self.rootfs.mkdir()
-        self.before = self._tree()
-        self._fd = _libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
-        if self._fd < 0:
-            raise OSError(ctypes.get_errno(), "inotify_init1")
-        self._names: dict[int, str] = {}
-        for path in (tmp, self.outside, self.outside / "dir", self.outside / "secret"):
-            wd = _libc.inotify_add_watch(self._fd, os.fsencode(path), _IN_ALL_EVENTS)
-            if wd < 0:
-                raise OSError(ctypes.get_errno(), f"inotify_add_watch {path}")
-            self._names[wd] = str(path)
-
-    def _tree(self) -> list[tuple[str, bytes | None]]:
-        found: list[tuple[str, bytes | None]] = []
-        for path in sorted(self.tmp.rglob("*")):
-            if path.is_relative_to(self.rootfs):
-                continue
-            found.append((str(path), path.read_bytes() if path.is_file() else None))
-        return found
-
-    def events(self) -> list[str]:
-        """Events queued so far, except those about `rootfs` itself seen from `tmp`."""
-        seen: list[str] = []
-        while True:
-            try:
-                buf = os.read(self._fd, 65536)
-            except BlockingIOError:
-                return seen
-            offset = 0
-            while offset < len(buf):
-                wd, mask, _, size = _EVENT.unpack_from(buf, offset)
-                raw = buf[offset + _EVENT.size : offset + _EVENT.size + size]
-                name = raw.rstrip(b"\0").decode(errors="replace")
-                offset += _EVENT.size + size
-                where = self._names.get(wd, "?")
-                if where == str(self.tmp) and name == "rootfs":
-                    continue  # the caller opening its own rootfs
-                seen.append(f"{where}/{name}: {mask:#x}")
-
-    def assert_untouched(self) -> None:
-        """Nothing outside the rootfs was opened, read, written, created or removed."""
-        assert self.events() == []
-        assert self._tree() == self.before
-
-    def close(self) -> None:
-        os.close(self._fd)
-
 
 @pytest.fixture
 def sentinel(tmp_path: Path) -> Iterator[Sentinel]:
     s = Sentinel(tmp_path)
+    s.watch()
     try:
         yield s
     finally:
