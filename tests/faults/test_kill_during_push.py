@@ -341,16 +341,17 @@ def test_stopping_server_closes_an_upload_whose_body_is_arriving_at_once(
     registry.start()  # same port and data dir: the upload goes on from what it holds
     held_now = held()
     assert MiB <= held_now <= len(data)
-    rest = requests.patch(
-        registry.url + location,
-        data=data[held_now:],
-        headers={
-            "Content-Type": "application/octet-stream",
-            "Content-Range": f"{held_now}-{len(data) - 1}",
-        },
-        timeout=_TIMEOUT,
-    )
-    assert rest.status_code == 202, rest.text
+    if held_now < len(data):  # all of it may have reached the store before the stop
+        rest = requests.patch(
+            registry.url + location,
+            data=data[held_now:],
+            headers={
+                "Content-Type": "application/octet-stream",
+                "Content-Range": f"{held_now}-{len(data) - 1}",
+            },
+            timeout=_TIMEOUT,
+        )
+        assert rest.status_code == 202, rest.text
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     done = requests.put(registry.url + location, params={"digest": digest}, timeout=_TIMEOUT)
     assert done.status_code == 201, done.text
