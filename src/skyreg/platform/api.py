@@ -19,27 +19,32 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
 from skyreg.auth.http import client_of
-from skyreg.auth.policy import PULL, PUSH
+from skyreg.auth.policy import PUSH
 from skyreg.auth.service import Authenticator, AuthFailed, Throttled
 from skyreg.clock import utc_iso
 from skyreg.meta.db import unreachable as database_unreachable
 from skyreg.meta.machines import STATES, Machine, TooManyMachines
 from skyreg.meta.platform import AlreadyExists, App, ImageTag, Org, PlatformMeta, TokenRecord
 from skyreg.oci.bounded import MAX_INT, JSONInputError, load_json, parse_int, storable
-from skyreg.oci.names import TAG_RE
-from skyreg.oci.reference import parse_reference
 from skyreg.platform.names import (
     MAX_TOKEN_NAME,
     generate_app_name,
     is_dns_label,
     parse_expiry,
 )
-from skyreg.platform.releases import (
-    RELEASES_KEY,
-    STRATEGIES,
+from skyreg.platform.releases import RELEASES_KEY, release_json
+from skyreg.services.errors import Forbidden, NotFound, ServiceError
+from skyreg.services.releases import (
+    DEFAULT_REGION,
+    IMAGE_REQUIRED,
+    LABEL_INVALID,
+    REGION_RE,
+    REGIONS_INVALID,
+    STRATEGY_INVALID,
+    DeployLimits,
+    DeployRequest,
     ReleaseService,
-    deployment_tag,
-    release_json,
+    count_invalid,
 )
 
 if TYPE_CHECKING:
@@ -52,9 +57,7 @@ MAX_BODY = 64 * 1024
 _BODY_METHODS = frozenset({"POST", "PATCH", "PUT"})  # requests whose body `_endpoint` reads
 _GENERATE_ATTEMPTS = 20
 MAX_RELEASES = 1000
-REGION_RE = re.compile(r"^[a-z][a-z0-9-]{1,19}\Z")
 CREATABLE_KINDS = ("org", "deploy", "readonly")
-DEFAULT_REGION = "local"
 
 API_AUTH_KEY = web.AppKey("management_authenticator", Authenticator)
 
@@ -610,119 +613,63 @@ _RELEASE_FIELDS = {"image", "image_label", "regions", "count", "strategy", "desc
 
 
 def create_release(call: Call) -> web.StreamResponse:
-    """Deploy: resolve the image to a digest, tag it into the app, record the release."""
+    """Deploy: `ReleaseService.deploy` resolves the image, tags it into the app and records
+    the release; this parses the body and renders the release or the refusal."""
     token = call.caller()
     body = call.body()
-    app = call.app_named(call.request.match_info["app"])
-    policy = call.auth.policy
-    if PUSH not in policy.allowed(token, app.name):
-        raise forbidden(f"this token may not deploy app {app.name}")
+    service = call.request.app[RELEASES_KEY]
+    try:
+        release = service.deploy(_deploy_request(call, token, body, service.limits))
+    except ServiceError as e:
+        raise _refusal(e) from None
+    return _json(release_json(release), 201)
+
+
+def _deploy_request(
+    call: Call, token: TokenRecord, body: dict[str, Any], limits: DeployLimits
+) -> DeployRequest:
+    """The body's fields as a DeployRequest; 400 for unknown fields and wrong JSON types (the
+    service checks the values)."""
     unknown = set(body) - _RELEASE_FIELDS
     if unknown:
         raise bad_request(f"unknown fields: {', '.join(sorted(unknown))[:200]}")
-    image = body.get("image")
-    if not isinstance(image, str) or not image:
-        raise bad_request("image is required: REPOSITORY[:TAG] or REPOSITORY@DIGEST")
-    try:
-        ref = parse_reference(image.strip()).for_pull()  # a HOST[:PORT]/ in front is ignored
-    except ValueError as e:
-        raise bad_request(f"image {image[:200]!r}: {e}") from None
+    image = body.get("image", "")
+    if not isinstance(image, str):
+        raise bad_request(IMAGE_REQUIRED)
     label = body.get("image_label")
-    if label is not None and (not isinstance(label, str) or TAG_RE.match(label) is None):
-        raise bad_request("image_label must be a valid tag")
+    if label is not None and not isinstance(label, str):
+        raise bad_request(LABEL_INVALID)
     strategy = body.get("strategy", "rolling")
-    if strategy not in STRATEGIES:
-        raise bad_request(f"strategy must be one of {', '.join(STRATEGIES)}")
-    service = call.request.app[RELEASES_KEY]
-    limits = service.limits
+    if not isinstance(strategy, str):
+        raise bad_request(STRATEGY_INVALID)
     regions = body.get("regions", [])
-    if not isinstance(regions, list) or not all(
-        isinstance(r, str) and REGION_RE.match(r) for r in regions
-    ):
-        raise bad_request("regions must be a list of region codes such as iad, sin, syd")
-    if len(set(regions)) > limits.regions:
-        raise bad_request(f"a release may name at most {limits.regions} regions")
+    if not isinstance(regions, list) or not all(isinstance(r, str) for r in regions):
+        raise bad_request(REGIONS_INVALID)
     count = body.get("count", 1)
-    if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= limits.per_region:
-        raise bad_request(f"count must be a whole number from 1 to {limits.per_region}")
+    if not isinstance(count, int) or isinstance(count, bool):
+        raise bad_request(count_invalid(limits))
     description = body.get("description")
     if description is not None and not isinstance(description, str):
         raise bad_request("description must be a string")
-    geo = service.geo
-    known = geo.regions.knows if geo is not None else (lambda r: r == DEFAULT_REGION)
-    absent = sorted(r for r in set(regions) if not known(r))
-    if absent:
-        more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
-        raise bad_request(f"unknown region {absent[0]!r}{more}")
-    if geo is not None and not regions:
-        placement = geo.meta.app_placement(app.name)
-        regions = list((placement[0] if placement else []) or [geo.region])
-    regions = sorted(set(regions)) or [DEFAULT_REGION]
-    wanted = count * len(regions)
-    if wanted > limits.per_release:
-        raise bad_request(
-            f"{count} machines in each of {len(regions)} regions is {wanted}, over the "
-            f"limit of {limits.per_release} machines per release"
-        )
-    live = 0 if strategy == "immediate" else service.machines.live_count(app.id)
-    if live + wanted > limits.per_app:
-        raise bad_request(
-            f"app {app.name} has {live} live machines; {wanted} more would exceed its limit of "
-            f"{limits.per_app} (an immediate deploy stops the others first)"
-        )
-    stored = None
-    if PULL in policy.allowed(token, ref.repository):
-        stored = service.registry.get_manifest(
-            ref.repository, ref.reference, by_digest=ref.digest is not None
-        )
-    if stored is None:  # the same answer for missing and not readable
-        raise not_found("image", image[:200])
-    try:
-        unavailable = service.unavailable_blobs(ref.repository, stored.digest, app.name)
-    except ValueError as e:
-        raise bad_request(f"image {image[:200]!r}: {e}") from None
-    if unavailable:  # e.g. a foreign layer (`urls`) whose bytes were never pushed to this app
-        more = f" (and {len(unavailable) - 1} more)" if len(unavailable) > 1 else ""
-        raise bad_request(
-            f"blob {unavailable[0]}{more} of image {image[:200]!r} is not in repository "
-            f"{app.name}: push every layer (foreign layers too) before deploying"
-        )
-    host = call.auth.public_host
-    repository = ref.repository
-    if ref.repository != app.name or label:
-        tag = label or deployment_tag()
-        service.registry.copy_manifest(ref.repository, stored.digest, app.name, tag)
-        repository, image_ref = app.name, f"{host}/{app.name}:{tag}"
-    elif ref.tag:
-        image_ref = f"{host}/{app.name}:{ref.tag}"
-    else:
-        image_ref = f"{host}/{app.name}@{stored.digest}"
-    release = service.releases.create_release(
-        app_id=app.id,
-        status="pending",
-        description=(description or f"Deploy image {image_ref}")[:1000],
-        reason="deploy",
-        image_ref=image_ref,
-        image_repository=repository,
-        image_digest=stored.digest,
+    return DeployRequest(
+        app=call.request.match_info["app"],
+        image=image,
+        token=token,
+        label=label,
         strategy=strategy,
-        regions=regions,
-        machine_count=count,
-        user_id=token.id,
-        user_name=token.name,
+        regions=tuple(regions),
+        count=count,
+        description=description,
     )
-    if geo is not None:  # copies first: a region's machines then find the image at home
-        queued = geo.enqueue_image(repository, stored.digest, list(release.regions))
-        log.info("app %s: %d blob copies queued for %s", app.name, queued, release.regions)
-    try:
-        service.machines.create_for_release(
-            release.id, app.id, list(release.regions), count, strategy, max_live=limits.per_app
-        )
-    except TooManyMachines as e:  # a concurrent deploy took the room: this release failed
-        raise bad_request(f"app {app.name}: {e}") from None
-    release = service.releases.get_release(release.id) or release
-    log.info("app %s release v%d: %s (%s)", app.name, release.version, image_ref, stored.digest)
-    return _json(release_json(release), 201)
+
+
+def _refusal(error: ServiceError) -> ApiError:
+    """A service's domain error as the API answers it."""
+    if isinstance(error, NotFound):
+        return not_found(error.kind, error.name)
+    if isinstance(error, Forbidden):
+        return forbidden(error.reason)
+    return bad_request(error.reason)  # Invalid, LimitExceeded
 
 
 # -- machines -----------------------------------------------------------------------------------

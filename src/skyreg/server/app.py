@@ -17,7 +17,7 @@ from skyreg.registry.context import Registry
 
 if TYPE_CHECKING:
     from skyreg.geo.node import GeoNode
-    from skyreg.platform.releases import ReleaseService
+    from skyreg.services.releases import ReleaseService
     from skyreg.workers import Workers
 
 

@@ -25,7 +25,6 @@ from skyreg.auth.service import Authenticator
 from skyreg.meta.machines import MachineMeta
 from skyreg.meta.platform import PlatformMeta, ReleaseMeta
 from skyreg.meta.registry import RegistryMeta, open_database
-from skyreg.platform.releases import ReleaseService
 from skyreg.privatefs import private_dir
 from skyreg.registry.app import upload_expiry
 from skyreg.registry.connections import ConnectionGuard
@@ -34,6 +33,7 @@ from skyreg.registry.forwarded import parse_networks
 from skyreg.registry.space import SpaceGuard, Watermark
 from skyreg.server.app import create_app, metrics_app
 from skyreg.server.config import ServeConfig, parse_storage
+from skyreg.services.releases import ReleaseService
 from skyreg.store.base import BlobStore
 from skyreg.store.filesystem import FilesystemBlobStore
 from skyreg.workers import Workers
@@ -139,6 +139,9 @@ async def _run_worker(
             registry=meta,
             releases=ReleaseMeta(meta.db),
             machines=MachineMeta(meta.db),
+            platform=auth.platform,
+            policy=auth.policy,
+            public_host=auth.public_host,
             geo=reg.geo,
             limits=cfg.deploy_limits,
         )

@@ -1,0 +1,286 @@
+"""Releases: deploying an image to an app records which image (pinned by digest) it runs.
+
+A release is recorded `pending`, becomes `running` once its machines are created, then
+`complete` (all started) or `failed` (see `MachineMeta.reconcile_release`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from skyreg.auth.policy import PULL, PUSH, AccessPolicy
+from skyreg.meta.machines import MachineMeta, TooManyMachines
+from skyreg.meta.platform import App, PlatformMeta, Release, ReleaseMeta, TokenRecord
+from skyreg.meta.registry import RegistryMeta
+from skyreg.oci.digest import Digest
+from skyreg.oci.errors import RegistryError
+from skyreg.oci.manifest import parse_manifest
+from skyreg.oci.names import TAG_RE
+from skyreg.oci.reference import parse_reference
+from skyreg.services.errors import Forbidden, Invalid, LimitExceeded, NotFound
+
+if TYPE_CHECKING:
+    from skyreg.geo.node import GeoNode
+
+log = logging.getLogger("skyreg.services")
+
+STRATEGIES = ("rolling", "immediate")
+MAX_IMAGE_MANIFESTS = 256  # an index and its children, walked to check a deploy's blobs
+REGION_RE = re.compile(r"^[a-z][a-z0-9-]{1,19}\Z")
+DEFAULT_REGION = "local"  # the one region of a single-region registry
+MAX_DESCRIPTION = 1000
+
+# What a caller sees for a field it got wrong (the API says the same for a wrong JSON type).
+IMAGE_REQUIRED = "image is required: REPOSITORY[:TAG] or REPOSITORY@DIGEST"
+LABEL_INVALID = "image_label must be a valid tag"
+STRATEGY_INVALID = f"strategy must be one of {', '.join(STRATEGIES)}"
+REGIONS_INVALID = "regions must be a list of region codes such as iad, sin, syd"
+
+
+def count_invalid(limits: DeployLimits) -> str:
+    """The refusal of a `count` that is not a whole number from 1 to `limits.per_region`."""
+    return f"count must be a whole number from 1 to {limits.per_region}"
+
+
+@dataclass(frozen=True)
+class DeployLimits:
+    """How many machines deploys may create (`skyreg serve --max-machines-...`).
+
+    A live machine is one desired `started` (`MachineMeta.live_count`): a rolling deploy counts
+    the app's current live machines plus its own, an immediate one (which stops the others at
+    once) its own only.
+    """
+
+    per_region: int = 100  # `count`
+    per_release: int = 1000  # count x regions
+    per_app: int = 1000  # live machines of an app
+    regions: int = 50  # regions one release names
+
+
+@dataclass(frozen=True)
+class DeployRequest:
+    """One deploy, as the caller asked for it (values checked by `ReleaseService.deploy`).
+
+    `image` is `[HOST[:PORT]/]REPO[:TAG][@DIGEST]` ("" when not given); `label` the tag the image
+    gets in the app (default `deployment-YYYYMMDD-HHMMSS` when it is copied); `regions` empty
+    means the app's placement (multi-region) or `local`.
+    """
+
+    app: str
+    image: str
+    token: TokenRecord
+    label: str | None = None
+    strategy: str = "rolling"
+    regions: Sequence[str] = ()
+    count: int = 1
+    description: str | None = None
+
+
+@dataclass
+class ReleaseService:
+    """Deploys: the platform tables, the registry's manifests and tags, and machines.
+
+    Every store shares the process's one `Database`; their methods query, so callers use
+    this service on a database thread (`store.run`), never on the event loop.
+    """
+
+    registry: RegistryMeta
+    releases: ReleaseMeta
+    machines: MachineMeta
+    platform: PlatformMeta
+    policy: AccessPolicy
+    public_host: str  # HOST[:PORT] the image references of releases begin with
+    geo: GeoNode | None = None  # multi-region: deploys queue copies of the image
+    limits: DeployLimits = field(default_factory=DeployLimits)
+
+    def deploy(self, request: DeployRequest) -> Release:
+        """Deploy `request.image` to `request.app`: resolve it to a digest, copy and tag it into
+        the app's repository when it lives elsewhere (or a label is given), record the release
+        and create its machines. Returns the release (`running`).
+
+        Nothing is recorded or copied unless the caller may see the app (else NotFound) and push
+        to it (Forbidden), every field is valid (Invalid), the regions exist, the machines fit
+        the limits (LimitExceeded), the caller may pull the image (else NotFound, as if missing)
+        and every blob of it will be in the app's repository (Invalid). Queries: call it on a
+        database thread.
+        """
+        token, limits = request.token, self.limits
+        app = self._visible_app(request.app, token)
+        if PUSH not in self.policy.allowed(token, app.name):
+            raise Forbidden(f"this token may not deploy app {app.name}")
+        image = request.image
+        if not image:
+            raise Invalid(IMAGE_REQUIRED)
+        try:
+            ref = parse_reference(image.strip()).for_pull()  # a HOST[:PORT]/ in front is ignored
+        except ValueError as e:
+            raise Invalid(f"image {image[:200]!r}: {e}") from None
+        label = request.label
+        if label is not None and TAG_RE.match(label) is None:
+            raise Invalid(LABEL_INVALID)
+        strategy = request.strategy
+        if strategy not in STRATEGIES:
+            raise Invalid(STRATEGY_INVALID)
+        if not all(REGION_RE.match(r) for r in request.regions):
+            raise Invalid(REGIONS_INVALID)
+        if len(set(request.regions)) > limits.regions:
+            raise LimitExceeded(
+                f"a release may name at most {limits.regions} regions", limits.regions
+            )
+        count = request.count
+        if count < 1:
+            raise Invalid(count_invalid(limits))
+        if count > limits.per_region:
+            raise LimitExceeded(count_invalid(limits), limits.per_region)
+        regions = self._regions(app, request.regions)
+        wanted = count * len(regions)
+        if wanted > limits.per_release:
+            raise LimitExceeded(
+                f"{count} machines in each of {len(regions)} regions is {wanted}, over the "
+                f"limit of {limits.per_release} machines per release",
+                limits.per_release,
+            )
+        live = 0 if strategy == "immediate" else self.machines.live_count(app.id)
+        if live + wanted > limits.per_app:
+            raise LimitExceeded(
+                f"app {app.name} has {live} live machines; {wanted} more would exceed its limit "
+                f"of {limits.per_app} (an immediate deploy stops the others first)",
+                limits.per_app,
+            )
+        stored = None
+        if PULL in self.policy.allowed(token, ref.repository):
+            stored = self.registry.get_manifest(
+                ref.repository, ref.reference, by_digest=ref.digest is not None
+            )
+        if stored is None:  # the same answer for missing and not readable
+            raise NotFound("image", image[:200])
+        digest = stored.digest
+        try:
+            unavailable = self.unavailable_blobs(ref.repository, digest, app.name)
+        except ValueError as e:
+            raise Invalid(f"image {image[:200]!r}: {e}") from None
+        if unavailable:  # e.g. a foreign layer (`urls`) whose bytes were never pushed to this app
+            more = f" (and {len(unavailable) - 1} more)" if len(unavailable) > 1 else ""
+            raise Invalid(
+                f"blob {unavailable[0]}{more} of image {image[:200]!r} is not in repository "
+                f"{app.name}: push every layer (foreign layers too) before deploying"
+            )
+        repository = ref.repository
+        if ref.repository != app.name or label:
+            tag = label or deployment_tag()
+            # False: the manifest left `ref.repository` (a concurrent DELETE) since we read it.
+            # Recording the release anyway would name a tag never made (or, with a label already
+            # in use, another image) and give machines an image the app does not hold, after an
+            # immediate deploy has stopped the app's running ones.
+            if not self.registry.copy_manifest(ref.repository, digest, app.name, tag):
+                raise NotFound("image", image[:200])
+            repository, image_ref = app.name, f"{self.public_host}/{app.name}:{tag}"
+        elif ref.tag:
+            image_ref = f"{self.public_host}/{app.name}:{ref.tag}"
+        else:
+            image_ref = f"{self.public_host}/{app.name}@{digest}"
+        release = self.releases.create_release(
+            app_id=app.id,
+            status="pending",
+            description=(request.description or f"Deploy image {image_ref}")[:MAX_DESCRIPTION],
+            reason="deploy",
+            image_ref=image_ref,
+            image_repository=repository,
+            image_digest=digest,
+            strategy=strategy,
+            regions=regions,
+            machine_count=count,
+            user_id=token.id,
+            user_name=token.name,
+        )
+        if self.geo is not None:  # copies first: a region's machines then find the image at home
+            queued = self.geo.enqueue_image(repository, digest, list(release.regions))
+            log.info("app %s: %d blob copies queued for %s", app.name, queued, release.regions)
+        try:
+            self.machines.create_for_release(
+                release.id, app.id, list(release.regions), count, strategy, max_live=limits.per_app
+            )
+        except TooManyMachines as e:  # a concurrent deploy took the room: this release failed
+            raise LimitExceeded(f"app {app.name}: {e}", e.limit) from None
+        release = self.releases.get_release(release.id) or release
+        log.info("app %s release v%d: %s (%s)", app.name, release.version, image_ref, digest)
+        return release
+
+    def _visible_app(self, name: str, token: TokenRecord) -> App:
+        """The app `name` when `token` may see it (admin: any; else its org's), else NotFound."""
+        app = self.platform.get_app(name)
+        if app is None or (token.kind != "admin" and token.org_id != app.org_id):
+            raise NotFound("app", name)
+        return app
+
+    def _regions(self, app: App, asked: Sequence[str]) -> list[str]:
+        """The release's regions, sorted: those asked for (each must exist), else the app's
+        placement (multi-region) or this node's region, else `local`."""
+        geo = self.geo
+        absent = sorted(
+            r for r in set(asked) if not (geo.regions.knows(r) if geo else r == DEFAULT_REGION)
+        )
+        if absent:
+            more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
+            raise Invalid(f"unknown region {absent[0]!r}{more}")
+        regions = list(asked)
+        if geo is not None and not regions:
+            placement = geo.meta.app_placement(app.name)
+            regions = list((placement[0] if placement else []) or [geo.region])
+        return sorted(set(regions)) or [DEFAULT_REGION]
+
+    def unavailable_blobs(self, source: str, digest: str, target: str) -> list[str]:
+        """`unavailable_blobs` with this service's stores. Queries, and walking an index parses
+        up to MAX_IMAGE_MANIFESTS manifests: call it on a database thread."""
+        return unavailable_blobs(self.registry, self.releases, source, digest, target)
+
+
+def unavailable_blobs(
+    registry: RegistryMeta, releases: ReleaseMeta, source: str, digest: str, target: str
+) -> list[str]:
+    """Blobs a machine of image `source@digest` needs that `target` will not serve.
+
+    Every config and layer of the image counts (of an index, of every child manifest). When
+    the image is copied from `source` into `target`, the copy links the blobs the source's
+    manifests reference (config and layers without `urls`) as far as `source` has them;
+    anything else, a foreign layer named only by its `urls` in particular, must already be
+    linked to `target`. Raises ValueError for an image too large to walk.
+    """
+    needed: dict[str, bool] = {}  # digest -> linked along by a copy
+    pending, seen = [digest], set()
+    while pending:
+        current = pending.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if len(seen) > MAX_IMAGE_MANIFESTS:
+            raise ValueError(f"the image has more than {MAX_IMAGE_MANIFESTS} manifests")
+        stored = registry.get_manifest(source, current, by_digest=True)
+        if stored is None:
+            raise ValueError(f"manifest {current} is not in repository {source}")
+        try:
+            manifest = parse_manifest(
+                stored.content, stored.media_type, Digest.parse(stored.digest)
+            )
+        except RegistryError as e:
+            raise ValueError(f"manifest {current}: {e.message}") from None
+        pending += [str(child.digest) for child in manifest.manifests]
+        copied = {str(d.digest) for d in manifest.required_blobs()}
+        for blob in [*([manifest.config] if manifest.config else []), *manifest.layers]:
+            key = str(blob.digest)
+            needed[key] = needed.get(key, False) or key in copied
+    digests = sorted(needed)
+    present = releases.linked_blobs(target, digests)
+    if source != target:
+        present |= {d for d in releases.linked_blobs(source, digests) if needed[d]}
+    return [d for d in digests if d not in present]
+
+
+def deployment_tag(now: datetime | None = None) -> str:
+    """`deployment-YYYYMMDD-HHMMSS` in UTC, as Fly.io names the tags of deployed images."""
+    return (now or datetime.now(UTC)).strftime("deployment-%Y%m%d-%H%M%S")
