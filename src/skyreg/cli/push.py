@@ -2,19 +2,16 @@
 
 `push_image` is the library function (`skyreg deploy --image PATH` reuses it): it reads a
 docker-archive or an OCI layout (`imagesource.py`), asks the registry for every blob (HEAD) and
-uploads only the missing ones (POST, streamed PATCH, PUT ?digest=), then puts the manifest.
-Authentication: Basic with the token as password when the registry takes it (skyreg does),
-otherwise the Bearer challenge flow against the realm the registry names.
+uploads only the missing ones (POST, streamed PATCH, PUT ?digest=), then puts the manifest. The
+HTTP side (authentication included) is `skyreg.client.RegistryClient`; the manifest of a
+docker-archive is built by `skyreg.oci.imagebuild`. Here: what to push, the progress bars and the
+Typer command.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import http.client
 import json
-import re
-import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -49,30 +46,24 @@ from skyreg.cli.imagesource import (
     read_docker_archive,
     sha256_digest,
 )
-from skyreg.oci.mediatypes import (
-    DOCKER_MANIFEST,
-    FOREIGN_LAYERS,
-    INDEXES,
-    OCI_INDEX,
-    OCI_MANIFEST,
+from skyreg.client import (
+    DEFAULT_PIECE_SIZE,
+    RegistryClient,
+    RegistryClientError,
+    registry_url,
+    short_digest,
 )
+from skyreg.oci.imagebuild import PushedLayer, archive_manifest, manifest_media_type
+from skyreg.oci.mediatypes import FOREIGN_LAYERS, INDEXES
 from skyreg.oci.reference import ImageReference
 from skyreg.oci.reference import parse_reference as parse_image_reference
 
-DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
-DOCKER_LAYER_TAR = "application/vnd.docker.image.rootfs.diff.tar"
-DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
-OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
-OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
-OCI_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
+PATCH_SIZE = DEFAULT_PIECE_SIZE  # bytes per PATCH request of a blob upload (tests lower it)
 
-PATCH_SIZE = 64 * 1024 * 1024  # bytes per PATCH request of a blob upload
-TIMEOUT = 120.0
-USER_AGENT = "skyreg-push"
+# The push failed; the message is one line for the user. The client's errors are push errors.
+PushError = RegistryClientError
 
-
-class PushError(Exception):
-    """The push failed; the message is one line for the user."""
+__all__ = ["PushError", "PushResult", "parse_reference", "push_image", "register", "registry_url"]
 
 
 # -- references ----------------------------------------------------------------------------------
@@ -87,335 +78,6 @@ def parse_reference(text: str) -> ImageReference:
     if target.host is None:
         raise PushError(f"invalid image reference {text[:300]!r}: use HOST[:PORT]/APP[/NAME][:TAG]")
     return target.with_default_tag()
-
-
-def registry_url(host: str, insecure: bool = False) -> str:
-    """http:// for loopback hosts and with `insecure`, else https://."""
-    hostname = urllib.parse.urlsplit("//" + host).hostname or ""
-    loopback = hostname in ("localhost", "::1") or hostname.startswith("127.")
-    return f"{'http' if insecure or loopback else 'https'}://{host}"
-
-
-# -- HTTP ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Response:
-    status: int
-    reason: str
-    headers: http.client.HTTPMessage
-    body: bytes
-
-    def header(self, name: str) -> str:
-        return self.headers.get(name) or ""
-
-
-def _registry_error(resp: _Response) -> str:
-    """`CODE: message` from a registry error body, else the HTTP status."""
-    try:
-        doc = json.loads(resp.body)
-    except ValueError:
-        doc = None
-    if isinstance(doc, dict):
-        errors = doc.get("errors")
-        if isinstance(errors, list) and errors and isinstance(errors[0], dict):
-            first = errors[0]
-            return f"{first.get('code', resp.status)}: {first.get('message', '')}".rstrip(": ")
-        for key in ("error_description", "message", "error", "details"):
-            if isinstance(doc.get(key), str):
-                return f"HTTP {resp.status}: {doc[key]}"
-    return f"HTTP {resp.status} {resp.reason}".rstrip()
-
-
-def _parse_challenge(header: str) -> tuple[str, dict[str, str]]:
-    """(scheme, params) of a WWW-Authenticate value such as `Bearer realm="...",scope="..."`."""
-    scheme, _, rest = header.strip().partition(" ")
-    params = {
-        m.group(1).lower(): m.group(2) if m.group(2) is not None else m.group(3)
-        for m in re.finditer(r'([A-Za-z_]+)=(?:"((?:[^"\\]|\\.)*)"|([^,\s]+))', rest)
-    }
-    return scheme.lower(), params
-
-
-class RegistryClient:
-    """One repository on one registry, over keep-alive http.client connections."""
-
-    def __init__(self, base_url: str, repository: str, token: str | None) -> None:
-        self.base_url = base_url
-        self.repository = repository
-        self.token = token
-        self._auth: str | None = None
-        self._bearer: tuple[dict[str, str], list[str], float] | None = None
-        self._conns: dict[str, http.client.HTTPConnection] = {}
-
-    # -- transport
-    def _connection(
-        self, parts: urllib.parse.SplitResult, fresh: bool
-    ) -> http.client.HTTPConnection:
-        key = f"{parts.scheme}://{parts.netloc}"
-        conn = self._conns.get(key)
-        if conn is not None and fresh:
-            conn.close()
-            conn = None
-        if conn is None:
-            host, port = parts.hostname or "", parts.port
-            if parts.scheme == "https":
-                conn = http.client.HTTPSConnection(host, port, timeout=TIMEOUT)
-            else:
-                conn = http.client.HTTPConnection(host, port, timeout=TIMEOUT)
-            self._conns[key] = conn
-        return conn
-
-    def close(self) -> None:
-        for conn in self._conns.values():
-            conn.close()
-        self._conns.clear()
-
-    def _send(
-        self,
-        method: str,
-        url: str,
-        headers: dict[str, str],
-        body: bytes | Iterable[bytes] | None,
-        auth: str | None,
-    ) -> _Response:
-        parts = urllib.parse.urlsplit(url)
-        target = parts.path + (f"?{parts.query}" if parts.query else "")
-        all_headers = {"User-Agent": USER_AGENT, **headers}
-        if auth:
-            all_headers["Authorization"] = auth
-        streamed = body is not None and not isinstance(body, bytes)
-        if body is None and method in ("POST", "PUT", "PATCH"):
-            body = b""
-        for attempt in (0, 1):
-            conn = self._connection(parts, fresh=streamed or attempt > 0)
-            try:
-                conn.request(
-                    method, target, body=body, headers=all_headers, encode_chunked=streamed
-                )
-                resp = conn.getresponse()
-                data = resp.read()
-                if resp.will_close:
-                    conn.close()
-                return _Response(resp.status, resp.reason, resp.headers, data)
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as e:
-                conn.close()
-                if streamed or attempt:
-                    raise PushError(f"{parts.netloc} closed the connection: {e}") from None
-            except (OSError, http.client.HTTPException) as e:
-                conn.close()
-                reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-                reason = reason or type(e).__name__
-                raise PushError(f"cannot reach {parts.netloc}: {reason}") from None
-            except BaseException:
-                conn.close()
-                raise
-        raise AssertionError("unreachable")
-
-    def url(self, path: str) -> str:
-        return urllib.parse.urljoin(self.base_url, path)
-
-    # -- authentication
-    def _basic(self) -> str:
-        return "Basic " + base64.b64encode(f"x:{self.token}".encode()).decode()
-
-    def _default_scopes(self) -> list[str]:
-        return [f"repository:{self.repository}:pull,push"]
-
-    def login(self) -> None:
-        """GET /v2/: keep Basic if the registry takes it, else follow its Bearer challenge."""
-        self._auth = self._basic() if self.token else None
-        resp = self._send("GET", self.url("/v2/"), {}, None, self._auth)
-        if resp.status == 200:
-            return
-        if resp.status != 401:
-            raise PushError(
-                f"{self.base_url} is not a registry: GET /v2/ answered {_registry_error(resp)}"
-            )
-        scheme, params = _parse_challenge(resp.header("WWW-Authenticate"))
-        if scheme == "bearer" and params.get("realm"):
-            self._fetch_token(params, self._default_scopes())
-            return
-        raise PushError(f"authentication failed: {_registry_error(resp)}{self._token_hint()}")
-
-    def _token_hint(self) -> str:
-        return "" if self.token else " (no token: pass --token or set SKYREG_TOKEN)"
-
-    def _fetch_token(self, challenge: dict[str, str], scopes: list[str]) -> None:
-        query = [("service", challenge["service"])] if challenge.get("service") else []
-        query += [("scope", s) for s in scopes]
-        realm = challenge["realm"]
-        url = realm + ("&" if "?" in realm else "?") + urllib.parse.urlencode(query)
-        basic = self._basic() if self.token else None
-        resp = self._send("GET", url, {"Accept": "application/json"}, None, basic)
-        if resp.status != 200:
-            raise PushError(
-                f"authentication failed at {urllib.parse.urlsplit(realm).netloc}: "
-                f"{_registry_error(resp)}{self._token_hint()}"
-            )
-        try:
-            doc = json.loads(resp.body)
-            token = doc.get("token") or doc.get("access_token")
-            lifetime = float(doc.get("expires_in") or 60)
-        except (ValueError, AttributeError, TypeError):
-            token = None
-            lifetime = 0.0
-        if not isinstance(token, str) or not token:
-            raise PushError(f"the token endpoint {realm} answered without a token")
-        self._auth = f"Bearer {token}"
-        self._bearer = (challenge, scopes, time.monotonic() + lifetime)
-
-    def _refresh_soon_expiring(self) -> None:
-        """Before a streamed request (it cannot be retried): renew a Bearer token near its end."""
-        if self._bearer is not None and self._bearer[2] - time.monotonic() < 60:
-            self._fetch_token(self._bearer[0], self._bearer[1])
-
-    def request(
-        self,
-        method: str,
-        url: str,
-        headers: dict[str, str] | None = None,
-        body: bytes | Iterable[bytes] | None = None,
-    ) -> _Response:
-        """Send with the current credentials; a 401 Bearer challenge to a request without a
-        streamed body fetches a token for the scope it names and retries once."""
-        replayable = body is None or isinstance(body, bytes)
-        if not replayable:
-            self._refresh_soon_expiring()
-        resp = self._send(method, url, headers or {}, body, self._auth)
-        if resp.status == 401 and replayable:
-            scheme, params = _parse_challenge(resp.header("WWW-Authenticate"))
-            if scheme == "bearer" and params.get("realm"):
-                scopes = self._default_scopes()
-                if params.get("scope") and params["scope"] not in scopes:
-                    scopes.append(params["scope"])
-                held = self._bearer[1] if self._bearer is not None else []
-                same = params.get("error") == "insufficient_scope" and set(scopes) <= set(held)
-                if not same:  # a new scope, an expired token, or no token yet: ask once
-                    self._fetch_token(params, scopes)
-                    resp = self._send(method, url, headers or {}, body, self._auth)
-        return resp
-
-    def fail(self, what: str, resp: _Response) -> PushError:
-        hint = ""
-        if resp.status == 401:
-            _, params = _parse_challenge(resp.header("WWW-Authenticate"))
-            if params.get("error") == "insufficient_scope":
-                hint = (
-                    f" (insufficient scope: the token does not grant {params.get('scope', 'it')})"
-                )
-            hint += self._token_hint()
-        return PushError(f"{what} failed: {_registry_error(resp)}{hint}")
-
-    # -- registry operations
-    def blob_exists(self, digest: str) -> bool:
-        url = self.url(f"/v2/{self.repository}/blobs/{digest}")
-        resp = self.request("HEAD", url)
-        if resp.status == 200 or 300 <= resp.status < 400:  # a redirect: it is in storage
-            return True
-        if resp.status == 404:
-            return False
-        if resp.status in (401, 403, 429):  # HEAD has no body: ask again for the error message
-            resp = self._error_body(url, resp)
-        raise self.fail(f"checking blob {_short(digest)} in {self.repository}", resp)
-
-    def manifest_exists(self, digest: str) -> bool:
-        url = self.url(f"/v2/{self.repository}/manifests/{digest}")
-        resp = self.request("HEAD", url, {"Accept": ", ".join(_ALL_MANIFESTS)})
-        if resp.status == 200:
-            return True
-        if resp.status == 404:
-            return False
-        if resp.status in (401, 403, 429):
-            resp = self._error_body(url, resp)
-        raise self.fail(f"checking manifest {_short(digest)} in {self.repository}", resp)
-
-    def _error_body(self, url: str, head: _Response) -> _Response:
-        resp = self.request("GET", url, {"Range": "bytes=0-0"})
-        return resp if resp.status == head.status else head
-
-    def upload(self, chunks: Iterable[bytes], digest_of_sent: Callable[[], str]) -> str:
-        """Upload a blob streamed from `chunks` (POST, PATCH per PATCH_SIZE bytes, PUT ?digest=);
-        `digest_of_sent()` gives the digest of the bytes the stream produced."""
-        what = f"uploading to {self.repository}"
-        resp = self.request("POST", self.url(f"/v2/{self.repository}/blobs/uploads/"))
-        if resp.status != 202:
-            raise self.fail(what, resp)
-        location = self._location(resp, what)
-        pieces = _Pieces(chunks)
-        while not pieces.done:
-            resp = self.request(
-                "PATCH",
-                location,
-                {"Content-Type": "application/octet-stream"},
-                pieces.next_piece(PATCH_SIZE),
-            )
-            if resp.status != 202:
-                raise self.fail(what, resp)
-            location = self._location(resp, what)
-        digest = digest_of_sent()
-        sep = "&" if urllib.parse.urlsplit(location).query else "?"
-        resp = self.request("PUT", location + sep + urllib.parse.urlencode({"digest": digest}))
-        if resp.status != 201:
-            raise self.fail(f"finishing the upload of {_short(digest)}", resp)
-        return digest
-
-    def _location(self, resp: _Response, what: str) -> str:
-        location = resp.header("Location")
-        if not location:
-            raise PushError(f"{what} failed: the registry sent no upload Location")
-        return self.url(location)
-
-    def put_manifest(self, reference: str, media_type: str, body: bytes) -> str:
-        url = self.url(f"/v2/{self.repository}/manifests/{reference}")
-        resp = self.request("PUT", url, {"Content-Type": media_type}, body)
-        if resp.status not in (200, 201):
-            raise self.fail(f"putting the manifest {self.repository}:{reference}", resp)
-        return resp.header("Docker-Content-Digest")
-
-
-_ALL_MANIFESTS = (OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, *INDEXES)
-
-
-class _Pieces:
-    """Splits a byte stream into PATCH bodies of at most n bytes, without copying it whole."""
-
-    def __init__(self, chunks: Iterable[bytes]) -> None:
-        self._it = iter(chunks)
-        self._pending = b""
-        self.done = False
-
-    def next_piece(self, limit: int) -> Iterator[bytes]:
-        sent = 0
-        while sent < limit:
-            if self._pending:
-                chunk, self._pending = self._pending, b""
-            else:
-                chunk = next(self._it, b"")
-                if not chunk:
-                    if not self._peek_end():
-                        continue
-                    self.done = True
-                    return
-            if sent + len(chunk) > limit:
-                chunk, self._pending = chunk[: limit - sent], chunk[limit - sent :]
-            sent += len(chunk)
-            yield chunk
-        if not self._pending and self._peek_end():
-            self.done = True
-
-    def _peek_end(self) -> bool:
-        """True at the end of the stream (else the next chunk is kept pending)."""
-        for chunk in self._it:
-            if chunk:
-                self._pending = chunk
-                return False
-        return True
-
-
-def _short(digest: str) -> str:
-    algorithm, _, hex_part = digest.partition(":")
-    return f"{algorithm}:{hex_part[:12]}"
 
 
 # -- progress ------------------------------------------------------------------------------------
@@ -494,9 +156,9 @@ class _Pusher:
     def layer_task(self, digest: str, size: int, exists: bool) -> TaskID:
         """A progress bar for a layer; one the registry has is counted as skipped."""
         if not exists:
-            return self.progress.add(_short(digest), size, "waiting")
+            return self.progress.add(short_digest(digest), size, "waiting")
         self.skipped.add(digest)
-        task = self.progress.add(_short(digest), size, "exists")
+        task = self.progress.add(short_digest(digest), size, "exists")
         self.progress.done(task, "exists")
         return task
 
@@ -514,7 +176,7 @@ class _Pusher:
                 yield chunk
 
         self.progress.update(task, status="pushing")
-        digest = self.client.upload(counted(), lambda: "sha256:" + hasher.hexdigest())
+        digest = self.client.upload(counted(), lambda: "sha256:" + hasher.hexdigest(), PATCH_SIZE)
         self.bytes_uploaded += sent
         self.progress.update(task, total=sent, completed=sent, status="pushed")
         return digest, sent
@@ -604,7 +266,6 @@ def _push_docker_archive(
     archive = read_docker_archive(path, ref, on_read)
     bars.done(task, "")
     layers = archive.layers
-    oci = any(layer.compression == "zstd" for layer in layers)
 
     # Digest and size of each layer as pushed.
     known: dict[str, tuple[str, int]] = {}
@@ -674,29 +335,8 @@ def _push_docker_archive(
         if missing:
             raise PushError(f"{path}: the layer {sorted(missing)[0]} vanished while reading")
 
-    def layer_type(compression: str) -> str:
-        if oci:
-            return OCI_LAYER_ZSTD if compression == "zstd" else OCI_LAYER_GZIP
-        return DOCKER_LAYER_GZIP
-
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST if oci else DOCKER_MANIFEST,
-        "config": {
-            "mediaType": OCI_CONFIG if oci else DOCKER_CONFIG,
-            "size": len(archive.config),
-            "digest": sha256_digest(archive.config),
-        },
-        "layers": [
-            {
-                "mediaType": layer_type(layer.compression),
-                "size": known[layer.member][1],
-                "digest": known[layer.member][0],
-            }
-            for layer in layers
-        ],
-    }
-    return json.dumps(manifest, indent=3).encode(), OCI_MANIFEST if oci else DOCKER_MANIFEST
+    pushed = [PushedLayer(layer.compression, *known[layer.member]) for layer in layers]
+    return archive_manifest(archive.config, pushed)
 
 
 def _layer_size(layers: Iterable[ArchiveLayer], member: str) -> int:
@@ -708,23 +348,9 @@ def _push_oci(pusher: _Pusher, path: Path, ref: str | None) -> tuple[bytes, str]
     returns its manifest exactly as stored in the layout."""
     layout, descriptor = open_oci_layout(path, ref)
     raw = layout.read_blob(descriptor["digest"])
-    media_type = _media_type(descriptor, raw)
+    media_type = manifest_media_type(descriptor, raw)
     _push_oci_blobs(pusher, layout, raw, media_type, depth=0)
     return raw, media_type
-
-
-def _media_type(descriptor: dict[str, Any], raw: bytes) -> str:
-    value = descriptor.get("mediaType")
-    if isinstance(value, str) and value:
-        return value
-    try:
-        doc = json.loads(raw)
-    except ValueError:
-        doc = {}
-    value = doc.get("mediaType") if isinstance(doc, dict) else None
-    if isinstance(value, str) and value:
-        return value
-    return OCI_INDEX if isinstance(doc, dict) and "manifests" in doc else OCI_MANIFEST
 
 
 def _push_oci_blobs(
@@ -746,7 +372,7 @@ def _push_oci_blobs(
             if pusher.client.manifest_exists(digest):
                 continue
             child_raw = layout.read_blob(digest)
-            child_type = _media_type(child, child_raw)
+            child_type = manifest_media_type(child, child_raw)
             _push_oci_blobs(pusher, layout, child_raw, child_type, depth + 1)
             pusher.client.put_manifest(digest, child_type, child_raw)
         return
