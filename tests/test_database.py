@@ -23,16 +23,40 @@ def sqlite_meta(tmp_path: Path) -> RegistryMeta:
     return RegistryMeta(Database(engine, strict=True))
 
 
-def test_a_query_on_the_event_loop_is_refused_in_strict_mode(sqlite_meta: RegistryMeta) -> None:
+def test_a_write_on_the_event_loop_is_refused_in_strict_mode(sqlite_meta: RegistryMeta) -> None:
+    """On SQLite a read may run inline (a WAL reader never waits for a lock); a write, which
+    may wait for SQLite's write lock, never does."""
+
     async def main() -> None:
         with pytest.raises(LoopBlocked):
-            sqlite_meta.repository_known("app/web")
-        assert await sqlite_meta.run(sqlite_meta.repository_known, "app/web") is False
+            sqlite_meta.link_blob("app/web", _DIGEST, 3)
+        assert await sqlite_meta.read(sqlite_meta.repository_known, "app/web") is False
+        await sqlite_meta.run(sqlite_meta.link_blob, "app/web", _DIGEST, 3)
+        assert sqlite_meta.blob_size("app/web", _DIGEST) == 3  # a read, inline
 
     try:
         asyncio.run(main())
     finally:
         sqlite_meta.close()
+
+
+def test_every_query_on_the_event_loop_is_refused_in_strict_mode_on_postgresql(
+    pg_url: str,
+) -> None:
+    engine = create_db_engine(pg_url)
+    upgrade_schema(engine)
+    meta = RegistryMeta(Database(engine, strict=True))
+
+    async def main() -> None:
+        with pytest.raises(LoopBlocked):
+            meta.repository_known("app/web")
+        assert await meta.read(meta.repository_known, "app/web") is False
+        assert await meta.run(meta.repository_known, "app/web") is False
+
+    try:
+        asyncio.run(main())
+    finally:
+        meta.close()
 
 
 def test_queries_outside_any_event_loop_run_where_they_are_called(

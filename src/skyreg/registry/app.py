@@ -212,7 +212,7 @@ async def _authorize(
     """Identify the caller and refuse what it may not do (before the handler looks anything
     up): token and app lookups, so on a database thread."""
     if reg.auth is not None:
-        await reg.meta.run(_authorize_now, request, reg, endpoint, name)
+        await reg.meta.read(_authorize_now, request, reg, endpoint, name)
 
 
 def _authorize_now(
@@ -272,14 +272,14 @@ def upload_expiry(reg: Registry, interval: float) -> PeriodicWorker:
 
 async def _expire_uploads(reg: Registry) -> None:
     cutoff = datetime.now(UTC) - timedelta(seconds=reg.upload_ttl)
-    for upload_id in await reg.meta.run(reg.meta.stale_uploads, cutoff):
+    for upload_id in await reg.meta.read(reg.meta.stale_uploads, cutoff):
         await reg.store.abort(upload_id)
         await reg.meta.run(reg.meta.delete_upload, upload_id)
         log.info("expired abandoned upload %s", upload_id)
     # Bytes with no session left behind (a crash between the two steps above, or in the middle
     # of a monolithic upload) go once they are as old as an expired upload.
     for upload_id in await reg.store.idle_uploads(cutoff):
-        if await reg.meta.run(reg.meta.upload_repository, upload_id) is None:
+        if await reg.meta.read(reg.meta.upload_repository, upload_id) is None:
             await reg.store.abort(upload_id)
             log.info("removed orphaned upload bytes %s", upload_id)
 

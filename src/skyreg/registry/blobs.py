@@ -72,7 +72,7 @@ async def get_blob(request: web.Request, name: str, reference: str) -> web.Strea
     """GET/HEAD a blob; bytes from a local file go out with sendfile, Range honoured."""
     reg = registry_of(request)
     digest = Digest.parse(reference)
-    size = await reg.meta.run(reg.meta.blob_size, name, str(digest))
+    size = await reg.meta.read(reg.meta.blob_size, name, str(digest))
     stored = await reg.store.stat(digest) if size is not None else None
     if size is not None and stored is None and reg.geo is not None:
         # In the registry, not in this region: from the nearest region holding it, via here.
@@ -212,7 +212,7 @@ async def _try_mount(reg: Registry, name: str, request: web.Request) -> web.Resp
     source = request.query.get("from")
     if source is not None:
         validate_name(source)
-    size = await reg.meta.run(_mountable_size, request, str(digest), source)
+    size = await reg.meta.read(_mountable_size, request, str(digest), source)
     if size is None or await reg.store.stat(digest) is None:
         return None
     await reg.meta.run(reg.meta.link_blob, name, str(digest), size)
@@ -268,7 +268,7 @@ async def _session(reg: Registry, name: str, upload_id: str) -> None:
     )
     if _UPLOAD_ID_RE.match(upload_id) is None:
         raise unknown
-    if await reg.meta.run(reg.meta.upload_repository, upload_id) != name:
+    if await reg.meta.read(reg.meta.upload_repository, upload_id) != name:
         raise unknown
 
 

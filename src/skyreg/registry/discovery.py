@@ -29,7 +29,7 @@ async def list_tags(request: web.Request, name: str, _reference: str) -> web.Str
             return None
         return [] if n == 0 else meta.list_tags(name, limit, last)
 
-    tags = await meta.run(known_and_tags)
+    tags = await meta.read(known_and_tags)
     if tags is None:
         raise RegistryError(
             ErrorCode.NAME_UNKNOWN, f"repository {name} is not known", {"name": name}
@@ -70,7 +70,7 @@ async def catalog(request: web.Request, _name: str, _reference: str) -> web.Stre
     assert n is not None
     last = request.query.get("last") or None
     reg = registry_of(request)
-    names = [] if n == 0 else await reg.meta.run(_readable_repositories, request, n + 1, last)
+    names = [] if n == 0 else await reg.meta.read(_readable_repositories, request, n + 1, last)
     headers = {}
     if len(names) > n:
         names = names[:n]
@@ -83,7 +83,7 @@ async def referrers(request: web.Request, name: str, reference: str) -> web.Stre
     reg = registry_of(request)
     subject = Digest.parse(reference)
     artifact_type = request.query.get("artifactType") or None
-    found = await reg.meta.run(reg.meta.referrers, name, str(subject), artifact_type)
+    found = await reg.meta.read(reg.meta.referrers, name, str(subject), artifact_type)
     manifests: list[dict[str, Any]] = []
     for r in found:
         entry: dict[str, Any] = {"mediaType": r.media_type, "digest": r.digest, "size": r.size}

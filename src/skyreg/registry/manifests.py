@@ -45,7 +45,7 @@ async def get_manifest(request: web.Request, name: str, reference: str) -> web.S
     """GET/HEAD a manifest by tag or digest: exact bytes, stored Content-Type, digest, ETag."""
     reg = registry_of(request)
     ref, by_digest = _lookup_reference(name, reference)
-    stored = await reg.meta.run(reg.meta.get_manifest, name, ref, by_digest)
+    stored = await reg.meta.read(reg.meta.get_manifest, name, ref, by_digest)
     if stored is None:
         raise _unknown(name, ref)
     accepted = mt.parse_accept(request.headers.getall("Accept", []))
