@@ -24,7 +24,6 @@ import contextlib
 import datetime
 import json
 import os
-import pwd
 import re
 import select
 import shlex
@@ -40,8 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
-import pytest
 import registry_bench as rb  # bench/ is on sys.path when run as a script
+import scaleout_bench as sb
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for tests/
 from tests import pg_fixtures
@@ -85,42 +84,11 @@ QUICK = Sizes(3, 64, 3)
 # ----------------------------------------------------------------------- processes
 
 
-def fixture_call(what: str, fn: Callable[[], object]) -> object:
-    """Call a tests/ helper; its pytest.fail() becomes a BenchError."""
-    try:
-        return fn()
-    except pytest.fail.Exception as exc:
-        raise BenchError(f"{what}: {exc}") from None
-
-
 def start_postgres(
     stack: contextlib.ExitStack, databases: Sequence[str]
 ) -> pg_fixtures.PostgresServer:
-    """A throwaway PostgreSQL as tests/pg_fixtures.py starts it (fsync off, as `postgres`
-    when we are root), with the given databases created; stopped and removed on unwind."""
-    bindir = fixture_call("PostgreSQL", pg_fixtures.postgres_bindir)
-    assert isinstance(bindir, Path)
-    as_root = os.geteuid() == 0
-    root = Path(tempfile.mkdtemp(prefix="db-latency-bench-pg-", dir="/tmp" if as_root else None))
-    stack.callback(shutil.rmtree, root, ignore_errors=True)
-    server = pg_fixtures.PostgresServer(bindir=bindir, root=root)
-    if as_root:  # initdb refuses to run as root
-        try:
-            user = pwd.getpwnam(pg_fixtures.PG_SUPERUSER)
-        except KeyError:
-            raise BenchError(
-                f"running as root but there is no `{pg_fixtures.PG_SUPERUSER}` user"
-            ) from None
-        os.chmod(root, 0o700)
-        os.chown(root, user.pw_uid, user.pw_gid)
-        server.as_user = pg_fixtures.PG_SUPERUSER
-    stack.callback(server.stop)
-    try:
-        server.init()
-        server.start()
-    except RuntimeError as exc:
-        raise BenchError(str(exc)) from None
-    log(f"PostgreSQL {server.major} on 127.0.0.1:{server.port}")
+    """A throwaway PostgreSQL (scaleout_bench's) with the given databases created."""
+    server = sb.start_postgres_server(stack, "db-latency-bench-pg-")
     with server.admin() as conn:
         for name in databases:
             conn.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(name)))

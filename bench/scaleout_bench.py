@@ -152,12 +152,22 @@ def start_seaweedfs(
 
 
 def start_postgres(stack: contextlib.ExitStack) -> tuple[pg_fixtures.PostgresServer, str]:
-    """A throwaway PostgreSQL as tests/pg_fixtures.py starts it (as `postgres` when we are
-    root); returns it and the SQLAlchemy URL of a new database on it."""
+    """A throwaway PostgreSQL (see `start_postgres_server`); returns it and the SQLAlchemy URL
+    of a new database on it."""
+    server = start_postgres_server(stack, "scaleout-bench-pg-")
+    with server.admin() as conn:
+        conn.execute(f"CREATE DATABASE {DATABASE}")
+    return server, server.url(DATABASE)
+
+
+def start_postgres_server(stack: contextlib.ExitStack, prefix: str) -> pg_fixtures.PostgresServer:
+    """A throwaway PostgreSQL as tests/pg_fixtures.py starts it (fsync off; as `postgres` when
+    we are root), its files in a temporary directory named `prefix...`; stopped and removed on
+    unwind."""
     bindir = fixture_call("PostgreSQL", pg_fixtures.postgres_bindir)
     assert isinstance(bindir, Path)
     as_root = os.geteuid() == 0
-    root = Path(tempfile.mkdtemp(prefix="scaleout-bench-pg-", dir="/tmp" if as_root else None))
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp" if as_root else None))
     stack.callback(shutil.rmtree, root, ignore_errors=True)
     server = pg_fixtures.PostgresServer(bindir=bindir, root=root)
     if as_root:  # initdb refuses to run as root
@@ -177,9 +187,7 @@ def start_postgres(stack: contextlib.ExitStack) -> tuple[pg_fixtures.PostgresSer
     except RuntimeError as exc:
         raise BenchError(str(exc)) from None
     log(f"PostgreSQL {server.major} on 127.0.0.1:{server.port}")
-    with server.admin() as conn:
-        conn.execute(f"CREATE DATABASE {DATABASE}")
-    return server, server.url(DATABASE)
+    return server
 
 
 def start_skyreg_node(
