@@ -258,8 +258,9 @@ class Database:
     which runs it on one of `threads` database threads (a query that waits for PostgreSQL 2 ms
     away, or for SQLite's write lock, stalls that thread only). Reads go through `read`: on
     PostgreSQL the same as `run`; on SQLite inline, because a WAL-mode reader never waits for a
-    lock and reads the page cache in microseconds, less than a thread hop costs (manifest GET
-    with 64 clients: 5,018 req/s inline, 3,123 through a thread). With `strict`, a query issued
+    lock and reads the page cache in microseconds, less than a thread hop costs (the registry
+    bench's manifest GET: 1.54x Distribution with every read on a thread, 2.38x inline; see
+    BENCHMARKS.md). With `strict`, a query issued
     on a thread that runs an event loop raises `LoopBlocked` (the test suite turns it on with
     SKYREG_STRICT_DB_THREADS=1) — on SQLite only a write does; otherwise it is logged once.
     """
