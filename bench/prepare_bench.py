@@ -46,7 +46,7 @@ from pathlib import Path
 import aiohttp
 from registry_bench import stop_process  # bench/ is on sys.path when run as a script
 
-from skyreg.cli.push import push_image
+from skyreg.client.push import push_image
 from skyreg.machines.layercache import LayerCache, remove_tree
 from skyreg.machines.prepare import RegistrySource, prepare_image
 from skyreg.machines.rootfs import enter_private_mount_namespace, fresh_rootfs, release_rootfs
@@ -342,7 +342,7 @@ def bench(args: argparse.Namespace, tmp: Path) -> int:
     proc, port = start_skyreg(tmp)
     _PROCS.append(proc)
     base = f"http://127.0.0.1:{port}"
-    result = push_image(tmp / "src", f"127.0.0.1:{port}/{REPO}:{TAG}", None, progress=False)
+    result = push_image(tmp / "src", f"127.0.0.1:{port}/{REPO}:{TAG}", None)
     digest = result.digest
     log(f"pushed {result.reference}")
 

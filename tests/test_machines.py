@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import requests
 
-from skyreg.cli.push import push_image
+from skyreg.client.push import push_image
 from tests.agents import RunningAgent, machine_top
 from tests.conftest import RunningRegistry
 from tests.images import Entry, build_app_image
@@ -68,7 +68,7 @@ class Platform:
             env=[f"PORT={port}"],
         )
         layout = image.write_oci_layout(self.work / marker)
-        push_image(layout, f"{self.reg.host}/{APP}:{marker}", self.admin, progress=False)
+        push_image(layout, f"{self.reg.host}/{APP}:{marker}", self.admin)
         return marker
 
     def deploy(self, tag: str, strategy: str = "rolling") -> dict[str, Any]:

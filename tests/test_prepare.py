@@ -9,7 +9,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from skyreg.cli.push import push_image as push_local
+from skyreg.client.push import push_image as push_local
 from skyreg.machines.layercache import LayerCache, clone_rootfs
 from skyreg.machines.prepare import PrepareError, RegistrySource, prepare_image
 from tests.conftest import RunningRegistry
@@ -33,7 +33,7 @@ def registry_with_images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[R
 
 def _push_layout(reg: RunningRegistry, layout: Path, ref: str, tag: str) -> str:
     secret = Tenancy(reg.data_dir).admin_secret()
-    result = push_local(f"oci:{layout}:{tag}", f"{reg.host}/{ref}", secret, progress=False)
+    result = push_local(f"oci:{layout}:{tag}", f"{reg.host}/{ref}", secret)
     return result.digest
 
 

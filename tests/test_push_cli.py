@@ -20,9 +20,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from skyreg.cli import push as push_module
-from skyreg.cli.imagesource import GzipDigestCache, detect_source, gzip_stream
-from skyreg.cli.push import PushError, PushResult, parse_reference, push_image
+from skyreg.cli.push import push_with_bars
+from skyreg.client import push as push_module
+from skyreg.client.imagesource import GzipDigestCache, detect_source, gzip_stream
+from skyreg.client.push import PushError, PushResult, Task, parse_reference, push_image
 from tests.conftest import RunningRegistry
 from tests.images import TestImage, build_image, build_platform_pair, gzip_bytes, write_oci_layout
 from tests.oci_helpers import DOCKER_CONFIG, DOCKER_LAYER, DOCKER_MANIFEST, OCI_INDEX, sha256
@@ -156,15 +157,13 @@ def test_gzipped_archive_through_a_result_symlink(
     result = tmp_path / "result"
     result.symlink_to(store)
     name = repo()
-    pushed = push_image(result, f"{setup.host}/{name}:v1", setup.token, progress=False, cache=cache)
+    pushed = push_image(result, f"{setup.host}/{name}:v1", setup.token, cache=cache)
     assert (pushed.layers_uploaded, pushed.layers_skipped) == (2, 0)
     assert pushed.media_type == DOCKER_MANIFEST
     assert pushed.reference == f"{setup.host}/{name}@{pushed.digest}"
     check_docker_push(setup, name, "v1", image, pushed.digest)
     # The same bytes give the same digests: the plain tarball pushes the identical manifest.
-    again = push_image(
-        f"docker-archive:{plain}", f"{setup.host}/{name}:v2", setup.token, progress=False
-    )
+    again = push_image(f"docker-archive:{plain}", f"{setup.host}/{name}:v2", setup.token)
     assert again.digest == pushed.digest
 
 
@@ -175,15 +174,15 @@ def test_second_push_skips_every_layer(
     archive = tmp_path / "image.tar.gz"
     archive.write_bytes(gzip_bytes(image.write_docker_archive(tmp_path / "i.tar").read_bytes()))
     name = repo()
-    first = push_image(archive, f"{setup.host}/{name}:v1", setup.token, progress=False, cache=cache)
+    first = push_image(archive, f"{setup.host}/{name}:v1", setup.token, cache=cache)
     assert (first.layers_uploaded, first.layers_skipped) == (2, 0)
 
     # Warm cache (no compressing to learn digests) and cold cache (compress, then ask): either
     # way every blob is found and nothing is uploaded.
     for label, layer_cache in (("warm", cache), ("cold", GzipDigestCache(None))):
         offset = len(setup.server.log())
-        second = push_image(
-            archive, f"{setup.host}/{name}:v2", setup.token, progress=True, cache=layer_cache
+        second = push_with_bars(
+            archive, f"{setup.host}/{name}:v2", setup.token, bars=True, cache=layer_cache
         )
         assert (second.layers_uploaded, second.layers_skipped) == (0, 2), label
         assert second.bytes_uploaded == 0
@@ -211,7 +210,7 @@ def test_oci_layout_pushes_the_exact_manifest(
     layout = image.write_oci_layout(tmp_path / "layout", tag="v1")
     name = repo()
     offset = len(setup.server.log())
-    pushed = push_image(layout, f"{setup.host}/{name}:latest", setup.token, progress=False)
+    pushed = push_image(layout, f"{setup.host}/{name}:latest", setup.token)
     assert pushed.digest == image.manifest_digest
     assert pushed.media_type == image.manifest_media_type
     assert (pushed.layers_uploaded, pushed.layers_skipped) == (2, 0)
@@ -232,10 +231,8 @@ def test_oci_layout_with_an_index_and_a_ref(setup: Setup, tmp_path: Path) -> Non
     )
     name = repo()
     with pytest.raises(PushError, match="holds 2 images: pick one with --ref"):
-        push_image(layout, f"{setup.host}/{name}:x", setup.token, progress=False)
-    pushed = push_image(
-        f"oci:{layout}:multi", f"{setup.host}/{name}:x", setup.token, progress=False
-    )
+        push_image(layout, f"{setup.host}/{name}:x", setup.token)
+    pushed = push_image(f"oci:{layout}:multi", f"{setup.host}/{name}:x", setup.token)
     assert pushed.media_type == OCI_INDEX
     index = get(setup, f"/v2/{name}/manifests/x", Accept=ACCEPT).content
     assert sha256(index) == pushed.digest
@@ -244,9 +241,7 @@ def test_oci_layout_with_an_index_and_a_ref(setup: Setup, tmp_path: Path) -> Non
         assert got.content == child.manifest
     # The busybox layer is shared by both platforms: uploaded once.
     assert (pushed.layers_uploaded, pushed.layers_skipped) == (3, 0)
-    by_ref = push_image(
-        layout, f"{setup.host}/{name}:one", setup.token, progress=False, ref="single"
-    )
+    by_ref = push_image(layout, f"{setup.host}/{name}:one", setup.token, ref="single")
     assert by_ref.digest == single.manifest_digest
     assert by_ref.layers_skipped == 1  # busybox is already in this repository
 
@@ -283,11 +278,11 @@ def test_pushing_where_the_token_may_not_write_is_denied(setup: Setup, tmp_path:
     assert "DENIED: requested access to the resource is denied" in proc.stderr
     # Another org's app: refused before anything is uploaded (the HEAD already is).
     with pytest.raises(PushError, match="DENIED: requested access to the resource is denied"):
-        push_image(archive, f"{setup.host}/foreign:v1", setup.token, progress=False)
+        push_image(archive, f"{setup.host}/foreign:v1", setup.token)
     with pytest.raises(PushError, match=r"UNAUTHORIZED: .*invalid, expired or revoked"):
-        push_image(archive, f"{setup.host}/web:v1", "skyreg_wrong", progress=False)
+        push_image(archive, f"{setup.host}/web:v1", "skyreg_wrong")
     with pytest.raises(PushError, match=r"UNAUTHORIZED.*\(no token: pass --token"):
-        push_image(archive, f"{setup.host}/web:v1", None, progress=False)
+        push_image(archive, f"{setup.host}/web:v1", None)
 
 
 def test_missing_and_unreadable_sources(setup: Setup, tmp_path: Path) -> None:
@@ -306,29 +301,29 @@ def test_missing_and_unreadable_sources(setup: Setup, tmp_path: Path) -> None:
 
     missing.symlink_to(tmp_path / "gone.tar.gz")
     with pytest.raises(PushError, match=r"is a symlink to .*gone\.tar.gz, which does not exist"):
-        push_image(missing, f"{setup.host}/web:v1", setup.token, progress=False)
+        push_image(missing, f"{setup.host}/web:v1", setup.token)
     junk = tmp_path / "junk.tar"
     junk.write_bytes(b"this is not a tarball" * 100)
     with pytest.raises(PushError, match=r"junk\.tar is not a readable tar archive"):
-        push_image(junk, f"{setup.host}/web:v1", setup.token, progress=False)
+        push_image(junk, f"{setup.host}/web:v1", setup.token)
     truncated = tmp_path / "truncated.tar.gz"
     full = gzip_bytes(build_image("trunc").write_docker_archive(tmp_path / "t.tar").read_bytes())
     truncated.write_bytes(full[: len(full) // 2])
     with pytest.raises(PushError, match=r"cannot read .*truncated\.tar.gz"):
-        push_image(truncated, f"{setup.host}/web:v1", setup.token, progress=False)
+        push_image(truncated, f"{setup.host}/web:v1", setup.token)
     layout = tmp_path / "layout"
     layout.mkdir()
     with pytest.raises(PushError, match="not an OCI image layout"):
-        push_image(layout, f"{setup.host}/web:v1", setup.token, progress=False)
+        push_image(layout, f"{setup.host}/web:v1", setup.token)
     with pytest.raises(PushError, match="invalid image reference"):
-        push_image(junk, "web:v1", setup.token, progress=False)
+        push_image(junk, "web:v1", setup.token)
 
 
 def test_unreachable_registry(tmp_path: Path) -> None:
     image = build_image("unreachable")
     archive = image.write_docker_archive(tmp_path / "image.tar")
     with pytest.raises(PushError, match=r"cannot reach 127\.0\.0\.1:1"):
-        push_image(archive, "127.0.0.1:1/web:v1", "t", progress=False)
+        push_image(archive, "127.0.0.1:1/web:v1", "t")
 
 
 # -- the Bearer challenge flow, through a proxy that hides Basic credentials from /v2/ -----------
@@ -396,7 +391,7 @@ def test_bearer_challenge_flow(setup: Setup, tmp_path: Path) -> None:
         archive = image.write_docker_archive(tmp_path / "image.tar")
         name = repo()
         target = f"127.0.0.1:{proxy.server_address[1]}/{name}:v1"
-        pushed = push_image(archive, target, setup.token, progress=False)
+        pushed = push_image(archive, target, setup.token)
         assert pushed.layers_uploaded == 2
         check_docker_push(setup, name, "v1", image, pushed.digest)
         token_requests = [s for s in _Proxy.seen if s[1].startswith("/auth/token")]
@@ -408,10 +403,54 @@ def test_bearer_challenge_flow(setup: Setup, tmp_path: Path) -> None:
         assert v2 and all(scheme == "Bearer" for _, _, scheme in v2), v2
         # Denied through the Bearer flow: the token holds no push right for "other".
         with pytest.raises(PushError, match=r"UNAUTHORIZED.*insufficient scope.*repository:other"):
-            push_image(archive, target.replace(name, "other"), setup.token, progress=False)
+            push_image(archive, target.replace(name, "other"), setup.token)
     finally:
         proxy.shutdown()
         proxy.server_close()
+
+
+# -- progress ------------------------------------------------------------------------------------
+
+
+class RecordedProgress:
+    """A `PushProgress` keeping what it was told, per task."""
+
+    def __init__(self) -> None:
+        self.tasks: list[dict[str, object]] = []
+
+    def add(self, description: str, total: int | None, status: str) -> Task:
+        self.tasks.append({"description": description, "total": total, "statuses": [status]})
+        self.tasks[-1]["advanced"] = 0
+        return len(self.tasks) - 1
+
+    def advance(self, task: Task, n: int) -> None:
+        self.tasks[task]["advanced"] = int(str(self.tasks[task]["advanced"])) + n
+
+    def status(self, task: Task, status: str) -> None:
+        statuses = self.tasks[task]["statuses"]
+        assert isinstance(statuses, list)
+        statuses.append(status)
+
+    def done(self, task: Task, status: str, total: int | None = None) -> None:
+        self.status(task, status)
+        if total is not None:
+            self.tasks[task]["total"] = total
+
+
+def test_push_reports_every_blob_to_its_progress(setup: Setup, tmp_path: Path) -> None:
+    image = build_image(f"progress-{uuid.uuid4().hex}")
+    layout = image.write_oci_layout(tmp_path / "layout", tag="v1")
+    name = repo()
+    first = RecordedProgress()
+    pushed = push_image(layout, f"{setup.host}/{name}:v1", setup.token, progress=first)
+    sent = [t for t in first.tasks if t["statuses"] == ["waiting", "pushing", "pushed"]]
+    # The config and each layer: every byte sent was reported, and each bar ends full.
+    assert len(sent) == 1 + pushed.layers_uploaded, first.tasks
+    assert sum(int(str(t["advanced"])) for t in sent) == pushed.bytes_uploaded
+    assert all(t["advanced"] == t["total"] for t in sent), sent
+    again = RecordedProgress()
+    push_image(layout, f"{setup.host}/{name}:v2", setup.token, progress=again)
+    assert [t["statuses"] for t in again.tasks] == [["exists", "exists"]] * len(image.layers)
 
 
 # -- pure parts ----------------------------------------------------------------------------------

@@ -12,8 +12,8 @@ import requests
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from skyreg.cli.push import PushError
-from skyreg.cli.push import parse_reference as parse_push_target
+from skyreg.client.push import PushError
+from skyreg.client.push import parse_reference as parse_push_target
 from skyreg.oci.reference import MAX_REFERENCE_LENGTH, ImageReference, parse_reference
 from tests.conftest import RunningRegistry
 from tests.oci_helpers import Image, push_image

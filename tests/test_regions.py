@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import pytest
 import requests
 
-from skyreg.cli.push import push_image
+from skyreg.client.push import push_image
 from tests.conftest import RunningRegistry
 from tests.images import Entry, build_app_image
 from tests.waiting import free_port, wait_for
@@ -368,7 +368,7 @@ def test_a_deploy_copies_the_image_to_its_regions(regions: Regions, tmp_path: Pa
         cmd=["/bin/sh", "-c", "exit 0"],
     )
     layout = image.write_oci_layout(tmp_path / "layout")
-    push_image(layout, f"127.0.0.1:{regions.ports['iad']}/web:v2", regions.admin, progress=False)
+    push_image(layout, f"127.0.0.1:{regions.ports['iad']}/web:v2", regions.admin)
     shown = regions.image("iad", "web", "v2")
     assert shown["regions"]["iad"]["complete"] is True
     assert shown["regions"]["sin"]["complete"] is False

@@ -1,9 +1,11 @@
 """`skyreg.client.RegistryClient` against a real `skyreg serve` with auth on: the Bearer
 challenge answered, monolithic and chunked pushes, an interrupted chunked push resumed, blobs the
-registry has not sent again, a blob pulled from an offset with Range."""
+registry has not sent again, a blob pulled from an offset with Range; and `AsyncRegistryClient`:
+the challenge answered and retried once, Range, bounded reads."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import time
@@ -11,13 +13,18 @@ import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
 import requests
 
 from skyreg.client import RegistryClient, RegistryClientError
+from skyreg.client.aio import AsyncRegistryClient
+from skyreg.client.protocol import ResponseTooLarge
+from skyreg.oci.mediatypes import OCI_MANIFEST
 from tests.conftest import RunningRegistry
-from tests.oci_helpers import sha256
+from tests.oci_helpers import image_manifest, sha256
 from tests.platform_helpers import Tenancy
 
 PIECE = 64 * 1024
@@ -253,3 +260,141 @@ def test_a_pull_larger_than_its_bound_stops(setup: Setup, client: RegistryClient
     with pytest.raises(RegistryClientError, match="more than 1000 bytes"):
         client.pull_blob(digest, sink, max_bytes=1000)
     assert len(sink.getvalue()) <= 1000
+
+
+# -- AsyncRegistryClient (the agent's preparation and geo transfers) -----------------------------
+
+
+def _pushed(setup: Setup, data: bytes) -> tuple[str, str]:
+    """(repository, digest) of `data` pushed into a fresh repository of "web"."""
+    repository = f"web/{uuid.uuid4().hex[:10]}"
+    pusher = RegistryClient(setup.server.url, repository, setup.token)
+    try:
+        return repository, pusher.push_blob(data, skip_existing=False)
+    finally:
+        pusher.close()
+
+
+async def _read_blob(client: AsyncRegistryClient, repository: str, digest: str, **kw: Any) -> bytes:
+    async with client.blob(repository, digest, **kw) as blob:
+        assert blob.status in (200, 206), (blob.status, blob.error_code())
+        return b"".join([chunk async for chunk in blob.chunks()])
+
+
+def test_async_client_answers_a_bearer_challenge_with_a_token_and_retries_once(
+    setup: Setup,
+) -> None:
+    # Credentials go only to the realm (send_basic off): the registry's 401 challenge for the
+    # pull scope is answered with a token, the GET is sent once more, and the token is kept.
+    data = os.urandom(5000)
+    repository, digest = _pushed(setup, data)
+    offset = len(setup.server.log())
+
+    async def scenario() -> tuple[bytes, int]:
+        async with aiohttp.ClientSession() as session:
+            client = AsyncRegistryClient(
+                setup.server.url, session, password=setup.token, send_basic=False
+            )
+            body = await _read_blob(client, repository, digest)
+            head = await client.head_blob(repository, digest)
+            return body, head.status
+
+    body, head_status = asyncio.run(scenario())
+    assert body == data and head_status == 200
+    lines = requests_since(setup, offset, f'"HEAD /v2/{repository}/blobs/{digest}')
+    gets = [line for line in lines if f'"GET /v2/{repository}/blobs/' in line]
+    assert [" 401 " in line for line in gets] == [True, False], gets
+    tokens = [line for line in lines if '"GET /auth/token?' in line]
+    assert len(tokens) == 1 and " 200 " in tokens[0], tokens
+    heads = [line for line in lines if '"HEAD ' in line]
+    assert len(heads) == 1 and " 200 " in heads[0], heads
+
+
+def test_async_client_pulls_a_public_app_anonymously_through_the_challenge(setup: Setup) -> None:
+    repository = f"open/{uuid.uuid4().hex[:10]}"
+    data = os.urandom(3000)
+    pusher = RegistryClient(setup.server.url, repository, setup.open_token)
+    try:
+        digest = pusher.push_blob(data)
+    finally:
+        pusher.close()
+
+    async def scenario() -> bytes:
+        async with aiohttp.ClientSession() as session:
+            return await _read_blob(
+                AsyncRegistryClient(setup.server.url, session), repository, digest
+            )
+
+    assert asyncio.run(scenario()) == data
+
+
+def test_async_client_keeps_the_401_when_the_realm_refuses_the_token(setup: Setup) -> None:
+    data = os.urandom(100)
+    repository, digest = _pushed(setup, data)
+
+    async def scenario() -> tuple[int, str]:
+        async with aiohttp.ClientSession() as session:
+            client = AsyncRegistryClient(setup.server.url, session, password="skyreg_wrong")
+            async with client.blob(repository, digest) as blob:
+                assert [chunk async for chunk in blob.chunks()] == []
+                return blob.status, blob.error_code()
+
+    assert asyncio.run(scenario()) == (401, "UNAUTHORIZED")
+
+
+def test_async_client_resumes_a_blob_from_an_offset_with_range(setup: Setup) -> None:
+    data = os.urandom(3 * PIECE)
+    repository, digest = _pushed(setup, data)
+
+    async def scenario() -> tuple[int, int, bytes]:
+        async with aiohttp.ClientSession() as session:
+            client = AsyncRegistryClient(setup.server.url, session, password=setup.token)
+            async with client.blob(repository, digest, offset=1000) as blob:
+                return blob.status, blob.offset, b"".join([c async for c in blob.chunks()])
+
+    status, start, body = asyncio.run(scenario())
+    assert (status, start) == (206, 1000)
+    assert body == data[1000:]
+
+    async def bounded() -> int:
+        # The bound is a position in the blob: from byte 1000, at most 500 more.
+        async with aiohttp.ClientSession() as session:
+            client = AsyncRegistryClient(setup.server.url, session, password=setup.token)
+            received = 0
+            with pytest.raises(ResponseTooLarge, match="more than 1500 bytes"):
+                async with client.blob(repository, digest, offset=1000, max_bytes=1500) as blob:
+                    async for chunk in blob.chunks():
+                        received += len(chunk)
+            return received
+
+    assert asyncio.run(bounded()) <= 500
+
+
+def test_async_client_bounds_blob_streams_and_manifests(setup: Setup) -> None:
+    data = os.urandom(2 * PIECE)
+    repository, digest = _pushed(setup, data)
+    manifest = RegistryClient(setup.server.url, repository, setup.token)
+    try:
+        manifest.login()
+        config = b'{"architecture":"amd64","os":"linux"}'
+        manifest.push_blob(config)
+        body = image_manifest(config, [data])
+        manifest.put_manifest("v1", OCI_MANIFEST, body)
+    finally:
+        manifest.close()
+
+    async def scenario() -> tuple[int, bytes]:
+        async with aiohttp.ClientSession() as session:
+            client = AsyncRegistryClient(setup.server.url, session, password=setup.token)
+            received = 0
+            with pytest.raises(ResponseTooLarge, match="more than 1000 bytes"):
+                async with client.blob(repository, digest, max_bytes=1000) as blob:
+                    async for chunk in blob.chunks():
+                        received += len(chunk)
+            assert received <= 1000
+            with pytest.raises(ResponseTooLarge, match=rf"{len(body)} bytes, more than 100$"):
+                await client.get_manifest(repository, "v1", max_bytes=100)
+            whole = await client.get_manifest(repository, "v1", max_bytes=len(body))
+            return whole.status, whole.body
+
+    assert asyncio.run(scenario()) == (200, body)

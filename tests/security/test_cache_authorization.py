@@ -25,7 +25,7 @@ import aiohttp
 import pytest
 import requests
 
-from skyreg.cli.push import push_image as push_layout
+from skyreg.client.push import push_image as push_layout
 from skyreg.machines.layercache import LayerCache
 from skyreg.machines.prepare import PreparedImage, PrepareError, RegistrySource, prepare_image
 from tests.agents import RunningAgent, machine_top
@@ -100,7 +100,7 @@ class Site:
 
     def push_app_image(self, image: TestImage, ref: str, token: str) -> str:
         layout = image.write_oci_layout(self.work / image.marker)
-        return push_layout(layout, f"{self.reg.host}/{ref}", token, progress=False).digest
+        return push_layout(layout, f"{self.reg.host}/{ref}", token).digest
 
     def push_and_deploy(self, image: TestImage, app: str, tag: str, token: str) -> tuple[str, int]:
         """Push `image` as `app:tag` and deploy it; returns its digest and the release version."""

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import pytest
 import requests
 
-from skyreg.cli.push import push_image
+from skyreg.client.push import push_image
 from tests.agents import RunningAgent, machine_top
 from tests.conftest import RunningRegistry
 from tests.images import (
@@ -161,7 +161,7 @@ def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployed]:
         admin = t.admin_secret()
         image = setuid_image()
         layout = image.write_oci_layout(tmp_path_factory.mktemp("image") / "layout")
-        push_image(layout, f"{reg.host}/{APP}:v1", admin, progress=False)
+        push_image(layout, f"{reg.host}/{APP}:v1", admin)
         agent_log = tmp_path_factory.mktemp("agentlog") / "agent.log"
         agent = RunningAgent(reg.url, admin, top / "agent", agent_log)
         stack.callback(agent.stop)

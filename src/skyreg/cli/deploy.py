@@ -11,7 +11,8 @@ import typer
 
 from skyreg.cli.client import client, fail
 from skyreg.cli.platform import AsJson, Server, Token, _console, _print_json, _quote, _table, _when
-from skyreg.cli.push import PushError, push_image
+from skyreg.cli.push import push_with_bars
+from skyreg.client.push import PushError
 from skyreg.platform.releases import deployment_tag
 
 
@@ -82,7 +83,7 @@ def _push_local(
     tag = label or deployment_tag()
     host = urllib.parse.urlsplit(server).netloc
     try:
-        pushed = push_image(path, f"{host}/{app}:{tag}", token, progress=sys.stderr.isatty())
+        pushed = push_with_bars(path, f"{host}/{app}:{tag}", token, bars=sys.stderr.isatty())
     except PushError as e:
         fail(str(e))
     typer.echo(f"Pushed {path} as {host}/{app}:{tag} ({pushed.digest}).", err=True)

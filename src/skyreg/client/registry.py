@@ -12,18 +12,32 @@ bounded (`MAX_RESPONSE_BYTES`), blob bodies are streamed.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import http.client
-import json
-import re
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from skyreg.oci.mediatypes import DOCKER_MANIFEST, INDEXES, OCI_INDEX, OCI_MANIFEST
+from skyreg.client.protocol import (
+    ALL_MANIFESTS,
+    REDIRECTS,
+    RegistryClientError,
+    basic_authorization,
+    bearer_challenge,
+    blob_path,
+    content_range_start,
+    held_bytes,
+    manifest_path,
+    parse_challenge,
+    parse_token,
+    registry_error,
+    repository_scope,
+    short_digest,
+    token_url,
+    uploads_path,
+)
 
 DEFAULT_PIECE_SIZE = 64 * 1024 * 1024  # bytes per PATCH request of a chunked upload
 TIMEOUT = 120.0
@@ -33,12 +47,6 @@ READ_SIZE = 1024 * 1024  # bytes per read of a streamed blob body
 MAX_REDIRECTS = 5
 MAX_OFFSET_RETRIES = 3  # a chunked upload re-reading its offset after a 416
 
-ALL_MANIFESTS = (OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, *INDEXES)
-
-
-class RegistryClientError(Exception):
-    """A registry request failed; the message is one line for the user."""
-
 
 class Sink(Protocol):
     """Where a pulled blob's bytes go (a file opened for writing, a BytesIO)."""
@@ -46,19 +54,6 @@ class Sink(Protocol):
     def write(self, data: bytes, /) -> object:
         """Write all of `data`."""
         ...
-
-
-def registry_url(host: str, insecure: bool = False) -> str:
-    """http:// for loopback hosts and with `insecure`, else https://."""
-    hostname = urllib.parse.urlsplit("//" + host).hostname or ""
-    loopback = hostname in ("localhost", "::1") or hostname.startswith("127.")
-    return f"{'http' if insecure or loopback else 'https'}://{host}"
-
-
-def short_digest(digest: str) -> str:
-    """`sha256:` and the first 12 hex digits, for messages and progress bars."""
-    algorithm, _, hex_part = digest.partition(":")
-    return f"{algorithm}:{hex_part[:12]}"
 
 
 @dataclass
@@ -79,39 +74,7 @@ class Response:
 
 def _registry_error(resp: Response) -> str:
     """`CODE: message` from a registry error body, else the HTTP status."""
-    try:
-        doc = json.loads(resp.body)
-    except ValueError:
-        doc = None
-    if isinstance(doc, dict):
-        errors = doc.get("errors")
-        if isinstance(errors, list) and errors and isinstance(errors[0], dict):
-            first = errors[0]
-            return f"{first.get('code', resp.status)}: {first.get('message', '')}".rstrip(": ")
-        for key in ("error_description", "message", "error", "details"):
-            if isinstance(doc.get(key), str):
-                return f"HTTP {resp.status}: {doc[key]}"
-    return f"HTTP {resp.status} {resp.reason}".rstrip()
-
-
-def _parse_challenge(header: str) -> tuple[str, dict[str, str]]:
-    """(scheme, params) of a WWW-Authenticate value such as `Bearer realm="...",scope="..."`."""
-    scheme, _, rest = header.strip().partition(" ")
-    params = {
-        m.group(1).lower(): m.group(2) if m.group(2) is not None else m.group(3)
-        for m in re.finditer(r'([A-Za-z_]+)=(?:"((?:[^"\\]|\\.)*)"|([^,\s]+))', rest)
-    }
-    return scheme.lower(), params
-
-
-def _held(resp: Response) -> int:
-    """The bytes an upload holds from its `Range: 0-N` header (a missing one: 0). "0-0" also
-    means an empty upload (as Distribution answers); a 416 tells the one-byte case apart."""
-    m = re.fullmatch(r"0-(\d{1,19})", resp.header("Range").strip())
-    if m is None:
-        return 0
-    end = int(m.group(1))
-    return end + 1 if end else 0
+    return registry_error(resp.status, resp.reason, resp.body)
 
 
 class RegistryClient:
@@ -207,10 +170,10 @@ class RegistryClient:
 
     # -- authentication
     def _basic(self) -> str:
-        return "Basic " + base64.b64encode(f"x:{self.token}".encode()).decode()
+        return basic_authorization("x", self.token or "")
 
     def _default_scopes(self) -> list[str]:
-        return [f"repository:{self.repository}:pull,push"]
+        return [repository_scope(self.repository, "pull,push")]
 
     def login(self) -> None:
         """GET /v2/: keep Basic if the registry takes it, else follow its Bearer challenge."""
@@ -222,9 +185,9 @@ class RegistryClient:
             raise RegistryClientError(
                 f"{self.base_url} is not a registry: GET /v2/ answered {_registry_error(resp)}"
             )
-        scheme, params = _parse_challenge(resp.header("WWW-Authenticate"))
-        if scheme == "bearer" and params.get("realm"):
-            self._fetch_token(params, self._default_scopes())
+        challenge = bearer_challenge(resp.header("WWW-Authenticate"))
+        if challenge is not None:
+            self._fetch_token(challenge, self._default_scopes())
             return
         raise RegistryClientError(
             f"authentication failed: {_registry_error(resp)}{self._token_hint()}"
@@ -234,10 +197,8 @@ class RegistryClient:
         return "" if self.token else " (no token: pass --token or set SKYREG_TOKEN)"
 
     def _fetch_token(self, challenge: dict[str, str], scopes: list[str]) -> None:
-        query = [("service", challenge["service"])] if challenge.get("service") else []
-        query += [("scope", s) for s in scopes]
         realm = challenge["realm"]
-        url = realm + ("&" if "?" in realm else "?") + urllib.parse.urlencode(query)
+        url = token_url(challenge, scopes)
         basic = self._basic() if self.token else None
         resp = self._send("GET", url, {"Accept": "application/json"}, None, basic)
         if resp.status != 200:
@@ -245,15 +206,10 @@ class RegistryClient:
                 f"authentication failed at {urllib.parse.urlsplit(realm).netloc}: "
                 f"{_registry_error(resp)}{self._token_hint()}"
             )
-        try:
-            doc = json.loads(resp.body)
-            token = doc.get("token") or doc.get("access_token")
-            lifetime = float(doc.get("expires_in") or 60)
-        except (ValueError, AttributeError, TypeError):
-            token = None
-            lifetime = 0.0
-        if not isinstance(token, str) or not token:
+        answer = parse_token(resp.body)
+        if answer is None:
             raise RegistryClientError(f"the token endpoint {realm} answered without a token")
+        token, lifetime = answer
         self._auth = f"Bearer {token}"
         self._bearer = (challenge, scopes, time.monotonic() + lifetime)
 
@@ -278,8 +234,8 @@ class RegistryClient:
             self._refresh_soon_expiring()
         resp = self._send(method, url, headers or {}, body, self._auth, stream)
         if resp.status == 401 and replayable:
-            scheme, params = _parse_challenge(resp.header("WWW-Authenticate"))
-            if scheme == "bearer" and params.get("realm"):
+            params = bearer_challenge(resp.header("WWW-Authenticate"))
+            if params is not None:
                 scopes = self._default_scopes()
                 if params.get("scope") and params["scope"] not in scopes:
                     scopes.append(params["scope"])
@@ -294,7 +250,7 @@ class RegistryClient:
         """The error for `what` failing with `resp` (the registry's code and message)."""
         hint = ""
         if resp.status == 401:
-            _, params = _parse_challenge(resp.header("WWW-Authenticate"))
+            _, params = parse_challenge(resp.header("WWW-Authenticate"))
             if params.get("error") == "insufficient_scope":
                 hint = (
                     f" (insufficient scope: the token does not grant {params.get('scope', 'it')})"
@@ -305,7 +261,7 @@ class RegistryClient:
     # -- registry operations
     def blob_exists(self, digest: str) -> bool:
         """HEAD the blob in this repository: True if the registry has it."""
-        url = self.url(f"/v2/{self.repository}/blobs/{digest}")
+        url = self.url(blob_path(self.repository, digest))
         resp = self.request("HEAD", url)
         if resp.status == 200 or 300 <= resp.status < 400:  # a redirect: it is in storage
             return True
@@ -317,7 +273,7 @@ class RegistryClient:
 
     def manifest_exists(self, digest: str) -> bool:
         """HEAD the manifest in this repository: True if the registry has it."""
-        url = self.url(f"/v2/{self.repository}/manifests/{digest}")
+        url = self.url(manifest_path(self.repository, digest))
         resp = self.request("HEAD", url, {"Accept": ", ".join(ALL_MANIFESTS)})
         if resp.status == 200:
             return True
@@ -341,7 +297,7 @@ class RegistryClient:
         query = urllib.parse.urlencode({"digest": digest})
         resp = self.request(
             "POST",
-            self.url(f"/v2/{self.repository}/blobs/uploads/?{query}"),
+            self.url(f"{uploads_path(self.repository)}?{query}"),
             {"Content-Type": "application/octet-stream"},
             data,
         )
@@ -352,7 +308,7 @@ class RegistryClient:
     def start_upload(self) -> str:
         """POST an upload session; returns its location."""
         what = f"uploading to {self.repository}"
-        resp = self.request("POST", self.url(f"/v2/{self.repository}/blobs/uploads/"))
+        resp = self.request("POST", self.url(uploads_path(self.repository)))
         if resp.status != 202:
             raise self.fail(what, resp)
         return self._location(resp, what)
@@ -363,7 +319,7 @@ class RegistryClient:
         resp = self.request("GET", location)
         if resp.status != 204:
             raise self.fail(what, resp)
-        return self._location(resp, what), _held(resp)
+        return self._location(resp, what), held_bytes(resp.header("Range"))
 
     def finish_upload(self, location: str, digest: str) -> str:
         """PUT ?digest= on the upload: the registry checks the bytes and stores the blob."""
@@ -431,7 +387,7 @@ class RegistryClient:
             if resp.status == 416 and retries < MAX_OFFSET_RETRIES:
                 # The registry holds another size (an interrupted PATCH's bytes landed late).
                 retries += 1
-                now = _held(resp)
+                now = held_bytes(resp.header("Range"))
                 held = 1 if now == held == 0 else now
                 location = self._location(resp, what) if resp.header("Location") else location
                 pieces = _Pieces(open_at(held))
@@ -454,7 +410,7 @@ class RegistryClient:
 
     def put_manifest(self, reference: str, media_type: str, body: bytes) -> str:
         """PUT a manifest under a tag or digest; returns the digest the registry answered."""
-        url = self.url(f"/v2/{self.repository}/manifests/{reference}")
+        url = self.url(manifest_path(self.repository, reference))
         resp = self.request("PUT", url, {"Content-Type": media_type}, body)
         if resp.status not in (200, 201):
             raise self.fail(f"putting the manifest {self.repository}:{reference}", resp)
@@ -468,12 +424,12 @@ class RegistryClient:
         credentials when they leave the registry's host. A whole blob (offset 0) is checked
         against its digest; more than `max_bytes` bytes is an error."""
         what = f"pulling blob {short_digest(digest)} from {self.repository}"
-        url = self.url(f"/v2/{self.repository}/blobs/{digest}")
+        url = self.url(blob_path(self.repository, digest))
         headers = {"Range": f"bytes={offset}-"} if offset else {}
         resp = self.request("GET", url, headers, stream=True)
         for _ in range(MAX_REDIRECTS):
             location = resp.header("Location")
-            if resp.status not in (301, 302, 303, 307, 308) or not location:
+            if resp.status not in REDIRECTS or not location:
                 break
             target = urllib.parse.urljoin(url, location)
             same_host = urllib.parse.urlsplit(target).netloc == urllib.parse.urlsplit(url).netloc
@@ -484,8 +440,7 @@ class RegistryClient:
         body, conn = resp.stream, resp.connection
         skip = 0
         if offset and resp.status == 206:
-            m = re.match(r"bytes (\d+)-", resp.header("Content-Range"))
-            if m is None or int(m.group(1)) != offset:
+            if content_range_start(resp.header("Content-Range")) != offset:
                 if conn is not None:
                     conn.close()
                 raise RegistryClientError(f"{what} failed: the registry answered another range")

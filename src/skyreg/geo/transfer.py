@@ -27,6 +27,8 @@ from datetime import UTC, datetime
 
 import aiohttp
 
+from skyreg.client.aio import AsyncRegistryClient
+from skyreg.client.protocol import RegistryClientError
 from skyreg.geo.regions import RegionMap
 from skyreg.meta.geo import GeoMeta, Job
 from skyreg.oci.digest import Digest
@@ -37,7 +39,6 @@ log = logging.getLogger("skyreg.geo")
 LEASE_SECONDS = 30.0
 PEER_HEADER = "X-Skyreg-Peer"  # set on requests between regions: answer from local bytes only
 _FEED_LIMIT = 32  # chunks (~1 MiB each) a subscriber may lag before it is detached
-_CHUNK = 1 << 20
 _WAIT_POLL = 0.2
 _WAIT_LIMIT = 3600.0
 
@@ -281,7 +282,7 @@ class Transfers:
                     await self.store.abort(upload_id)
                     upload_id = uuid.uuid4().hex
                     await self.store.create_upload(upload_id)
-                except (aiohttp.ClientError, TimeoutError, _SourceError) as e:
+                except (aiohttp.ClientError, TimeoutError, RegistryClientError, _SourceError) as e:
                     tried.append(f"{source}: {e or type(e).__name__}")
                     t._detach_all()
                     log.warning("copy of %s from %s failed: %s", digest, source, e)
@@ -300,25 +301,28 @@ class Transfers:
             offset = 0
         if offset >= t.size:
             return 0  # every byte is here already: the commit verifies them
-        url = f"{self.regions.url_of(source)}/v2/{t.repository}/blobs/{t.digest}"
-        headers = {PEER_HEADER: self.region}
-        if offset:
-            headers["Range"] = f"bytes={offset}-"
         token = self.peer_token()
-        auth = aiohttp.BasicAuth("skyreg-peer", token) if token else None
+        client = AsyncRegistryClient(
+            self.regions.url_of(source),
+            self._session(),
+            password=token,
+            username="skyreg-peer",
+            token_flow=False,  # peers take Basic: the credential goes nowhere else
+            headers={PEER_HEADER: self.region},
+        )
         moved = 0
-        async with self._session().get(url, headers=headers, auth=auth) as resp:
-            if offset and resp.status == 200:  # no range support: start again
+        async with client.blob(t.repository, str(t.digest), offset, t.size) as blob:
+            if offset and blob.status == 200:  # no range support: start again
                 await self.store.abort(upload_id)
                 await self.store.create_upload(upload_id)
                 offset = 0
                 t._detach_all()
-            elif resp.status not in (200, 206):
-                raise _SourceError(f"HTTP {resp.status}")
+            elif blob.status not in (200, 206):
+                raise _SourceError(f"HTTP {blob.status}")
 
             async def pieces() -> AsyncIterator[bytes]:
                 nonlocal moved
-                async for chunk in resp.content.iter_chunked(_CHUNK):
+                async for chunk in blob.chunks():
                     moved += len(chunk)
                     self.counters.bytes_in += len(chunk)
                     t._publish(chunk)

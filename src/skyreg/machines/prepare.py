@@ -11,7 +11,6 @@ repository (never from the cache), which proves the same for it."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -19,19 +18,18 @@ from pathlib import Path
 
 import aiohttp
 
+from skyreg.client.aio import AsyncRegistryClient
+from skyreg.client.protocol import ResponseTooLarge
 from skyreg.machines.layercache import LayerCache
 from skyreg.machines.unpack import UnpackLimits
 from skyreg.oci import mediatypes as mt
-from skyreg.oci.bounded import load_json
 from skyreg.oci.digest import Digest
 from skyreg.oci.manifest import Descriptor, Manifest, parse_manifest
 from skyreg.oci.platforms import host_architecture, platform_entry
 
-_ACCEPT = ", ".join(sorted(mt.MANIFEST_TYPES))
-_CHUNK = 1 << 20
+_ACCEPT = sorted(mt.MANIFEST_TYPES)
 MAX_MANIFEST_BYTES = 4 << 20  # what the registry accepts at push
 MAX_CONFIG_BYTES = 16 << 20  # image configs are JSON, read whole into memory
-_MAX_ERROR_BODY = 64 << 10
 _MAX_NAMED_BLOBS = 5
 
 
@@ -41,33 +39,34 @@ class PrepareError(Exception):
 
 @dataclass
 class RegistrySource:
-    """Reads images through a registry's OCI API with a service credential (Basic token)."""
+    """Reads images through a registry's OCI API with a service credential (Basic token), by
+    way of `AsyncRegistryClient`."""
 
     base_url: str
     token: str | None
     session: aiohttp.ClientSession
     blobs_fetched: list[str] = field(default_factory=list)
+    client: AsyncRegistryClient = field(init=False)
 
-    def headers(self, **extra: str) -> dict[str, str]:
-        """Request headers carrying the credential (Basic, any username, the token)."""
-        if self.token:
-            basic = base64.b64encode(f"x:{self.token}".encode()).decode()
-            extra["Authorization"] = f"Basic {basic}"
-        return extra
+    def __post_init__(self) -> None:
+        self.client = AsyncRegistryClient(self.base_url, self.session, password=self.token)
 
     async def manifest(self, repository: str, digest: str) -> tuple[bytes, str]:
         """The exact bytes and media type of a manifest, verified against `digest`."""
-        url = f"{self.base_url}/v2/{repository}/manifests/{digest}"
-        async with self.session.get(url, headers=self.headers(Accept=_ACCEPT)) as resp:
-            if resp.status != 200:
-                raise PrepareError(
-                    f"manifest {repository}@{digest}: HTTP {resp.status} {await _reason(resp)}"
-                )
-            raw = await _read_bounded(resp, MAX_MANIFEST_BYTES, f"manifest {repository}@{digest}")
-            media_type = resp.headers.get("Content-Type", "")
+        what = f"manifest {repository}@{digest}"
+        try:
+            answer = await self.client.get_manifest(
+                repository, digest, MAX_MANIFEST_BYTES, accept=_ACCEPT
+            )
+        except ResponseTooLarge as e:
+            raise PrepareError(str(e)) from None
+        if answer.status != 200:
+            raise PrepareError(f"{what}: HTTP {answer.status} {answer.error_code()}")
+        raw = answer.body
+        media_type = answer.headers.get("Content-Type", "")
         want = Digest.parse(digest)
         if hashlib.new(want.algorithm, raw).hexdigest() != want.hex:
-            raise PrepareError(f"manifest {repository}@{digest}: content does not match digest")
+            raise PrepareError(f"{what}: content does not match digest")
         return raw, media_type
 
     def opener(self, repository: str, digest: str) -> _BlobOpener:
@@ -97,14 +96,13 @@ class RegistrySource:
 
     async def _head_blob(self, repository: str, digest: str) -> str | None:
         """None if `repository` serves blob `digest`, else why not."""
-        url = f"{self.base_url}/v2/{repository}/blobs/{digest}"
         try:
-            async with self.session.head(url, headers=self.headers()) as resp:
-                if resp.status == 200:
-                    return None
-                return f"HTTP {resp.status} {resp.reason or ''}".strip()
+            answer = await self.client.head_blob(repository, digest)
         except aiohttp.ClientError as e:
             return f"cannot check: {e}"
+        if answer.status == 200:
+            return None
+        return f"HTTP {answer.status} {answer.reason}".strip()
 
 
 @dataclass
@@ -118,35 +116,13 @@ class _BlobOpener:
         return self._stream()
 
     async def _stream(self) -> AsyncIterator[bytes]:
-        url = f"{self.source.base_url}/v2/{self.repository}/blobs/{self.digest}"
-        async with self.source.session.get(url, headers=self.source.headers()) as resp:
-            if resp.status != 200:
+        async with self.source.client.blob(self.repository, self.digest) as blob:
+            if blob.status != 200:
                 raise PrepareError(
-                    f"blob {self.repository}@{self.digest}: HTTP {resp.status} "
-                    f"{await _reason(resp)}"
+                    f"blob {self.repository}@{self.digest}: HTTP {blob.status} {blob.error_code()}"
                 )
-            async for chunk in resp.content.iter_chunked(_CHUNK):
+            async for chunk in blob.chunks():
                 yield chunk
-
-
-async def _read_bounded(resp: aiohttp.ClientResponse, limit: int, what: str) -> bytes:
-    """The whole body of `resp`, refusing more than `limit` bytes."""
-    if (resp.content_length or 0) > limit:
-        raise PrepareError(f"{what}: {resp.content_length} bytes, more than {limit}")
-    body = bytearray()
-    async for chunk in resp.content.iter_chunked(_CHUNK):
-        body += chunk
-        if len(body) > limit:
-            raise PrepareError(f"{what}: more than {limit} bytes")
-    return bytes(body)
-
-
-async def _reason(resp: aiohttp.ClientResponse) -> str:
-    try:
-        doc = load_json(await resp.content.read(_MAX_ERROR_BODY), max_bytes=_MAX_ERROR_BODY)
-        return str(doc["errors"][0]["code"])
-    except (ValueError, KeyError, IndexError, TypeError):
-        return resp.reason or ""
 
 
 @dataclass(frozen=True)
