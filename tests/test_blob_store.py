@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from skyreg.oci.digest import Digest
 from skyreg.store import FilesystemBlobStore
 from skyreg.store.base import BlobStore, DigestMismatch, UploadOffsetMismatch, UploadUnknown
 from skyreg.store.s3 import S3BlobStore
+from skyreg.store.uploads import UploadLocks, VerifiedUploads
 from tests.s3_fixtures import S3Bucket
 
 
@@ -238,3 +240,165 @@ def test_check_passes_on_usable_storage_and_aclose_then_close_release_it(
         await store.aclose()
 
     run(check_then_release())  # the fixture closes it
+
+
+# -- the shared upload layer (store/uploads.py): locking, offsets, verify-then-commit ----------
+
+
+def locks_of(store: BlobStore) -> UploadLocks:
+    """The per-upload locks of a backend (every backend is built on the shared layer)."""
+    assert isinstance(store, VerifiedUploads)
+    return store.upload_locks
+
+
+async def until_waiting(store: BlobStore, upload_id: str, requests: int) -> None:
+    """Let other tasks run until `requests` requests hold or wait for the upload's lock
+    (bounded in event-loop turns, not time)."""
+    for _ in range(10_000):
+        if locks_of(store).requests(upload_id) == requests:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"{requests} requests never reached upload {upload_id}'s lock")
+
+
+class PausedBody:
+    """A request body that sends `head`, then waits for `release` before sending `rest`."""
+
+    def __init__(self, head: bytes, rest: bytes) -> None:
+        self.head, self.rest = head, rest
+        self.paused, self.release = asyncio.Event(), asyncio.Event()
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield self.head
+        self.paused.set()
+        await self.release.wait()
+        yield self.rest
+
+
+def test_concurrent_appends_to_one_upload_serialise_and_the_second_gets_the_offset_mismatch(
+    store: BlobStore,
+) -> None:
+    head, rest = os.urandom(1_500_000), os.urandom(300_000)
+    second_read: list[bytes] = []
+
+    async def second_body() -> AsyncIterator[bytes]:
+        second_read.append(b"started")
+        yield b"y" * 1000
+
+    async def go() -> None:
+        await store.create_upload("race")
+        body = PausedBody(head, rest)
+        first = asyncio.create_task(store.append("race", body, 0))
+        await body.paused.wait()
+        second = asyncio.create_task(store.append("race", second_body(), 0))
+        await until_waiting(store, "race", 2)
+        body.release.set()
+        assert await first == len(head) + len(rest)
+        with pytest.raises(UploadOffsetMismatch) as info:
+            await second
+        assert info.value.size == len(head) + len(rest)
+        assert second_read == []  # refused before reading a byte of its body
+        assert await store.commit("race", digest(head + rest)) == len(head) + len(rest)
+        assert await read_all(store, digest(head + rest)) == head + rest
+
+    run(go())
+
+
+def test_commit_with_wrong_digest_leaves_the_blob_absent_and_the_upload_discarded(
+    store: BlobStore,
+) -> None:
+    data = os.urandom(200_000)
+    wrong = digest(data + b"x")
+
+    async def go() -> None:
+        await store.create_upload("bad")
+        await store.append("bad", chunks(data), 0)
+        with pytest.raises(DigestMismatch) as info:
+            await store.commit("bad", wrong)
+        assert (info.value.expected, info.value.actual) == (wrong, digest(data))
+        assert await store.stat(wrong) is None
+        assert await store.stat(digest(data)) is None
+        with pytest.raises(UploadUnknown):
+            await store.upload_size("bad")
+        with pytest.raises(UploadUnknown):
+            await store.append("bad", chunks(data), len(data))
+        await store.abort("bad")  # already gone: no error
+        assert await store.idle_uploads(datetime.now(UTC) + timedelta(hours=1)) == []
+        assert len(locks_of(store)) == 0
+
+    run(go())
+
+
+def test_upload_locks_do_not_outlive_their_requests(store: BlobStore) -> None:
+    """Locks go when the upload ends (commit, abort, mismatch) and ids that never existed
+    leave none: the table is bounded by the requests under way."""
+    data = os.urandom(50_000)
+
+    async def go() -> None:
+        await store.create_upload("kept")
+        await store.append("kept", chunks(data), 0)
+        assert len(locks_of(store)) == 0  # between requests too
+        await store.commit("kept", digest(data))
+        await store.create_upload("dropped")
+        await store.append("dropped", chunks(data), 0)
+        await store.abort("dropped")
+        await store.create_upload("wrong")
+        with pytest.raises(DigestMismatch):
+            await store.commit("wrong", digest(b"not empty"))
+        for i in range(200):
+            with pytest.raises(UploadUnknown):
+                await store.append(f"never-{i}", chunks(b"x"), 0)
+            with pytest.raises(UploadUnknown):
+                await store.commit(f"never-{i}", digest(b"x"))
+            await store.abort(f"never-{i}")
+        with pytest.raises(UploadUnknown):
+            await store.append("../" * 100, chunks(b"x"), None)
+        assert len(locks_of(store)) == 0
+
+    run(go())
+
+
+def test_abort_during_an_append_waits_for_it_and_leaves_nothing(store: BlobStore) -> None:
+    head, rest = os.urandom(1_500_000), os.urandom(1000)
+
+    async def go() -> None:
+        await store.create_upload("cut")
+        body = PausedBody(head, rest)
+        writing = asyncio.create_task(store.append("cut", body, 0))
+        await body.paused.wait()
+        aborting = asyncio.create_task(store.abort("cut"))
+        await until_waiting(store, "cut", 2)
+        assert not aborting.done()
+        body.release.set()
+        assert await writing == len(head) + len(rest)
+        await aborting
+        with pytest.raises(UploadUnknown):
+            await store.upload_size("cut")
+        assert await store.idle_uploads(datetime.now(UTC) + timedelta(hours=1)) == []
+        assert len(locks_of(store)) == 0
+
+    run(go())
+
+
+def test_reclaim_skips_an_upload_in_use_and_removes_it_once_idle(store: BlobStore) -> None:
+    head, rest = os.urandom(1_500_000), os.urandom(1000)
+    assert isinstance(store, VerifiedUploads)
+    layer = store
+
+    async def go() -> None:
+        await store.create_upload("busy")
+        body = PausedBody(head, rest)
+        writing = asyncio.create_task(store.append("busy", body, 0))
+        await body.paused.wait()
+        assert await layer.reclaim("busy") is None
+        body.release.set()
+        await writing
+        freed = await layer.reclaim("busy")
+        assert freed is not None and freed >= len(head) + len(rest)
+        with pytest.raises(UploadUnknown):
+            await store.upload_size("busy")
+        assert await layer.reclaim("busy") == 0
+        assert await layer.reclaim("../x") == 0
+        assert len(locks_of(store)) == 0
+
+    run(go())

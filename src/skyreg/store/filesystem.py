@@ -19,10 +19,10 @@ import contextlib
 import errno
 import hashlib
 import os
-import re
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -30,10 +30,10 @@ from typing import Any
 from skyreg.oci.digest import Digest
 from skyreg.privatefs import private_dir
 from skyreg.store import resumable
-from skyreg.store.base import DigestMismatch, StorageFull, UploadOffsetMismatch, UploadUnknown
+from skyreg.store.base import StorageFull, UploadUnknown
 from skyreg.store.resumable import ResumableSha256
+from skyreg.store.uploads import UPLOAD_ID_RE, VerifiedUploads, check_upload_id
 
-_UPLOAD_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}\Z")
 _WRITE_BATCH = 1 << 20
 _READ_CHUNK = 1 << 20
 _FLUSH_EVERY = 32 << 20
@@ -41,6 +41,9 @@ _STATE_SUFFIX = ".sha256"
 _TMP_SUFFIX = ".tmp"
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+# Running hashes kept between chunks; one dropped (its upload ended in another process, or too
+# many are under way) only costs restoring it from the saved state.
+_MAX_HASHES = 4096
 
 
 def _create_private_file(path: Path, data: bytes = b"") -> None:
@@ -94,18 +97,27 @@ class _UploadHash:
         return cls(hasher, int.from_bytes(data[:8], "big"))
 
 
-class FilesystemBlobStore:
+@dataclass(frozen=True)
+class _OpenUpload:
+    """An upload's file and its size when opened under the upload's lock."""
+
+    path: Path
+    size: int
+    sealed: bool = False
+
+
+class FilesystemBlobStore(VerifiedUploads[_OpenUpload]):
     """Blobs as files under one root directory."""
 
     def __init__(self, root: Path, *, fsync: bool = True) -> None:
+        super().__init__()
         self.root = root
         self.blob_dir = root / "blobs"
         self.upload_dir = root / "uploads"
         for directory in (root, self.blob_dir, self.upload_dir):
             private_dir(directory)
         self._fsync = fsync
-        self._hashes: dict[str, _UploadHash] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._hashes: dict[str, _UploadHash] = {}  # insertion-ordered: oldest first
         # One writer thread per concurrent upload would be wasteful; hashing and writing release
         # the GIL, so a small pool overlaps them with the event loop reading the socket.
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="blobwrite")
@@ -116,9 +128,7 @@ class FilesystemBlobStore:
         return self.blob_dir / digest.algorithm / digest.hex[:2] / digest.hex
 
     def _upload_path(self, upload_id: str) -> Path:
-        if _UPLOAD_ID_RE.match(upload_id) is None:
-            raise UploadUnknown(upload_id)
-        return self.upload_dir / upload_id
+        return self.upload_dir / check_upload_id(upload_id)
 
     @staticmethod
     def _state_path(path: Path) -> Path:
@@ -183,17 +193,17 @@ class FilesystemBlobStore:
 
     # -- uploads -----------------------------------------------------------------------------
 
-    def _lock(self, upload_id: str) -> asyncio.Lock:
-        lock = self._locks.get(upload_id)
-        if lock is None:
-            lock = self._locks[upload_id] = asyncio.Lock()
-        return lock
-
     async def create_upload(self, upload_id: str) -> None:
         path = self._upload_path(upload_id)
         with _storage_full_on_enospc():
             _create_private_file(path)
-        self._hashes[upload_id] = _UploadHash()
+        self._keep_hash(upload_id, _UploadHash())
+
+    def _keep_hash(self, upload_id: str, running: _UploadHash) -> None:
+        self._hashes.pop(upload_id, None)
+        self._hashes[upload_id] = running
+        while len(self._hashes) > _MAX_HASHES:
+            self._hashes.pop(next(iter(self._hashes)))
 
     async def upload_size(self, upload_id: str) -> int:
         try:
@@ -201,32 +211,36 @@ class FilesystemBlobStore:
         except FileNotFoundError:
             raise UploadUnknown(upload_id) from None
 
-    async def append(self, upload_id: str, chunks: AsyncIterable[bytes], offset: int | None) -> int:
+    async def _open_upload(self, upload_id: str) -> _OpenUpload:
         path = self._upload_path(upload_id)
-        async with self._lock(upload_id):
+        try:
+            return _OpenUpload(path, path.stat().st_size)
+        except FileNotFoundError:
+            raise UploadUnknown(upload_id) from None
+
+    async def _write_upload(
+        self, upload_id: str, upload: _OpenUpload, chunks: AsyncIterable[bytes]
+    ) -> int:
+        try:
+            fd = os.open(upload.path, os.O_WRONLY | os.O_APPEND)
+        except FileNotFoundError:
+            raise UploadUnknown(upload_id) from None
+        try:
+            running = await self._running_hash(upload_id, upload.path, os.fstat(fd).st_size)
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_APPEND)
-            except FileNotFoundError:
-                raise UploadUnknown(upload_id) from None
-            try:
-                size = os.fstat(fd).st_size
-                if offset is not None and offset != size:
-                    raise UploadOffsetMismatch(size)
-                running = await self._running_hash(upload_id, path, size)
-                try:
-                    with _storage_full_on_enospc():
-                        await self._pump(fd, running, chunks)
-                finally:
-                    # Whatever reached the file stays: the client may resume from there.
-                    if running.offset == os.fstat(fd).st_size:
-                        await asyncio.get_running_loop().run_in_executor(
-                            self._executor, self._save_state, path, running
-                        )
-                    else:
-                        self._hashes.pop(upload_id, None)
-                return running.offset
+                with _storage_full_on_enospc():
+                    await self._pump(fd, running, chunks)
             finally:
-                os.close(fd)
+                # Whatever reached the file stays: the client may resume from there.
+                if running.offset == os.fstat(fd).st_size:
+                    await asyncio.get_running_loop().run_in_executor(
+                        self._executor, self._save_state, upload.path, running
+                    )
+                else:
+                    self._hashes.pop(upload_id, None)
+            return running.offset
+        finally:
+            os.close(fd)
 
     async def _running_hash(self, upload_id: str, path: Path, size: int) -> _UploadHash:
         """The hash of the upload's current bytes: kept in memory from the last chunk, else
@@ -252,7 +266,7 @@ class FilesystemBlobStore:
             return fresh
 
         running = await loop.run_in_executor(self._executor, restore)
-        self._hashes[upload_id] = running
+        self._keep_hash(upload_id, running)
         return running
 
     def _save_state(self, path: Path, running: _UploadHash) -> None:
@@ -321,27 +335,19 @@ class FilesystemBlobStore:
         if buf:
             await loop.run_in_executor(self._executor, write, buf)
 
-    async def commit(self, upload_id: str, digest: Digest) -> int:
-        path = self._upload_path(upload_id)
-        async with self._lock(upload_id):
-            try:
-                size = path.stat().st_size
-            except FileNotFoundError:
-                raise UploadUnknown(upload_id) from None
-            if digest.algorithm == "sha256":
-                running = await self._running_hash(upload_id, path, size)
-                actual = Digest("sha256", running.hasher.hexdigest())
-            else:
-                actual = await self._hash_file(path, digest.algorithm)
-            if actual != digest:
-                await self._discard(upload_id)
-                raise DigestMismatch(digest, actual)
-            target = self._blob_path(digest)
-            loop = asyncio.get_running_loop()
-            with _storage_full_on_enospc():
-                await loop.run_in_executor(self._executor, self._install, path, target)
-            self._forget(upload_id)
-            return size
+    async def _upload_digest(self, upload_id: str, upload: _OpenUpload, algorithm: str) -> Digest:
+        if algorithm == "sha256":
+            running = await self._running_hash(upload_id, upload.path, upload.size)
+            return Digest("sha256", running.hasher.hexdigest())
+        return await self._hash_file(upload.path, algorithm)
+
+    async def _install_upload(self, upload_id: str, upload: _OpenUpload, digest: Digest) -> None:
+        loop = asyncio.get_running_loop()
+        with _storage_full_on_enospc():
+            await loop.run_in_executor(
+                self._executor, self._install, upload.path, self._blob_path(digest)
+            )
+        self._hashes.pop(upload_id, None)
 
     def _install(self, path: Path, target: Path) -> None:
         """fsync the verified bytes, then rename them into place (atomic on one filesystem)."""
@@ -377,20 +383,8 @@ class FilesystemBlobStore:
 
         return await loop.run_in_executor(self._executor, run)
 
-    async def abort(self, upload_id: str) -> None:
-        with contextlib.suppress(UploadUnknown):
-            await self._discard(upload_id)
-
-    async def reclaim(self, upload_id: str) -> int | None:
-        """Remove an upload unless a request of this process is using it: the bytes freed
-        (0 if there was no such upload), or None when it is busy."""
-        try:
-            path = self._upload_path(upload_id)
-        except UploadUnknown:
-            return 0
-        lock = self._lock(upload_id)
-        if lock.locked():
-            return None
+    async def _upload_footprint(self, upload_id: str) -> int:
+        path = self._upload_path(upload_id)
 
         def sizes() -> int:
             total = 0
@@ -399,24 +393,17 @@ class FilesystemBlobStore:
                     total += file.stat().st_size
             return total
 
-        async with lock:
-            size = await asyncio.get_running_loop().run_in_executor(self._executor, sizes)
-            await self._discard(upload_id)
-        return size
+        return await asyncio.get_running_loop().run_in_executor(self._executor, sizes)
 
-    async def _discard(self, upload_id: str) -> None:
+    async def _discard_upload(self, upload_id: str, upload: _OpenUpload | None) -> None:
         path = self._upload_path(upload_id)
-        self._forget(upload_id)
+        self._hashes.pop(upload_id, None)
 
         def unlink() -> None:
             for file in reversed(self._upload_files(path)):  # the bytes last: they mark the upload
                 file.unlink(missing_ok=True)
 
         await asyncio.get_running_loop().run_in_executor(self._executor, unlink)
-
-    def _forget(self, upload_id: str) -> None:
-        self._hashes.pop(upload_id, None)
-        self._locks.pop(upload_id, None)
 
     async def idle_uploads(self, idle_since: datetime) -> list[str]:
         cutoff = idle_since.timestamp()
@@ -426,7 +413,7 @@ class FilesystemBlobStore:
             with os.scandir(self.upload_dir) as entries:
                 for entry in entries:
                     upload_id = entry.name.split(".", 1)[0]
-                    if _UPLOAD_ID_RE.match(upload_id) is None:
+                    if UPLOAD_ID_RE.match(upload_id) is None:
                         continue  # not an upload's file: abort() could not remove it anyway
                     with contextlib.suppress(FileNotFoundError):
                         mtime = entry.stat().st_mtime

@@ -34,7 +34,6 @@ import functools
 import hashlib
 import json
 import logging
-import re
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -51,13 +50,9 @@ from botocore.exceptions import ConnectionError as EndpointUnreachable
 
 from skyreg.oci.digest import Digest
 from skyreg.store import resumable
-from skyreg.store.base import (
-    DigestMismatch,
-    StorageUnavailable,
-    UploadOffsetMismatch,
-    UploadUnknown,
-)
+from skyreg.store.base import StorageUnavailable, UploadUnknown
 from skyreg.store.resumable import ResumableSha256
+from skyreg.store.uploads import UPLOAD_ID_RE, VerifiedUploads, check_upload_id, verify
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -70,7 +65,6 @@ MAX_PART_SIZE = 5 << 30
 MAX_PARTS = 10_000
 MAX_COPY_SIZE = 5 << 30  # the largest single CopyObject
 
-_UPLOAD_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}\Z")
 _HASH_BATCH = 1 << 20
 _READ_CHUNK = 1 << 20
 _COPY_CONCURRENCY = 4
@@ -143,6 +137,11 @@ class _UploadState:
     tail_size: int = 0
     sha256: bytes | None = None  # ResumableSha256 state of all `size` bytes, if resumable
     completed: bool = False  # the multipart upload is complete: `key` holds every byte
+
+    @property
+    def sealed(self) -> bool:
+        """A commit completed the multipart upload: no more bytes may be appended."""
+        return self.completed
 
     def encode(self) -> bytes:
         return json.dumps(
@@ -292,7 +291,7 @@ class _PartWriter:
                 await task
 
 
-class S3BlobStore:
+class S3BlobStore(VerifiedUploads[_UploadState]):
     """Blobs in an S3 bucket (AWS or any S3-compatible store), through aiobotocore.
 
     Credentials, region and endpoint not given here come from the standard AWS configuration
@@ -318,6 +317,7 @@ class S3BlobStore:
         max_copy_size: int = MAX_COPY_SIZE,
         max_connections: int = 64,
     ) -> None:
+        super().__init__()
         self.bucket = bucket
         self.prefix = _normalize_prefix(prefix)
         self.part_sizes = part_sizes or PartSizes()
@@ -354,7 +354,6 @@ class S3BlobStore:
         self._clients: dict[
             asyncio.AbstractEventLoop, tuple[asyncio.Future[S3Client], asyncio.Task[None]]
         ] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="s3hash")
 
     # -- the client: one per event loop, closed when that loop shuts down ----------------------
@@ -427,9 +426,7 @@ class S3BlobStore:
         return f"{self.prefix}blobs/{digest.algorithm}/{digest.hex[:2]}/{digest.hex}"
 
     def _upload_dir(self, upload_id: str) -> str:
-        if _UPLOAD_ID_RE.match(upload_id) is None:
-            raise UploadUnknown(upload_id)
-        return f"{self.prefix}uploads/{upload_id}/"
+        return f"{self.prefix}uploads/{check_upload_id(upload_id)}/"
 
     def _state_key(self, upload_id: str) -> str:
         return self._upload_dir(upload_id) + "state"
@@ -587,9 +584,7 @@ class S3BlobStore:
             if interrupted is not None:
                 raise interrupted
             await writer.finish()
-            actual = Digest(digest.algorithm, hasher.hexdigest())
-            if actual != digest:
-                raise DigestMismatch(digest, actual)
+            verify(digest, Digest(digest.algorithm, hasher.hexdigest()))
             if state.upload_id is None:
                 await self._put_bytes(client, state.key, bytes(buf))
             else:
@@ -608,12 +603,6 @@ class S3BlobStore:
                 await client.delete_object(Bucket=self.bucket, Key=state_key)
 
     # -- uploads -----------------------------------------------------------------------------
-
-    def _lock(self, upload_id: str) -> asyncio.Lock:
-        lock = self._locks.get(upload_id)
-        if lock is None:
-            lock = self._locks[upload_id] = asyncio.Lock()
-        return lock
 
     async def _load(self, client: S3Client, upload_id: str) -> _UploadState:
         raw = await self._get_bytes(client, self._state_key(upload_id))
@@ -637,45 +626,46 @@ class S3BlobStore:
         return (await self._load(await self._client(), upload_id)).size
 
     @_reaching
-    async def append(self, upload_id: str, chunks: AsyncIterable[bytes], offset: int | None) -> int:
+    async def _open_upload(self, upload_id: str) -> _UploadState:
+        return await self._load(await self._client(), upload_id)
+
+    @_reaching
+    async def _write_upload(
+        self, upload_id: str, upload: _UploadState, chunks: AsyncIterable[bytes]
+    ) -> int:
         client = await self._client()
-        async with self._lock(upload_id):
-            state = await self._load(client, upload_id)
-            if offset is not None and offset != state.size:
-                raise UploadOffsetMismatch(state.size)
-            if state.completed:
-                raise UploadOffsetMismatch(state.size)  # a commit is under way: no more bytes
-            old_tail = state.tail
-            buf = bytearray()
-            if old_tail is not None:
-                tail = await self._get_bytes(client, old_tail)
-                if tail is None or len(tail) != state.tail_size:
-                    raise RuntimeError(f"upload {upload_id}: tail object {old_tail} is damaged")
-                buf += tail
-            hasher = state.running_hash()
-            writer = _PartWriter(self, client, state)
-            try:
-                received, interrupted = await self._receive(chunks, hasher, buf, writer)
-                await writer.finish()
-            except BaseException:
-                await writer.cancel()
-                raise
-            if received:
-                # Whatever arrived is kept (a client that went away may resume from there).
-                state.size += received
-                state.sha256 = hasher.state() if hasher is not None else None
-                state.tail_size = len(buf)
-                state.tail = None
-                if buf:
-                    state.tail = f"{self._upload_dir(upload_id)}tail-{uuid.uuid4().hex}"
-                    await self._put_bytes(client, state.tail, bytes(buf))
-                await self._save(client, upload_id, state)  # the commit point
-                if old_tail is not None and old_tail != state.tail:
-                    with contextlib.suppress(ClientError):
-                        await client.delete_object(Bucket=self.bucket, Key=old_tail)
-            if interrupted is not None:
-                raise interrupted
-            return state.size
+        state = upload
+        old_tail = state.tail
+        buf = bytearray()
+        if old_tail is not None:
+            tail = await self._get_bytes(client, old_tail)
+            if tail is None or len(tail) != state.tail_size:
+                raise RuntimeError(f"upload {upload_id}: tail object {old_tail} is damaged")
+            buf += tail
+        hasher = state.running_hash()
+        writer = _PartWriter(self, client, state)
+        try:
+            received, interrupted = await self._receive(chunks, hasher, buf, writer)
+            await writer.finish()
+        except BaseException:
+            await writer.cancel()
+            raise
+        if received:
+            # Whatever arrived is kept (a client that went away may resume from there).
+            state.size += received
+            state.sha256 = hasher.state() if hasher is not None else None
+            state.tail_size = len(buf)
+            state.tail = None
+            if buf:
+                state.tail = f"{self._upload_dir(upload_id)}tail-{uuid.uuid4().hex}"
+                await self._put_bytes(client, state.tail, bytes(buf))
+            await self._save(client, upload_id, state)  # the commit point
+            if old_tail is not None and old_tail != state.tail:
+                with contextlib.suppress(ClientError):
+                    await client.delete_object(Bucket=self.bucket, Key=old_tail)
+        if interrupted is not None:
+            raise interrupted
+        return state.size
 
     async def _receive(
         self,
@@ -766,32 +756,23 @@ class S3BlobStore:
         return state.key
 
     @_reaching
-    async def commit(self, upload_id: str, digest: Digest) -> int:
+    async def _upload_digest(self, upload_id: str, upload: _UploadState, algorithm: str) -> Digest:
+        running = upload.running_hash() if algorithm == "sha256" else None
+        if running is not None:
+            return Digest("sha256", running.hexdigest())
+        # No saved hash for this algorithm: complete the multipart upload and read it back.
         client = await self._client()
-        async with self._lock(upload_id):
-            state = await self._load(client, upload_id)
-            running = state.running_hash() if digest.algorithm == "sha256" else None
-            if running is not None:
-                actual = Digest("sha256", running.hexdigest())
-                if actual != digest:
-                    await self._discard(client, upload_id, state)
-                    raise DigestMismatch(digest, actual)
-            target = self.blob_key(digest)
-            if running is not None and await self._head(client, target) is not None:
-                await self._discard(client, upload_id, state)
-                self._locks.pop(upload_id, None)
-                return state.size
-            source = await self._materialize(client, upload_id, state)
-            if running is None:
-                actual = await self._hash_object(client, source, digest.algorithm)
-                if actual != digest:
-                    await self._discard(client, upload_id, state)
-                    raise DigestMismatch(digest, actual)
-            if await self._head(client, target) is None:
-                await self._install(client, source, target, state.size)
-            await self._discard(client, upload_id, state)
-            self._locks.pop(upload_id, None)
-            return state.size
+        source = await self._materialize(client, upload_id, upload)
+        return await self._hash_object(client, source, algorithm)
+
+    @_reaching
+    async def _install_upload(self, upload_id: str, upload: _UploadState, digest: Digest) -> None:
+        client = await self._client()
+        target = self.blob_key(digest)
+        if await self._head(client, target) is None:
+            source = await self._materialize(client, upload_id, upload)
+            await self._install(client, source, target, upload.size)
+        await self._discard(client, upload_id, upload)
 
     async def _hash_object(self, client: S3Client, key: str | None, algorithm: str) -> Digest:
         """Hash an object's bytes as they stream in (for digests without a saved state)."""
@@ -855,19 +836,15 @@ class S3BlobStore:
             raise
 
     @_reaching
-    async def abort(self, upload_id: str) -> None:
+    async def _discard_upload(self, upload_id: str, upload: _UploadState | None) -> None:
+        await self._discard(await self._client(), upload_id, upload)
+
+    @_reaching
+    async def _upload_footprint(self, upload_id: str) -> int:
         try:
-            self._upload_dir(upload_id)
+            return (await self._open_upload(upload_id)).size
         except UploadUnknown:
-            return
-        client = await self._client()
-        async with self._lock(upload_id):
-            try:
-                state: _UploadState | None = await self._load(client, upload_id)
-            except UploadUnknown:
-                state = None
-            await self._discard(client, upload_id, state)
-        self._locks.pop(upload_id, None)
+            return 0
 
     async def _discard(self, client: S3Client, upload_id: str, state: _UploadState | None) -> None:
         """Remove an upload: its multipart uploads, its objects, and last its state (so a crash
@@ -894,5 +871,5 @@ class S3BlobStore:
             upload_id = key[len(root) :].split("/", 1)[0]
             newest[upload_id] = max(initiated, newest.get(upload_id, initiated))
         return sorted(
-            u for u, t in newest.items() if t < idle_since and _UPLOAD_ID_RE.match(u) is not None
+            u for u, t in newest.items() if t < idle_since and UPLOAD_ID_RE.match(u) is not None
         )
