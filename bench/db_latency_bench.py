@@ -60,9 +60,11 @@ PERCENTILE_LINE = re.compile(r"^\s*(50|75|90|99)%\s+([0-9.]+)(us|ms|s|m)\s*$", r
 UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
 
 
-def setup_name(rtt_ms: float) -> str:
-    """The column name of the skyreg whose database is `rtt_ms` away (0: direct)."""
-    return DIRECT if rtt_ms == 0 else f"skyreg +{rtt_ms:g} ms"
+def setup_name(rtt_ms: float, threads: int | None = None) -> str:
+    """The column name of the skyreg whose database is `rtt_ms` away (0: direct), run with
+    `--db-threads threads` (None: skyreg's default, not named)."""
+    name = DIRECT if rtt_ms == 0 else f"skyreg +{rtt_ms:g} ms"
+    return name if threads is None else f"{name}, {threads} threads"
 
 
 # ----------------------------------------------------------------------- parameters
@@ -176,15 +178,23 @@ def database_rtt(port: int, dbname: str) -> tuple[float, float]:
 
 
 def spawn_skyreg(
-    stack: contextlib.ExitStack, name: str, workdir: Path, database_url: str, access_log: bool
+    stack: contextlib.ExitStack,
+    name: str,
+    workdir: Path,
+    database_url: str,
+    access_log: bool,
+    db_threads: int | None = None,
 ) -> tuple[subprocess.Popen[bytes], Path, Path]:
     """Start one `skyreg serve` (no auth, filesystem storage in `workdir`, metadata in
-    `database_url`) without waiting for it; returns the process, port file and log."""
+    `database_url`, `--db-threads` unless None) without waiting for it; returns the
+    process, port file and log."""
     workdir.mkdir(parents=True)
     port_file, log_path = workdir / "port", workdir / "skyreg.log"
     argv = [sys.executable, "-m", "skyreg", "serve", "--no-auth", "--host", "127.0.0.1"]
     argv += ["--port", "0", "--port-file", str(port_file), "--data-dir", str(workdir / "data")]
     argv += ["--database-url", database_url]
+    if db_threads is not None:
+        argv += ["--db-threads", str(db_threads)]
     if not access_log:
         argv.append("--no-access-log")
     log(f"starting {name}: {shlex.join(argv)}")
@@ -197,14 +207,19 @@ def start_servers(
     pg: pg_fixtures.PostgresServer,
     db_ports: dict[float, int],
     access_log: bool,
+    thread_counts: Sequence[int | None] = (None,),
 ) -> list[rb.Server]:
-    """The skyregs (one per database path, started together: migrating over 10 ms takes a
-    while) and Distribution, in the order of the report's columns (anchor last)."""
+    """The skyregs (one per database path and thread count, started together: migrating
+    over 10 ms takes a while) and Distribution, in the order of the report's columns
+    (anchor last)."""
     pending = []
     for rtt, port in db_ports.items():
-        name = setup_name(rtt)
-        url = f"postgresql+psycopg://{pg_fixtures.PG_SUPERUSER}@127.0.0.1:{port}/{database(rtt)}"
-        pending.append((name, *spawn_skyreg(stack, name, tmp / slug(name), url, access_log)))
+        for threads in thread_counts:
+            name = setup_name(rtt, threads)
+            db = database(rtt, threads)
+            url = f"postgresql+psycopg://{pg_fixtures.PG_SUPERUSER}@127.0.0.1:{port}/{db}"
+            spawned = spawn_skyreg(stack, name, tmp / slug(name), url, access_log, threads)
+            pending.append((name, *spawned))
     servers = []
     for name, proc, port_file, log_path in pending:
         port = rb.read_port_file(port_file, proc, log_path)
@@ -217,10 +232,12 @@ def start_servers(
     return servers
 
 
-def database(rtt_ms: float) -> str:
-    """The database of the skyreg whose database is `rtt_ms` away: one each, so no skyreg
-    sees rows (blobs it does not store, tags) the others wrote."""
-    return f"skyreg_rtt_{rtt_ms:g}".replace(".", "_")
+def database(rtt_ms: float, threads: int | None = None) -> str:
+    """The database of the skyreg whose database is `rtt_ms` away (with `threads` database
+    threads): one each, so no skyreg sees rows (blobs it does not store, tags) the others
+    wrote."""
+    name = f"skyreg_rtt_{rtt_ms:g}".replace(".", "_")
+    return name if threads is None else f"{name}_threads_{threads}"
 
 
 def slug(name: str) -> str:
@@ -493,18 +510,29 @@ def quotient(a: float | None, b: float | None) -> str:
     return "-" if a is None or b is None or b == 0 else f"{a / b:.2f}"
 
 
-def render_throughput(results: Results, names: Sequence[str], sizes: Sizes) -> str:
-    """Median req/s per registry, each skyreg's ratio to the direct one, and direct's ratio
-    to Distribution."""
-    delayed = [n for n in names if n not in (DIRECT, ANCHOR)]
-    head = ["figure (req/s)", *names, *(f"{n.removeprefix('skyreg ')} / direct" for n in delayed)]
-    head.append("direct / distribution")
+def short(name: str) -> str:
+    """A column name without the leading 'skyreg '."""
+    return name.removeprefix("skyreg ")
+
+
+def render_throughput(
+    results: Results, names: Sequence[str], sizes: Sizes, direct_of: dict[str, str]
+) -> str:
+    """Median req/s per registry, each delayed skyreg's ratio to the direct one with the same
+    thread count, each direct one's ratio to the first direct one (several thread counts),
+    and the direct ones' ratio to Distribution."""
+    directs = [n for n in names if direct_of.get(n) == n]
+    delayed = [n for n in names if n in direct_of and direct_of[n] != n]
+    head = ["figure (req/s)", *names, *(f"{short(n)} / direct" for n in delayed)]
+    head += [f"{short(n)} / {short(directs[0])}" for n in directs[1:]]
+    head += [f"{short(n)} / distribution" for n in directs]
     lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
     for label, outcomes in results.items():
         rps = {n: outcomes[n].median(lambda r: r.rps) for n in names}
         cells = [fmt(rps[n]) for n in names]
-        cells += [quotient(rps[n], rps[DIRECT]) for n in delayed]
-        cells.append(quotient(rps[DIRECT], rps[ANCHOR]))
+        cells += [quotient(rps[n], rps[direct_of[n]]) for n in delayed]
+        cells += [quotient(rps[n], rps[directs[0]]) for n in directs[1:]]
+        cells += [quotient(rps[n], rps[ANCHOR]) for n in directs]
         figure = f"{label}, {sizes.wrk_connections} conns, {sizes.wrk_seconds} s"
         lines.append("| " + " | ".join([figure, *cells]) + " |")
     return "\n".join(lines)
@@ -522,23 +550,26 @@ def render_latency(results: Results, names: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def render_serial_cost(results: Results, names: Sequence[str], rtts: dict[str, float]) -> str:
+def render_serial_cost(
+    results: Results, names: Sequence[str], rtts: dict[str, float], direct_of: dict[str, str]
+) -> str:
     """What each added round trip costs per request, assuming requests are served one at a
-    time while the database answers (the event loop waits): (1/rps - 1/rps_direct) / RTT."""
-    delayed = [n for n in names if n not in (DIRECT, ANCHOR)]
+    time while the database answers (the event loop waits): (1/rps - 1/rps_direct) / RTT,
+    against the direct skyreg with the same thread count."""
+    delayed = [n for n in names if n in direct_of and direct_of[n] != n]
     lines = [
         "| figure | registry | ms added per request | ≈ DB round trips per request |",
         "|---|---|---:|---:|",
     ]
     for label, outcomes in results.items():
-        direct = outcomes[DIRECT].median(lambda r: r.rps)
         for name in delayed:
+            direct = outcomes[direct_of[name]].median(lambda r: r.rps)
             rps = outcomes[name].median(lambda r: r.rps)
             if direct is None or rps is None or not direct or not rps:
                 lines.append(f"| {label} | {name} | - | - |")
                 continue
             added = 1000 / rps - 1000 / direct
-            extra_rtt = rtts[name] - rtts[DIRECT]
+            extra_rtt = rtts[name] - rtts[direct_of[name]]
             trips = f"{added / extra_rtt:.1f}" if extra_rtt > 0 else "-"
             lines.append(f"| {label} | {name} | {added:.2f} | {trips} |")
     return "\n".join(lines)
@@ -561,17 +592,19 @@ def render_report(
     context: dict[str, str],
     rtts: dict[str, float],
     sizes: Sizes,
+    direct_of: dict[str, str],
 ) -> str:
-    """The Markdown report: context, throughput, latency, serial cost, failures."""
+    """The Markdown report: context, throughput, latency, serial cost, failures.
+    `direct_of`: each skyreg's name -> the name of the direct one with its thread count."""
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"## Database latency benchmark, {now}", ""]
     lines += [f"- {key}: {value}" for key, value in context.items()]
     lines += ["", "Throughput (median of the runs; higher is better):", ""]
-    lines += [render_throughput(results, names, sizes), ""]
+    lines += [render_throughput(results, names, sizes, direct_of), ""]
     lines += ["Latency under that load (median over the runs of wrk's percentiles):", ""]
     lines += [render_latency(results, names), ""]
     lines += ["Time each request gained per added database round trip:", ""]
-    lines += [render_serial_cost(results, names, rtts), ""]
+    lines += [render_serial_cost(results, names, rtts, direct_of), ""]
     failures = render_failures(results)
     if failures:
         lines += ["### Failures", "", failures, ""]
@@ -591,6 +624,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         action="append",
         help="a database round trip to add through a relay (repeatable; default: 2 and 10)",
     )
+    parser.add_argument(
+        "--db-threads",
+        type=int,
+        action="append",
+        help="passed to every skyreg as --db-threads (repeatable: every skyreg, direct and "
+        "delayed, runs once per value; default: skyreg's own)",
+    )
     parser.add_argument("--markdown", type=Path, help="append the report to FILE")
     parser.add_argument("--tmp-dir", type=Path, help="parent of the temporary directory")
     parser.add_argument(
@@ -604,6 +644,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     if any(not 0 < rtt <= 1000 for rtt in rtts) or len(set(rtts)) != len(rtts):
         parser.error("--rtt-ms: distinct values in (0, 1000]")
     args.rtt_ms = sorted(rtts)
+    threads = args.db_threads or []
+    if any(n < 1 for n in threads) or len(set(threads)) != len(threads):
+        parser.error("--db-threads: distinct positive values (skyreg serve bounds them)")
     return args
 
 
@@ -629,20 +672,24 @@ def main(argv: Sequence[str]) -> int:
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(temp_dir(args.tmp_dir))
         log(f"temp dir {tmp} on {rb.filesystem_of(tmp)}")
-        pg = start_postgres(stack, [database(rtt) for rtt in rtts])
+        thread_counts: list[int | None] = list(args.db_threads or [None])
+        pg = start_postgres(stack, [database(r, n) for r in rtts for n in thread_counts])
         db_ports = {0.0: pg.port}
         for rtt in args.rtt_ms:
             db_ports[rtt] = start_relay(stack, tmp, pg.port, rtt)
         measured: dict[str, float] = {}
         rtt_notes = []
+        direct_of: dict[str, str] = {}
         for rtt, port in db_ports.items():
-            median, least = database_rtt(port, database(rtt))
-            measured[setup_name(rtt)] = median
+            median, least = database_rtt(port, database(rtt, thread_counts[0]))
+            for threads in thread_counts:
+                measured[setup_name(rtt, threads)] = median
+                direct_of[setup_name(rtt, threads)] = setup_name(0.0, threads)
             rtt_notes.append(f"{setup_name(rtt)} {median:.3f} ms (min {least:.3f})")
             if rtt and least < 0.9 * rtt:
                 raise BenchError(f"the +{rtt:g} ms relay adds only {least:.3f} ms")
         log("SELECT 1 round trip: " + "; ".join(rtt_notes))
-        servers = start_servers(stack, tmp, pg, db_ports, args.access_log)
+        servers = start_servers(stack, tmp, pg, db_ports, args.access_log, thread_counts)
         targets = [rb.Target(server, tmp / "scratch" / slug(server.name)) for server in servers]
         for target in targets:
             target.scratch.mkdir(parents=True)
@@ -663,7 +710,12 @@ def main(argv: Sequence[str]) -> int:
             "PostgreSQL (RTT/2 each way, a new connection pays 2 RTT); measured "
             f"SELECT 1 round trips (median of {PINGS}): " + "; ".join(rtt_notes),
             "skyreg": "1 worker, `--no-auth`, filesystem storage, `--database-url` to its "
-            "database (direct or through a relay)",
+            "database (direct or through a relay)"
+            + (
+                f", `--db-threads` {' / '.join(map(str, args.db_threads))} (one skyreg each)"
+                if args.db_threads
+                else ", skyreg's default database threads"
+            ),
             "distribution": rb.tool_version(["docker-registry", "--version"])
             + ", filesystem storage, no auth",
             "access logs": "on in every registry" if args.access_log else "off everywhere",
@@ -675,7 +727,7 @@ def main(argv: Sequence[str]) -> int:
             "alternating registries; medians; each registry has its own image (checked once: "
             "manifest digest, blob HEAD digest and length, tag list)",
         }
-        report = render_report(results, names, context, measured, sizes)
+        report = render_report(results, names, context, measured, sizes, direct_of)
     print(report)
     log(f"finished in {time.monotonic() - started:.0f} s")
     if args.markdown:

@@ -7,9 +7,11 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import psycopg
 import pytest
 import requests
 from alembic.autogenerate import compare_metadata
@@ -333,3 +335,49 @@ def test_serve_keeps_its_metadata_in_postgresql(pg_url: str, tmp_path: Path) -> 
         assert m.list_tags("app/web", None, None) == ["v1"]
     finally:
         m.close()
+
+
+@pytest.mark.parametrize("value", ["0", "17", "many"])
+def test_serve_refuses_db_threads_outside_1_to_16(tmp_path: Path, value: str) -> None:
+    serve = [sys.executable, "-m", "skyreg", "serve", "--data-dir", str(tmp_path / "d")]
+    run = subprocess.run(
+        [*serve, "--db-threads", value],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "COLUMNS": "200"},  # one line per message in Typer's error box
+    )
+    assert run.returncode == 2, run.stderr
+    assert "Invalid value for '--db-threads'" in run.stderr, run.stderr
+    assert not (tmp_path / "d").exists()
+
+
+def test_serve_queries_postgresql_from_as_many_threads_as_db_threads_says(
+    pg_url: str, tmp_path: Path
+) -> None:
+    threads = 2
+    reg = RunningRegistry(
+        data_dir=tmp_path / "data",
+        extra_args=["--no-auth", "--database-url", pg_url, "--db-threads", str(threads)],
+    )
+    reg.start()
+    try:
+        push_image(reg.url, "app/web", "v1")
+        url = f"{reg.url}/v2/app/web/tags/list"
+        with ThreadPoolExecutor(32) as pool:
+            for _ in range(4):
+                answers = list(pool.map(lambda _: requests.get(url, timeout=30), range(32)))
+                assert [r.status_code for r in answers] == [200] * 32
+        with psycopg.connect(pg_url.replace("postgresql+psycopg://", "postgresql://")) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).fetchone()
+    finally:
+        reg.stop()
+    assert row is not None
+    # Each database thread holds one reader connection and checks out at most one writer
+    # (the push); the migration's connection went back to the pool. 32 concurrent reads on
+    # the default 16 threads open far more.
+    assert 1 <= row[0] <= 2 * threads + 1

@@ -14,6 +14,7 @@ from skyreg.cli.dev import register as register_dev
 from skyreg.cli.machines import register as register_machines
 from skyreg.cli.platform import register
 from skyreg.cli.push import register as register_push
+from skyreg.meta.db import DEFAULT_THREADS
 
 app = typer.Typer(
     help="skyreg: an OCI container registry and the deploy path behind it.",
@@ -233,6 +234,17 @@ def serve(
             "normal (faster commits; a power cut can take back the last acknowledged writes).",
         ),
     ] = "full",
+    db_threads: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            # Each thread holds a reader and may check out a writer: 2 x 16 fill the pool
+            # (meta/db.py `_POOL`); more would wait 30 s for a connection, then fail.
+            max=DEFAULT_THREADS,
+            help="Threads running this process's database queries, so none runs on the event "
+            "loop (at most 16: two pooled connections each); SQLite uses at most 4.",
+        ),
+    ] = DEFAULT_THREADS,
 ) -> None:
     """Run the registry (SQLite + filesystem under one data dir by default)."""
     from skyreg.platform.releases import DeployLimits
@@ -321,6 +333,7 @@ def serve(
             min_free_space=watermark,
             reclaim_idle=reclaim_idle,
             sqlite_synchronous=sqlite_synchronous,
+            db_threads=db_threads,
         )
     )
 

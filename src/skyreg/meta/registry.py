@@ -22,7 +22,15 @@ from sqlalchemy import Connection, and_, bindparam, delete, func, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from skyreg.meta import schema as s
-from skyreg.meta.db import Retry, SqlStore, create_db_engine, sqlite_url, upgrade_schema
+from skyreg.meta.db import (
+    DEFAULT_THREADS,
+    Database,
+    Retry,
+    SqlStore,
+    create_db_engine,
+    sqlite_url,
+    upgrade_schema,
+)
 from skyreg.meta.errors import BlobSizeMismatch, ManifestInUse, ReferenceMissing
 from skyreg.oci.manifest import Manifest
 
@@ -542,11 +550,18 @@ class RegistryMeta(SqlStore):
 
 
 def open_database(
-    url: str | None, data_dir: Path, *, sqlite_synchronous: str = "full"
+    url: str | None,
+    data_dir: Path,
+    *,
+    sqlite_synchronous: str = "full",
+    db_threads: int = DEFAULT_THREADS,
 ) -> RegistryMeta:
-    """Open (creating and migrating as needed) the metadata database."""
+    """Open (creating and migrating as needed) the metadata database, queried from
+    `db_threads` database threads (see `Database`)."""
     engine = create_db_engine(
         url or sqlite_url(data_dir / "skyreg.db"), sqlite_synchronous=sqlite_synchronous
     )
     upgrade_schema(engine)
-    return RegistryMeta(engine)
+    meta = RegistryMeta(Database(engine, threads=db_threads))
+    meta._owns_db = True  # as when built from the engine: its close() closes the Database
+    return meta

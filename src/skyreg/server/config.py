@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from skyreg.meta.db import DEFAULT_THREADS
 from skyreg.platform.releases import DeployLimits
 from skyreg.registry.connections import ConnectionLimits
 from skyreg.registry.space import Watermark
@@ -44,6 +45,7 @@ class ServeConfig:
     min_free_space: Watermark = field(default_factory=lambda: Watermark(percent=2.0))
     reclaim_idle: float = 600.0  # seconds idle before low space may reclaim an upload
     sqlite_synchronous: str = "full"  # "normal": faster, but a power cut may undo acknowledgements
+    db_threads: int = DEFAULT_THREADS  # database threads per process (SQLite uses at most 4)
 
 
 def parse_storage(storage: str) -> tuple[str, str] | None:

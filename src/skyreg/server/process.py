@@ -81,7 +81,8 @@ async def _check_blob_store(cfg: ServeConfig) -> None:
         await close_blob_store(store)
 
 
-def _listen(host: str, port: int) -> socket.socket:
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on HOST:PORT (0: any free port), ready for `run_worker`."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -122,10 +123,21 @@ def bootstrap_admin(cfg: ServeConfig, auth: Authenticator) -> Path | None:
     return path
 
 
-async def _run_worker(
-    cfg: ServeConfig, sock: socket.socket, metrics_sock: socket.socket | None = None
+async def run_worker(
+    cfg: ServeConfig,
+    sock: socket.socket,
+    metrics_sock: socket.socket | None = None,
+    *,
+    stop: asyncio.Event | None = None,
 ) -> None:
-    meta = open_database(cfg.database_url, cfg.data_dir, sqlite_synchronous=cfg.sqlite_synchronous)
+    """Build every part of one worker and serve on `sock` until `stop` is set (by default, until
+    SIGTERM or SIGINT: only the main thread may wait for signals)."""
+    meta = open_database(
+        cfg.database_url,
+        cfg.data_dir,
+        sqlite_synchronous=cfg.sqlite_synchronous,
+        db_threads=cfg.db_threads,
+    )
     store = open_blob_store(cfg)
     auth = _authenticator(cfg, meta)
     reg = Registry(meta=meta, store=store, upload_ttl=cfg.upload_ttl, auth=auth)
@@ -169,10 +181,11 @@ async def _run_worker(
         )
         await metrics_runner.setup()
         await web.SockSite(metrics_runner, metrics_sock).start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
     workers.start()
     try:
         await stop.wait()
@@ -227,7 +240,7 @@ def _metrics_socket(cfg: ServeConfig) -> socket.socket | None:
     host, sep, port = cfg.metrics_address.rpartition(":")
     if not sep or not port.isdigit():
         raise SystemExit(f"error: --metrics-address must be HOST:PORT, not {cfg.metrics_address!r}")
-    return _listen(host.strip("[]") or "127.0.0.1", int(port))
+    return listen(host.strip("[]") or "127.0.0.1", int(port))
 
 
 def _unreadable_bodies_in_one_line(record: logging.LogRecord) -> bool:
@@ -326,13 +339,9 @@ def raise_descriptor_limit() -> int:
     return target
 
 
-def serve(cfg: ServeConfig) -> None:
-    """Bind, migrate the database, print the banner and serve until SIGTERM/SIGINT."""
-    logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
-    )
-    logging.getLogger("aiohttp.server").addFilter(_unreadable_bodies_in_one_line)
-    log.info("open-file limit: %d descriptors per process", raise_descriptor_limit())
+def prepare(cfg: ServeConfig) -> Path | None:
+    """What serving needs before a worker starts: the data dir (0700), blob storage in reach,
+    the database migrated, and on first start an admin token (its file, or None without auth)."""
     try:
         private_dir(cfg.data_dir)  # 0700 whatever the umask; an older one is tightened
     except ValueError as e:
@@ -349,7 +358,18 @@ def serve(cfg: ServeConfig) -> None:
         admin_token = bootstrap_admin(cfg, auth)
         auth.platform.close()
     meta.close()
-    sock = _listen(cfg.host, cfg.port)
+    return admin_token
+
+
+def serve(cfg: ServeConfig) -> None:
+    """Bind, migrate the database, print the banner and serve until SIGTERM/SIGINT."""
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
+    )
+    logging.getLogger("aiohttp.server").addFilter(_unreadable_bodies_in_one_line)
+    log.info("open-file limit: %d descriptors per process", raise_descriptor_limit())
+    admin_token = prepare(cfg)
+    sock = listen(cfg.host, cfg.port)
     port = int(sock.getsockname()[1])
     cfg.public_url = public_url_of(cfg, port)
     metrics_sock = _metrics_socket(cfg)
@@ -357,7 +377,7 @@ def serve(cfg: ServeConfig) -> None:
     if cfg.port_file is not None:
         cfg.port_file.write_text(f"{port}\n")
     if cfg.workers <= 1:
-        asyncio.run(_run_worker(cfg, sock, metrics_sock))
+        asyncio.run(run_worker(cfg, sock, metrics_sock))
         return
     if not _supervise(cfg, sock, metrics_sock):
         raise SystemExit(1)
@@ -397,7 +417,7 @@ def _worker_process(
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         _die_with(master)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # the master's blocks signals
-        asyncio.run(_run_worker(cfg, sock, metrics_sock))
+        asyncio.run(run_worker(cfg, sock, metrics_sock))
         code = 0
     except BaseException:
         log.exception("worker failed")
