@@ -43,7 +43,7 @@ from tests.images import (
 )
 
 if TYPE_CHECKING:
-    from tests.conftest import RunningRegistry
+    from tests.conftest import RunningRegistry, ServedRegistry
 
 # Debian package that provides each binary, for skip messages.
 PACKAGES = {
@@ -421,7 +421,7 @@ class DockerEngine:
 
 
 @pytest.fixture(scope="module")
-def dockerd(shared_registry: RunningRegistry) -> Iterator[DockerEngine]:
+def dockerd(shared_registry: ServedRegistry) -> Iterator[DockerEngine]:
     """dockerd (with its own managed containerd) trusting the module's skyreg over http."""
     require_busybox()
     require_binary("dockerd")
@@ -586,7 +586,7 @@ def _write_containers_files(root: Path, insecure_hosts: Sequence[str]) -> None:
 
 
 @pytest.fixture(scope="module")
-def podman(shared_registry: RunningRegistry) -> Iterator[Podman]:
+def podman(shared_registry: ServedRegistry) -> Iterator[Podman]:
     require_busybox()
     require_binary("podman")
     root = short_tmpdir("podman")
@@ -636,7 +636,7 @@ class Skopeo:
 
 
 @pytest.fixture(scope="module")
-def skopeo(shared_registry: RunningRegistry) -> Iterator[Skopeo]:
+def skopeo(shared_registry: ServedRegistry) -> Iterator[Skopeo]:
     """skopeo with an accept-anything policy and the module's skyreg marked insecure."""
     require_busybox()
     require_binary("skopeo")

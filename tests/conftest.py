@@ -14,8 +14,11 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import pytest
+
+from tests.inprocess import InProcessRegistry, environment, serve_options
 
 pytest_plugins = ["tests.client_fixtures", "tests.pg_fixtures", "tests.s3_fixtures"]
 
@@ -23,6 +26,27 @@ pytest_plugins = ["tests.client_fixtures", "tests.pg_fixtures", "tests.s3_fixtur
 # thread (skyreg.meta.db.Database): a request handler that forgot to hop answers 500 and the
 # test that drives it fails, instead of the server quietly stalling under a slow database.
 os.environ["SKYREG_STRICT_DB_THREADS"] = "1"
+
+
+class ServedRegistry(Protocol):
+    """What a test sees of a registry it talks to, in its own process or in this one."""
+
+    data_dir: Path
+    port: int
+
+    @property
+    def host(self) -> str: ...
+
+    @property
+    def url(self) -> str: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def restart(self) -> None: ...
+
+    def log(self) -> str: ...
 
 
 @dataclass
@@ -151,16 +175,18 @@ BACKINGS = ["embedded", "s3+postgresql"]
 @pytest.fixture(scope="module", params=BACKINGS)
 def shared_registry(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[RunningRegistry]:
-    """One `skyreg serve` for a whole test module, on each backing: the embedded default
-    (SQLite + filesystem) and the scale-out one (S3 on SeaweedFS + PostgreSQL)."""
+) -> Iterator[InProcessRegistry]:
+    """One skyreg for a whole test module, on each backing: the embedded default (SQLite +
+    filesystem) and the scale-out one (S3 on SeaweedFS + PostgreSQL). Served in-process
+    (tests/inprocess.py): these modules test what the server answers, not its process."""
     with contextlib.ExitStack() as stack:
-        args, env = ["--no-auth"], {}
+        options: dict[str, object] = {"auth": False}
         if request.param == "s3+postgresql":
-            more, env = stack.enter_context(scaleout_backing(request))
-            args += more
-        reg = RunningRegistry(
-            data_dir=tmp_path_factory.mktemp("registry") / "data", extra_args=args, env=env
+            args, env = stack.enter_context(scaleout_backing(request))
+            options.update(serve_options(args))
+            stack.enter_context(environment(env))
+        reg = InProcessRegistry(
+            data_dir=tmp_path_factory.mktemp("registry") / "data", options=options
         )
         reg.start()
         try:

@@ -13,7 +13,7 @@ from tests.client_fixtures import (
     get_manifest_http,
     registry_log,
 )
-from tests.conftest import RunningRegistry
+from tests.conftest import ServedRegistry
 from tests.images import (
     OCI_INDEX,
     OCI_MANIFEST,
@@ -36,7 +36,7 @@ def _images(ctr: Containerd) -> dict[str, str]:
 
 
 def test_import_oci_push_remove_pull(
-    containerd: Containerd, shared_registry: RunningRegistry, tmp_path: Path
+    containerd: Containerd, shared_registry: ServedRegistry, tmp_path: Path
 ) -> None:
     reg = shared_registry
     img = build_image("ctr-oci")
@@ -71,7 +71,7 @@ def test_import_oci_push_remove_pull(
 
 
 def test_import_docker_archive_push_pull(
-    containerd: Containerd, shared_registry: RunningRegistry, tmp_path: Path
+    containerd: Containerd, shared_registry: ServedRegistry, tmp_path: Path
 ) -> None:
     reg = shared_registry
     img = build_image("ctr-docker")
@@ -93,7 +93,7 @@ def test_import_docker_archive_push_pull(
 
 
 def test_push_pull_multi_platform_index(
-    containerd: Containerd, shared_registry: RunningRegistry, tmp_path: Path
+    containerd: Containerd, shared_registry: ServedRegistry, tmp_path: Path
 ) -> None:
     reg = shared_registry
     host, other = build_platform_pair("ctr-multi")

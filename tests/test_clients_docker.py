@@ -18,7 +18,7 @@ from tests.client_fixtures import (
     push_manifest_http,
     registry_log,
 )
-from tests.conftest import RunningRegistry
+from tests.conftest import ServedRegistry
 from tests.images import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
@@ -48,7 +48,7 @@ def _push(dockerd: DockerEngine, ref: str) -> tuple[str, str]:
 
 
 def test_load_push_rmi_pull(
-    dockerd: DockerEngine, shared_registry: RunningRegistry, tmp_path: Path
+    dockerd: DockerEngine, shared_registry: ServedRegistry, tmp_path: Path
 ) -> None:
     reg = shared_registry
     img = build_image("docker-load")
@@ -88,7 +88,7 @@ def test_load_push_rmi_pull(
     dockerd.docker("rmi", ref)
 
 
-def test_manifest_inspect_insecure(dockerd: DockerEngine, shared_registry: RunningRegistry) -> None:
+def test_manifest_inspect_insecure(dockerd: DockerEngine, shared_registry: ServedRegistry) -> None:
     reg = shared_registry
     # Docker media types: the Debian 20.10 CLI's `manifest inspect` does not send OCI
     # types in Accept (the registry then answers 404 MANIFEST_UNKNOWN, as distribution
@@ -114,7 +114,7 @@ def test_manifest_inspect_insecure(dockerd: DockerEngine, shared_registry: Runni
     assert missing_repo.returncode == 1, missing_repo.describe()
 
 
-def test_pull_oci_manifest(dockerd: DockerEngine, shared_registry: RunningRegistry) -> None:
+def test_pull_oci_manifest(dockerd: DockerEngine, shared_registry: ServedRegistry) -> None:
     """An OCI image manifest (pushed over plain HTTP) pulls with its exact digest."""
     reg = shared_registry
     img = build_image("docker-oci")
@@ -137,7 +137,7 @@ def test_pull_oci_manifest(dockerd: DockerEngine, shared_registry: RunningRegist
 
 @pytest.mark.parametrize("docker_format", [True, False], ids=["docker-list", "oci-index"])
 def test_pull_multi_platform_index(
-    dockerd: DockerEngine, shared_registry: RunningRegistry, docker_format: bool
+    dockerd: DockerEngine, shared_registry: ServedRegistry, docker_format: bool
 ) -> None:
     reg = shared_registry
     kind = "list" if docker_format else "index"
@@ -174,7 +174,7 @@ def test_pull_multi_platform_index(
 
 
 def test_pushed_tags_are_listed(
-    dockerd: DockerEngine, shared_registry: RunningRegistry, tmp_path: Path
+    dockerd: DockerEngine, shared_registry: ServedRegistry, tmp_path: Path
 ) -> None:
     """Several tags pushed by docker show up in the tags list, in lexical order."""
     reg = shared_registry

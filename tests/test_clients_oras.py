@@ -19,7 +19,7 @@ from tests.client_fixtures import (
     registry_log,
     require_busybox,
 )
-from tests.conftest import RunningRegistry
+from tests.conftest import ServedRegistry
 from tests.images import OCI_INDEX, OCI_MANIFEST, build_image, sha256
 
 oras_provider = pytest.importorskip(
@@ -52,7 +52,7 @@ class ArtifactClient(oras_provider.Registry):  # type: ignore[misc]
 
 
 @pytest.fixture
-def oras_client(shared_registry: RunningRegistry) -> ArtifactClient:
+def oras_client(shared_registry: ServedRegistry) -> ArtifactClient:
     require_busybox()
     return ArtifactClient(hostname=shared_registry.host, insecure=True)
 
@@ -99,7 +99,7 @@ def _push_artifact(
 
 
 def test_push_pull_artifact(
-    oras_client: ArtifactClient, shared_registry: RunningRegistry, tmp_path: Path
+    oras_client: ArtifactClient, shared_registry: ServedRegistry, tmp_path: Path
 ) -> None:
     reg = shared_registry
     note = b"skyreg oras note\n" + bytes(range(256)) * 64
@@ -146,7 +146,7 @@ def test_push_pull_artifact(
 
 
 def test_chunked_push(
-    oras_client: ArtifactClient, shared_registry: RunningRegistry, tmp_path: Path
+    oras_client: ArtifactClient, shared_registry: ServedRegistry, tmp_path: Path
 ) -> None:
     """oras-py's chunked upload: POST, several PATCHes with Content-Range, then PUT."""
     reg = shared_registry
@@ -170,7 +170,7 @@ def test_chunked_push(
 
 
 def test_referrers(
-    oras_client: ArtifactClient, shared_registry: RunningRegistry, tmp_path: Path
+    oras_client: ArtifactClient, shared_registry: ServedRegistry, tmp_path: Path
 ) -> None:
     reg = shared_registry
     img = build_image("oras-subject")

@@ -15,7 +15,7 @@ from tests.client_fixtures import (
     http_request,
     registry_log,
 )
-from tests.conftest import RunningRegistry
+from tests.conftest import ServedRegistry
 from tests.images import (
     DOCKER_LIST,
     OCI_INDEX,
@@ -35,7 +35,7 @@ def _inspect(podman: Podman, ref: str) -> dict[str, object]:
 
 
 def test_push_pull_docker_archive(
-    podman: Podman, shared_registry: RunningRegistry, tmp_path: Path
+    podman: Podman, shared_registry: ServedRegistry, tmp_path: Path
 ) -> None:
     reg = shared_registry
     img = build_image("podman-archive")
@@ -70,7 +70,7 @@ def test_push_pull_docker_archive(
 
 
 def test_push_pull_from_oci_layout(
-    podman: Podman, shared_registry: RunningRegistry, tmp_path: Path
+    podman: Podman, shared_registry: ServedRegistry, tmp_path: Path
 ) -> None:
     reg = shared_registry
     img = build_image("podman-oci")
@@ -101,7 +101,7 @@ def test_push_pull_from_oci_layout(
 
 
 def test_manifest_list_two_platforms(
-    podman: Podman, shared_registry: RunningRegistry, tmp_path: Path
+    podman: Podman, shared_registry: ServedRegistry, tmp_path: Path
 ) -> None:
     reg = shared_registry
     host, other = build_platform_pair("podman-multi")

@@ -16,7 +16,7 @@ from tests.client_fixtures import (
     get_manifest_http,
     registry_log,
 )
-from tests.conftest import RunningRegistry
+from tests.conftest import RunningRegistry, ServedRegistry
 from tests.images import (
     BUSYBOX,
     OCI_INDEX,
@@ -37,7 +37,7 @@ PRESERVE = "--preserve-digests"
 
 
 def test_copy_oci_layout_then_inspect(
-    skopeo: Skopeo, shared_registry: RunningRegistry, tmp_path: Path
+    skopeo: Skopeo, shared_registry: ServedRegistry, tmp_path: Path
 ) -> None:
     reg = shared_registry
     img = build_image("skopeo-oci")
@@ -69,7 +69,7 @@ def test_copy_oci_layout_then_inspect(
 
 
 def test_copy_docker_archive_in(
-    skopeo: Skopeo, shared_registry: RunningRegistry, tmp_path: Path
+    skopeo: Skopeo, shared_registry: ServedRegistry, tmp_path: Path
 ) -> None:
     reg = shared_registry
     img = build_image("skopeo-archive")
@@ -90,7 +90,7 @@ def test_copy_docker_archive_in(
     assert info["Labels"] == {"org.skyreg.test.marker": "skopeo-archive"}
 
 
-def test_list_tags(skopeo: Skopeo, shared_registry: RunningRegistry, tmp_path: Path) -> None:
+def test_list_tags(skopeo: Skopeo, shared_registry: ServedRegistry, tmp_path: Path) -> None:
     reg = shared_registry
     img = build_image("skopeo-tags")
     layout = img.write_oci_layout(tmp_path / "layout", "src")
@@ -110,7 +110,7 @@ def test_list_tags(skopeo: Skopeo, shared_registry: RunningRegistry, tmp_path: P
 
 
 def test_copy_out_to_dir_matches_source(
-    skopeo: Skopeo, shared_registry: RunningRegistry, tmp_path: Path
+    skopeo: Skopeo, shared_registry: ServedRegistry, tmp_path: Path
 ) -> None:
     reg = shared_registry
     img = build_image("skopeo-dir")
@@ -142,7 +142,7 @@ def test_copy_out_to_dir_matches_source(
 
 
 def test_copy_multi_arch_index(
-    skopeo: Skopeo, shared_registry: RunningRegistry, tmp_path: Path
+    skopeo: Skopeo, shared_registry: ServedRegistry, tmp_path: Path
 ) -> None:
     reg = shared_registry
     host, other = build_platform_pair("skopeo-multi")
@@ -171,7 +171,7 @@ def test_copy_multi_arch_index(
 
 
 def test_delete_then_inspect_fails(
-    skopeo: Skopeo, shared_registry: RunningRegistry, tmp_path: Path
+    skopeo: Skopeo, shared_registry: ServedRegistry, tmp_path: Path
 ) -> None:
     reg = shared_registry
     img = build_image("skopeo-delete")

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.conftest import RunningRegistry
+from tests.conftest import ServedRegistry
 from tests.oci_helpers import OCI_CONFIG, OCI_EMPTY, OCI_INDEX, OCI_LAYER, OCI_MANIFEST, sha256
 
 OCTET = "application/octet-stream"
@@ -168,7 +168,7 @@ class Client:
 
 
 @pytest.fixture
-def base(shared_registry: RunningRegistry) -> str:
+def base(shared_registry: ServedRegistry) -> str:
     return shared_registry.url
 
 

@@ -1,5 +1,6 @@
-"""A `skyreg serve` with authentication on, on each backing (SQLite + filesystem, PostgreSQL +
-S3), for the module fixtures of the security tests that run against both."""
+"""A skyreg served in-process (tests/inprocess.py) with authentication on, on each backing
+(SQLite + filesystem, PostgreSQL + S3), for the module fixtures of the security tests that run
+against both."""
 
 from __future__ import annotations
 
@@ -9,19 +10,21 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import RunningRegistry, scaleout_backing
+from tests.conftest import scaleout_backing
+from tests.inprocess import InProcessRegistry, environment, serve_options
 
 
 def start_on_backing(
     request: pytest.FixtureRequest, stack: contextlib.ExitStack, data_dir: Path
-) -> tuple[RunningRegistry, str]:
+) -> tuple[InProcessRegistry, str]:
     """Start a server with auth on, on the backing `request.param` names (one of BACKINGS);
     `stack` stops it and drops the backing. Returns the server and its admin token."""
-    args: list[str] = []
-    env: dict[str, str] = {}
+    options: dict[str, object] = {}
     if request.param == "s3+postgresql":
         args, env = stack.enter_context(scaleout_backing(request))
-    reg = RunningRegistry(data_dir=data_dir, extra_args=args, env=env)
+        options = serve_options(args)
+        stack.enter_context(environment(env))
+    reg = InProcessRegistry(data_dir=data_dir, options=options)
     stack.callback(reg.stop)
     reg.start()
     return reg, (reg.data_dir / "admin-token").read_text().strip()

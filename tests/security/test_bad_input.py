@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.conftest import BACKINGS, RunningRegistry
+from tests.conftest import BACKINGS, ServedRegistry
 from tests.oci_helpers import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
@@ -34,7 +34,7 @@ DEEP = 100_000  # far beyond Python's recursion limit
 
 @dataclass
 class Server:
-    reg: RunningRegistry
+    reg: ServedRegistry
     api: requests.Session  # Bearer admin token, for /api/v1 and /graphql
     v2: requests.Session  # Basic admin token, for /v2/
     blob: str  # a 5-byte blob in repository APP

@@ -23,7 +23,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import BACKINGS, RunningRegistry
+from tests.conftest import BACKINGS, ServedRegistry
 from tests.oci_helpers import (
     DOCKER_CONFIG,
     DOCKER_LAYER,
@@ -54,7 +54,7 @@ MEDIA_TYPES = [OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST, "applicati
 
 @dataclass
 class Server:
-    reg: RunningRegistry
+    reg: ServedRegistry
     http: requests.Session  # Basic with the admin token
     config: bytes  # pushed blobs the generated manifests may reference
     layer: bytes
