@@ -14,7 +14,7 @@ from skyreg.cli.dev import register as register_dev
 from skyreg.cli.machines import register as register_machines
 from skyreg.cli.platform import register
 from skyreg.cli.push import register as register_push
-from skyreg.meta.db import DEFAULT_THREADS
+from skyreg.meta.db import DEFAULT_THREADS, MAX_THREADS
 
 app = typer.Typer(
     help="skyreg: an OCI container registry and the deploy path behind it.",
@@ -238,11 +238,10 @@ def serve(
         int,
         typer.Option(
             min=1,
-            # Each thread holds a reader and may check out a writer: 2 x 16 fill the pool
-            # (meta/db.py `_POOL`); more would wait 30 s for a connection, then fail.
-            max=DEFAULT_THREADS,
+            max=MAX_THREADS,
             help="Threads running this process's database queries, so none runs on the event "
-            "loop (at most 16: two pooled connections each); SQLite uses at most 4.",
+            "loop (up to 64; each may hold two connections); SQLite uses at most 4. More "
+            "threads help when the database is far away (see BENCHMARKS.md).",
         ),
     ] = DEFAULT_THREADS,
 ) -> None:

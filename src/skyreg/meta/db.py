@@ -82,10 +82,18 @@ def disk_full(error: BaseException) -> bool:
     return getattr(error.orig, "sqlstate", None) == _PG_DISK_FULL
 
 
-# Threads a process runs queries on: each holds a reader connection, and may hold a writer.
+# Threads a process runs queries on: each holds a reader connection, and may hold a writer,
+# so an engine's pool has room for two connections per thread.
 DEFAULT_THREADS = 16
+MAX_THREADS = 64
 SQLITE_WRITE_THREADS = 4
-_POOL: dict[str, Any] = {"pool_size": DEFAULT_THREADS, "max_overflow": DEFAULT_THREADS}
+
+
+def _pool(threads: int) -> dict[str, Any]:
+    if not 1 <= threads <= MAX_THREADS:
+        raise ValueError(f"database threads must be 1 to {MAX_THREADS}, not {threads}")
+    return {"pool_size": threads, "max_overflow": threads}
+
 
 # Server states meaning "not now": shutting down (fast or crash), starting, out of connections.
 _PG_UNREACHABLE = frozenset({"57P01", "57P02", "57P03", "53300"})
@@ -135,13 +143,13 @@ class _Reachability:
             log.info("database reachable again")
 
 
-def _postgres_engine(url: str) -> Engine:
+def _postgres_engine(url: str, threads: int) -> Engine:
     """Stale pooled connections are replaced before use (pre-ping), connecting gives up after
     `_PG_CONNECT_TIMEOUT` unless the URL says otherwise, and outages are logged once."""
     timeout = (
         {} if "connect_timeout" in make_url(url).query else {"connect_timeout": _PG_CONNECT_TIMEOUT}
     )
-    engine = create_engine(url, pool_pre_ping=True, connect_args=timeout, **_POOL)
+    engine = create_engine(url, pool_pre_ping=True, connect_args=timeout, **_pool(threads))
     reachability = _Reachability()
     event.listen(engine, "handle_error", reachability.failed)
     event.listen(engine, "connect", reachability.connected)
@@ -184,8 +192,11 @@ def _private_file(path: str | None) -> None:
         pass  # its directory does not exist: SQLite will say so
 
 
-def create_db_engine(url: str, *, sqlite_synchronous: str = "full") -> Engine:
-    """An engine for `url` (sqlite:///path, or postgresql[+psycopg]://... / postgres://...).
+def create_db_engine(
+    url: str, *, sqlite_synchronous: str = "full", threads: int = DEFAULT_THREADS
+) -> Engine:
+    """An engine for `url` (sqlite:///path, or postgresql[+psycopg]://... / postgres://...),
+    its pool sized for a `Database` with `threads` threads.
 
     `sqlite_synchronous` ("full" or "normal") is SQLite's durability setting; see
     `_sqlite_pragmas`. PostgreSQL's defaults already make every commit durable.
@@ -195,11 +206,11 @@ def create_db_engine(url: str, *, sqlite_synchronous: str = "full") -> Engine:
     url = normalize_url(url)
     if url.startswith("sqlite"):
         _private_file(make_url(url).database)
-        engine = create_engine(url, connect_args={"check_same_thread": False}, **_POOL)
+        engine = create_engine(url, connect_args={"check_same_thread": False}, **_pool(threads))
         event.listen(engine, "connect", functools.partial(_sqlite_pragmas, sqlite_synchronous))
         event.listen(engine, "begin", _sqlite_begin)
         return engine
-    return _postgres_engine(url)
+    return _postgres_engine(url, threads)
 
 
 def _alembic_config() -> Config:
@@ -401,7 +412,10 @@ class SqlStore:
             except DBAPIError as e:
                 if attempt >= MAX_ATTEMPTS or not self._retryable(e, conflicts):
                     raise
-            # Short and jittered, on a database thread (never the event loop: see Database).
+            # Short (at most 50 ms) and jittered, on the database thread this transaction runs
+            # on, never the event loop. Not an asyncio.sleep: the retry belongs to this one
+            # transaction, while a `run` call may hold several, and re-running the whole call from
+            # the loop would repeat the ones that already committed.
             time.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
             attempt += 1
 

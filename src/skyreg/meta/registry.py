@@ -559,7 +559,9 @@ def open_database(
     """Open (creating and migrating as needed) the metadata database, queried from
     `db_threads` database threads (see `Database`)."""
     engine = create_db_engine(
-        url or sqlite_url(data_dir / "skyreg.db"), sqlite_synchronous=sqlite_synchronous
+        url or sqlite_url(data_dir / "skyreg.db"),
+        sqlite_synchronous=sqlite_synchronous,
+        threads=db_threads,
     )
     upgrade_schema(engine)
     meta = RegistryMeta(Database(engine, threads=db_threads))
