@@ -625,3 +625,58 @@ def test_failed_authentication_is_throttled(fresh: RunningRegistry) -> None:
     assert root.get("/whoami").status_code == 200
     assert v2_status(fresh.url, str(root.secret)) == 200
     assert v2_status(fresh.url, "skyreg_wrong") == 429
+
+
+def test_unknown_fields_are_refused_and_change_nothing(server: RunningRegistry) -> None:
+    """Every request body is decoded into its declared model: a field it does not declare is
+    a 400 naming the field, on every route with a body, and nothing is created."""
+    root = admin(server)
+    tenant = make_tenant(root)
+    org, app = unique("org"), unique("app")
+    for method, path, body in [
+        ("POST", "/orgs", {"name": org}),
+        ("POST", "/apps", {"name": app, "org": tenant.org}),
+        ("PATCH", f"/apps/{tenant.app}", {"public": True}),
+        ("POST", "/tokens", {"kind": "readonly", "org": tenant.org}),
+        ("POST", f"/apps/{tenant.app}/releases", {"image": f"{tenant.app}:v1"}),
+    ]:
+        resp = root.request(method, path, json={**body, "colour": "blue"})
+        assert "colour" in error(resp, 400, "bad_request")["error"]["message"], (method, path)
+    assert org not in {o["name"] for o in ok(root.get("/orgs"))["orgs"]}
+    error(root.get(f"/apps/{app}"), 404, "not_found")
+    assert ok(root.get(f"/apps/{tenant.app}"))["public"] is False
+    listed = ok(root.get("/tokens", params={"org": tenant.org}))["tokens"]
+    assert sorted(t["kind"] for t in listed) == ["deploy", "org", "readonly"]
+
+
+def test_answers_match_the_generated_document(server: RunningRegistry) -> None:
+    """The document's schemas come from the same models the answers are encoded from: every
+    field an answer has is declared, and every declared required field is there."""
+    root = admin(server)
+    tenant = make_tenant(root)
+    doc = ok(root.get("/openapi.json"))
+    schemas = doc["components"]["schemas"]
+
+    def schema_of(path: str, method: str, status: str) -> dict[str, Any]:
+        answer = doc["paths"][API + path][method]["responses"][status]
+        ref = answer["content"]["application/json"]["schema"]["$ref"]
+        found: dict[str, Any] = schemas[ref.rsplit("/", 1)[1]]
+        return found
+
+    for path, method, status, body in [
+        ("/whoami", "get", "200", ok(root.get("/whoami"))),
+        ("/apps/{app}", "get", "200", ok(root.get(f"/apps/{tenant.app}"))),
+        ("/orgs", "post", "201", ok(root.post("/orgs", {"name": unique("org")}), 201)),
+        (
+            "/tokens",
+            "post",
+            "201",
+            ok(root.post("/tokens", {"kind": "org", "org": tenant.org}), 201),
+        ),
+    ]:
+        schema = schema_of(path, method, status)
+        assert set(schema["required"]) <= set(body) <= set(schema["properties"]), path
+        assert schema.get("additionalProperties") is not True
+    create_org = doc["paths"][API + "/orgs"]["post"]["requestBody"]["content"]
+    request = schemas[create_org["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]]
+    assert request["additionalProperties"] is False and request["required"] == ["name"]

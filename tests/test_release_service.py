@@ -4,6 +4,7 @@ disappears between the deploy's lookup and its copy."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from collections.abc import Iterator
@@ -113,9 +114,8 @@ class World:
     def deploy(self, image: str = "app1:build-1", **fields: Any) -> Release:
         """Deploy `image` to app2 with app2's deploy token (unless `fields` say otherwise)."""
         fields.setdefault("token", self.deploy2)
-        return self.service.deploy(
-            DeployRequest(app=fields.pop("app", "app2"), image=image, **fields)
-        )
+        request = DeployRequest(app=fields.pop("app", "app2"), image=image, **fields)
+        return asyncio.run(self.service.deploy(request))
 
 
 def _world(

@@ -13,9 +13,12 @@ from typing import Any
 import pytest
 import requests
 
-from skyreg.meta.platform import ReleaseMeta, TokenRecord
-from skyreg.meta.registry import open_database
+from skyreg.auth.policy import AccessPolicy
+from skyreg.meta.machines import MachineMeta
+from skyreg.meta.platform import PlatformMeta, ReleaseMeta, TokenRecord
+from skyreg.meta.registry import RegistryMeta, open_database
 from skyreg.platform.graphql import PER_CALLER, GraphQLRunner
+from skyreg.services.releases import ReleaseService
 from tests.conftest import RunningRegistry
 from tests.platform_helpers import Tenancy
 
@@ -273,12 +276,25 @@ def _token(server: Server) -> TokenRecord:
         auth.platform.close()
 
 
+def _service(meta: RegistryMeta) -> ReleaseService:
+    """The release service GraphQL resolvers ask, over `meta`'s database."""
+    platform = PlatformMeta(meta.db)
+    return ReleaseService(
+        registry=meta,
+        releases=ReleaseMeta(meta.db),
+        machines=MachineMeta(meta.db),
+        platform=platform,
+        policy=AccessPolicy(platform),
+        public_host="registry.test",
+    )
+
+
 def test_per_org_cap_refuses_the_excess_and_others_queue_in_turn(
     server: Server, other_org: Server
 ) -> None:
     """In one event loop, admission is decided in submission order: deterministic outcomes."""
     meta = open_database(None, server.reg.data_dir)
-    runner = GraphQLRunner(meta.db, workers=1, per_caller=2)
+    runner = GraphQLRunner(_service(meta), workers=1, per_caller=2)
     org_a, org_b = _token(server), _token(other_org)
 
     async def scenario() -> tuple[dict[str, int], list[str]]:
@@ -312,8 +328,8 @@ def test_waiting_for_the_pool_is_bounded(server: Server, other_org: Server) -> N
     org_a, org_b = _token(server), _token(other_org)
     # No wait at all, or no room to wait: a caller finding the pool busy is told to come back.
     for runner in (
-        GraphQLRunner(meta.db, workers=1, per_caller=1, wait_timeout=0),
-        GraphQLRunner(meta.db, workers=1, per_caller=1, max_waiting=0),
+        GraphQLRunner(_service(meta), workers=1, per_caller=1, wait_timeout=0),
+        GraphQLRunner(_service(meta), workers=1, per_caller=1, max_waiting=0),
     ):
 
         async def scenario(runner: GraphQLRunner = runner) -> tuple[int, int, bytes]:

@@ -10,7 +10,8 @@ Every query is bounded before it runs: its document size and tokens, and (fragme
 depth, aliases, field selections, page sizes (`first`) and the release nodes it may return in
 total (`QueryLimits`); its answer is refused when larger than `MAX_ANSWER_BYTES`. Parsing,
 validation, execution and serialisation run in a small thread pool (`GraphQLRunner`), never on the
-event loop; their queries use the process's shared `Database` (a reader connection per thread).
+event loop; resolvers ask the same `ReleaseService` as `/api/v1` (its blocking `releases_of`, on
+the pool's threads: the process's shared `Database`, a reader connection per thread).
 """
 
 from __future__ import annotations
@@ -44,10 +45,13 @@ from graphql import (
     validate,
 )
 
+from skyreg.auth.service import Authenticator
 from skyreg.clock import utc_iso
-from skyreg.meta.db import Database
-from skyreg.meta.platform import Release, ReleaseMeta, TokenRecord
-from skyreg.oci.bounded import storable
+from skyreg.meta.platform import Release, TokenRecord
+from skyreg.oci.bounded import JSONInputError, load_json, storable
+from skyreg.platform.http import MAX_BODY, ApiError, Identifier, RequestPayloadError, read_body
+from skyreg.services.errors import NotFound
+from skyreg.services.releases import ReleaseService
 
 SCHEMA = build_schema(
     """
@@ -236,7 +240,8 @@ def _caller(token: TokenRecord) -> str:
 @dataclass
 class GraphQLRunner:
     """Runs queries in a small pool of threads (each with its reader connection of the shared
-    `Database`): the database threads stay free for the other requests.
+    `Database`, through the `ReleaseService`): the database threads stay free for the other
+    requests.
 
     Admission: each caller (`_caller`) has at most `per_caller` queries running or waiting
     (more answer 429), so no tenant can hold every worker and the queue; a query within its
@@ -245,20 +250,18 @@ class GraphQLRunner:
     `max_waiting` others, else 503.
     """
 
-    db: Database
+    releases: ReleaseService
     workers: int = WORKERS
     per_caller: int = PER_CALLER
     max_waiting: int = MAX_WAITING
     wait_timeout: float = WAIT_TIMEOUT
     _pool: ThreadPoolExecutor = field(init=False)
-    _store: ReleaseMeta = field(init=False)
     _callers: dict[str, int] = field(default_factory=dict)  # queries admitted per caller
     _running: int = 0  # workers handed out (queries executing or about to)
     _waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
 
     def __post_init__(self) -> None:
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="graphql")
-        self._store = ReleaseMeta(self.db)
 
     async def run(
         self, token: TokenRecord, query: str, variables: dict[str, Any], operation: str | None
@@ -380,20 +383,22 @@ class GraphQLRunner:
         return 200, body
 
     def _resolve_app(self, token: TokenRecord) -> Any:
-        store = self._store
+        service = self.releases
 
         def resolve_app(_info: Any, name: str) -> dict[str, Any] | None:
             # A literal may spell NUL or a lone surrogate, which no database column compares with.
-            app = store.app_named(name) if storable(name) else None
-            # Another org's app answers exactly like a missing one.
-            if app is None or (token.kind != "admin" and token.org_id != app.org_id):
+            if not storable(name):
                 raise GraphQLError(f"Could not find App {name!r}")
+            try:  # another org's app answers exactly like a missing one
+                app, _ = service.releases_of(token, name, 0)
+            except NotFound:
+                raise GraphQLError(f"Could not find App {name!r}") from None
 
             def releases(_info: Any, first: int | None = None) -> dict[str, Any]:
                 limit = MAX_FIRST if first is None else first
                 if not 0 <= limit <= MAX_FIRST:
                     raise GraphQLError(f"first must be from 0 to {MAX_FIRST}")
-                found = store.list_releases(app.id, limit) if limit else []
+                _, found = service.releases_of(token, name, limit)
                 return {"nodes": [_release_node(r) for r in found], "totalCount": len(found)}
 
             return {
@@ -412,12 +417,15 @@ class GraphQLRunner:
 
 
 GRAPHQL_KEY = web.AppKey("graphql", GraphQLRunner)
+GRAPHQL_AUTH_KEY = web.AppKey("graphql_authenticator", Authenticator)
 
 
-def add_graphql(app: web.Application, db: Database) -> None:
-    """Serve `POST /graphql` on `app`, its queries run by a `GraphQLRunner` over `db`."""
-    runner = GraphQLRunner(db)
+def add_graphql(app: web.Application, auth: Authenticator, releases: ReleaseService) -> None:
+    """Serve `POST /graphql` on `app`: callers identified by `auth`, queries run by a
+    `GraphQLRunner` over `releases`."""
+    runner = GraphQLRunner(releases)
     app[GRAPHQL_KEY] = runner
+    app[GRAPHQL_AUTH_KEY] = auth
     app.router.add_post("/graphql", graphql_endpoint)
 
     async def close(_app: web.Application) -> None:
@@ -426,19 +434,36 @@ def add_graphql(app: web.Application, db: Database) -> None:
     app.on_cleanup.insert(0, close)
 
 
+async def _token_and_body(request: web.Request) -> tuple[TokenRecord | None, dict[str, Any]]:
+    """The caller's token (token lookups: `Database.read`) and the JSON object it sent; a body
+    too large or not JSON is refused after the token is checked."""
+    body_error: ApiError | None = None
+    raw = b""
+    try:
+        raw = await read_body(request, MAX_BODY)
+    except ApiError as e:
+        body_error = e
+    except RequestPayloadError as e:
+        body_error = ApiError(400, "bad_request", f"unreadable request body: {e}"[:300])
+    auth = request.app[GRAPHQL_AUTH_KEY]
+    token = await auth.platform.read(Identifier(request, auth).identify)
+    if body_error is not None:
+        raise body_error
+    if not raw.strip():
+        return token, {}
+    try:
+        doc = load_json(raw, max_bytes=MAX_BODY)
+    except JSONInputError as e:
+        raise ApiError(400, "bad_request", f"the request body is not valid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise ApiError(400, "bad_request", "the request body must be a JSON object")
+    return token, doc
+
+
 async def graphql_endpoint(request: web.Request) -> web.StreamResponse:
     """POST {"query": ..., "variables": {...}} with `Authorization: Bearer <token>`."""
-    from skyreg.platform.api import API_AUTH_KEY, ApiError, Call
-
-    call = Call(request, request.app[API_AUTH_KEY])
-    await call.read_body()
-
-    def identify_then_read() -> dict[str, Any]:  # token lookups: on a database thread
-        call.identify()
-        return call.body()
-
     try:
-        body = await call.platform.run(identify_then_read)
+        token, body = await _token_and_body(request)
     except ApiError as err:
         return err.response()
     query = body.get("query")
@@ -453,9 +478,9 @@ async def graphql_endpoint(request: web.Request) -> web.StreamResponse:
             400, "a JSON body with a `query` string (and `variables` object) is needed"
         )
         return web.Response(status=status, body=doc, content_type="application/json")
-    if call.token is None:
+    if token is None:
         status, doc = _errors(401, "authentication required: Authorization: Bearer <token>")
         return web.Response(status=status, body=doc, content_type="application/json")
-    status, doc = await request.app[GRAPHQL_KEY].run(call.token, query, variables, operation)
+    status, doc = await request.app[GRAPHQL_KEY].run(token, query, variables, operation)
     headers = {"Retry-After": "1"} if status in (429, 503) else None
     return web.Response(status=status, body=doc, content_type="application/json", headers=headers)

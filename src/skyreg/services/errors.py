@@ -1,6 +1,6 @@
 """Domain errors of the service layer: what went wrong, not how HTTP says it.
 
-`platform/api.py` gives each its status, code and message.
+`platform/api/base.py` (`refusal`) gives each its status, code and message.
 """
 
 from __future__ import annotations
@@ -12,6 +12,10 @@ class ServiceError(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class Unauthenticated(ServiceError):
+    """The request needs a token and came without one."""
 
 
 class NotFound(ServiceError):
@@ -37,3 +41,7 @@ class LimitExceeded(Invalid):
     def __init__(self, reason: str, limit: int) -> None:
         super().__init__(reason)
         self.limit = limit
+
+
+class Conflict(ServiceError):
+    """The name is taken, or the change would break an invariant (the last admin token)."""

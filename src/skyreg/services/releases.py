@@ -22,6 +22,7 @@ from skyreg.oci.errors import RegistryError
 from skyreg.oci.manifest import parse_manifest
 from skyreg.oci.names import TAG_RE
 from skyreg.oci.reference import parse_reference
+from skyreg.services.access import visible_app
 from skyreg.services.errors import Forbidden, Invalid, LimitExceeded, NotFound
 
 if TYPE_CHECKING:
@@ -85,8 +86,8 @@ class DeployRequest:
 class ReleaseService:
     """Deploys: the platform tables, the registry's manifests and tags, and machines.
 
-    Every store shares the process's one `Database`; their methods query, so callers use
-    this service on a database thread (`store.run`), never on the event loop.
+    Every store shares the process's one `Database`; each public method does its queries in one
+    hop to it (`deploy`: `Database.run`; `list_releases`: `Database.read`).
     """
 
     registry: RegistryMeta
@@ -98,7 +99,7 @@ class ReleaseService:
     geo: GeoNode | None = None  # multi-region: deploys queue copies of the image
     limits: DeployLimits = field(default_factory=DeployLimits)
 
-    def deploy(self, request: DeployRequest) -> Release:
+    async def deploy(self, request: DeployRequest) -> Release:
         """Deploy `request.image` to `request.app`: resolve it to a digest, copy and tag it into
         the app's repository when it lives elsewhere (or a label is given), record the release
         and create its machines. Returns the release (`running`).
@@ -106,9 +107,12 @@ class ReleaseService:
         Nothing is recorded or copied unless the caller may see the app (else NotFound) and push
         to it (Forbidden), every field is valid (Invalid), the regions exist, the machines fit
         the limits (LimitExceeded), the caller may pull the image (else NotFound, as if missing)
-        and every blob of it will be in the app's repository (Invalid). Queries: call it on a
-        database thread.
+        and every blob of it will be in the app's repository (Invalid). One hop to a database
+        thread.
         """
+        return await self.releases.run(self._deploy, request)
+
+    def _deploy(self, request: DeployRequest) -> Release:
         token, limits = request.token, self.limits
         app = self._visible_app(request.app, token)
         if PUSH not in self.policy.allowed(token, app.name):
@@ -213,10 +217,19 @@ class ReleaseService:
 
     def _visible_app(self, name: str, token: TokenRecord) -> App:
         """The app `name` when `token` may see it (admin: any; else its org's), else NotFound."""
-        app = self.platform.get_app(name)
-        if app is None or (token.kind != "admin" and token.org_id != app.org_id):
-            raise NotFound("app", name)
-        return app
+        return visible_app(self.platform, token, name)
+
+    async def list_releases(
+        self, caller: TokenRecord, app: str, limit: int
+    ) -> tuple[App, list[Release]]:
+        """The app's latest `limit` releases, newest first (the caller's org's apps only)."""
+        return await self.releases.read(self.releases_of, caller, app, limit)
+
+    def releases_of(self, caller: TokenRecord, app: str, limit: int) -> tuple[App, list[Release]]:
+        """`list_releases`, blocking: for callers already on a worker thread (GraphQL runs
+        each query on its own pool's threads)."""
+        found = visible_app(self.platform, caller, app)
+        return found, (self.releases.list_releases(found.id, limit) if limit else [])
 
     def _regions(self, app: App, asked: Sequence[str]) -> list[str]:
         """The release's regions, sorted: those asked for (each must exist), else the app's

@@ -1,0 +1,70 @@
+"""`/apps/{app}/images` and `/apps/{app}/images/{reference}`."""
+
+from __future__ import annotations
+
+from skyreg.meta.platform import ImageTag
+from skyreg.platform.api import models
+from skyreg.platform.api.base import Call, Route
+from skyreg.services import images
+
+
+def image_model(image: ImageTag) -> models.Image:
+    """A tag of an app's repositories."""
+    return models.Image(
+        repository=image.repository,
+        tag=image.tag,
+        digest=image.digest,
+        media_type=image.media_type,
+        size=image.size,
+        pushed_at=models.time(image.pushed_at),
+    )
+
+
+def image_detail_model(found: images.ImageDetail) -> models.ImageDetail:
+    """One image, with its blobs and regions in a multi-region registry."""
+    detail = models.ImageDetail(
+        repository=found.repository,
+        reference=found.reference,
+        digest=found.digest,
+        media_type=found.media_type,
+    )
+    if found.blobs is None or found.regions is None:
+        return detail
+    detail.blobs = [models.BlobRegions(digest=b.digest, size=b.size, regions=b.regions)
+                    for b in found.blobs]  # fmt: skip
+    detail.regions = {
+        region: models.RegionHolding(complete=complete, bytes=held)
+        for region, (complete, held) in found.regions.items()
+    }
+    detail.size = found.size
+    return detail
+
+
+async def list_images(call: Call) -> models.ImageList:
+    """Every tag of the app's repositories."""
+    app, tags = await call.services.images.list_images(call.token, call.path("app"))
+    return models.ImageList(app=app.name, images=[image_model(i) for i in tags])
+
+
+async def show_image(call: Call) -> models.ImageDetail:
+    """One image of the app."""
+    found = await call.services.images.show_image(
+        call.token, call.path("app"), call.path("reference")
+    )
+    return image_detail_model(found)
+
+
+ROUTES = [
+    Route(
+        "GET", "/apps/{app}/images", list_images, "listImages",
+        "Every tag of the app's repositories (`<app>` and `<app>/...`)", models.ImageList,
+        errors=(404,), security="optional",
+        response_description="Tags with digest, media type, size and push time",
+    ),
+    Route(
+        "GET", "/apps/{app}/images/{reference}", show_image, "showImage",
+        "One image: its blobs and, in a multi-region registry, the regions holding each and "
+        "whether the image is complete in each region", models.ImageDetail,
+        errors=(404,), security="optional", response_description="The image",
+    ),
+]  # fmt: skip

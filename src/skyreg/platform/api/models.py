@@ -1,0 +1,296 @@
+"""What the management API answers: every response body, declared once as a msgspec Struct.
+
+Handlers build these from the services' results and the endpoint encodes them; `openapi.py`
+generates the document's schemas from the same classes. Constraints here are documentation
+(encoding checks nothing). Fields that only a multi-region registry fills default to UNSET and
+are left out of the answer.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+import msgspec
+from msgspec import UNSET, UnsetType
+
+from skyreg.clock import utc_iso
+from skyreg.services.inputs import DNS_LABEL_PATTERN, INT32_MAX
+
+Time = Annotated[str, msgspec.Meta(extra_json_schema={"format": "date-time"})]
+Name = Annotated[str, msgspec.Meta(extra_json_schema={"pattern": DNS_LABEL_PATTERN})]
+Int32 = Annotated[
+    int, msgspec.Meta(extra_json_schema={"minimum": -INT32_MAX - 1, "maximum": INT32_MAX})
+]
+NextCursor = Annotated[
+    str | None,
+    msgspec.Meta(description="Pass as `cursor` for the next page; null on the last page"),
+]
+
+
+def time(value: datetime) -> str:
+    """RFC 3339 in UTC, as every time in the API is written."""
+    return utc_iso(value)
+
+
+def maybe_time(value: datetime | None) -> str | None:
+    """`time`, or None."""
+    return None if value is None else utc_iso(value)
+
+
+class Model(msgspec.Struct, kw_only=True):
+    """A response body."""
+
+
+class ErrorDetail(Model):
+    code: Annotated[
+        str,
+        msgspec.Meta(
+            extra_json_schema={
+                "enum": [
+                    "bad_request",
+                    "unauthorized",
+                    "forbidden",
+                    "not_found",
+                    "method_not_allowed",
+                    "conflict",
+                    "too_large",
+                    "too_many_requests",
+                    "unavailable",
+                    "internal",
+                ]
+            }
+        ),
+    ]
+    message: str
+
+
+class Error(Model):
+    """Every refusal: `{"error": {"code", "message"}}`."""
+
+    error: ErrorDetail
+
+
+class Org(Model):
+    name: Name
+    created_at: Time
+
+
+class OrgList(Model):
+    orgs: list[Org]
+
+
+class App(Model):
+    name: Name
+    org: Name
+    public: bool
+    created_at: Time
+    regions: Annotated[
+        list[str] | UnsetType, msgspec.Meta(description="Multi-region registries only")
+    ] = UNSET
+    replicate_ahead: Annotated[
+        bool | UnsetType, msgspec.Meta(description="Multi-region registries only")
+    ] = UNSET
+
+
+class AppList(Model):
+    apps: list[App]
+
+
+class Token(Model):
+    """A token as listings show it: never its secret (which is not stored anyway)."""
+
+    id: str
+    name: str
+    kind: Annotated[
+        str, msgspec.Meta(extra_json_schema={"enum": ["admin", "org", "deploy", "readonly"]})
+    ]
+    org: str | None
+    app: str | None
+    created_at: Time
+    expires_at: Annotated[str | None, msgspec.Meta(extra_json_schema={"format": "date-time"})]
+    revoked_at: Annotated[str | None, msgspec.Meta(extra_json_schema={"format": "date-time"})]
+    active: bool
+
+
+class NewToken(Token):
+    """A token just made, with its secret: shown in this answer only."""
+
+    secret: Annotated[
+        str, msgspec.Meta(description="The token itself; not stored, not shown again")
+    ]
+
+
+class TokenList(Model):
+    tokens: list[Token]
+
+
+class Image(Model):
+    repository: str
+    tag: str
+    digest: str
+    media_type: str
+    size: Annotated[
+        int,
+        msgspec.Meta(
+            description="Manifest plus the blobs (and child manifests) it references, in bytes"
+        ),
+    ]
+    pushed_at: Time
+
+
+class ImageList(Model):
+    app: str
+    images: list[Image]
+
+
+class BlobRegions(Model):
+    digest: str
+    size: int
+    regions: list[str]
+
+
+class RegionHolding(Model):
+    complete: bool
+    bytes: int
+
+
+class ImageDetail(Model):
+    repository: str
+    reference: str
+    digest: str
+    media_type: str
+    size: int | UnsetType = UNSET
+    blobs: list[BlobRegions] | UnsetType = UNSET
+    regions: dict[str, RegionHolding] | UnsetType = UNSET
+
+
+class JobCount(Model):
+    region: str
+    state: Annotated[
+        str, msgspec.Meta(extra_json_schema={"enum": ["queued", "running", "done", "failed"]})
+    ]
+    count: int
+    bytes: int
+
+
+class Job(Model):
+    digest: str
+    region: str
+    state: str
+    attempts: int
+    bytes: int
+    size: int
+    source: str | None
+    error: str | None
+    updated_at: Time
+
+
+class ReplicationStatus(Model):
+    region: Annotated[str | None, msgspec.Meta(description="The region of the node that answered")]
+    regions: list[str]
+    jobs: list[JobCount]
+    recent: list[Job]
+
+
+class ReleaseUser(Model):
+    id: str
+    name: str
+
+
+class Release(Model):
+    id: str
+    app: str
+    version: int
+    status: Annotated[str, msgspec.Meta(description="pending until machines run it")]
+    description: str
+    reason: str
+    image_ref: Annotated[str, msgspec.Meta(description="HOST/APP:TAG the release runs")]
+    image_repository: str
+    image_digest: str
+    strategy: Annotated[str, msgspec.Meta(extra_json_schema={"enum": ["rolling", "immediate"]})]
+    regions: list[str]
+    count: int
+    stable: bool
+    user: ReleaseUser
+    created_at: Time
+    updated_at: Time
+
+
+class ReleaseList(Model):
+    app: str
+    releases: list[Release]
+
+
+class Machine(Model):
+    id: str
+    app: str
+    region: str
+    release_version: int
+    desired: Annotated[str, msgspec.Meta(extra_json_schema={"enum": ["started", "stopped"]})]
+    state: Annotated[
+        str,
+        msgspec.Meta(
+            extra_json_schema={"enum": ["created", "starting", "started", "stopped", "failed"]}
+        ),
+    ]
+    generation: Annotated[
+        int, msgspec.Meta(description="Bumped by every restart; an agent runs each generation once")
+    ]
+    exit_code: Annotated[
+        int | None,
+        msgspec.Meta(extra_json_schema={"minimum": -INT32_MAX - 1, "maximum": INT32_MAX}),
+    ]
+    created_at: Time
+    updated_at: Time
+
+
+class MachineEvent(Model):
+    at: Time
+    message: str
+    duration_ms: Annotated[
+        int | None, msgspec.Meta(extra_json_schema={"minimum": 0, "maximum": INT32_MAX})
+    ]
+
+
+class MachineWithEvents(Machine):
+    events: list[MachineEvent]
+
+
+class MachineList(Model):
+    app: str
+    machines: list[MachineWithEvents]
+    next_cursor: NextCursor
+
+
+class ImageRef(Model):
+    repository: str
+    digest: str
+
+
+class AgentMachine(Machine):
+    image: ImageRef
+
+
+class AgentMachineList(Model):
+    region: str
+    machines: list[AgentMachine]
+    next_cursor: NextCursor
+
+
+class LogLine(Model):
+    id: int
+    machine_id: str
+    region: str
+    at: Time
+    line: str
+
+
+class LogList(Model):
+    app: str
+    lines: list[LogLine]
+    last: int
+
+
+class Recorded(Model):
+    """An empty answer: the report was recorded."""

@@ -1,0 +1,140 @@
+"""Images of an app (every tag of `<app>` and `<app>/...`), one image's blobs and regions, and
+the replication queue."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from skyreg.meta.geo import Job
+from skyreg.meta.platform import App, ImageTag, PlatformMeta, TokenRecord
+from skyreg.meta.registry import RegistryMeta
+from skyreg.services.access import required, visible_app
+from skyreg.services.errors import Forbidden, NotFound
+
+if TYPE_CHECKING:
+    from skyreg.geo.node import GeoNode
+
+RECENT_JOBS = 50
+
+
+@dataclass(frozen=True)
+class BlobCopies:
+    """A blob of an image and the regions holding a verified copy."""
+
+    digest: str
+    size: int
+    regions: list[str]
+
+
+@dataclass(frozen=True)
+class ImageDetail:
+    """One image of an app; `blobs` and `regions` (region -> (complete, bytes held)) only in a
+    multi-region registry."""
+
+    repository: str
+    reference: str
+    digest: str
+    media_type: str
+    blobs: list[BlobCopies] | None = None
+    regions: dict[str, tuple[bool, int]] | None = None
+
+    @property
+    def size(self) -> int:
+        """The bytes of every blob."""
+        return sum(b.size for b in self.blobs or ())
+
+
+@dataclass(frozen=True)
+class JobCount:
+    """Replication jobs of one region in one state."""
+
+    region: str
+    state: str
+    count: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class ReplicationStatus:
+    """The replication queue as the node that answers sees it (`region` None: single region)."""
+
+    region: str | None
+    regions: list[str]
+    jobs: list[JobCount]
+    recent: list[Job]
+
+
+@dataclass
+class ImageService:
+    """Image listings over `PlatformMeta` and `RegistryMeta`, regions over the `GeoNode`."""
+
+    platform: PlatformMeta
+    registry: RegistryMeta
+    geo: GeoNode | None = None
+
+    async def list_images(self, caller: TokenRecord | None, app: str) -> tuple[App, list[ImageTag]]:
+        """Every tag of the app's repositories (public apps: anyone)."""
+        return await self.platform.read(self._list_images, caller, app)
+
+    def _list_images(self, caller: TokenRecord | None, name: str) -> tuple[App, list[ImageTag]]:
+        app = visible_app(self.platform, caller, name, public_ok=True)
+        return app, self.platform.image_tags(app.name)
+
+    async def show_image(self, caller: TokenRecord | None, app: str, reference: str) -> ImageDetail:
+        """One image of the app (`TAG`, `DIGEST`, `APP:TAG` or `APP@DIGEST`)."""
+        return await self.platform.read(self._show_image, caller, app, reference)
+
+    def _show_image(self, caller: TokenRecord | None, name: str, reference: str) -> ImageDetail:
+        app = visible_app(self.platform, caller, name, public_ok=True)
+        repository, by_digest, ref = app.name, False, reference
+        if "@" in reference:  # APP@DIGEST
+            repository, _, ref = reference.partition("@")
+            by_digest = True
+        elif reference.startswith(("sha256:", "sha512:")):  # DIGEST
+            by_digest = True
+        elif ":" in reference:  # APP:TAG
+            repository, _, ref = reference.rpartition(":")
+        if repository != app.name:
+            raise NotFound("image", reference[:200])
+        stored = self.registry.get_manifest(repository, ref, by_digest=by_digest)
+        if stored is None:
+            raise NotFound("image", reference[:200])
+        geo = self.geo
+        if geo is None:
+            return ImageDetail(repository, ref, stored.digest, stored.media_type)
+        blobs = geo.image_blobs(repository, stored.digest)
+        copies = geo.meta.copies([d for d, _ in blobs])
+        return ImageDetail(
+            repository,
+            ref,
+            stored.digest,
+            stored.media_type,
+            blobs=[BlobCopies(d, size, sorted(copies[d])) for d, size in blobs],
+            regions={
+                region: (
+                    all(region in copies[d] for d, _ in blobs),
+                    sum(size for d, size in blobs if region in copies[d]),
+                )
+                for region in geo.regions.codes
+            },
+        )
+
+    async def replication_status(self, caller: TokenRecord | None) -> ReplicationStatus:
+        """Job counts and bytes per region and state, and the latest jobs (admin only)."""
+        token = required(caller)
+        if token.kind != "admin":
+            raise Forbidden("only an admin token may see the replication queue")
+        if self.geo is None:
+            return ReplicationStatus(None, [], [], [])
+        return await self.platform.read(self._replication_status, self.geo)
+
+    @staticmethod
+    def _replication_status(geo: GeoNode) -> ReplicationStatus:
+        counts = geo.meta.counts()
+        return ReplicationStatus(
+            geo.region,
+            list(geo.regions.codes),
+            [JobCount(r, s, n, b) for (r, s), (n, b) in sorted(counts.items())],
+            geo.meta.jobs(limit=RECENT_JOBS),
+        )

@@ -1,0 +1,210 @@
+"""Machines: what users see and do (list, logs, stop/start/restart, with push access to the
+app) and what region agents do (list their region's machines, report state, events, logs)."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from skyreg.auth.policy import PUSH, AccessPolicy
+from skyreg.meta.machines import (
+    STATES,
+    LogLine,
+    Machine,
+    MachineEvent,
+    MachineMeta,
+    TooManyMachines,
+)
+from skyreg.meta.platform import App, PlatformMeta, TokenRecord
+from skyreg.services.access import sees_org, visible_app
+from skyreg.services.errors import Forbidden, Invalid, NotFound
+from skyreg.services.inputs import INT32_MAX, LogLines, MachineEventInput, StateReport
+from skyreg.services.releases import DEFAULT_REGION, REGION_RE, DeployLimits
+
+log = logging.getLogger("skyreg.services")
+
+MAX_LOG_LINES = 1000  # log lines one page of an app's logs holds
+MAX_EVENT = 1000  # characters of an event message kept
+MAX_MACHINE_PAGE = 1000
+MACHINE_PAGE = 100  # default page of an app's machines (the agent's default page is the max)
+MACHINE_ID_RE = re.compile(r"^[0-9a-f]{1,64}\Z")
+ACTIONS = ("stop", "start", "restart")
+
+
+@dataclass(frozen=True)
+class MachinePage:
+    """One page of machines (oldest first) and the cursor of the next (None: the last)."""
+
+    machines: list[Machine]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True)
+class AppMachines:
+    """A page of an app's machines, each with its latest events."""
+
+    app: App
+    machines: list[tuple[Machine, list[MachineEvent]]]
+    next_cursor: str | None
+
+
+def _page(machines: list[Machine], limit: int) -> MachinePage:
+    return MachinePage(machines, machines[-1].id if len(machines) == limit else None)
+
+
+def _cursor(cursor: str | None) -> str | None:
+    cursor = cursor or None
+    if cursor is not None and not MACHINE_ID_RE.match(cursor):
+        raise Invalid("cursor must be the next_cursor of a previous page")
+    return cursor
+
+
+def _int32(value: int | None, minimum: int) -> bool:
+    return value is None or minimum <= value <= INT32_MAX
+
+
+@dataclass
+class MachineService:
+    """Machines over `MachineMeta`; `limits.per_app` bounds the live machines a start makes."""
+
+    machines: MachineMeta
+    platform: PlatformMeta
+    policy: AccessPolicy
+    limits: DeployLimits = field(default_factory=DeployLimits)
+
+    # -- users -----------------------------------------------------------------------------------
+
+    async def list_machines(
+        self, caller: TokenRecord, app: str, limit: int, cursor: str | None
+    ) -> AppMachines:
+        """A page of the app's machines (`limit` 1 to MAX_MACHINE_PAGE, after `cursor`)."""
+        return await self.platform.read(self._list_machines, caller, app, limit, cursor)
+
+    def _list_machines(
+        self, caller: TokenRecord, name: str, limit: int, cursor: str | None
+    ) -> AppMachines:
+        app = visible_app(self.platform, caller, name)
+        page = _page(self.machines.of_app(app.id, limit=limit, after=_cursor(cursor)), limit)
+        found = [(m, self.machines.events(m.id)) for m in page.machines]
+        return AppMachines(app, found, page.next_cursor)
+
+    async def app_logs(
+        self, caller: TokenRecord, app: str, after: int
+    ) -> tuple[App, list[LogLine]]:
+        """Log lines of the app's machines with ids above `after`, oldest first."""
+        return await self.platform.read(self._app_logs, caller, app, after)
+
+    def _app_logs(self, caller: TokenRecord, name: str, after: int) -> tuple[App, list[LogLine]]:
+        app = visible_app(self.platform, caller, name)
+        return app, self.machines.logs(app.id, after, MAX_LOG_LINES)
+
+    async def change(self, caller: TokenRecord, machine_id: str, action: str) -> Machine:
+        """Stop, start or restart a machine of an app the caller may push to. Starting a
+        machine not desired started (also by restart) makes it live: over the app's live
+        cap it is LimitExceeded, as for deploys."""
+        if action not in ACTIONS:
+            raise ValueError(f"unknown machine action {action!r}")
+        return await self.platform.run(self._change, caller, machine_id, action)
+
+    def _change(self, caller: TokenRecord, machine_id: str, action: str) -> Machine:
+        machine = self.machines.get(machine_id)
+        if machine is None or not sees_org(caller, machine.org_id):
+            raise NotFound("machine", machine_id)
+        if PUSH not in self.policy.allowed(caller, machine.app_name):
+            raise Forbidden(f"this token may not manage machines of app {machine.app_name}")
+        running = machine.desired == "started" and machine.state in ("starting", "started")
+        if action == "stop":
+            self.machines.set_desired(machine.id, "stopped")
+        elif action == "restart" or not running:
+            try:
+                self.machines.start(machine.id, bump=True, max_live=self.limits.per_app)
+            except TooManyMachines as e:
+                raise Invalid(f"app {machine.app_name}: {e}") from None
+        who = caller.name or "token " + caller.id
+        self.machines.add_event(machine.id, f"{action.capitalize()} requested by {who}")
+        found = self.machines.get(machine.id)
+        if found is None:  # deleted meanwhile (an idle machine of a busy app)
+            raise NotFound("machine", machine.id)
+        log.info("machine %s: %s by token %s", machine.id, action, caller.id)
+        return found
+
+    # -- agents ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _agent(caller: TokenRecord) -> None:
+        """Agents use an admin token (every machine) or an org token (its org's machines)."""
+        if caller.kind not in ("admin", "org"):
+            raise Forbidden(f"a {caller.kind} token may not act as an agent")
+
+    def _agent_machine(self, caller: TokenRecord, machine_id: str) -> Machine:
+        self._agent(caller)
+        machine = self.machines.get(machine_id)
+        if machine is None or not sees_org(caller, machine.org_id):
+            raise NotFound("machine", machine_id)
+        return machine
+
+    async def agent_machines(
+        self, caller: TokenRecord, region: str | None, limit: int, cursor: str | None
+    ) -> MachinePage:
+        """A page of the region's machines desired started (an org token: its org's)."""
+        self._agent(caller)
+        region = DEFAULT_REGION if region is None else region
+        if not REGION_RE.match(region):
+            raise Invalid("region must be a region code such as iad, sin, syd")
+        after = _cursor(cursor)
+        org = None if caller.kind == "admin" else caller.org_id
+        found = await self.platform.read(
+            self.machines.in_region, region, org, limit=limit, after=after
+        )
+        return _page(found, limit)
+
+    async def report_state(
+        self, caller: TokenRecord, machine_id: str, body: Callable[[], StateReport]
+    ) -> Machine:
+        """An agent's report of a machine's state; the release follows (`body` is asked for
+        once the machine is found)."""
+        return await self.platform.run(self._report_state, caller, machine_id, body)
+
+    def _report_state(
+        self, caller: TokenRecord, machine_id: str, body: Callable[[], StateReport]
+    ) -> Machine:
+        machine = self._agent_machine(caller, machine_id)
+        report = body()
+        if report.state not in STATES or report.state == "created":
+            raise Invalid("state must be one of starting, started, stopped, failed")
+        if not _int32(report.exit_code, -INT32_MAX - 1):
+            raise Invalid(f"exit_code must be a whole number from {-INT32_MAX - 1} to {INT32_MAX}")
+        self.machines.report_state(machine.id, report.state, report.exit_code)
+        found = self.machines.get(machine.id)
+        if found is None:  # deleted meanwhile as an idle record (create_for_release)
+            raise NotFound("machine", machine.id)
+        return found
+
+    async def add_event(
+        self, caller: TokenRecord, machine_id: str, body: Callable[[], MachineEventInput]
+    ) -> None:
+        """An agent records a machine event (its message cut to MAX_EVENT characters)."""
+        await self.platform.run(self._add_event, caller, machine_id, body)
+
+    def _add_event(
+        self, caller: TokenRecord, machine_id: str, body: Callable[[], MachineEventInput]
+    ) -> None:
+        machine = self._agent_machine(caller, machine_id)
+        event = body()
+        if not event.message:
+            raise Invalid("message is required")
+        if not _int32(event.duration_ms, 0):
+            raise Invalid(f"duration_ms must be a whole number from 0 to {INT32_MAX}")
+        self.machines.add_event(machine.id, event.message[:MAX_EVENT], event.duration_ms)
+
+    async def add_logs(
+        self, caller: TokenRecord, machine_id: str, body: Callable[[], LogLines]
+    ) -> None:
+        """An agent appends a machine's log lines."""
+        await self.platform.run(self._add_logs, caller, machine_id, body)
+
+    def _add_logs(self, caller: TokenRecord, machine_id: str, body: Callable[[], LogLines]) -> None:
+        machine = self._agent_machine(caller, machine_id)
+        self.machines.add_logs(machine.id, body().lines)
