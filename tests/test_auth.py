@@ -21,7 +21,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from skyreg.auth.keys import KeyRing
 from skyreg.auth.keys import _kid as key_id
 from skyreg.meta.registry import open_database
-from tests.conftest import RunningRegistry
+from tests.conftest import ServedRegistry
+from tests.inprocess import InProcessRegistry
 from tests.oci_helpers import Image, push_blob, push_image, put_manifest, sha256
 from tests.platform_helpers import Tenancy
 
@@ -31,7 +32,7 @@ TARGETS = (OWN, SAME_ORG, OTHER_ORG, MISSING)
 
 @dataclass
 class World:
-    reg: RunningRegistry
+    reg: ServedRegistry
     tenancy: Tenancy
     secrets: dict[str, str]  # token kind -> secret
     images: dict[str, Image]  # app -> image tagged "latest"
@@ -50,9 +51,9 @@ class World:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     # Many tests here fail authentication on purpose; the limiter has its own test below.
-    reg = RunningRegistry(
+    reg = InProcessRegistry(
         data_dir=tmp_path_factory.mktemp("auth") / "data",
-        extra_args=["--auth-failure-limit", "1000"],
+        options={"auth_failure_limit": 1000, "access_log": True},
     )
     reg.start()
     try:
@@ -342,7 +343,7 @@ def _get_from(source: str, port: int, path: str, auth: tuple[str, str]) -> http.
 
 
 def test_repeated_failed_logins_are_slowed_down_for_that_client_only(tmp_path: Path) -> None:
-    reg = RunningRegistry(data_dir=tmp_path / "data")  # the default limit: 10 a minute
+    reg = InProcessRegistry(data_dir=tmp_path / "data")  # the default limit: 10 a minute
     reg.start()
     try:
         _check_failed_login_limit(reg, Tenancy(reg.data_dir).admin_secret())
@@ -350,7 +351,7 @@ def test_repeated_failed_logins_are_slowed_down_for_that_client_only(tmp_path: P
         reg.stop()
 
 
-def _check_failed_login_limit(reg: RunningRegistry, secret: str) -> None:
+def _check_failed_login_limit(reg: ServedRegistry, secret: str) -> None:
     port = reg.port
     statuses = [_get_from("127.0.0.9", port, "/v2/", ("x", "wrong")).status for _ in range(12)]
     assert statuses[:10] == [401] * 10
@@ -369,6 +370,7 @@ def test_secrets_never_appear_in_logs_or_responses(world: World) -> None:
     push_blob(world.url, OWN, b"log check", admin)
     requests.get(f"{world.url}/v2/", auth=("x", "skyreg_wrong-secret"))
     log = world.reg.log()
+    assert f'"POST /v2/{OWN}/blobs/uploads/' in log  # the log holds those requests
     for secret in world.secrets.values():
         assert secret not in log
     assert "skyreg_wrong-secret" not in log
@@ -432,7 +434,7 @@ def _get_forwarded(port: int, forwarded_for: str, auth: tuple[str, str], **extra
 def test_behind_a_trusted_proxy_each_forwarded_client_is_limited_on_its_own(
     tmp_path: Path,
 ) -> None:
-    reg = RunningRegistry(data_dir=tmp_path / "data", extra_args=["--trusted-proxy", "127.0.0.1"])
+    reg = InProcessRegistry(data_dir=tmp_path / "data", options={"trusted_proxies": ("127.0.0.1",)})
     reg.start()
     try:
         secret = Tenancy(reg.data_dir).admin_secret()
@@ -447,7 +449,7 @@ def test_behind_a_trusted_proxy_each_forwarded_client_is_limited_on_its_own(
 
 
 def test_forwarded_headers_from_untrusted_peers_are_ignored(tmp_path: Path) -> None:
-    reg = RunningRegistry(data_dir=tmp_path / "data")
+    reg = InProcessRegistry(data_dir=tmp_path / "data")
     reg.start()
     try:
         # A client rotating its claimed address is still one client.

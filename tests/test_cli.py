@@ -1,4 +1,5 @@
-"""The `skyreg` management commands, run as subprocesses against a real server with auth on."""
+"""The `skyreg` management commands, run as subprocesses (real clients) against a server with auth
+on, served in-process."""
 
 from __future__ import annotations
 
@@ -13,18 +14,20 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
 
-from tests.conftest import RunningRegistry
+from tests.conftest import ServedRegistry
+from tests.inprocess import InProcessRegistry
 from tests.test_management_api import authed, push_image
 from tests.waiting import free_port
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningRegistry]:
-    reg = RunningRegistry(data_dir=tmp_path_factory.mktemp("cli") / "data", extra_args=[])
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedRegistry]:
+    reg = InProcessRegistry(data_dir=tmp_path_factory.mktemp("cli") / "data")
     reg.start()
     try:
         yield reg
@@ -88,7 +91,7 @@ def cli(tmp_path: Path) -> Cli:
     return Cli(home, env)
 
 
-def admin_file(server: RunningRegistry) -> Path:
+def admin_file(server: ServedRegistry) -> Path:
     return server.data_dir / "admin-token"
 
 
@@ -96,11 +99,11 @@ def unique(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex[:10]}"
 
 
-def login_admin(cli: Cli, server: RunningRegistry) -> None:
+def login_admin(cli: Cli, server: ServedRegistry) -> None:
     cli.ok("login", "--server", server.url, "--token-file", str(admin_file(server)))
 
 
-def test_login_writes_a_private_config(cli: Cli, server: RunningRegistry) -> None:
+def test_login_writes_a_private_config(cli: Cli, server: ServedRegistry) -> None:
     out = cli.ok("login", "--server", server.url + "/", "--token-file", str(admin_file(server)))
     assert f"Logged in to {server.url} with admin token" in out
     doc = json.loads(cli.config.read_text())
@@ -116,7 +119,7 @@ def test_login_writes_a_private_config(cli: Cli, server: RunningRegistry) -> Non
     assert proc.returncode == 0, proc.stderr
 
 
-def test_login_with_a_bad_token_fails_cleanly(cli: Cli, server: RunningRegistry) -> None:
+def test_login_with_a_bad_token_fails_cleanly(cli: Cli, server: ServedRegistry) -> None:
     err = cli.fails("login", "--server", server.url, "--token", "skyreg_wrong")
     assert "invalid, expired or revoked token" in err
     assert not cli.config.exists()
@@ -124,7 +127,7 @@ def test_login_with_a_bad_token_fails_cleanly(cli: Cli, server: RunningRegistry)
     assert "no server" in err
 
 
-def test_unreachable_server_and_missing_things(cli: Cli, server: RunningRegistry) -> None:
+def test_unreachable_server_and_missing_things(cli: Cli, server: ServedRegistry) -> None:
     closed = free_port()  # nothing listens there
     err = cli.fails("orgs", "list", "--server", f"http://127.0.0.1:{closed}", "--token", "x")
     assert "cannot reach" in err
@@ -138,7 +141,7 @@ def test_unreachable_server_and_missing_things(cli: Cli, server: RunningRegistry
     assert "no token" in err
 
 
-def test_orgs_apps_and_tokens(cli: Cli, server: RunningRegistry) -> None:
+def test_orgs_apps_and_tokens(cli: Cli, server: ServedRegistry) -> None:
     login_admin(cli, server)
     org = unique("org")
     assert org in cli.ok("orgs", "create", org)
@@ -199,7 +202,7 @@ def test_orgs_apps_and_tokens(cli: Cli, server: RunningRegistry) -> None:
     assert "invalid, expired or revoked" in err and "401" in err
 
 
-def test_images_list(cli: Cli, server: RunningRegistry) -> None:
+def test_images_list(cli: Cli, server: ServedRegistry) -> None:
     login_admin(cli, server)
     org, app = unique("org"), unique("app")
     cli.ok("orgs", "create", org)
@@ -223,9 +226,9 @@ def test_images_list(cli: Cli, server: RunningRegistry) -> None:
     }
 
 
-def test_auth_docker_keeps_other_entries(cli: Cli, server: RunningRegistry) -> None:
+def test_auth_docker_keeps_other_entries(cli: Cli, server: ServedRegistry) -> None:
     cli.docker_config.parent.mkdir()
-    existing = {
+    existing: dict[str, Any] = {
         "auths": {"other.example:5000": {"auth": base64.b64encode(b"u:p").decode()}},
         "HttpHeaders": {"User-Agent": "test"},
     }

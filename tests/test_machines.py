@@ -20,8 +20,9 @@ import requests
 
 from skyreg.client.push import push_image
 from tests.agents import RunningAgent, machine_top
-from tests.conftest import RunningRegistry
+from tests.conftest import ServedRegistry
 from tests.images import Entry, build_app_image
+from tests.inprocess import InProcessRegistry
 from tests.platform_helpers import Tenancy, cli_env, run_skyreg
 from tests.waiting import free_port, http_get, wait_for
 
@@ -35,7 +36,7 @@ APP = "web"
 
 @dataclass
 class Platform:
-    reg: RunningRegistry
+    reg: ServedRegistry
     admin: str
     agent: RunningAgent
     work: Path
@@ -92,7 +93,9 @@ class Platform:
 
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
-    reg = RunningRegistry(data_dir=tmp_path_factory.mktemp("machines") / "data")
+    reg = InProcessRegistry(  # the access log counts blob downloads
+        data_dir=tmp_path_factory.mktemp("machines") / "data", options={"access_log": True}
+    )
     with contextlib.ExitStack() as stack:
         top = machine_top(stack, "skyreg-agent-")
         stack.callback(reg.stop)
@@ -237,7 +240,7 @@ def test_cli_lists_machines_and_prints_logs(platform: Platform, tmp_path: Path) 
     assert "desired stopped" in skyreg("machines", "stop", m["id"])
 
 
-def _blob_gets(reg: RunningRegistry) -> int:
+def _blob_gets(reg: ServedRegistry) -> int:
     return sum(1 for line in reg.log().splitlines() if f'"GET /v2/{APP}/blobs/' in line)
 
 

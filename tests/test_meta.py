@@ -27,6 +27,7 @@ from skyreg.oci import mediatypes as mt
 from skyreg.oci.digest import digest_of
 from skyreg.oci.manifest import Manifest, parse_manifest
 from tests.conftest import RunningRegistry
+from tests.inprocess import InProcessRegistry
 from tests.oci_helpers import push_image
 from tests.waiting import free_port
 
@@ -359,9 +360,9 @@ def test_serve_queries_postgresql_from_as_many_threads_as_db_threads_says(
 ) -> None:
     """Each thread gets its connections: 40 threads need more than the 32 a fixed pool of
     16 + 16 held (their requests waited 30 s for a connection, then failed)."""
-    reg = RunningRegistry(
+    reg = InProcessRegistry(
         data_dir=tmp_path / "data",
-        extra_args=["--no-auth", "--database-url", pg_url, "--db-threads", str(threads)],
+        options={"auth": False, "database_url": pg_url, "db_threads": threads},
     )
     reg.start()
     try:

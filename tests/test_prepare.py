@@ -12,15 +12,16 @@ import pytest
 from skyreg.client.push import push_image as push_local
 from skyreg.machines.layercache import LayerCache, clone_rootfs
 from skyreg.machines.prepare import PrepareError, RegistrySource, prepare_image
-from tests.conftest import RunningRegistry
+from tests.conftest import ServedRegistry
 from tests.images import build_image, build_platform_pair, write_oci_layout
+from tests.inprocess import InProcessRegistry
 from tests.platform_helpers import Tenancy
 
 
 @pytest.fixture(scope="module")
-def registry_with_images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningRegistry]:
+def registry_with_images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedRegistry]:
     root = tmp_path_factory.mktemp("prepare")
-    reg = RunningRegistry(data_dir=root / "data")
+    reg = InProcessRegistry(data_dir=root / "data")
     reg.start()
     try:
         t = Tenancy(reg.data_dir)
@@ -31,14 +32,14 @@ def registry_with_images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[R
         reg.stop()
 
 
-def _push_layout(reg: RunningRegistry, layout: Path, ref: str, tag: str) -> str:
+def _push_layout(reg: ServedRegistry, layout: Path, ref: str, tag: str) -> str:
     secret = Tenancy(reg.data_dir).admin_secret()
     result = push_local(f"oci:{layout}:{tag}", f"{reg.host}/{ref}", secret)
     return result.digest
 
 
 def _prepare(
-    reg: RunningRegistry, cache_root: Path, repo: str, digest: str, arch: str | None = None
+    reg: ServedRegistry, cache_root: Path, repo: str, digest: str, arch: str | None = None
 ) -> tuple[object, list[str]]:
     secret = Tenancy(reg.data_dir).admin_secret()
 
@@ -51,7 +52,7 @@ def _prepare(
     return asyncio.run(go())
 
 
-def test_cold_then_warm_preparation(registry_with_images: RunningRegistry, tmp_path: Path) -> None:
+def test_cold_then_warm_preparation(registry_with_images: ServedRegistry, tmp_path: Path) -> None:
     img = build_image("prepare")
     layout = write_oci_layout(tmp_path / "layout", [("v1", img)])
     digest = _push_layout(registry_with_images, layout, "web:v1", "v1")
@@ -75,7 +76,7 @@ def test_cold_then_warm_preparation(registry_with_images: RunningRegistry, tmp_p
 
 
 def test_index_resolves_to_the_host_platform(
-    registry_with_images: RunningRegistry, tmp_path: Path
+    registry_with_images: ServedRegistry, tmp_path: Path
 ) -> None:
     host, other = build_platform_pair("prepare-index")
     layout = write_oci_layout(tmp_path / "layout", [], indexes=[("multi", [host, other])])
@@ -90,7 +91,7 @@ def test_index_resolves_to_the_host_platform(
 
 
 def test_unknown_image_is_a_clear_error(
-    registry_with_images: RunningRegistry, tmp_path: Path
+    registry_with_images: ServedRegistry, tmp_path: Path
 ) -> None:
     missing = "sha256:" + "0" * 64
     with pytest.raises(PrepareError, match="MANIFEST_UNKNOWN"):

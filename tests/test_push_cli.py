@@ -24,8 +24,9 @@ from skyreg.cli.push import push_with_bars
 from skyreg.client import push as push_module
 from skyreg.client.imagesource import GzipDigestCache, detect_source, gzip_stream
 from skyreg.client.push import PushError, PushResult, Task, parse_reference, push_image
-from tests.conftest import RunningRegistry
+from tests.conftest import ServedRegistry
 from tests.images import TestImage, build_image, build_platform_pair, gzip_bytes, write_oci_layout
+from tests.inprocess import InProcessRegistry
 from tests.oci_helpers import DOCKER_CONFIG, DOCKER_LAYER, DOCKER_MANIFEST, OCI_INDEX, sha256
 from tests.platform_helpers import Tenancy
 
@@ -41,7 +42,7 @@ ACCEPT = ", ".join(
 
 @dataclass
 class Setup:
-    server: RunningRegistry
+    server: ServedRegistry
     token: str  # deploy token of app "web" in org "acme"
 
     @property
@@ -51,7 +52,9 @@ class Setup:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
-    server = RunningRegistry(data_dir=tmp_path_factory.mktemp("push") / "data", extra_args=[])
+    server = InProcessRegistry(
+        data_dir=tmp_path_factory.mktemp("push") / "data", options={"access_log": True}
+    )
     server.start()
     try:
         tenancy = Tenancy(server.data_dir)

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from skyreg.client.push import PushError
 from skyreg.client.push import parse_reference as parse_push_target
 from skyreg.oci.reference import MAX_REFERENCE_LENGTH, ImageReference, parse_reference
-from tests.conftest import RunningRegistry
+from tests.conftest import ServedRegistry
+from tests.inprocess import InProcessRegistry
 from tests.oci_helpers import Image, push_image
 from tests.platform_helpers import Tenancy, cli_env, run_skyreg
 
@@ -208,7 +209,7 @@ def test_push_keeps_tag_and_digest_and_tags_latest_by_default() -> None:
 
 @dataclass
 class Deployable:
-    reg: RunningRegistry
+    reg: ServedRegistry
     admin: str
     build: Image  # app1:build-1
     workdir: Path
@@ -217,7 +218,7 @@ class Deployable:
 @pytest.fixture(scope="module")
 def deployable(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployable]:
     workdir = tmp_path_factory.mktemp("reference")
-    reg = RunningRegistry(data_dir=workdir / "data")
+    reg = InProcessRegistry(data_dir=workdir / "data")
     reg.start()
     try:
         t = Tenancy(reg.data_dir)

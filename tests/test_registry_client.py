@@ -23,7 +23,8 @@ from skyreg.client import RegistryClient, RegistryClientError
 from skyreg.client.aio import AsyncRegistryClient
 from skyreg.client.protocol import ResponseTooLarge
 from skyreg.oci.mediatypes import OCI_MANIFEST
-from tests.conftest import RunningRegistry
+from tests.conftest import ServedRegistry
+from tests.inprocess import InProcessRegistry
 from tests.oci_helpers import image_manifest, sha256
 from tests.platform_helpers import Tenancy
 
@@ -32,14 +33,16 @@ PIECE = 64 * 1024
 
 @dataclass
 class Setup:
-    server: RunningRegistry
+    server: ServedRegistry
     token: str  # deploy token of app "web" in org "acme"
     open_token: str  # deploy token of the public app "open"
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
-    server = RunningRegistry(data_dir=tmp_path_factory.mktemp("client") / "data", extra_args=[])
+    server = InProcessRegistry(
+        data_dir=tmp_path_factory.mktemp("client") / "data", options={"access_log": True}
+    )
     server.start()
     try:
         tenancy = Tenancy(server.data_dir)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import requests
 
-from tests.conftest import RunningRegistry
+from tests.conftest import ServedRegistry
+from tests.inprocess import InProcessRegistry
 from tests.oci_helpers import Image, push_image
 from tests.platform_helpers import Tenancy
 
@@ -28,14 +30,14 @@ query($appName: String!, $limit: Int!) {
 
 @dataclass
 class Deploys:
-    reg: RunningRegistry
+    reg: ServedRegistry
     admin: str
     deploy2: str  # deploy token of app2
     deploy1: str  # deploy token of app1
     foreign: str  # org token of another org
     build: Image  # app1:build-1
 
-    def deploy(self, app: str, token: str, **body: object) -> requests.Response:
+    def deploy(self, app: str, token: str, **body: Any) -> requests.Response:
         return requests.post(
             f"{self.reg.url}/api/v1/apps/{app}/releases", json=body, auth=("x", token)
         )
@@ -50,7 +52,7 @@ class Deploys:
 
 @pytest.fixture(scope="module")
 def deploys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deploys]:
-    reg = RunningRegistry(data_dir=tmp_path_factory.mktemp("releases") / "data")
+    reg = InProcessRegistry(data_dir=tmp_path_factory.mktemp("releases") / "data")
     reg.start()
     try:
         t = Tenancy(reg.data_dir)

@@ -4,12 +4,13 @@ in the bucket, part sizes, crash points, digest checks, redirects, and `skyreg s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import json
 import os
 import urllib.request
-from collections.abc import AsyncIterator, Coroutine, Iterable
+from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,8 @@ from skyreg.oci.digest import Digest
 from skyreg.store import resumable
 from skyreg.store.base import DigestMismatch, UploadUnknown
 from skyreg.store.s3 import MAX_PART_SIZE, MAX_PARTS, MIN_PART_SIZE, PartSizes, S3BlobStore
-from tests.conftest import RunningRegistry
+from tests.conftest import RunningRegistry, ServedRegistry
+from tests.inprocess import InProcessRegistry, environment
 from tests.s3_fixtures import S3Bucket
 
 MiB = 1 << 20
@@ -468,26 +470,27 @@ def test_credentials_come_from_an_aws_profile(
 # -- skyreg serve on S3 ------------------------------------------------------------------------
 
 
-def _serve_on_s3(tmp_path: Path, bucket: S3Bucket, *extra: str) -> RunningRegistry:
-    reg = RunningRegistry(
-        data_dir=tmp_path / "data",
-        extra_args=[
-            "--no-auth",
-            "--storage",
-            f"s3://{bucket.name}/registry",
-            "--s3-endpoint",
-            bucket.endpoint,
-            *extra,
-        ],
-        env=bucket.server.aws_env(),
-    )
-    reg.start()
-    return reg
+@contextlib.contextmanager
+def _serve_on_s3(tmp_path: Path, bucket: S3Bucket, **options: object) -> Iterator[ServedRegistry]:
+    with environment(bucket.server.aws_env()):
+        reg = InProcessRegistry(
+            data_dir=tmp_path / "data",
+            options={
+                "auth": False,
+                "storage": f"s3://{bucket.name}/registry",
+                "s3_endpoint": bucket.endpoint,
+                **options,
+            },
+        )
+        reg.start()
+        try:
+            yield reg
+        finally:
+            reg.stop()
 
 
 def test_serve_on_s3_pushes_and_pulls_blobs(tmp_path: Path, s3_bucket: S3Bucket) -> None:
-    reg = _serve_on_s3(tmp_path, s3_bucket)
-    try:
+    with _serve_on_s3(tmp_path, s3_bucket) as reg:
         base = reg.url
         mono = os.urandom(3 * MiB + 5)
         r = requests.post(f"{base}/v2/app/blobs/uploads/?digest={sha256(mono)}", data=mono)
@@ -534,15 +537,12 @@ def test_serve_on_s3_pushes_and_pulls_blobs(tmp_path: Path, s3_bucket: S3Bucket)
             f"registry/blobs/sha256/{sha256(b).hex[:2]}/{sha256(b).hex}" for b in (mono, chunked)
         )
         assert s3_bucket.keys("registry/uploads/") == []
-    finally:
-        reg.stop()
 
 
 def test_serve_with_s3_redirect_answers_307_to_the_object(
     tmp_path: Path, s3_bucket: S3Bucket
 ) -> None:
-    reg = _serve_on_s3(tmp_path, s3_bucket, "--s3-redirect")
-    try:
+    with _serve_on_s3(tmp_path, s3_bucket, s3_redirect=True) as reg:
         blob = os.urandom(50_000)
         url = f"{reg.url}/v2/app/blobs/{sha256(blob)}"
         r = requests.post(f"{reg.url}/v2/app/blobs/uploads/?digest={sha256(blob)}", data=blob)
@@ -554,8 +554,6 @@ def test_serve_with_s3_redirect_answers_307_to_the_object(
         assert requests.get(url).content == blob  # followed by the client
         r = requests.head(url, allow_redirects=False)
         assert r.status_code == 200 and r.headers["Content-Length"] == str(len(blob))
-    finally:
-        reg.stop()
 
 
 def test_serve_refuses_a_storage_it_cannot_reach(tmp_path: Path, s3_bucket: S3Bucket) -> None:

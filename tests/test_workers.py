@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from skyreg.workers import PeriodicWorker, Worker, Workers
-from tests.conftest import RunningRegistry
+from tests.inprocess import InProcessRegistry
 from tests.platform_helpers import Tenancy
 from tests.waiting import free_port, wait_for
 
@@ -238,7 +238,7 @@ def _metric(text: str, line_start: str) -> float | None:
 def test_a_single_region_server_shows_its_workers_in_metrics_to_admins_only(
     tmp_path: Path,
 ) -> None:
-    reg = RunningRegistry(data_dir=tmp_path / "data", extra_args=["--expiry-interval", "0.2"])
+    reg = InProcessRegistry(data_dir=tmp_path / "data", options={"expiry_interval": 0.2})
     reg.start()
     try:
         admin = Tenancy(reg.data_dir).admin_secret()
@@ -267,9 +267,9 @@ def test_a_region_node_lists_its_replication_worker_in_metrics(tmp_path: Path) -
     regions.write_text(
         json.dumps({"regions": {"iad": {"url": f"http://127.0.0.1:{port}", "rtt_ms": {}}}})
     )
-    reg = RunningRegistry(
+    reg = InProcessRegistry(
         data_dir=tmp_path / "data",
-        extra_args=["--no-auth", "--region", "iad", "--regions-file", str(regions)],
+        options={"auth": False, "region": "iad", "regions_file": regions},
     )
     reg.port = port
     reg.start()

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import requests
 
-from tests.conftest import RunningRegistry
+from tests.inprocess import InProcessRegistry
 from tests.platform_helpers import Tenancy
 
 NOT_GZIP = b"this body says gzip and is not"
 
 
 def test_a_body_that_is_not_in_its_content_encoding_is_refused_clearly(tmp_path: Path) -> None:
-    reg = RunningRegistry(data_dir=tmp_path / "data")
+    reg = InProcessRegistry(data_dir=tmp_path / "data")
     reg.start()
     try:
         t = Tenancy(reg.data_dir)

@@ -29,8 +29,9 @@ from skyreg.client.push import push_image as push_layout
 from skyreg.machines.layercache import LayerCache
 from skyreg.machines.prepare import PreparedImage, PrepareError, RegistrySource, prepare_image
 from tests.agents import RunningAgent, machine_top
-from tests.conftest import RunningRegistry
+from tests.conftest import ServedRegistry
 from tests.images import Entry, TestImage, build_app_image, busybox_layer, canonical_json
+from tests.inprocess import InProcessRegistry
 from tests.oci_helpers import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, push_blob, put_manifest, sha256
 from tests.platform_helpers import Tenancy
 from tests.waiting import wait_for
@@ -47,7 +48,7 @@ WAIT = 120.0  # seconds for the agent to prepare (and fail) a machine
 
 @dataclass
 class Site:
-    reg: RunningRegistry
+    reg: ServedRegistry
     admin: str
     token_a: str  # org token of org A (apps `alpha`, `charlie`)
     token_b: str  # org token of org B (app `bravo`)
@@ -112,7 +113,7 @@ class Site:
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
-    reg = RunningRegistry(data_dir=tmp_path_factory.mktemp("cacheauth") / "data")
+    reg = InProcessRegistry(data_dir=tmp_path_factory.mktemp("cacheauth") / "data")
     with contextlib.ExitStack() as stack:
         top = machine_top(stack, "skyreg-agent-")
         stack.callback(reg.stop)

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import pytest
 import requests
 
-from tests.conftest import RunningRegistry
+from tests.conftest import ServedRegistry
+from tests.inprocess import InProcessRegistry
 from tests.oci_helpers import (
     OCI_CONFIG,
     OCI_INDEX,
@@ -32,7 +33,7 @@ from tests.platform_helpers import Tenancy
 
 @dataclass
 class Tenants:
-    reg: RunningRegistry
+    reg: ServedRegistry
     a_image: Image  # org A's image in app `alpha`
     b_token: str  # org token of org B (apps `bravo`, `bravo-src`)
 
@@ -55,7 +56,7 @@ class Tenants:
 
 @pytest.fixture(scope="module")
 def tenants(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tenants]:
-    reg = RunningRegistry(data_dir=tmp_path_factory.mktemp("foreign") / "data")
+    reg = InProcessRegistry(data_dir=tmp_path_factory.mktemp("foreign") / "data")
     reg.start()
     try:
         t = Tenancy(reg.data_dir)

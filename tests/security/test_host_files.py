@@ -35,6 +35,7 @@ from tests.images import (
     host_architecture,
     layer_from_entries,
 )
+from tests.inprocess import InProcessRegistry
 from tests.oci_helpers import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, sha256
 from tests.platform_helpers import Tenancy
 from tests.waiting import wait_for
@@ -152,6 +153,7 @@ def _with_umask(mask: int, start: Callable[[], T]) -> T:
 def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployed]:
     with contextlib.ExitStack() as stack:
         top = machine_top(stack, "skyreg-hostfiles-")
+        # A process: what it creates under umask 0 (uploads, blobs) is what the tests look at.
         reg = RunningRegistry(data_dir=top / "registry")
         stack.callback(reg.stop)
         _with_umask(0, reg.start)
@@ -291,7 +293,7 @@ def test_an_older_loose_data_dir_is_tightened_on_start(tmp_path: Path) -> None:
     for sub in ("", "blobs", "uploads"):
         (data / sub).mkdir(exist_ok=True)
         (data / sub).chmod(0o755)
-    reg = RunningRegistry(data_dir=data, extra_args=["--no-auth"])
+    reg = InProcessRegistry(data_dir=data, options={"auth": False})
     reg.start()
     try:
         for sub in ("", "blobs", "uploads"):

@@ -22,14 +22,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from skyreg.auth.keys import KeyRing
 from skyreg.meta.registry import open_database
-from tests.conftest import RunningRegistry
+from tests.conftest import ServedRegistry
+from tests.inprocess import InProcessRegistry
 from tests.oci_helpers import push_image
 from tests.platform_helpers import Tenancy
 
 
 @dataclass
 class Target:
-    reg: RunningRegistry
+    reg: ServedRegistry
     valid: str  # a genuine pull JWT for a1
     sub: str
 
@@ -41,7 +42,7 @@ class Target:
 
 @pytest.fixture(scope="module")
 def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
-    reg = RunningRegistry(data_dir=tmp_path_factory.mktemp("jwt") / "data")
+    reg = InProcessRegistry(data_dir=tmp_path_factory.mktemp("jwt") / "data")
     reg.start()
     try:
         t = Tenancy(reg.data_dir)

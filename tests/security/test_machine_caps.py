@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 from collections.abc import Iterator
@@ -16,7 +17,9 @@ import pytest
 import requests
 
 from skyreg.machines.agent import Agent
-from tests.conftest import RunningRegistry
+from skyreg.services.releases import DeployLimits
+from tests.conftest import ServedRegistry
+from tests.inprocess import InProcessRegistry
 from tests.oci_helpers import push_image
 from tests.platform_helpers import Tenancy, cli_env, run_skyreg
 
@@ -25,7 +28,7 @@ PER_REGION, PER_RELEASE, PER_APP, MAX_REGIONS = 40, 60, 100, 3
 
 @dataclass
 class Server:
-    reg: RunningRegistry
+    reg: ServedRegistry
     admin: str
     deploy_token: str
     image: str  # app:tag of a pushed image
@@ -43,39 +46,31 @@ class Server:
         )
 
 
-def _start(top: Path, extra: list[str], apps: list[str]) -> tuple[RunningRegistry, Server]:
-    reg = RunningRegistry(data_dir=top / "data", extra_args=extra)
+@contextlib.contextmanager
+def _serving(top: Path, apps: list[str], **options: object) -> Iterator[Server]:
+    reg = InProcessRegistry(data_dir=top / "data", options=options)
     reg.start()
-    t = Tenancy(reg.data_dir)
-    t.org("acme")
-    for app in apps:
-        t.app(app, "acme")
-    admin = t.admin_secret()
-    session = requests.Session()
-    session.auth = ("x", admin)
-    push_image(reg.url, apps[0], "v1", session=session)
-    token = t.token("org", org="acme")[0]
-    return reg, Server(reg, admin, token, f"{apps[0]}:v1")
+    try:
+        t = Tenancy(reg.data_dir)
+        t.org("acme")
+        for app in apps:
+            t.app(app, "acme")
+        admin = t.admin_secret()
+        session = requests.Session()
+        session.auth = ("x", admin)
+        push_image(reg.url, apps[0], "v1", session=session)
+        token = t.token("org", org="acme")[0]
+        yield Server(reg, admin, token, f"{apps[0]}:v1")
+    finally:
+        reg.stop()
 
 
 @pytest.fixture
 def single(tmp_path: Path) -> Iterator[Server]:
     """A single-region server (region `local`) with small caps."""
-    reg = None
-    try:
-        reg, server = _start(
-            tmp_path,
-            [
-                "--max-machines-per-region", str(PER_REGION),
-                "--max-machines-per-release", str(PER_RELEASE),
-                "--max-machines-per-app", str(PER_APP),
-            ],
-            ["caps", "other"],
-        )  # fmt: skip
+    limits = DeployLimits(per_region=PER_REGION, per_release=PER_RELEASE, per_app=PER_APP)
+    with _serving(tmp_path, ["caps", "other"], deploy_limits=limits) as server:
         yield server
-    finally:
-        if reg is not None:
-            reg.stop()
 
 
 @pytest.fixture
@@ -83,23 +78,17 @@ def multi(tmp_path: Path) -> Iterator[Server]:
     """A node of region iad in a registry of four regions, with small caps."""
     regions = {code: {"url": f"http://127.0.0.1:{9}"} for code in ("iad", "sin", "syd", "ams")}
     (tmp_path / "regions.json").write_text(json.dumps({"regions": regions}))
-    reg = None
-    try:
-        reg, server = _start(
-            tmp_path,
-            [
-                "--region", "iad", "--regions-file", str(tmp_path / "regions.json"),
-                "--max-machines-per-region", str(PER_REGION),
-                "--max-machines-per-release", str(PER_RELEASE),
-                "--max-machines-per-app", str(PER_APP),
-                "--max-regions-per-release", str(MAX_REGIONS),
-            ],
-            ["caps"],
-        )  # fmt: skip
+    limits = DeployLimits(
+        per_region=PER_REGION, per_release=PER_RELEASE, per_app=PER_APP, regions=MAX_REGIONS
+    )
+    with _serving(
+        tmp_path,
+        ["caps"],
+        region="iad",
+        regions_file=tmp_path / "regions.json",
+        deploy_limits=limits,
+    ) as server:
         yield server
-    finally:
-        if reg is not None:
-            reg.stop()
 
 
 def _refused(r: requests.Response, *words: str) -> None:
@@ -227,13 +216,8 @@ TIGHT = 3  # --max-machines-per-app of the `tight` server: 30 idle machines kept
 @pytest.fixture
 def tight(tmp_path: Path) -> Iterator[Server]:
     """A single-region server whose apps may have 3 live machines."""
-    reg = None
-    try:
-        reg, server = _start(tmp_path, ["--max-machines-per-app", str(TIGHT)], ["caps"])
+    with _serving(tmp_path, ["caps"], deploy_limits=DeployLimits(per_app=TIGHT)) as server:
         yield server
-    finally:
-        if reg is not None:
-            reg.stop()
 
 
 def _post(server: Server, path: str, body: dict[str, Any] | None = None) -> requests.Response:

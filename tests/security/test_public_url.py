@@ -12,7 +12,7 @@ from pathlib import Path
 
 import requests
 
-from tests.conftest import RunningRegistry
+from tests.inprocess import InProcessRegistry
 from tests.oci_helpers import push_image
 from tests.platform_helpers import Tenancy
 from tests.s3_fixtures import free_ports
@@ -26,7 +26,7 @@ def _realm(resp: requests.Response) -> str:
 
 
 def test_token_realm_and_image_references_ignore_the_host_header(tmp_path: Path) -> None:
-    reg = RunningRegistry(data_dir=tmp_path / "data")
+    reg = InProcessRegistry(data_dir=tmp_path / "data")
     reg.start()
     try:
         t = Tenancy(reg.data_dir)
@@ -57,8 +57,8 @@ def test_token_realm_and_image_references_ignore_the_host_header(tmp_path: Path)
 
 
 def test_a_configured_public_url_is_the_name_in_challenges(tmp_path: Path) -> None:
-    reg = RunningRegistry(
-        data_dir=tmp_path / "data", extra_args=["--public-url", "https://registry.example.com"]
+    reg = InProcessRegistry(
+        data_dir=tmp_path / "data", options={"public_url": "https://registry.example.com"}
     )
     reg.start()
     try:
@@ -74,14 +74,14 @@ def test_metrics_need_an_admin_token_or_their_own_address(tmp_path: Path) -> Non
     regions.write_text(
         json.dumps({"regions": {"iad": {"url": f"http://127.0.0.1:{port}", "rtt_ms": {}}}})
     )
-    reg = RunningRegistry(
+    reg = InProcessRegistry(
         data_dir=tmp_path / "data",
-        extra_args=[
-            "--region", "iad",
-            "--regions-file", str(regions),
-            "--metrics-address", f"127.0.0.1:{metrics_port}",
-        ],
-    )  # fmt: skip
+        options={
+            "region": "iad",
+            "regions_file": regions,
+            "metrics_address": f"127.0.0.1:{metrics_port}",
+        },
+    )
     reg.port = port
     reg.start()
     try:

@@ -19,22 +19,53 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from skyreg.netaddr import client_key
 from skyreg.registry.connections import ConnectionGuard, ConnectionLimits
-from tests.conftest import RunningRegistry
+from tests.conftest import RunningRegistry, ServedRegistry
+from tests.inprocess import InProcessRegistry
 from tests.oci_helpers import sha256
 from tests.platform_helpers import Tenancy
 
 DEADLINE = 30.0  # seconds: far beyond every timeout the tests configure
 
 
+_LIMITS = {
+    "--header-timeout": "header_timeout",
+    "--keepalive-timeout": "keepalive_timeout",
+    "--body-timeout": "body_timeout",
+    "--request-timeout": "request_timeout",
+}
+
+
+def _serve_options(args: tuple[str, ...], auth: bool) -> dict[str, object]:
+    """The `skyreg serve` flags these tests use, as `ServeConfig` fields."""
+    options: dict[str, object] = {"auth": auth}
+    limits: dict[str, Any] = {}
+    proxies: list[str] = []
+    for flag, value in zip(args[::2], args[1::2], strict=True):
+        if flag in _LIMITS:
+            limits[_LIMITS[flag]] = float(value)
+        elif flag == "--max-connections-per-client":
+            limits["max_per_client"] = int(value)
+        elif flag == "--trusted-proxy":
+            proxies.append(value)
+        elif flag == "--auth-failure-limit":
+            options["auth_failure_limit"] = int(value)
+        else:
+            raise ValueError(f"no ServeConfig field for {flag}")
+    options["connections"] = ConnectionLimits(**limits)
+    options["trusted_proxies"] = tuple(proxies)
+    return options
+
+
 @contextlib.contextmanager
-def serving(tmp_path: Path, *args: str, auth: bool = False) -> Iterator[RunningRegistry]:
-    no_auth = [] if auth else ["--no-auth"]
-    reg = RunningRegistry(data_dir=tmp_path / "data", extra_args=[*no_auth, *args])
+def serving(tmp_path: Path, *args: str, auth: bool = False) -> Iterator[ServedRegistry]:
+    """A server in this process (tests/inprocess.py) with `skyreg serve` flags `args`."""
+    reg = InProcessRegistry(data_dir=tmp_path / "data", options=_serve_options(args, auth))
     reg.start()
     try:
         yield reg
@@ -42,7 +73,18 @@ def serving(tmp_path: Path, *args: str, auth: bool = False) -> Iterator[RunningR
         reg.stop()
 
 
-def connect(reg: RunningRegistry, source: str = "127.0.0.1") -> socket.socket:
+@contextlib.contextmanager
+def serving_process(tmp_path: Path, *args: str) -> Iterator[RunningRegistry]:
+    """`skyreg serve --no-auth` as a process of its own, for tests of its descriptors."""
+    reg = RunningRegistry(data_dir=tmp_path / "data", extra_args=["--no-auth", *args])
+    reg.start()
+    try:
+        yield reg
+    finally:
+        reg.stop()
+
+
+def connect(reg: ServedRegistry, source: str = "127.0.0.1") -> socket.socket:
     """A TCP connection to the registry from `source` (any 127/8 address is loopback)."""
     return socket.create_connection(
         ("127.0.0.1", reg.port), timeout=DEADLINE, source_address=(source, 0)
@@ -106,7 +148,7 @@ def closed_by_server(sock: socket.socket, deadline: float, trickle: bytes = b"")
     return False
 
 
-def get_base(reg: RunningRegistry, source: str = "127.0.0.1") -> int:
+def get_base(reg: ServedRegistry, source: str = "127.0.0.1") -> int:
     """Status of `GET /v2/` on a new connection from `source`."""
     with connect(reg, source) as sock:
         sock.sendall(request_head("GET", "/v2/", Connection="close"))
@@ -151,7 +193,7 @@ def test_idle_keepalive_connection_is_closed_after_keepalive_timeout(tmp_path: P
         assert closed_by_server(sock, time.monotonic() + DEADLINE)
 
 
-def _upload_status(reg: RunningRegistry, location: str) -> int:
+def _upload_status(reg: ServedRegistry, location: str) -> int:
     """Bytes the upload holds, from its status (`Range: 0-<last>`; "0-0" for none)."""
     req = urllib.request.Request(f"{reg.url}{location}", method="GET")
     with urllib.request.urlopen(req, timeout=DEADLINE) as resp:
@@ -237,7 +279,7 @@ def test_connections_per_client_are_capped_except_for_trusted_proxies(tmp_path: 
             time.sleep(0.05)
 
 
-def _try_get_base(reg: RunningRegistry, source: str) -> int | None:
+def _try_get_base(reg: ServedRegistry, source: str) -> int | None:
     """`GET /v2/`'s status, or None when the server hung up (a refusal racing the request)."""
     try:
         return get_base(reg, source)
@@ -251,7 +293,10 @@ def _open_files(pid: int) -> int:
 
 def test_server_out_of_descriptors_recovers_and_answers_a_new_client(tmp_path: Path) -> None:
     limit = 64
-    with serving(tmp_path, "--header-timeout", "1") as reg, contextlib.ExitStack() as held:
+    with (
+        serving_process(tmp_path, "--header-timeout", "1") as reg,
+        contextlib.ExitStack() as held,
+    ):
         assert reg.proc is not None
         pid = reg.proc.pid
         assert _open_files(pid) < limit - 8, "the server needs room to accept a few clients"
@@ -398,7 +443,7 @@ def test_small_request_bodies_trickled_never_idle_are_closed_after_request_timeo
         assert get_base_status_with_auth(reg) == 401  # the server goes on serving
 
 
-def get_base_status_with_auth(reg: RunningRegistry) -> int:
+def get_base_status_with_auth(reg: ServedRegistry) -> int:
     try:
         with urllib.request.urlopen(f"{reg.url}/v2/", timeout=DEADLINE) as resp:
             return int(resp.status)
@@ -475,7 +520,7 @@ def test_connection_cap_counts_an_ipv6_64_as_one_client() -> None:
     assert not guard.admit("::ffff:192.0.2.1")
 
 
-def _failed_login_through_proxy(reg: RunningRegistry, client: str) -> int:
+def _failed_login_through_proxy(reg: ServedRegistry, client: str) -> int:
     """Status of `GET /v2/` with a wrong token, as forwarded by the proxy at 127.0.0.1."""
     conn = http.client.HTTPConnection("127.0.0.1", reg.port, timeout=DEADLINE)
     try:

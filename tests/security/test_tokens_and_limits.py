@@ -15,13 +15,14 @@ import jwt
 import pytest
 import requests
 
-from tests.conftest import RunningRegistry
+from tests.conftest import ServedRegistry
+from tests.inprocess import InProcessRegistry
 from tests.platform_helpers import Tenancy
 
 
 @dataclass
 class Tenants:
-    reg: RunningRegistry
+    reg: ServedRegistry
     deploy_b1: str  # a deploy token of org B's app b1: may push, pull (and not delete)
     org_b: str  # an org token of org B: may do everything to b1
 
@@ -32,7 +33,7 @@ class Tenants:
 
 @pytest.fixture(scope="module")
 def tenants(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tenants]:
-    reg = RunningRegistry(data_dir=tmp_path_factory.mktemp("tokens") / "data")
+    reg = InProcessRegistry(data_dir=tmp_path_factory.mktemp("tokens") / "data")
     reg.start()
     try:
         t = Tenancy(reg.data_dir)
@@ -115,7 +116,7 @@ def _get_from(
 def test_valid_credentials_are_never_refused_for_failures_at_their_address(
     tmp_path: Path,
 ) -> None:
-    reg = RunningRegistry(data_dir=tmp_path / "data", extra_args=["--auth-failure-limit", "3"])
+    reg = InProcessRegistry(data_dir=tmp_path / "data", options={"auth_failure_limit": 3})
     reg.start()
     try:
         secret = Tenancy(reg.data_dir).admin_secret()
@@ -132,9 +133,9 @@ def test_valid_credentials_are_never_refused_for_failures_at_their_address(
 
 
 def test_behind_a_proxy_the_limiter_cannot_be_aimed_at_a_victim_or_dodged(tmp_path: Path) -> None:
-    reg = RunningRegistry(
+    reg = InProcessRegistry(
         data_dir=tmp_path / "data",
-        extra_args=["--trusted-proxy", "127.0.0.1", "--auth-failure-limit", "3"],
+        options={"trusted_proxies": ("127.0.0.1",), "auth_failure_limit": 3},
     )
     reg.start()
     try:
@@ -161,9 +162,9 @@ def test_behind_a_proxy_the_limiter_cannot_be_aimed_at_a_victim_or_dodged(tmp_pa
 def test_a_forwarded_hop_that_is_not_an_address_is_never_taken_as_the_client(
     tmp_path: Path,
 ) -> None:
-    reg = RunningRegistry(
+    reg = InProcessRegistry(
         data_dir=tmp_path / "data",
-        extra_args=["--trusted-proxy", "127.0.0.1", "--auth-failure-limit", "3"],
+        options={"trusted_proxies": ("127.0.0.1",), "auth_failure_limit": 3},
     )
     reg.start()
     try:
@@ -206,8 +207,8 @@ def test_metrics_refuse_a_registry_jwt_even_one_made_from_an_admin_token(tmp_pat
     regions.write_text(
         json.dumps({"regions": {"iad": {"url": f"http://127.0.0.1:{port}", "rtt_ms": {}}}})
     )
-    reg = RunningRegistry(
-        data_dir=tmp_path / "data", extra_args=["--region", "iad", "--regions-file", str(regions)]
+    reg = InProcessRegistry(
+        data_dir=tmp_path / "data", options={"region": "iad", "regions_file": regions}
     )
     reg.port = port
     reg.start()

@@ -132,6 +132,7 @@ async def run_worker(
 ) -> None:
     """Build every part of one worker and serve on `sock` until `stop` is set (by default, until
     SIGTERM or SIGINT: only the main thread may wait for signals)."""
+    logging.getLogger("aiohttp.server").addFilter(_unreadable_bodies_in_one_line)  # idempotent
     meta = open_database(
         cfg.database_url,
         cfg.data_dir,
@@ -366,7 +367,6 @@ def serve(cfg: ServeConfig) -> None:
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
     )
-    logging.getLogger("aiohttp.server").addFilter(_unreadable_bodies_in_one_line)
     log.info("open-file limit: %d descriptors per process", raise_descriptor_limit())
     admin_token = prepare(cfg)
     sock = listen(cfg.host, cfg.port)
