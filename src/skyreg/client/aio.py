@@ -7,6 +7,10 @@ request, unless `send_basic` is off (registries that take only Bearer tokens); a
 `Bearer realm=…,scope=…` challenge fetches a token for that scope from the realm (with the Basic
 credentials, if any) and sends the request once more with it; tokens are kept per repository
 until shortly before they expire. A token the realm refuses leaves the first 401 as the answer.
+Credentials go only to the registry: only a challenge from its own origin is followed (not one
+from a host a redirect led to, which aiohttp sends no credentials), the realm must be an
+absolute http(s) URL without credentials in it, and the Basic credentials go to a realm only at
+the registry's origin or over https (a cleartext realm elsewhere is asked anonymously).
 
 What it reads is bounded: manifests by the caller's limit (refused before reading when the
 Content-Length already says so), error and token bodies by 64 KiB, blob streams by the caller's
@@ -39,7 +43,9 @@ from skyreg.client.protocol import (
     content_range_start,
     first_error,
     manifest_path,
+    origin,
     parse_token,
+    realm_takes_credentials,
     repository_scope,
     short_digest,
     token_url,
@@ -197,7 +203,14 @@ class AsyncRegistryClient:
         resp = await self._send(method, url, headers, token)
         try:
             challenge = bearer_challenge(resp.headers.get("WWW-Authenticate", ""))
-            if resp.status == 401 and challenge is not None and self.token_flow:
+            # Only the registry's own challenge counts: a host a redirect led to (storage)
+            # must not name a realm that would get the credential aiohttp kept from it.
+            if (
+                resp.status == 401
+                and challenge is not None
+                and self.token_flow
+                and origin(str(resp.url)) == origin(self.base_url)
+            ):
                 first = await _answer(resp)
                 resp.release()
                 token = await self._fetch_token(challenge, scope, token)
@@ -235,11 +248,14 @@ class AsyncRegistryClient:
             current = self._token(scope)
             if current is not None and current != refused:
                 return current
+            realm = challenge["realm"]
+            if origin(realm) is None:
+                return None  # not an absolute http(s) URL, or one carrying credentials
             scopes = [scope]
             if challenge.get("scope") and challenge["scope"] not in scopes:
                 scopes.append(challenge["scope"])
             headers = {"Accept": "application/json"}
-            if self.password:
+            if self.password and realm_takes_credentials(realm, self.base_url):
                 headers["Authorization"] = basic_authorization(self.username, self.password)
             async with self.session.get(token_url(challenge, scopes), headers=headers) as resp:
                 if resp.status != 200:

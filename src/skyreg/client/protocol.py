@@ -5,6 +5,7 @@ endpoint answers, registry error bodies, upload and Range headers."""
 from __future__ import annotations
 
 import base64
+import math
 import re
 import urllib.parse
 from typing import Any
@@ -16,6 +17,7 @@ ALL_MANIFESTS = (OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, *INDEXES)
 MAX_ERROR_BODY = 64 * 1024  # an error body is parsed only this far
 MAX_TOKEN_BODY = 1024 * 1024  # a token endpoint's answer (JWTs with many claims are kilobytes)
 REDIRECTS = (301, 302, 303, 307, 308)
+_TOKEN_RE = re.compile(r"[\x21-\x7e]+")  # what a header value may hold as is, no space
 
 
 class RegistryClientError(Exception):
@@ -95,17 +97,40 @@ def token_url(challenge: dict[str, str], scopes: list[str]) -> str:
     return realm + ("&" if "?" in realm else "?") + urllib.parse.urlencode(query)
 
 
+def origin(url: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of an absolute http(s) URL without credentials in it, else None."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        scheme, host, port = parts.scheme.lower(), parts.hostname, parts.port
+    except ValueError:  # a bad port or IPv6 literal
+        return None
+    if scheme not in ("http", "https") or not host or parts.username or parts.password:
+        return None
+    return scheme, host, port or (443 if scheme == "https" else 80)
+
+
+def realm_takes_credentials(realm: str, registry: str) -> bool:
+    """Whether credentials for `registry` may go to the token `realm` it named: a realm at the
+    registry's own origin, or any https one (auth servers often have a host of their own) —
+    never a cleartext one elsewhere, which anyone on the path could read."""
+    at = origin(realm)
+    return at is not None and (at[0] == "https" or at == origin(registry))
+
+
 def parse_token(body: bytes) -> tuple[str, float] | None:
-    """(token, lifetime in seconds) from a token endpoint's answer, or None without a token."""
+    """(token, lifetime in seconds) from a token endpoint's answer, or None without a token.
+
+    A token must be visible ASCII (it goes into a header as is); a lifetime that is no finite
+    number counts as the default 60 seconds."""
     try:
         doc = load_json(body, max_bytes=MAX_TOKEN_BODY)
         token = doc.get("token") or doc.get("access_token")
         lifetime = float(doc.get("expires_in") or 60)
-    except (ValueError, AttributeError, TypeError):
+    except (ValueError, AttributeError, TypeError, OverflowError):
         return None
-    if not isinstance(token, str) or not token:
+    if not isinstance(token, str) or _TOKEN_RE.fullmatch(token) is None:
         return None
-    return token, lifetime
+    return token, lifetime if math.isfinite(lifetime) else 60.0
 
 
 def _json(body: bytes) -> Any:

@@ -273,14 +273,18 @@ def upload_expiry(reg: Registry, interval: float) -> PeriodicWorker:
 async def _expire_uploads(reg: Registry) -> None:
     cutoff = datetime.now(UTC) - timedelta(seconds=reg.upload_ttl)
     for upload_id in await reg.meta.read(reg.meta.stale_uploads, cutoff):
-        await reg.store.abort(upload_id)
+        # Never wait for an upload a request is using (a PATCH may trickle for as long as its
+        # client keeps sending): it is not abandoned, and waiting would stall every expiry.
+        if await reg.store.reclaim(upload_id) is None:
+            continue
         await reg.meta.run(reg.meta.delete_upload, upload_id)
         log.info("expired abandoned upload %s", upload_id)
     # Bytes with no session left behind (a crash between the two steps above, or in the middle
     # of a monolithic upload) go once they are as old as an expired upload.
     for upload_id in await reg.store.idle_uploads(cutoff):
         if await reg.meta.read(reg.meta.upload_repository, upload_id) is None:
-            await reg.store.abort(upload_id)
+            if await reg.store.reclaim(upload_id) is None:
+                continue
             log.info("removed orphaned upload bytes %s", upload_id)
 
 

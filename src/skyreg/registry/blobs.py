@@ -150,14 +150,24 @@ async def delete_blob(request: web.Request, name: str, reference: str) -> web.St
 
 
 class _Body:
-    """A request body as the store reads it, counting the bytes that arrived."""
+    """A request body as the store reads it, counting the bytes that arrived; with a `limit`
+    (a chunk's Content-Range) it ends there and notes whether the body went on (`overflow`)."""
 
-    def __init__(self, request: web.Request) -> None:
+    def __init__(self, request: web.Request, limit: int | None = None) -> None:
         self.request = request
         self.received = 0
+        self.limit = limit
+        self.overflow = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         async for chunk in self.request.content.iter_chunked(_BODY_CHUNK):
+            if self.limit is not None and self.received + len(chunk) > self.limit:
+                self.overflow = True
+                chunk = chunk[: self.limit - self.received]
+                if chunk:
+                    self.received += len(chunk)
+                    yield chunk
+                return
             self.received += len(chunk)
             yield chunk
 
@@ -316,7 +326,8 @@ async def _append(request: web.Request, reg: Registry, name: str, upload_id: str
                 status=416,
                 headers=_upload_headers(name, upload_id, await _upload_size(reg, upload_id)),
             )
-    body = _Body(request)
+    # A chunked body cannot be checked before it is read: stored no further than its range.
+    body = _Body(request, expected)
     try:
         size = await reg.store.append(upload_id, body, offset)
     except ConnectionError:
@@ -345,6 +356,13 @@ async def _append(request: web.Request, reg: Registry, name: str, upload_id: str
         raise
     if reg.space is not None:
         reg.space.resumed(upload_id)
+    if body.overflow:
+        await reg.meta.run(reg.meta.touch_upload, upload_id)
+        raise RegistryError(
+            ErrorCode.SIZE_INVALID,
+            "chunk longer than its Content-Range: the upload keeps only the declared bytes",
+            headers=_upload_headers(name, upload_id, size),
+        )
     if expected is not None and offset is not None and size != offset + expected:
         raise RegistryError(ErrorCode.SIZE_INVALID, "chunk shorter than its Content-Range")
     await reg.meta.run(reg.meta.touch_upload, upload_id)

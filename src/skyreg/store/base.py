@@ -107,6 +107,12 @@ class BlobStore(Protocol):
         """Discard an upload and its bytes (no error if it is already gone)."""
         ...
 
+    async def reclaim(self, upload_id: str) -> int | None:
+        """Discard an upload unless a request of this process is using it, without waiting:
+        the bytes freed, or None when it is busy (for the expiry worker and low-space reclaim,
+        which a request holding an upload must not stall)."""
+        ...
+
     async def idle_uploads(self, idle_since: datetime) -> list[str]:
         """Uploads whose bytes have not changed since `idle_since` (including orphans whose
         session record is gone, e.g. after a crash mid-request)."""

@@ -181,8 +181,10 @@ class VerifiedUploads(abc.ABC, Generic[_U]):
 
     @final
     async def reclaim(self, upload_id: str) -> int | None:
-        """Remove an upload unless a request of this process is using it: the bytes freed
-        (0 if there was no such upload), or None when it is busy."""
+        """Remove an upload unless a request of this process is using it, never waiting for
+        one (the expiry worker and low-space reclaim use it: a request trickling bytes into an
+        upload must not stall them): the bytes freed (0 if there was no such upload), or None
+        when it is busy."""
         try:
             check_upload_id(upload_id)
         except UploadUnknown:
@@ -191,5 +193,9 @@ class VerifiedUploads(abc.ABC, Generic[_U]):
             return None
         async with self.upload_locks.hold(upload_id):
             size = await self._upload_footprint(upload_id)
-            await self._discard_upload(upload_id, None)
+            try:
+                upload: _U | None = await self._open_upload(upload_id)
+            except UploadUnknown:
+                upload = None
+            await self._discard_upload(upload_id, upload)  # as opened: S3 aborts its multipart
         return size
