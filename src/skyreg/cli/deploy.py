@@ -13,7 +13,7 @@ from skyreg.cli.client import client, fail
 from skyreg.cli.platform import AsJson, Server, Token, _console, _print_json, _quote, _table, _when
 from skyreg.cli.push import push_with_bars
 from skyreg.client.push import PushError
-from skyreg.platform.releases import deployment_tag
+from skyreg.services.names import deployment_tag
 
 
 def deploy(

@@ -14,7 +14,7 @@ from skyreg.cli.dev import register as register_dev
 from skyreg.cli.machines import register as register_machines
 from skyreg.cli.platform import register
 from skyreg.cli.push import register as register_push
-from skyreg.meta.db import DEFAULT_THREADS, MAX_THREADS
+from skyreg.meta.threads import DEFAULT_THREADS, MAX_THREADS
 
 app = typer.Typer(
     help="skyreg: an OCI container registry and the deploy path behind it.",

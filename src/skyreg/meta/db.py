@@ -26,6 +26,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
+from skyreg.meta.threads import DEFAULT_THREADS, MAX_THREADS, SQLITE_WRITE_THREADS
+
 log = logging.getLogger("skyreg.meta")
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
@@ -84,9 +86,6 @@ def disk_full(error: BaseException) -> bool:
 
 # Threads a process runs queries on: each holds a reader connection, and may hold a writer,
 # so an engine's pool has room for two connections per thread.
-DEFAULT_THREADS = 16
-MAX_THREADS = 64
-SQLITE_WRITE_THREADS = 4
 
 
 def _pool(threads: int) -> dict[str, Any]:

@@ -23,7 +23,6 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from skyreg.meta import schema as s
 from skyreg.meta.db import (
-    DEFAULT_THREADS,
     Database,
     Retry,
     SqlStore,
@@ -32,6 +31,7 @@ from skyreg.meta.db import (
     upgrade_schema,
 )
 from skyreg.meta.errors import BlobSizeMismatch, ManifestInUse, ReferenceMissing
+from skyreg.meta.threads import DEFAULT_THREADS
 from skyreg.oci.manifest import Manifest
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from skyreg.services.releases import DeployLimits, ReleaseService, deployment_tag
+from skyreg.services.names import deployment_tag
+from skyreg.services.releases import DeployLimits, ReleaseService
 
 __all__ = ["RELEASES_KEY", "DeployLimits", "deployment_tag"]
 

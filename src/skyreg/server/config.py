@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from skyreg.meta.db import DEFAULT_THREADS
+from skyreg.meta.threads import DEFAULT_THREADS
 from skyreg.platform.releases import DeployLimits
 from skyreg.registry.connections import ConnectionLimits
 from skyreg.registry.space import Watermark

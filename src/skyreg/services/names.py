@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 DNS_LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 MAX_TOKEN_NAME = 100
@@ -73,3 +73,8 @@ def parse_expiry(value: object) -> timedelta | None:
     if seconds > MAX_EXPIRY.total_seconds():
         raise ValueError("expiry must be at most ten years (87600h)")
     return timedelta(seconds=seconds)
+
+
+def deployment_tag(now: datetime | None = None) -> str:
+    """`deployment-YYYYMMDD-HHMMSS` in UTC, as Fly.io names the tags of deployed images."""
+    return (now or datetime.now(UTC)).strftime("deployment-%Y%m%d-%H%M%S")

@@ -10,7 +10,6 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from skyreg.auth.policy import PULL, PUSH, AccessPolicy
@@ -24,6 +23,7 @@ from skyreg.oci.names import TAG_RE
 from skyreg.oci.reference import parse_reference
 from skyreg.services.access import visible_app
 from skyreg.services.errors import Forbidden, Invalid, LimitExceeded, NotFound
+from skyreg.services.names import deployment_tag
 
 if TYPE_CHECKING:
     from skyreg.geo.node import GeoNode
@@ -292,8 +292,3 @@ def unavailable_blobs(
     if source != target:
         present |= {d for d in releases.linked_blobs(source, digests) if needed[d]}
     return [d for d in digests if d not in present]
-
-
-def deployment_tag(now: datetime | None = None) -> str:
-    """`deployment-YYYYMMDD-HHMMSS` in UTC, as Fly.io names the tags of deployed images."""
-    return (now or datetime.now(UTC)).strftime("deployment-%Y%m%d-%H%M%S")
