@@ -60,7 +60,9 @@ from skyreg.meta.registry import (
 from skyreg.oci import mediatypes as mt
 from skyreg.oci.digest import Digest
 from skyreg.oci.manifest import parse_manifest
-from tests import pg_fixtures  # importable once db_latency_bench put the repository on sys.path
+from tests.support import (
+    postgres as pg_fixtures,  # importable once db_latency_bench put the repository on sys.path
+)
 
 log = rb.log
 BenchError = rb.BenchError
@@ -503,7 +505,7 @@ def main(argv: Sequence[str]) -> int:
             "machine": rb.machine_description(),
             "machine load": f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after "
             "(1-min load average)",
-            "database": dlb.pg_settings(pg) + " (as tests/pg_fixtures.py starts it)",
+            "database": dlb.pg_settings(pg) + " (as tests/support/postgres.py starts it)",
             "added latency": "bench/wanlab.py `relay` (RTT/2 each way); SELECT 1 round trips "
             f"(median of {dlb.PINGS}): " + "; ".join(notes),
             "drivers": _versions(with_asyncpg),

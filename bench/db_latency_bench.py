@@ -2,7 +2,7 @@
 """What a database a few milliseconds away costs skyreg (issue 11's measuring stick).
 
 One run starts, all on 127.0.0.1 with free ports: a throwaway PostgreSQL (as
-tests/pg_fixtures.py starts it), one delaying TCP relay per added round trip (bench/wanlab.py
+tests/support/postgres.py starts it), one delaying TCP relay per added round trip (bench/wanlab.py
 `relay`, run as a subprocess: this kernel has no sch_netem), three `skyreg serve --no-auth`
 with filesystem storage, each on its own database of that PostgreSQL — reached directly,
 through the relay adding 2 ms and through the one adding 10 ms — and Debian's
@@ -43,7 +43,7 @@ import registry_bench as rb  # bench/ is on sys.path when run as a script
 import scaleout_bench as sb
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for tests/
-from tests import pg_fixtures
+from tests.support import postgres as pg_fixtures
 
 log = rb.log
 BenchError = rb.BenchError
@@ -704,7 +704,7 @@ def main(argv: Sequence[str]) -> int:
             "machine": rb.machine_description(),
             "machine load": f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after "
             "(1-min load average)",
-            "database": pg_settings(pg) + " (as tests/pg_fixtures.py starts it; the figures "
+            "database": pg_settings(pg) + " (as tests/support/postgres.py starts it; the figures "
             "are reads, so durability settings barely matter); one database per skyreg",
             "added latency": "bench/wanlab.py `relay` on 127.0.0.1 between skyreg and "
             "PostgreSQL (RTT/2 each way, a new connection pays 2 RTT); measured "

@@ -15,8 +15,8 @@ Correctness is checked outside the timings: every pushed blob is downloaded and 
 manifest's bytes hash to its digest on every node, and one chunked upload alternates its
 PATCHes between the two skyreg nodes and is then read back through each.
 Helpers (curl transfers, test data, Distribution/skyreg process handling) come from
-bench/registry_bench.py; SeaweedFS and PostgreSQL are started as tests/s3_fixtures.py and
-tests/pg_fixtures.py do.
+bench/registry_bench.py; SeaweedFS and PostgreSQL are started as tests/support/s3.py and
+tests/support/postgres.py do.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ import pytest
 import registry_bench as rb  # bench/ is on sys.path when run as a script
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for tests/
-from tests import pg_fixtures, s3_fixtures
+from tests.support import postgres as pg_fixtures
+from tests.support import s3 as s3_fixtures
 
 MIB, MB = rb.MIB, rb.MB
 log = rb.log
@@ -112,7 +113,7 @@ def fixture_call(what: str, fn: Callable[[], object]) -> object:
 def start_seaweedfs(
     stack: contextlib.ExitStack, root: Path
 ) -> tuple[s3_fixtures.SeaweedS3, rb.Server]:
-    """`weed server -s3` as tests/s3_fixtures.py runs it (127.0.0.1 only, no telemetry), with
+    """`weed server -s3` as tests/support/s3.py runs it (127.0.0.1 only, no telemetry), with
     1 GiB volumes and SeaweedFS's default volume growth (the tests pick one volume per bucket to
     keep buckets cheap; here there are two buckets and large blobs)."""
     weed = str(fixture_call("SeaweedFS", s3_fixtures.weed_binary))
@@ -161,7 +162,7 @@ def start_postgres(stack: contextlib.ExitStack) -> tuple[pg_fixtures.PostgresSer
 
 
 def start_postgres_server(stack: contextlib.ExitStack, prefix: str) -> pg_fixtures.PostgresServer:
-    """A throwaway PostgreSQL as tests/pg_fixtures.py starts it (fsync off; as `postgres` when
+    """A throwaway PostgreSQL as tests/support/postgres.py starts it (fsync off; as `postgres` when
     we are root), its files in a temporary directory named `prefix...`; stopped and removed on
     unwind."""
     bindir = fixture_call("PostgreSQL", pg_fixtures.postgres_bindir)
@@ -850,7 +851,7 @@ def render_report(
         **versions(pg),
         "setup": "one SeaweedFS for both registries (buckets `skyreg-bench`, `anchor-bench`); "
         "skyreg: `--storage s3://skyreg-bench/registry --database-url postgresql+psycopg://…` "
-        "(PostgreSQL started as in tests/pg_fixtures.py: fsync off), 1 worker per node, "
+        "(PostgreSQL started as in tests/support/postgres.py: fsync off), 1 worker per node, "
         "no auth; distribution: S3 driver, redirect disabled (bytes go through the "
         "registry, as with skyreg), blobdescriptor cache in memory; access logs on in both",
         "method": f"median of {sizes.runs} runs per figure, alternating setups; MB = 10^6 bytes; "

@@ -4,130 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import pytest
 
-from tests.inprocess import InProcessRegistry, environment, serve_options
+from tests.support.inprocess import InProcessRegistry, environment, serve_options
+from tests.support.servers import BACKINGS, RunningRegistry, scaleout_backing
 
-pytest_plugins = ["tests.client_fixtures", "tests.pg_fixtures", "tests.s3_fixtures"]
+pytest_plugins = ["tests.support.clients", "tests.support.postgres", "tests.support.s3"]
 
 # Every server the suite starts (and every store it makes) refuses a query on an event loop
 # thread (skyreg.meta.db.Database): a request handler that forgot to hop answers 500 and the
 # test that drives it fails, instead of the server quietly stalling under a slow database.
 os.environ["SKYREG_STRICT_DB_THREADS"] = "1"
-
-
-class ServedRegistry(Protocol):
-    """What a test sees of a registry it talks to, in its own process or in this one."""
-
-    data_dir: Path
-    port: int
-
-    @property
-    def host(self) -> str: ...
-
-    @property
-    def url(self) -> str: ...
-
-    def start(self) -> None: ...
-
-    def stop(self) -> None: ...
-
-    def restart(self) -> None: ...
-
-    def log(self) -> str: ...
-
-
-@dataclass
-class RunningRegistry:
-    """A `skyreg serve` process bound to 127.0.0.1 on a port it picked itself."""
-
-    data_dir: Path
-    extra_args: list[str] = field(default_factory=list)
-    env: dict[str, str] = field(default_factory=dict)
-    proc: subprocess.Popen[bytes] | None = None
-    port: int = 0
-    log_path: Path | None = None
-
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}"
-
-    def start(self) -> None:
-        port_file = self.data_dir.parent / f"{self.data_dir.name}.port"
-        port_file.unlink(missing_ok=True)
-        self.log_path = self.data_dir.parent / f"{self.data_dir.name}.log"
-        log = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process
-        args = [
-            sys.executable,
-            "-m",
-            "skyreg",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--data-dir",
-            str(self.data_dir),
-            "--port-file",
-            str(port_file),
-            *self.extra_args,
-        ]
-        self.proc = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env}
-        )
-        log.close()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"skyreg serve exited:\n{self.log()}")
-            if port_file.exists() and port_file.read_text().strip():
-                self.port = int(port_file.read_text().strip())
-                break
-            time.sleep(0.05)
-        else:
-            self.stop()
-            raise RuntimeError(f"skyreg serve did not start:\n{self.log()}")
-        try:
-            with urllib.request.urlopen(f"{self.url}/v2/", timeout=10) as resp:
-                headers = resp.headers
-        except urllib.error.HTTPError as e:  # 401 with a challenge when auth is on
-            assert e.code == 401, e
-            headers = e.headers
-        assert headers["Docker-Distribution-API-Version"] == "registry/2.0"
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def restart(self) -> None:
-        """Stop and start again on the same port and data dir."""
-        self.stop()
-        self.start()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path else ""
 
 
 @pytest.fixture
@@ -141,44 +31,13 @@ def registry(tmp_path: Path) -> Iterator[RunningRegistry]:
         reg.stop()
 
 
-@contextlib.contextmanager
-def scaleout_backing(request: pytest.FixtureRequest) -> Iterator[tuple[list[str], dict[str, str]]]:
-    """A fresh bucket on the session's SeaweedFS and a fresh database on its PostgreSQL: the
-    `skyreg serve` arguments and environment that put a node on them (dropped afterwards)."""
-    s3 = request.getfixturevalue("seaweedfs")
-    pg = request.getfixturevalue("postgres_server")
-    bucket = f"reg-{uuid.uuid4().hex[:16]}"
-    database = f"skyreg_{uuid.uuid4().hex[:16]}"
-    client = s3.client()
-    client.create_bucket(Bucket=bucket)
-    with pg.admin() as conn:
-        conn.execute(f'CREATE DATABASE "{database}"')
-    try:
-        yield (
-            [
-                "--database-url", pg.url(database),
-                "--storage", f"s3://{bucket}/registry",
-                "--s3-endpoint", s3.endpoint,
-            ],
-            s3.aws_env(),
-        )  # fmt: skip
-    finally:
-        with pg.admin() as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-        with contextlib.suppress(Exception):
-            client.delete_bucket(Bucket=bucket)
-
-
-BACKINGS = ["embedded", "s3+postgresql"]
-
-
 @pytest.fixture(scope="module", params=BACKINGS)
 def shared_registry(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[InProcessRegistry]:
     """One skyreg for a whole test module, on each backing: the embedded default (SQLite +
     filesystem) and the scale-out one (S3 on SeaweedFS + PostgreSQL). Served in-process
-    (tests/inprocess.py): these modules test what the server answers, not its process."""
+    (tests/support/inprocess.py): these modules test what the server answers, not its process."""
     with contextlib.ExitStack() as stack:
         options: dict[str, object] = {"auth": False}
         if request.param == "s3+postgresql":

@@ -4,7 +4,7 @@ gone, the log holds the condition once, and once the backend is back the same `s
 serves again with every acknowledged blob and manifest intact.
 
 Every test starts its own SeaweedFS and/or PostgreSQL (the session-wide ones other tests use are
-never stopped), with the helpers of tests/s3_fixtures.py and tests/pg_fixtures.py.
+never stopped), with the helpers of tests/support/s3.py and tests/support/postgres.py.
 """
 
 from __future__ import annotations
@@ -25,8 +25,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import RunningRegistry
-from tests.oci_helpers import (
+from tests.support.oci import (
     OCI_MANIFEST,
     Image,
     error_codes,
@@ -35,8 +34,8 @@ from tests.oci_helpers import (
     sha256,
     start_upload,
 )
-from tests.pg_fixtures import PG_SUPERUSER, PostgresServer, postgres_bindir
-from tests.s3_fixtures import (
+from tests.support.postgres import PG_SUPERUSER, PostgresServer, postgres_bindir
+from tests.support.s3 import (
     ACCESS_KEY,
     REGION,
     SECRET_KEY,
@@ -48,6 +47,7 @@ from tests.s3_fixtures import (
     weed_binary,
     weed_server_command,
 )
+from tests.support.servers import RunningRegistry
 
 MiB = 1 << 20
 _SERVER_ERRORS = ("Traceback", "Error handling request", "Unhandled exception", "unhandled error")

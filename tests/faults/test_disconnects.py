@@ -9,9 +9,9 @@ import socket
 
 import requests
 
-from tests.conftest import RunningRegistry
-from tests.oci_helpers import sha256
-from tests.waiting import wait_for
+from tests.support.oci import sha256
+from tests.support.servers import RunningRegistry
+from tests.support.waiting import wait_for
 
 MiB = 1 << 20
 _SERVER_ERRORS = ("Traceback", "Error handling request", "Unhandled exception", "unhandled error")

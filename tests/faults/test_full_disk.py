@@ -19,8 +19,8 @@ import pytest
 import requests
 
 from skyreg.store.filesystem import FilesystemBlobStore
-from tests.conftest import RunningRegistry
-from tests.oci_helpers import error_codes, patch_chunk, push_blob, push_image, sha256, start_upload
+from tests.support.oci import error_codes, patch_chunk, push_blob, push_image, sha256, start_upload
+from tests.support.servers import RunningRegistry
 
 _CHUNK = 256 << 10  # below the store's 1 MiB write batch: the whole body is read before a write
 

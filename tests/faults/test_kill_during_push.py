@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import RunningRegistry
-from tests.faults.pushers import (
+from tests.support.oci import OCI_MANIFEST, sha256
+from tests.support.pushers import (
     Ledger,
     Pusher,
     Restarts,
@@ -33,8 +33,8 @@ from tests.faults.pushers import (
     plan_images,
     uploaded_size,
 )
-from tests.oci_helpers import OCI_MANIFEST, sha256
-from tests.waiting import children, wait_for
+from tests.support.servers import RunningRegistry
+from tests.support.waiting import children, wait_for
 
 MiB = 1 << 20
 KILLS = 3

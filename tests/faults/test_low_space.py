@@ -17,8 +17,8 @@ import pytest
 import requests
 
 from skyreg.registry.space import Watermark, parse_watermark
-from tests.conftest import RunningRegistry
-from tests.oci_helpers import error_codes, patch_chunk, push_image, sha256
+from tests.support.oci import error_codes, patch_chunk, push_image, sha256
+from tests.support.servers import RunningRegistry
 
 _MiB = 1 << 20
 

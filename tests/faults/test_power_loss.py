@@ -34,9 +34,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import RunningRegistry
-from tests.oci_helpers import image_manifest, push_blob, put_manifest, sha256
-from tests.waiting import wait_for
+from tests.support.oci import image_manifest, push_blob, put_manifest, sha256
+from tests.support.servers import RunningRegistry
+from tests.support.waiting import wait_for
 
 _DB_FILES = ("skyreg.db", "skyreg.db-wal")
 _SYSCALLS = "pwrite64,write,writev,sendto,sendmsg,fsync,fdatasync,ftruncate"

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import RunningRegistry
-from tests.waiting import children, http_get, wait_for
+from tests.support.servers import RunningRegistry
+from tests.support.waiting import children, http_get, wait_for
 
 
 def _alive(pid: int) -> bool:

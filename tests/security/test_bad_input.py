@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import requests
 
-from tests.conftest import BACKINGS, ServedRegistry
-from tests.oci_helpers import (
+from tests.support.backings import create_org_and_app, start_on_backing
+from tests.support.oci import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
     OCI_INDEX,
@@ -26,7 +26,7 @@ from tests.oci_helpers import (
     image_manifest,
     push_blob,
 )
-from tests.security.backings import create_org_and_app, start_on_backing
+from tests.support.servers import BACKINGS, ServedRegistry
 
 APP = "bad"
 DEEP = 100_000  # far beyond Python's recursion limit

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import requests
 
-from tests.inprocess import InProcessRegistry
-from tests.platform_helpers import Tenancy
+from tests.support.inprocess import InProcessRegistry
+from tests.support.platform import Tenancy
 
 NOT_GZIP = b"this body says gzip and is not"
 

@@ -28,13 +28,13 @@ import requests
 from skyreg.client.push import push_image as push_layout
 from skyreg.machines.layercache import LayerCache
 from skyreg.machines.prepare import PreparedImage, PrepareError, RegistrySource, prepare_image
-from tests.agents import RunningAgent, machine_top
-from tests.conftest import ServedRegistry
-from tests.images import Entry, TestImage, build_app_image, busybox_layer, canonical_json
-from tests.inprocess import InProcessRegistry
-from tests.oci_helpers import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, push_blob, put_manifest, sha256
-from tests.platform_helpers import Tenancy
-from tests.waiting import wait_for
+from tests.support.agents import RunningAgent, machine_top
+from tests.support.images import Entry, TestImage, build_app_image, busybox_layer, canonical_json
+from tests.support.inprocess import InProcessRegistry
+from tests.support.oci import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, push_blob, put_manifest, sha256
+from tests.support.platform import Tenancy
+from tests.support.servers import ServedRegistry
+from tests.support.waiting import wait_for
 
 pytestmark = [
     pytest.mark.slow,

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 import pytest
 import requests
 
-from tests.conftest import ServedRegistry
-from tests.inprocess import InProcessRegistry
-from tests.oci_helpers import (
+from tests.support.inprocess import InProcessRegistry
+from tests.support.oci import (
     OCI_CONFIG,
     OCI_INDEX,
     OCI_LAYER,
@@ -28,7 +27,8 @@ from tests.oci_helpers import (
     put_manifest,
     sha256,
 )
-from tests.platform_helpers import Tenancy
+from tests.support.platform import Tenancy
+from tests.support.servers import ServedRegistry
 
 
 @dataclass

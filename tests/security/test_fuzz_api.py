@@ -34,9 +34,9 @@ from schemathesis.specs.openapi.checks import (
 
 from skyreg.platform.api import ROUTE_LIST
 from skyreg.platform.api.openapi import document
-from tests.conftest import BACKINGS, RunningRegistry
-from tests.oci_helpers import push_image
-from tests.security.backings import create_org_and_app, start_on_backing
+from tests.support.backings import create_org_and_app, start_on_backing
+from tests.support.oci import push_image
+from tests.support.servers import BACKINGS, RunningRegistry
 
 EXAMPLES = 25  # per operation and generation mode mix; each is sent up to 4 times
 ORG = "fuzzorg"

@@ -23,8 +23,8 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import BACKINGS, ServedRegistry
-from tests.oci_helpers import (
+from tests.support.backings import create_org_and_app, start_on_backing
+from tests.support.oci import (
     DOCKER_CONFIG,
     DOCKER_LAYER,
     DOCKER_LIST,
@@ -37,7 +37,7 @@ from tests.oci_helpers import (
     push_blob,
     sha256,
 )
-from tests.security.backings import create_org_and_app, start_on_backing
+from tests.support.servers import BACKINGS, ServedRegistry
 
 APP = "fuzzreg"
 FUZZ = settings(

@@ -19,8 +19,8 @@ from skyreg.meta.platform import PlatformMeta, ReleaseMeta, TokenRecord
 from skyreg.meta.registry import RegistryMeta, open_database
 from skyreg.platform.graphql import PER_CALLER, GraphQLRunner
 from skyreg.services.releases import ReleaseService
-from tests.conftest import RunningRegistry
-from tests.platform_helpers import Tenancy
+from tests.support.platform import Tenancy
+from tests.support.servers import RunningRegistry
 
 FLY_QUERY = """
 query($appName: String!, $limit: Int!) {

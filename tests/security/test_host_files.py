@@ -24,9 +24,8 @@ import pytest
 import requests
 
 from skyreg.client.push import push_image
-from tests.agents import RunningAgent, machine_top
-from tests.conftest import RunningRegistry
-from tests.images import (
+from tests.support.agents import RunningAgent, machine_top
+from tests.support.images import (
     FIXED_CREATED,
     Entry,
     TestImage,
@@ -35,10 +34,11 @@ from tests.images import (
     host_architecture,
     layer_from_entries,
 )
-from tests.inprocess import InProcessRegistry
-from tests.oci_helpers import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, sha256
-from tests.platform_helpers import Tenancy
-from tests.waiting import wait_for
+from tests.support.inprocess import InProcessRegistry
+from tests.support.oci import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, sha256
+from tests.support.platform import Tenancy
+from tests.support.servers import RunningRegistry
+from tests.support.waiting import wait_for
 
 pytestmark = [
     pytest.mark.slow,

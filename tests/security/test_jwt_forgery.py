@@ -22,10 +22,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from skyreg.auth.keys import KeyRing
 from skyreg.meta.registry import open_database
-from tests.conftest import ServedRegistry
-from tests.inprocess import InProcessRegistry
-from tests.oci_helpers import push_image
-from tests.platform_helpers import Tenancy
+from tests.support.inprocess import InProcessRegistry
+from tests.support.oci import push_image
+from tests.support.platform import Tenancy
+from tests.support.servers import ServedRegistry
 
 
 @dataclass

@@ -18,10 +18,10 @@ import requests
 
 from skyreg.machines.agent import Agent
 from skyreg.services.releases import DeployLimits
-from tests.conftest import ServedRegistry
-from tests.inprocess import InProcessRegistry
-from tests.oci_helpers import push_image
-from tests.platform_helpers import Tenancy, cli_env, run_skyreg
+from tests.support.inprocess import InProcessRegistry
+from tests.support.oci import push_image
+from tests.support.platform import Tenancy, cli_env, run_skyreg
+from tests.support.servers import ServedRegistry
 
 PER_REGION, PER_RELEASE, PER_APP, MAX_REGIONS = 40, 60, 100, 3
 

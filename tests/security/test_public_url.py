@@ -12,10 +12,10 @@ from pathlib import Path
 
 import requests
 
-from tests.inprocess import InProcessRegistry
-from tests.oci_helpers import push_image
-from tests.platform_helpers import Tenancy
-from tests.s3_fixtures import free_ports
+from tests.support.inprocess import InProcessRegistry
+from tests.support.oci import push_image
+from tests.support.platform import Tenancy
+from tests.support.s3 import free_ports
 
 EVIL = "attacker.example:8443"
 

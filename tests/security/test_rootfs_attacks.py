@@ -30,8 +30,8 @@ import pytest
 from skyreg.machines import rootpath
 from skyreg.machines.runtime import ImageConfig, MachineError, resolve_user, start_machine
 from skyreg.machines.unpack import UnpackReport, unpack_layers
-from tests.images import busybox_layer
-from tests.sentinel import Sentinel
+from tests.support.images import busybox_layer
+from tests.support.sentinel import Sentinel
 
 OCI_TAR = "application/vnd.oci.image.layer.v1.tar"
 OCI_TAR_GZ = "application/vnd.oci.image.layer.v1.tar+gzip"

@@ -33,7 +33,7 @@ from skyreg.machines.rootpath import (
 )
 from skyreg.machines.runtime import ImageConfig, MachineError, resolve_user, start_machine
 from skyreg.machines.unpack import UnpackReport, unpack_layers
-from tests.sentinel import Sentinel
+from tests.support.sentinel import Sentinel
 
 INSIDE_PASSWD = b"inside:x:7:8::/:/bin/sh\n"
 OCI_TAR = "application/vnd.oci.image.layer.v1.tar"

@@ -25,10 +25,10 @@ import pytest
 
 from skyreg.netaddr import client_key
 from skyreg.registry.connections import ConnectionGuard, ConnectionLimits
-from tests.conftest import RunningRegistry, ServedRegistry
-from tests.inprocess import InProcessRegistry
-from tests.oci_helpers import sha256
-from tests.platform_helpers import Tenancy
+from tests.support.inprocess import InProcessRegistry
+from tests.support.oci import sha256
+from tests.support.platform import Tenancy
+from tests.support.servers import RunningRegistry, ServedRegistry
 
 DEADLINE = 30.0  # seconds: far beyond every timeout the tests configure
 
@@ -64,7 +64,7 @@ def _serve_options(args: tuple[str, ...], auth: bool) -> dict[str, object]:
 
 @contextlib.contextmanager
 def serving(tmp_path: Path, *args: str, auth: bool = False) -> Iterator[ServedRegistry]:
-    """A server in this process (tests/inprocess.py) with `skyreg serve` flags `args`."""
+    """A server in this process (tests/support/inprocess.py) with `skyreg serve` flags `args`."""
     reg = InProcessRegistry(data_dir=tmp_path / "data", options=_serve_options(args, auth))
     reg.start()
     try:

@@ -23,10 +23,10 @@ import pytest
 import requests
 
 from skyreg.client.protocol import basic_authorization
-from tests.conftest import BACKINGS
-from tests.inprocess import InProcessRegistry
-from tests.oci_helpers import sha256
-from tests.security.backings import create_org_and_app, start_on_backing
+from tests.support.backings import create_org_and_app, start_on_backing
+from tests.support.inprocess import InProcessRegistry
+from tests.support.oci import sha256
+from tests.support.servers import BACKINGS
 
 TENANTS = ("alpha", "beta")
 

@@ -1,0 +1,166 @@
+"""`skyreg dev`: the whole platform on one machine, driven only through the `skyreg` command."""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.images import Entry, build_app_image
+from tests.support.platform import cli_env, run_skyreg
+from tests.support.waiting import children, free_port, http_get, wait_for
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("bwrap") is None, reason="bwrap is not installed"),
+]
+
+
+def _read_until(proc: subprocess.Popen[bytes], pattern: str, timeout: float = 60.0) -> str:
+    """Read the process's stdout until `pattern` matches; the text read so far."""
+    assert proc.stdout is not None
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while not re.search(pattern, seen.decode(errors="replace")):
+        if proc.poll() is not None:
+            raise AssertionError(f"exited with {proc.returncode}: {seen.decode(errors='replace')}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {pattern!r} in: {seen.decode(errors='replace')}")
+        ready, _, _ = select.select([proc.stdout], [], [], 0.5)
+        if ready:
+            seen += os.read(proc.stdout.fileno(), 65536)
+    return seen.decode()
+
+
+def _interrupt(dev: subprocess.Popen[bytes]) -> int:
+    """Ctrl-C `skyreg dev` and wait for it (killed, and the test failed, if it hangs)."""
+    dev.send_signal(signal.SIGINT)
+    try:
+        return dev.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        dev.kill()
+        dev.wait()
+        raise
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    # Machines must reach their rootfs: every ancestor of the data dir is o+x.
+    top = Path(tempfile.mkdtemp(prefix="skyreg-dev-"))
+    top.chmod(0o711)
+    try:
+        yield top
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def test_dev_runs_push_deploy_and_a_serving_machine_then_stops_it_all(workdir: Path) -> None:
+    dev = subprocess.Popen(
+        [sys.executable, "-m", "skyreg", "dev", "--data-dir", str(workdir / "dev"), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    port = free_port()
+    try:
+        banner = _read_until(dev, r"skyreg logs --app myapp -f")
+        url = re.search(r"registry (http://127\.0\.0\.1:\d+)", banner)
+        assert url, banner
+        token_file = workdir / "dev" / "registry" / "admin-token"
+        assert str(token_file) in banner
+        env = cli_env(workdir, url.group(1), token_file.read_text().strip())
+
+        def skyreg(*args: str) -> str:
+            return run_skyreg(env, *args)
+
+        skyreg("orgs", "create", "acme")
+        skyreg("apps", "create", "myapp", "--org", "acme")
+        image = build_app_image(
+            "dev",
+            [Entry("www", "dir", mode=0o755), Entry("www/index.html", "file", data=b"hi dev\n")],
+            cmd=[
+                "/bin/sh",
+                "-c",
+                "echo serving; exec /bin/busybox httpd -f -p 127.0.0.1:$PORT -h /www",
+            ],
+            env=[f"PORT={port}"],
+        )
+        archive = image.write_docker_archive(workdir / "image.tar")
+        skyreg("deploy", "--app", "myapp", "--image", str(archive), "--region", "local")
+        wait_for(lambda: http_get(port) == b"hi dev\n", "the machine serving through skyreg dev")
+        releases = wait_for(
+            lambda: (
+                o if "complete" in (o := skyreg("releases", "--app", "myapp", "--image")) else None
+            ),
+            "the release complete",
+        )
+        assert "myapp:deployment-" in releases
+        assert "serving" in wait_for(lambda: skyreg("logs", "--app", "myapp"), "the machine log")
+        processes = children(dev.pid)
+        assert len(processes) == 2  # the registry and the agent
+    finally:
+        code = _interrupt(dev)
+    assert code == 0
+    assert http_get(port) is None  # the machine went down with the platform
+    for pid in processes:
+        assert not Path(f"/proc/{pid}").exists()
+
+
+def test_dev_regions_push_in_one_region_and_run_in_another(workdir: Path) -> None:
+    dev = subprocess.Popen(
+        [
+            sys.executable, "-m", "skyreg", "dev",
+            "--data-dir", str(workdir / "dev"), "--port", "0", "--regions", "iad,sin,syd",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    port = free_port()
+    try:
+        banner = _read_until(dev, r"skyreg replication status")
+        urls = dict(re.findall(r"region (\w+)\s+registry (http://127\.0\.0\.1:\d+)", banner))
+        assert sorted(urls) == ["iad", "sin", "syd"] and len(set(urls.values())) == 3
+        token = (workdir / "dev" / "iad" / "registry" / "admin-token").read_text().strip()
+        env = cli_env(workdir, urls["iad"], token)
+
+        def skyreg(*args: str) -> str:
+            return run_skyreg(env, *args)
+
+        skyreg("orgs", "create", "acme")
+        skyreg("apps", "create", "myapp", "--org", "acme")
+        image = build_app_image(
+            "far",
+            [Entry("www", "dir", mode=0o755), Entry("www/index.html", "file", data=b"from syd\n")],
+            cmd=["/bin/sh", "-c", "exec /bin/busybox httpd -f -p 127.0.0.1:$PORT -h /www"],
+            env=[f"PORT={port}"],
+        )
+        layout = image.write_oci_layout(workdir / "layout")
+        iad_host = urls["iad"].removeprefix("http://")
+        skyreg("push", str(layout), f"{iad_host}/myapp:v1")
+        shown = skyreg("images", "show", "myapp:v1", "--json")
+        assert '"complete": false' in shown  # only iad holds it so far
+        skyreg("deploy", "--app", "myapp", "--image", f"{iad_host}/myapp:v1", "--region", "syd")
+        wait_for(lambda: http_get(port) == b"from syd\n", "the syd machine serving")
+        machines = skyreg("machines", "list", "--app", "myapp")
+        assert "syd" in machines and "started" in machines
+        table = wait_for(
+            lambda: o if "done" in (o := skyreg("replication", "status")) else None,
+            "replication jobs done",
+        )
+        assert "syd" in table
+        shown = skyreg("images", "show", f"{iad_host}/myapp:v1")
+        complete = next(line for line in shown.splitlines() if line.startswith("complete"))
+        assert complete.split()[-3:] == ["yes", "no", "yes"]  # iad, sin, syd
+    finally:
+        code = _interrupt(dev)
+    assert code == 0
+    assert http_get(port) is None

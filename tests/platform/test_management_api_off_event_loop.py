@@ -1,0 +1,154 @@
+"""Issue 11: the management API (/api/v1) and /graphql issue no SQL query on the event loop.
+
+The server runs with SKYREG_STRICT_DB_THREADS=1, under which a query issued on a thread running
+an event loop raises `LoopBlocked` (a 500 here). Every route of `ROUTES` is called, each on a
+path that reaches its database work (and error answers whose checks query: 401, 403, 404, 409).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import requests
+
+from skyreg.platform.api import ROUTES
+from tests.support.oci import Image, push_image
+from tests.support.platform import Tenancy
+from tests.support.servers import RunningRegistry
+
+API = "/api/v1"
+STRICT = {"SKYREG_STRICT_DB_THREADS": "1"}
+
+
+@dataclass
+class Strict:
+    reg: RunningRegistry
+    admin: str
+    image: Image
+    seen: set[tuple[str, str]]
+
+    def call(
+        self, method: str, route: str, path: str | None = None, secret: str | None = "", **kw: Any
+    ) -> requests.Response:
+        """`method` on `route` (a `ROUTES` key; `path` fills its parameters), as `secret`
+        (default: the admin token; None: anonymous)."""
+        self.seen.add((route, method))
+        token = self.admin if secret == "" else secret
+        headers = dict(kw.pop("headers", {}))
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        return requests.request(
+            method, self.reg.url + API + (path or route), headers=headers, timeout=60, **kw
+        )
+
+
+@pytest.fixture(scope="module")
+def strict(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Strict]:
+    reg = RunningRegistry(data_dir=tmp_path_factory.mktemp("strict") / "data", extra_args=[])
+    reg.start()
+    try:
+        t = Tenancy(reg.data_dir)
+        t.org("acme")
+        t.app("web", "acme")
+        admin = t.admin_secret()
+        session = requests.Session()
+        session.auth = ("x", admin)
+        image = push_image(reg.url, "web", "v1", session=session)
+        # Only the management API is under test here: the image is pushed before strict mode.
+        reg.env = dict(STRICT)
+        reg.restart()
+        yield Strict(reg, admin, image, set())
+    finally:
+        reg.stop()
+
+
+def _ok(r: requests.Response, status: int) -> dict[str, Any]:
+    assert r.status_code == status, (r.status_code, r.text[:500])
+    return r.json() if r.content else {}
+
+
+def test_every_management_route_queries_off_the_event_loop(strict: Strict) -> None:
+    s = strict
+    _ok(s.call("GET", "/openapi.json", secret=None), 200)
+    _ok(s.call("GET", "/whoami"), 200)
+    _ok(s.call("GET", "/whoami", secret="skyreg_wrong"), 401)
+    _ok(s.call("GET", "/orgs"), 200)
+    _ok(s.call("POST", "/orgs", json={"name": "beta"}), 201)
+    _ok(s.call("POST", "/orgs", json={"name": "beta"}), 409)
+    _ok(s.call("GET", "/apps", params={"org": "acme"}), 200)
+    _ok(s.call("POST", "/apps", json={"org": "acme", "generate_name": True}), 201)
+    _ok(s.call("GET", "/apps/{app}", "/apps/web"), 200)
+    _ok(s.call("GET", "/apps/{app}", "/apps/nope", secret=None), 401)
+    _ok(s.call("PATCH", "/apps/{app}", "/apps/web", json={"public": False}), 200)
+    _ok(s.call("GET", "/apps/{app}/images", "/apps/web/images"), 200)
+    _ok(s.call("GET", "/apps/{app}/images/{reference}", "/apps/web/images/v1"), 200)
+    _ok(s.call("GET", "/replication"), 200)
+    release = _ok(
+        s.call("POST", "/apps/{app}/releases", "/apps/web/releases", json={"image": "web:v1"}),
+        201,
+    )
+    assert release["image_digest"] == s.image.digest
+    _ok(s.call("GET", "/apps/{app}/releases", "/apps/web/releases"), 200)
+    machines = _ok(s.call("GET", "/apps/{app}/machines", "/apps/web/machines"), 200)["machines"]
+    machine = machines[0]["id"]
+    agent = _ok(s.call("GET", "/agent/machines", params={"region": "local"}), 200)
+    assert machine in [m["id"] for m in agent["machines"]]
+    base = f"/agent/machines/{machine}"
+    route = "/agent/machines/{machine_id}"
+    _ok(s.call("POST", route + "/state", base + "/state", json={"state": "starting"}), 200)
+    _ok(s.call("POST", route + "/events", base + "/events", json={"message": "hi"}), 201)
+    _ok(s.call("POST", route + "/logs", base + "/logs", json={"lines": ["a line"]}), 201)
+    logs = _ok(s.call("GET", "/apps/{app}/logs", "/apps/web/logs"), 200)
+    assert [ln["line"] for ln in logs["lines"]] == ["a line"]
+    for action in ("stop", "start", "restart"):
+        changed = s.call(
+            "POST", f"/machines/{{machine_id}}/{action}", f"/machines/{machine}/{action}"
+        )
+        _ok(changed, 200)
+    _ok(s.call("GET", "/tokens"), 200)
+    created = _ok(s.call("POST", "/tokens", json={"kind": "readonly", "org": "acme"}), 201)
+    _ok(s.call("DELETE", "/tokens/{token_id}", f"/tokens/{created['id']}"), 200)
+    assert s.seen == {(path, method) for path, methods in ROUTES.items() for method in methods}
+    assert "LoopBlocked" not in s.reg.log()
+
+
+def test_graphql_queries_off_the_event_loop(strict: Strict) -> None:
+    query = '{ app(name: "web") { releasesUnprocessed(first: 5) { nodes { version } } } }'
+    r = requests.post(
+        f"{strict.reg.url}/graphql",
+        json={"query": query},
+        headers={"Authorization": f"Bearer {strict.admin}"},
+        timeout=60,
+    )
+    _ok(r, 200)
+    wrong = requests.post(
+        f"{strict.reg.url}/graphql",
+        json={"query": query},
+        headers={"Authorization": "Bearer skyreg_wrong"},
+        timeout=60,
+    )
+    assert wrong.status_code == 401, wrong.text
+    assert "LoopBlocked" not in strict.reg.log()
+
+
+def test_body_errors_still_answer_after_the_checks_made_before_reading_the_body(
+    strict: Strict,
+) -> None:
+    """Bodies are read before the handler runs on a database thread; a body too large or
+    unreadable is still refused only where the handler reads it, after its earlier checks."""
+    s = strict
+    big, gzip = b"x" * 70_000, {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+    assert s.call("POST", "/orgs", secret=None, data=big).status_code == 401
+    assert s.call("POST", "/orgs", secret=None, data=b"not gzip", headers=gzip).status_code == 401
+    readonly = _ok(s.call("POST", "/tokens", json={"kind": "readonly", "org": "acme"}), 201)
+    refused = s.call("POST", "/tokens", secret=readonly["secret"], data=big)
+    assert (refused.status_code, refused.json()["error"]["code"]) == (403, "forbidden")
+    route, missing = "/agent/machines/{machine_id}/state", "/agent/machines/0f/state"
+    assert s.call("POST", route, missing, data=big).status_code == 404
+    assert s.call("POST", "/orgs", data=big).status_code == 413
+    bad = s.call("POST", "/orgs", data=b"not gzip", headers=gzip)
+    assert (bad.status_code, bad.json()["error"]["code"]) == (400, "bad_request")
+    assert "LoopBlocked" not in s.reg.log()
