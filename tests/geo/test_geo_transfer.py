@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from pathlib import Path
 
 import aiohttp
@@ -17,14 +16,13 @@ from skyreg.meta.db import create_db_engine, sqlite_url, upgrade_schema
 from skyreg.meta.geo import GeoMeta
 from skyreg.oci.digest import Digest
 from skyreg.store.filesystem import FilesystemBlobStore
+from tests.support.waiting import free_port
 
 DIGEST = Digest.parse("sha256:" + "ab" * 32)
 
 
 def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])  # nothing listens once the socket is closed
+    return free_port()  # nothing listens once the picking socket is closed
 
 
 def test_a_pull_joins_the_job_its_own_replication_worker_claimed(tmp_path: Path) -> None:

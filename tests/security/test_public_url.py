@@ -15,7 +15,7 @@ import requests
 from tests.support.inprocess import InProcessRegistry
 from tests.support.oci import push_image
 from tests.support.platform import Tenancy
-from tests.support.s3 import free_ports
+from tests.support.waiting import free_ports
 
 EVIL = "attacker.example:8443"
 

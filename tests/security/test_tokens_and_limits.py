@@ -200,7 +200,7 @@ def test_a_malformed_token_request_body_is_a_400_not_a_500(tenants: Tenants) -> 
 def test_metrics_refuse_a_registry_jwt_even_one_made_from_an_admin_token(tmp_path: Path) -> None:
     import json
 
-    from tests.support.s3 import free_ports
+    from tests.support.waiting import free_ports
 
     (port,) = free_ports(1)
     regions = tmp_path / "regions.json"

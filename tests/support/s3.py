@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.support.waiting import free_ports
 
 ACCESS_KEY = "skyregtestkey"
 SECRET_KEY = "skyreg-test-secret-key-0123456789"
@@ -87,20 +88,6 @@ def weed_server_command(
         f"-s3.config={config}",
         f"-s3.localSocket={root / 's3.sock'}",
     ]
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct loopback ports the kernel reports free (all held open while picking)."""
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 @dataclass

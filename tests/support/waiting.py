@@ -13,11 +13,23 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` distinct loopback ports the kernel reports free (all held open while picking)."""
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def free_port() -> int:
     """A loopback TCP port that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
 
 
 def wait_for(check: Callable[[], T | None], what: str, timeout: float = 60.0) -> T:
