@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, func, insert, or_, select, update
+from sqlalchemy import Connection, and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from skyreg.meta import schema as s
@@ -304,40 +304,55 @@ class PlatformMeta(SqlStore):
 
     # -- images --------------------------------------------------------------------------------
 
-    def image_tags(self, app: str) -> list[ImageTag]:
-        """Every tag of the app's repositories with digest, media type, size and push time.
+    def image_tags(
+        self, app: str, limit: int | None = None, after: tuple[str, str] | None = None
+    ) -> list[ImageTag]:
+        """The tags of the app's repositories with digest, media type, size and push time, by
+        (repository, tag): at most `limit`, those after `after` (repository, tag) when given.
 
-        Size is the manifest plus the blobs it references (for an index, its manifests' blobs).
+        Size is the manifest plus the blobs it references (for an index, its manifests' blobs),
+        computed once per manifest however many tags name it.
         """
         r, t, m = s.repositories, s.tags, s.manifests
+        query = (
+            select(
+                r.c.id,
+                r.c.name,
+                t.c.name,
+                t.c.manifest_digest,
+                m.c.media_type,
+                m.c.size,
+                t.c.updated_at,
+            )
+            .select_from(
+                r.join(t, t.c.repository_id == r.c.id).join(
+                    m,
+                    (m.c.repository_id == t.c.repository_id) & (m.c.digest == t.c.manifest_digest),
+                )
+            )
+            .where(or_(r.c.name == app, r.c.name.startswith(app + "/", autoescape=True)))
+            .order_by(r.c.name, t.c.name)
+        )
+        if after is not None:
+            query = query.where(
+                or_(r.c.name > after[0], and_(r.c.name == after[0], t.c.name > after[1]))
+            )
+        if limit is not None:
+            query = query.limit(limit)
         with self._read() as conn:
-            rows = conn.execute(
-                select(
-                    r.c.id,
-                    r.c.name,
-                    t.c.name,
-                    t.c.manifest_digest,
-                    m.c.media_type,
-                    m.c.size,
-                    t.c.updated_at,
-                )
-                .select_from(
-                    r.join(t, t.c.repository_id == r.c.id).join(
-                        m,
-                        (m.c.repository_id == t.c.repository_id)
-                        & (m.c.digest == t.c.manifest_digest),
-                    )
-                )
-                .where(or_(r.c.name == app, r.c.name.startswith(app + "/", autoescape=True)))
-                .order_by(r.c.name, t.c.name)
-            ).all()
+            rows = conn.execute(query).all()
+            sizes: dict[tuple[int, str], int] = {}
+            for row in rows:
+                key = (int(row[0]), str(row[3]))
+                if key not in sizes:
+                    sizes[key] = int(row[5]) + self._referenced_size(conn, *key)
             return [
                 ImageTag(
                     repository=row[1],
                     tag=row[2],
                     digest=row[3],
                     media_type=row[4],
-                    size=int(row[5]) + self._referenced_size(conn, int(row[0]), row[3]),
+                    size=sizes[int(row[0]), str(row[3])],
                     pushed_at=_aware(row[6]),  # type: ignore[arg-type]
                 )
                 for row in rows
@@ -345,27 +360,29 @@ class PlatformMeta(SqlStore):
 
     @staticmethod
     def _referenced_size(conn: Connection, repo_id: int, digest: str, depth: int = 0) -> int:
-        refs = s.manifest_references
-        total = 0
-        for child, kind in conn.execute(
-            select(refs.c.child_digest, refs.c.kind).where(
-                refs.c.repository_id == repo_id, refs.c.parent_digest == digest
-            )
+        # One query for the blobs and one for the child manifests, not one per reference: a
+        # manifest may reference tens of thousands of blobs.
+        refs, blobs, manifests = s.manifest_references, s.blobs, s.manifests
+        mine = (refs.c.repository_id == repo_id) & (refs.c.parent_digest == digest)
+        total = int(
+            conn.execute(
+                select(func.coalesce(func.sum(blobs.c.size), 0))
+                .select_from(refs.join(blobs, blobs.c.digest == refs.c.child_digest))
+                .where(mine, refs.c.kind == "blob")
+            ).scalar_one()
+        )
+        if depth >= 2:
+            return total
+        children = refs.outerjoin(
+            manifests,
+            (manifests.c.repository_id == repo_id) & (manifests.c.digest == refs.c.child_digest),
+        )
+        for child, size in conn.execute(
+            select(refs.c.child_digest, manifests.c.size)
+            .select_from(children)
+            .where(mine, refs.c.kind != "blob")
         ):
-            if kind == "blob":
-                size = conn.execute(
-                    select(s.blobs.c.size).where(s.blobs.c.digest == child)
-                ).scalar_one_or_none()
-                total += int(size or 0)
-            elif depth < 2:
-                size = conn.execute(
-                    select(s.manifests.c.size).where(
-                        s.manifests.c.repository_id == repo_id, s.manifests.c.digest == child
-                    )
-                ).scalar_one_or_none()
-                total += int(size or 0) + PlatformMeta._referenced_size(
-                    conn, repo_id, child, depth + 1
-                )
+            total += int(size or 0) + PlatformMeta._referenced_size(conn, repo_id, child, depth + 1)
         return total
 
 

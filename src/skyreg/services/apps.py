@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from skyreg.meta.platform import AlreadyExists, App, PlatformMeta, TokenRecord
 from skyreg.services.access import may_manage, org_or_own, visible_app
 from skyreg.services.errors import Conflict, Forbidden, Invalid
-from skyreg.services.inputs import UNSET, CreateApp, UpdateApp
+from skyreg.services.inputs import UNSET, Body, CreateApp, UpdateApp, given
 from skyreg.services.names import generate_app_name, is_dns_label
 from skyreg.services.orgs import NAME_INVALID
 
@@ -44,12 +44,16 @@ class AppService:
         org = org_or_own(self.platform, caller, org_name)
         return self.platform.list_apps(None if org is None else org.id)
 
-    async def create_app(self, caller: TokenRecord, body: CreateApp) -> App:
+    async def create_app(self, caller: TokenRecord, body: Body[CreateApp]) -> App:
         """A new app in `body.org` (default: the caller's) by an admin or an org token of
-        that org; its name given or generated (adjective-noun-NNNN)."""
+        that org; its name given or generated (adjective-noun-NNNN). Other token kinds are
+        Forbidden whatever the body."""
+        if caller.kind not in ("admin", "org"):
+            raise Forbidden(f"a {caller.kind} token may not create apps")
         return await self.platform.run(self._create_app, caller, body)
 
-    def _create_app(self, caller: TokenRecord, body: CreateApp) -> App:
+    def _create_app(self, caller: TokenRecord, lazy: Body[CreateApp]) -> App:
+        body = given(lazy)
         org = org_or_own(self.platform, caller, body.org)
         if org is None:
             raise Invalid("org is required")
@@ -92,14 +96,16 @@ class AppService:
             return AppView(app)
         return AppView(app, self.geo.meta.app_placement(app.name) or ([], False))
 
-    async def update_app(self, caller: TokenRecord, name: str, body: UpdateApp) -> AppView:
-        """Change an app's public flag and placement (an admin, or an org token of its org)."""
+    async def update_app(self, caller: TokenRecord, name: str, body: Body[UpdateApp]) -> AppView:
+        """Change an app's public flag and placement (an admin, or an org token of its org;
+        others get NotFound or Forbidden before the body is looked at)."""
         return await self.platform.run(self._update_app, caller, name, body)
 
-    def _update_app(self, caller: TokenRecord, name: str, body: UpdateApp) -> AppView:
+    def _update_app(self, caller: TokenRecord, name: str, lazy: Body[UpdateApp]) -> AppView:
         app = visible_app(self.platform, caller, name, public_ok=True)
         if not may_manage(caller, app.org_id):
             raise Forbidden("only an admin or org token of the app's organization may change it")
+        body = given(lazy)
         placement = self._placement_change(app.name, body)
         if body.public is not UNSET:
             self.platform.set_app_public(app.name, body.public)

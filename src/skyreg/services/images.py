@@ -10,12 +10,18 @@ from skyreg.meta.geo import Job
 from skyreg.meta.platform import App, ImageTag, PlatformMeta, TokenRecord
 from skyreg.meta.registry import RegistryMeta
 from skyreg.services.access import required, visible_app
-from skyreg.services.errors import Forbidden, NotFound
+from skyreg.services.errors import Forbidden, Invalid, NotFound
 
 if TYPE_CHECKING:
     from skyreg.geo.node import GeoNode
 
 RECENT_JOBS = 50
+MAX_IMAGE_PAGE = 1000  # tags one page of an app's images holds (each costs its size's queries)
+
+
+def image_cursor(tag: ImageTag) -> str:
+    """The cursor of the page after `tag`: REPOSITORY:TAG (neither part holds a colon)."""
+    return f"{tag.repository}:{tag.tag}"
 
 
 @dataclass(frozen=True)
@@ -73,13 +79,33 @@ class ImageService:
     registry: RegistryMeta
     geo: GeoNode | None = None
 
-    async def list_images(self, caller: TokenRecord | None, app: str) -> tuple[App, list[ImageTag]]:
-        """Every tag of the app's repositories (public apps: anyone)."""
-        return await self.platform.read(self._list_images, caller, app)
+    async def list_images(
+        self,
+        caller: TokenRecord | None,
+        app: str,
+        limit: int = MAX_IMAGE_PAGE,
+        cursor: str | None = None,
+    ) -> tuple[App, list[ImageTag]]:
+        """A page of the tags of the app's repositories (public apps: anyone), by repository
+        and tag: at most `limit` (1 to MAX_IMAGE_PAGE), after `cursor` (`image_cursor` of the
+        previous page's last tag)."""
+        if not 1 <= limit <= MAX_IMAGE_PAGE:
+            raise Invalid(f"limit must be a whole number from 1 to {MAX_IMAGE_PAGE}")
+        after = None
+        if cursor:
+            repository, colon, tag = cursor.rpartition(":")
+            if not (colon and repository and tag):
+                raise Invalid("cursor must be the next_cursor of a previous page")
+            after = (repository, tag)
+        # On a database thread even on SQLite: a page of distinct manifests costs a query or two
+        # each (their sizes), too long to run inline on the event loop.
+        return await self.platform.run(self._list_images, caller, app, limit, after)
 
-    def _list_images(self, caller: TokenRecord | None, name: str) -> tuple[App, list[ImageTag]]:
+    def _list_images(
+        self, caller: TokenRecord | None, name: str, limit: int, after: tuple[str, str] | None
+    ) -> tuple[App, list[ImageTag]]:
         app = visible_app(self.platform, caller, name, public_ok=True)
-        return app, self.platform.image_tags(app.name)
+        return app, self.platform.image_tags(app.name, limit=limit, after=after)
 
     async def show_image(self, caller: TokenRecord | None, app: str, reference: str) -> ImageDetail:
         """One image of the app (`TAG`, `DIGEST`, `APP:TAG` or `APP@DIGEST`)."""

@@ -9,7 +9,8 @@ value always gets the service's message.
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, TypeAlias, TypeVar
 
 import msgspec
 from msgspec import UNSET, UnsetType
@@ -29,6 +30,18 @@ def _doc(**schema: object) -> msgspec.Meta:
 
 class Input(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """A request body: unknown fields are refused."""
+
+
+In = TypeVar("In", bound=Input)
+
+# A body as it is, or as a function giving it: a service asks for it once the caller's checks
+# pass, so a refused caller is refused (403, 404) whatever it sent.
+Body: TypeAlias = In | Callable[[], In]
+
+
+def given(body: Body[In]) -> In:
+    """The body itself (calling the function that gives it, once)."""
+    return body() if callable(body) else body
 
 
 class CreateOrg(Input):
@@ -138,6 +151,7 @@ class LogLines(Input):
 
 __all__ = [
     "UNSET",
+    "Body",
     "CreateApp",
     "CreateOrg",
     "CreateRelease",
@@ -149,4 +163,5 @@ __all__ = [
     "StateReport",
     "UnsetType",
     "UpdateApp",
+    "given",
 ]

@@ -86,9 +86,22 @@ class MachineService:
         self, caller: TokenRecord, name: str, limit: int, cursor: str | None
     ) -> AppMachines:
         app = visible_app(self.platform, caller, name)
-        page = _page(self.machines.of_app(app.id, limit=limit, after=_cursor(cursor)), limit)
+        after = _cursor(cursor)
+        if self._foreign(after, lambda m: m.app_id == app.id):
+            return AppMachines(app, [], None)
+        page = _page(self.machines.of_app(app.id, limit=limit, after=after), limit)
         found = [(m, self.machines.events(m.id)) for m in page.machines]
         return AppMachines(app, found, page.next_cursor)
+
+    def _foreign(self, cursor: str | None, belongs: Callable[[Machine], bool]) -> bool:
+        """Whether `cursor` names a machine outside what the caller pages through. Pages
+        compare with the cursor machine's creation time, so such a cursor answers as a missing
+        machine does (an empty page): it would confirm another org's machine id and bound its
+        creation time."""
+        if cursor is None:
+            return False
+        machine = self.machines.get(cursor)
+        return machine is not None and not belongs(machine)
 
     async def app_logs(
         self, caller: TokenRecord, app: str, after: int
@@ -155,10 +168,14 @@ class MachineService:
             raise Invalid("region must be a region code such as iad, sin, syd")
         after = _cursor(cursor)
         org = None if caller.kind == "admin" else caller.org_id
-        found = await self.platform.read(
-            self.machines.in_region, region, org, limit=limit, after=after
-        )
-        return _page(found, limit)
+        return await self.platform.read(self._agent_machines, region, org, limit, after)
+
+    def _agent_machines(
+        self, region: str, org: int | None, limit: int, after: str | None
+    ) -> MachinePage:
+        if org is not None and self._foreign(after, lambda m: m.org_id == org):
+            return MachinePage([], None)
+        return _page(self.machines.in_region(region, org, limit=limit, after=after), limit)
 
     async def report_state(
         self, caller: TokenRecord, machine_id: str, body: Callable[[], StateReport]

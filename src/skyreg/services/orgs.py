@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from skyreg.meta.platform import AlreadyExists, Org, PlatformMeta, TokenRecord
 from skyreg.services.errors import Conflict, Forbidden, Invalid
-from skyreg.services.inputs import CreateOrg
+from skyreg.services.inputs import Body, CreateOrg, given
 from skyreg.services.names import is_dns_label
 
 log = logging.getLogger("skyreg.services")
@@ -30,14 +30,15 @@ class OrgService:
             return self.platform.list_orgs()
         return [] if caller.org_id is None else self.platform.list_orgs(caller.org_id)
 
-    async def create_org(self, caller: TokenRecord, body: CreateOrg) -> Org:
-        """A new org (admin only: Forbidden); Invalid for a name that is not a DNS label,
-        Conflict when it exists."""
+    async def create_org(self, caller: TokenRecord, body: Body[CreateOrg]) -> Org:
+        """A new org (admin only: Forbidden, whatever the body); Invalid for a name that is not
+        a DNS label, Conflict when it exists."""
         if caller.kind != "admin":
             raise Forbidden("only an admin token may create organizations")
-        if not is_dns_label(body.name):
+        name = given(body).name
+        if not is_dns_label(name):
             raise Invalid(NAME_INVALID)
-        return await self.platform.run(self._create_org, caller, body.name)
+        return await self.platform.run(self._create_org, caller, name)
 
     def _create_org(self, caller: TokenRecord, name: str) -> Org:
         try:

@@ -38,7 +38,7 @@ async def list_apps(call: Call) -> models.AppList:
 async def create_app(call: Call) -> models.App:
     """A new app."""
     caller = call.caller()
-    return app_model(await call.services.apps.create_app(caller, call.body(CreateApp)))
+    return app_model(await call.services.apps.create_app(caller, call.lazy_body(CreateApp)))
 
 
 async def get_app(call: Call) -> models.App:
@@ -49,7 +49,7 @@ async def get_app(call: Call) -> models.App:
 async def update_app(call: Call) -> models.App:
     """Change an app's public flag or placement."""
     caller = call.caller()
-    body = call.body(UpdateApp)
+    body = call.lazy_body(UpdateApp)
     return _view(await call.services.apps.update_app(caller, call.path("app"), body))
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from msgspec import UNSET
+
 from skyreg.meta.platform import ImageTag
 from skyreg.platform.api import models
-from skyreg.platform.api.base import Call, Route
+from skyreg.platform.api.base import Call, Param, Route
 from skyreg.services import images
 
 
@@ -41,9 +43,16 @@ def image_detail_model(found: images.ImageDetail) -> models.ImageDetail:
 
 
 async def list_images(call: Call) -> models.ImageList:
-    """Every tag of the app's repositories."""
-    app, tags = await call.services.images.list_images(call.token, call.path("app"))
-    return models.ImageList(app=app.name, images=[image_model(i) for i in tags])
+    """A page of the tags of the app's repositories."""
+    limit = call.query_int("limit", images.MAX_IMAGE_PAGE, 1, images.MAX_IMAGE_PAGE)
+    app, tags = await call.services.images.list_images(
+        call.token, call.path("app"), limit, call.query("cursor")
+    )
+    return models.ImageList(
+        app=app.name,
+        images=[image_model(i) for i in tags],
+        next_cursor=images.image_cursor(tags[-1]) if len(tags) == limit else UNSET,
+    )
 
 
 async def show_image(call: Call) -> models.ImageDetail:
@@ -57,8 +66,14 @@ async def show_image(call: Call) -> models.ImageDetail:
 ROUTES = [
     Route(
         "GET", "/apps/{app}/images", list_images, "listImages",
-        "Every tag of the app's repositories (`<app>` and `<app>/...`)", models.ImageList,
-        errors=(404,), security="optional",
+        "The tags of the app's repositories (`<app>` and `<app>/...`) by repository and tag, "
+        "a page at a time", models.ImageList, errors=(400, 404), security="optional",
+        query=(
+            Param("limit", {"type": "integer", "minimum": 1, "maximum": images.MAX_IMAGE_PAGE,
+                            "default": images.MAX_IMAGE_PAGE}, "Tags per page"),
+            Param("cursor", {"type": "string"},
+                  "The next_cursor of the previous page (absent: the first page)"),
+        ),
         response_description="Tags with digest, media type, size and push time",
     ),
     Route(

@@ -142,6 +142,10 @@ class Image(Model):
 class ImageList(Model):
     app: str
     images: list[Image]
+    next_cursor: Annotated[
+        str | UnsetType,
+        msgspec.Meta(description="Pass as `cursor` for the next page; absent on the last page"),
+    ] = UNSET
 
 
 class BlobRegions(Model):

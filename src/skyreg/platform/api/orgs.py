@@ -28,7 +28,7 @@ async def list_orgs(call: Call) -> models.OrgList:
 async def create_org(call: Call) -> models.Org:
     """A new org (admin only)."""
     caller = call.caller()
-    return org_model(await call.services.orgs.create_org(caller, call.body(CreateOrg)))
+    return org_model(await call.services.orgs.create_org(caller, call.lazy_body(CreateOrg)))
 
 
 ROUTES = [
