@@ -20,7 +20,7 @@ import pytest
 import requests
 
 from tests.support.inprocess import InProcessRegistry
-from tests.support.oci import push_sized_image
+from tests.support.oci import OCI_MANIFEST, push_sized_image, put_manifest
 from tests.support.platform import authed
 from tests.support.servers import ServedRegistry
 from tests.support.waiting import free_port
@@ -225,6 +225,25 @@ def test_images_list(cli: Cli, server: ServedRegistry) -> None:
         (app, "v1.2.3"),
         (f"{app}/sidecar", "edge"),
     }
+
+
+def test_images_list_follows_every_page(cli: Cli, server: ServedRegistry) -> None:
+    """The API answers 1000 tags a page; the command lists them all."""
+    login_admin(cli, server)
+    org, app = unique("org"), unique("app")
+    cli.ok("orgs", "create", org)
+    cli.ok("apps", "create", app, "--org", org)
+    session = authed(admin_file(server).read_text().strip())
+    push_sized_image(session, server.url, app, "t0000")
+    manifest = session.get(
+        f"{server.url}/v2/{app}/manifests/t0000", headers={"Accept": OCI_MANIFEST}
+    ).content
+    for n in range(1, 1002):
+        assert put_manifest(server.url, app, f"t{n:04d}", manifest, session=session).ok
+    first = session.get(f"{server.url}/api/v1/apps/{app}/images").json()
+    assert len(first["images"]) == 1000 and first["next_cursor"], "the API pages at 1000"
+    images = json.loads(cli.ok("images", "list", "--app", app, "--json"))
+    assert [i["tag"] for i in images] == [f"t{n:04d}" for n in range(1002)]
 
 
 def test_auth_docker_keeps_other_entries(cli: Cli, server: ServedRegistry) -> None:

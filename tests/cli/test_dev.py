@@ -43,12 +43,13 @@ def _read_until(proc: subprocess.Popen[bytes], pattern: str, timeout: float = 60
 
 
 def _interrupt(dev: subprocess.Popen[bytes]) -> int:
-    """Ctrl-C `skyreg dev` and wait for it (killed, and the test failed, if it hangs)."""
+    """Ctrl-C `skyreg dev` and wait for it. If it hangs, it and everything it started (its
+    own session) are killed, and the test fails."""
     dev.send_signal(signal.SIGINT)
     try:
         return dev.wait(timeout=60)
     except subprocess.TimeoutExpired:
-        dev.kill()
+        os.killpg(dev.pid, signal.SIGKILL)
         dev.wait()
         raise
 
@@ -69,6 +70,7 @@ def test_dev_runs_push_deploy_and_a_serving_machine_then_stops_it_all(workdir: P
         [sys.executable, "-m", "skyreg", "dev", "--data-dir", str(workdir / "dev"), "--port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,  # so a hang can be cleaned up whole
     )
     port = free_port()
     try:
@@ -123,6 +125,7 @@ def test_dev_regions_push_in_one_region_and_run_in_another(workdir: Path) -> Non
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,  # so a hang can be cleaned up whole
     )  # fmt: skip
     port = free_port()
     try:

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from skyreg.cli.client import (
     ApiFailure,
+    Client,
     client,
     config_path,
     fail,
@@ -398,6 +399,23 @@ def tokens_revoke(
 # -- images --------------------------------------------------------------------------------------
 
 
+MAX_IMAGE_PAGES = 1000  # of up to 1000 tags each
+
+
+def _all_images(api: Client, app: str) -> tuple[str, list[dict[str, Any]]]:
+    """The app's name and every tag of its repositories, following the listing's pages."""
+    found: list[dict[str, Any]] = []
+    query: dict[str, str | None] = {}
+    for _ in range(MAX_IMAGE_PAGES):
+        page: dict[str, Any] = api("GET", f"/apps/{_quote(app)}/images", query=query)
+        found += page["images"]
+        cursor = page.get("next_cursor")
+        if not cursor or cursor == query.get("cursor"):
+            return str(page["app"]), found
+        query["cursor"] = str(cursor)
+    fail(f"more than {MAX_IMAGE_PAGES} pages of images")
+
+
 @images_app.command("list")
 def images_list(
     app: Annotated[str, typer.Option("--app", help="App name.")],
@@ -406,15 +424,15 @@ def images_list(
     as_json: AsJson = False,
 ) -> None:
     """List every tag of an app's repositories with digest, size and push time."""
-    images = client(server, token, need_token=False)("GET", f"/apps/{_quote(app)}/images")
+    name, images = _all_images(client(server, token, need_token=False), app)
     if as_json:
-        _print_json(images["images"])
+        _print_json(images)
         return
-    if not images["images"]:
-        typer.echo(f"No images in app {images['app']}.", err=True)
+    if not images:
+        typer.echo(f"No images in app {name}.", err=True)
         return
     table = _table("REPOSITORY", "TAG", "DIGEST", "SIZE", "PUSHED")
-    for image in images["images"]:
+    for image in images:
         table.add_row(
             image["repository"],
             image["tag"],
