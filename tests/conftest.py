@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,12 @@ pytest_plugins = ["tests.support.clients", "tests.support.postgres", "tests.supp
 # thread (skyreg.meta.db.Database): a request handler that forgot to hop answers 500 and the
 # test that drives it fails, instead of the server quietly stalling under a slow database.
 os.environ["SKYREG_STRICT_DB_THREADS"] = "1"
+
+# Tests interrupt commands (`skyreg dev`, `skyreg logs -f`) with SIGINT, as a user's Ctrl-C. A
+# suite started in the background by a non-interactive shell inherits SIGINT ignored, and so would
+# every command it starts: handle it here, so that the commands start with the default again.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture

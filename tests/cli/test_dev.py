@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import select
@@ -40,6 +41,15 @@ def _read_until(proc: subprocess.Popen[bytes], pattern: str, timeout: float = 60
         if ready:
             seen += os.read(proc.stdout.fileno(), 65536)
     return seen.decode()
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie has exited)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _interrupt(dev: subprocess.Popen[bytes]) -> int:
@@ -167,3 +177,29 @@ def test_dev_regions_push_in_one_region_and_run_in_another(workdir: Path) -> Non
         code = _interrupt(dev)
     assert code == 0
     assert http_get(port) is None
+
+
+def test_killing_skyreg_dev_takes_its_registry_and_agent_down(workdir: Path) -> None:
+    dev = subprocess.Popen(
+        [sys.executable, "-m", "skyreg", "dev", "--data-dir", str(workdir / "dev"), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        _read_until(dev, r"skyreg logs --app myapp -f")
+        processes = children(dev.pid)
+        assert len(processes) == 2  # the registry and the agent
+    finally:
+        dev.kill()  # no chance to stop anything itself
+        dev.wait()
+    try:
+        wait_for(
+            lambda: not any(_alive(pid) for pid in processes),
+            "the registry and the agent to exit",
+            timeout=30,
+        )
+    finally:
+        for pid in processes:  # whatever outlived it, so the test leaves nothing running
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -24,6 +25,18 @@ from skyreg.privatefs import private_dir
 
 STARTUP_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with(parent: int) -> None:
+    """Run in a child before it execs: the kernel sends it SIGTERM when `skyreg dev` dies, even
+    by SIGKILL, so no registry or agent outlives it; if it died already, exit now."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: `stop` is then the only way down
+        return
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 @dataclass
@@ -144,6 +157,7 @@ class DevPlatform:
             [sys.executable, "-m", "skyreg", *args],
             env={**os.environ, **(env or {})},
             start_new_session=True,  # signals reach children through `stop`, in order
+            preexec_fn=partial(_die_with, os.getpid()),
         )
         self.children.append(_Child(name, proc))
 
