@@ -17,21 +17,22 @@ import requests
 
 from skyreg.auth.secrets import secret_sha256
 from skyreg.platform.api import ROUTES
+from tests.support.inprocess import InProcessRegistry
 from tests.support.oci import OCI_MANIFEST, push_sized_image, sha256
 from tests.support.platform import authed
-from tests.support.servers import RunningRegistry
 
 API = "/api/v1"
 
 
-def start_registry(data_dir: Path) -> RunningRegistry:
-    reg = RunningRegistry(data_dir=data_dir, extra_args=[])  # auth on
+def start_registry(data_dir: Path) -> InProcessRegistry:
+    """Auth on (the default), the access log too: tests check what it never holds."""
+    reg = InProcessRegistry(data_dir=data_dir, options={"access_log": True})
     reg.start()
     return reg
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningRegistry]:
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessRegistry]:
     """One registry for tests that never present bad credentials (the failure limiter is
     per client, and every test here runs from 127.0.0.1)."""
     reg = start_registry(tmp_path_factory.mktemp("mgmt") / "data")
@@ -42,7 +43,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningRegistry
 
 
 @pytest.fixture
-def fresh(tmp_path: Path) -> Iterator[RunningRegistry]:
+def fresh(tmp_path: Path) -> Iterator[InProcessRegistry]:
     """A registry of its own, for tests that present revoked, expired or wrong tokens."""
     reg = start_registry(tmp_path / "data")
     try:
@@ -82,7 +83,7 @@ class Api:
         return Api(self.base, secret)
 
 
-def admin(reg: RunningRegistry) -> Api:
+def admin(reg: InProcessRegistry) -> Api:
     return Api(reg.url, (reg.data_dir / "admin-token").read_text().strip())
 
 
@@ -140,7 +141,7 @@ def v2_status(base: str, secret: str) -> int:
 # -- the document --------------------------------------------------------------------------------
 
 
-def test_openapi_document_lists_every_served_path(server: RunningRegistry) -> None:
+def test_openapi_document_lists_every_served_path(server: InProcessRegistry) -> None:
     resp = requests.get(server.url + API + "/openapi.json", timeout=30)
     doc = ok(resp)
     assert doc["openapi"].startswith("3.1")
@@ -191,13 +192,13 @@ def test_openapi_document_lists_every_served_path(server: RunningRegistry) -> No
             assert "no endpoint" not in r.json()["error"]["message"], (method, path)
 
 
-def test_openapi_document_is_valid_openapi(server: RunningRegistry) -> None:
+def test_openapi_document_is_valid_openapi(server: InProcessRegistry) -> None:
     validator = pytest.importorskip("openapi_spec_validator")
     doc = requests.get(server.url + API + "/openapi.json", timeout=30).json()
     validator.validate(doc)
 
 
-def test_unknown_endpoint_method_and_bodies(server: RunningRegistry) -> None:
+def test_unknown_endpoint_method_and_bodies(server: InProcessRegistry) -> None:
     root = admin(server)
     error(root.get("/nope"), 404, "not_found")
     resp = root.request("PUT", "/orgs")
@@ -215,7 +216,7 @@ def test_unknown_endpoint_method_and_bodies(server: RunningRegistry) -> None:
 # -- whoami and orgs -----------------------------------------------------------------------------
 
 
-def test_whoami(server: RunningRegistry) -> None:
+def test_whoami(server: InProcessRegistry) -> None:
     root = admin(server)
     me = ok(root.get("/whoami"))
     assert me["kind"] == "admin" and me["org"] is None and me["active"] is True
@@ -239,7 +240,7 @@ def test_whoami(server: RunningRegistry) -> None:
     assert resp.headers["WWW-Authenticate"].startswith("Bearer ")
 
 
-def test_orgs(server: RunningRegistry) -> None:
+def test_orgs(server: InProcessRegistry) -> None:
     root = admin(server)
     tenant, other = make_tenant(root), make_tenant(root)
     name = unique("org")
@@ -262,7 +263,7 @@ def test_orgs(server: RunningRegistry) -> None:
 # -- apps ----------------------------------------------------------------------------------------
 
 
-def test_apps_create_list_and_permissions(server: RunningRegistry) -> None:
+def test_apps_create_list_and_permissions(server: InProcessRegistry) -> None:
     root = admin(server)
     tenant, other = make_tenant(root), make_tenant(root)
     org_api = root.as_(tenant.org_token)
@@ -311,7 +312,7 @@ def test_apps_create_list_and_permissions(server: RunningRegistry) -> None:
     error(root.get("/apps", params={"org": "no-such-org"}), 404, "not_found")
 
 
-def test_generated_app_names_are_readable_and_unique(server: RunningRegistry) -> None:
+def test_generated_app_names_are_readable_and_unique(server: InProcessRegistry) -> None:
     root = admin(server)
     tenant = make_tenant(root)
     names = [
@@ -325,7 +326,7 @@ def test_generated_app_names_are_readable_and_unique(server: RunningRegistry) ->
     assert set(names) <= listed
 
 
-def test_app_details_visibility_and_public_flag(server: RunningRegistry) -> None:
+def test_app_details_visibility_and_public_flag(server: InProcessRegistry) -> None:
     root = admin(server)
     tenant, other = make_tenant(root), make_tenant(root)
     path = f"/apps/{tenant.app}"
@@ -356,7 +357,7 @@ def test_app_details_visibility_and_public_flag(server: RunningRegistry) -> None
 # -- images --------------------------------------------------------------------------------------
 
 
-def test_images_listing(server: RunningRegistry) -> None:
+def test_images_listing(server: InProcessRegistry) -> None:
     root = admin(server)
     tenant, other = make_tenant(root), make_tenant(root)
     empty = ok(root.as_(tenant.readonly_token).get(f"/apps/{tenant.app}/images"))
@@ -410,7 +411,7 @@ def test_images_listing(server: RunningRegistry) -> None:
 # -- tokens --------------------------------------------------------------------------------------
 
 
-def test_token_creation_permissions(server: RunningRegistry) -> None:
+def test_token_creation_permissions(server: InProcessRegistry) -> None:
     root = admin(server)
     tenant, other = make_tenant(root), make_tenant(root)
     org_api = root.as_(tenant.org_token)
@@ -462,7 +463,7 @@ def test_token_creation_permissions(server: RunningRegistry) -> None:
     error(root.post("/tokens", {"kind": "org"}), 400, "bad_request")  # admin: org required
 
 
-def test_token_kinds_grant_what_they_say(server: RunningRegistry) -> None:
+def test_token_kinds_grant_what_they_say(server: InProcessRegistry) -> None:
     root = admin(server)
     tenant = make_tenant(root)
     sibling = unique("app")
@@ -481,7 +482,7 @@ def test_token_kinds_grant_what_they_say(server: RunningRegistry) -> None:
     assert readonly.post(f"{server.url}/v2/{tenant.app}/blobs/uploads/").status_code == 403
 
 
-def test_token_list_never_shows_secrets(server: RunningRegistry) -> None:
+def test_token_list_never_shows_secrets(server: InProcessRegistry) -> None:
     root = admin(server)
     tenant, other = make_tenant(root), make_tenant(root)
     created = ok(
@@ -531,11 +532,13 @@ def test_token_list_never_shows_secrets(server: RunningRegistry) -> None:
     all_ids = {t["id"] for t in listings[0].json()["tokens"]}
     assert {*tenant.ids.values(), *other.ids.values()} <= all_ids
     error(root.as_(tenant.org_token).get("/tokens", params={"org": other.org}), 404, "not_found")
+    log = server.log()
+    assert '"POST /api/v1/tokens HTTP/1.1" 201' in log  # the log holds the requests
     for secret in secrets:
-        assert secret is not None and secret not in server.log()
+        assert secret is not None and secret not in log
 
 
-def test_revocation_takes_effect_at_once(fresh: RunningRegistry) -> None:
+def test_revocation_takes_effect_at_once(fresh: InProcessRegistry) -> None:
     root = admin(fresh)
     tenant, other = make_tenant(root), make_tenant(root)
     deploy_api = root.as_(tenant.deploy_token)
@@ -567,7 +570,7 @@ def test_revocation_takes_effect_at_once(fresh: RunningRegistry) -> None:
     assert ok(root.get("/whoami"))["active"] is True
 
 
-def test_expired_tokens_stop_working(fresh: RunningRegistry) -> None:
+def test_expired_tokens_stop_working(fresh: InProcessRegistry) -> None:
     root = admin(fresh)
     tenant = make_tenant(root)
     created = ok(
@@ -589,7 +592,7 @@ def test_expired_tokens_stop_working(fresh: RunningRegistry) -> None:
     assert listed[created["id"]]["revoked_at"] is None
 
 
-def test_failed_authentication_is_throttled(fresh: RunningRegistry) -> None:
+def test_failed_authentication_is_throttled(fresh: InProcessRegistry) -> None:
     root = admin(fresh)
     for _ in range(10):
         error(root.as_("skyreg_wrong").get("/whoami"), 401, "unauthorized")
@@ -603,7 +606,7 @@ def test_failed_authentication_is_throttled(fresh: RunningRegistry) -> None:
     assert v2_status(fresh.url, "skyreg_wrong") == 429
 
 
-def test_unknown_fields_are_refused_and_change_nothing(server: RunningRegistry) -> None:
+def test_unknown_fields_are_refused_and_change_nothing(server: InProcessRegistry) -> None:
     """Every request body is decoded into its declared model: a field it does not declare is
     a 400 naming the field, on every route with a body, and nothing is created."""
     root = admin(server)
@@ -625,7 +628,7 @@ def test_unknown_fields_are_refused_and_change_nothing(server: RunningRegistry) 
     assert sorted(t["kind"] for t in listed) == ["deploy", "org", "readonly"]
 
 
-def test_answers_match_the_generated_document(server: RunningRegistry) -> None:
+def test_answers_match_the_generated_document(server: InProcessRegistry) -> None:
     """The document's schemas come from the same models the answers are encoded from: every
     field an answer has is declared, and every declared required field is there."""
     root = admin(server)

@@ -15,9 +15,9 @@ import pytest
 import requests
 
 from skyreg.platform.api import ROUTES
+from tests.support.inprocess import InProcessRegistry
 from tests.support.oci import Image, push_image
 from tests.support.platform import Tenancy
-from tests.support.servers import RunningRegistry
 
 API = "/api/v1"
 STRICT = {"SKYREG_STRICT_DB_THREADS": "1"}
@@ -25,7 +25,7 @@ STRICT = {"SKYREG_STRICT_DB_THREADS": "1"}
 
 @dataclass
 class Strict:
-    reg: RunningRegistry
+    reg: InProcessRegistry
     admin: str
     image: Image
     seen: set[tuple[str, str]]
@@ -47,7 +47,7 @@ class Strict:
 
 @pytest.fixture(scope="module")
 def strict(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Strict]:
-    reg = RunningRegistry(data_dir=tmp_path_factory.mktemp("strict") / "data", extra_args=[])
+    reg = InProcessRegistry(data_dir=tmp_path_factory.mktemp("strict") / "data")
     reg.start()
     try:
         t = Tenancy(reg.data_dir)

@@ -1,15 +1,20 @@
 """The metadata's refusals (`skyreg.meta.errors`) are domain errors; `registry/app.py` gives them
 their wire shape. These pin that shape byte for byte (status, OCI code, message, detail) against
-a real `skyreg serve`, as it was when `meta/` raised `RegistryError`s itself."""
+a real skyreg (served in-process: the answers are the point, not the process), as it was when
+`meta/` raised `RegistryError`s itself."""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import pytest
 import requests
 
+from tests.support.inprocess import InProcessRegistry
 from tests.support.oci import (
     OCI_INDEX,
     OCI_MANIFEST,
@@ -19,9 +24,19 @@ from tests.support.oci import (
     put_manifest,
     sha256,
 )
-from tests.support.servers import RunningRegistry
 
 REPO = "app/refusals"
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[InProcessRegistry]:
+    """A fresh registry per test, without authentication."""
+    reg = InProcessRegistry(data_dir=tmp_path / "data", options={"auth": False})
+    reg.start()
+    try:
+        yield reg
+    finally:
+        reg.stop()
 
 
 def _error_body(code: str, message: str, detail: Any = None) -> bytes:
@@ -32,7 +47,7 @@ def _error_body(code: str, message: str, detail: Any = None) -> bytes:
 
 
 def test_a_manifest_with_a_missing_blob_answers_manifest_blob_unknown_naming_it(
-    registry: RunningRegistry,
+    registry: InProcessRegistry,
 ) -> None:
     config = os.urandom(64)
     push_blob(registry.url, REPO, config)
@@ -48,7 +63,7 @@ def test_a_manifest_with_a_missing_blob_answers_manifest_blob_unknown_naming_it(
 
 
 def test_an_index_with_a_missing_child_answers_manifest_blob_unknown_naming_it(
-    registry: RunningRegistry,
+    registry: InProcessRegistry,
 ) -> None:
     child = image_manifest(os.urandom(64), [])
     index = json.dumps(
@@ -64,7 +79,7 @@ def test_an_index_with_a_missing_child_answers_manifest_blob_unknown_naming_it(
 
 
 def test_a_descriptor_size_other_than_the_blobs_answers_manifest_invalid(
-    registry: RunningRegistry,
+    registry: InProcessRegistry,
 ) -> None:
     config = os.urandom(64)
     push_blob(registry.url, REPO, config)
@@ -78,7 +93,7 @@ def test_a_descriptor_size_other_than_the_blobs_answers_manifest_invalid(
 
 
 def test_deleting_a_manifest_an_index_references_answers_409_denied_naming_the_index(
-    registry: RunningRegistry,
+    registry: InProcessRegistry,
 ) -> None:
     config = os.urandom(64)
     push_blob(registry.url, REPO, config)
