@@ -661,7 +661,9 @@ class Bench:
         log(f"pushed {out.strip()} in {fmt(took)}")
         return took
 
-    def start_agent(self, region: str, server: str, token: str) -> Agent:
+    def start_agent(self, region: str, server: str, token: str, code: str | None = None) -> Agent:
+        """An agent in network namespace `region`, serving skyreg region `code` (default: the
+        same name; a single-region registry knows only `local`)."""
         self.agents += 1
         data = self.tmp / "agents" / f"{region}-{self.agents}"
         argv = [
@@ -670,7 +672,7 @@ class Bench:
             "skyreg",
             "agent",
             "--region",
-            region,
+            code or region,
             "--server",
             server,
             "--data-dir",
@@ -707,9 +709,10 @@ class Bench:
         count: int,
         port: int | None,
         post_at: float,
+        code: str | None = None,
     ) -> Start:
-        """POST a release at `post_at`; seconds until `port` answers in `region` (or all
-        `count` started)."""
+        """POST a release to skyreg region `code` (default `region`) at `post_at`; seconds until
+        `port` answers in namespace `region` (or all `count` started)."""
         deadline = time.monotonic() + 120 + 4 * self.link_seconds
         probe = None
         if port is not None:
@@ -723,7 +726,7 @@ class Bench:
         os.sync()  # nobody's earlier writes (the bench's own image layouts) flush in the window
         time.sleep(max(0.0, post_at - time.monotonic()))
         wall0, t0 = time.time(), time.monotonic()
-        body = {"image": ref, "regions": [region], "count": count, "strategy": "immediate"}
+        body = {"image": ref, "regions": [code or region], "count": count, "strategy": "immediate"}
         version = api("POST", f"/apps/{app}/releases", body)["version"]
         done: float | None = None
         while done is None:
@@ -771,20 +774,22 @@ class Bench:
     def measure(
         self,
         fig: int,
-        agent_args: tuple[str, str, str],
+        agent_args: tuple[str, str, str, str],
         api: Api,
         app: str,
         ref: str,
         count: int,
         port: int | None,
     ) -> Start:
-        region, server, token = agent_args
-        agent = self.start_agent(region, server, token)
+        region, server, token, code = agent_args
+        agent = self.start_agent(region, server, token, code)
         # Deploys land at spread phases of the agent's poll cycle (as real ones would), not
         # always just after a poll: 1 s after its loop began, plus (run + 0.5) / runs of it.
         phase = (len(self.results.starts[fig]) + 0.5) / self.args.runs * AGENT_POLL
         try:
-            start = self.deploy(api, app, ref, region, count, port, agent.ready + 1.0 + phase)
+            start = self.deploy(
+                api, app, ref, region, count, port, agent.ready + 1.0 + phase, code=code
+            )
         finally:
             self.stop_agent(agent, api, app)
         if fig in (4, 5):
@@ -831,9 +836,10 @@ class Bench:
         self.push(self.node_iad, base, "geo-local:base")
         self.push(self.naive, base, "geo-naive:base")
         self._drop(base)
-        iad = (A, self.node_iad.url, self.node_iad.token)
-        syd = (B, self.node_syd.url, self.node_iad.token)
-        naive = (B, self.naive_server, self.naive.token)
+        iad = (A, self.node_iad.url, self.node_iad.token, A)
+        syd = (B, self.node_syd.url, self.node_iad.token, B)
+        # The naive registry has no regions: its agent, in syd's namespace, serves `local`.
+        naive = (B, self.naive_server, self.naive.token, "local")
         log("--- warm-up (not reported): one machine start in iad")
         self.measure(0, iad, self.api, "geo-local", "geo-local:base", 1, base.port)
         for run in range(1, self.args.runs + 1):
