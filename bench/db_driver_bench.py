@@ -536,15 +536,7 @@ def _versions(with_asyncpg: bool) -> str:
 
 
 def cli() -> int:
-    """Entry point: exit 2 when a server could not be started, 130 on Ctrl-C."""
-    try:
-        return main(sys.argv[1:])
-    except BenchError as exc:
-        log(f"aborted: {exc}")
-        return 2
-    except KeyboardInterrupt:
-        log("interrupted; servers stopped and temp dirs removed")
-        return 130
+    return rb.run_cli(main)
 
 
 if __name__ == "__main__":

@@ -1042,15 +1042,21 @@ def main(argv: Sequence[str]) -> int:
     return 1 if "### Failures" in report else 0
 
 
-def cli() -> int:
+def run_cli(main: Callable[[Sequence[str]], int]) -> int:
+    """A bench's entry point around its `main`: exit 2 when a server could not be started or
+    data generated (BenchError), 130 on Ctrl-C (servers and temp dirs are cleaned up by then)."""
     try:
         return main(sys.argv[1:])
-    except BenchError as exc:  # could not start a registry or generate data
+    except BenchError as exc:
         log(f"aborted: {exc}")
         return 2
     except KeyboardInterrupt:
-        log("interrupted; registries stopped and temp dir removed")
+        log("interrupted; servers stopped and temp dirs removed")
         return 130
+
+
+def cli() -> int:
+    return run_cli(main)
 
 
 if __name__ == "__main__":

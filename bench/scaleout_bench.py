@@ -940,14 +940,7 @@ def main(argv: Sequence[str]) -> int:
 
 
 def cli() -> int:
-    try:
-        return main(sys.argv[1:])
-    except BenchError as exc:  # could not start a server or generate data
-        log(f"aborted: {exc}")
-        return 2
-    except KeyboardInterrupt:
-        log("interrupted; servers stopped and temp dirs removed")
-        return 130
+    return rb.run_cli(main)
 
 
 if __name__ == "__main__":

@@ -13,20 +13,15 @@ import logging
 import os
 import socket
 import threading
-import urllib.error
-import urllib.request
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from skyreg.server.config import ServeConfig
-from skyreg.server.process import (
-    listen,
-    prepare,
-    public_url_of,
-    run_worker,
-)
+from skyreg.server.process import listen, prepare, public_url_of, run_worker
+from tests.support.servers import assert_serves_v2
 
 _START_TIMEOUT = 30.0
 _STOP_TIMEOUT = 30.0
@@ -131,13 +126,10 @@ class InProcessRegistry:
     def _wait_until_serving(self) -> None:
         # The socket listens already: this request waits for the app, not for luck.
         try:
-            with urllib.request.urlopen(f"{self.url}/v2/", timeout=_START_TIMEOUT) as resp:
-                headers = resp.headers
-        except urllib.error.HTTPError as e:  # 401 with a challenge when auth is on
-            headers = e.headers
-        if self._error is not None:
-            raise RuntimeError("the in-process registry failed") from self._error
-        assert headers["Docker-Distribution-API-Version"] == "registry/2.0"
+            assert_serves_v2(self.url, timeout=_START_TIMEOUT)
+        finally:
+            if self._error is not None:
+                raise RuntimeError("the in-process registry failed") from self._error
 
     def stop(self) -> None:
         """Stop serving (open connections end, background workers stop, stores close)."""
@@ -178,7 +170,7 @@ class _ThreadLog(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.INFO)
         self.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
-        self._lines: list[str] = []
+        self._lines: deque[str] = deque()
         self._chars = 0
         self._thread: threading.Thread | None = None
 
@@ -218,7 +210,7 @@ class _ThreadLog(logging.Handler):
             self._lines.append(line)
             self._chars += len(line)
             while self._chars > _MAX_LOG_CHARS and len(self._lines) > 1:
-                self._chars -= len(self._lines.pop(0))
+                self._chars -= len(self._lines.popleft())
 
     def text(self) -> str:
         """Everything recorded, oldest first."""

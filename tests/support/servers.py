@@ -19,6 +19,17 @@ from typing import Protocol
 import pytest
 
 
+def assert_serves_v2(url: str, timeout: float) -> None:
+    """`GET /v2/` at `url` answers as a registry: 200, or 401 with a challenge when auth is on."""
+    try:
+        with urllib.request.urlopen(f"{url}/v2/", timeout=timeout) as resp:
+            headers = resp.headers
+    except urllib.error.HTTPError as e:
+        assert e.code == 401, e
+        headers = e.headers
+    assert headers["Docker-Distribution-API-Version"] == "registry/2.0"
+
+
 class ServedRegistry(Protocol):
     """What a test sees of a registry it talks to, in its own process or in this one."""
 
@@ -94,13 +105,7 @@ class RunningRegistry:
         else:
             self.stop()
             raise RuntimeError(f"skyreg serve did not start:\n{self.log()}")
-        try:
-            with urllib.request.urlopen(f"{self.url}/v2/", timeout=10) as resp:
-                headers = resp.headers
-        except urllib.error.HTTPError as e:  # 401 with a challenge when auth is on
-            assert e.code == 401, e
-            headers = e.headers
-        assert headers["Docker-Distribution-API-Version"] == "registry/2.0"
+        assert_serves_v2(self.url, timeout=10)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:

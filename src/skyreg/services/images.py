@@ -109,6 +109,10 @@ class ImageService:
 
     async def show_image(self, caller: TokenRecord | None, app: str, reference: str) -> ImageDetail:
         """One image of the app (`TAG`, `DIGEST`, `APP:TAG` or `APP@DIGEST`)."""
+        if self.geo is not None:
+            # Its regions need every manifest of the image parsed (an index: each child) and
+            # their blobs' copies looked up: too much to do inline on the event loop.
+            return await self.platform.run(self._show_image, caller, app, reference)
         return await self.platform.read(self._show_image, caller, app, reference)
 
     def _show_image(self, caller: TokenRecord | None, name: str, reference: str) -> ImageDetail:
