@@ -16,6 +16,7 @@ from sqlalchemy import Connection, and_, delete, func, insert, or_, select, upda
 
 from skyreg.meta import schema as s
 from skyreg.meta.db import SqlStore
+from skyreg.meta.gc import GcSettings, enqueue_manifests, release_images
 
 DESIRED = ("started", "stopped")
 STATES = ("created", "starting", "started", "stopped", "failed")
@@ -144,6 +145,8 @@ def _machine(row: Any) -> Machine:
 
 
 class MachineMeta(SqlStore):
+    gc: GcSettings = GcSettings()  # the GC review delay (meta/gc.py)
+
     """Queries and updates of machines, their events and logs, and release status from them."""
 
     # -- machines -------------------------------------------------------------------------------
@@ -252,7 +255,7 @@ class MachineMeta(SqlStore):
         delete finds no machine (`add_event`, `add_logs`).
         """
         query = (
-            select(_m.c.id)
+            select(_m.c.id, _m.c.release_id)
             .where(
                 _m.c.app_id == app_id,
                 _m.c.desired == "stopped",
@@ -262,8 +265,12 @@ class MachineMeta(SqlStore):
             .offset(keep)
         )
         if self._locks:
-            query = query.with_for_update()
-        ids = [str(r[0]) for r in conn.execute(query)]
+            query = query.with_for_update(of=_m)
+        found = conn.execute(query).all()
+        ids = [str(r[0]) for r in found]
+        # Their releases' images may be garbage once no machine uses them: GC reviews them.
+        images = release_images(conn, [int(r[1]) for r in found])
+        enqueue_manifests(conn, images, "machines_deleted", self.gc.review_delay)
         for start in range(0, len(ids), _DELETE_BATCH):
             batch = ids[start : start + _DELETE_BATCH]
             conn.execute(delete(s.machine_logs).where(s.machine_logs.c.machine_id.in_(batch)))

@@ -12,6 +12,7 @@ from sqlalchemy.exc import IntegrityError
 
 from skyreg.meta import schema as s
 from skyreg.meta.db import SqlStore
+from skyreg.meta.gc import GcSettings, release_images_retired
 
 
 def _now() -> datetime:
@@ -454,6 +455,8 @@ def _release(row: tuple[Any, ...]) -> Release:
 
 
 class ReleaseMeta(SqlStore):
+    gc: GcSettings = GcSettings()  # how many releases keep their images (meta/gc.py)
+
     """Queries and updates of releases."""
 
     def app_named(self, name: str) -> App | None:
@@ -494,7 +497,11 @@ class ReleaseMeta(SqlStore):
         user_name: str,
     ) -> Release:
         """Record the app's next release: versions count up from 1 without gaps, also when
-        deploys race (they queue on the app's row; the unique (app, version) backs it up)."""
+        deploys race (they queue on the app's row; the unique (app, version) backs it up).
+
+        On PostgreSQL the image's manifest (in `image_repository`) is held until commit, so a GC
+        review of it waits and then sees this release. The release that leaves the app's newest
+        `gc.keep_releases` gets its image queued for a GC review."""
 
         def work(conn: Connection) -> Release:
             now = _now()
@@ -502,6 +509,20 @@ class ReleaseMeta(SqlStore):
                 conn.execute(
                     select(s.apps.c.id).where(s.apps.c.id == app_id).with_for_update(key_share=True)
                 )
+            image = (
+                select(s.manifests.c.digest)
+                .select_from(
+                    s.manifests.join(
+                        s.repositories, s.repositories.c.id == s.manifests.c.repository_id
+                    )
+                )
+                .where(
+                    s.repositories.c.name == image_repository,
+                    s.manifests.c.digest == image_digest,
+                )
+            )
+            if self._locks:  # held until commit: a GC review of it waits, then sees us
+                conn.execute(image.with_for_update(read=True, key_share=True, of=s.manifests))
             latest = conn.execute(
                 select(func.max(s.releases.c.version)).where(s.releases.c.app_id == app_id)
             ).scalar_one()
@@ -527,6 +548,7 @@ class ReleaseMeta(SqlStore):
                 )
                 .returning(s.releases.c.id)
             ).scalar_one()
+            release_images_retired(conn, app_id, int(latest or 0) + 1, self.gc)
             row = conn.execute(
                 select(*_RELEASE_COLUMNS)
                 .select_from(_RELEASES_FROM)

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, delete, func, insert, select, update
+from sqlalchemy import Connection, and_, bindparam, delete, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from skyreg.meta import schema as s
@@ -31,6 +31,7 @@ from skyreg.meta.db import (
     upgrade_schema,
 )
 from skyreg.meta.errors import BlobSizeMismatch, ManifestInUse, ReferenceMissing
+from skyreg.meta.gc import GcSettings, cancel_deletion, enqueue_blobs, enqueue_manifests
 from skyreg.meta.threads import DEFAULT_THREADS
 from skyreg.oci.manifest import Manifest
 
@@ -90,7 +91,14 @@ class Referrer:
 
 
 class RegistryMeta(SqlStore):
-    """Queries and updates of the registry's metadata over one SQLAlchemy engine."""
+    """Queries and updates of the registry's metadata over one SQLAlchemy engine.
+
+    Every write that can leave a blob or manifest unreferenced queues its GC review in the same
+    transaction (`meta/gc.py`), `gc.review_delay` seconds ahead; `region` is the region whose
+    store this process installs blobs into ("" without regions)."""
+
+    gc: GcSettings = GcSettings()
+    region: str = ""
 
     # -- repositories --------------------------------------------------------------------------
 
@@ -156,19 +164,43 @@ class RegistryMeta(SqlStore):
     # -- blobs ---------------------------------------------------------------------------------
 
     def link_blob(
-        self, repository: str, digest: str, size: int, *, finished_upload: str | None = None
-    ) -> None:
+        self,
+        repository: str,
+        digest: str,
+        size: int,
+        *,
+        finished_upload: str | None = None,
+        require_existing: bool = False,
+    ) -> bool:
         """Record a verified blob and make it visible in `repository`; `finished_upload`: the
-        upload session it came from, forgotten in the same transaction (one commit, not two)."""
+        upload session it came from, forgotten in the same transaction (one commit, not two).
 
-        def work(conn: Connection) -> None:
+        For an upload this runs before its bytes are installed in the store: it waits for a GC
+        review of the blob under way, queues a new one (an upload nothing references yet is
+        collected after the review delay) and cancels a pending deletion of the blob's bytes in
+        this region, so installing them next is safe. `require_existing` (a mount: no bytes
+        arrive) links only a blob whose row exists; False when it does not (GC took it)."""
+
+        def work(conn: Connection) -> bool:
+            now = _now()
+            # First: a review of this blob under way holds its row; we wait for it to end.
+            enqueue_blobs(
+                conn, [digest], "mount" if require_existing else "upload", self.gc.review_delay, now
+            )
             if finished_upload is not None:
                 conn.execute(delete(s.uploads).where(s.uploads.c.id == finished_upload))
             repo_id = self._ensure_repository(conn, repository)
-            now = _now()
-            conn.execute(
-                self._insert_ignore(s.blobs).values(digest=digest, size=size, created_at=now)
-            )
+            if require_existing:
+                query = select(s.blobs.c.digest).where(s.blobs.c.digest == digest)
+                if self._locks:
+                    query = query.with_for_update(key_share=True, read=True)
+                if conn.execute(query).first() is None:
+                    return False
+            else:
+                cancel_deletion(conn, digest, self.region)
+                conn.execute(
+                    self._insert_ignore(s.blobs).values(digest=digest, size=size, created_at=now)
+                )
             # The foreign key holds the blob row against a concurrent last unlink; if that one
             # deleted it first, this insert fails and the next run inserts the blob again.
             conn.execute(
@@ -176,8 +208,9 @@ class RegistryMeta(SqlStore):
                     repository_id=repo_id, digest=digest, created_at=now
                 )
             )
+            return True
 
-        self._transaction(work, conflicts=True)
+        return self._transaction(work, conflicts=True)
 
     def blob_size(self, repository: str, digest: str) -> int | None:
         """Size of a blob linked into `repository`, or None."""
@@ -198,37 +231,23 @@ class RegistryMeta(SqlStore):
         with self._read() as conn:
             return list(conn.execute(query).scalars())
 
-    def unlink_blob(self, repository: str, digest: str) -> tuple[bool, bool]:
-        """Remove a blob from `repository`: (was linked, no repository links it any more).
+    def unlink_blob(self, repository: str, digest: str) -> bool:
+        """Remove a blob from `repository` (whether it was linked there). Its bytes stay: a GC
+        review of the blob is queued, which deletes them once nothing links or references it."""
 
-        When no repository links it, its row goes too and the caller may delete the bytes.
-        """
-
-        def work(conn: Connection) -> tuple[bool, bool]:
+        def work(conn: Connection) -> bool:
             repo_id = self._repository_id(conn, repository)
             if repo_id is None:
-                return False, False
-            if self._locks:
-                # Unlinks and links of this blob queue here, so the count below is final.
-                conn.execute(
-                    select(s.blobs.c.digest).where(s.blobs.c.digest == digest).with_for_update()
-                )
+                return False
             removed = conn.execute(
                 delete(s.repository_blobs).where(
                     s.repository_blobs.c.repository_id == repo_id,
                     s.repository_blobs.c.digest == digest,
                 )
             ).rowcount
-            if not removed:
-                return False, False
-            remaining = conn.execute(
-                select(func.count())
-                .select_from(s.repository_blobs)
-                .where(s.repository_blobs.c.digest == digest)
-            ).scalar_one()
-            if remaining == 0:
-                conn.execute(delete(s.blobs).where(s.blobs.c.digest == digest))
-            return True, remaining == 0
+            if removed:
+                enqueue_blobs(conn, [digest], "blob_deleted", self.gc.review_delay)
+            return bool(removed)
 
         return self._transaction(work)
 
@@ -279,21 +298,33 @@ class RegistryMeta(SqlStore):
                         for child, kind in refs
                     ],
                 )
-            for tag in tag_names:
-                self._set_tag(conn, repo_id, tag, digest, now)
+            moved = [self._set_tag(conn, repo_id, tag, digest, now) for tag in tag_names]
+            if not tag_names:  # pushed by digest: collected unless something comes to hold it
+                enqueue_manifests(conn, [(repo_id, digest)], "pushed", self.gc.review_delay, now)
+            self._queue_untagged(conn, repo_id, moved, digest, now)
 
         self._transaction(work)
+
+    def _queue_untagged(
+        self, conn: Connection, repo_id: int, previous: list[str | None], digest: str, now: datetime
+    ) -> None:
+        """Queue reviews of the manifests tags just moved away from."""
+        left = {p for p in previous if p is not None and p != digest}
+        enqueue_manifests(
+            conn, [(repo_id, d) for d in left], "tag_moved", self.gc.review_delay, now
+        )
 
     def _check_references(
         self, conn: Connection, repo_id: int, repository: str, manifest: Manifest
     ) -> None:
         """ReferenceMissing unless every blob and child manifest is in the repository;
-        BlobSizeMismatch when a blob's size differs from its descriptor. On PostgreSQL the child
-        manifests stay locked (FOR KEY SHARE) so that none is deleted before we commit."""
+        BlobSizeMismatch when a blob's size differs from its descriptor. On PostgreSQL the blob
+        links and child manifests stay locked (FOR KEY SHARE) so that none is deleted (by a
+        DELETE or by GC) before we commit."""
         blob_refs = manifest.required_blobs()
         if blob_refs:
             wanted = {str(d.digest) for d in blob_refs}
-            rows = conn.execute(
+            query = (
                 select(s.blobs.c.digest, s.blobs.c.size)
                 .select_from(
                     s.repository_blobs.join(
@@ -305,6 +336,11 @@ class RegistryMeta(SqlStore):
                     s.repository_blobs.c.digest.in_(wanted),
                 )
             )
+            if self._locks:  # GC's review of a link waits for our commit (meta/gc.py)
+                query = query.order_by(s.repository_blobs.c.digest).with_for_update(
+                    read=True, key_share=True, of=s.repository_blobs
+                )
+            rows = conn.execute(query)
             sizes = {row[0]: int(row[1]) for row in rows}
             missing = sorted(wanted - sizes.keys())
             if missing:
@@ -328,7 +364,13 @@ class RegistryMeta(SqlStore):
 
     def _set_tag(
         self, conn: Connection, repo_id: int, tag: str, digest: str, now: datetime
-    ) -> None:
+    ) -> str | None:
+        """Point `tag` at `digest`; the manifest it pointed at before (None: a new tag)."""
+        previous = conn.execute(
+            select(s.tags.c.manifest_digest).where(
+                s.tags.c.repository_id == repo_id, s.tags.c.name == tag
+            )
+        ).scalar_one_or_none()
         values = {
             "repository_id": repo_id,
             "name": tag,
@@ -345,6 +387,7 @@ class RegistryMeta(SqlStore):
             set_={"manifest_digest": digest, "updated_at": now},
         )
         conn.execute(stmt)
+        return None if previous is None else str(previous)
 
     def get_manifest(
         self, repository: str, reference: str, by_digest: bool
@@ -406,7 +449,8 @@ class RegistryMeta(SqlStore):
                         )
                     else:
                         pending.append(child)
-            self._set_tag(conn, target_id, tag, digest, now)
+            previous = self._set_tag(conn, target_id, tag, digest, now)
+            self._queue_untagged(conn, target_id, [previous], digest, now)
             return True
 
         return self._transaction(work, conflicts=True)
@@ -447,24 +491,46 @@ class RegistryMeta(SqlStore):
                     s.tags.c.repository_id == repo_id, s.tags.c.manifest_digest == digest
                 )
             )
+            children = conn.execute(
+                select(refs.c.child_digest, refs.c.kind).where(
+                    refs.c.repository_id == repo_id, refs.c.parent_digest == digest
+                )
+            ).all()
             conn.execute(
                 delete(refs).where(refs.c.repository_id == repo_id, refs.c.parent_digest == digest)
+            )
+            # What it held may now be garbage: its blobs, child manifests and referrers.
+            delay, now = self.gc.review_delay, _now()
+            enqueue_blobs(
+                conn, [str(c) for c, k in children if k == "blob"], "manifest_deleted", delay, now
+            )
+            referrers = conn.execute(
+                select(m.c.digest).where(m.c.repository_id == repo_id, m.c.subject_digest == digest)
+            ).scalars()
+            held = [(repo_id, str(c)) for c, k in children if k == "manifest" and c != digest]
+            enqueue_manifests(
+                conn, held + [(repo_id, str(r)) for r in referrers], "parent_deleted", delay, now
             )
             return True
 
         return self._transaction(work)
 
     def delete_tag(self, repository: str, tag: str) -> bool:
-        """Remove one tag; the manifest stays."""
-        with self._write() as conn:
+        """Remove one tag; the manifest stays, and is queued for a GC review."""
+        t = s.tags
+
+        def work(conn: Connection) -> bool:
             repo_id = self._repository_id(conn, repository)
             if repo_id is None:
                 return False
-            return bool(
-                conn.execute(
-                    delete(s.tags).where(s.tags.c.repository_id == repo_id, s.tags.c.name == tag)
-                ).rowcount
-            )
+            where = and_(t.c.repository_id == repo_id, t.c.name == tag)
+            digest = conn.execute(select(t.c.manifest_digest).where(where)).scalar_one_or_none()
+            if digest is None or not conn.execute(delete(t).where(where)).rowcount:
+                return False
+            enqueue_manifests(conn, [(repo_id, str(digest))], "tag_deleted", self.gc.review_delay)
+            return True
+
+        return self._transaction(work)
 
     def list_tags(self, repository: str, n: int | None, last: str | None) -> list[str]:
         """Tags of `repository` in lexical order, after `last`, at most `n`."""

@@ -93,6 +93,8 @@ manifest_references = Table(
     Column("child_digest", String(200), primary_key=True),
     Column("kind", String(16), nullable=False),
     Index("ix_manifest_references_child", "repository_id", "child_digest"),
+    # GC asks whether any manifest anywhere still references a blob (migration 0008).
+    Index("ix_manifest_references_child_digest", "child_digest"),
 )
 
 tags = Table(
@@ -268,4 +270,77 @@ signing_keys = Table(
     Column("kid", String(32), primary_key=True),
     Column("private_pem", LargeBinary, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+# -- garbage collection (migration 0008): review queues, pending byte deletions, history ---------
+
+# A blob to review once `review_after` has passed: is it still linked and referenced?
+gc_blob_reviews = Table(
+    "gc_blob_reviews",
+    metadata,
+    Column("digest", String(200), primary_key=True),
+    Column("review_after", DateTime(timezone=True), nullable=False),
+    Column("event", String(32), nullable=False),  # what queued it last
+    Column("attempts", Integer, nullable=False),  # failed reviews in a row
+    Column("last_error", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Index("ix_gc_blob_reviews_due", "review_after"),
+)
+
+# A manifest of a repository to review: tagged, a child, a referrer, a release's image?
+gc_manifest_reviews = Table(
+    "gc_manifest_reviews",
+    metadata,
+    Column("repository_id", Integer, primary_key=True),
+    Column("digest", String(200), primary_key=True),
+    Column("review_after", DateTime(timezone=True), nullable=False),
+    Column("event", String(32), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("last_error", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Index("ix_gc_manifest_reviews_due", "review_after"),
+)
+
+# Bytes of a deleted blob still to remove from one region's store ("" without regions).
+gc_blob_deletions = Table(
+    "gc_blob_deletions",
+    metadata,
+    Column("digest", String(200), primary_key=True),
+    Column("region", String(20), primary_key=True),
+    Column("size", BigInteger, nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("next_attempt_at", DateTime(timezone=True), nullable=False),
+    Column("last_error", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_gc_blob_deletions_due", "region", "next_attempt_at"),
+)
+
+# Recent collector passes (the newest few hundred), for `skyreg gc status`.
+gc_runs = Table(
+    "gc_runs",
+    metadata,
+    Column("id", _BIG_ID, primary_key=True, autoincrement=True),
+    Column("node", String(64), nullable=False),
+    Column("kind", String(16), nullable=False),  # worker | manual
+    Column("dry_run", Boolean, nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True), nullable=False),
+    Column("manifests_reviewed", Integer, nullable=False),
+    Column("manifests_deleted", Integer, nullable=False),
+    Column("blobs_reviewed", Integer, nullable=False),
+    Column("blobs_deleted", Integer, nullable=False),
+    Column("links_deleted", Integer, nullable=False),
+    Column("bytes_deleted", BigInteger, nullable=False),
+    Column("failures", Integer, nullable=False),
+    Column("error", Text),
+)
+
+# Running totals of everything collected (one row per name).
+gc_totals = Table(
+    "gc_totals",
+    metadata,
+    Column("name", String(32), primary_key=True),
+    Column("value", BigInteger, nullable=False),
 )
