@@ -402,3 +402,146 @@ def test_reclaim_skips_an_upload_in_use_and_removes_it_once_idle(store: BlobStor
         assert len(locks_of(store)) == 0
 
     run(go())
+
+
+# -- before_install: the hook between verification and installation (the registry links there) --
+
+
+class Hook:
+    """A `before_install` that records what the store looked like when it ran, and can pause
+    (until `release` is set) or fail."""
+
+    def __init__(self, store: BlobStore, d: Digest, *, fail: bool = False, pause: bool = False):
+        self.store, self.digest, self.fail = store, d, fail
+        self.sizes: list[int] = []
+        self.blob_then: list[int | None] = []
+        self.locks_then: list[int] = []
+        self.entered, self.release = asyncio.Event(), asyncio.Event()
+        if not pause:
+            self.release.set()
+
+    async def __call__(self, size: int) -> None:
+        self.sizes.append(size)
+        self.blob_then.append(await self.store.stat(self.digest))
+        self.locks_then.append(len(locks_of(self.store)))
+        self.entered.set()
+        await self.release.wait()
+        if self.fail:
+            raise RuntimeError("before_install refused")
+
+
+def hashed(algorithm: str, data: bytes) -> Digest:
+    return Digest(algorithm, hashlib.new(algorithm, data).hexdigest())
+
+
+def test_commit_runs_before_install_under_the_lock_once_verified_and_before_the_blob_exists(
+    store: BlobStore,
+) -> None:
+    data = os.urandom(1_200_000)
+    d = digest(data)
+
+    async def go() -> None:
+        await store.create_upload("hooked")
+        await store.append("hooked", chunks(data), 0)
+        hook = Hook(store, d, pause=True)
+        committing = asyncio.create_task(store.commit("hooked", d, before_install=hook))
+        await hook.entered.wait()
+        # The upload's lock is held: an append racing the hook waits, then finds it gone.
+        racing = asyncio.create_task(store.append("hooked", chunks(b"late"), len(data)))
+        await until_waiting(store, "hooked", 2)
+        assert await store.stat(d) is None
+        assert await store.upload_size("hooked") == len(data)
+        hook.release.set()
+        assert await committing == len(data)
+        with pytest.raises(UploadUnknown):
+            await racing
+        assert (hook.sizes, hook.blob_then, hook.locks_then) == ([len(data)], [None], [1])
+        assert await read_all(store, d) == data
+        assert len(locks_of(store)) == 0
+
+    run(go())
+
+
+@pytest.mark.parametrize("algorithm", ["sha256", "sha512"])
+def test_a_failing_before_install_leaves_no_blob_and_the_upload_can_be_finished_again(
+    store: BlobStore, algorithm: str
+) -> None:
+    data = os.urandom(700_000)
+    d = hashed(algorithm, data)
+
+    async def go() -> None:
+        await store.create_upload("refused")
+        await store.append("refused", chunks(data), 0)
+        hook = Hook(store, d, fail=True)
+        with pytest.raises(RuntimeError, match="before_install refused"):
+            await store.commit("refused", d, before_install=hook)
+        assert hook.sizes == [len(data)]
+        assert await store.stat(d) is None
+        assert await store.upload_size("refused") == len(data)  # kept: the client may PUT again
+        again = Hook(store, d)
+        assert await store.commit("refused", d, before_install=again) == len(data)
+        assert again.sizes == [len(data)]
+        assert await read_all(store, d) == data
+        assert await store.idle_uploads(datetime.now(UTC) + timedelta(hours=1)) == []
+        assert len(locks_of(store)) == 0
+
+    run(go())
+
+
+def test_before_install_is_not_called_when_the_digest_does_not_match(store: BlobStore) -> None:
+    data = os.urandom(100_000)
+    wrong = digest(data + b"x")
+
+    async def go() -> None:
+        hook = Hook(store, wrong)
+        await store.create_upload("mismatch")
+        await store.append("mismatch", chunks(data), 0)
+        with pytest.raises(DigestMismatch):
+            await store.commit("mismatch", wrong, before_install=hook)
+        with pytest.raises(DigestMismatch):
+            await store.put(wrong, chunks(data), before_install=hook)
+        assert hook.sizes == []
+        assert await store.stat(wrong) is None and await store.stat(digest(data)) is None
+
+    run(go())
+
+
+# 100 kB: one object on S3; 9 MiB: a multipart upload at the blob key (parts are 8 MiB).
+PUT_SIZES = [100_000, 9 * 1024 * 1024 + 1]
+
+
+@pytest.mark.parametrize("size", PUT_SIZES)
+def test_put_runs_before_install_once_verified_and_before_the_blob_exists(
+    store: BlobStore, size: int
+) -> None:
+    data = os.urandom(size)
+    d = digest(data)
+
+    async def go() -> None:
+        hook = Hook(store, d)
+        assert await store.put(d, chunks(data, 1 << 20), before_install=hook) == size
+        # Its own upload's lock is held meanwhile (reclaim leaves a put alone).
+        assert (hook.sizes, hook.blob_then, hook.locks_then) == ([size], [None], [1])
+        assert await read_all(store, d) == data
+
+    run(go())
+
+
+@pytest.mark.parametrize("size", PUT_SIZES)
+def test_a_failing_before_install_in_put_stores_nothing_and_leaves_no_upload(
+    store: BlobStore, size: int
+) -> None:
+    data = os.urandom(size)
+    d = digest(data)
+
+    async def go() -> None:
+        hook = Hook(store, d, fail=True)
+        with pytest.raises(RuntimeError, match="before_install refused"):
+            await store.put(d, chunks(data, 1 << 20), before_install=hook)
+        assert hook.sizes == [size]
+        assert await store.stat(d) is None
+        # The written bytes are gone (test_s3_store.py shows S3's multipart upload aborted).
+        assert await store.idle_uploads(datetime.now(UTC) + timedelta(hours=1)) == []
+        assert len(locks_of(store)) == 0
+
+    run(go())

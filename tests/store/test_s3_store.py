@@ -586,3 +586,27 @@ def test_serve_help_documents_the_storage_options() -> None:
     assert result.exit_code == 0, result.output
     for option in ("--storage", "--s3-endpoint", "--s3-region", "--s3-redirect"):
         assert option in result.output
+
+
+def test_a_put_refused_by_before_install_leaves_no_object_and_no_multipart_upload(
+    s3_bucket: S3Bucket,
+) -> None:
+    store = make_store(s3_bucket, part_sizes=SMALL_PARTS)
+    data = os.urandom(11 * MiB + 1)  # two parts and a tail: a multipart upload at the blob key
+    d = sha256(data)
+    called: list[int] = []
+
+    async def refuse(size: int) -> None:
+        called.append(size)
+        assert pending_multipart_uploads(s3_bucket) != []  # the parts are up, not completed
+        raise RuntimeError("not linked")
+
+    async def go() -> None:
+        with pytest.raises(RuntimeError, match="not linked"):
+            await store.put(d, chunks(data, (MiB - 1,)), before_install=refuse)
+        assert await store.stat(d) is None
+
+    run(go())
+    assert called == [len(data)]
+    assert s3_bucket.keys() == []
+    assert pending_multipart_uploads(s3_bucket) == []

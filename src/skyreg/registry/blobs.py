@@ -17,7 +17,12 @@ from skyreg.oci.errors import ErrorCode, RegistryError
 from skyreg.oci.names import validate_name
 from skyreg.registry.context import Registry, may_pull, registry_of
 from skyreg.registry.responses import empty
-from skyreg.store.base import DigestMismatch, StorageFull, UploadOffsetMismatch, UploadUnknown
+from skyreg.store.base import (
+    DigestMismatch,
+    StorageFull,
+    UploadOffsetMismatch,
+    UploadUnknown,
+)
 
 _RANGE_RE = re.compile(r"^bytes=([0-9]*)-([0-9]*)\Z")
 _CONTENT_RANGE_RE = re.compile(r"^(?:bytes )?([0-9]+)-([0-9]+)(?:/(?:[0-9]+|\*))?\Z")
@@ -136,16 +141,14 @@ async def _stream(
 
 
 async def delete_blob(request: web.Request, name: str, reference: str) -> web.StreamResponse:
-    """DELETE a blob from a repository; its bytes go when no repository links them."""
+    """DELETE a blob from a repository: only its link goes (and a GC review of it is queued);
+    the bytes stay until garbage collection finds no repository links or references them."""
     reg = registry_of(request)
     digest = Digest.parse(reference)
-    linked, last = await reg.meta.run(reg.meta.unlink_blob, name, str(digest))
-    if not linked:
+    if not await reg.meta.run(reg.meta.unlink_blob, name, str(digest)):
         raise RegistryError(
             ErrorCode.BLOB_UNKNOWN, f"blob {digest} is not in {name}", {"digest": str(digest)}
         )
-    if last:
-        await reg.store.delete(digest)
     return empty(202, {"Docker-Content-Digest": str(digest)})
 
 
@@ -225,8 +228,45 @@ async def _try_mount(reg: Registry, name: str, request: web.Request) -> web.Resp
     size = await reg.meta.read(_mountable_size, request, str(digest), source)
     if size is None or await reg.store.stat(digest) is None:
         return None
-    await reg.meta.run(reg.meta.link_blob, name, str(digest), size)
-    return _blob_created(name, digest)
+    # Only while the blob row still exists: if GC took it since the read above, its bytes are
+    # on their way out and the client must upload them again.
+    linked = await reg.meta.run(reg.meta.link_blob, name, str(digest), size, require_existing=True)
+    return _blob_created(name, digest) if linked else None
+
+
+class _Link:
+    """The store's `before_install` for an upload into `name`: link the verified blob (and
+    forget the finished upload session, in the same commit) before its bytes are installed,
+    so GC never deletes bytes the registry acknowledged (the link cancels a deletion of them
+    GC may have pending, and a review waits for it)."""
+
+    def __init__(self, reg: Registry, name: str, digest: Digest, upload_id: str | None = None):
+        self.reg, self.name, self.digest, self.upload_id = reg, name, digest, upload_id
+        self.done = False  # the link (and the session's end) is committed
+
+    async def __call__(self, size: int) -> None:
+        meta = self.reg.meta
+        await meta.run(
+            meta.link_blob, self.name, str(self.digest), size, finished_upload=self.upload_id
+        )
+        self.done = True
+
+    async def reopen(self, error: Exception) -> None:
+        """After the install failed (`error`) once the session had ended with the link: record
+        the session again, so the client may finish the upload, which the store still holds,
+        with another PUT (as before the link moved ahead of the install)."""
+        if not self.done or self.upload_id is None:
+            return
+        try:
+            await self.reg.meta.run(self.reg.meta.create_upload, self.upload_id, self.name)
+        except Exception:
+            log.warning(
+                "upload %s: installing %s failed (%s) and its session could not be reopened",
+                self.upload_id,
+                self.digest,
+                error,
+                exc_info=True,
+            )
 
 
 async def start_upload(request: web.Request, name: str, _reference: str) -> web.StreamResponse:
@@ -242,7 +282,7 @@ async def start_upload(request: web.Request, name: str, _reference: str) -> web.
             await reg.space.ensure_room()
         body = _Body(request)
         try:
-            size = await reg.store.put(digest, body)
+            await reg.store.put(digest, body, before_install=_Link(reg, name, digest))
         except ConnectionError:
             if body.lost():  # one line, no traceback; the middleware lets it through
                 log.info(
@@ -254,9 +294,8 @@ async def start_upload(request: web.Request, name: str, _reference: str) -> web.
             raise
         except DigestMismatch as e:
             raise RegistryError(ErrorCode.DIGEST_INVALID, str(e), {"digest": str(digest)}) from None
-        if reg.geo is not None:  # the copy is recorded before anyone can ask for it
+        if reg.geo is not None:  # the copy is recorded before the client hears of it
             await reg.geo.stored(digest)
-        await reg.meta.run(reg.meta.link_blob, name, str(digest), size)
         return _blob_created(name, digest)
     if _has_body(request):
         raise RegistryError(
@@ -391,8 +430,9 @@ async def upload_session(request: web.Request, name: str, upload_id: str) -> web
     digest = Digest.parse(raw_digest)
     if _has_body(request) or "Content-Range" in request.headers:
         await _append(request, reg, name, upload_id)
+    link = _Link(reg, name, digest, upload_id)
     try:
-        size = await reg.store.commit(upload_id, digest)
+        await reg.store.commit(upload_id, digest, before_install=link)
     except DigestMismatch as e:
         await reg.meta.run(reg.meta.delete_upload, upload_id)
         raise RegistryError(ErrorCode.DIGEST_INVALID, str(e), {"digest": str(digest)}) from None
@@ -400,7 +440,9 @@ async def upload_session(request: web.Request, name: str, upload_id: str) -> web
         raise RegistryError(
             ErrorCode.BLOB_UPLOAD_UNKNOWN, f"upload {upload_id} is unknown"
         ) from None
-    if reg.geo is not None:  # the copy is recorded before anyone can ask for it
+    except Exception as e:  # the storage failed: the upload stays, and so must its session
+        await link.reopen(e)
+        raise
+    if reg.geo is not None:  # the copy is recorded before the client hears of it
         await reg.geo.stored(digest)
-    await reg.meta.run(reg.meta.link_blob, name, str(digest), size, finished_upload=upload_id)
     return _blob_created(name, digest)

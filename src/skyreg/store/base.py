@@ -6,10 +6,10 @@ about repositories: which repository may see which blob is metadata (`skyreg.met
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeAlias
 
 from skyreg.oci.digest import Digest
 
@@ -52,6 +52,14 @@ class DigestMismatch(Exception):
         self.actual = actual
 
 
+BeforeInstall: TypeAlias = Callable[[int], Awaitable[None]]
+"""Awaited with the verified size once the bytes match the digest, before they become the
+blob (`put`, `commit`): the registry links the blob in its metadata there, so nothing can see
+bytes installed that the metadata does not know (and garbage collection, which deletes bytes
+only of blobs the metadata has dropped, never deletes bytes just acknowledged). If it raises,
+nothing is installed and the exception propagates."""
+
+
 class BlobStore(Protocol):
     """Content-addressed blob bytes plus resumable uploads."""
 
@@ -77,8 +85,19 @@ class BlobStore(Protocol):
         """Remove the blob's bytes; False if there were none."""
         ...
 
-    async def put(self, digest: Digest, chunks: AsyncIterable[bytes]) -> int:
-        """Write a whole blob, verifying `digest` as the bytes stream in; returns its size."""
+    async def put(
+        self,
+        digest: Digest,
+        chunks: AsyncIterable[bytes],
+        *,
+        before_install: BeforeInstall | None = None,
+    ) -> int:
+        """Write a whole blob, verifying `digest` as the bytes stream in; returns its size.
+
+        On DigestMismatch nothing is stored and `before_install` is not called. Once the bytes
+        match, `before_install(size)` is awaited before they become the blob; if it raises, the
+        bytes written are discarded, nothing is installed and its exception propagates.
+        """
         ...
 
     async def create_upload(self, upload_id: str) -> None:
@@ -96,10 +115,16 @@ class BlobStore(Protocol):
         """
         ...
 
-    async def commit(self, upload_id: str, digest: Digest) -> int:
+    async def commit(
+        self, upload_id: str, digest: Digest, *, before_install: BeforeInstall | None = None
+    ) -> int:
         """Verify the upload against `digest` and make it the blob; returns its size.
 
-        On DigestMismatch the upload is discarded. The blob is visible only after this returns.
+        On DigestMismatch the upload is discarded (`before_install` is not called). Once the
+        bytes match, `before_install(size)` is awaited under the upload's lock before they
+        become the blob; if it raises, nothing is installed, the upload stays as it was (the
+        client may finish it again) and its exception propagates. The blob is visible only
+        after this returns.
         """
         ...
 

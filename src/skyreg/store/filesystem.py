@@ -30,7 +30,7 @@ from typing import Any
 from skyreg.oci.digest import Digest
 from skyreg.privatefs import private_dir
 from skyreg.store import resumable
-from skyreg.store.base import StorageFull, UploadUnknown
+from skyreg.store.base import BeforeInstall, StorageFull, UploadUnknown
 from skyreg.store.resumable import ResumableSha256
 from skyreg.store.uploads import UPLOAD_ID_RE, VerifiedUploads, check_upload_id
 
@@ -182,12 +182,20 @@ class FilesystemBlobStore(VerifiedUploads[_OpenUpload]):
         # Unlinking a large file takes long enough to stall every other request on the loop.
         return await asyncio.get_running_loop().run_in_executor(self._executor, unlink)
 
-    async def put(self, digest: Digest, chunks: AsyncIterable[bytes]) -> int:
+    async def put(
+        self,
+        digest: Digest,
+        chunks: AsyncIterable[bytes],
+        *,
+        before_install: BeforeInstall | None = None,
+    ) -> int:
+        """An upload of its own, committed with `before_install`; whatever fails (the stream,
+        the digest, the hook), its bytes are removed."""
         upload_id = f"put-{uuid.uuid4().hex}"
         await self.create_upload(upload_id)
         try:
             await self.append(upload_id, chunks, 0)
-            return await self.commit(upload_id, digest)
+            return await self.commit(upload_id, digest, before_install=before_install)
         finally:
             await self.abort(upload_id)
 

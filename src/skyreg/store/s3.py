@@ -50,7 +50,7 @@ from botocore.exceptions import ConnectionError as EndpointUnreachable
 
 from skyreg.oci.digest import Digest
 from skyreg.store import resumable
-from skyreg.store.base import StorageUnavailable, UploadUnknown
+from skyreg.store.base import BeforeInstall, StorageUnavailable, UploadUnknown
 from skyreg.store.resumable import ResumableSha256
 from skyreg.store.uploads import UPLOAD_ID_RE, VerifiedUploads, check_upload_id, verify
 
@@ -558,15 +558,34 @@ class S3BlobStore(VerifiedUploads[_UploadState]):
         return True
 
     @_reaching
-    async def put(self, digest: Digest, chunks: AsyncIterable[bytes]) -> int:
+    async def put(
+        self,
+        digest: Digest,
+        chunks: AsyncIterable[bytes],
+        *,
+        before_install: BeforeInstall | None = None,
+    ) -> int:
         """Stream a blob whose digest is known: a multipart upload at the blob key itself,
-        completed only once the bytes hash to `digest` (a small blob: one PUT after the check).
+        completed only once the bytes hash to `digest` and `before_install` returned (a small
+        blob: one PUT after both). A mismatch, a failed hook or a broken stream aborts the
+        multipart upload: nothing appears at the blob key.
         """
+        # A crash mid-put leaves a multipart upload behind: a state object lets idle_uploads
+        # find it and abort() remove it, like any other upload. Its lock, held throughout, keeps
+        # reclaim off it while the bytes stream in or the hook waits.
+        put_id = f"put-{uuid.uuid4().hex}"
+        async with self.upload_locks.hold(put_id):
+            return await self._put(digest, chunks, put_id, before_install)
+
+    async def _put(
+        self,
+        digest: Digest,
+        chunks: AsyncIterable[bytes],
+        put_id: str,
+        before_install: BeforeInstall | None,
+    ) -> int:
         client = await self._client()
         state = _UploadState(key=self.blob_key(digest))
-        # A crash mid-put leaves a multipart upload behind: a state object lets idle_uploads
-        # find it and abort() remove it, like any other upload.
-        put_id = f"put-{uuid.uuid4().hex}"
         state_key = self._state_key(put_id)
         recorded = False
 
@@ -585,6 +604,8 @@ class S3BlobStore(VerifiedUploads[_UploadState]):
                 raise interrupted
             await writer.finish()
             verify(digest, Digest(digest.algorithm, hasher.hexdigest()))
+            if before_install is not None:
+                await before_install(received)
             if state.upload_id is None:
                 await self._put_bytes(client, state.key, bytes(buf))
             else:

@@ -4,7 +4,8 @@ offset check and verify-then-commit (as Distribution does above its storage driv
 A backend inherits `VerifiedUploads` and implements only storage work: open an upload (its
 size), write bytes at its end, compute the digest of what it holds, install verified bytes as
 the blob, discard an upload. The public `append`, `commit`, `abort` and `reclaim` are final
-here, so no backend can skip the lock or the digest comparison.
+here, so no backend can skip the lock or the digest comparison (nor the `before_install` hook a
+commit awaits between that comparison and the install: `skyreg.store.base.BeforeInstall`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,12 @@ from collections.abc import AsyncIterable, AsyncIterator
 from typing import Generic, Protocol, TypeVar, final
 
 from skyreg.oci.digest import Digest
-from skyreg.store.base import DigestMismatch, UploadOffsetMismatch, UploadUnknown
+from skyreg.store.base import (
+    BeforeInstall,
+    DigestMismatch,
+    UploadOffsetMismatch,
+    UploadUnknown,
+)
 
 UPLOAD_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}\Z")
 
@@ -148,11 +154,17 @@ class VerifiedUploads(abc.ABC, Generic[_U]):
             return await self._write_upload(upload_id, upload, chunks)
 
     @final
-    async def commit(self, upload_id: str, digest: Digest) -> int:
+    async def commit(
+        self, upload_id: str, digest: Digest, *, before_install: BeforeInstall | None = None
+    ) -> int:
         """Verify the upload against `digest` and make it the blob; returns its size.
 
-        On DigestMismatch the upload is discarded and nothing becomes visible; the blob is
-        visible only after this returns.
+        On DigestMismatch the upload is discarded, nothing becomes visible and `before_install`
+        is not called. Once the digest matches, `before_install(size)` is awaited, still under
+        the upload's lock (no append, abort or reclaim of it runs meanwhile), before the bytes
+        become the blob; if it raises, nothing is installed, the upload keeps its bytes (the
+        client may finish it again) and the exception propagates. The blob is visible only
+        after this returns.
         """
         check_upload_id(upload_id)
         async with self.upload_locks.hold(upload_id):
@@ -163,6 +175,8 @@ class VerifiedUploads(abc.ABC, Generic[_U]):
             except DigestMismatch:
                 await self._discard_upload(upload_id, upload)
                 raise
+            if before_install is not None:
+                await before_install(upload.size)
             await self._install_upload(upload_id, upload, digest)
             return upload.size
 
