@@ -161,6 +161,8 @@ def test_openapi_document_lists_every_served_path(server: InProcessRegistry) -> 
         "/api/v1/apps/{app}",
         "/api/v1/apps/{app}/images",
         "/api/v1/apps/{app}/images/{reference}",
+        "/api/v1/gc",
+        "/api/v1/gc/runs",
         "/api/v1/replication",
         "/api/v1/apps/{app}/releases",
         "/api/v1/tokens",

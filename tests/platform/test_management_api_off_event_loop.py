@@ -92,6 +92,9 @@ def test_every_management_route_queries_off_the_event_loop(strict: Strict) -> No
     )
     assert release["image_digest"] == s.image.digest
     _ok(s.call("GET", "/apps/{app}/releases", "/apps/web/releases"), 200)
+    _ok(s.call("GET", "/gc"), 200)
+    _ok(s.call("POST", "/gc/runs", json={"dry_run": True}), 200)
+    _ok(s.call("DELETE", "/apps/{app}/images/{reference}", "/apps/web/images/nope"), 404)
     machines = _ok(s.call("GET", "/apps/{app}/machines", "/apps/web/machines"), 200)["machines"]
     machine = machines[0]["id"]
     agent = _ok(s.call("GET", "/agent/machines", params={"region": "local"}), 200)

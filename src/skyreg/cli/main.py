@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Annotated
@@ -11,6 +12,7 @@ import typer
 from skyreg import __version__
 from skyreg.cli.deploy import register as register_deploy
 from skyreg.cli.dev import register as register_dev
+from skyreg.cli.gc import register as register_gc
 from skyreg.cli.machines import register as register_machines
 from skyreg.cli.platform import register
 from skyreg.cli.push import register as register_push
@@ -244,6 +246,31 @@ def serve(
             "threads help when the database is far away (see BENCHMARKS.md).",
         ),
     ] = DEFAULT_THREADS,
+    gc_review_delay: Annotated[
+        float,
+        typer.Option(
+            help="Seconds a blob or manifest that lost its last reference waits before garbage "
+            "collection reviews it (covers pushes in flight; 0: at the next pass).",
+        ),
+    ] = 24 * 3600.0,
+    gc_interval: Annotated[
+        float,
+        typer.Option(help="Seconds between this process's garbage collection passes."),
+    ] = 10.0,
+    gc_keep_releases: Annotated[
+        int,
+        typer.Option(
+            help="Releases per app whose images garbage collection keeps (besides the images "
+            "of releases machines use).",
+        ),
+    ] = 10,
+    gc: Annotated[
+        bool,
+        typer.Option(
+            help="Run the garbage collection worker (--no-gc: none here; what becomes garbage "
+            "is still queued, and `skyreg gc run` still collects).",
+        ),
+    ] = True,
 ) -> None:
     """Run the registry (SQLite + filesystem under one data dir by default)."""
     from skyreg.platform.releases import DeployLimits
@@ -280,6 +307,18 @@ def serve(
         raise typer.BadParameter(
             "metrics exist in a multi-region registry only (--region)",
             param_hint="--metrics-address",
+        )
+    for value, hint, positive in (
+        (gc_review_delay, "--gc-review-delay", False),
+        (gc_interval, "--gc-interval", True),
+    ):
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
+            bound = "greater than 0" if positive else "0 or more"
+            raise typer.BadParameter(f"seconds, {bound}, not {value:g}", param_hint=hint)
+    if gc_keep_releases < 0:
+        raise typer.BadParameter(
+            f"a number of releases, 0 or more, not {gc_keep_releases}",
+            param_hint="--gc-keep-releases",
         )
     if (region is None) != (regions_file is None):
         raise typer.BadParameter("--region and --regions-file go together", param_hint="--region")
@@ -333,6 +372,10 @@ def serve(
             reclaim_idle=reclaim_idle,
             sqlite_synchronous=sqlite_synchronous,
             db_threads=db_threads,
+            gc_review_delay=gc_review_delay,
+            gc_interval=gc_interval,
+            gc_keep_releases=gc_keep_releases,
+            gc_worker=gc,
         )
     )
 
@@ -346,6 +389,7 @@ def version() -> None:
 register(app)
 register_deploy(app)
 register_dev(app)
+register_gc(app)
 register_machines(app)
 register_push(app)
 

@@ -1,4 +1,5 @@
-"""`skyreg login`, `orgs`, `apps`, `tokens`, `images`, `auth docker`: the management API's CLI."""
+"""`skyreg login`, `orgs`, `apps`, `tokens`, `images` (list, show, delete), `replication`,
+`auth docker`: the management API's CLI."""
 
 from __future__ import annotations
 
@@ -481,6 +482,40 @@ def images_show(
         *["yes" if found["regions"][r]["complete"] else "no" for r in regions],
     )
     _console().print(table)
+
+
+@images_app.command("delete")
+def images_delete(
+    image: Annotated[
+        str,
+        typer.Argument(help="APP:TAG or APP@DIGEST (APP/NAME:TAG: the app's other repositories)."),
+    ],
+    server: Server = None,
+    token: Token = None,
+    as_json: AsJson = False,
+) -> None:
+    """Delete a tag (the image itself goes once garbage collection finds nothing else holds
+    it), or a manifest by digest with every tag of it. Needs a token that may push to the app."""
+    try:
+        parsed = parse_reference(image.strip())  # a HOST[:PORT]/ in front is ignored
+    except ValueError as e:
+        fail(f"invalid image reference {image[:300]!r}: {e}")
+    if (parsed.tag is None) == (parsed.digest is None):  # no default tag for a deletion
+        fail(f"name the image to delete as APP:TAG or APP@DIGEST, not {image[:300]!r}")
+    repository = parsed.repository
+    app = repository.split("/", 1)[0]
+    ref = f"{repository}@{parsed.digest}" if parsed.digest else f"{repository}:{parsed.tag}"
+    deleted = client(server, token)("DELETE", f"/apps/{_quote(app)}/images/{_quote(ref)}")
+    if as_json:
+        _print_json(deleted)
+        return
+    if "digest" in deleted:
+        typer.echo(f"Deleted manifest {deleted['repository']}@{deleted['digest']} and its tags.")
+    else:
+        typer.echo(
+            f"Deleted tag {deleted['repository']}:{deleted['tag']}; the image goes once garbage "
+            "collection finds nothing else holds it."
+        )
 
 
 # -- replication ---------------------------------------------------------------------------------

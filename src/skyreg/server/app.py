@@ -1,6 +1,6 @@
 """The server's aiohttp application: the OCI API (`/v2/`), the token endpoint, the management
-API and GraphQL, and `/metrics` (background workers, replication), under the registry's
-middlewares."""
+API and GraphQL, and `/metrics` (background workers, garbage collection, replication), under
+the registry's middlewares."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from skyreg.oci.errors import ErrorCode, RegistryError
 from skyreg.platform.api import add_management_routes
 from skyreg.registry import CLIENT_MAX_SIZE, add_routes, middlewares
 from skyreg.registry.context import Registry
+from skyreg.registry.gc import Collector
+from skyreg.services.gc import GcService
 
 if TYPE_CHECKING:
     from skyreg.geo.node import GeoNode
@@ -22,13 +24,19 @@ if TYPE_CHECKING:
 
 
 def create_app(
-    reg: Registry, releases: ReleaseService | None = None, *, workers: Workers | None = None
+    reg: Registry,
+    releases: ReleaseService | None = None,
+    *,
+    workers: Workers | None = None,
+    gc: Collector | None = None,
+    gc_worker: bool = True,
 ) -> web.Application:
     """The application of one worker process over `reg`: the OCI API; with auth, the token
-    endpoint and (given `releases`) the management API; `/metrics` (an admin token when auth
-    is on) with this process's `workers` and, with a region, replication. The caller starts
-    and stops `workers`. Every route answers errors through the registry's middleware (the
-    token endpoint's and `/metrics`' answers too)."""
+    endpoint and (given `releases`) the management API, whose /gc routes use the process's
+    collector `gc` (`gc_worker`: whether `workers` runs it); `/metrics` (an admin token when
+    auth is on) with this process's `workers`, garbage collection and, with a region,
+    replication. The caller starts and stops `workers`. Every route answers errors through the
+    registry's middleware (the token endpoint's and `/metrics`' answers too)."""
     app = web.Application(
         middlewares=middlewares(reg.trusted_proxies), client_max_size=CLIENT_MAX_SIZE
     )
@@ -38,25 +46,30 @@ def create_app(
         app.router.add_get(TOKEN_PATH, token_endpoint)
         app.router.add_post(TOKEN_PATH, token_endpoint)
         if releases is not None:
-            add_management_routes(app, reg.auth, releases)
+            gc_service = None if gc is None else GcService(gc, worker=gc_worker)
+            add_management_routes(app, reg.auth, releases, gc_service)
     if reg.geo is not None:
         app.cleanup_ctx.append(reg.geo.run)
-    if reg.geo is not None or workers is not None:
+    if reg.geo is not None or workers is not None or gc is not None:
         geo = reg.geo
 
         async def metrics(request: web.Request) -> web.StreamResponse:
             if reg.auth is not None:
                 await reg.meta.run(_require_admin, request, reg.auth)
-            return await _metrics_response(geo, workers)
+            return await _metrics_response(geo, workers, gc)
 
         app.router.add_get("/metrics", metrics)
     return app
 
 
-async def _metrics_response(geo: GeoNode | None, workers: Workers | None) -> web.Response:
+async def _metrics_response(
+    geo: GeoNode | None, workers: Workers | None, gc: Collector | None = None
+) -> web.Response:
     text = await geo.meta.run(geo.metrics) if geo is not None else ""
     if workers is not None:
         text += workers.metrics()
+    if gc is not None:
+        text += await gc.metrics()
     return web.Response(text=text, content_type="text/plain", charset="utf-8")
 
 
@@ -81,13 +94,15 @@ def _require_admin(request: web.Request, auth: Authenticator) -> None:
         raise RegistryError(ErrorCode.DENIED, "metrics need an admin token")
 
 
-def metrics_app(geo: GeoNode | None, workers: Workers | None = None) -> web.Application:
+def metrics_app(
+    geo: GeoNode | None, workers: Workers | None = None, gc: Collector | None = None
+) -> web.Application:
     """`/metrics` alone, for `serve --metrics-address`: an address only the operator's scraper
     reaches, so no token is asked."""
     app = web.Application(middlewares=middlewares())
 
     async def metrics(_request: web.Request) -> web.StreamResponse:
-        return await _metrics_response(geo, workers)
+        return await _metrics_response(geo, workers, gc)
 
     app.router.add_get("/metrics", metrics)
     return app

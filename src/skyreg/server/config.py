@@ -46,6 +46,10 @@ class ServeConfig:
     reclaim_idle: float = 600.0  # seconds idle before low space may reclaim an upload
     sqlite_synchronous: str = "full"  # "normal": faster, but a power cut may undo acknowledgements
     db_threads: int = DEFAULT_THREADS  # database threads per process (SQLite uses at most 4)
+    gc_review_delay: float = 24 * 3600.0  # seconds before garbage collection reviews a candidate
+    gc_interval: float = 10.0  # seconds between this process's garbage collection passes
+    gc_keep_releases: int = 10  # releases per app whose images garbage collection keeps
+    gc_worker: bool = True  # False (--no-gc): no collector worker here; enqueues still happen
 
 
 def parse_storage(storage: str) -> tuple[str, str] | None:

@@ -22,6 +22,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from skyreg.auth.keys import KeyRing
 from skyreg.auth.ratelimit import FailureLimiter
 from skyreg.auth.service import Authenticator
+from skyreg.meta.gc import GcMeta, GcSettings
 from skyreg.meta.machines import MachineMeta
 from skyreg.meta.platform import PlatformMeta, ReleaseMeta
 from skyreg.meta.registry import RegistryMeta, open_database
@@ -30,6 +31,7 @@ from skyreg.registry.app import upload_expiry
 from skyreg.registry.connections import ConnectionGuard
 from skyreg.registry.context import Registry
 from skyreg.registry.forwarded import parse_networks
+from skyreg.registry.gc import Collector
 from skyreg.registry.space import SpaceGuard, Watermark
 from skyreg.server.app import create_app, metrics_app
 from skyreg.server.config import ServeConfig, parse_storage
@@ -146,20 +148,27 @@ async def run_worker(
         reg.space = SpaceGuard(store, meta, cfg.min_free_space, cfg.reclaim_idle)
     reg.geo = _geo_node(cfg, reg)
     reg.trusted_proxies = parse_networks(cfg.trusted_proxies)
+    gc_settings = _gc_settings(cfg, reg.geo)
+    meta.gc, meta.region = gc_settings, cfg.region or ""
+    gc_meta = GcMeta(meta.db)
+    gc_meta.settings = gc_settings
+    collector = Collector(gc_meta, store, cfg.region or "")
     releases = None
     if auth is not None:
+        release_meta, machine_meta = ReleaseMeta(meta.db), MachineMeta(meta.db)
+        release_meta.gc = machine_meta.gc = gc_settings
         releases = ReleaseService(
             registry=meta,
-            releases=ReleaseMeta(meta.db),
-            machines=MachineMeta(meta.db),
+            releases=release_meta,
+            machines=machine_meta,
             platform=auth.platform,
             policy=auth.policy,
             public_host=auth.public_host,
             geo=reg.geo,
             limits=cfg.deploy_limits,
         )
-    workers = _workers(cfg, reg)
-    app = create_app(reg, releases, workers=workers)
+    workers = _workers(cfg, reg, collector)
+    app = create_app(reg, releases, workers=workers, gc=collector, gc_worker=cfg.gc_worker)
     handler_kwargs: dict[str, Any] = {
         "access_log": logging.getLogger("skyreg.access") if cfg.access_log else None,
         "access_log_format": ACCESS_LOG_FORMAT,
@@ -178,7 +187,7 @@ async def run_worker(
     metrics_runner = None
     if metrics_sock is not None:
         metrics_runner = web.AppRunner(
-            metrics_app(reg.geo, workers), access_log=None, handle_signals=False
+            metrics_app(reg.geo, workers, collector), access_log=None, handle_signals=False
         )
         await metrics_runner.setup()
         await web.SockSite(metrics_runner, metrics_sock).start()
@@ -202,15 +211,28 @@ async def run_worker(
         await close_blob_store(store)
         if auth is not None:
             auth.platform.close()
+        gc_meta.close()
         meta.close()
 
 
-def _workers(cfg: ServeConfig, reg: Registry) -> Workers:
+def _workers(cfg: ServeConfig, reg: Registry, collector: Collector) -> Workers:
     """Everything this process runs in the background: one place to see it."""
     workers = Workers([upload_expiry(reg, cfg.expiry_interval)])
     if reg.geo is not None and reg.geo.replicate:
         workers.add(reg.geo.replication_worker())
+    if cfg.gc_worker:  # without it (--no-gc) reviews are still queued, and run on demand
+        workers.add(collector.worker(cfg.gc_interval))
     return workers
+
+
+def _gc_settings(cfg: ServeConfig, geo: GeoNode | None) -> GcSettings:
+    """How garbage collection decides: `serve`'s --gc-* flags, and every region whose store may
+    hold bytes of a blob (`""` alone without regions)."""
+    return GcSettings(
+        review_delay=cfg.gc_review_delay,
+        keep_releases=cfg.gc_keep_releases,
+        regions=tuple(geo.regions.codes) if geo is not None else ("",),
+    )
 
 
 def _geo_node(cfg: ServeConfig, reg: Registry) -> GeoNode | None:

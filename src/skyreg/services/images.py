@@ -1,16 +1,18 @@
-"""Images of an app (every tag of `<app>` and `<app>/...`), one image's blobs and regions, and
-the replication queue."""
+"""Images of an app (every tag of `<app>` and `<app>/...`), one image's blobs and regions, the
+deletion of a tag or a manifest, and the replication queue."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from skyreg.auth.policy import DELETE, AccessPolicy
+from skyreg.meta.errors import ManifestInUse
 from skyreg.meta.geo import Job
 from skyreg.meta.platform import App, ImageTag, PlatformMeta, TokenRecord
 from skyreg.meta.registry import RegistryMeta
 from skyreg.services.access import required, visible_app
-from skyreg.services.errors import Forbidden, Invalid, NotFound
+from skyreg.services.errors import Conflict, Forbidden, Invalid, NotFound
 
 if TYPE_CHECKING:
     from skyreg.geo.node import GeoNode
@@ -52,6 +54,31 @@ class ImageDetail:
 
 
 @dataclass(frozen=True)
+class DeletedImage:
+    """What a deletion removed: a tag of `repository` (`digest` None: the manifest stays until
+    garbage collection finds nothing else holds it), or a manifest with all its tags (`tag`
+    None)."""
+
+    repository: str
+    tag: str | None = None
+    digest: str | None = None
+
+
+def split_reference(app: str, reference: str) -> tuple[str, str, bool]:
+    """(repository, tag or digest, whether a digest) of `TAG`, `DIGEST`, `REPO:TAG` or
+    `REPO@DIGEST`, the repository defaulting to `app`."""
+    if "@" in reference:  # REPO@DIGEST
+        repository, _, ref = reference.partition("@")
+        return repository, ref, True
+    if reference.startswith(("sha256:", "sha512:")):  # DIGEST
+        return app, reference, True
+    if ":" in reference:  # REPO:TAG
+        repository, _, ref = reference.rpartition(":")
+        return repository, ref, False
+    return app, reference, False
+
+
+@dataclass(frozen=True)
 class JobCount:
     """Replication jobs of one region in one state."""
 
@@ -78,6 +105,10 @@ class ImageService:
     platform: PlatformMeta
     registry: RegistryMeta
     geo: GeoNode | None = None
+    policy: AccessPolicy = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.policy = AccessPolicy(self.platform)
 
     async def list_images(
         self,
@@ -117,14 +148,7 @@ class ImageService:
 
     def _show_image(self, caller: TokenRecord | None, name: str, reference: str) -> ImageDetail:
         app = visible_app(self.platform, caller, name, public_ok=True)
-        repository, by_digest, ref = app.name, False, reference
-        if "@" in reference:  # APP@DIGEST
-            repository, _, ref = reference.partition("@")
-            by_digest = True
-        elif reference.startswith(("sha256:", "sha512:")):  # DIGEST
-            by_digest = True
-        elif ":" in reference:  # APP:TAG
-            repository, _, ref = reference.rpartition(":")
+        repository, ref, by_digest = split_reference(app.name, reference)
         if repository != app.name:
             raise NotFound("image", reference[:200])
         stored = self.registry.get_manifest(repository, ref, by_digest=by_digest)
@@ -149,6 +173,39 @@ class ImageService:
                 for region in geo.regions.codes
             },
         )
+
+    async def delete_image(
+        self, caller: TokenRecord | None, app: str, reference: str
+    ) -> DeletedImage:
+        """Delete a tag (`TAG`, `REPO:TAG`: the tag goes, its manifest is queued for garbage
+        collection) or a manifest with its tags (`DIGEST`, `REPO@DIGEST`) of one of the app's
+        repositories (`<app>`, `<app>/...`), for callers that may push to the app (others of
+        its org: Forbidden). A manifest an index of the repository references is refused
+        (Conflict, naming the index): delete the index first."""
+        return await self.platform.run(self._delete_image, caller, app, reference)
+
+    def _delete_image(self, caller: TokenRecord | None, name: str, reference: str) -> DeletedImage:
+        app = visible_app(self.platform, caller, name)
+        repository, ref, by_digest = split_reference(app.name, reference)
+        if repository != app.name and not repository.startswith(app.name + "/"):
+            raise NotFound("image", reference[:200])
+        if DELETE not in self.policy.allowed(caller, repository):
+            raise Forbidden(f"this token may not delete images of app {app.name}")
+        if not ref:
+            raise NotFound("image", reference[:200])
+        try:
+            deleted = (
+                self.registry.delete_manifest(repository, ref)
+                if by_digest
+                else self.registry.delete_tag(repository, ref)
+            )
+        except ManifestInUse as e:
+            raise Conflict(str(e)) from None
+        if not deleted:
+            raise NotFound("image", reference[:200])
+        if by_digest:
+            return DeletedImage(repository, digest=ref)
+        return DeletedImage(repository, tag=ref)
 
     async def replication_status(self, caller: TokenRecord | None) -> ReplicationStatus:
         """Job counts and bytes per region and state, and the latest jobs (admin only)."""

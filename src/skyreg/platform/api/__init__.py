@@ -14,7 +14,17 @@ from __future__ import annotations
 from aiohttp import web
 
 from skyreg.auth.service import Authenticator
-from skyreg.platform.api import agent, apps, images, machines, orgs, releases, replication, tokens
+from skyreg.platform.api import (
+    agent,
+    apps,
+    gc,
+    images,
+    machines,
+    orgs,
+    releases,
+    replication,
+    tokens,
+)
 from skyreg.platform.api.base import (
     PREFIX,
     SERVICES_KEY,
@@ -28,6 +38,7 @@ from skyreg.platform.api.openapi import encoded
 from skyreg.platform.graphql import add_graphql
 from skyreg.platform.http import ApiError
 from skyreg.platform.releases import RELEASES_KEY
+from skyreg.services.gc import GcService
 from skyreg.services.releases import ReleaseService
 
 
@@ -47,6 +58,7 @@ ROUTE_LIST: list[Route] = [
     *apps.ROUTES,
     *images.ROUTES,
     *replication.ROUTES,
+    *gc.ROUTES,
     *releases.ROUTES,
     *machines.ROUTES,
     *agent.ROUTES,
@@ -60,12 +72,18 @@ for _route in ROUTE_LIST:
 
 
 def add_management_routes(
-    app: web.Application, auth: Authenticator, releases: ReleaseService
+    app: web.Application,
+    auth: Authenticator,
+    releases: ReleaseService,
+    gc_service: GcService | None = None,
 ) -> None:
-    """Mount the management API under /api/v1, and the GraphQL endpoint, on `app`."""
+    """Mount the management API under /api/v1, and the GraphQL endpoint, on `app`; the /gc
+    routes answer through `gc_service` (without one, 404)."""
     services = Services.over(auth, releases)
     services.openapi = encoded(ROUTE_LIST)
     app[SERVICES_KEY] = services
+    if gc_service is not None:
+        app[gc.GC_KEY] = gc_service
     app[RELEASES_KEY] = releases
     add_graphql(app, auth, releases)
     for path, methods in ROUTES.items():

@@ -1,4 +1,4 @@
-"""`/apps/{app}/images` and `/apps/{app}/images/{reference}`."""
+"""`/apps/{app}/images` and `/apps/{app}/images/{reference}` (show, delete)."""
 
 from __future__ import annotations
 
@@ -63,6 +63,19 @@ async def show_image(call: Call) -> models.ImageDetail:
     return image_detail_model(found)
 
 
+async def delete_image(call: Call) -> models.DeletedImage:
+    """Remove a tag, or a manifest with its tags."""
+    deleted = await call.services.images.delete_image(
+        call.caller(), call.path("app"), call.path("reference")
+    )
+    result = models.DeletedImage(repository=deleted.repository)
+    if deleted.tag is not None:
+        result.tag = deleted.tag
+    if deleted.digest is not None:
+        result.digest = deleted.digest
+    return result
+
+
 ROUTES = [
     Route(
         "GET", "/apps/{app}/images", list_images, "listImages",
@@ -81,5 +94,13 @@ ROUTES = [
         "One image: its blobs and, in a multi-region registry, the regions holding each and "
         "whether the image is complete in each region", models.ImageDetail,
         errors=(404,), security="optional", response_description="The image",
+    ),
+    Route(
+        "DELETE", "/apps/{app}/images/{reference}", delete_image, "deleteImage",
+        "Delete an image of the app (tokens that may push to it): a tag (`TAG`, `REPO:TAG`) "
+        "is removed and garbage collection deletes its manifest once nothing else holds it; "
+        "a digest (`DIGEST`, `REPO@DIGEST`) deletes the manifest and every tag of it, refused "
+        "(409) while an index of the repository references it", models.DeletedImage,
+        errors=(403, 404, 409), response_description="What was deleted",
     ),
 ]  # fmt: skip

@@ -298,3 +298,95 @@ class LogList(Model):
 
 class Recorded(Model):
     """An empty answer: the report was recorded."""
+
+
+class DeletedImage(Model):
+    """What `DELETE /apps/{app}/images/{reference}` removed: a tag (its manifest stays until
+    garbage collection finds nothing else holds it), or a manifest with every tag of it."""
+
+    repository: str
+    tag: Annotated[str | UnsetType, msgspec.Meta(description="The tag removed")] = UNSET
+    digest: Annotated[
+        str | UnsetType, msgspec.Meta(description="The manifest deleted, with its tags")
+    ] = UNSET
+
+
+class GcQueue(Model):
+    queued: Annotated[int, msgspec.Meta(description="Items waiting")]
+    due: Annotated[int, msgspec.Meta(description="Items a pass would take now")]
+    failing: Annotated[int, msgspec.Meta(description="Items whose last try failed")]
+
+
+class GcDeletions(GcQueue):
+    """Bytes of deleted blobs still to remove from one region's store."""
+
+    region: Annotated[str, msgspec.Meta(description='"" in a registry without regions')]
+    bytes: Annotated[int, msgspec.Meta(description="What they will free")]
+
+
+class GcTotals(Model):
+    """Everything collected since garbage collection began, by every node."""
+
+    bytes_deleted: int
+    blobs_deleted: int
+    manifests_deleted: int
+    links_deleted: Annotated[int, msgspec.Meta(description="Blobs removed from a repository")]
+    failures: int
+
+
+class GcSettings(Model):
+    review_delay: Annotated[
+        float, msgspec.Meta(description="Seconds between an event and the review it queues")
+    ]
+    keep_releases: Annotated[
+        int, msgspec.Meta(description="Releases per app whose images are kept")
+    ]
+    regions: Annotated[
+        list[str], msgspec.Meta(description='Regions whose stores hold bytes ("": no regions)')
+    ]
+
+
+class GcRun(Model):
+    """One pass of a collector."""
+
+    node: Annotated[str, msgspec.Meta(description="host:pid of the process that ran it")]
+    kind: Annotated[str, msgspec.Meta(extra_json_schema={"enum": ["worker", "manual"]})]
+    dry_run: bool
+    started_at: Time
+    finished_at: Time
+    manifests_reviewed: int
+    manifests_deleted: int
+    blobs_reviewed: int
+    blobs_deleted: int
+    links_deleted: int
+    bytes_deleted: int
+    failures: int
+    error: str | None
+
+
+class GcRunResult(GcRun):
+    """A pass just run; in a dry run, what it would have deleted (nothing was)."""
+
+    deleted_manifests: Annotated[
+        list[str],
+        msgspec.Meta(description="REPOSITORY@DIGEST of the manifests deleted (at most 1000)"),
+    ]
+    deleted_blobs: Annotated[
+        list[str], msgspec.Meta(description="Digests of the blobs deleted (at most 1000)")
+    ]
+
+
+class GcStatus(Model):
+    """Garbage collection of the whole registry, as the node that answered sees it."""
+
+    region: Annotated[str, msgspec.Meta(description='The answering node\'s region ("": none)')]
+    worker: Annotated[
+        bool, msgspec.Meta(description="Whether the answering process runs the gc worker")
+    ]
+    settings: GcSettings
+    manifest_reviews: GcQueue
+    blob_reviews: GcQueue
+    deletions: list[GcDeletions]
+    totals: GcTotals
+    runs: Annotated[list[GcRun], msgspec.Meta(description="The latest passes, newest first")]
+    errors: Annotated[list[str], msgspec.Meta(description="Recent failures' messages")]

@@ -33,7 +33,10 @@ ERRORS = {
     401: ("Unauthorized", "No, or an invalid, expired or revoked, token"),
     403: ("Forbidden", "The token may not do this"),
     404: ("NotFound", "No such resource (or one of another organization)"),
-    409: ("Conflict", "The name is taken, or the change would leave no admin"),
+    409: (
+        "Conflict",
+        "The name is taken, the change would leave no admin, or the manifest is in an index",
+    ),
     413: ("TooLarge", "The request body is larger than 64 KiB"),
     429: ("TooManyRequests", "Too many failed authentication attempts; see Retry-After"),
 }
