@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import insert, update
 
 from skyreg.meta import schema as s
 from skyreg.meta.db import create_db_engine, upgrade_schema
@@ -27,6 +27,11 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 def geo(database_url: str) -> Iterator[GeoMeta]:
     engine = create_db_engine(database_url)
     upgrade_schema(engine)
+    with engine.begin() as conn:  # copies are recorded only of blobs that exist (GC)
+        now = datetime.now(UTC)
+        conn.execute(
+            insert(s.blobs), [{"digest": d, "size": 10, "created_at": now} for d in (D1, D2)]
+        )
     g = GeoMeta(engine)
     yield g
     g.close()

@@ -8,6 +8,9 @@
 - `enqueue_image` asks for every blob of an image (the host platform's child of an index) in
   the given regions: deploys call it, and pushes do for apps that keep their images in their
   regions (`replicate_ahead`).
+- Garbage collection: a copy is recorded only while the blob exists (else its bytes are queued
+  for deletion), and a transfer never installs bytes of a blob GC deleted (`geo.transfer`).
+  `regions.codes` (every region of the map) is where GC queues a dead blob's deletions.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from skyreg.geo.errors import BlobNotInRegion, RegionsUnavailable
 from skyreg.geo.regions import RegionMap
 from skyreg.geo.transfer import (
     LEASE_SECONDS,
+    BlobDeleted,
     Feed,
     Transfer,
     TransferFailed,
@@ -92,9 +96,11 @@ class GeoNode:
 
     # -- copies ------------------------------------------------------------------------------------
 
-    async def stored(self, digest: Digest) -> None:
-        """This region's store now holds `digest` (pushed here)."""
-        await self.meta.run(self.meta.add_copy, str(digest), self.region)
+    async def stored(self, digest: Digest, size: int = 0) -> bool:
+        """This region's store now holds `digest` (pushed here): recorded as this region's
+        copy, True. False when garbage collection deleted the blob since it was linked: the
+        bytes are not recorded, a deletion of them (`size` bytes, when known) is queued."""
+        return await self.meta.run(self.meta.add_copy, str(digest), self.region, size)
 
     def refuse_chained(self, digest: Digest, *, for_peer: bool) -> None:
         """Raises BlobNotInRegion when another region's node asks for a blob this region lacks
@@ -146,6 +152,9 @@ class GeoNode:
     async def _wait(self, transfer: Transfer, digest: Digest) -> None:
         try:
             await asyncio.shield(transfer.wait())
+        except BlobDeleted:
+            # GC deleted it while it was asked for: in no region now (404, not "try again")
+            raise BlobNotInRegion(str(digest)) from None
         except TransferFailed as e:
             log.warning("pull-through of %s into %s failed: %s", digest, self.region, e)
             raise RegionsUnavailable(str(digest)) from None

@@ -11,6 +11,13 @@ store once the copy is complete — content addressing makes bytes from any sour
 A source that fails mid-transfer (region down, connection cut) is replaced by the next nearest;
 the upload continues where it stopped (`Range: bytes=N-`). Nothing is visible in this region
 until the store has verified the digest and the job is marked done with the copy recorded.
+
+Garbage collection: a transfer never brings a deleted blob back. Its verified bytes are
+installed only after `GeoMeta.prepare_install` committed (the store's `before_install` hook):
+that cancels a pending deletion of them in this region and refuses once GC has deleted the
+blob, and then the upload is aborted. A copy that lands while GC deletes the blob is not
+recorded (`finish` / `add_copy` queue the deletion of its bytes instead). Both end the
+transfer with `BlobDeleted`.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -45,6 +52,13 @@ _WAIT_LIMIT = 3600.0
 
 class TransferFailed(Exception):
     """No region could supply the blob (the message names the regions tried: logs only)."""
+
+
+class BlobDeleted(TransferFailed):
+    """Garbage collection deleted the blob: nothing of it is installed or recorded here."""
+
+    def __init__(self, digest: str) -> None:
+        super().__init__(f"{digest}: deleted by garbage collection")
 
 
 @dataclass
@@ -201,9 +215,7 @@ class Transfers:
         digest = str(t.digest)
         deadline = time.monotonic() + _WAIT_LIMIT
         while job is None:
-            if await self.store.stat(t.digest) is not None:
-                await self.meta.run(self.meta.add_copy, digest, self.region)  # idempotent
-                t._detach_all()
+            if await self.store.stat(t.digest) is not None and await self._adopt(t, None):
                 return
             current = await self.meta.run(self.meta.job, digest, self.region)
             if (
@@ -232,14 +244,17 @@ class Transfers:
         renewer = asyncio.create_task(self._renew(job))
         moved = 0
         try:
-            if await self.store.stat(t.digest) is not None:  # pushed or copied here meanwhile
-                t._detach_all()
-                await self.meta.run(self.meta.finish, job.id, self.owner, 0, None)
+            # pushed or copied here meanwhile?
+            if await self.store.stat(t.digest) is not None and await self._adopt(t, job):
                 return
             moved, source = await self._fetch(t)
-            await self.meta.run(self.meta.finish, job.id, self.owner, moved, source)
+            await self._record(t, job, moved, source)
             t.source = source
             log.info("copied %s (%d bytes) from %s into %s", digest, t.size, source, self.region)
+        except BlobDeleted as e:
+            await self.meta.run(self.meta.drop_job_of_deleted_blob, job.id)
+            log.info("not copying %s into %s: %s", digest, self.region, e)
+            raise
         except TransferFailed as e:
             await self.meta.run(self.meta.fail, job.id, self.owner, str(e), t.received)
             log.warning("cannot copy %s into %s: %s", digest, self.region, e)
@@ -251,6 +266,41 @@ class Transfers:
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewer
+
+    async def _adopt(self, t: Transfer, job: Job | None) -> bool:
+        """The store holds the blob already (pushed here, or another process copied it):
+        record that copy and end the transfer (True). A pending deletion of those bytes is
+        cancelled first, and only bytes still there after that count; False when they are
+        gone by then (the transfer goes on). Raises BlobDeleted when GC deleted the blob."""
+        digest = str(t.digest)
+        if not await self.meta.run(self.meta.prepare_install, digest, self.region):
+            raise BlobDeleted(digest)
+        if await self.store.stat(t.digest) is None:
+            return False  # a deletion removed them before it was cancelled
+        t._detach_all()
+        await self._record(t, job, 0, None)
+        return True
+
+    async def _record(self, t: Transfer, job: Job | None, moved: int, source: str | None) -> None:
+        """Record this region's copy (and the job done); raises BlobDeleted when GC deleted
+        the blob meanwhile (a deletion of the bytes just installed is queued instead)."""
+        digest = str(t.digest)
+        if job is not None and await self.meta.run(
+            self.meta.finish, job.id, self.owner, moved, source
+        ):
+            return
+        # No job, or it is gone (GC deletes a deleted blob's jobs), or so is the blob.
+        if not await self.meta.run(self.meta.add_copy, digest, self.region, t.size):
+            raise BlobDeleted(digest)
+
+    def _before_install(self, t: Transfer) -> Callable[[int], Awaitable[None]]:
+        """The store's hook between verifying a copy and installing it (see the module doc)."""
+
+        async def prepare(size: int) -> None:
+            if not await self.meta.run(self.meta.prepare_install, str(t.digest), self.region):
+                raise BlobDeleted(str(t.digest))
+
+        return prepare
 
     async def _renew(self, job: Job) -> None:
         while True:
@@ -264,6 +314,8 @@ class Transfers:
         digest = str(t.digest)
         holders = await self.meta.run(self.meta.regions_of, digest)
         sources = self.regions.nearest(holders)
+        if not sources and not await self.meta.read(self.meta.blob_exists, digest):
+            raise BlobDeleted(digest)  # GC took its copies with it
         if not sources:
             raise TransferFailed(f"{digest}: no other region holds it (holders: {holders})")
         upload_id = uuid.uuid4().hex
@@ -274,7 +326,9 @@ class Transfers:
             for source in sources:
                 try:
                     moved += await self._from(t, source, upload_id)
-                    await self.store.commit(upload_id, t.digest)
+                    await self.store.commit(
+                        upload_id, t.digest, before_install=self._before_install(t)
+                    )
                     return moved, source
                 except DigestMismatch as e:
                     tried.append(f"{source}: content does not match the digest ({e})")

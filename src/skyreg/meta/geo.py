@@ -6,6 +6,14 @@ on every database: two nodes racing for a job see one of them update the row and
 update nothing. A node that dies mid-transfer stops renewing its lease; once it expires the job
 is claimable again. Failures are retried with exponential backoff, up to `MAX_ATTEMPTS`. A
 job's completion and the region's copy record are one transaction.
+
+Garbage collection (DESIGN rule 5): a region's copy is recorded only while the blob's `blobs`
+row exists, held against GC's delete until the record commits (PostgreSQL: FOR KEY SHARE;
+SQLite: the write lock); once GC has deleted the blob, a copy that lands anyway is garbage and
+a `gc_blob_deletions` row for that region is written instead, so the collector removes its
+bytes. Bytes are installed only after `prepare_install` committed: it cancels a pending
+deletion of them in that region and refuses (False) once the blob is gone, so a copy never
+brings a deleted blob back.
 """
 
 from __future__ import annotations
@@ -15,17 +23,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import Connection, and_, delete, func, or_, select, update
 
 from skyreg.meta import schema as s
 from skyreg.meta.db import SqlStore
+from skyreg.meta.gc import cancel_deletion, queue_deletion
 
 QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
 JOB_STATES = (QUEUED, RUNNING, DONE, FAILED)
 MAX_ATTEMPTS = 8
 MAX_BACKOFF = 300.0
 
-_j, _br = s.replication_jobs, s.blob_regions
+_j, _br, _b = s.replication_jobs, s.blob_regions, s.blobs
 
 
 def _now() -> datetime:
@@ -110,11 +119,51 @@ class GeoMeta(SqlStore):
 
     # -- copies ------------------------------------------------------------------------------
 
-    def add_copy(self, digest: str, region: str) -> None:
-        """Record that `region`'s blob store holds `digest` (verified)."""
-        with self._write() as conn:
-            conn.execute(
-                self._insert_ignore(_br).values(digest=digest, region=region, created_at=_now())
+    def add_copy(self, digest: str, region: str, size: int = 0) -> bool:
+        """Record that `region`'s blob store holds `digest` (verified); True when recorded.
+
+        False when the blob is gone (GC deleted it): the bytes there are garbage, and a
+        deletion of them from `region`'s store (`size` bytes, when known) is queued instead.
+        """
+        return self._transaction(lambda conn: self._record_copy(conn, digest, region, size))
+
+    def _record_copy(self, conn: Connection, digest: str, region: str, size: int) -> bool:
+        if not self._hold_blob(conn, digest):
+            queue_deletion(conn, digest, size, region)
+            return False
+        conn.execute(
+            self._insert_ignore(_br).values(digest=digest, region=region, created_at=_now())
+        )
+        return True
+
+    def _hold_blob(self, conn: Connection, digest: str) -> bool:
+        """Whether the blob's `blobs` row exists, holding it until this transaction ends
+        against GC deleting it (PostgreSQL: FOR KEY SHARE, which waits for a delete under way
+        and then sees it committed; SQLite: the write lock). False once GC deleted it."""
+        query = select(_b.c.digest).where(_b.c.digest == digest)
+        if self._locks:
+            query = query.with_for_update(read=True, key_share=True)
+        return conn.execute(query).first() is not None
+
+    def prepare_install(self, digest: str, region: str) -> bool:
+        """Before bytes of `digest` are installed into `region`'s store (a transfer's commit):
+        cancel a pending deletion of them there (waiting for one under way) and check the blob
+        still exists. Commits before the install; False when GC has deleted the blob: then
+        nothing may be installed (a deleted blob is never brought back)."""
+
+        def work(conn: Connection) -> bool:
+            if not self._hold_blob(conn, digest):
+                return False
+            cancel_deletion(conn, digest, region)
+            return True
+
+        return self._transaction(work)
+
+    def blob_exists(self, digest: str) -> bool:
+        """Whether the registry still knows the blob (GC has not deleted its `blobs` row)."""
+        with self._read() as conn:
+            return (
+                conn.execute(select(_b.c.digest).where(_b.c.digest == digest)).first() is not None
             )
 
     def regions_of(self, digest: str) -> list[str]:
@@ -261,11 +310,24 @@ class GeoMeta(SqlStore):
                 ).rowcount
             )
 
-    def finish(self, job_id: int, owner: str, bytes_moved: int, source: str | None) -> None:
-        """Mark the job done and record the region's copy, in one transaction."""
+    def finish(self, job_id: int, owner: str, bytes_moved: int, source: str | None) -> bool:
+        """Mark the job done and record the region's copy, in one transaction; True when done.
+
+        False when the job is gone (GC deleted its blob, and its jobs with it) — the caller
+        records the copy with `add_copy`, which decides — or when the blob is: then the job
+        goes and a deletion of the region's bytes is queued instead of the copy."""
         now = _now()
-        with self._write() as conn:
-            row = conn.execute(select(_j.c.digest, _j.c.region).where(_j.c.id == job_id)).one()
+
+        def work(conn: Connection) -> bool:
+            row = conn.execute(
+                select(_j.c.digest, _j.c.region, _j.c.size).where(_j.c.id == job_id)
+            ).first()
+            if row is None:
+                return False
+            digest, region, size = str(row[0]), str(row[1]), int(row[2])
+            if not self._record_copy(conn, digest, region, size):
+                conn.execute(delete(_j).where(_j.c.id == job_id))
+                return False
             conn.execute(
                 update(_j)
                 .where(_j.c.id == job_id)
@@ -279,9 +341,16 @@ class GeoMeta(SqlStore):
                     updated_at=now,
                 )
             )
-            conn.execute(
-                self._insert_ignore(_br).values(digest=row[0], region=row[1], created_at=now)
-            )
+            return True
+
+        return self._transaction(work)
+
+    def drop_job_of_deleted_blob(self, job_id: int) -> bool:
+        """Remove a job whose blob GC has deleted (nothing to copy; no retries); True if it
+        went. A job whose blob exists (pushed again meanwhile) stays."""
+        with self._write() as conn:
+            gone = ~select(_b.c.digest).where(_b.c.digest == _j.c.digest).exists()
+            return bool(conn.execute(delete(_j).where(_j.c.id == job_id, gone)).rowcount)
 
     def fail(self, job_id: int, owner: str, error: str, bytes_moved: int = 0) -> Job | None:
         """Record a failed attempt: queued again after a backoff, or failed for good."""
