@@ -53,6 +53,8 @@ DEFAULT_REVIEW_DELAY = 24 * 3600.0
 DEFAULT_KEEP_RELEASES = 10
 MAX_BACKOFF = 3600.0  # seconds: a failing review or deletion is tried again at most this late
 RUNS_KEPT = 200
+UPSERT_ROWS = 1000  # rows per enqueue statement
+LINKS_PER_TRANSACTION = 100  # links a blob review visits in one transaction
 _ERROR_CHARS = 500
 
 _R = TypeVar("_R")
@@ -95,24 +97,29 @@ class GcSettings:
 # -- used inside the transactions of other stores (meta/registry.py, platform.py, machines.py) ---
 
 
+def _later(conn: Connection) -> Any:
+    """SQL's "the later of two times" on this database."""
+    return func.greatest if conn.dialect.name == "postgresql" else func.max
+
+
 def _upsert_reviews(
     conn: Connection, table: Any, keys: list[str], rows: list[dict[str, Any]]
 ) -> None:
-    if not rows:
-        return
-    later = func.greatest if conn.dialect.name == "postgresql" else func.max
-    stmt: Any = (
-        postgresql.insert(table) if conn.dialect.name == "postgresql" else sqlite.insert(table)
-    ).values(rows)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=keys,
-        set_={
-            "review_after": later(table.c.review_after, stmt.excluded.review_after),
-            "event": stmt.excluded.event,
-            "updated_at": stmt.excluded.updated_at,
-        },
-    )
-    conn.execute(stmt)
+    # In statements of at most UPSERT_ROWS rows: a manifest may reference thousands of blobs,
+    # and PostgreSQL takes at most 65,535 parameters per statement.
+    for start in range(0, len(rows), UPSERT_ROWS):
+        stmt: Any = (
+            postgresql.insert(table) if conn.dialect.name == "postgresql" else sqlite.insert(table)
+        ).values(rows[start : start + UPSERT_ROWS])
+        stmt = stmt.on_conflict_do_update(
+            index_elements=keys,
+            set_={
+                "review_after": _later(conn)(table.c.review_after, stmt.excluded.review_after),
+                "event": stmt.excluded.event,
+                "updated_at": stmt.excluded.updated_at,
+            },
+        )
+        conn.execute(stmt)
 
 
 def enqueue_blobs(
@@ -343,12 +350,52 @@ class GcMeta(SqlStore):
         return row
 
     def review_blob(self, digest: str, *, dry_run: bool = False) -> BlobReview:
-        """Review one blob (see the module docstring); `dry_run` decides and undoes."""
+        """Review one blob (see the module docstring); `dry_run` decides and undoes.
 
-        def work(conn: Connection) -> BlobReview:
+        The links are visited `LINKS_PER_TRANSACTION` at a time, each batch its own transaction
+        holding the review row (on SQLite the database's write lock: a blob linked into
+        thousands of repositories must not hold it for long); the last one decides the blob. A
+        dry run undoes every batch, so with more links than one batch it answers "kept"."""
+        after, unlinked = -1, 0
+        while True:
+            batch = self._review_links(digest, after, dry_run)
+            if batch is None:
+                return BlobReview(digest, "skipped", unlinked)
+            if isinstance(batch, BlobReview):
+                return BlobReview(digest, batch.outcome, batch.links_deleted + unlinked, batch.size)
+            after, done = batch
+            unlinked += done
+
+    def _review_links(
+        self, digest: str, after: int, dry_run: bool
+    ) -> BlobReview | tuple[int, int] | None:
+        """One transaction of a blob review: the links of repositories after `after`; with
+        more left, (the last repository visited, links deleted), else the review's result;
+        None when the review row is not due or another reviewer holds it."""
+
+        def work(conn: Connection) -> BlobReview | tuple[int, int] | None:
             if self._take(conn, _br, _br.c.digest == digest, _br.c.review_after) is None:
-                return BlobReview(digest, "skipped")
-            result = self._review_blob(conn, digest)
+                return None
+            repos = [
+                int(r)
+                for r in conn.execute(
+                    select(_links.c.repository_id)
+                    .where(_links.c.digest == digest, _links.c.repository_id > after)
+                    .order_by(_links.c.repository_id)
+                    .limit(LINKS_PER_TRANSACTION + 1)
+                ).scalars()
+            ]
+            unlinked = sum(
+                self._unlink_unused(conn, digest, r) for r in repos[:LINKS_PER_TRANSACTION]
+            )
+            if len(repos) > LINKS_PER_TRANSACTION:  # more to visit: the row stays, due
+                partial = (repos[LINKS_PER_TRANSACTION - 1], unlinked)
+                if dry_run:
+                    raise _Rollback(partial)
+                if unlinked:
+                    self._add_totals(conn, links_deleted=unlinked)
+                return partial
+            result = self._decide_blob(conn, digest, unlinked)
             conn.execute(delete(_br).where(_br.c.digest == digest))
             if dry_run:
                 raise _Rollback(result)
@@ -360,49 +407,45 @@ class GcMeta(SqlStore):
 
         return self._run_review(work, dry_run)
 
-    def _review_blob(self, conn: Connection, digest: str) -> BlobReview:
-        repos = [
-            int(r)
-            for r in conn.execute(
-                select(_links.c.repository_id)
-                .where(_links.c.digest == digest)
-                .order_by(_links.c.repository_id)
-            ).scalars()
-        ]
-        unlinked = kept = 0
-        for repo_id in repos:
-            savepoint = conn.begin_nested()
-            removed = conn.execute(
-                delete(_links).where(_links.c.repository_id == repo_id, _links.c.digest == digest)
-            ).rowcount
-            used = conn.execute(
-                select(
-                    exists().where(
-                        _refs.c.repository_id == repo_id,
-                        _refs.c.child_digest == digest,
-                        _refs.c.kind == "blob",
-                    )
+    @staticmethod
+    def _unlink_unused(conn: Connection, digest: str, repo_id: int) -> bool:
+        """Delete the link of `digest` in `repo_id` unless a manifest there references it
+        (deleted first in a savepoint, then checked, so a push holding it is waited for)."""
+        savepoint = conn.begin_nested()
+        removed = conn.execute(
+            delete(_links).where(_links.c.repository_id == repo_id, _links.c.digest == digest)
+        ).rowcount
+        used = conn.execute(
+            select(
+                exists().where(
+                    _refs.c.repository_id == repo_id,
+                    _refs.c.child_digest == digest,
+                    _refs.c.kind == "blob",
                 )
-            ).scalar_one()
-            if used or not removed:
-                savepoint.rollback()
-                kept += 1 if removed else 0
-            else:
-                savepoint.commit()
-                unlinked += 1
-        if kept:
-            return BlobReview(digest, "unlinked" if unlinked else "kept", unlinked)
+            )
+        ).scalar_one()
+        if used or not removed:
+            savepoint.rollback()
+            return False
+        savepoint.commit()
+        return True
+
+    def _decide_blob(self, conn: Connection, digest: str, unlinked: int) -> BlobReview:
+        """After its links were visited: delete the blob if nothing links or references it."""
+        kept = BlobReview(digest, "unlinked" if unlinked else "kept", unlinked)
+        if conn.execute(select(exists().where(_links.c.digest == digest))).scalar_one():
+            return kept
         referenced = conn.execute(
             select(exists().where(_refs.c.child_digest == digest, _refs.c.kind == "blob"))
         ).scalar_one()
         if referenced:  # a manifest whose repository no longer links it (a blob DELETE)
-            return BlobReview(digest, "unlinked" if unlinked else "kept", unlinked)
+            return kept
         query = select(s.blobs.c.size).where(s.blobs.c.digest == digest)
         if self._locks:
             query = query.with_for_update()
         size = conn.execute(query).scalar_one_or_none()
         if size is None:  # its bytes' deletions were queued when its row went
-            return BlobReview(digest, "unlinked" if unlinked else "kept", unlinked)
+            return kept
         # Every region this node knows, and any other holding a copy (a region added to the
         # regions file after this node started).
         holders = conn.execute(
@@ -552,12 +595,14 @@ class GcMeta(SqlStore):
             if attempts is None:
                 return
             now = _now()
+            retry = now + timedelta(seconds=backoff(int(attempts) + 1))
             conn.execute(
                 update(table)
                 .where(where)
                 .values(
                     attempts=int(attempts) + 1,
-                    review_after=now + timedelta(seconds=backoff(int(attempts) + 1)),
+                    # never earlier than an event queued it meanwhile (its delay covers a push)
+                    review_after=_later(conn)(table.c.review_after, retry),
                     last_error=error[:_ERROR_CHARS],
                     updated_at=now,
                 )

@@ -239,15 +239,16 @@ class RegistryMeta(SqlStore):
             repo_id = self._repository_id(conn, repository)
             if repo_id is None:
                 return False
-            removed = conn.execute(
-                delete(s.repository_blobs).where(
-                    s.repository_blobs.c.repository_id == repo_id,
-                    s.repository_blobs.c.digest == digest,
-                )
-            ).rowcount
-            if removed:
-                enqueue_blobs(conn, [digest], "blob_deleted", self.gc.review_delay)
-            return bool(removed)
+            link = and_(
+                s.repository_blobs.c.repository_id == repo_id,
+                s.repository_blobs.c.digest == digest,
+            )
+            if conn.execute(select(s.repository_blobs.c.digest).where(link)).first() is None:
+                return False  # nothing queued for what was never here
+            # The review row before the link, the order link_blob and a review take them in
+            # (a review holds the row while it deletes links): never a deadlock.
+            enqueue_blobs(conn, [digest], "blob_deleted", self.gc.review_delay)
+            return bool(conn.execute(delete(s.repository_blobs).where(link)).rowcount)
 
         return self._transaction(work)
 
