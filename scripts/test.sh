@@ -5,8 +5,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-test-tools.sh
 bash scripts/setup.sh test
+# Test files run in parallel worker processes (pytest-xdist), one file per worker at a time:
+# most tests wait on servers and clients they start. SKYREG_TEST_WORKERS overrides the count
+# (0: everything in this process); the default is the CPU count, at most 4.
+cpus=$(nproc)
+workers=${SKYREG_TEST_WORKERS:-$((cpus < 4 ? cpus : 4))}
 set +e
-.venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest -n "$workers" --dist loadfile "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then
