@@ -59,29 +59,3 @@ def shared_registry(
             yield reg
         finally:
             reg.stop()
-
-
-# The longest test files (minutes each, measured), started first: with the files spread over
-# parallel workers (scripts/test.sh), the workers then finish together instead of one running
-# a long file alone at the end.
-LONGEST_FIRST = (
-    "tests/gc/test_gc_stress.py",
-    "tests/gc/test_delete_push_race.py",
-    "tests/machines/test_machines.py",
-    "tests/cli/test_dev.py",
-    "tests/geo/test_regions.py",
-    "tests/geo/test_scaleout.py",
-    "tests/faults/test_kill_during_push.py",
-    "tests/security/test_fuzz_registry.py",
-    "tests/security/test_fuzz_api.py",
-)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Run the files of LONGEST_FIRST first, in that order; the rest keep theirs."""
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-
-    def key(item: pytest.Item) -> int:
-        return rank.get(item.nodeid.split("::", 1)[0], len(rank))
-
-    items.sort(key=key)  # stable: within a file, and among the rest, the order is kept
