@@ -14,22 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.inprocess import InProcessRegistry
+from tests.support.inprocess import InProcessRegistry, gc_on_request
 from tests.support.oci import image_manifest, push_blob, push_image, put_manifest, sha256
 from tests.support.platform import Tenancy, authed
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessRegistry]:
-    reg = InProcessRegistry(
-        data_dir=tmp_path_factory.mktemp("gccli") / "data",
-        options={"gc_worker": False, "gc_review_delay": 0.0},
-    )
-    reg.start()
-    try:
+    with gc_on_request(tmp_path_factory.mktemp("gccli") / "data") as reg:
         yield reg
-    finally:
-        reg.stop()
 
 
 def skyreg(

@@ -20,7 +20,7 @@ from urllib.parse import quote
 import pytest
 import requests
 
-from tests.support.inprocess import InProcessRegistry
+from tests.support.inprocess import InProcessRegistry, gc_on_request
 from tests.support.oci import (
     OCI_INDEX,
     OCI_MANIFEST,
@@ -39,15 +39,8 @@ API = "/api/v1"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessRegistry]:
-    reg = InProcessRegistry(
-        data_dir=tmp_path_factory.mktemp("gcapi") / "data",
-        options={"gc_worker": False, "gc_review_delay": 0.0},
-    )
-    reg.start()
-    try:
+    with gc_on_request(tmp_path_factory.mktemp("gcapi") / "data") as reg:
         yield reg
-    finally:
-        reg.stop()
 
 
 @dataclass

@@ -33,7 +33,7 @@ from skyreg.meta.registry import RegistryMeta, open_database
 from skyreg.oci import mediatypes as mt
 from skyreg.oci.digest import digest_of
 from skyreg.oci.manifest import Manifest, parse_manifest
-from tests.support.inprocess import InProcessRegistry
+from tests.support.inprocess import InProcessRegistry, gc_on_request
 from tests.support.meta import DATABASES, descriptor_of, link_blobs, manifest_of
 from tests.support.oci import (
     OCI_INDEX,
@@ -409,15 +409,8 @@ def test_a_manifest_with_very_many_layers_can_be_deleted_and_collected(
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessRegistry]:
-    reg = InProcessRegistry(
-        data_dir=tmp_path_factory.mktemp("gcattacks") / "data",
-        options={"gc_worker": False, "gc_review_delay": 0.0},
-    )
-    reg.start()
-    try:
+    with gc_on_request(tmp_path_factory.mktemp("gcattacks") / "data") as reg:
         yield reg
-    finally:
-        reg.stop()
 
 
 class Orgs:

@@ -244,3 +244,15 @@ def environment(env: dict[str, str]) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@contextlib.contextmanager
+def gc_on_request(data_dir: Path) -> Iterator[InProcessRegistry]:
+    """A served registry whose garbage collection runs only when a test asks (no `gc` worker;
+    every review due at once: `--no-gc --gc-review-delay 0`), stopped afterwards."""
+    reg = InProcessRegistry(data_dir=data_dir, options={"gc_worker": False, "gc_review_delay": 0.0})
+    reg.start()
+    try:
+        yield reg
+    finally:
+        reg.stop()
