@@ -44,14 +44,12 @@ import os
 import random
 import re
 import shlex
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -973,19 +971,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
-@contextlib.contextmanager
-def temp_dir(parent: Path | None) -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="gc-bench-", dir=parent))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def exit_on_signal(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the cleanup in main()
-
-
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     plan = plan_from(args)
@@ -993,12 +978,12 @@ def main(argv: Sequence[str]) -> int:
     started = time.monotonic()
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, exit_on_signal)
+        signal.signal(signum, rb.exit_on_signal)
     reviews: ReviewResult | None = None
     pushes: PushResult | None = None
     failures: list[str] = []
     with contextlib.ExitStack() as stack:
-        tmp = stack.enter_context(temp_dir(args.tmp_dir))
+        tmp = stack.enter_context(rb.temp_dir(args.tmp_dir, "gc-bench-"))
         log(f"temp dir {tmp} on {rb.filesystem_of(tmp)}")
         backing = Backing(args.backing, stack, tmp)
         backing.start()

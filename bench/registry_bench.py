@@ -1012,8 +1012,9 @@ def report_context(
 
 
 @contextlib.contextmanager
-def temp_dir(parent: Path | None) -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="registry-bench-", dir=parent))
+def temp_dir(parent: Path | None, prefix: str = "registry-bench-") -> Iterator[Path]:
+    """A temporary directory under `parent` (None: the system's), removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     try:
         yield path
     finally:
