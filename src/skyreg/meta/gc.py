@@ -256,13 +256,20 @@ class GcRun:
     bytes_deleted: int = 0
     failures: int = 0
     error: str | None = None
+    tags_deleted: int = 0  # by retention policies, in this pass
     # what went (or, in a dry run, would go): bounded lists for the operator
     deleted_manifests: list[str] = field(default_factory=list)
     deleted_blobs: list[str] = field(default_factory=list)
+    deleted_tags: list[str] = field(default_factory=list)  # REPOSITORY:TAG
 
     @property
     def did_something(self) -> bool:
-        return bool(self.manifests_reviewed or self.blobs_reviewed or self.bytes_deleted)
+        return bool(
+            self.manifests_reviewed
+            or self.blobs_reviewed
+            or self.bytes_deleted
+            or self.tags_deleted
+        )
 
 
 @dataclass(frozen=True)
@@ -507,6 +514,11 @@ class GcMeta(SqlStore):
         conn.execute(
             delete(_refs).where(_refs.c.repository_id == repo_id, _refs.c.parent_digest == digest)
         )
+        conn.execute(
+            delete(s.manifest_pulls).where(
+                s.manifest_pulls.c.repository_id == repo_id, s.manifest_pulls.c.digest == digest
+            )
+        )
         delay = self.settings.review_delay
         now = _now()
         enqueue_blobs(
@@ -689,6 +701,7 @@ class GcMeta(SqlStore):
                     bytes_deleted=run.bytes_deleted,
                     failures=run.failures,
                     error=None if run.error is None else run.error[:_ERROR_CHARS],
+                    tags_deleted=run.tags_deleted,
                 )
             )
             oldest_kept = conn.execute(
@@ -746,6 +759,7 @@ class GcMeta(SqlStore):
                     bytes_deleted=int(row.bytes_deleted),
                     failures=row.failures,
                     error=row.error,
+                    tags_deleted=row.tags_deleted,
                 )
                 for row in conn.execute(select(g).order_by(g.c.id.desc()).limit(runs))
             ]

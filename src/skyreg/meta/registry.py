@@ -32,6 +32,7 @@ from skyreg.meta.db import (
 )
 from skyreg.meta.errors import BlobSizeMismatch, ManifestInUse, ReferenceMissing
 from skyreg.meta.gc import GcSettings, cancel_deletion, enqueue_blobs, enqueue_manifests
+from skyreg.meta.retention import PUSH_GRACE, forget_pulls, untagged_delay
 from skyreg.meta.threads import DEFAULT_THREADS
 from skyreg.oci.manifest import Manifest
 
@@ -300,20 +301,18 @@ class RegistryMeta(SqlStore):
                     ],
                 )
             moved = [self._set_tag(conn, repo_id, tag, digest, now) for tag in tag_names]
-            if not tag_names:  # pushed by digest: collected unless something comes to hold it
-                enqueue_manifests(conn, [(repo_id, digest)], "pushed", self.gc.review_delay, now)
-            self._queue_untagged(conn, repo_id, moved, digest, now)
+            left = {p for p in moved if p is not None and p != digest}
+            if left or not tag_names:
+                # The app's untagged delay (its retention policy), else the review delay.
+                delay = untagged_delay(conn, repository, self.gc.review_delay)
+                if not tag_names:  # pushed by digest: collected unless something holds it
+                    # at least a grace period: an index may follow its children (PUSH_GRACE)
+                    grace = max(delay, min(self.gc.review_delay, PUSH_GRACE))
+                    enqueue_manifests(conn, [(repo_id, digest)], "pushed", grace, now)
+                # the manifests the tags moved away from
+                enqueue_manifests(conn, [(repo_id, d) for d in left], "tag_moved", delay, now)
 
         self._transaction(work)
-
-    def _queue_untagged(
-        self, conn: Connection, repo_id: int, previous: list[str | None], digest: str, now: datetime
-    ) -> None:
-        """Queue reviews of the manifests tags just moved away from."""
-        left = {p for p in previous if p is not None and p != digest}
-        enqueue_manifests(
-            conn, [(repo_id, d) for d in left], "tag_moved", self.gc.review_delay, now
-        )
 
     def _check_references(
         self, conn: Connection, repo_id: int, repository: str, manifest: Manifest
@@ -451,7 +450,9 @@ class RegistryMeta(SqlStore):
                     else:
                         pending.append(child)
             previous = self._set_tag(conn, target_id, tag, digest, now)
-            self._queue_untagged(conn, target_id, [previous], digest, now)
+            if previous is not None and previous != digest:  # the tag moved away from it
+                delay = untagged_delay(conn, target, self.gc.review_delay)
+                enqueue_manifests(conn, [(target_id, previous)], "tag_moved", delay, now)
             return True
 
         return self._transaction(work, conflicts=True)
@@ -492,6 +493,7 @@ class RegistryMeta(SqlStore):
                     s.tags.c.repository_id == repo_id, s.tags.c.manifest_digest == digest
                 )
             )
+            forget_pulls(conn, repo_id, [digest])
             children = conn.execute(
                 select(refs.c.child_digest, refs.c.kind).where(
                     refs.c.repository_id == repo_id, refs.c.parent_digest == digest
@@ -528,7 +530,8 @@ class RegistryMeta(SqlStore):
             digest = conn.execute(select(t.c.manifest_digest).where(where)).scalar_one_or_none()
             if digest is None or not conn.execute(delete(t).where(where)).rowcount:
                 return False
-            enqueue_manifests(conn, [(repo_id, str(digest))], "tag_deleted", self.gc.review_delay)
+            delay = untagged_delay(conn, repository, self.gc.review_delay)
+            enqueue_manifests(conn, [(repo_id, str(digest))], "tag_deleted", delay)
             return True
 
         return self._transaction(work)

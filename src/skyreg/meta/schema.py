@@ -17,7 +17,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
-from sqlalchemy.sql.expression import false
+from sqlalchemy.sql.expression import false, text
 from sqlalchemy.types import TypeEngine
 
 metadata = MetaData()
@@ -335,6 +335,8 @@ gc_runs = Table(
     Column("bytes_deleted", BigInteger, nullable=False),
     Column("failures", Integer, nullable=False),
     Column("error", Text),
+    # tags retention policies deleted in the pass (migration 0009)
+    Column("tags_deleted", Integer, nullable=False, server_default=text("0")),
 )
 
 # Running totals of everything collected (one row per name).
@@ -343,4 +345,40 @@ gc_totals = Table(
     metadata,
     Column("name", String(32), primary_key=True),
     Column("value", BigInteger, nullable=False),
+)
+
+# -- retention per app and quotas per org (migration 0009) ---------------------------------------
+
+# What an app keeps: tags matching patterns, its N most recent tags per repository, those pushed
+# or pulled within a duration; untagged manifests go `untagged_after` seconds after losing a tag.
+app_retention = Table(
+    "app_retention",
+    metadata,
+    Column("app_id", Integer, ForeignKey("apps.id"), primary_key=True),
+    Column("keep_tags", Text, nullable=False),  # JSON list of glob patterns
+    Column("keep_recent", Integer),
+    Column("keep_within", BigInteger),  # seconds
+    Column("untagged_after", BigInteger),  # seconds
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("last_run_at", DateTime(timezone=True)),
+    Column("tags_deleted", BigInteger, nullable=False, default=0),  # by every run so far
+)
+
+# When a manifest of a repository was last pulled (GET), written in batches, not per request.
+manifest_pulls = Table(
+    "manifest_pulls",
+    metadata,
+    Column("repository_id", Integer, primary_key=True),
+    Column("digest", String(200), primary_key=True),
+    Column("pulled_at", DateTime(timezone=True), nullable=False),
+)
+
+# An org's storage limits in bytes (of the unique blobs its repositories link).
+org_quotas = Table(
+    "org_quotas",
+    metadata,
+    Column("org_id", Integer, ForeignKey("orgs.id"), primary_key=True),
+    Column("soft_bytes", BigInteger),
+    Column("hard_bytes", BigInteger),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
 )

@@ -228,6 +228,8 @@ async def _try_mount(reg: Registry, name: str, request: web.Request) -> web.Resp
     size = await reg.meta.read(_mountable_size, request, str(digest), source)
     if size is None or await reg.store.stat(digest) is None:
         return None
+    if reg.quotas is not None:
+        await reg.quotas.admit_blob(name, str(digest), size)
     # Only while the blob row still exists: if GC took it since the read above, its bytes are
     # on their way out and the client must upload them again.
     linked = await reg.meta.run(reg.meta.link_blob, name, str(digest), size, require_existing=True)
@@ -246,6 +248,8 @@ class _Link:
 
     async def __call__(self, size: int) -> None:
         meta = self.reg.meta
+        if self.reg.quotas is not None:  # the exact size: past the quota, nothing is linked
+            await self.reg.quotas.admit_blob(self.name, str(self.digest), size)
         await meta.run(
             meta.link_blob, self.name, str(self.digest), size, finished_upload=self.upload_id
         )
@@ -278,6 +282,8 @@ async def start_upload(request: web.Request, name: str, _reference: str) -> web.
             return mounted
     if "digest" in request.query:
         digest = Digest.parse(request.query["digest"])
+        if reg.quotas is not None:  # the size, when the client declared it
+            await reg.quotas.admit_blob(name, str(digest), request.content_length)
         if reg.space is not None:  # a new upload needs room (a mount above needs none)
             await reg.space.ensure_room()
         body = _Body(request)
@@ -301,6 +307,8 @@ async def start_upload(request: web.Request, name: str, _reference: str) -> web.
         raise RegistryError(
             ErrorCode.BLOB_UPLOAD_INVALID, "a POST with a body needs ?digest= (monolithic upload)"
         )
+    if reg.quotas is not None:  # the size is not known yet: refused only at the limit
+        await reg.quotas.admit_blob(name, None, None)
     if reg.space is not None:
         await reg.space.ensure_room()
     upload_id = uuid.uuid4().hex

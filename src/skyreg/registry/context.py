@@ -16,6 +16,8 @@ from skyreg.store.base import BlobStore
 
 if TYPE_CHECKING:
     from skyreg.geo.node import GeoNode
+    from skyreg.registry.pulls import PullTimes
+    from skyreg.registry.quotas import QuotaGate
     from skyreg.registry.space import SpaceGuard
 
 
@@ -30,6 +32,8 @@ class Registry:
     geo: GeoNode | None = None  # None: one region (no copies elsewhere, no pull-through)
     trusted_proxies: tuple[Network, ...] = ()  # whose X-Forwarded-For/-Proto are believed
     space: SpaceGuard | None = None  # None: no low-space watermark (S3, or turned off)
+    quotas: QuotaGate | None = None  # None: no org quotas (a registry without the platform)
+    pulls: PullTimes | None = None  # None: manifest pull times are not recorded
 
 
 REGISTRY_KEY = web.AppKey("registry", Registry)

@@ -1,11 +1,14 @@
 """The garbage collector of one server process (`Collector`): it works the queues `meta/gc.py`
 keeps, and removes the bytes of dead blobs from this node's region's store.
 
-A pass reviews the due manifests first (a manifest deleted queues its blobs), then the due blobs
-(a blob deleted queues the deletion of its bytes in every region), then this region's due byte
-deletions, in batches of `BATCH`, until nothing is due or `STEP_BUDGET` seconds are spent (a
-third each, what a phase leaves unused going to the next). The
-`gc` worker runs a pass every `--gc-interval` seconds and records it in `gc_runs` when it did
+A pass first applies the apps' retention policies (`meta/retention.py`) when a round is due
+(every `--retention-interval` seconds; a manual pass always: the tags they delete queue their
+manifests' reviews), then reviews the due manifests (a manifest deleted queues its blobs),
+then the due blobs (a blob deleted queues the deletion of its bytes in every region), then this
+region's due byte deletions, in batches of `BATCH`, until nothing is due or `STEP_BUDGET`
+seconds are spent (a third each, what a phase leaves unused going to the next; retention gets a
+quarter before them, and a round it leaves unfinished goes on at the next pass). The `gc`
+worker runs a pass every `--gc-interval` seconds and records it in `gc_runs` when it did
 something; `run_once` runs one now (`POST /api/v1/gc/runs`, `skyreg gc run`), the same code, so it
 is as safe during pushes. A dry run takes one batch of `DRY_RUN_LIMIT` of each queue, decides
 each item as a real pass would, undoes it and lists what would go; it deletes no bytes.
@@ -25,6 +28,7 @@ from collections import Counter
 from datetime import UTC, datetime
 
 from skyreg.meta.gc import GcMeta, GcRun, node_name
+from skyreg.meta.retention import RetentionMeta
 from skyreg.oci.digest import Digest
 from skyreg.store.base import BlobStore
 from skyreg.workers import PeriodicWorker
@@ -36,6 +40,8 @@ STEP_BUDGET = 10.0  # seconds a pass works before it yields until the next one
 DRY_RUN_LIMIT = 1000  # items of each queue a dry run decides (and at most this many listed)
 LISTED = 1000  # manifests and blobs a run lists as deleted (each list)
 REMOVE_TIMEOUT = 120.0  # seconds the database thread waits for the store to delete a blob
+DEFAULT_RETENTION_INTERVAL = 300.0  # seconds between rounds over the apps' retention policies
+APPS_PER_PAGE = 100
 
 BLOB_OUTCOMES = ("kept", "unlinked", "deleted", "skipped", "failed")
 MANIFEST_OUTCOMES = ("kept", "deleted", "gone", "skipped", "failed")
@@ -49,11 +55,25 @@ class Collector:
     """Reviews the GC queues of the registry's database and deletes dead blobs' bytes from
     `store`, the store of region `region` ("" without regions). Counters are this process's."""
 
-    def __init__(self, meta: GcMeta, store: BlobStore, region: str, node: str | None = None):
+    def __init__(
+        self,
+        meta: GcMeta,
+        store: BlobStore,
+        region: str,
+        node: str | None = None,
+        *,
+        retention: RetentionMeta | None = None,
+        retention_interval: float = DEFAULT_RETENTION_INTERVAL,
+    ):
         self.meta = meta
         self.store = store
         self.region = region
         self.node = node or node_name()
+        self.retention = retention  # None: apps' retention policies are not applied here
+        self.retention_interval = retention_interval
+        self.tags_deleted = 0  # by retention policies, in this process
+        self._retention_after = 0  # the app a retention round goes on after (by id)
+        self._retention_due = 0.0  # monotonic time the next retention round may start
         self.reviews: Counter[tuple[str, str]] = Counter()  # (kind, outcome) -> reviews
         self.bytes_deleted = 0  # from this region's store, by this process
         self.deletion_failures = 0
@@ -88,6 +108,10 @@ class Collector:
     async def _pass(self, kind: str, *, dry_run: bool) -> GcRun:
         self._loop = asyncio.get_running_loop()
         run = GcRun(node=self.node, kind=kind, dry_run=dry_run, started_at=datetime.now(UTC))
+        start = time.monotonic()
+        if self.retention is not None and (kind == "manual" or start >= self._retention_due):
+            # before the reviews: the tags it deletes queue their manifests' reviews
+            await self._apply_retention(run, dry_run, start + STEP_BUDGET / 4)
         start = time.monotonic()
         limit = DRY_RUN_LIMIT if dry_run else BATCH
         # Each phase may work until its share of the budget ends (time a phase leaves unused
@@ -124,6 +148,42 @@ class Collector:
                 break
         run.finished_at = datetime.now(UTC)
         return run
+
+    async def _apply_retention(self, run: GcRun, dry_run: bool, deadline: float) -> None:
+        """Apply every app's retention policy once (a round), app by app, until `deadline`;
+        a round left unfinished goes on at the next pass. A dry run plans from the first app
+        and changes nothing."""
+        retention = self.retention
+        assert retention is not None
+        after = 0 if dry_run else self._retention_after
+        while True:
+            apps = await retention.read(retention.apps_with_policies, after, APPS_PER_PAGE)
+            for app_id, app in apps:
+                after = app_id
+                try:
+                    done = await retention.run(retention.apply, app_id, app, dry_run=dry_run)
+                except Exception as e:
+                    run.failures += 1
+                    log.warning("retention: applying the policy of app %s failed: %s", app, e)
+                    continue
+                run.tags_deleted += done.tags_deleted
+                if not dry_run:
+                    self.tags_deleted += done.tags_deleted
+                for tag in done.tags:
+                    if len(run.deleted_tags) >= LISTED:
+                        break
+                    run.deleted_tags.append(f"{tag.repository}:{tag.tag}")
+                if done.tags_deleted and not dry_run:
+                    log.info("retention: deleted %d tag(s) of app %s", done.tags_deleted, app)
+                if time.monotonic() > deadline:
+                    if not dry_run:
+                        self._retention_after = after  # the round goes on next pass
+                    return
+            if len(apps) < APPS_PER_PAGE:
+                break
+        if not dry_run:  # the round is over
+            self._retention_after = 0
+            self._retention_due = time.monotonic() + self.retention_interval
 
     async def _review_manifest(self, run: GcRun, repo_id: int, digest: str, dry_run: bool) -> bool:
         """Review one manifest into `run`; whether it was reviewed (not skipped)."""
@@ -248,5 +308,9 @@ class Collector:
             f'skyreg_gc_queue_depth{{queue="blobs"}} {status.blobs.queued}',
             f'skyreg_gc_queue_depth{{queue="manifests"}} {status.manifests.queued}',
             f'skyreg_gc_queue_depth{{queue="deletions"}} {deletions.queued if deletions else 0}',
+            "# HELP skyreg_retention_tags_deleted_total Tags apps' retention policies deleted "
+            "in this process.",
+            "# TYPE skyreg_retention_tags_deleted_total counter",
+            f"skyreg_retention_tags_deleted_total {self.tags_deleted}",
         ]
         return "\n".join(lines) + "\n"

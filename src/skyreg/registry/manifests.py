@@ -55,6 +55,8 @@ async def get_manifest(request: web.Request, name: str, reference: str) -> web.S
             f"manifest {ref} is a {stored.media_type}, which the Accept header does not allow",
             {"name": name, "reference": ref, "mediaType": stored.media_type},
         )
+    if request.method == "GET" and reg.pulls is not None:  # for retention policies
+        reg.pulls.record(name, stored.digest)
     etag = f'"{stored.digest}"'
     headers = {"Docker-Content-Digest": stored.digest, "ETag": etag}
     if etag in request.headers.get("If-None-Match", ""):
@@ -105,12 +107,21 @@ async def put_manifest(request: web.Request, name: str, reference: str) -> web.S
     )
     tags = [] if by_digest else [ref]
     tags += [validate_tag(t) for t in request.query.getall("tag", []) if t not in tags]
+    warning = None
+    if reg.quotas is not None:  # a new manifest while the org is over its hard quota: DENIED
+
+        async def stored() -> bool:
+            return await reg.meta.read(reg.meta.get_manifest, name, str(digest), True) is not None
+
+        warning = await reg.quotas.admit_manifest(name, stored)
     await reg.meta.run(reg.meta.put_manifest, name, manifest, tags)
     if reg.geo is not None and tags:  # a tagged push (an index's children come untagged first)
         await reg.meta.run(reg.geo.after_push, name, str(digest))
     headers = {"Location": f"/v2/{name}/manifests/{digest}", "Docker-Content-Digest": str(digest)}
     if manifest.subject is not None:
         headers["OCI-Subject"] = str(manifest.subject.digest)
+    if warning is not None:  # over the org's soft quota
+        headers["Warning"] = warning
     resp = empty(201, headers)
     for tag in tags:
         resp.headers.add("OCI-Tag", tag)

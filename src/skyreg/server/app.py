@@ -19,6 +19,7 @@ from skyreg.services.gc import GcService
 
 if TYPE_CHECKING:
     from skyreg.geo.node import GeoNode
+    from skyreg.registry.pulls import PullTimes
     from skyreg.services.releases import ReleaseService
     from skyreg.workers import Workers
 
@@ -56,20 +57,25 @@ def create_app(
         async def metrics(request: web.Request) -> web.StreamResponse:
             if reg.auth is not None:
                 await reg.meta.run(_require_admin, request, reg.auth)
-            return await _metrics_response(geo, workers, gc)
+            return await _metrics_response(geo, workers, gc, reg.pulls)
 
         app.router.add_get("/metrics", metrics)
     return app
 
 
 async def _metrics_response(
-    geo: GeoNode | None, workers: Workers | None, gc: Collector | None = None
+    geo: GeoNode | None,
+    workers: Workers | None,
+    gc: Collector | None = None,
+    pulls: PullTimes | None = None,
 ) -> web.Response:
     text = await geo.meta.run(geo.metrics) if geo is not None else ""
     if workers is not None:
         text += workers.metrics()
     if gc is not None:
         text += await gc.metrics()
+    if pulls is not None:
+        text += pulls.metrics()
     return web.Response(text=text, content_type="text/plain", charset="utf-8")
 
 
@@ -95,14 +101,17 @@ def _require_admin(request: web.Request, auth: Authenticator) -> None:
 
 
 def metrics_app(
-    geo: GeoNode | None, workers: Workers | None = None, gc: Collector | None = None
+    geo: GeoNode | None,
+    workers: Workers | None = None,
+    gc: Collector | None = None,
+    pulls: PullTimes | None = None,
 ) -> web.Application:
     """`/metrics` alone, for `serve --metrics-address`: an address only the operator's scraper
     reaches, so no token is asked."""
     app = web.Application(middlewares=middlewares())
 
     async def metrics(_request: web.Request) -> web.StreamResponse:
-        return await _metrics_response(geo, workers, gc)
+        return await _metrics_response(geo, workers, gc, pulls)
 
     app.router.add_get("/metrics", metrics)
     return app

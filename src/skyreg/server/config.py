@@ -50,6 +50,8 @@ class ServeConfig:
     gc_interval: float = 10.0  # seconds between this process's garbage collection passes
     gc_keep_releases: int = 10  # releases per app whose images garbage collection keeps
     gc_worker: bool = True  # False (--no-gc): no collector worker here; enqueues still happen
+    retention_interval: float = 300.0  # seconds between the gc worker's rounds over policies
+    pull_flush_interval: float = 30.0  # seconds between writes of manifest pull times
 
 
 def parse_storage(storage: str) -> tuple[str, str] | None:

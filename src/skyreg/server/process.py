@@ -25,13 +25,17 @@ from skyreg.auth.service import Authenticator
 from skyreg.meta.gc import GcMeta, GcSettings
 from skyreg.meta.machines import MachineMeta
 from skyreg.meta.platform import PlatformMeta, ReleaseMeta
+from skyreg.meta.quotas import QuotaMeta
 from skyreg.meta.registry import RegistryMeta, open_database
+from skyreg.meta.retention import RetentionMeta
 from skyreg.privatefs import private_dir
 from skyreg.registry.app import upload_expiry
 from skyreg.registry.connections import ConnectionGuard
 from skyreg.registry.context import Registry
 from skyreg.registry.forwarded import parse_networks
 from skyreg.registry.gc import Collector
+from skyreg.registry.pulls import PullTimes
+from skyreg.registry.quotas import QuotaGate
 from skyreg.registry.space import SpaceGuard, Watermark
 from skyreg.server.app import create_app, metrics_app
 from skyreg.server.config import ServeConfig, parse_storage
@@ -152,9 +156,19 @@ async def run_worker(
     meta.gc, meta.region = gc_settings, cfg.region or ""
     gc_meta = GcMeta(meta.db)
     gc_meta.settings = gc_settings
-    collector = Collector(gc_meta, store, cfg.region or "")
+    retention_meta = RetentionMeta(meta.db)
+    retention_meta.review_delay = gc_settings.review_delay
+    collector = Collector(
+        gc_meta,
+        store,
+        cfg.region or "",
+        retention=retention_meta,
+        retention_interval=cfg.retention_interval,
+    )
+    reg.pulls = PullTimes(retention_meta)
     releases = None
     if auth is not None:
+        reg.quotas = QuotaGate(QuotaMeta(meta.db))  # orgs exist with the platform only
         release_meta, machine_meta = ReleaseMeta(meta.db), MachineMeta(meta.db)
         release_meta.gc = machine_meta.gc = gc_settings
         releases = ReleaseService(
@@ -187,7 +201,9 @@ async def run_worker(
     metrics_runner = None
     if metrics_sock is not None:
         metrics_runner = web.AppRunner(
-            metrics_app(reg.geo, workers, collector), access_log=None, handle_signals=False
+            metrics_app(reg.geo, workers, collector, reg.pulls),
+            access_log=None,
+            handle_signals=False,
         )
         await metrics_runner.setup()
         await web.SockSite(metrics_runner, metrics_sock).start()
@@ -202,6 +218,10 @@ async def run_worker(
     finally:
         listener.close()  # stop accepting; runner.cleanup() ends the open connections
         await workers.stop()  # before what they use (the geo node, stores, database) closes
+        try:  # the pull times noted since the last write
+            await reg.pulls.flush()
+        except Exception as e:
+            log.warning("pull times not written at shutdown: %s", e)
         if metrics_runner is not None:
             await metrics_runner.cleanup()
         await runner.cleanup()
@@ -212,6 +232,7 @@ async def run_worker(
         if auth is not None:
             auth.platform.close()
         gc_meta.close()
+        retention_meta.close()
         meta.close()
 
 
@@ -222,6 +243,8 @@ def _workers(cfg: ServeConfig, reg: Registry, collector: Collector) -> Workers:
         workers.add(reg.geo.replication_worker())
     if cfg.gc_worker:  # without it (--no-gc) reviews are still queued, and run on demand
         workers.add(collector.worker(cfg.gc_interval))
+    if reg.pulls is not None:
+        workers.add(reg.pulls.worker(cfg.pull_flush_interval))
     return workers
 
 
