@@ -150,10 +150,9 @@ class QuotaMeta(SqlStore):
             used, blobs = self._usage(conn, org_id)
             return OrgUsage(str(name), used, blobs, self._quota(conn, org_id))
 
-    def check(self, repository: str, digest: str | None, size: int) -> QuotaCheck | None:
-        """The quota of the org owning `repository` (its app's org) with its usage and what
-        storing `digest` (`size` bytes; None: bytes not known yet) there adds; None when the
-        org has no quota (or no app owns the repository)."""
+    def quota_for(self, repository: str) -> tuple[int, str, Quota] | None:
+        """(org id, org name, limits) of the org owning `repository` (its app's org), or None
+        when it has no quota (or no app owns the repository). One indexed query."""
         a, o = s.apps, s.orgs
         with self._read() as conn:
             row = conn.execute(
@@ -161,13 +160,19 @@ class QuotaMeta(SqlStore):
                 .select_from(a.join(o, o.c.id == a.c.org_id).join(_q, _q.c.org_id == o.c.id))
                 .where(a.c.name == app_of(repository))
             ).first()
-            if row is None:
-                return None
-            org_id = int(row[0])
-            used, _ = self._usage(conn, org_id)
-            held = (
-                digest is not None
-                and conn.execute(
+        return None if row is None else (int(row[0]), str(row[1]), Quota(row[2], row[3]))
+
+    def org_usage(self, org_id: int) -> tuple[int, int]:
+        """(bytes, blobs) the org holds: a walk over its links (costly for a large org;
+        `registry/quotas.py` shares and caches it)."""
+        with self._read() as conn:
+            return self._usage(conn, org_id)
+
+    def holds(self, org_id: int, digest: str) -> bool:
+        """Whether a repository of the org links `digest` (by the digest index)."""
+        with self._read() as conn:
+            return bool(
+                conn.execute(
                     select(
                         exists().where(
                             _links.c.digest == digest,
@@ -176,4 +181,14 @@ class QuotaMeta(SqlStore):
                     )
                 ).scalar_one()
             )
-            return QuotaCheck(str(row[1]), used, 0 if held else size, Quota(row[2], row[3]))
+
+    def check(self, repository: str, digest: str | None, size: int) -> QuotaCheck | None:
+        """The quota of the org owning `repository` with its usage (computed now) and what
+        storing `digest` (`size` bytes) there adds; None when the org has no quota."""
+        found = self.quota_for(repository)
+        if found is None:
+            return None
+        org_id, org, quota = found
+        used, _ = self.org_usage(org_id)
+        held = digest is not None and self.holds(org_id, digest)
+        return QuotaCheck(org, used, 0 if held else size, quota)

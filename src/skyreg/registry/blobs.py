@@ -149,6 +149,8 @@ async def delete_blob(request: web.Request, name: str, reference: str) -> web.St
         raise RegistryError(
             ErrorCode.BLOB_UNKNOWN, f"blob {digest} is not in {name}", {"digest": str(digest)}
         )
+    if reg.quotas is not None:  # the org may hold fewer bytes now
+        await reg.quotas.forget(name)
     return empty(202, {"Docker-Content-Digest": str(digest)})
 
 
@@ -229,7 +231,7 @@ async def _try_mount(reg: Registry, name: str, request: web.Request) -> web.Resp
     if size is None or await reg.store.stat(digest) is None:
         return None
     if reg.quotas is not None:
-        await reg.quotas.admit_blob(name, str(digest), size)
+        await reg.quotas.admit_blob(name, str(digest), size, linking=True)
     # Only while the blob row still exists: if GC took it since the read above, its bytes are
     # on their way out and the client must upload them again.
     linked = await reg.meta.run(reg.meta.link_blob, name, str(digest), size, require_existing=True)
@@ -249,7 +251,7 @@ class _Link:
     async def __call__(self, size: int) -> None:
         meta = self.reg.meta
         if self.reg.quotas is not None:  # the exact size: past the quota, nothing is linked
-            await self.reg.quotas.admit_blob(self.name, str(self.digest), size)
+            await self.reg.quotas.admit_blob(self.name, str(self.digest), size, linking=True)
         await meta.run(
             meta.link_blob, self.name, str(self.digest), size, finished_upload=self.upload_id
         )

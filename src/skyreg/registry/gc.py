@@ -25,6 +25,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from skyreg.meta.gc import GcMeta, GcRun, node_name
@@ -72,6 +73,8 @@ class Collector:
         self.retention = retention  # None: apps' retention policies are not applied here
         self.retention_interval = retention_interval
         self.tags_deleted = 0  # by retention policies, in this process
+        # called after a pass that unlinked or deleted blobs (org usage is smaller now)
+        self.on_freed: Callable[[], None] | None = None
         self._retention_after = 0  # the app a retention round goes on after (by id)
         self._retention_due = 0.0  # monotonic time the next retention round may start
         self.reviews: Counter[tuple[str, str]] = Counter()  # (kind, outcome) -> reviews
@@ -147,6 +150,8 @@ class Collector:
             if len(digests) < BATCH or not progress or time.monotonic() > deadline:
                 break
         run.finished_at = datetime.now(UTC)
+        if self.on_freed is not None and (run.links_deleted or run.blobs_deleted) and not dry_run:
+            self.on_freed()
         return run
 
     async def _apply_retention(self, run: GcRun, dry_run: bool, deadline: float) -> None:

@@ -169,6 +169,7 @@ async def run_worker(
     releases = None
     if auth is not None:
         reg.quotas = QuotaGate(QuotaMeta(meta.db))  # orgs exist with the platform only
+        collector.on_freed = reg.quotas.forget_all
         release_meta, machine_meta = ReleaseMeta(meta.db), MachineMeta(meta.db)
         release_meta.gc = machine_meta.gc = gc_settings
         releases = ReleaseService(
