@@ -1,5 +1,6 @@
-"""The `skyreg` management commands, run as subprocesses (real clients) against a server with auth
-on, served in-process."""
+"""The `skyreg` management commands against a server with auth on, served in-process. The commands
+run in this process (tests/support/cli.py), and as real `python -m skyreg` subprocesses wherever
+a behaviour needs the process: the config file it writes and reads, env vars, stdin, exit codes."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 import requests
 
+from tests.support.cli import run_in_process
 from tests.support.inprocess import InProcessRegistry
 from tests.support.oci import OCI_MANIFEST, push_sized_image, put_manifest
 from tests.support.platform import authed
@@ -38,7 +40,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedRegistry]
 
 @dataclass
 class Cli:
-    """`python -m skyreg` with its own HOME, XDG_CONFIG_HOME and DOCKER_CONFIG."""
+    """`skyreg` with its own HOME, XDG_CONFIG_HOME and DOCKER_CONFIG: run in this process
+    (tests/support/cli.py), or as `python -m skyreg` where `process=True` (at least once for each
+    behaviour a real process shows: the config file, env vars, stdin, exit codes)."""
 
     home: Path
     env: dict[str, str]
@@ -52,26 +56,34 @@ class Cli:
         return self.home / "docker" / "config.json"
 
     def run(
-        self, *args: str, env: dict[str, str] | None = None, input: str | None = None
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        input: str | None = None,
+        process: bool = False,
     ) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(
-            [sys.executable, "-m", "skyreg", *args],
-            env={**self.env, **(env or {})},
-            capture_output=True,
-            text=True,
-            input=input,
-            timeout=60,
-        )
+        full_env = {**self.env, **(env or {})}
+        if not process:
+            proc = run_in_process(args, full_env, input=input)
+        else:
+            proc = subprocess.run(
+                [sys.executable, "-m", "skyreg", *args],
+                env=full_env,
+                capture_output=True,
+                text=True,
+                input=input,
+                timeout=60,
+            )
         assert "Traceback" not in proc.stderr, proc.stderr
         return proc
 
-    def ok(self, *args: str, env: dict[str, str] | None = None) -> str:
-        proc = self.run(*args, env=env)
+    def ok(self, *args: str, env: dict[str, str] | None = None, process: bool = False) -> str:
+        proc = self.run(*args, env=env, process=process)
         assert proc.returncode == 0, (args, proc.stdout, proc.stderr)
         return proc.stdout
 
-    def fails(self, *args: str, env: dict[str, str] | None = None) -> str:
-        proc = self.run(*args, env=env)
+    def fails(self, *args: str, env: dict[str, str] | None = None, process: bool = False) -> str:
+        proc = self.run(*args, env=env, process=process)
         assert proc.returncode != 0, (args, proc.stdout, proc.stderr)
         assert proc.stderr.startswith("error: "), proc.stderr
         return proc.stderr
@@ -105,7 +117,9 @@ def login_admin(cli: Cli, server: ServedRegistry) -> None:
 
 
 def test_login_writes_a_private_config(cli: Cli, server: ServedRegistry) -> None:
-    out = cli.ok("login", "--server", server.url + "/", "--token-file", str(admin_file(server)))
+    out = cli.ok(
+        "login", "--server", server.url + "/", "--token-file", str(admin_file(server)), process=True
+    )
     assert f"Logged in to {server.url} with admin token" in out
     doc = json.loads(cli.config.read_text())
     assert doc == {"server": server.url, "token": admin_file(server).read_text().strip()}
@@ -115,13 +129,19 @@ def test_login_writes_a_private_config(cli: Cli, server: ServedRegistry) -> None
 
     # The token may come on stdin, too.
     proc = cli.run(
-        "login", "--server", server.url, "--token-file", "-", input=admin_file(server).read_text()
+        "login",
+        "--server",
+        server.url,
+        "--token-file",
+        "-",
+        input=admin_file(server).read_text(),
+        process=True,
     )
     assert proc.returncode == 0, proc.stderr
 
 
 def test_login_with_a_bad_token_fails_cleanly(cli: Cli, server: ServedRegistry) -> None:
-    err = cli.fails("login", "--server", server.url, "--token", "skyreg_wrong")
+    err = cli.fails("login", "--server", server.url, "--token", "skyreg_wrong", process=True)
     assert "invalid, expired or revoked token" in err
     assert not cli.config.exists()
     err = cli.fails("orgs", "list")
@@ -173,7 +193,17 @@ def test_orgs_apps_and_tokens(cli: Cli, server: ServedRegistry) -> None:
     # Env vars take over from the config file: act as the org token.
     as_org = {"SKYREG_SERVER": server.url, "SKYREG_TOKEN": org_secret}
     proc = cli.run(
-        "tokens", "create", "deploy", "--app", app, "--expiry", "720h", "--name", "ci", env=as_org
+        "tokens",
+        "create",
+        "deploy",
+        "--app",
+        app,
+        "--expiry",
+        "720h",
+        "--name",
+        "ci",
+        env=as_org,
+        process=True,
     )
     assert proc.returncode == 0, proc.stderr
     deploy_secret = proc.stdout.strip()

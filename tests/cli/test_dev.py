@@ -1,4 +1,6 @@
-"""`skyreg dev`: the whole platform on one machine, driven only through the `skyreg` command."""
+"""`skyreg dev`: the whole platform on one machine, driven only through the `skyreg` command (each
+test's first one a real `python -m skyreg` process, the others run in this process, as
+tests/support/cli.py does, to spare an interpreter start per command and per poll)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.cli import run_skyreg_in_process
 from tests.support.images import Entry, build_app_image
 from tests.support.platform import cli_env, run_skyreg
 from tests.support.waiting import children, free_port, http_get, wait_for
@@ -91,10 +94,10 @@ def test_dev_runs_push_deploy_and_a_serving_machine_then_stops_it_all(workdir: P
         assert str(token_file) in banner
         env = cli_env(workdir, url.group(1), token_file.read_text().strip())
 
-        def skyreg(*args: str) -> str:
-            return run_skyreg(env, *args)
+        def skyreg(*args: str) -> str:  # in this process (tests/support/cli.py)
+            return run_skyreg_in_process(env, *args)
 
-        skyreg("orgs", "create", "acme")
+        run_skyreg(env, "orgs", "create", "acme")  # a real `python -m skyreg` process
         skyreg("apps", "create", "myapp", "--org", "acme")
         image = build_app_image(
             "dev",
@@ -145,10 +148,10 @@ def test_dev_regions_push_in_one_region_and_run_in_another(workdir: Path) -> Non
         token = (workdir / "dev" / "iad" / "registry" / "admin-token").read_text().strip()
         env = cli_env(workdir, urls["iad"], token)
 
-        def skyreg(*args: str) -> str:
-            return run_skyreg(env, *args)
+        def skyreg(*args: str) -> str:  # in this process (tests/support/cli.py)
+            return run_skyreg_in_process(env, *args)
 
-        skyreg("orgs", "create", "acme")
+        run_skyreg(env, "orgs", "create", "acme")  # a real `python -m skyreg` process
         skyreg("apps", "create", "myapp", "--org", "acme")
         image = build_app_image(
             "far",

@@ -5,32 +5,25 @@ go through, and the replication queue copies images ahead of machines."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
 
 import pytest
 import requests
 
 from skyreg.client.push import push_image
 from tests.support.images import Entry, build_app_image
-from tests.support.servers import RunningRegistry
-from tests.support.waiting import free_port, wait_for
+from tests.support.regions import Regions, sha256
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
-T = TypeVar("T")
+CODES = ("iad", "sin", "syd")
 RTT = {("iad", "sin"): 230, ("iad", "syd"): 200, ("sin", "syd"): 95}
-LEASE = 2.0  # seconds: a killed node's job is claimable again soon after
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+LEASE_ARGS = ["--replication-lease", "2.0"]  # seconds: a killed node's job is claimable again soon
 
 
 class Throttle:
@@ -84,116 +77,38 @@ class Throttle:
         await asyncio.gather(pipe(reader, up_w, False), pipe(up_r, writer, True))
 
 
-@dataclass
-class Regions:
-    top: Path
-    ports: dict[str, int]
-    peer_urls: dict[str, dict[str, str]] = field(default_factory=dict)
-    nodes: dict[str, RunningRegistry] = field(default_factory=dict)
-    # a region's own blob store when not its data dir: (serve arguments, environment)
-    storage: dict[str, tuple[list[str], dict[str, str]]] = field(default_factory=dict)
-
-    @property
-    def admin(self) -> str:
-        return (self.top / "iad" / "data" / "admin-token").read_text().strip()
-
-    def write_regions(self) -> None:
-        regions: dict[str, Any] = {
-            code: {"url": f"http://127.0.0.1:{port}", "rtt_ms": {}}
-            for code, port in self.ports.items()
-        }
-        for (a, b), rtt in RTT.items():
-            regions[a]["rtt_ms"][b] = rtt
-        for code, peers in self.peer_urls.items():
-            regions[code]["peer_urls"] = peers
-        path = self.top / "regions.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"regions": regions}))
-        os.replace(tmp, path)
-
-    def node(self, code: str) -> RunningRegistry:
-        node = RunningRegistry(
-            data_dir=self.top / code / "data",
-            extra_args=[
-                "--database-url", f"sqlite:///{self.top / 'meta.db'}",
-                "--region", code,
-                "--regions-file", str(self.top / "regions.json"),
-                "--peer-token-file", str(self.top / "iad" / "data" / "admin-token"),
-                "--replication-lease", str(LEASE),
-                *self.storage.get(code, ([], {}))[0],
-            ],
-            env=self.storage.get(code, ([], {}))[1],
-        )  # fmt: skip
-        node.port = self.ports[code]
-        (self.top / code).mkdir(exist_ok=True)
-        return node
-
-    def start(self, code: str) -> RunningRegistry:
-        node = self.nodes.get(code) or self.node(code)
-        self.nodes[code] = node
-        node.start()
-        return node
-
-    def url(self, code: str) -> str:
-        return f"http://127.0.0.1:{self.ports[code]}"
-
-    def api(self, code: str, method: str, path: str, **kw: Any) -> Any:
-        r = requests.request(
-            method, f"{self.url(code)}/api/v1{path}", auth=("x", self.admin), timeout=60, **kw
-        )
-        assert r.status_code < 400, (method, path, r.status_code, r.text)
-        return r.json()
-
-    def put_blob(self, code: str, repo: str, data: bytes) -> str:
-        digest = sha256(data)
-        r = requests.post(
-            f"{self.url(code)}/v2/{repo}/blobs/uploads/",
-            params={"digest": digest},
-            data=data,
-            auth=("x", self.admin),
-            headers={"Content-Type": "application/octet-stream"},
-            timeout=120,
-        )
-        assert r.status_code == 201, r.text
-        return digest
-
-    def get_blob(self, code: str, repo: str, digest: str, **headers: str) -> requests.Response:
-        return requests.get(
-            f"{self.url(code)}/v2/{repo}/blobs/{digest}",
-            auth=("x", self.admin),
-            headers=headers,
-            timeout=120,
-        )
-
-    def image(self, code: str, app: str, ref: str) -> dict[str, Any]:
-        return dict(self.api(code, "GET", f"/apps/{app}/images/{ref}"))
-
-    def peer_fetches(self, code: str, digest: str) -> int:
-        """Blob GETs `code`'s node answered for other regions' nodes (its access log)."""
-        log = self.nodes[code].log()
-        return sum(1 for line in log.splitlines() if f"/blobs/{digest}" in line and "GET" in line)
-
-    def metric(self, code: str, name: str) -> float:
-        text = requests.get(f"{self.url(code)}/metrics", auth=("x", self.admin), timeout=10).text
-        for line in text.splitlines():
-            if line.startswith(name):
-                return float(line.rsplit(" ", 1)[1])
-        raise AssertionError(f"no {name} in {text}")
-
-
-@pytest.fixture
-def regions(tmp_path: Path) -> Iterator[Regions]:
-    r = Regions(top=tmp_path, ports={code: free_port() for code in ("iad", "sin", "syd")})
+@pytest.fixture(scope="module")
+def region_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Regions]:
+    """The three regions' nodes, started once for the module's tests (`regions` hands them
+    over fresh to each)."""
+    r = Regions.on_free_ports(
+        tmp_path_factory.mktemp("regions"), CODES, rtt_ms=RTT, extra_args=LEASE_ARGS
+    )
     r.write_regions()
     try:
-        for code in ("iad", "sin", "syd"):  # iad first: it creates the admin token
-            r.start(code)
+        r.start_all()
         r.api("iad", "POST", "/orgs", json={"name": "acme"})
         r.api("iad", "POST", "/apps", json={"name": "web", "org": "acme"})
         yield r
     finally:
-        for node in r.nodes.values():
-            node.stop()
+        r.stop_all()
+
+
+@pytest.fixture
+def regions(region_nodes: Regions) -> Regions:
+    """Every region's node running, on the regions file as first written, app web on its default
+    placement (no regions, no copies ahead), logs and counters counted from this test's start
+    (blobs are random: no test sees another's)."""
+    r = region_nodes
+    if r.peer_urls:
+        r.peer_urls.clear()
+        r.write_regions()  # nodes re-read it on their next use
+    for code in r.codes:
+        if not r.running(code):
+            r.start(code)
+    r.api("iad", "PATCH", "/apps/web", json={"regions": [], "replicate_ahead": False})
+    r.mark()
+    return r
 
 
 def test_a_pull_in_another_region_goes_through_once_then_is_local(regions: Regions) -> None:
@@ -253,7 +168,7 @@ def test_pull_falls_back_to_another_region_and_fails_clearly_when_none_answers(
     assert failed.status_code == 503
     body = failed.json()["errors"][0]
     assert body["code"] == "UNAVAILABLE" and "iad" not in body["message"]
-    assert "iad" in regions.nodes["syd"].log()  # the regions tried are in the log
+    assert "iad" in regions.log("syd")  # the regions tried are in the log
 
 
 def test_a_blob_this_region_lacks_is_refused_to_other_regions_and_unavailable_without_holders(
@@ -401,15 +316,14 @@ def test_a_region_with_its_own_s3_bucket_takes_copies_into_it(
     s3 = request.getfixturevalue("seaweedfs")
     bucket = f"syd-{os.urandom(6).hex()}"
     s3.client().create_bucket(Bucket=bucket)
-    r = Regions(top=tmp_path, ports={code: free_port() for code in ("iad", "sin", "syd")})
+    r = Regions.on_free_ports(tmp_path, CODES, rtt_ms=RTT, extra_args=LEASE_ARGS)
     r.storage["syd"] = (
         ["--storage", f"s3://{bucket}/syd", "--s3-endpoint", s3.endpoint],
         s3.aws_env(),
     )
     r.write_regions()
     try:
-        for code in ("iad", "sin", "syd"):
-            r.start(code)
+        r.start_all()
         r.api("iad", "POST", "/orgs", json={"name": "acme"})
         r.api("iad", "POST", "/apps", json={"name": "web", "org": "acme"})
         data = os.urandom(12 << 20)  # more than one S3 part
@@ -425,5 +339,4 @@ def test_a_region_with_its_own_s3_bucket_takes_copies_into_it(
         assert r.peer_fetches("iad", digest) == 1  # the range came from syd's own bucket
         assert not (tmp_path / "syd" / "data" / "blobs").exists()
     finally:
-        for node in r.nodes.values():
-            node.stop()
+        r.stop_all()

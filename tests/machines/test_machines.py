@@ -20,6 +20,7 @@ import requests
 
 from skyreg.client.push import push_image
 from tests.support.agents import RunningAgent, machine_top
+from tests.support.cli import run_skyreg_in_process
 from tests.support.images import Entry, build_app_image
 from tests.support.inprocess import InProcessRegistry
 from tests.support.platform import Tenancy, cli_env, run_skyreg
@@ -227,11 +228,11 @@ def test_cli_lists_machines_and_prints_logs(platform: Platform, tmp_path: Path) 
     [m] = p.machines(v["version"])
     env = cli_env(tmp_path, p.reg.url, p.admin)
 
-    def skyreg(*args: str) -> str:
-        return run_skyreg(env, *args, timeout=60)
+    def skyreg(*args: str) -> str:  # in this process (tests/support/cli.py)
+        return run_skyreg_in_process(env, *args)
 
     wait_for(lambda: p.machine(m["id"])["state"] == "failed", "the cli machine failed")
-    listed = skyreg("machines", "list", "--app", APP)
+    listed = run_skyreg(env, "machines", "list", "--app", APP, timeout=60)  # a real process
     row = next(line for line in listed.splitlines() if line.startswith(m["id"]))
     assert "failed" in row and f"v{v['version']}" in row
     wait_for(
