@@ -21,6 +21,9 @@ from typing import Any
 import pytest
 import requests
 
+from skyreg.meta.platform import PlatformMeta
+from skyreg.meta.quotas import Quota, QuotaMeta
+from skyreg.meta.registry import open_database
 from tests.support.clients import (
     Containerd,
     DockerEngine,
@@ -107,6 +110,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthWorld]:
         t.app("app2", "acme")
         t.app("foreign", "other")
         t.app("pub", "other", public=True)
+        t.org("tight")  # a storage quota smaller than any image (set by the quota tests)
+        t.app("small", "tight")
         yield AuthWorld(
             reg=reg,
             tenancy=t,
@@ -593,3 +598,60 @@ def test_skyreg_auth_docker_then_plain_docker_push(
     m = PUSH_DIGEST.search(pushed.stdout)
     assert m, pushed.describe()
     assert world.assert_image("app2/cli", "v1", img) == m.group(1)
+
+
+# --------------------------------------------------------------------------- quotas
+
+
+def _tight_quota(world: AuthWorld, *, soft: int | None, hard: int | None) -> None:
+    meta = open_database(None, world.reg.data_dir)
+    try:
+        org = PlatformMeta(meta.db).get_org("tight")
+        assert org is not None
+        QuotaMeta(meta.db).set_quota(org.id, Quota(soft, hard))
+    finally:
+        meta.close()
+
+
+def test_skopeo_and_docker_show_why_a_push_past_the_org_quota_is_denied(
+    skopeo: Skopeo, dockerd: DockerEngine, world: AuthWorld, tmp_path: Path
+) -> None:
+    token = world.tenancy.token("org", org="tight")[0]
+    _tight_quota(world, soft=None, hard=64 * 1024)  # below busybox's layer
+    img = build_image("auth-quota")
+    layout = img.write_oci_layout(tmp_path / "layout", "v1")
+    res = _skopeo_copy(
+        skopeo,
+        f"oci:{layout}:v1",
+        f"docker://{world.host}/small:v1",
+        PRESERVE,
+        "--dest-creds",
+        f"x:{token}",
+        check=False,
+    )
+    assert res.returncode != 0, res.describe()
+    assert "organization tight is over its storage quota" in res.stderr, res.describe()
+    world.assert_missing("small", "v1")
+
+    config = tmp_path / "docker-config"
+    config.mkdir()
+    (config / "config.json").write_text("{}")
+    _docker(
+        dockerd, config, "login", world.host, "-u", "x", "--password-stdin", input=token.encode()
+    )
+    archive = img.write_docker_archive(tmp_path / "image.tar", ["skyreg-test/auth-quota:v1"])
+    _docker(dockerd, config, "load", "-i", str(archive))
+    ref = f"{world.host}/small/docker:v1"
+    _docker(dockerd, config, "tag", "skyreg-test/auth-quota:v1", ref)
+    pushed = _docker(dockerd, config, "push", ref, check=False)
+    assert pushed.returncode != 0, pushed.describe()
+    assert "over its storage quota" in pushed.stdout + pushed.stderr, pushed.describe()
+    world.assert_missing("small/docker", "v1")
+
+    # A larger hard limit, a small soft one: the push goes through.
+    _tight_quota(world, soft=64 * 1024, hard=64 * 1024 * 1024)
+    _skopeo_copy(
+        skopeo, f"oci:{layout}:v1", f"docker://{world.host}/small:v1", PRESERVE,
+        "--dest-creds", f"x:{token}",
+    )  # fmt: skip
+    assert world.assert_image("small", "v1", img) == img.manifest_digest
