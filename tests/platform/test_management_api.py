@@ -163,6 +163,9 @@ def test_openapi_document_lists_every_served_path(server: InProcessRegistry) -> 
         "/api/v1/apps/{app}/images/{reference}",
         "/api/v1/gc",
         "/api/v1/gc/runs",
+        "/api/v1/apps/{app}/retention",
+        "/api/v1/orgs/{org}/usage",
+        "/api/v1/orgs/{org}/quota",
         "/api/v1/replication",
         "/api/v1/apps/{app}/releases",
         "/api/v1/tokens",
@@ -185,6 +188,7 @@ def test_openapi_document_lists_every_served_path(server: InProcessRegistry) -> 
             .replace("{token_id}", "nonexistent")
             .replace("{machine_id}", "nonexistent")
             .replace("{reference}", "v1")
+            .replace("{org}", "nonexistent-org")
         )
         r = requests.request(
             method, server.url + concrete, headers={"Authorization": f"Bearer {root.secret}"}

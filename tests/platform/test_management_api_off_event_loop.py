@@ -94,6 +94,15 @@ def test_every_management_route_queries_off_the_event_loop(strict: Strict) -> No
     _ok(s.call("GET", "/apps/{app}/releases", "/apps/web/releases"), 200)
     _ok(s.call("GET", "/gc"), 200)
     _ok(s.call("POST", "/gc/runs", json={"dry_run": True}), 200)
+    retention, web_retention = "/apps/{app}/retention", "/apps/web/retention"
+    policy = {"keep_recent": 5, "keep_tags": ["v*"]}
+    _ok(s.call("PUT", retention, web_retention, json=policy, params={"dry_run": "true"}), 200)
+    _ok(s.call("PUT", retention, web_retention, json=policy), 200)
+    _ok(s.call("GET", retention, web_retention), 200)
+    _ok(s.call("DELETE", retention, web_retention), 204)
+    _ok(s.call("PUT", "/orgs/{org}/quota", "/orgs/acme/quota", json={"hard": "1GiB"}), 200)
+    _ok(s.call("GET", "/orgs/{org}/usage", "/orgs/acme/usage"), 200)
+    _ok(s.call("DELETE", "/orgs/{org}/quota", "/orgs/acme/quota"), 204)
     _ok(s.call("DELETE", "/apps/{app}/images/{reference}", "/apps/web/images/nope"), 404)
     machines = _ok(s.call("GET", "/apps/{app}/machines", "/apps/web/machines"), 200)["machines"]
     machine = machines[0]["id"]

@@ -85,7 +85,13 @@ def seeded(
         yield Seeded(
             reg,
             {"admin": admin, "org": org_token},
-            {"app": APP, "machine_id": machine_id, "token_id": victim_id, "reference": "latest"},
+            {
+                "app": APP,
+                "org": ORG,
+                "machine_id": machine_id,
+                "token_id": victim_id,
+                "reference": "latest",
+            },
         )
 
 

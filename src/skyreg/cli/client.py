@@ -113,8 +113,8 @@ class Client:
         body: dict[str, Any] | None = None,
         query: dict[str, str | None] | None = None,
     ) -> Any:
-        """The JSON answer of `method path`; ApiFailure for an error answer, exits when the
-        server cannot be reached."""
+        """The JSON answer of `method path` (None for an empty one: 204); ApiFailure for an
+        error answer, exits when the server cannot be reached."""
         url = self.server + API_PREFIX + path
         params = {k: v for k, v in (query or {}).items() if v is not None}
         if params:
@@ -135,6 +135,8 @@ class Client:
         except (OSError, ValueError) as e:
             reason = getattr(e, "reason", e)
             fail(f"cannot reach {self.server}: {reason}")
+        if not raw:  # 204 No Content
+            return None
         try:
             return json.loads(raw)
         except ValueError:

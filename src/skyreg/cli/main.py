@@ -16,6 +16,7 @@ from skyreg.cli.gc import register as register_gc
 from skyreg.cli.machines import register as register_machines
 from skyreg.cli.platform import register
 from skyreg.cli.push import register as register_push
+from skyreg.cli.retention import register as register_retention
 from skyreg.meta.threads import DEFAULT_THREADS, MAX_THREADS
 
 app = typer.Typer(
@@ -271,6 +272,20 @@ def serve(
             "is still queued, and `skyreg gc run` still collects).",
         ),
     ] = True,
+    retention_interval: Annotated[
+        float,
+        typer.Option(
+            help="Seconds between rounds of the garbage collection worker over the apps' "
+            "retention policies (`skyreg apps retention`).",
+        ),
+    ] = 300.0,
+    pull_flush_interval: Annotated[
+        float,
+        typer.Option(
+            help="Seconds between writes of the manifest pull times retention policies read "
+            "(pulls are noted in memory in between).",
+        ),
+    ] = 30.0,
 ) -> None:
     """Run the registry (SQLite + filesystem under one data dir by default)."""
     from skyreg.platform.releases import DeployLimits
@@ -311,6 +326,8 @@ def serve(
     for value, hint, positive in (
         (gc_review_delay, "--gc-review-delay", False),
         (gc_interval, "--gc-interval", True),
+        (retention_interval, "--retention-interval", True),
+        (pull_flush_interval, "--pull-flush-interval", True),
     ):
         if not math.isfinite(value) or value < 0 or (positive and value == 0):
             bound = "greater than 0" if positive else "0 or more"
@@ -376,6 +393,8 @@ def serve(
             gc_interval=gc_interval,
             gc_keep_releases=gc_keep_releases,
             gc_worker=gc,
+            retention_interval=retention_interval,
+            pull_flush_interval=pull_flush_interval,
         )
     )
 
@@ -390,6 +409,7 @@ register(app)
 register_deploy(app)
 register_dev(app)
 register_gc(app)
+register_retention()
 register_machines(app)
 register_push(app)
 

@@ -121,6 +121,11 @@ class QuotaMeta(SqlStore):
             ).values(org_id=org_id, **values)
             conn.execute(stmt.on_conflict_do_update(index_elements=["org_id"], set_=values))
 
+    def get_quota(self, org_id: int) -> Quota | None:
+        """The org's limits (None: no quota), without its usage."""
+        with self._read() as conn:
+            return self._quota(conn, org_id)
+
     @staticmethod
     def _quota(conn: Connection, org_id: int) -> Quota | None:
         row = conn.execute(

@@ -129,6 +129,83 @@ class CreateRelease(Input):
     description: str | None = None
 
 
+DURATION_TEXT = (
+    "A duration such as 30d, 12h, 90m, 1h30m, or seconds (a number or a string of digits), "
+    "0 to ten years"
+)
+SIZE_TEXT = (
+    "Bytes: an integer, or a number (decimals allowed) with a unit, case-insensitive: B, kB, "
+    "MB, GB, TB (powers of 1000), KiB, MiB, GiB, TiB (powers of 1024), e.g. 500MB, 1.5GiB; at "
+    "most 2^63-1 bytes"
+)
+Duration = Annotated[str | int | float | None, _doc(examples=["30d", "12h", 86400])]
+Size = Annotated[int | str | None, _doc(examples=[5368709120, "5GiB", "1.5TB"])]
+
+
+class SetRetention(Input):
+    """`PUT /apps/{app}/retention`: the app's retention policy, replacing any other.
+
+    A tag stays when any rule keeps it: its name matches `keep_tags`, it is one of its
+    repository's `keep_recent` most recent tags, or it was pushed or pulled within
+    `keep_within`. A policy without `keep_recent` and `keep_within` deletes no tag (it may still
+    set `untagged_after`). Deleted tags leave their manifests to garbage collection.
+    """
+
+    keep_tags: Annotated[
+        list[str],
+        _doc(
+            description="Tags never deleted: shell-style glob patterns matched against the whole "
+            "tag, case-sensitive (`v*`, `release-?`, `[0-9]*`); at most 32 patterns of 1 to 128 "
+            "printable characters",
+            maxItems=32,
+        ),
+    ] = msgspec.field(default_factory=list)
+    keep_recent: Annotated[
+        int | None,
+        _doc(
+            description="Keep the N most recent tags of each repository of the app (recent: "
+            "the later of the tag's push and its manifest's last pull); 0 to 100000; null: no "
+            "such rule",
+            minimum=0,
+            maximum=100_000,
+        ),
+    ] = None
+    keep_within: Annotated[
+        Duration,
+        _doc(
+            description="Keep tags pushed or pulled within this duration; null: no such rule. "
+            + DURATION_TEXT
+        ),
+    ] = None
+    untagged_after: Annotated[
+        Duration,
+        _doc(
+            description="How long a manifest of the app left without a tag waits before garbage "
+            "collection may delete it; null: the registry's review delay. " + DURATION_TEXT
+        ),
+    ] = None
+
+
+class SetQuota(Input):
+    """`PUT /orgs/{org}/quota`: an org's limits on the bytes of the unique blobs its apps'
+    repositories hold (admin tokens only)."""
+
+    hard: Annotated[
+        Size,
+        _doc(
+            description="Pushes that would take the org over this many bytes are refused; "
+            "null: no hard limit. " + SIZE_TEXT
+        ),
+    ] = None
+    soft: Annotated[
+        Size,
+        _doc(
+            description="Above this many bytes the org is over its soft limit (a warning; not "
+            "above `hard`); null (the default): no soft limit. " + SIZE_TEXT
+        ),
+    ] = None
+
+
 class StateReport(Input):
     """`POST /agent/machines/{id}/state`."""
 
@@ -160,6 +237,8 @@ __all__ = [
     "LogLines",
     "MachineEventInput",
     "Name",
+    "SetQuota",
+    "SetRetention",
     "StateReport",
     "UnsetType",
     "UpdateApp",

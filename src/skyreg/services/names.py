@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import secrets
 from datetime import UTC, datetime, timedelta
@@ -10,7 +11,7 @@ DNS_LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 MAX_TOKEN_NAME = 100
 MAX_EXPIRY = timedelta(days=3650)
 
-_DURATION_PART_RE = re.compile(r"(\d+)(d|h|m|s)")
+_DURATION_PART_RE = re.compile(r"([0-9]+)(d|h|m|s)")  # ASCII digits only
 _UNIT_SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
 
 _ADJECTIVES = (
@@ -44,30 +45,45 @@ def generate_app_name() -> str:
     return f"{adjective}-{noun}-{secrets.randbelow(10000):04d}"
 
 
-def parse_expiry(value: object) -> timedelta | None:
-    """A token lifetime: seconds (a number or a string of digits) or a duration such as "720h",
-    "30m", "1h30m", "7d". None means no expiry. ValueError when malformed, not positive or longer
-    than ten years."""
+_MAX_DURATION_CHARS = 40
+EXPIRY_HINT = "use a duration such as 720h, 30m, 1h30m, 7d or a number of seconds"
+
+
+def parse_duration(value: object, what: str, hint: str = EXPIRY_HINT) -> int | None:
+    """Whole seconds (rounded up) from a duration: a number of seconds, a string of ASCII
+    digits, or parts such as "720h", "30m", "1h30m", "7d", "90s". None stays None. ValueError
+    naming `what` (and `hint`, how to write one) when malformed or negative."""
     if value is None:
         return None
     if isinstance(value, bool):
-        raise ValueError("expiry must be a duration such as 720h, 30m or a number of seconds")
+        raise ValueError(f"{what} must be a duration: {hint}")
     if isinstance(value, int | float):
-        seconds = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"{what} must be a duration: {hint}")
+        seconds = math.ceil(value)
     elif isinstance(value, str):
         text = value.strip().lower()
-        if text.isdigit():
-            seconds = float(text)
+        fits = len(text) <= _MAX_DURATION_CHARS
+        parts = _DURATION_PART_RE.findall(text) if fits else []
+        if fits and text.isascii() and text.isdigit():
+            seconds = int(text)
+        elif parts and "".join(n + u for n, u in parts) == text:
+            seconds = sum(int(n) * _UNIT_SECONDS[u] for n, u in parts)
         else:
-            parts = _DURATION_PART_RE.findall(text)
-            if not parts or "".join(n + u for n, u in parts) != text:
-                raise ValueError(
-                    f"invalid expiry {value[:40]!r}: use a duration such as 720h, 30m, 1h30m, 7d "
-                    "or a number of seconds"
-                )
-            seconds = float(sum(int(n) * _UNIT_SECONDS[u] for n, u in parts))
+            raise ValueError(f"invalid {what} {value[:40]!r}: {hint}")
     else:
-        raise ValueError("expiry must be a duration such as 720h, 30m or a number of seconds")
+        raise ValueError(f"{what} must be a duration: {hint}")
+    if seconds < 0:
+        raise ValueError(f"{what} cannot be negative")
+    return seconds
+
+
+def parse_expiry(value: object) -> timedelta | None:
+    """A token lifetime (`parse_duration`). None means no expiry. ValueError when malformed,
+    not positive or longer than ten years."""
+    seconds = parse_duration(value, "expiry")
+    if seconds is None:
+        return None
     if not seconds > 0:
         raise ValueError("expiry must be positive")
     if seconds > MAX_EXPIRY.total_seconds():

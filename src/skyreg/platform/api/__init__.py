@@ -21,8 +21,10 @@ from skyreg.platform.api import (
     images,
     machines,
     orgs,
+    quotas,
     releases,
     replication,
+    retention,
     tokens,
 )
 from skyreg.platform.api.base import (
@@ -38,6 +40,7 @@ from skyreg.platform.api.openapi import encoded
 from skyreg.platform.graphql import add_graphql
 from skyreg.platform.http import ApiError
 from skyreg.platform.releases import RELEASES_KEY
+from skyreg.registry.context import REGISTRY_KEY
 from skyreg.services.gc import GcService
 from skyreg.services.releases import ReleaseService
 
@@ -55,7 +58,9 @@ OPENAPI = Route(
 ROUTE_LIST: list[Route] = [
     OPENAPI,
     *orgs.ROUTES,
+    *quotas.ROUTES,
     *apps.ROUTES,
+    *retention.ROUTES,
     *images.ROUTES,
     *replication.ROUTES,
     *gc.ROUTES,
@@ -80,6 +85,9 @@ def add_management_routes(
     """Mount the management API under /api/v1, and the GraphQL endpoint, on `app`; the /gc
     routes answer through `gc_service` (without one, 404)."""
     services = Services.over(auth, releases)
+    registry = app.get(REGISTRY_KEY)
+    if registry is not None:  # usage shares the registry's quota checks' cached figure
+        services.quotas.gate = registry.quotas
     services.openapi = encoded(ROUTE_LIST)
     app[SERVICES_KEY] = services
     if gc_service is not None:

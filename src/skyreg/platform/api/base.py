@@ -23,6 +23,8 @@ from aiohttp.web_protocol import RequestPayloadError
 from skyreg.auth.service import Authenticator
 from skyreg.meta.db import unreachable as database_unreachable
 from skyreg.meta.platform import TokenRecord
+from skyreg.meta.quotas import QuotaMeta
+from skyreg.meta.retention import RetentionMeta
 from skyreg.oci.bounded import MAX_INT, JSONInputError, load_json, parse_int, storable
 from skyreg.platform.http import MAX_BODY, ApiError, Identifier, read_body
 from skyreg.services.access import AUTHENTICATION_REQUIRED
@@ -38,7 +40,9 @@ from skyreg.services.images import ImageService
 from skyreg.services.inputs import Input
 from skyreg.services.machines import MachineService
 from skyreg.services.orgs import OrgService
+from skyreg.services.quotas import QuotaService
 from skyreg.services.releases import ReleaseService
+from skyreg.services.retention import RetentionService
 from skyreg.services.tokens import TokenService
 
 log = logging.getLogger("skyreg.platform")
@@ -60,11 +64,16 @@ class Services:
     images: ImageService
     machines: MachineService
     releases: ReleaseService
+    retention: RetentionService
+    quotas: QuotaService
     openapi: bytes = b""  # the generated document, encoded once
 
     @classmethod
     def over(cls, auth: Authenticator, releases: ReleaseService) -> Services:
         """The services over the stores `releases` holds (one `Database`)."""
+        retention = RetentionMeta(releases.platform.db)
+        # Untagged manifests wait the registry's review delay unless a policy says otherwise.
+        retention.review_delay = releases.registry.gc.review_delay
         return cls(
             auth=auth,
             orgs=OrgService(releases.platform),
@@ -75,6 +84,8 @@ class Services:
                 releases.machines, releases.platform, releases.policy, releases.limits
             ),
             releases=releases,
+            retention=RetentionService(releases.platform, retention),
+            quotas=QuotaService(releases.platform, QuotaMeta(releases.platform.db)),
         )
 
 
@@ -201,6 +212,7 @@ class Param:
 
 PATH_PARAMETERS = {
     "app": "App name",
+    "org": "Organization name",
     "token_id": "Token id",
     "machine_id": "Machine id",
     "reference": "TAG, DIGEST, APP:TAG or APP@DIGEST of the app's repository",
@@ -236,6 +248,8 @@ _HEADERS = {"Cache-Control": "no-store"}
 
 
 def _answer(route: Route, reply: Reply) -> web.Response:
+    if route.status == 204:  # No Content: the handler's reply is not sent
+        return web.Response(status=204, headers=_HEADERS)
     if isinstance(reply, bytes):
         return web.Response(body=reply, content_type="application/json")
     return web.Response(

@@ -390,3 +390,82 @@ class GcStatus(Model):
     totals: GcTotals
     runs: Annotated[list[GcRun], msgspec.Meta(description="The latest passes, newest first")]
     errors: Annotated[list[str], msgspec.Meta(description="Recent failures' messages")]
+
+
+def _d(text: str) -> msgspec.Meta:
+    return msgspec.Meta(description=text)
+
+
+class RetentionPolicy(Model):
+    """What an app keeps; durations in seconds (null: no such rule)."""
+
+    keep_tags: Annotated[list[str], _d("Shell-style glob patterns of tags never deleted")]
+    keep_recent: Annotated[int | None, _d("The N most recent tags of each repository kept")]
+    keep_within: Annotated[int | None, _d("Tags pushed or pulled within this many seconds kept")]
+    untagged_after: Annotated[
+        int | None,
+        _d("Seconds a manifest left without a tag waits for GC (null: the review delay)"),
+    ]
+    deletes_tags: Annotated[
+        bool, _d("Whether the policy deletes tags at all (keep_recent or keep_within set)")
+    ]
+
+
+class TagToDelete(Model):
+    """A tag a policy deletes now (or would, in a dry run)."""
+
+    repository: str
+    tag: str
+    digest: str
+    pushed_at: Time
+    pulled_at: Annotated[Time | None, _d("The last pull of its manifest (null: never)")]
+
+
+WouldDelete = Annotated[
+    list[TagToDelete],
+    _d("The tags the policy deletes now, least recent first (at most 1000)"),
+]
+
+
+class Retention(Model):
+    """An app's retention policy (null: none) and what it would delete now."""
+
+    app: Name
+    policy: RetentionPolicy | None
+    updated_at: Annotated[Time | None, _d("When the policy was last set")]
+    last_run_at: Annotated[Time | None, _d("When the policy was last applied")]
+    tags_deleted: Annotated[int, _d("Tags the policy has deleted so far")]
+    would_delete: WouldDelete
+
+
+class RetentionSet(Model):
+    """A policy set (`saved`), or only tried (`dry_run`: nothing was saved)."""
+
+    app: Name
+    dry_run: bool
+    saved: bool
+    policy: RetentionPolicy
+    would_delete: WouldDelete
+
+
+class Quota(Model):
+    """An org's limits in bytes (null: no such limit)."""
+
+    soft: int | None
+    hard: int | None
+
+
+class OrgUsage(Model):
+    """What an org's repositories hold: the unique blobs linked from any of its apps."""
+
+    org: Name
+    bytes: Annotated[int, _d("Bytes of the unique blobs held (manifests not counted)")]
+    blobs: Annotated[int, _d("Unique blobs held")]
+    quota: Annotated[Quota | None, _d("The org's limits (null: no quota)")]
+    state: Annotated[
+        str,
+        msgspec.Meta(
+            description="ok; soft: over the soft limit; hard: over the hard limit",
+            extra_json_schema={"enum": ["ok", "soft", "hard"]},
+        ),
+    ]

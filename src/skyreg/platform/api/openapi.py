@@ -98,7 +98,11 @@ def document(routes: list[Route]) -> dict[str, Any]:
                 "content": {"application/json": {"schema": ref_of[route.request]}},
             }
         success = {"type": "object"} if route.response is None else ref_of[route.response]
-        responses: dict[str, Any] = {str(route.status): _json(success, route.response_description)}
+        responses: dict[str, Any] = {
+            str(route.status): {"description": route.response_description}  # no body
+            if route.status == 204
+            else _json(success, route.response_description)
+        }
         for status in _statuses(route):
             responses[str(status)] = {"$ref": f"#/components/responses/{ERRORS[status][0]}"}
         operation["responses"] = responses
