@@ -64,6 +64,12 @@ def test_the_gc_worker_applies_retention_and_a_recent_pull_keeps_a_tag(tmp_path:
 
         # The newest per repository (build-1: pulled last), and v* at any age.
         retention.set_policy(app_id, RetentionPolicy(keep_tags=("v*",), keep_recent=1))
+        dry = session.post(f"{reg.url}/api/v1/gc/runs", json={"dry_run": True})
+        assert dry.status_code == 200, dry.text
+        assert sorted(dry.json()["deleted_tags"]) == ["web:build-2", "web:build-3"]
+        assert dry.json()["tags_deleted"] == 2
+        listed = session.get(f"{reg.url}/v2/web/tags/list").json()["tags"]
+        assert len(listed) == 4  # a dry run deletes nothing
         reg.options["gc_worker"] = True
         reg.restart()
 

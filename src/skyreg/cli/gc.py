@@ -101,6 +101,10 @@ def gc_run(
         _print_json(run)
         return
     verb = "Would delete" if dry_run else "Deleted"
+    if run["tags_deleted"]:
+        typer.echo(f"{verb} {run['tags_deleted']} tag(s) by retention policies.")
+    for tag in run["deleted_tags"]:
+        typer.echo(f"  tag {tag}")
     typer.echo(
         f"{verb} {run['manifests_deleted']} of {run['manifests_reviewed']} manifest(s) and "
         f"{run['blobs_deleted']} of {run['blobs_reviewed']} blob(s) reviewed"

@@ -37,6 +37,7 @@ def run_model(run: GcRun) -> models.GcRun:
         bytes_deleted=run.bytes_deleted,
         failures=run.failures,
         error=run.error,
+        tags_deleted=run.tags_deleted,
     )
 
 
@@ -93,6 +94,7 @@ async def start_run(call: Call) -> models.GcRunResult:
         **msgspec.structs.asdict(run_model(run)),
         deleted_manifests=run.deleted_manifests,
         deleted_blobs=run.deleted_blobs,
+        deleted_tags=run.deleted_tags,
     )
 
 

@@ -362,6 +362,9 @@ class GcRun(Model):
     bytes_deleted: int
     failures: int
     error: str | None
+    tags_deleted: Annotated[
+        int, msgspec.Meta(description="Tags the apps' retention policies deleted in the pass")
+    ]
 
 
 class GcRunResult(GcRun):
@@ -373,6 +376,10 @@ class GcRunResult(GcRun):
     ]
     deleted_blobs: Annotated[
         list[str], msgspec.Meta(description="Digests of the blobs deleted (at most 1000)")
+    ]
+    deleted_tags: Annotated[
+        list[str],
+        msgspec.Meta(description="REPOSITORY:TAG of the tags retention deleted (at most 1000)"),
     ]
 
 
