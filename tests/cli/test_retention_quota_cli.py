@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from skyreg.cli.retention import size
 from tests.support.inprocess import InProcessRegistry, gc_on_request
 from tests.support.oci import push_image, put_manifest
 from tests.support.platform import Tenancy, authed
@@ -120,10 +121,10 @@ def test_quota_and_usage(tmp_path: Path, server: InProcessRegistry) -> None:
     admin = t.admin_secret()
     org_token = t.token("org", org=org)[0]
     image = push_image(server.url, app, "v1", layers=1, layer_size=600, session=authed(admin))
-    used = len(image.config) + 600  # under 1 KiB: shown in bytes
+    used = len(image.config) + 600 + len(image.manifest)  # manifests count too
 
     assert ok(skyreg(tmp_path, server, org_token, "orgs", "usage", org)) == (
-        f"{org}: {used} B in 2 blob(s); no quota\n"
+        f"{org}: {size(used)} in 2 blob(s) and manifests; no quota\n"
     )
     refused = fails(skyreg(tmp_path, server, org_token, "orgs", "quota", "set", org, "5GiB"))
     assert "admin" in refused and "(HTTP 403)" in refused
@@ -131,7 +132,10 @@ def test_quota_and_usage(tmp_path: Path, server: InProcessRegistry) -> None:
     assert "invalid hard '12 parsecs'" in bad and "(HTTP 400)" in bad
 
     out = ok(skyreg(tmp_path, server, admin, "orgs", "quota", "set", org, "5GiB", "--soft", "1B"))
-    assert out == (f"{org}: {used} B in 2 blob(s) of 5 GiB (hard), soft 1 B: over the soft limit\n")
+    assert out == (
+        f"{org}: {size(used)} in 2 blob(s) and manifests of 5 GiB (hard), soft 1 B: over the "
+        "soft limit\n"
+    )
     usage = ok(skyreg(tmp_path, server, org_token, "orgs", "usage", org))
     assert usage == out
     doc = json.loads(ok(skyreg(tmp_path, server, org_token, "orgs", "usage", org, "--json")))

@@ -174,7 +174,7 @@ def retention_unset(app: AppArg, server: Server = None, token: Token = None) -> 
 
 def usage_text(usage: dict[str, Any]) -> str:
     """`1.2 GiB of 5 GiB (hard), soft 4 GiB: over the soft limit`."""
-    used = f"{size(int(usage['bytes']))} in {usage['blobs']} blob(s)"
+    used = f"{size(int(usage['bytes']))} in {usage['blobs']} blob(s) and manifests"
     quota = usage["quota"]
     if quota is None:
         return f"{usage['org']}: {used}; no quota"

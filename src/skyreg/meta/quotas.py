@@ -1,8 +1,9 @@
 """Quotas per org: a soft (warning) and a hard limit on the bytes an org's repositories hold.
 
 Usage is counted once per unique blob an org holds: the sizes of the distinct blobs linked
-from any repository of any of its apps (`repository_blobs`), whoever else holds them too.
-Manifests are not counted. Usage is computed from the links whenever it is asked for, so it
+from any repository of any of its apps (`repository_blobs`), whoever else holds them too; plus
+the bytes of its manifests (stored in the database, once per repository holding one: up to
+4 MiB each, so they count). Usage is computed from the links whenever it is asked for, so it
 drops as soon as a link goes (a blob DELETE, or GC unlinking what nothing references) and a
 check never reads a stale figure.
 """
@@ -55,7 +56,8 @@ class Quota:
 
 @dataclass(frozen=True)
 class OrgUsage:
-    """What an org holds, and its limits (None: no quota)."""
+    """What an org holds (`bytes`: its unique blobs and its manifests; `blobs`: how many
+    unique blobs), and its limits (None: no quota)."""
 
     org: str
     bytes: int
@@ -146,7 +148,12 @@ class QuotaMeta(SqlStore):
                 held.join(s.blobs, s.blobs.c.digest == held.c.digest)
             )
         ).one()
-        return int(total), int(count)
+        manifests = conn.execute(
+            select(func.coalesce(func.sum(s.manifests.c.size), 0)).where(
+                s.manifests.c.repository_id.in_(_org_repositories(conn, org_id))
+            )
+        ).scalar_one()
+        return int(total) + int(manifests), int(count)
 
     def usage(self, org_id: int) -> OrgUsage:
         """The org's usage (bytes and blobs) and limits."""

@@ -113,7 +113,7 @@ async def put_manifest(request: web.Request, name: str, reference: str) -> web.S
         async def stored() -> bool:
             return await reg.meta.read(reg.meta.get_manifest, name, str(digest), True) is not None
 
-        warning = await reg.quotas.admit_manifest(name, stored)
+        warning = await reg.quotas.admit_manifest(name, len(raw), stored)
     await reg.meta.run(reg.meta.put_manifest, name, manifest, tags)
     if reg.geo is not None and tags:  # a tagged push (an index's children come untagged first)
         await reg.meta.run(reg.geo.after_push, name, str(digest))

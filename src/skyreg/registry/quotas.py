@@ -8,8 +8,9 @@ where a push adds bytes, and refused with `DENIED` and a message naming the quot
 - An upload finishing (the store's `before_install`, the exact size): the same check, before
   the blob is linked, so a chunked upload cannot pass the limit either; the bytes stay in the
   upload (it expires) and nothing is linked.
-- A manifest PUT: refused while the org is over its hard limit, unless that manifest is
-  already in the repository (a retag adds no bytes). Over the soft limit, the push succeeds
+- A manifest PUT: refused when its bytes would take the org past its hard limit (manifests
+  count: they are stored too), unless that manifest is already in the repository (a retag
+  adds no bytes). Over the soft limit, the push succeeds
   with a `Warning: 299` header (OCI distribution spec: clients show it) naming the usage.
 
 Usage is computed from the links (`QuotaMeta.org_usage`) at most every `USAGE_MAX_AGE`
@@ -167,17 +168,22 @@ class QuotaGate:
                 entry.admitted += check.adding
 
     async def admit_manifest(
-        self, repository: str, exists: Callable[[], Awaitable[bool]]
+        self, repository: str, size: int, exists: Callable[[], Awaitable[bool]]
     ) -> str | None:
-        """Refuse (DENIED) a new manifest in `repository` while its org is over its hard
-        limit (`exists`: whether the repository holds it already: a retag is let through);
-        the `Warning` header value when the org is over its soft limit, else None."""
-        found = await self._check(repository, None, 0)
+        """Refuse (DENIED) a new manifest of `size` bytes in `repository` when its org would
+        pass its hard limit (`exists`: whether the repository holds it already — a retag adds
+        nothing and is let through); the `Warning` header value when the org is over its
+        soft limit, else None."""
+        found = await self._check(repository, None, size)
         if found is None:
             return None
-        if found.check.over_hard and not await exists():
-            raise _denied(found.check, "this manifest")
-        return soft_warning(found.check)
+        check = found.check
+        if check.over_hard and not await exists():
+            raise _denied(check, "this manifest")
+        entry = self._usage.get(found.org_id)
+        if entry is not None:  # counted until the next walk (a retag too: an over-estimate)
+            entry.admitted += size
+        return soft_warning(check)
 
 
 @dataclass(frozen=True)
