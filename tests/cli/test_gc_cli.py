@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.cli import fails, ok, skyreg_as
 from tests.support.inprocess import InProcessRegistry, gc_on_request
 from tests.support.oci import image_manifest, push_blob, push_image, put_manifest, sha256
 from tests.support.platform import Tenancy, authed
@@ -28,36 +29,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessRegist
 def skyreg(
     tmp_path: Path, server: InProcessRegistry, token: str, *args: str
 ) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SKYREG_")}
-    env.update(
-        HOME=str(tmp_path),
-        XDG_CONFIG_HOME=str(tmp_path / "xdg"),
-        SKYREG_SERVER=server.url,
-        SKYREG_TOKEN=token,
-        COLUMNS="250",
-        NO_COLOR="1",
-    )
-    proc = subprocess.run(
-        [sys.executable, "-m", "skyreg", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert "Traceback" not in proc.stderr, proc.stderr
-    return proc
-
-
-def ok(proc: subprocess.CompletedProcess[str]) -> str:
-    assert proc.returncode == 0, (proc.args, proc.stdout, proc.stderr)
-    return proc.stdout
-
-
-def fails(proc: subprocess.CompletedProcess[str]) -> str:
-    assert proc.returncode != 0, (proc.args, proc.stdout, proc.stderr)
-    assert proc.stderr.startswith("error: "), proc.stderr
-    return proc.stderr
+    return skyreg_as(tmp_path, server.url, token, *args)
 
 
 def test_gc_status_and_runs(tmp_path: Path, server: InProcessRegistry) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -48,3 +49,31 @@ def run_skyreg_in_process(env: dict[str, str], *args: str) -> str:
     done = run_in_process(args, env)
     assert done.returncode == 0, (args, done.stdout, done.stderr)
     return done.stdout
+
+
+def skyreg_as(home: Path, server: str, token: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`skyreg ARGS` in this process as a user whose home is `home`, talking to `server` with
+    `token` (SKYREG_SERVER, SKYREG_TOKEN; no other SKYREG_ variable), wide and colourless."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SKYREG_")}
+    env.update(
+        HOME=str(home),
+        XDG_CONFIG_HOME=str(home / "xdg"),
+        SKYREG_SERVER=server,
+        SKYREG_TOKEN=token,
+        COLUMNS="250",
+        NO_COLOR="1",
+    )
+    return run_in_process(args, env)
+
+
+def ok(proc: subprocess.CompletedProcess[str]) -> str:
+    """The stdout of a command that must succeed."""
+    assert proc.returncode == 0, (proc.args, proc.stdout, proc.stderr)
+    return proc.stdout
+
+
+def fails(proc: subprocess.CompletedProcess[str]) -> str:
+    """The stderr (`error: ...`) of a command that must fail."""
+    assert proc.returncode != 0, (proc.args, proc.stdout, proc.stderr)
+    assert proc.stderr.startswith("error: "), proc.stderr
+    return proc.stderr
