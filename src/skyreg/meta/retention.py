@@ -317,13 +317,18 @@ class RetentionMeta(SqlStore):
             result.tags_deleted = len(result.tags)
             return result
 
+        # Planned in a read transaction (a scan of the app's tags must not hold SQLite's write
+        # lock); each delete below checks the tag still is what was planned.
+        with self._read() as conn:
+            planned = self._candidates(conn, app, policy, _now())
+
         def work(conn: Connection) -> RetentionRun:
             now = _now()
             done = RetentionRun(app, dry_run)
             r = s.repositories
             delay = self.review_delay if policy.untagged_after is None else policy.untagged_after
             untagged: list[tuple[int, str]] = []
-            for tag in self._candidates(conn, app, policy, now):
+            for tag in planned:
                 repo_id = conn.execute(
                     select(r.c.id).where(r.c.name == tag.repository)
                 ).scalar_one()
