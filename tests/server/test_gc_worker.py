@@ -6,7 +6,6 @@ through the event loop's S3 client)."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import uuid
@@ -15,12 +14,15 @@ from typing import Any
 
 import pytest
 import requests
-import sqlalchemy
 
-from skyreg.oci.digest import Digest
-from skyreg.server.process import close_blob_store, open_blob_store
 from tests.support.backings import create_org_and_app
-from tests.support.inprocess import InProcessRegistry, environment, serve_options
+from tests.support.inprocess import (
+    InProcessRegistry,
+    environment,
+    in_store,
+    rows,
+    serve_options,
+)
 from tests.support.oci import OCI_MANIFEST, image_manifest, push_blob, push_image, put_manifest
 from tests.support.oci import sha256 as digest_of
 from tests.support.platform import authed
@@ -28,30 +30,6 @@ from tests.support.servers import BACKINGS, scaleout_backing
 from tests.support.waiting import wait_for
 
 LAYER = 256 * 1024
-
-
-def rows(reg: InProcessRegistry, query: str, digest: str) -> list[tuple[Any, ...]]:
-    """`query` (one `:digest` parameter) against the server's database."""
-    url = reg.config().database_url or f"sqlite:///{reg.data_dir / 'skyreg.db'}"
-    engine = sqlalchemy.create_engine(url)
-    try:
-        with engine.connect() as conn:
-            return [tuple(r) for r in conn.execute(sqlalchemy.text(query), {"digest": digest})]
-    finally:
-        engine.dispose()
-
-
-def in_store(reg: InProcessRegistry, digest: str) -> bool:
-    """Whether the server's blob store (its directory, or its S3 bucket) holds the bytes."""
-
-    async def stat() -> int | None:
-        store = open_blob_store(reg.config())
-        try:
-            return await store.stat(Digest.parse(digest))
-        finally:
-            await close_blob_store(store)
-
-    return asyncio.run(stat()) is not None
 
 
 def gc_status(reg: InProcessRegistry, admin: str) -> dict[str, Any]:

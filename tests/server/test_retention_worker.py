@@ -16,9 +16,8 @@ import sqlalchemy
 
 from skyreg.meta.retention import RetentionMeta, RetentionPolicy
 from skyreg.registry.pulls import PullTimes
-from tests.server.test_gc_worker import in_store, rows
 from tests.support.backings import create_org_and_app
-from tests.support.inprocess import InProcessRegistry
+from tests.support.inprocess import InProcessRegistry, in_store, rows
 from tests.support.oci import OCI_MANIFEST, Image, push_image, sha256
 from tests.support.platform import authed
 from tests.support.waiting import wait_for

@@ -19,8 +19,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy
+
+from skyreg.oci.digest import Digest
 from skyreg.server.config import ServeConfig
-from skyreg.server.process import listen, prepare, public_url_of, run_worker
+from skyreg.server.process import (
+    close_blob_store,
+    listen,
+    open_blob_store,
+    prepare,
+    public_url_of,
+    run_worker,
+)
 from tests.support.servers import assert_serves_v2
 
 _START_TIMEOUT = 30.0
@@ -256,3 +266,27 @@ def gc_on_request(data_dir: Path) -> Iterator[InProcessRegistry]:
         yield reg
     finally:
         reg.stop()
+
+
+def rows(reg: InProcessRegistry, query: str, digest: str) -> list[tuple[Any, ...]]:
+    """`query` (one `:digest` parameter) against the server's database."""
+    url = reg.config().database_url or f"sqlite:///{reg.data_dir / 'skyreg.db'}"
+    engine = sqlalchemy.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(sqlalchemy.text(query), {"digest": digest})]
+    finally:
+        engine.dispose()
+
+
+def in_store(reg: InProcessRegistry, digest: str) -> bool:
+    """Whether the server's blob store (its directory, or its S3 bucket) holds the bytes."""
+
+    async def stat() -> int | None:
+        store = open_blob_store(reg.config())
+        try:
+            return await store.stat(Digest.parse(digest))
+        finally:
+            await close_blob_store(store)
+
+    return asyncio.run(stat()) is not None
