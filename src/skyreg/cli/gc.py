@@ -16,8 +16,8 @@ from skyreg.cli.platform import (
     _print_json,
     _table,
     _when,
-    human_size,
 )
+from skyreg.units import human_size
 
 gc_app = typer.Typer(
     help="Garbage collection: blobs and manifests nothing holds any more.", no_args_is_help=True

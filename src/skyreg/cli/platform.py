@@ -29,6 +29,7 @@ from skyreg.cli.client import (
     write_private_json,
 )
 from skyreg.oci.reference import parse_reference
+from skyreg.units import human_size
 
 Server = Annotated[
     str | None,
@@ -81,18 +82,6 @@ def _when(value: object) -> str:
         return datetime.fromisoformat(value).strftime("%Y-%m-%d %H:%M:%S UTC")
     except ValueError:
         return value
-
-
-def human_size(size: int) -> str:
-    """Bytes as B, KiB, MiB, GiB or TiB (one decimal above bytes)."""
-    if size < 1024:
-        return f"{size} B"
-    value = float(size)
-    for unit in ("KiB", "MiB", "GiB"):
-        value /= 1024
-        if value < 1024:
-            return f"{value:.1f} {unit}"
-    return f"{value / 1024:.1f} TiB"
 
 
 def short_digest(digest: str) -> str:

@@ -18,9 +18,9 @@ from skyreg.cli.platform import (
     _table,
     _when,
     apps_app,
-    human_size,
     orgs_app,
 )
+from skyreg.units import human_size
 
 retention_app = typer.Typer(
     help="Retention policies: which tags an app keeps; untagged manifests go through GC.",

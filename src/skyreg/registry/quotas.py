@@ -28,29 +28,20 @@ from dataclasses import dataclass
 
 from skyreg.meta.quotas import QuotaCheck, QuotaMeta
 from skyreg.oci.errors import ErrorCode, RegistryError
+from skyreg.units import human_size
 
 USAGE_MAX_AGE = 5.0  # seconds an org's computed usage is used before it is computed again
 MAX_ORGS_CACHED = 10_000
 
 
-def human(size: int) -> str:
-    """Bytes as a person reads them: 1.2 GiB, 340 MiB, 12 B."""
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if value < 1024 or unit == "PiB":
-            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
-
-
 def _denied(check: QuotaCheck, what: str) -> RegistryError:
     hard = check.quota.hard
     assert hard is not None
-    adding = f" + {human(check.adding)} for {what}" if check.adding else ""
+    adding = f" + {human_size(check.adding)} for {what}" if check.adding else ""
     return RegistryError(
         ErrorCode.DENIED,
-        f"organization {check.org} is over its storage quota: {human(check.used)} used"
-        f"{adding}, hard limit {human(hard)}; delete images (`skyreg images delete`) or ask "
+        f"organization {check.org} is over its storage quota: {human_size(check.used)} used"
+        f"{adding}, hard limit {human_size(hard)}; delete images (`skyreg images delete`) or ask "
         "for a larger quota",
         {"org": check.org, "used": check.used, "adding": check.adding, "hard_limit": hard},
     )
@@ -61,11 +52,11 @@ def soft_warning(check: QuotaCheck) -> str | None:
     if not check.over_soft or check.quota.soft is None:
         return None
     text = (
-        f"organization {check.org} uses {human(check.after)} of storage, over its soft "
-        f"quota of {human(check.quota.soft)}"
+        f"organization {check.org} uses {human_size(check.after)} of storage, over its soft "
+        f"quota of {human_size(check.quota.soft)}"
     )
     if check.quota.hard is not None:
-        text += f" (hard limit {human(check.quota.hard)})"
+        text += f" (hard limit {human_size(check.quota.hard)})"
     return '299 - "' + text.replace('"', "'") + '"'
 
 
