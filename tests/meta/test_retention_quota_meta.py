@@ -14,7 +14,7 @@ from sqlalchemy import select, update
 from skyreg.meta import schema as s
 from skyreg.meta.gc import GcMeta, GcSettings
 from skyreg.meta.platform import PlatformMeta
-from skyreg.meta.quotas import Quota, QuotaInvalid, QuotaMeta
+from skyreg.meta.quotas import Quota, QuotaCheck, QuotaInvalid, QuotaMeta
 from skyreg.meta.registry import RegistryMeta, open_database
 from skyreg.meta.retention import PolicyInvalid, RetentionMeta, RetentionPolicy
 from skyreg.oci.digest import digest_of
@@ -236,6 +236,18 @@ def test_policies_with_out_of_range_values_are_refused() -> None:
 # -- quotas ------------------------------------------------------------------------------------
 
 
+def quota_check(
+    quotas: QuotaMeta, repository: str, digest: str | None, size: int
+) -> QuotaCheck | None:
+    """What the registry's quota gate asks before storing `digest` in `repository`, uncached."""
+    found = quotas.quota_for(repository)
+    if found is None:
+        return None
+    org_id, org, quota = found
+    held = digest is not None and quotas.holds(org_id, digest)
+    return QuotaCheck(org, quotas.org_usage(org_id)[0], 0 if held else size, quota)
+
+
 def test_usage_counts_each_blob_once_per_org_and_every_org_holding_it(
     meta: RegistryMeta, platform: PlatformMeta
 ) -> None:
@@ -252,16 +264,18 @@ def test_usage_counts_each_blob_once_per_org_and_every_org_holding_it(
     assert quotas.usage(other.id).bytes == 1000
     assert quotas.usage(acme.id).quota is None and quotas.usage(acme.id).state == "ok"
 
-    assert quotas.check("web", str(digest_of(b"new")), 50) is None  # no quota yet
+    assert quota_check(quotas, "web", str(digest_of(b"new")), 50) is None  # no quota yet
     quotas.set_quota(acme.id, Quota(soft=1000, hard=1400))
-    check = quotas.check("api/deep", str(digest_of(b"new")), 50)
+    check = quota_check(quotas, "api/deep", str(digest_of(b"new")), 50)
     assert check is not None and (check.org, check.used, check.adding) == ("acme", 1300, 50)
     assert check.over_soft and not check.over_hard
-    held = quotas.check("api", str(digest_of(own)), len(own))  # another app of the org holds it
+    held = quota_check(
+        quotas, "api", str(digest_of(own)), len(own)
+    )  # another app of the org holds it
     assert held is not None and held.adding == 0
-    big = quotas.check("web", None, 101)
+    big = quota_check(quotas, "web", None, 101)
     assert big is not None and big.over_hard
-    assert quotas.check("rival", None, 10**9) is None  # the other org has none
+    assert quota_check(quotas, "rival", None, 10**9) is None  # the other org has none
     assert quotas.usage(acme.id).state == "soft"
 
     meta.unlink_blob("web", str(digest_of(own)))

@@ -193,14 +193,3 @@ class QuotaMeta(SqlStore):
                     )
                 ).scalar_one()
             )
-
-    def check(self, repository: str, digest: str | None, size: int) -> QuotaCheck | None:
-        """The quota of the org owning `repository` with its usage (computed now) and what
-        storing `digest` (`size` bytes) there adds; None when the org has no quota."""
-        found = self.quota_for(repository)
-        if found is None:
-            return None
-        org_id, org, quota = found
-        used, _ = self.org_usage(org_id)
-        held = digest is not None and self.holds(org_id, digest)
-        return QuotaCheck(org, used, 0 if held else size, quota)
