@@ -226,6 +226,7 @@ def test_cli_deploy_and_releases_with_image(deploys: Deploys, tmp_path: object) 
         "local",
         "--description",
         "from the cli",
+        "--detach",  # no agent runs here: the release is recorded, nothing starts
     )
     assert done.returncode == 0, done.stderr
     version = re.search(r"Release v(\d+) of app2", done.stdout)
@@ -275,6 +276,7 @@ def test_cli_deploy_of_a_local_archive_pushes_it_into_the_app(
             "--image",
             "./result",
             "--json",
+            "--detach",
         ],
         cwd=work,
         env=env,
