@@ -179,6 +179,15 @@ def test_openapi_document_lists_every_served_path(server: InProcessRegistry) -> 
         "/api/v1/agent/machines/{machine_id}/state",
         "/api/v1/agent/machines/{machine_id}/events",
         "/api/v1/agent/machines/{machine_id}/logs",
+        "/api/v1/apps/{app}/builder",
+        "/api/v1/apps/{app}/builds",
+        "/api/v1/builds/{build_id}",
+        "/api/v1/builds/{build_id}/logs",
+        "/api/v1/builds/{build_id}/cancel",
+        "/api/v1/builders",
+        "/api/v1/builders/{builder_id}/claim",
+        "/api/v1/builder/builds/{build_id}/logs",
+        "/api/v1/builder/builds/{build_id}/result",
     } == set(doc["paths"])
     # Every documented operation answers something other than "no such endpoint".
     root = admin(server)
@@ -189,6 +198,8 @@ def test_openapi_document_lists_every_served_path(server: InProcessRegistry) -> 
             .replace("{machine_id}", "nonexistent")
             .replace("{reference}", "v1")
             .replace("{org}", "nonexistent-org")
+            .replace("{build_id}", "nonexistent")
+            .replace("{builder_id}", "nonexistent")
         )
         r = requests.request(
             method, server.url + concrete, headers={"Authorization": f"Bearer {root.secret}"}

@@ -7,6 +7,7 @@ path that reaches its database work (and error answers whose checks query: 401, 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 import requests
 
+from skyreg.client.sealing import new_private_key, public_key_b64
 from skyreg.platform.api import ROUTES
 from tests.support.inprocess import InProcessRegistry
 from tests.support.oci import Image, push_image
@@ -120,6 +122,31 @@ def test_every_management_route_queries_off_the_event_loop(strict: Strict) -> No
             "POST", f"/machines/{{machine_id}}/{action}", f"/machines/{machine}/{action}"
         )
         _ok(changed, 200)
+    # Builds: a builder registers, a build of a blob of the app is queued, claimed, logged, ended.
+    key = public_key_b64(new_private_key())
+    builder = _ok(s.call("POST", "/builders", json={"region": "local", "public_key": key}), 201)
+    _ok(s.call("GET", "/apps/{app}/builder", "/apps/web/builder"), 200)
+    context = "sha256:" + hashlib.sha256(s.image.layers[0]).hexdigest()
+    build = _ok(
+        s.call("POST", "/apps/{app}/builds", "/apps/web/builds", json={"context_digest": context}),
+        201,
+    )
+    _ok(s.call("GET", "/apps/{app}/builds", "/apps/web/builds"), 200)
+    claim = f"/builders/{builder['id']}/claim"
+    assert (
+        _ok(s.call("POST", "/builders/{builder_id}/claim", claim), 200)["build"]["id"]
+        == build["id"]
+    )
+    held = f"/builder/builds/{build['id']}"
+    _ok(
+        s.call("POST", "/builder/builds/{build_id}/logs", held + "/logs", json={"lines": ["x"]}),
+        200,
+    )
+    _ok(s.call("GET", "/builds/{build_id}", f"/builds/{build['id']}"), 200)
+    _ok(s.call("GET", "/builds/{build_id}/logs", f"/builds/{build['id']}/logs"), 200)
+    _ok(s.call("POST", "/builds/{build_id}/cancel", f"/builds/{build['id']}/cancel"), 200)
+    result = {"status": "cancelled"}
+    _ok(s.call("POST", "/builder/builds/{build_id}/result", held + "/result", json=result), 200)
     _ok(s.call("GET", "/tokens"), 200)
     created = _ok(s.call("POST", "/tokens", json={"kind": "readonly", "org": "acme"}), 201)
     _ok(s.call("DELETE", "/tokens/{token_id}", f"/tokens/{created['id']}"), 200)

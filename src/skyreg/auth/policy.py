@@ -13,7 +13,9 @@ ALL_ACTIONS = frozenset({PULL, PUSH, DELETE})
 PULL_ONLY = frozenset({PULL})
 NOTHING: frozenset[str] = frozenset()
 
-TOKEN_KINDS = ("admin", "org", "deploy", "readonly")
+# "build": minted for one build, so its builder pulls and pushes as the app's deploy token would;
+# the management API refuses it (platform/http.py).
+TOKEN_KINDS = ("admin", "org", "deploy", "readonly", "build")
 
 
 def app_of(repository: str) -> str:
@@ -41,6 +43,6 @@ class AccessPolicy:
             return public
         if token.kind == "org":
             return ALL_ACTIONS
-        if token.kind == "deploy":
+        if token.kind in ("deploy", "build"):
             return ALL_ACTIONS if token.app_id == app.id else PULL_ONLY
         return PULL_ONLY

@@ -192,6 +192,16 @@ class PlatformMeta(SqlStore):
             row = conn.execute(_APP_BY_NAME, {"name": name}).first()
         return None if row is None else _app(tuple(row))
 
+    def get_app_by_id(self, app_id: int) -> App | None:
+        query = (
+            select(*_APP_COLUMNS)
+            .select_from(s.apps.join(s.orgs, s.orgs.c.id == s.apps.c.org_id))
+            .where(s.apps.c.id == app_id)
+        )
+        with self._read() as conn:
+            row = conn.execute(query).first()
+        return None if row is None else _app(tuple(row))
+
     def list_apps(self, org_id: int | None = None) -> list[App]:
         query = (
             select(*_APP_COLUMNS)

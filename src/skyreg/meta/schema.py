@@ -382,3 +382,67 @@ org_quotas = Table(
     Column("hard_bytes", BigInteger),
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
+
+# -- builds: Dockerfiles built by builders (migration 0010) --------------------------------------
+
+# A builder host (`skyreg builder`): its region, the org it serves (None: every org) and the
+# public key build secrets are sealed to (an X25519 key, new at every start of the builder).
+builders = Table(
+    "builders",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("name", String(100), nullable=False),
+    Column("region", String(20), nullable=False),
+    Column("org_id", Integer, ForeignKey("orgs.id")),
+    Column("public_key", String(64), nullable=False),
+    Column("token_id", String(32), nullable=False),
+    Column("registered_at", DateTime(timezone=True), nullable=False),
+    Column("last_seen", DateTime(timezone=True), nullable=False),
+)
+
+# One build: what was asked (context blob, Dockerfile, arguments), who asked, where it ran and
+# what came out. `sealed_secrets` holds the build secrets sealed to the builder's key until the
+# builder claims the build (then NULL); the plaintext is never stored.
+builds = Table(
+    "builds",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("org_id", Integer, ForeignKey("orgs.id"), nullable=False),
+    Column("app_id", Integer, ForeignKey("apps.id"), nullable=False),
+    Column("status", String(16), nullable=False),  # queued|running|succeeded|failed|cancelled
+    Column("created_by", String(32), nullable=False),  # token id
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("started_at", DateTime(timezone=True)),
+    Column("finished_at", DateTime(timezone=True)),
+    Column("builder_id", String(32), nullable=False),
+    Column("region", String(20), nullable=False),
+    Column("context_digest", String(200), nullable=False),
+    Column("context_size", BigInteger, nullable=False),
+    Column("dockerfile", Text, nullable=False),
+    Column("target", Text),
+    Column("platform", String(40)),
+    Column("build_args", Text, nullable=False),  # JSON object
+    Column("secret_ids", Text, nullable=False),  # JSON list (the ids only)
+    Column("sealed_secrets", Text),  # JSON object id -> base64 sealed box; NULL once claimed
+    Column("no_cache", Boolean, nullable=False),
+    Column("image_label", String(128), nullable=False),
+    Column("image_digest", String(200)),
+    Column("steps", Text),  # JSON list of {step, instruction, seconds, cached}
+    Column("error", Text),
+    Column("cancel_requested", Boolean, nullable=False),
+    Column("client_seen_at", DateTime(timezone=True), nullable=False),
+    Column("deadline", DateTime(timezone=True), nullable=False),
+    Column("credential_id", String(32)),  # the build token the builder pushes with
+    Column("log_lines", Integer, nullable=False),
+    Column("log_bytes", BigInteger, nullable=False),
+    Index("ix_builds_app", "app_id", "created_at"),
+    Index("ix_builds_builder", "builder_id", "status", "created_at"),
+)
+
+build_logs = Table(
+    "build_logs",
+    metadata,
+    Column("build_id", String(32), ForeignKey("builds.id"), primary_key=True),
+    Column("seq", Integer, primary_key=True),
+    Column("line", Text, nullable=False),
+)

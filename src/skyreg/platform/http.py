@@ -66,7 +66,7 @@ class Identifier:
             return None
         auth = self.auth
         try:
-            return auth.limited(self.client, lambda: auth.access_token(header))
+            token = auth.limited(self.client, lambda: auth.access_token(header))
         except Throttled as e:
             raise ApiError(
                 429,
@@ -81,6 +81,10 @@ class Identifier:
                 "invalid, expired or revoked token",
                 headers={"WWW-Authenticate": 'Bearer realm="skyreg",error="invalid_token"'},
             ) from None
+        if token is not None and token.kind == "build":
+            # A build's credential lives on a builder host that runs tenant code: registry only.
+            raise ApiError(403, "forbidden", "a build token may be used with the registry only")
+        return token
 
 
 __all__ = ["MAX_BODY", "ApiError", "Identifier", "RequestPayloadError", "read_body", "too_large"]

@@ -12,10 +12,14 @@ from skyreg.auth.http import AUTHENTICATOR_KEY, TOKEN_PATH, client_of, token_end
 from skyreg.auth.service import Authenticator, AuthFailed, Throttled
 from skyreg.oci.errors import ErrorCode, RegistryError
 from skyreg.platform.api import add_management_routes
+from skyreg.platform.api.base import SERVICES_KEY
 from skyreg.registry import CLIENT_MAX_SIZE, add_routes, middlewares
 from skyreg.registry.context import Registry
 from skyreg.registry.gc import Collector
 from skyreg.services.gc import GcService
+from skyreg.workers import PeriodicWorker
+
+BUILD_EXPIRY_INTERVAL = 10.0  # seconds
 
 if TYPE_CHECKING:
     from skyreg.geo.node import GeoNode
@@ -49,6 +53,12 @@ def create_app(
         if releases is not None:
             gc_service = None if gc is None else GcService(gc, worker=gc_worker)
             add_management_routes(app, reg.auth, releases, gc_service)
+            if workers is not None:  # builds whose builder or client went away, and deadlines
+                workers.add(
+                    PeriodicWorker(
+                        "build_expiry", BUILD_EXPIRY_INTERVAL, app[SERVICES_KEY].builds.expire
+                    )
+                )
     if reg.geo is not None:
         app.cleanup_ctx.append(reg.geo.run)
     if reg.geo is not None or workers is not None or gc is not None:

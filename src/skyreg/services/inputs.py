@@ -226,10 +226,72 @@ class LogLines(Input):
     lines: list[str]
 
 
+class RegisterBuilder(Input):
+    """`POST /builders`: a builder host announces itself (admin or org token)."""
+
+    region: Annotated[str, _doc(description="The region the builder runs in")]
+    public_key: Annotated[
+        str, _doc(description="Base64 X25519 public key; build secrets are sealed to it")
+    ]
+    name: Annotated[str, _doc(maxLength=100)] = ""
+
+
+class CreateBuild(Input):
+    """`POST /apps/{app}/builds`: build the context blob (already pushed to the app) with its
+    Dockerfile. Build secrets come sealed to `builder_id`'s public key (`GET
+    /apps/{app}/builder`), so the server never holds them in the clear."""
+
+    context_digest: Annotated[str, _doc(description="The context tar.gz, pushed to the app")]
+    dockerfile: Annotated[str, _doc(description="Path of the Dockerfile inside the context")] = (
+        "Dockerfile"
+    )
+    target: str | None = None
+    platform: Annotated[str | None, _doc(description="linux/amd64, linux/arm64, ...")] = None
+    build_args: dict[str, str] = msgspec.field(default_factory=dict)
+    secrets: Annotated[
+        dict[str, str],
+        _doc(description="Secret id -> base64 of the secret sealed to the builder's key"),
+    ] = msgspec.field(default_factory=dict)
+    builder_id: Annotated[str | None, _doc(description="Required when secrets are sent")] = None
+    no_cache: bool = False
+    image_label: Annotated[
+        str | None, _doc(description="Tag for the result (default: deployment-YYYYMMDD-HHMMSS)")
+    ] = None
+    timeout: Annotated[int, _doc(minimum=10, maximum=7200, description="Seconds")] = 1800
+
+
+class BuildStep(Input):
+    """One Dockerfile step as the builder timed it."""
+
+    step: int
+    instruction: str
+    seconds: float
+    cached: bool = False
+
+
+class BuildLogLines(Input):
+    """`POST /builder/builds/{id}/logs`."""
+
+    lines: list[str]
+
+
+class BuildResult(Input):
+    """`POST /builder/builds/{id}/result`: how a build ended."""
+
+    status: Annotated[str, _doc(enum=["succeeded", "failed", "cancelled"])]
+    image_digest: str | None = None
+    steps: list[BuildStep] = msgspec.field(default_factory=list)
+    error: str | None = None
+
+
 __all__ = [
     "UNSET",
     "Body",
+    "BuildLogLines",
+    "BuildResult",
+    "BuildStep",
     "CreateApp",
+    "CreateBuild",
     "CreateOrg",
     "CreateRelease",
     "CreateToken",
@@ -237,6 +299,7 @@ __all__ = [
     "LogLines",
     "MachineEventInput",
     "Name",
+    "RegisterBuilder",
     "SetQuota",
     "SetRetention",
     "StateReport",

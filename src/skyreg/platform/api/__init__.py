@@ -17,6 +17,7 @@ from skyreg.auth.service import Authenticator
 from skyreg.platform.api import (
     agent,
     apps,
+    builds,
     gc,
     images,
     machines,
@@ -65,6 +66,7 @@ ROUTE_LIST: list[Route] = [
     *replication.ROUTES,
     *gc.ROUTES,
     *releases.ROUTES,
+    *builds.ROUTES,
     *machines.ROUTES,
     *agent.ROUTES,
     *tokens.ROUTES,

@@ -21,6 +21,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
 from skyreg.auth.service import Authenticator
+from skyreg.meta.builds import BuildMeta
 from skyreg.meta.db import unreachable as database_unreachable
 from skyreg.meta.platform import TokenRecord
 from skyreg.meta.quotas import QuotaMeta
@@ -29,6 +30,7 @@ from skyreg.oci.bounded import MAX_INT, JSONInputError, load_json, parse_int, st
 from skyreg.platform.http import MAX_BODY, ApiError, Identifier, read_body
 from skyreg.services.access import AUTHENTICATION_REQUIRED
 from skyreg.services.apps import AppService
+from skyreg.services.builds import BuildService
 from skyreg.services.errors import (
     Conflict,
     Forbidden,
@@ -41,7 +43,7 @@ from skyreg.services.inputs import Input
 from skyreg.services.machines import MachineService
 from skyreg.services.orgs import OrgService
 from skyreg.services.quotas import QuotaService
-from skyreg.services.releases import ReleaseService
+from skyreg.services.releases import DEFAULT_REGION, ReleaseService
 from skyreg.services.retention import RetentionService
 from skyreg.services.tokens import TokenService
 
@@ -66,6 +68,7 @@ class Services:
     releases: ReleaseService
     retention: RetentionService
     quotas: QuotaService
+    builds: BuildService
     openapi: bytes = b""  # the generated document, encoded once
 
     @classmethod
@@ -86,6 +89,14 @@ class Services:
             releases=releases,
             retention=RetentionService(releases.platform, retention),
             quotas=QuotaService(releases.platform, QuotaMeta(releases.platform.db)),
+            builds=BuildService(
+                BuildMeta(releases.platform.db),
+                releases.platform,
+                releases.registry,
+                releases.policy,
+                auth,
+                region=DEFAULT_REGION if releases.geo is None else releases.geo.region,
+            ),
         )
 
 
@@ -216,6 +227,8 @@ PATH_PARAMETERS = {
     "token_id": "Token id",
     "machine_id": "Machine id",
     "reference": "TAG, DIGEST, APP:TAG or APP@DIGEST of the app's repository",
+    "build_id": "Build id",
+    "builder_id": "Builder id (what `POST /builders` answered)",
 }
 
 

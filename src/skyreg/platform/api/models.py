@@ -103,7 +103,8 @@ class Token(Model):
     id: str
     name: str
     kind: Annotated[
-        str, msgspec.Meta(extra_json_schema={"enum": ["admin", "org", "deploy", "readonly"]})
+        str,
+        msgspec.Meta(extra_json_schema={"enum": ["admin", "org", "deploy", "readonly", "build"]}),
     ]
     org: str | None
     app: str | None
@@ -475,4 +476,97 @@ class OrgUsage(Model):
             description="ok; soft: over the soft limit; hard: over the hard limit",
             extra_json_schema={"enum": ["ok", "soft", "hard"]},
         ),
+    ]
+
+
+# -- builds ---------------------------------------------------------------------------------------
+
+
+class Builder(Model):
+    """A builder host: where it runs and the key build secrets are sealed to."""
+
+    id: str
+    name: str
+    region: str
+    org: Annotated[str | None, msgspec.Meta(description="null: builds for every organization")]
+    public_key: Annotated[str, msgspec.Meta(description="Base64 X25519 public key")]
+    registered_at: Time
+    last_seen: Time
+
+
+class BuildStepTime(Model):
+    step: int
+    instruction: str
+    seconds: float
+    cached: bool
+
+
+class Build(Model):
+    """One build of an app's Dockerfile."""
+
+    id: str
+    app: str
+    org: str
+    status: Annotated[
+        str,
+        msgspec.Meta(
+            extra_json_schema={"enum": ["queued", "running", "succeeded", "failed", "cancelled"]}
+        ),
+    ]
+    created_by: Annotated[str, msgspec.Meta(description="The id of the token that asked")]
+    created_at: Time
+    started_at: Time | None
+    finished_at: Time | None
+    builder: str
+    region: str
+    context_digest: str
+    context_size: int
+    dockerfile: str
+    target: str | None
+    platform: str | None
+    build_args: dict[str, str]
+    secrets: Annotated[list[str], msgspec.Meta(description="The ids of the build secrets")]
+    no_cache: bool
+    image_label: str
+    image_digest: str | None
+    image_ref: Annotated[str | None, msgspec.Meta(description="APP@DIGEST once built")]
+    steps: list[BuildStepTime]
+    error: str | None
+    log_lines: int
+
+
+class BuildList(Model):
+    builds: list[Build]
+
+
+class BuildLogLine(Model):
+    seq: int
+    line: str
+
+
+class BuildLog(Model):
+    """Log lines after `after`, and the build's status when they were read."""
+
+    build: str
+    status: str
+    lines: list[BuildLogLine]
+    next: Annotated[int, msgspec.Meta(description="Pass as `after` for the lines that follow")]
+    ended: bool
+    error: str | None
+    image_digest: str | None
+
+
+class ClaimedBuild(Model):
+    """What a builder gets for the build it claimed (null `build`: nothing to do)."""
+
+    build: Build | None
+    credential: Annotated[
+        str | None, msgspec.Meta(description="A build token of the app, revoked when it ends")
+    ] = None
+    sealed_secrets: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class BuildLogAccepted(Model):
+    stop: Annotated[
+        bool, msgspec.Meta(description="The builder stops the build (cancelled, client gone)")
     ]
