@@ -19,10 +19,15 @@ from pathlib import Path
 
 import pytest
 
+from skyreg.builder.buildah import BuildahSettings
+from skyreg.builder.host import check_host
 from tests.support.cli import run_skyreg_in_process
 from tests.support.images import Entry, build_app_image
 from tests.support.platform import cli_env, run_skyreg
 from tests.support.waiting import children, free_port, http_get, wait_for
+
+# `skyreg dev` starts a builder where buildah can run (as root, with runc).
+BUILDER = 1 if check_host(BuildahSettings()) is None else 0
 
 pytestmark = [
     pytest.mark.slow,
@@ -121,7 +126,7 @@ def test_dev_runs_push_deploy_and_a_serving_machine_then_stops_it_all(workdir: P
         assert "myapp:deployment-" in releases
         assert "serving" in wait_for(lambda: skyreg("logs", "--app", "myapp"), "the machine log")
         processes = children(dev.pid)
-        assert len(processes) == 2  # the registry and the agent
+        assert len(processes) == 2 + BUILDER  # the registry, the agent (and the builder)
     finally:
         code = _interrupt(dev)
     assert code == 0
@@ -192,7 +197,7 @@ def test_killing_skyreg_dev_takes_its_registry_and_agent_down(workdir: Path) -> 
     try:
         _read_until(dev, r"skyreg logs --app myapp -f")
         processes = children(dev.pid)
-        assert len(processes) == 2  # the registry and the agent
+        assert len(processes) == 2 + BUILDER  # the registry, the agent (and the builder)
     finally:
         dev.kill()  # no chance to stop anything itself
         dev.wait()

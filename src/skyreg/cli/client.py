@@ -203,3 +203,23 @@ def read_token_file(path: str) -> str:
     if not token:
         fail(f"{path} holds no token")
     return token
+
+
+def service_token(token: str | None, token_file: Path | None, who: str) -> str:
+    """The admin or org token a host service (`agent`, `builder`) runs with: from
+    `--token-file`, else SKYREG_TOKEN or `--token` (warned about: every host user can read a
+    process's command line)."""
+    if token_file is not None:
+        try:
+            token = token_file.read_text().strip()
+        except OSError as e:
+            fail(f"cannot read --token-file: {e}")
+    elif token and any(a == "--token" or a.startswith("--token=") for a in sys.argv):
+        typer.echo(
+            "warning: --token puts the token on this process's command line, which every host "
+            "user can read; use SKYREG_TOKEN or --token-file",
+            err=True,
+        )
+    if not token:
+        fail(f"no token: set SKYREG_TOKEN or pass --token-file (an admin or org token {who})")
+    return token

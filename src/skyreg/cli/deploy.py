@@ -4,27 +4,44 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import urllib.parse
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from skyreg.cli.build import (
+    BuildOptions,
+    has_dockerfile,
+    local_build,
+    local_engine,
+    parse_build_timeout,
+    parse_pairs,
+    remote_build,
+)
 from skyreg.cli.client import client, fail
 from skyreg.cli.platform import AsJson, Server, Token, _console, _print_json, _quote, _table, _when
 from skyreg.cli.push import push_with_bars
+from skyreg.cli.waiting import parse_wait_timeout, wait_release
 from skyreg.client.push import PushError
 from skyreg.services.names import deployment_tag
 
 
 def deploy(
-    app: Annotated[str, typer.Option("--app", help="The app to deploy.")],
+    path: Annotated[
+        Path,
+        typer.Argument(help="Directory with a Dockerfile, built when no --image is given."),
+    ] = Path("."),
+    app: Annotated[str, typer.Option("--app", help="The app to deploy.")] = "",
     image: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--image",
-            help="Image in this registry: [HOST/]REPO[:TAG] or REPO@DIGEST (any app of your org).",
+            help="Image in this registry: [HOST/]REPO[:TAG] or REPO@DIGEST (any app of your org); "
+            "or a local docker-archive or OCI layout. Without it, PATH is built.",
         ),
-    ],
+    ] = None,
     image_label: Annotated[
         str | None,
         typer.Option(help="Tag for the image in the app (default: deployment-YYYYMMDD-HHMMSS)."),
@@ -37,17 +54,92 @@ def deploy(
         str, typer.Option(help="rolling (keep the old machines until the new start) or immediate.")
     ] = "rolling",
     description: Annotated[str | None, typer.Option(help="Why (shown in releases).")] = None,
+    detach: Annotated[
+        bool, typer.Option("--detach", help="Return once the release is recorded (no waiting).")
+    ] = False,
+    wait_timeout: Annotated[
+        str, typer.Option(help="How long to wait for every machine to start (e.g. 90s, 5m).")
+    ] = "5m",
+    dockerfile: Annotated[
+        Path | None, typer.Option(help="The Dockerfile (default: PATH/Dockerfile).")
+    ] = None,
+    build_only: Annotated[
+        bool,
+        typer.Option("--build-only", help="Build (and push), print the image, deploy nothing."),
+    ] = False,
+    push: Annotated[
+        bool,
+        typer.Option(
+            "--push",
+            help="With --build-only --build-local: push the image (remote builds always do).",
+        ),
+    ] = False,
+    build_local: Annotated[
+        bool, typer.Option("--build-local", help="Build on this machine (buildah, podman, docker).")
+    ] = False,
+    build_arg: Annotated[
+        list[str] | None, typer.Option("--build-arg", help="NAME=VALUE (repeatable).")
+    ] = None,
+    build_secret: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--build-secret",
+            help="ID=FILE, read in RUN --mount=type=secret,id=ID; never stored (repeatable).",
+        ),
+    ] = None,
+    target: Annotated[str | None, typer.Option(help="The stage to build.")] = None,
+    platform: Annotated[
+        str | None, typer.Option(help="linux/amd64 or linux/arm64 (default: the builder's).")
+    ] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Build every step afresh.")] = False,
+    build_timeout: Annotated[str, typer.Option(help="Longest a build may take.")] = "30m",
     server: Server = None,
     token: Token = None,
     as_json: AsJson = False,
 ) -> None:
-    """Deploy an image: pin its digest in a new release of the app.
+    """Deploy an image: pin its digest in a new release of the app, then wait until its
+    machines started (exit 0) or one failed (exit 1, with its last log lines).
 
-    `--image` may also be a local docker-archive tarball (e.g. nix's `./result`) or OCI layout
-    directory: it is pushed to APP:<label or deployment-YYYYMMDD-HHMMSS> first.
+    Without `--image`, PATH (a directory with a Dockerfile) is built first, on a builder
+    (`skyreg builder`) or with `--build-local` on this machine, and pushed to APP:<label or
+    deployment-YYYYMMDD-HHMMSS>. `--image` may also be a local docker-archive tarball (e.g.
+    nix's `./result`) or OCI layout directory: it is pushed the same way first.
     """
+    if not app:
+        fail("--app is required")
+    timeout = parse_wait_timeout(wait_timeout)
     api = client(server, token)
-    if _is_local(image):
+    if image is None:
+        options = BuildOptions(
+            path=path,
+            dockerfile=dockerfile,
+            build_args=parse_pairs(build_arg, "--build-arg"),
+            secrets={k: Path(v) for k, v in parse_pairs(build_secret, "--build-secret").items()},
+            target=target,
+            platform=platform,
+            no_cache=no_cache,
+            label=image_label,
+            timeout=parse_build_timeout(build_timeout),
+        )
+        if not has_dockerfile(path, dockerfile):
+            fail(f"no Dockerfile in {path} (pass --image to deploy an image, or --dockerfile)")
+        if build_local:
+            with tempfile.TemporaryDirectory(prefix="skyreg-build-") as tmp:
+                layout = Path(tmp) / "image"
+                local_build(options, layout)
+                if build_only and not push:
+                    typer.echo("Built locally (not pushed: add --push).", err=True)
+                    return
+                image, image_label = _push_local(
+                    _local_source(layout), app, image_label, api.server, api.token
+                )
+        else:
+            built = remote_build(api, app, options)
+            image, image_label = built.ref, built.label
+        if build_only:
+            typer.echo(image)
+            return
+    elif _is_local(image):
         image, image_label = _push_local(image, app, image_label, api.server, api.token)
     body: dict[str, object] = {
         "image": image,
@@ -60,13 +152,23 @@ def deploy(
     if description:
         body["description"] = description
     release = api("POST", f"/apps/{_quote(app)}/releases", body)
+    if not as_json:
+        typer.echo(
+            f"Release v{release['version']} of {release['app']}: {release['image_ref']} "
+            f"({release['image_digest']}), {release['status']}."
+        )
+    if not detach:  # progress on stderr under --json: stdout is the final release's JSON
+        waited = wait_release(api, app, release, timeout, lambda s: typer.echo(s, err=as_json))
+        release = waited.release
     if as_json:
         _print_json(release)
-        return
-    typer.echo(
-        f"Release v{release['version']} of {release['app']}: {release['image_ref']} "
-        f"({release['image_digest']}), {release['status']}."
-    )
+    if not detach and waited.code:
+        fail(waited.reason, waited.code)
+
+
+def _local_source(layout: Path) -> str:
+    """What `local_build` wrote, as the push client names it."""
+    return f"docker-archive:{layout}" if local_engine() == "docker" else f"oci:{layout}:latest"
 
 
 def _is_local(image: str) -> bool:

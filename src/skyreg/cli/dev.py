@@ -1,4 +1,5 @@
-"""`skyreg dev`: the whole platform on one machine (a registry node and a region's agent)."""
+"""`skyreg dev`: the whole platform on one machine (a registry node, a region's agent, a
+builder)."""
 
 from __future__ import annotations
 
@@ -70,6 +71,7 @@ class DevPlatform:
     children: list[_Child] = field(default_factory=list)
     endpoints: list[RegionEndpoints] = field(default_factory=list)
     admin_token: str = ""
+    builder_problem: str | None = None  # why no builder runs (None: one does)
 
     @property
     def multi(self) -> bool:
@@ -123,6 +125,14 @@ class DevPlatform:
                 ["agent", "--region", ep.code, "--server", ep.url, "--data-dir", str(ep.agent_dir)],
                 env={"SKYREG_TOKEN": self.admin_token},
             )
+        if self.builder_problem is None:  # one builder, in the first region
+            first = self.endpoints[0]
+            self._spawn(
+                f"builder {first.code}",
+                ["builder", "--region", first.code, "--server", first.url,
+                 "--data-dir", str(first.data_dir.parent / f"builder-{first.code}")],
+                env={"SKYREG_TOKEN": self.admin_token},
+            )  # fmt: skip
 
     def _ports(self) -> list[int]:
         """One port per region: consecutive from `port`, or free ones picked now for port 0
@@ -237,6 +247,10 @@ def dev(
     # non-root machines need o+x on every ancestor of the agent's data dir.
     private_dir(data_dir, mode=0o711)
     platform = DevPlatform(data_dir=data_dir, host=host, port=port, regions=codes)
+    from skyreg.builder.buildah import BuildahSettings
+    from skyreg.builder.host import check_host as check_builder_host
+
+    platform.builder_problem = check_builder_host(BuildahSettings())
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         raise KeyboardInterrupt
@@ -276,6 +290,7 @@ def _banner(p: DevPlatform) -> None:
         "  skyreg orgs create acme && skyreg apps create myapp --org acme",
         f"  skyreg push ./result {host}/myapp:latest",
         f"  skyreg deploy --app myapp --image {host}/myapp:latest --region {last.code}",
+        "  cd a-directory-with-a-Dockerfile && skyreg deploy --app myapp   # built by the builder",
         "  skyreg machines list --app myapp; skyreg logs --app myapp -f",
     ]
     if p.multi:
@@ -283,6 +298,8 @@ def _banner(p: DevPlatform) -> None:
             "  skyreg images show myapp:latest; skyreg replication status   # copies per region"
         )
     lines.append("")
+    if p.builder_problem is not None:
+        lines.append(f"note: no builder runs ({p.builder_problem}); use deploy --build-local")
     if (blocked := _unreachable_ancestor(p.data_dir)) is not None:
         lines.append(
             f"note: {blocked} is not o+x: machines whose image runs as a non-root user cannot "

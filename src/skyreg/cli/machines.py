@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import sys
 import time
 import urllib.parse
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from skyreg.cli.client import Client, client, fail, normalize_server
+from skyreg.cli.client import Client, client, fail, normalize_server, service_token
 from skyreg.cli.platform import AsJson, Server, Token, _console, _print_json, _quote, _table, _when
 
 machines_app = typer.Typer(help="Machines that run an app's releases.", no_args_is_help=True)
@@ -73,19 +72,7 @@ def agent(
     from skyreg.machines.unpack import UnpackLimits
     from skyreg.privatefs import private_dir
 
-    if token_file is not None:
-        try:
-            token = token_file.read_text().strip()
-        except OSError as e:
-            fail(f"cannot read --token-file: {e}")
-    elif token and any(a == "--token" or a.startswith("--token=") for a in sys.argv):
-        typer.echo(
-            "warning: --token puts the token on this process's command line, which every host "
-            "user can read; use SKYREG_TOKEN or --token-file",
-            err=True,
-        )
-    if not token:
-        fail("no token: set SKYREG_TOKEN or pass --token-file (an admin or org token)")
+    token = service_token(token, token_file, "for the agent")
     problem = check_host()
     if problem:
         fail(problem)

@@ -10,6 +10,8 @@ from typing import Annotated
 import typer
 
 from skyreg import __version__
+from skyreg.cli.builder import register as register_builder
+from skyreg.cli.builds import register as register_builds
 from skyreg.cli.deploy import register as register_deploy
 from skyreg.cli.dev import register as register_dev
 from skyreg.cli.gc import register as register_gc
@@ -407,6 +409,8 @@ def version() -> None:
 
 register(app)
 register_deploy(app)
+register_builder(app)
+register_builds(app)
 register_dev(app)
 register_gc(app)
 register_retention()

@@ -1,0 +1,1 @@
+"""`skyreg builder`: a host that builds Dockerfiles for the server's builds with buildah."""

@@ -1,0 +1,100 @@
+"""`skyreg builder`: run a builder host (buildah) for the server's Dockerfile builds."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from skyreg.cli.client import fail, normalize_server, service_token
+
+
+def builder(
+    region: Annotated[str, typer.Option(help="The region this builder serves.")] = "local",
+    server: Annotated[
+        str, typer.Option("--server", envvar="SKYREG_SERVER", help="Server URL.")
+    ] = "http://127.0.0.1:5000",
+    token: Annotated[
+        str | None,
+        typer.Option(
+            "--token",
+            envvar="SKYREG_TOKEN",
+            help="Admin token (builds of every org) or org token (its org's builds). Prefer "
+            "SKYREG_TOKEN or --token-file: every host user can read a process's command line.",
+            show_default=False,
+        ),
+    ] = None,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(help="File holding the token (e.g. mode 0600).", show_default=False),
+    ] = None,
+    data_dir: Annotated[
+        Path,
+        typer.Option(help="Build caches (one per org) and working files (root-only: 0700)."),
+    ] = Path("/var/lib/skyreg-builder"),
+    name: Annotated[str, typer.Option(help="Shown in `skyreg builds` (default: hostname).")] = "",
+    network: Annotated[
+        str,
+        typer.Option(
+            help="RUN steps' network: private (their own namespace with outbound access) or "
+            "none (no network at all)."
+        ),
+    ] = "private",
+    storage_driver: Annotated[
+        str, typer.Option(help="buildah's storage driver: vfs (works anywhere) or overlay.")
+    ] = "vfs",
+    max_build_time: Annotated[
+        int, typer.Option(min=10, help="Seconds a build may take on this builder, at most.")
+    ] = 7200,
+    max_context_bytes: Annotated[
+        int, typer.Option(min=1, help="Most bytes a build context may unpack to.")
+    ] = 2 << 30,
+) -> None:
+    """Run a builder: build the server's Dockerfile builds with buildah, one at a time."""
+    from skyreg.builder.buildah import NETWORKS, BuildahSettings
+    from skyreg.builder.host import BuilderHost, check_host
+    from skyreg.client.buildcontext import ContextLimits
+    from skyreg.privatefs import private_dir
+
+    token = service_token(token, token_file, "for the builder")
+    if network not in NETWORKS:
+        fail(f"--network must be one of {', '.join(NETWORKS)}")
+    if storage_driver not in ("vfs", "overlay"):
+        fail("--storage-driver must be vfs or overlay")
+    settings = BuildahSettings(storage_driver=storage_driver, network=network)
+    problem = check_host(settings)
+    if problem:
+        fail(problem)
+    try:
+        private_dir(data_dir.resolve())
+    except ValueError as e:
+        fail(f"--data-dir: {e}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    host = BuilderHost(
+        server=normalize_server(server),
+        token=token,
+        region=region,
+        data_dir=data_dir.resolve(),
+        name=name,
+        settings=settings,
+        max_build_seconds=float(max_build_time),
+        context_limits=ContextLimits(max_bytes=max_context_bytes),
+    )
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await host.run(stop)
+
+    asyncio.run(main())
+
+
+def register(app: typer.Typer) -> None:
+    """Add `builder` to the `skyreg` command."""
+    app.command()(builder)
