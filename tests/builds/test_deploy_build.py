@@ -8,13 +8,17 @@ Org `acme` owns apps `web` (deployed), `base` (the private base image) and `cach
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import gzip
 import io
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -204,6 +208,14 @@ def test_a_changed_app_file_reruns_no_earlier_step_and_uploads_only_its_layer(
     assert len(new_layers) == 1
     uploaded = {d.replace("%3A", ":") for d in _uploads_finished(p.reg.log()[before:])}
     assert uploaded == {latest["context_digest"], manifest["config"]["digest"], new_layers[0]}
+    # Unchanged: every step from the cache, the same image, nothing uploaded at all.
+    before = len(p.reg.log())
+    third = p.skyreg(p.acme, "deploy", str(root), "--app", "cachetest", "--build-only", "--push")
+    assert third.returncode == 0, third.stderr + p.diagnostics()
+    [again] = p.builds("cachetest")[:1]
+    assert [s["cached"] for s in again["steps"][1:]] == [True, True, True], again["steps"]
+    assert again["image_digest"] == latest["image_digest"]
+    assert _uploads_finished(p.reg.log()[before:]) == []
 
 
 def _layer_files(p: Platform, app: str, digest: str) -> dict[str, bytes]:
@@ -325,3 +337,114 @@ def test_orgs_share_no_build_cache_and_another_orgs_private_base_is_refused(
     orgs = sorted(d.name for d in (p.builder.data_dir / "orgs").iterdir())
     assert orgs == ["acme", "other"]
     assert json.dumps(build).count("same-step-in-two-orgs") == 1
+
+
+def test_build_args_and_target_choose_what_is_built(platform: Platform) -> None:
+    p = platform
+    root = p.project(
+        "staged",
+        "FROM BASE AS builder\nARG GREETING=unset\nRUN echo $GREETING > /greeting.txt\n"
+        "FROM BASE AS final\nCOPY --from=builder /greeting.txt /greeting.txt\n"
+        "FROM BASE AS ignored\nRUN echo never-built && exit 9\n",
+        {},
+    )
+    proc = p.skyreg(
+        p.acme, "deploy", str(root), "--app", "web", "--build-only", "--push",
+        "--build-arg", "GREETING=hello-from-an-arg", "--target", "final",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr + p.diagnostics()
+    [build] = p.builds("web")[:1]
+    assert build["target"] == "final"
+    assert build["build_args"] == {"GREETING": "hello-from-an-arg"}
+    files = _layer_files(p, "web", build["image_digest"])
+    assert files["greeting.txt"] == b"hello-from-an-arg\n"
+    assert "never-built" not in p.log(build["id"]).replace("RUN echo never-built", "")
+
+
+def test_ctrl_c_cancels_the_build_and_the_builder_stops_it(platform: Platform) -> None:
+    p = platform
+    root = p.project("endless", "FROM BASE\nRUN echo sleeping-now && sleep 600\n", {})
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("SKYREG_")},
+        "SKYREG_SERVER": p.reg.url,
+        "SKYREG_TOKEN": p.acme,
+        "HOME": str(p.work / "home"),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "skyreg", "deploy", str(root), "--app", "web", "--build-only"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        build = wait_for(
+            lambda: next(
+                (b for b in p.builds("web")[:1] if b["status"] == "running" and b["log_lines"]),
+                None,
+            ),
+            "the endless build running",
+        )
+        wait_for(lambda: "sleeping-now" in p.log(build["id"]).splitlines(), "the RUN step started")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "cancelled" in err
+    ended = wait_for(
+        lambda: b if (b := p.api(f"/builds/{build['id']}"))["status"] != "running" else None,
+        "the builder stopping the build",
+        timeout=30,
+    )
+    assert ended["status"] == "cancelled", ended
+    wait_for(lambda: not list((p.builder.data_dir / "work").iterdir()), "the work dir removed")
+    # The builder is free again: the next build runs.
+    again = p.skyreg(p.acme, "deploy", str(p.project("after", "FROM BASE\n", {})), "--app",
+                     "web", "--build-only", "--push")  # fmt: skip
+    assert again.returncode == 0, again.stderr + p.diagnostics()
+
+
+def test_build_local_builds_here_and_pushes_with_skyregs_client(
+    platform: Platform, tmp_path: Path
+) -> None:
+    p = platform
+    storage = tmp_path / "storage"
+    conf = tmp_path / "storage.conf"
+    conf.write_text(
+        f'[storage]\ndriver = "vfs"\nrunroot = "{storage}/run"\ngraphroot = "{storage}/root"\n'
+    )
+    root = p.project("local", "FROM BASE\nRUN echo built-here > /here.txt\n", {})
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("SKYREG_")},
+        "SKYREG_SERVER": p.reg.url,
+        "SKYREG_TOKEN": p.acme,
+        "HOME": str(tmp_path),
+        "CONTAINERS_STORAGE_CONF": str(conf),
+        "BUILDAH_ISOLATION": "chroot",  # the user's own machine; runc is the builder's
+        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",  # buildah first: no podman or docker choice
+    }
+    registries = tmp_path / "registries.conf"
+    registries.write_text(f'[[registry]]\nlocation = "{p.reg.host}"\ninsecure = true\n')
+    env["CONTAINERS_REGISTRIES_CONF"] = str(registries)
+    auth = tmp_path / "auth.json"
+    auth.write_text(
+        json.dumps(
+            {"auths": {p.reg.host: {"auth": base64.b64encode(f"x:{p.acme}".encode()).decode()}}}
+        )
+    )
+    env["REGISTRY_AUTH_FILE"] = str(auth)
+    done = subprocess.run(
+        [sys.executable, "-m", "skyreg", "deploy", str(root), "--app", "web", "--build-local",
+         "--build-only", "--push", "--image-label", "local-build"],
+        env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Building locally with buildah" in done.stderr
+    ref = done.stdout.strip().splitlines()[-1]
+    assert ref.startswith("web@sha256:"), done.stdout
+    files = _layer_files(p, "web", ref.split("@", 1)[1])
+    assert files["here.txt"] == b"built-here\n"
+    assert p.manifest("web", "local-build")  # the label is the tag

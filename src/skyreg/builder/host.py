@@ -35,12 +35,20 @@ from skyreg.builder.buildah import (
     BuildPaths,
     Redactor,
     StepClock,
+    base_images,
     bud_command,
+    dockerfile_problem,
     environment,
     failure_message,
+    inspect_command,
+    onbuild_triggers,
+    pull_command,
     push_command,
+    read_dockerfile,
     registry_host,
+    trigger_problem,
     write_credentials,
+    write_policy,
 )
 from skyreg.client.aio import AsyncRegistryClient
 from skyreg.client.buildcontext import ContextError, ContextLimits, unpack_context
@@ -176,7 +184,9 @@ class BuilderHost:
             await asyncio.to_thread(paths.prepare)
             secrets = await self._prepare(build, claimed, paths)
             redact = Redactor(secrets)
-            storage = await asyncio.to_thread(private_dir, self.data_dir / "orgs" / build["org"])
+            storage = await asyncio.to_thread(
+                lambda: private_dir(self.data_dir / "orgs" / build["org"]).resolve()
+            )  # absolute: the signature policy names it
             digest = await self._run(build, paths, storage, clock, redact)
             status = "succeeded"
         except BuildStopped as e:
@@ -285,11 +295,32 @@ class BuilderHost:
         context = paths.context.resolve()
         if not dockerfile.is_relative_to(context) or not dockerfile.is_file():
             raise BuildFailed(f"no Dockerfile at {build['dockerfile']} in the build context")
+        build_args = dict(build.get("build_args") or {})
+        try:
+            text = await asyncio.to_thread(read_dockerfile, dockerfile)
+            problem = dockerfile_problem(text)
+        except (OSError, ValueError) as e:
+            text, problem = "", str(e)
+        bases, unresolved = base_images(text, build_args)
+        problem = problem or unresolved
+        if problem:
+            raise BuildFailed(f"the Dockerfile is refused: {problem}")
+        await asyncio.to_thread(write_policy, paths, self.settings, storage)
         app = str(build["app"])
         tag = f"localhost/skyreg/{app}:latest"
         shipper = LogShipper(self, str(build["id"]), redact)
         env = environment(paths)
         deadline = time.monotonic() + self.max_build_seconds
+        for image, stage_platform in bases:
+            await self._pull_base(
+                image,
+                stage_platform or build.get("platform"),
+                paths,
+                storage,
+                env,
+                shipper,
+                deadline,
+            )
         code, tail = await self._command(
             bud_command(
                 self.settings,
@@ -299,7 +330,7 @@ class BuilderHost:
                 tag=tag,
                 target=build.get("target"),
                 platform=build.get("platform"),
-                build_args=dict(build.get("build_args") or {}),
+                build_args=build_args,
                 secret_ids=list(build.get("secrets") or []),
                 no_cache=bool(build.get("no_cache")),
             ),
@@ -327,6 +358,40 @@ class BuilderHost:
         await shipper.add(f"[skyreg] pushed {destination}@{digest}")
         await shipper.flush(final=True)
         return digest
+
+    async def _pull_base(
+        self,
+        image: str,
+        platform: str | None,
+        paths: BuildPaths,
+        storage: Path,
+        env: dict[str, str],
+        shipper: LogShipper,
+        deadline: float,
+    ) -> None:
+        """Pull a base image (registries only) and refuse it when its ONBUILD triggers would do
+        what a Dockerfile may not; the build then uses it without pulling again."""
+        await shipper.add(f"[skyreg] pulling {image}")
+        code, tail = await self._command(
+            pull_command(self.settings, storage, paths, image, platform),
+            env,
+            shipper,
+            None,
+            deadline,
+        )
+        if code != 0:
+            raise BuildFailed(f"pulling the base image {image} failed:\n" + "\n".join(tail[-10:]))
+        proc = await asyncio.create_subprocess_exec(
+            *inspect_command(self.settings, storage, image),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+            env=env,
+        )
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+        problem = trigger_problem(onbuild_triggers(out) if proc.returncode == 0 else "?")
+        if problem:
+            raise BuildFailed(f"the base image {image} is refused: {problem}")
 
     async def _command(
         self,

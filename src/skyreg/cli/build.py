@@ -254,11 +254,22 @@ def local_build(options: BuildOptions, layout: Path) -> None:
         cmd += ["--layers"]
     cmd.append(str(options.path))
     typer.echo(f"==> Building locally with {engine}", err=True)
-    if subprocess.run(cmd, stdout=sys.stderr, check=False).returncode != 0:
+    if _echo_run(cmd) != 0:
         fail(f"the local build failed ({engine})")
     if engine == "docker":
         target = ["docker", "save", "-o", str(layout), tag]
     else:
         target = [engine, "push", tag, f"oci:{layout}:latest"]
-    if subprocess.run(target, stdout=sys.stderr, check=False).returncode != 0:
+    if _echo_run(target) != 0:
         fail(f"exporting the locally built image failed ({engine})")
+
+
+def _echo_run(cmd: list[str]) -> int:
+    """Run `cmd`, its output echoed to stderr line by line; its exit code."""
+    with subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    ) as proc:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            typer.echo(raw.decode("utf-8", "replace").rstrip("\n"), err=True)
+        return proc.wait()

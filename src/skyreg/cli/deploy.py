@@ -11,15 +11,6 @@ from typing import Annotated
 
 import typer
 
-from skyreg.cli.build import (
-    BuildOptions,
-    has_dockerfile,
-    local_build,
-    local_engine,
-    parse_build_timeout,
-    parse_pairs,
-    remote_build,
-)
 from skyreg.cli.client import client, fail
 from skyreg.cli.platform import AsJson, Server, Token, _console, _print_json, _quote, _table, _when
 from skyreg.cli.push import push_with_bars
@@ -110,6 +101,18 @@ def deploy(
     timeout = parse_wait_timeout(wait_timeout)
     api = client(server, token)
     if image is None:
+        # Imported here: packing contexts (docker's matcher) and sealing (libsodium) cost every
+        # other command its start-up time.
+        from skyreg.cli.build import (
+            BuildOptions,
+            has_dockerfile,
+            local_build,
+            local_engine,
+            parse_build_timeout,
+            parse_pairs,
+            remote_build,
+        )
+
         options = BuildOptions(
             path=path,
             dockerfile=dockerfile,
@@ -130,9 +133,12 @@ def deploy(
                 if build_only and not push:
                     typer.echo("Built locally (not pushed: add --push).", err=True)
                     return
-                image, image_label = _push_local(
-                    _local_source(layout), app, image_label, api.server, api.token
+                source = (
+                    f"docker-archive:{layout}"
+                    if local_engine() == "docker"
+                    else f"oci:{layout}:latest"
                 )
+                image, image_label = _push_local(source, app, image_label, api.server, api.token)
         else:
             built = remote_build(api, app, options)
             image, image_label = built.ref, built.label
@@ -164,11 +170,6 @@ def deploy(
         _print_json(release)
     if not detach and waited.code:
         fail(waited.reason, waited.code)
-
-
-def _local_source(layout: Path) -> str:
-    """What `local_build` wrote, as the push client names it."""
-    return f"docker-archive:{layout}" if local_engine() == "docker" else f"oci:{layout}:latest"
 
 
 def _is_local(image: str) -> bool:
