@@ -24,6 +24,7 @@ import shutil
 import signal
 import socket
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,8 @@ from skyreg.privatefs import private_dir
 
 log = logging.getLogger("skyreg.builder")
 
-POLL_INTERVAL = 0.5
+POLL_INTERVAL = 0.5  # between claims that found nothing (each waits CLAIM_WAIT s for one)
+CLAIM_WAIT = 10
 LOG_FLUSH_INTERVAL = 0.5
 MAX_LOG_BATCH_LINES = 500
 MAX_LOG_BATCH_BYTES = 48 << 10  # the API takes bodies of 64 KiB
@@ -123,7 +125,12 @@ class BuilderHost:
                 while not stop.is_set():
                     claimed = None
                     try:
-                        claimed = await self._api("POST", f"/builders/{self.builder_id}/claim")
+                        claimed = await self._until_stop(
+                            self._api(
+                                "POST", f"/builders/{self.builder_id}/claim?wait={CLAIM_WAIT}"
+                            ),
+                            stop,
+                        )
                     except (aiohttp.ClientError, RuntimeError, TimeoutError) as e:
                         log.warning("polling %s failed: %s", self.server, e)
                         if "HTTP 404" in str(e):  # the server forgot us (a new database)
@@ -135,6 +142,23 @@ class BuilderHost:
                         await asyncio.wait_for(stop.wait(), self.poll_interval)
             finally:
                 self._session = None
+
+    @staticmethod
+    async def _until_stop(work: Awaitable[Any], stop: asyncio.Event) -> Any:
+        """`work`'s result, or None once `stop` is set first (`work` is cancelled: a claim
+        waiting for a build does not hold up shutting down)."""
+        task = asyncio.ensure_future(work)
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return None
+        return task.result()
 
     async def _register(self, stop: asyncio.Event) -> None:
         body = {

@@ -369,6 +369,18 @@ class BuildMeta(SqlStore):
 
         return self._transaction(work)
 
+    def has_queued(self, builder_id: str) -> bool:
+        """Whether a build waits for this builder (a cheap read between claims)."""
+        with self._read() as conn:
+            return (
+                conn.execute(
+                    select(_bd.c.id)
+                    .where(_bd.c.builder_id == builder_id, _bd.c.status == "queued")
+                    .limit(1)
+                ).first()
+                is not None
+            )
+
     def set_credential(self, build_id: str, token_id: str) -> None:
         with self._write() as conn:
             conn.execute(update(_bd).where(_bd.c.id == build_id).values(credential_id=token_id))

@@ -55,7 +55,9 @@ MAX_STEPS = 1000
 MAX_ERROR = 8192
 MAX_STEP_SECONDS = 86400.0  # a reported step duration is cut to this (builds time out sooner)
 LOG_WAIT_MAX = 20.0  # seconds a log read may wait for new lines
-LOG_POLL = 0.25
+LOG_POLL = 0.1
+CLAIM_WAIT_MAX = 20.0  # seconds a builder's claim may wait for a build
+CLAIM_POLL = 0.1
 ARG_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
 SECRET_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 TARGET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
@@ -351,13 +353,24 @@ class BuildService:
 
     # -- the builder's side ---------------------------------------------------------------------
 
-    async def claim(self, caller: TokenRecord, builder_id: str) -> Claimed | None:
-        """The builder's poll: its next build (running now), with a fresh build token."""
+    async def claim(
+        self, caller: TokenRecord, builder_id: str, wait: float = 0.0
+    ) -> Claimed | None:
+        """The builder's poll: its next build (running now), with a fresh build token. With
+        `wait` (at most CLAIM_WAIT_MAX s) the answer waits for a build to be queued, checked
+        every CLAIM_POLL s with a read, so a build starts without a builder's polling delay."""
         if caller.kind not in ("admin", "org"):
             raise Forbidden(f"a {caller.kind} token may not run a builder")
-        build, known = await self.builds.run(self.builds.claim, builder_id[:64], caller.id)
+        builder_id = builder_id[:64]
+        loop = asyncio.get_running_loop()
+        until = loop.time() + min(max(wait, 0.0), CLAIM_WAIT_MAX)
+        build, known = await self.builds.run(self.builds.claim, builder_id, caller.id)
         if not known:
             raise NotFound("builder", builder_id)
+        while build is None and loop.time() < until:
+            await asyncio.sleep(min(CLAIM_POLL, max(0.0, until - loop.time())))
+            if await self.builds.read(self.builds.has_queued, builder_id):
+                build, known = await self.builds.run(self.builds.claim, builder_id, caller.id)
         if build is None:
             return None
 

@@ -125,7 +125,8 @@ async def register_builder(call: Call) -> models.Builder:
 
 async def claim_build(call: Call) -> models.ClaimedBuild:
     """A builder's poll: its next build, if any."""
-    claimed = await call.services.builds.claim(call.caller(), call.path("builder_id"))
+    wait = call.query_int("wait", 0, 0, 20)
+    claimed = await call.services.builds.claim(call.caller(), call.path("builder_id"), float(wait))
     if claimed is None:
         return models.ClaimedBuild(build=None)
     return models.ClaimedBuild(
@@ -203,7 +204,9 @@ ROUTES = [
     Route(
         "POST", "/builders/{builder_id}/claim", claim_build, "claimBuild",
         "A builder's poll: its next queued build (now running), a build token of the app and "
-        "the build's sealed secrets", models.ClaimedBuild, errors=(403, 404),
+        "the build's sealed secrets; `wait` (seconds, at most 20) waits for one to be queued",
+        models.ClaimedBuild, errors=(400, 403, 404),
+        query=(Param("wait", {"type": "integer", "minimum": 0, "maximum": 20, "default": 0}),),
         response_description="A build, or null",
     ),
     Route(
