@@ -30,7 +30,7 @@ import requests
 
 from skyreg.client.push import push_image
 from tests.support.agents import RunningAgent, machine_top
-from tests.support.builders import RunningBuilder, require_buildah
+from tests.support.builders import RunningBuilder, builder_registered, require_buildah
 from tests.support.cli import skyreg_as
 from tests.support.images import build_image, write_oci_layout
 from tests.support.inprocess import InProcessRegistry
@@ -131,13 +131,10 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
         acme, _ = t.token("org", org="acme")
         other, _ = t.token("org", org="other")
         p = Platform(reg, admin, acme, other, builder, agent, work)
-        wait_for(lambda: _builder_registered(p), "the builder registered", timeout=60)
+        wait_for(
+            lambda: builder_registered(reg.url, acme, "web"), "the builder registered", timeout=60
+        )
         yield p
-
-
-def _builder_registered(p: Platform) -> bool:
-    r = requests.get(f"{p.reg.url}/api/v1/apps/web/builder", auth=("x", p.acme))
-    return r.status_code == 200
 
 
 SERVE = 'CMD ["/bin/sh", "-c", "exec /bin/busybox httpd -f -p 127.0.0.1:PORT -h /www"]\n'

@@ -33,7 +33,7 @@ import requests
 
 from skyreg.client.push import push_image
 from skyreg.meta.builds import MAX_LOG_LINES, TRUNCATED
-from tests.support.builders import RunningBuilder, require_buildah
+from tests.support.builders import RunningBuilder, builder_registered, require_buildah
 from tests.support.cli import skyreg_as
 from tests.support.images import build_image, write_oci_layout
 from tests.support.inprocess import InProcessRegistry
@@ -169,13 +169,10 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
         acme, _ = t.token("org", org="acme")
         mallory, _ = t.token("org", org="mallory")
         p = Platform(reg, admin, acme, mallory, builder, work, marker)
-        wait_for(lambda: _registered(p), "the builder registered", timeout=60)
+        wait_for(
+            lambda: builder_registered(reg.url, acme, "web"), "the builder registered", timeout=60
+        )
         yield p
-
-
-def _registered(p: Platform) -> bool:
-    r = requests.get(f"{p.reg.url}/api/v1/apps/web/builder", auth=("x", p.acme))
-    return r.status_code == 200
 
 
 def _split(text: str) -> str:

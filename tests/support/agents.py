@@ -33,10 +33,14 @@ class RunningAgent:
         assert self.proc is not None, "the agent is not running"
         return self.proc.pid
 
+    def command(self) -> list[str]:
+        """The process's command line (never the token)."""
+        args = [sys.executable, "-m", "skyreg", "agent", "--region", self.region]
+        return [*args, "--server", self.server, "--data-dir", str(self.data_dir), *self.extra_args]
+
     def start(self) -> None:
         """Start the agent (it inherits the caller's umask); does not wait for its first poll."""
-        args = [sys.executable, "-m", "skyreg", "agent", "--region", self.region]
-        args += ["--server", self.server, "--data-dir", str(self.data_dir), *self.extra_args]
+        args = self.command()
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 args,

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
 import sys
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
+import requests
+
+from tests.support.agents import RunningAgent
 
 
 def require_buildah() -> None:
@@ -22,43 +21,18 @@ def require_buildah() -> None:
             pytest.fail(f"{binary} is not installed (scripts/install-test-tools.sh installs it)")
 
 
-@dataclass
-class RunningBuilder:
-    """A `skyreg builder` process for `server`, its output in `log_path`; the token goes
-    through SKYREG_TOKEN, never the command line. RUN steps get no network (`--network none`):
-    the tests' base images come from the registry itself."""
+class RunningBuilder(RunningAgent):
+    """A `skyreg builder` process for `server`, its output in `log_path` (start, stop and log as
+    `RunningAgent`'s). RUN steps get no network (`--network none`): the tests' base images come
+    from the registry itself."""
 
-    server: str
-    token: str
-    data_dir: Path
-    log_path: Path
-    region: str = "local"
-    extra_args: list[str] = field(default_factory=list)
-    proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
+    def command(self) -> list[str]:
         args = [sys.executable, "-m", "skyreg", "builder", "--region", self.region]
         args += ["--server", self.server, "--data-dir", str(self.data_dir), "--network", "none"]
-        args += self.extra_args
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                args,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "SKYREG_TOKEN": self.token},
-            )
+        return [*args, *self.extra_args]
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
 
-    def log(self, tail: int = 8000) -> str:
-        if not self.log_path.exists():
-            return ""
-        return self.log_path.read_text(errors="replace")[-tail:]
+def builder_registered(server: str, token: str, app: str) -> bool:
+    """Whether a builder takes builds of `app` (whose org `token` belongs to)."""
+    r = requests.get(f"{server}/api/v1/apps/{app}/builder", auth=("x", token), timeout=10)
+    return r.status_code == 200

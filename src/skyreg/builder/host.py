@@ -52,6 +52,7 @@ from skyreg.builder.buildah import (
     write_policy,
 )
 from skyreg.client.aio import AsyncRegistryClient
+from skyreg.client.api import call_api
 from skyreg.client.buildcontext import ContextError, ContextLimits, unpack_context
 from skyreg.client.sealing import SealError, new_private_key, public_key_b64, unseal
 from skyreg.privatefs import private_dir
@@ -66,7 +67,6 @@ MAX_LOG_BATCH_BYTES = 48 << 10  # the API takes bodies of 64 KiB
 MAX_LINE = 16 << 10
 STOP_GRACE = 5.0
 TAIL_LINES = 40
-_API = "/api/v1"
 
 
 class BuildFailed(Exception):
@@ -100,13 +100,7 @@ class BuilderHost:
         return self._session
 
     async def _api(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        url = self.server + _API + path
-        headers = {"Authorization": f"Bearer {self.token}"}
-        async with self.session.request(method, url, json=body, headers=headers) as resp:
-            if resp.status >= 400:
-                text = (await resp.text())[:300]
-                raise RuntimeError(f"{method} {path}: HTTP {resp.status} {text}")
-            return await resp.json()
+        return await call_api(self.session, self.server, self.token, method, path, body)
 
     # -- the loop -------------------------------------------------------------------------------
 

@@ -10,7 +10,13 @@ from typing import Annotated
 
 import typer
 
-from skyreg.cli.client import fail, normalize_server, service_token
+from skyreg.cli.client import (
+    TokenFile,
+    fail,
+    normalize_server,
+    service_token,
+    service_token_option,
+)
 
 
 def builder(
@@ -20,18 +26,9 @@ def builder(
     ] = "http://127.0.0.1:5000",
     token: Annotated[
         str | None,
-        typer.Option(
-            "--token",
-            envvar="SKYREG_TOKEN",
-            help="Admin token (builds of every org) or org token (its org's builds). Prefer "
-            "SKYREG_TOKEN or --token-file: every host user can read a process's command line.",
-            show_default=False,
-        ),
+        service_token_option("Admin token (builds of every org) or org token (its org's builds)."),
     ] = None,
-    token_file: Annotated[
-        Path | None,
-        typer.Option(help="File holding the token (e.g. mode 0600).", show_default=False),
-    ] = None,
+    token_file: TokenFile = None,
     data_dir: Annotated[
         Path,
         typer.Option(help="Build caches (one per org) and working files (root-only: 0700)."),

@@ -11,7 +11,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -223,3 +223,20 @@ def service_token(token: str | None, token_file: Path | None, who: str) -> str:
     if not token:
         fail(f"no token: set SKYREG_TOKEN or pass --token-file (an admin or org token {who})")
     return token
+
+
+def service_token_option(who: str) -> Any:
+    """`--token` of a host service: `who` says which tokens it takes."""
+    return typer.Option(
+        "--token",
+        envvar="SKYREG_TOKEN",
+        help=f"{who} Prefer SKYREG_TOKEN or --token-file: every host user can read a process's "
+        "command line.",
+        show_default=False,
+    )
+
+
+TokenFile = Annotated[
+    Path | None,
+    typer.Option(help="File holding the token (e.g. mode 0600).", show_default=False),
+]

@@ -12,7 +12,15 @@ from typing import Annotated, Any
 
 import typer
 
-from skyreg.cli.client import Client, client, fail, normalize_server, service_token
+from skyreg.cli.client import (
+    Client,
+    TokenFile,
+    client,
+    fail,
+    normalize_server,
+    service_token,
+    service_token_option,
+)
 from skyreg.cli.platform import AsJson, Server, Token, _console, _print_json, _quote, _table, _when
 
 machines_app = typer.Typer(help="Machines that run an app's releases.", no_args_is_help=True)
@@ -24,20 +32,8 @@ def agent(
     server: Annotated[
         str, typer.Option("--server", envvar="SKYREG_SERVER", help="Server URL.")
     ] = "http://127.0.0.1:5000",
-    token: Annotated[
-        str | None,
-        typer.Option(
-            "--token",
-            envvar="SKYREG_TOKEN",
-            help="Admin or org token. Prefer SKYREG_TOKEN or --token-file: every host user can "
-            "read a process's command line.",
-            show_default=False,
-        ),
-    ] = None,
-    token_file: Annotated[
-        Path | None,
-        typer.Option(help="File holding the token (e.g. mode 0600).", show_default=False),
-    ] = None,
+    token: Annotated[str | None, service_token_option("Admin or org token.")] = None,
+    token_file: TokenFile = None,
     data_dir: Annotated[
         Path,
         typer.Option(help="Layer cache and machine rootfs copies (root-only: mode 0700)."),

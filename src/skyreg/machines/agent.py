@@ -26,6 +26,7 @@ from typing import Any
 
 import aiohttp
 
+from skyreg.client.api import call_api
 from skyreg.machines.layercache import LayerCache
 from skyreg.machines.prepare import RegistrySource, prepare_image
 from skyreg.machines.rootfs import fresh_rootfs, release_rootfs, share_data_dir
@@ -43,7 +44,6 @@ MAX_LOG_LINE = 64 << 10  # bytes of one log line kept; longer lines are cut
 PAGE_SIZE = 500  # machines per page of `agent/machines`
 MAX_PAGES = 200  # pages one poll follows (100,000 machines) before it gives up
 _MONITOR_INTERVAL = 0.2
-_API = "/api/v1"
 
 
 @dataclass
@@ -79,13 +79,7 @@ class Agent:
         return self._session
 
     async def _api(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        url = self.server + _API + path
-        headers = {"Authorization": f"Bearer {self.token}"}
-        async with self.session.request(method, url, json=body, headers=headers) as resp:
-            if resp.status >= 400:
-                text = (await resp.text())[:300]
-                raise RuntimeError(f"{method} {path}: HTTP {resp.status} {text}")
-            return await resp.json()
+        return await call_api(self.session, self.server, self.token, method, path, body)
 
     async def _report(self, path: str, body: dict[str, Any]) -> None:
         """POST a report; failures are logged, never fatal (the next report catches up)."""
