@@ -445,3 +445,16 @@ def test_build_local_builds_here_and_pushes_with_skyregs_client(
     files = _layer_files(p, "web", ref.split("@", 1)[1])
     assert files["here.txt"] == b"built-here\n"
     assert p.manifest("web", "local-build")  # the label is the tag
+
+
+def test_a_build_past_its_timeout_fails_and_the_builder_stops_it(platform: Platform) -> None:
+    p = platform
+    root = p.project("slow", "FROM BASE\nRUN echo slow-step-started && sleep 600\n", {})
+    proc = p.skyreg(
+        p.acme, "deploy", str(root), "--app", "web", "--build-only", "--build-timeout", "10s"
+    )
+    assert proc.returncode != 0
+    assert "took longer than its timeout" in proc.stderr, proc.stderr
+    [build] = p.builds("web")[:1]
+    assert build["status"] == "failed" and "slow-step-started" in p.log(build["id"]).splitlines()
+    wait_for(lambda: not list((p.builder.data_dir / "work").iterdir()), "the builder stopping it")

@@ -33,6 +33,8 @@ MAX_LOG_LINES = 20_000  # per build; later lines are dropped (one line says so)
 MAX_LOG_BYTES = 4 << 20  # per build (a row's log_bytes past it: its log was cut)
 TRUNCATED = "[skyreg] the build log is longer than the server keeps; later lines are dropped"
 ACTIVE = ("queued", "running")
+TIMED_OUT = "the build took longer than its timeout"
+CLIENT_LEFT = "the client stopped following the build"
 ENDED = ("succeeded", "failed", "cancelled")
 
 
@@ -426,8 +428,21 @@ class BuildMeta(SqlStore):
                 conn.execute(
                     update(_bd).where(_bd.c.id == build_id).values(log_lines=count, log_bytes=size)
                 )
-            client_gone = (now - (_aware(row.client_seen_at) or now)).total_seconds() > CLIENT_GONE
-            return bool(row.cancel_requested) or client_gone or now > (_aware(row.deadline) or now)
+            # Past the deadline, or nobody follows: the build ends here, with the reason (the
+            # builder's own report then finds it ended); cancelled: the builder reports it.
+            ended = None
+            if now > (_aware(row.deadline) or now):
+                ended = ("failed", TIMED_OUT)
+            elif (now - (_aware(row.client_seen_at) or now)).total_seconds() > CLIENT_GONE:
+                ended = ("cancelled", CLIENT_LEFT)
+            if ended is not None:
+                conn.execute(
+                    update(_bd)
+                    .where(_bd.c.id == build_id, _bd.c.status == "running")
+                    .values(status=ended[0], error=ended[1], finished_at=now)
+                )
+                return True
+            return bool(row.cancel_requested)
 
         return self._transaction(work)
 
@@ -510,7 +525,7 @@ class BuildMeta(SqlStore):
                 (
                     and_(_bd.c.status.in_(ACTIVE), _bd.c.deadline < now),
                     "failed",
-                    "the build took longer than its timeout",
+                    TIMED_OUT,
                 ),
                 (
                     and_(_bd.c.status.in_(ACTIVE), _bd.c.builder_id.in_(silent)),
@@ -520,7 +535,7 @@ class BuildMeta(SqlStore):
                 (
                     and_(_bd.c.status == "queued", _bd.c.client_seen_at < left),
                     "cancelled",
-                    "the client stopped following the build",
+                    CLIENT_LEFT,
                 ),
             ]
             ended: list[tuple[str, str | None]] = []
