@@ -22,10 +22,11 @@ import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, BinaryIO, cast
+from typing import IO, TYPE_CHECKING, Any, BinaryIO, cast
 
 import typer
 
+from skyreg.cli.builds import follow_log
 from skyreg.cli.client import ApiFailure, Client, fail
 from skyreg.client.buildcontext import ContextError, pack_context
 from skyreg.client.protocol import RegistryClientError
@@ -34,8 +35,10 @@ from skyreg.client.sealing import SealError, seal
 from skyreg.services.names import parse_duration
 from skyreg.units import human_size
 
+if TYPE_CHECKING:
+    from skyreg.cli.push import RichProgress
+
 MAX_CONTEXT = 2 << 30
-LOG_WAIT = 10  # seconds one log read waits for the next line
 MAX_SECRET_BYTES = 30 << 10
 
 
@@ -123,9 +126,17 @@ def remote_build(api: Client, app: str, options: BuildOptions) -> Built:
     """Pack, send, build on a builder and follow the log; exits non-zero when the build fails."""
     secrets = _secret_values(options.secrets)
     host = urllib.parse.urlsplit(api.server).netloc
-    with tempfile.TemporaryDirectory(prefix="skyreg-context-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="skyreg-context-") as tmp, _bars() as bars:
         archive = Path(tmp) / "context.tar.gz"
         started = time.monotonic()
+        packing = bars.add("packing context", None, "") if bars else -1
+        done = [0]
+
+        def packed_so_far(total: int) -> None:
+            if bars:
+                bars.advance(packing, total - done[0])
+            done[0] = total
+
         fd = os.open(archive, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             writer = _HashingWriter(f)
@@ -135,26 +146,42 @@ def remote_build(api: Client, app: str, options: BuildOptions) -> Built:
                     options.dockerfile,
                     cast(BinaryIO, writer),
                     limit=MAX_CONTEXT,
+                    progress=packed_so_far,
                 )
             except ContextError as e:
                 fail(str(e))
         digest = "sha256:" + writer.sha.hexdigest()
-        typer.echo(
-            f"==> Sending build context: {packed.files} files, {human_size(packed.size)} "
-            f"({human_size(writer.size)} compressed)",
-            err=True,
-        )
+        if bars:
+            bars.done(packing, "packed", packed.size)
+        else:
+            typer.echo(
+                f"==> Sending build context: {packed.files} files, {human_size(packed.size)} "
+                f"({human_size(writer.size)} compressed)",
+                err=True,
+            )
+        sending = bars.add("sending context", writer.size, "") if bars else -1
+
+        def read_from(offset: int) -> Iterator[bytes]:
+            for chunk in _read_from(archive, offset):
+                if bars:
+                    bars.advance(sending, len(chunk))
+                yield chunk
+
         registry = RegistryClient(api.server, app, api.token)
         try:
             registry.login()
-            registry.push_blob_chunked(
-                lambda offset: _read_from(archive, offset), writer.size, digest
-            )
+            registry.push_blob_chunked(read_from, writer.size, digest)
         except RegistryClientError as e:
             fail(f"sending the build context failed: {e}")
         finally:
             registry.close()
-        typer.echo(f"    sent in {time.monotonic() - started:.1f}s", err=True)
+        if bars:
+            bars.done(sending, "sent")
+    typer.echo(
+        f"    {packed.files} files, {human_size(packed.size)} "
+        f"({human_size(writer.size)} compressed), sent in {time.monotonic() - started:.1f}s",
+        err=True,
+    )
     body: dict[str, Any] = {
         "context_digest": digest,
         "dockerfile": packed.dockerfile,
@@ -180,7 +207,8 @@ def remote_build(api: Client, app: str, options: BuildOptions) -> Built:
         err=True,
     )
     try:
-        final = follow_build(api, build["id"])
+        follow_log(api, build["id"], err=True)
+        final = api("GET", f"/builds/{_q(build['id'])}")
     except KeyboardInterrupt:
         with contextlib.suppress(ApiFailure):
             api.call("POST", f"/builds/{build['id']}/cancel")
@@ -192,6 +220,18 @@ def remote_build(api: Client, app: str, options: BuildOptions) -> Built:
     return Built(f"{app}@{digest}", digest, str(final["image_label"]))
 
 
+@contextlib.contextmanager
+def _bars() -> Iterator[RichProgress | None]:
+    """Progress bars on stderr when it is a terminal, else None (plain lines instead)."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from skyreg.cli.push import RichProgress
+
+    with RichProgress() as bars:
+        yield bars
+
+
 def _q(name: str) -> str:
     return urllib.parse.quote(name, safe="")
 
@@ -201,24 +241,6 @@ def _read_from(path: Path, offset: int) -> Iterator[bytes]:
         f.seek(offset)
         while chunk := f.read(1 << 20):
             yield chunk
-
-
-def follow_build(api: Client, build_id: str, out: IO[str] | None = None) -> dict[str, Any]:
-    """Print a build's log lines as they come until it ends; returns the build."""
-    out = out or sys.stderr
-    after = 0
-    while True:
-        page = api(
-            "GET",
-            f"/builds/{_q(build_id)}/logs",
-            query={"after": str(after), "wait": str(LOG_WAIT)},
-        )
-        for line in page["lines"]:
-            out.write(line["line"] + "\n")
-        out.flush()
-        after = int(page["next"])
-        if page["ended"]:
-            return dict(api("GET", f"/builds/{_q(build_id)}"))
 
 
 # -- building on this machine --------------------------------------------------------------------

@@ -76,10 +76,10 @@ def image_text(build: dict[str, Any]) -> str:
     return f"{label} {short_digest(str(digest))}" if digest else label
 
 
-def _safe(line: str) -> str:
+def _safe(line: str, err: bool = False) -> str:
     """A log line as a terminal may show it: control characters (escape sequences a build's
     output may carry) replaced, tabs kept. Unchanged when not printing to a terminal."""
-    if not sys.stdout.isatty():
+    if not (sys.stderr if err else sys.stdout).isatty():
         return line
     return "".join(c if c == "\t" or c.isprintable() else "\ufffd" for c in line)
 
@@ -114,14 +114,14 @@ def builds_list(
     _console().print(table)
 
 
-def _print_lines(page: dict[str, Any]) -> None:
+def _print_lines(page: dict[str, Any], err: bool = False) -> None:
     for line in page["lines"]:
-        typer.echo(_safe(str(line["line"])))
+        typer.echo(_safe(str(line["line"]), err), err=err)
 
 
-def _follow(api: Client, build_id: str) -> dict[str, Any]:
-    """Print the build's log as it grows until the build ended and every line is printed; the
-    last page read (its `status`, `error`, `image_digest`)."""
+def follow_log(api: Client, build_id: str, *, err: bool = False) -> dict[str, Any]:
+    """Print the build's log (on stderr with `err`) as it grows until the build ended and every
+    line is printed; the last page read (its `status`, `error`, `image_digest`)."""
     path = f"/builds/{_quote(build_id)}/logs"
     after = 0
     while True:
@@ -129,7 +129,7 @@ def _follow(api: Client, build_id: str) -> dict[str, Any]:
         page: dict[str, Any] = api(
             "GET", path, query={"after": str(after), "wait": str(FOLLOW_WAIT)}
         )
-        _print_lines(page)
+        _print_lines(page, err)
         after = max(after, int(page["next"]))
         if page["ended"]:
             return page
@@ -156,7 +156,7 @@ def builds_logs(
     """Print a build's log (reading an unfinished build's log keeps it alive)."""
     api = client(server, token)
     if follow:
-        page = _follow(api, build_id)
+        page = follow_log(api, build_id)
         status = page["status"]
         if status != "succeeded":
             reason = f": {page['error']}" if page.get("error") else ""
