@@ -47,6 +47,7 @@ from skyreg.builder.buildah import (
     push_command,
     read_dockerfile,
     registry_host,
+    storage_args,
     trigger_problem,
     write_credentials,
     write_policy,
@@ -56,6 +57,7 @@ from skyreg.client.api import call_api
 from skyreg.client.buildcontext import ContextError, ContextLimits, unpack_context
 from skyreg.client.sealing import SealError, new_private_key, public_key_b64, unseal
 from skyreg.privatefs import private_dir
+from skyreg.units import human_size
 
 log = logging.getLogger("skyreg.builder")
 
@@ -67,6 +69,7 @@ MAX_LOG_BATCH_BYTES = 48 << 10  # the API takes bodies of 64 KiB
 MAX_LINE = 16 << 10
 STOP_GRACE = 5.0
 TAIL_LINES = 40
+DISK_CHECK_INTERVAL = 1.0  # seconds between free-space checks while buildah runs
 
 
 class BuildFailed(Exception):
@@ -88,6 +91,9 @@ class BuilderHost:
     poll_interval: float = POLL_INTERVAL
     max_build_seconds: float = 7200.0
     context_limits: ContextLimits = field(default_factory=ContextLimits)
+    # Below this many free bytes on the data dir's disk a build is stopped; after a build the
+    # least recently used orgs' caches are emptied until twice as much is free.
+    min_free_bytes: int = 2 << 30
     builder_id: str | None = None
     _key: Any = None
     _session: aiohttp.ClientSession | None = None
@@ -202,9 +208,7 @@ class BuilderHost:
             await asyncio.to_thread(paths.prepare)
             secrets = await self._prepare(build, claimed, paths)
             redact = Redactor(secrets)
-            storage = await asyncio.to_thread(
-                lambda: private_dir(self.data_dir / "orgs" / build["org"]).resolve()
-            )  # absolute: the signature policy names it
+            storage = await asyncio.to_thread(self._org_storage, str(build["org"]))
             digest = await self._run(build, paths, storage, clock, redact)
             status = "succeeded"
         except BuildStopped as e:
@@ -221,6 +225,42 @@ class BuilderHost:
             error = f"the builder failed: {e}"[:2000]
         await asyncio.to_thread(shutil.rmtree, paths.work, True)
         await self._report(build_id, status, digest, clock.finish(), error)
+        await self._make_room()
+
+    def _org_storage(self, org: str) -> Path:
+        """The org's build storage, absolute (the signature policy names it), its time set to
+        now (emptying caches for room goes least recently used first)."""
+        storage = private_dir(self.data_dir / "orgs" / org).resolve()
+        os.utime(storage)
+        return storage
+
+    def free_bytes(self) -> int:
+        """Free bytes on the data dir's file system."""
+        return shutil.disk_usage(self.data_dir).free
+
+    async def _make_room(self) -> None:
+        """Empty whole org caches, least recently used first, until twice `min_free_bytes` is
+        free (a cache is rebuilt by the org's next build; nothing else is lost)."""
+        if await asyncio.to_thread(self.free_bytes) >= 2 * self.min_free_bytes:
+            return
+        orgs = await asyncio.to_thread(
+            lambda: sorted((self.data_dir / "orgs").iterdir(), key=lambda d: d.stat().st_mtime)
+        )
+        for storage in orgs:
+            log.warning("disk nearly full: emptying the build cache of org %s", storage.name)
+            proc = await asyncio.create_subprocess_exec(
+                *storage_args(self.settings, storage),
+                "rmi",
+                "--all",
+                "--force",
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+            )
+            await proc.wait()
+            await asyncio.to_thread(shutil.rmtree, storage, True)
+            if await asyncio.to_thread(self.free_bytes) >= 2 * self.min_free_bytes:
+                return
 
     async def _report(
         self,
@@ -430,11 +470,21 @@ class BuilderHost:
         )
         assert proc.stdout is not None
         tail: list[str] = []
+        checked = 0.0
         try:
             while True:
-                remaining = deadline - time.monotonic()
+                now = time.monotonic()
+                remaining = deadline - now
                 if remaining <= 0:
                     raise BuildFailed("the build took longer than this builder allows")
+                if now - checked >= DISK_CHECK_INTERVAL:  # a RUN step writing without end
+                    checked = now
+                    free = await asyncio.to_thread(self.free_bytes)
+                    if free < self.min_free_bytes:
+                        raise BuildFailed(
+                            f"the builder's disk is nearly full ({human_size(free)} free, at "
+                            f"least {human_size(self.min_free_bytes)} kept): the build was stopped"
+                        )
                 try:
                     raw = await asyncio.wait_for(
                         proc.stdout.readline(), min(remaining, LOG_FLUSH_INTERVAL)

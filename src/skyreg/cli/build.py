@@ -177,11 +177,8 @@ def remote_build(api: Client, app: str, options: BuildOptions) -> Built:
             registry.close()
         if bars:
             bars.done(sending, "sent")
-    typer.echo(
-        f"    {packed.files} files, {human_size(packed.size)} "
-        f"({human_size(writer.size)} compressed), sent in {time.monotonic() - started:.1f}s",
-        err=True,
-    )
+    summary = "" if bars is None else f"{packed.files} files, {human_size(packed.size)}, "
+    typer.echo(f"    {summary}sent in {time.monotonic() - started:.1f}s", err=True)
     body: dict[str, Any] = {
         "context_digest": digest,
         "dockerfile": packed.dockerfile,

@@ -50,6 +50,15 @@ def builder(
     max_context_bytes: Annotated[
         int, typer.Option(min=1, help="Most bytes a build context may unpack to.")
     ] = 2 << 30,
+    min_free_space: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Bytes kept free on the data dir's disk: a build going below is stopped, and "
+            "the least recently used orgs' build caches are emptied after a build until twice "
+            "as much is free.",
+        ),
+    ] = 2 << 30,
 ) -> None:
     """Run a builder: build the server's Dockerfile builds with buildah, one at a time."""
     from skyreg.builder.buildah import NETWORKS, BuildahSettings
@@ -80,6 +89,7 @@ def builder(
         settings=settings,
         max_build_seconds=float(max_build_time),
         context_limits=ContextLimits(max_bytes=max_context_bytes),
+        min_free_bytes=min_free_space,
     )
 
     async def main() -> None:
