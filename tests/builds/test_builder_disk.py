@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 from skyreg.client.push import push_image
 from tests.support.builders import RunningBuilder, builder_registered, require_buildah
 from tests.support.cli import skyreg_as
+from tests.support.disks import small_tmpfs
 from tests.support.images import build_image, write_oci_layout
 from tests.support.inprocess import InProcessRegistry
 from tests.support.platform import Tenancy
@@ -28,21 +28,8 @@ KEEP = 64 << 20  # --min-free-space
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    mountpoint = tmp_path / "builder"
-    mountpoint.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={DISK},mode=0700", "tmpfs", str(mountpoint)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"mounting a tmpfs is not permitted here: {mounted.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "builder", DISK) as mountpoint:
         yield mountpoint
-    finally:
-        if subprocess.run(["umount", str(mountpoint)], check=False).returncode != 0:
-            subprocess.run(["umount", "--lazy", str(mountpoint)], check=True)
 
 
 def test_a_run_step_filling_the_disk_is_stopped_and_the_cache_emptied(

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
 from pathlib import Path
 from typing import Annotated
 
@@ -14,6 +12,7 @@ from skyreg.cli.client import (
     TokenFile,
     fail,
     normalize_server,
+    run_until_signalled,
     service_token,
     service_token_option,
 )
@@ -92,14 +91,7 @@ def builder(
         min_free_bytes=min_free_space,
     )
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await host.run(stop)
-
-    asyncio.run(main())
+    run_until_signalled(host.run)
 
 
 def register(app: typer.Typer) -> None:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import signal
 import sys
 import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -240,3 +243,17 @@ TokenFile = Annotated[
     Path | None,
     typer.Option(help="File holding the token (e.g. mode 0600).", show_default=False),
 ]
+
+
+def run_until_signalled(service: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Run a host service (`service(stop)`) on an event loop until SIGTERM or SIGINT sets
+    `stop`; it returns once it has stopped what it runs."""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await service(stop)
+
+    asyncio.run(main())

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
 import time
 import urllib.parse
 from pathlib import Path
@@ -18,6 +16,7 @@ from skyreg.cli.client import (
     client,
     fail,
     normalize_server,
+    run_until_signalled,
     service_token,
     service_token_option,
 )
@@ -96,14 +95,7 @@ def agent(
         limits=limits,
     )
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await runner.run(stop)
-
-    asyncio.run(main())
+    run_until_signalled(runner.run)
 
 
 @machines_app.command("list")
