@@ -1,5 +1,6 @@
 """A build cannot fill its builder's disk: a RUN step writing without end is stopped before the
-disk is full, and the caches are emptied so the next build runs. The builder's data dir is a
+disk is full, and the caches are emptied so the next build runs; a builder starting removes the
+working files a killed one left. The builder's data dir is a
 small tmpfs the test mounts (tests run as root)."""
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ def test_a_run_step_filling_the_disk_is_stopped_and_the_cache_emptied(
             f"{reg.host}/web:base",
             admin,
         )
+        # What a killed builder left (a build's secrets, say) goes when the next one starts.
+        stale = small_disk / "data" / "work" / "bu-killed-mid-build"
+        stale.mkdir(parents=True)
+        (stale / "secret").write_text("left behind")
         builder = RunningBuilder(
             reg.url,
             admin,
@@ -60,6 +65,7 @@ def test_a_run_step_filling_the_disk_is_stopped_and_the_cache_emptied(
         stack.callback(builder.stop)
         builder.start()
         wait_for(lambda: builder_registered(reg.url, acme, "web"), "the builder registered")
+        assert not stale.exists()
         project = tmp_path / "filler"
         project.mkdir()
         # 1 MiB every 20 ms: far more than the disk holds, slowly enough to be seen.

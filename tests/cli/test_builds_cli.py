@@ -16,7 +16,6 @@ import pytest
 from skyreg.cli.builds import build_duration, duration_text
 from tests.support.buildapi import (
     DIGEST,
-    answer,
     claim,
     create_build,
     make_tenant,
@@ -27,6 +26,7 @@ from tests.support.buildapi import (
 )
 from tests.support.cli import fails, ok, skyreg_as
 from tests.support.inprocess import InProcessRegistry, gc_on_request
+from tests.support.platform import answer
 
 
 @pytest.fixture(scope="module")

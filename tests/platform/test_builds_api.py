@@ -18,15 +18,12 @@ from skyreg.meta import schema
 from skyreg.meta.builds import BUILDER_GONE, CLIENT_GONE
 from tests.support.buildapi import (
     DIGEST,
-    answer,
-    api,
     build_row,
     claim,
     create_build,
     expire_builds,
     make_tenant,
     push_context,
-    refused,
     register_builder,
     registry_token,
     send_logs,
@@ -36,7 +33,7 @@ from tests.support.buildapi import (
 )
 from tests.support.inprocess import InProcessRegistry, gc_on_request
 from tests.support.oci import push_image, sha256
-from tests.support.platform import authed
+from tests.support.platform import answer, api, authed, refused
 
 
 @pytest.fixture(scope="module")

@@ -18,10 +18,8 @@ from skyreg.registry.quotas import USAGE_MAX_AGE
 from skyreg.services.sizes import MAX_SIZE
 from tests.support.inprocess import InProcessRegistry, gc_on_request
 from tests.support.oci import push_blob, push_image, put_manifest
-from tests.support.platform import Tenancy, authed
+from tests.support.platform import API, Tenancy, answer, api, authed, refused
 from tests.support.waiting import wait_for
-
-API = "/api/v1"
 
 
 @pytest.fixture(scope="module")
@@ -57,24 +55,6 @@ def tenant(server: InProcessRegistry) -> Tenant:
         "stranger": t.token("org", org=stranger)[0],
     }
     return Tenant(org, app, tokens)
-
-
-def api(
-    server: InProcessRegistry, method: str, path: str, secret: str | None, **kw: Any
-) -> requests.Response:
-    headers = {"Authorization": f"Bearer {secret}"} if secret else {}
-    return requests.request(method, server.url + API + path, headers=headers, timeout=60, **kw)
-
-
-def answer(resp: requests.Response, status: int) -> Any:
-    assert resp.status_code == status, (resp.status_code, resp.text)
-    return resp.json() if resp.content else None
-
-
-def refused(resp: requests.Response, status: int, code: str) -> str:
-    body = answer(resp, status)
-    assert body["error"]["code"] == code, body
-    return str(body["error"]["message"])
 
 
 # -- retention -----------------------------------------------------------------------------------

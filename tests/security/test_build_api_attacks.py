@@ -28,14 +28,11 @@ from tests.support.buildapi import (
     DIGEST,
     BuilderHost,
     Tenant,
-    answer,
-    api,
     build_row,
     claim,
     create_build,
     make_tenant,
     push_context,
-    refused,
     register_builder,
     send_logs,
     send_result,
@@ -43,7 +40,7 @@ from tests.support.buildapi import (
     unique,
 )
 from tests.support.inprocess import InProcessRegistry, gc_on_request
-from tests.support.platform import Tenancy
+from tests.support.platform import Tenancy, answer, api, refused
 
 
 @pytest.fixture(scope="module")

@@ -24,9 +24,8 @@ from skyreg.meta.registry import open_database
 from skyreg.services.builds import BuildService
 from tests.support.inprocess import InProcessRegistry
 from tests.support.oci import push_blob
-from tests.support.platform import Tenancy, authed
+from tests.support.platform import Tenancy, answer, api, authed
 
-API = "/api/v1"
 DIGEST = "sha256:" + "ab" * 32
 
 
@@ -62,24 +61,6 @@ def make_tenant(server: InProcessRegistry) -> Tenant:
         "readonly": t.token("readonly", org=org)[0],
     }
     return Tenant(org, app, tokens)
-
-
-def api(
-    server: InProcessRegistry, method: str, path: str, secret: str | None, **kw: Any
-) -> requests.Response:
-    headers = {"Authorization": f"Bearer {secret}"} if secret else {}
-    return requests.request(method, server.url + API + path, headers=headers, timeout=60, **kw)
-
-
-def answer(resp: requests.Response, status: int) -> Any:
-    assert resp.status_code == status, (resp.status_code, resp.text)
-    return resp.json() if resp.content else None
-
-
-def refused(resp: requests.Response, status: int, code: str) -> str:
-    body = answer(resp, status)
-    assert body["error"]["code"] == code, body
-    return str(body["error"]["message"])
 
 
 def register_builder(server: InProcessRegistry, token: str, region: str = "local") -> BuilderHost:

@@ -8,6 +8,7 @@ import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any, Protocol
 
 import requests
 
@@ -15,6 +16,13 @@ from skyreg.auth.keys import KeyRing
 from skyreg.auth.service import Authenticator
 from skyreg.meta.platform import PlatformMeta
 from skyreg.meta.registry import open_database
+
+
+class Served(Protocol):
+    """A running registry, whatever runs it (its base URL)."""
+
+    @property
+    def url(self) -> str: ...
 
 
 @dataclass
@@ -110,3 +118,27 @@ def authed(secret: str) -> requests.Session:
     session = requests.Session()
     session.auth = ("x", secret)
     return session
+
+
+# -- the management API, as tests call it --------------------------------------------------------
+
+API = "/api/v1"
+
+
+def api(server: Served, method: str, path: str, secret: str | None, **kw: Any) -> requests.Response:
+    """`method` on `/api/v1<path>` of `server`, as `secret` (None: anonymous)."""
+    headers = {"Authorization": f"Bearer {secret}"} if secret else {}
+    return requests.request(method, server.url + API + path, headers=headers, timeout=60, **kw)
+
+
+def answer(resp: requests.Response, status: int) -> Any:
+    """The JSON body of an answer that must have `status` (None for an empty one)."""
+    assert resp.status_code == status, (resp.status_code, resp.text)
+    return resp.json() if resp.content else None
+
+
+def refused(resp: requests.Response, status: int, code: str) -> str:
+    """The message of a refusal that must have `status` and the error `code`."""
+    body = answer(resp, status)
+    assert body["error"]["code"] == code, body
+    return str(body["error"]["message"])

@@ -412,7 +412,7 @@ class BuilderHost:
         await shipper.flush(final=True)
         if code != 0:
             raise BuildFailed("pushing the image failed:\n" + "\n".join(tail[-20:]))
-        digest = paths.digestfile.read_text().strip()
+        digest = (await asyncio.to_thread(paths.digestfile.read_text)).strip()
         await shipper.add(f"[skyreg] pushed {destination}@{digest}")
         await shipper.flush(final=True)
         return digest
