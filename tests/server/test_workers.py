@@ -83,6 +83,44 @@ def test_a_failing_step_is_logged_once_with_its_exception_and_the_worker_goes_on
     asyncio.run(main())
 
 
+class Unreachable(Exception):
+    """What a step raises while what it needs is out of reach."""
+
+
+def test_an_outage_pauses_a_worker_with_one_line_and_no_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+
+    async def main() -> None:
+        calls = 0
+
+        async def step() -> None:
+            nonlocal calls
+            calls += 1
+            if calls <= 3:
+                raise Unreachable("database down")
+
+        worker = PeriodicWorker("demo", 0, step)
+        Workers([worker], outage=lambda e: isinstance(e, Unreachable))
+        for _ in range(4):
+            await worker.run_once()
+        assert (worker.stats.runs, worker.stats.failures) == (4, 3)
+        paused = [r for r in caplog.records if "worker demo paused by an outage" in r.getMessage()]
+        assert len(paused) == 1 and paused[0].exc_info is None
+        assert not failures_logged(caplog)
+        assert any("succeeded again after 3 failure" in r.getMessage() for r in caplog.records)
+        # Anything else is still a failure with its traceback.
+        other = PeriodicWorker("demo", 0, step)
+        Workers([other], outage=lambda e: False)
+        calls = 0
+        await other.run_once()
+        assert len(failures_logged(caplog)) == 1
+        assert failures_logged(caplog)[0].exc_info is not None
+
+    asyncio.run(main())
+
+
 def test_stop_ends_the_wait_between_steps_at_once() -> None:
     async def main() -> None:
         ran = asyncio.Event()

@@ -22,6 +22,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from skyreg.auth.keys import KeyRing
 from skyreg.auth.ratelimit import FailureLimiter
 from skyreg.auth.service import Authenticator
+from skyreg.meta.db import unreachable as database_unreachable
 from skyreg.meta.gc import GcMeta, GcSettings
 from skyreg.meta.machines import MachineMeta
 from skyreg.meta.platform import PlatformMeta, ReleaseMeta
@@ -239,7 +240,8 @@ async def run_worker(
 
 def _workers(cfg: ServeConfig, reg: Registry, collector: Collector) -> Workers:
     """Everything this process runs in the background: one place to see it."""
-    workers = Workers([upload_expiry(reg, cfg.expiry_interval)])
+    # A database out of reach pauses every worker quietly (the engine logs the outage once).
+    workers = Workers([upload_expiry(reg, cfg.expiry_interval)], outage=database_unreachable)
     if reg.geo is not None and reg.geo.replicate:
         workers.add(reg.geo.replication_worker())
     if cfg.gc_worker:  # without it (--no-gc) reviews are still queued, and run on demand

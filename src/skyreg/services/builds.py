@@ -25,7 +25,6 @@ from datetime import UTC, datetime, timedelta
 from skyreg.auth.policy import PUSH, AccessPolicy
 from skyreg.auth.service import Authenticator
 from skyreg.meta.builds import Build, Builder, BuildMeta, NewBuild
-from skyreg.meta.db import unreachable as database_unreachable
 from skyreg.meta.platform import App, PlatformMeta, TokenRecord
 from skyreg.meta.registry import RegistryMeta
 from skyreg.oci.digest import Digest
@@ -460,15 +459,7 @@ class BuildService:
                     self.platform.revoke_token(credential)
             return [build_id for build_id, _ in ended]
 
-        try:
-            ended = await self.builds.run(work)
-        except Exception as e:
-            if not database_unreachable(e):
-                raise
-            # The database logs the outage once; the next step catches up.
-            log.debug("build expiry skipped: the database is unreachable")
-            return
-        for build_id in ended:
+        for build_id in await self.builds.run(work):
             log.info(
                 "build %s ended: its deadline passed, or its builder or client went away", build_id
             )

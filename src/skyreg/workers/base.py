@@ -52,6 +52,10 @@ class Worker(ABC):
             raise ValueError(f"worker name {name!r}: lowercase letters, digits and _ only")
         self.name = name
         self.stats = WorkerStats()
+        # Whether a step's exception is an outage of something the process depends on (a
+        # database out of reach): logged as one line per streak, without a traceback, since
+        # what is out of reach logs its own outage. Set by `Workers` for all its workers.
+        self.outage: Callable[[BaseException], bool] | None = None
 
     @property
     def schedule(self) -> str:
@@ -105,11 +109,20 @@ class PeriodicWorker(Worker):
         started = time.monotonic()
         try:
             await self.step()
-        except Exception:
+        except Exception as e:
             stats.last_duration = time.monotonic() - started
             stats.runs += 1
             stats.failures += 1
             stats.consecutive_failures += 1
+            if self.outage is not None and self.outage(e):
+                if stats.consecutive_failures == 1:
+                    self.log.warning(
+                        "worker %s paused by an outage (%s); retrying every %gs",
+                        self.name,
+                        type(e).__name__,
+                        self.interval,
+                    )
+                return False
             self.log.exception(
                 "worker %s failed (%d in a row); retrying in %gs",
                 self.name,
@@ -133,7 +146,15 @@ class Workers:
     """The background workers of one process: `start()` them with the application, `stop()`
     them before what they use is closed."""
 
-    def __init__(self, workers: Iterable[Worker] = ()) -> None:
+    def __init__(
+        self,
+        workers: Iterable[Worker] = (),
+        *,
+        outage: Callable[[BaseException], bool] | None = None,
+    ) -> None:
+        """`outage`: which step exceptions are outages (see `Worker.outage`), for every worker
+        added."""
+        self.outage = outage
         self._workers: list[Worker] = []
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._crashed: set[str] = set()
@@ -147,6 +168,7 @@ class Workers:
             raise RuntimeError("workers already started")
         if any(w.name == worker.name for w in self._workers):
             raise ValueError(f"two workers named {worker.name}")
+        worker.outage = self.outage
         self._workers.append(worker)
 
     def start(self) -> None:
