@@ -7,8 +7,11 @@ gives back exactly the files that were not ignored, with their bytes and modes."
 from __future__ import annotations
 
 import io
+import json
 import os
 import stat
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -242,3 +245,40 @@ def test_round_trip_gives_exactly_the_kept_files(project: Path, tmp_path: Path) 
         "empty",
     }
     assert got == tree(project, keep=set(got))
+
+
+# Packs the context named by argv[1], then imports the real docker SDK; prints what it saw.
+PACK_THEN_IMPORT_DOCKER = """
+import io, json, sys
+from pathlib import Path
+from skyreg.client.buildcontext import pack_context
+
+pack_context(Path(sys.argv[1]), None, io.BytesIO(), limit=1 << 30)
+loaded = sorted(m for m in ("requests", "docker", "docker.api", "urllib3") if m in sys.modules)
+
+import docker
+
+print(json.dumps({
+    "loaded_by_packing": loaded,
+    "from_env": callable(docker.from_env),
+    "submodules_reachable": callable(docker.utils.build.PatternMatcher)
+    and isinstance(docker.constants.DEFAULT_DOCKER_API_VERSION, str),
+}))
+"""
+
+
+def test_packing_loads_dockers_matcher_without_the_docker_sdk(project: Path) -> None:
+    """`.dockerignore` matching costs `skyreg deploy` only docker's matcher module, not the
+    SDK behind `docker/__init__.py` (requests, urllib3, ssl); the real package still imports
+    whole afterwards, its submodules reachable as attributes."""
+    proc = subprocess.run(
+        [sys.executable, "-c", PACK_THEN_IMPORT_DOCKER, str(project)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(proc.stdout) == {
+        "loaded_by_packing": [],
+        "from_env": True,
+        "submodules_reachable": True,
+    }

@@ -206,10 +206,10 @@ class BuilderHost:
         status, digest, error = "failed", None, None
         try:
             await asyncio.to_thread(paths.prepare)
-            secrets = await self._prepare(build, claimed, paths)
+            secrets, context_line = await self._prepare(build, claimed, paths)
             redact = Redactor(secrets)
             storage = await asyncio.to_thread(self._org_storage, str(build["org"]))
-            digest = await self._run(build, paths, storage, clock, redact)
+            digest = await self._run(build, paths, storage, clock, redact, context_line)
             status = "succeeded"
         except BuildStopped as e:
             status, error = "cancelled", str(e)
@@ -223,8 +223,10 @@ class BuilderHost:
         except Exception as e:  # a bug or the unexpected: report it, keep serving
             log.exception("build %s failed", build_id)
             error = f"the builder failed: {e}"[:2000]
-        await asyncio.to_thread(shutil.rmtree, paths.work, True)
+        # Reported first: the client waits for the report, not for the cleanup (a builder that
+        # dies in between clears its work directory when it starts again).
         await self._report(build_id, status, digest, clock.finish(), error)
+        await asyncio.to_thread(shutil.rmtree, paths.work, True)
         await self._make_room()
 
     def _org_storage(self, org: str) -> Path:
@@ -289,10 +291,13 @@ class BuilderHost:
 
     async def _prepare(
         self, build: dict[str, Any], claimed: dict[str, Any], paths: BuildPaths
-    ) -> list[bytes]:
-        """Fetch and unpack the context, open the secrets, write the credentials."""
+    ) -> tuple[list[bytes], str]:
+        """Fetch and unpack the context, open the secrets, write the credentials. Returns the
+        secrets' values and a log line saying what fetching and unpacking the context took."""
         credential = str(claimed["credential"])
+        started = time.monotonic()
         await self._fetch_context(build, credential, paths)
+        fetched = time.monotonic()
         try:
             await asyncio.to_thread(
                 unpack_context, paths.archive, paths.context, limits=self.context_limits
@@ -300,6 +305,10 @@ class BuilderHost:
         except ContextError as e:
             raise BuildFailed(f"the build context is refused: {e}") from None
         paths.archive.unlink()
+        context_line = (
+            f"[skyreg] build context: {human_size(int(build['context_size']))} fetched in "
+            f"{fetched - started:.2f}s, unpacked in {time.monotonic() - fetched:.2f}s"
+        )
         values: list[bytes] = []
         wanted = set(build["secrets"])
         for sid, sealed in sorted(claimed.get("sealed_secrets", {}).items()):
@@ -317,7 +326,7 @@ class BuilderHost:
         if missing:
             raise BuildFailed(f"build secrets missing: {', '.join(sorted(missing))}")
         await asyncio.to_thread(write_credentials, paths, self.server, credential)
-        return values
+        return values, context_line
 
     async def _fetch_context(
         self, build: dict[str, Any], credential: str, paths: BuildPaths
@@ -348,6 +357,7 @@ class BuilderHost:
         storage: Path,
         clock: StepClock,
         redact: Redactor,
+        context_line: str,
     ) -> str:
         dockerfile = (paths.context / build["dockerfile"]).resolve()
         context = paths.context.resolve()
@@ -367,6 +377,7 @@ class BuilderHost:
         app = str(build["app"])
         tag = f"localhost/skyreg/{app}:latest"
         shipper = LogShipper(self, str(build["id"]), redact)
+        await shipper.add(context_line)
         env = environment(paths)
         deadline = time.monotonic() + self.max_build_seconds
         for image, stage_platform in bases:

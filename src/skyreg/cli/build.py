@@ -31,7 +31,6 @@ from skyreg.cli.client import ApiFailure, Client, fail
 from skyreg.client.buildcontext import ContextError, pack_context
 from skyreg.client.protocol import RegistryClientError
 from skyreg.client.registry import RegistryClient
-from skyreg.client.sealing import SealError, seal
 from skyreg.services.names import parse_duration
 from skyreg.units import human_size
 
@@ -191,6 +190,9 @@ def remote_build(api: Client, app: str, options: BuildOptions) -> Built:
         if value:
             body[key] = value
     if secrets:
+        # Imported here: libsodium is loaded only for builds that have secrets to seal.
+        from skyreg.client.sealing import SealError, seal
+
         chosen = api("GET", f"/apps/{_q(app)}/builder")
         try:
             body["secrets"] = {sid: seal(chosen["public_key"], v) for sid, v in secrets.items()}

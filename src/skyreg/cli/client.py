@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
 import sys
 import tempfile
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
+
+if TYPE_CHECKING:
+    # Imported where used: urllib.request (http.client, ssl) and asyncio cost every command
+    # its start-up time, and most commands never call the API or run an event loop.
+    import asyncio
+    import urllib.error
 
 API_PREFIX = "/api/v1"
 TIMEOUT = 30.0
@@ -118,6 +121,9 @@ class Client:
     ) -> Any:
         """The JSON answer of `method path` (None for an empty one: 204); ApiFailure for an
         error answer, exits when the server cannot be reached."""
+        import urllib.error
+        import urllib.request
+
         url = self.server + API_PREFIX + path
         params = {k: v for k, v in (query or {}).items() if v is not None}
         if params:
@@ -248,6 +254,7 @@ TokenFile = Annotated[
 def run_until_signalled(service: Callable[[asyncio.Event], Awaitable[None]]) -> None:
     """Run a host service (`service(stop)`) on an event loop until SIGTERM or SIGINT sets
     `stop`; it returns once it has stopped what it runs."""
+    import asyncio
 
     async def main() -> None:
         stop = asyncio.Event()

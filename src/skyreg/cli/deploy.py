@@ -13,9 +13,7 @@ import typer
 
 from skyreg.cli.client import client, fail
 from skyreg.cli.platform import AsJson, Server, Token, _console, _print_json, _quote, _table, _when
-from skyreg.cli.push import push_with_bars
 from skyreg.cli.waiting import parse_wait_timeout, wait_release
-from skyreg.client.push import PushError
 from skyreg.services.names import deployment_tag
 
 
@@ -183,6 +181,9 @@ def _push_local(
     path: str, app: str, label: str | None, server: str, token: str | None
 ) -> tuple[str, str]:
     """Push a local image into the app; returns (image reference, the tag it got)."""
+    from skyreg.cli.push import push_with_bars
+    from skyreg.client.push import PushError
+
     tag = label or deployment_tag()
     host = urllib.parse.urlsplit(server).netloc
     try:

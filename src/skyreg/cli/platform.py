@@ -11,11 +11,9 @@ import urllib.parse
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from skyreg.cli.client import (
     ApiFailure,
@@ -30,6 +28,11 @@ from skyreg.cli.client import (
 )
 from skyreg.oci.reference import parse_reference
 from skyreg.units import human_size
+
+if TYPE_CHECKING:
+    # Imported where a table is printed: rich costs every other command its start-up time.
+    from rich.console import Console
+    from rich.table import Table
 
 Server = Annotated[
     str | None,
@@ -67,6 +70,8 @@ auth_app = typer.Typer(help="Credentials for other tools.", no_args_is_help=True
 
 def _console() -> Console:
     """Standard output; wide enough when piped that digests and names are never cut."""
+    from rich.console import Console
+
     wide = not sys.stdout.isatty() and "COLUMNS" not in os.environ
     return Console(width=200 if wide else None, highlight=False)
 
@@ -91,6 +96,8 @@ def short_digest(digest: str) -> str:
 
 
 def _table(*columns: str) -> Table:
+    from rich.table import Table
+
     table = Table(box=None, pad_edge=False, header_style="bold")
     for column in columns:
         table.add_column(column, overflow="fold")

@@ -10,21 +10,17 @@ from __future__ import annotations
 import urllib.parse
 from pathlib import Path
 from types import TracebackType
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, cast
 
 import typer
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TransferSpeedColumn,
-)
 
-from skyreg.client.imagesource import GzipDigestCache
-from skyreg.client.push import PushError, PushResult, Task, parse_reference, push_image
+if TYPE_CHECKING:
+    # Imported where used: rich and the image readers cost every other command its start-up
+    # time (`skyreg --help`, a remote `skyreg deploy`).
+    from rich.progress import TaskID
+
+    from skyreg.client.imagesource import GzipDigestCache
+    from skyreg.client.push import PushResult, Task
 
 __all__ = ["RichProgress", "push_with_bars", "register"]
 
@@ -34,6 +30,15 @@ class RichProgress:
     display starts with the first bar, so a push failing before it prints only its error."""
 
     def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TransferSpeedColumn,
+        )
+
         self._progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -66,18 +71,18 @@ class RichProgress:
     def advance(self, task: Task, n: int) -> None:
         """Move the bar `n` bytes on."""
         if task >= 0:
-            self._progress.update(TaskID(task), advance=n)
+            self._progress.update(cast("TaskID", task), advance=n)
 
     def status(self, task: Task, status: str) -> None:
         """Change the bar's status word."""
         if task >= 0:
-            self._progress.update(TaskID(task), status=status)
+            self._progress.update(cast("TaskID", task), status=status)
 
     def done(self, task: Task, status: str, total: int | None = None) -> None:
         """Fill the bar (to `total`, when given)."""
         if task < 0:
             return
-        tid = TaskID(task)
+        tid = cast("TaskID", task)
         if total is None:
             total = int(self._progress.tasks[self._progress.task_ids.index(tid)].total or 0)
         self._progress.update(tid, total=total, completed=total, status=status)
@@ -94,6 +99,8 @@ def push_with_bars(
     cache: GzipDigestCache | None = None,
 ) -> PushResult:
     """`push_image` with Rich progress bars on stderr when `bars` is set; raises PushError."""
+    from skyreg.client.push import push_image
+
     if not bars:
         return push_image(source, reference, token, ref=ref, insecure=insecure, cache=cache)
     with RichProgress() as progress:
@@ -160,6 +167,7 @@ def push(
 ) -> None:
     """Push a local image; prints HOST/REPO@DIGEST. Layers the registry has are skipped."""
     from skyreg.cli.client import fail
+    from skyreg.client.push import PushError, parse_reference
 
     try:
         target = parse_reference(reference)
