@@ -188,6 +188,10 @@ def test_openapi_document_lists_every_served_path(server: InProcessRegistry) -> 
         "/api/v1/builders/{builder_id}/claim",
         "/api/v1/builder/builds/{build_id}/logs",
         "/api/v1/builder/builds/{build_id}/result",
+        "/api/v1/apps/{app}/secrets",
+        "/api/v1/apps/{app}/secrets/unset",
+        "/api/v1/secrets/rotate-key",
+        "/api/v1/agent/machines/{machine_id}/secrets",
     } == set(doc["paths"])
     # Every documented operation answers something other than "no such endpoint".
     root = admin(server)

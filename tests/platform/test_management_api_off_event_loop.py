@@ -122,6 +122,16 @@ def test_every_management_route_queries_off_the_event_loop(strict: Strict) -> No
             "POST", f"/machines/{{machine_id}}/{action}", f"/machines/{machine}/{action}"
         )
         _ok(changed, 200)
+    # Secrets: set (staged, so no release), listed, unset, the key rotated; a machine's values.
+    web_secrets = "/apps/web/secrets"
+    staged = {"secrets": {"DB_PASSWORD": "hunter2"}, "stage": True}
+    _ok(s.call("POST", "/apps/{app}/secrets", web_secrets, json=staged), 200)
+    _ok(s.call("GET", "/apps/{app}/secrets", web_secrets), 200)
+    unset = {"names": ["DB_PASSWORD"], "stage": True}
+    _ok(s.call("POST", "/apps/{app}/secrets/unset", web_secrets + "/unset", json=unset), 200)
+    _ok(s.call("POST", "/secrets/rotate-key"), 200)
+    given = s.call("POST", route + "/secrets", base + "/secrets", json={"generation": 0})
+    assert _ok(given, 200) == {"env": {}}
     # Builds: a builder registers, a build of a blob of the app is queued, claimed, logged, ended.
     key = public_key_b64(new_private_key())
     builder = _ok(s.call("POST", "/builders", json={"region": "local", "public_key": key}), 201)

@@ -15,7 +15,9 @@ NOTHING: frozenset[str] = frozenset()
 
 # "build": minted for one build, so its builder pulls and pushes as the app's deploy token would;
 # the management API refuses it (platform/http.py).
-TOKEN_KINDS = ("admin", "org", "deploy", "readonly", "build")
+# "agent": a region agent's, made by an admin for one org (or every org): pulls the images of the
+# machines it runs and receives their secrets; the management API refuses it outside /agent/.
+TOKEN_KINDS = ("admin", "org", "deploy", "readonly", "build", "agent")
 
 
 def app_of(repository: str) -> str:
@@ -39,6 +41,8 @@ class AccessPolicy:
             return public
         if token.kind == "admin":
             return ALL_ACTIONS
+        if token.kind == "agent":
+            return PULL_ONLY if token.org_id in (None, app.org_id) else public
         if token.org_id != app.org_id:
             return public
         if token.kind == "org":

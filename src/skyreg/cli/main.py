@@ -19,6 +19,7 @@ from skyreg.cli.machines import register as register_machines
 from skyreg.cli.platform import register
 from skyreg.cli.push import register as register_push
 from skyreg.cli.retention import register as register_retention
+from skyreg.cli.secrets import register as register_secrets
 from skyreg.meta.threads import DEFAULT_THREADS, MAX_THREADS
 
 app = typer.Typer(
@@ -288,6 +289,16 @@ def serve(
             "(pulls are noted in memory in between).",
         ),
     ] = 30.0,
+    secrets_key_file: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="SKYREG_SECRETS_KEY_FILE",
+            help="The master keys of app secrets: a 0600 file of base64 keys, newest first "
+            "(SKYREG_SECRETS_KEY, comma-separated keys, wins; default: DATA_DIR/secrets.key, "
+            "made on first use). Every server of a deployment needs the same keys.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run the registry (SQLite + filesystem under one data dir by default)."""
     from skyreg.platform.releases import DeployLimits
@@ -397,6 +408,8 @@ def serve(
             gc_worker=gc,
             retention_interval=retention_interval,
             pull_flush_interval=pull_flush_interval,
+            secrets_key_file=secrets_key_file,
+            secrets_key_env=os.environ.get("SKYREG_SECRETS_KEY"),
         )
     )
 
@@ -416,6 +429,7 @@ register_gc(app)
 register_retention()
 register_machines(app)
 register_push(app)
+register_secrets(app)
 
 keys_app = typer.Typer(help="Registry-token signing keys in the data dir.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")

@@ -215,8 +215,22 @@ class Agent:
         rootfs, method = await asyncio.to_thread(fresh_rootfs, image.rootfs, home)
         log.debug("machine %s: rootfs by %s", mid, method)
         offset = log_path.stat().st_size if log_path.exists() else 0
+        try:
+            secrets = await self._secrets(local)
+        except (aiohttp.ClientError, RuntimeError, TimeoutError, ValueError) as e:
+            await asyncio.to_thread(release_rootfs, home)
+            await self._event(mid, f"Failed to get the machine's secrets: {e}"[:1000])
+            await self._state(mid, "failed")
+            self._finished[mid] = local.generation
+            return
         await self._event(mid, "Starting machine")
-        env = {"SKYREG_MACHINE_ID": mid, "SKYREG_APP": str(m["app"]), "SKYREG_REGION": self.region}
+        env = {
+            **secrets,
+            "SKYREG_MACHINE_ID": mid,
+            "SKYREG_APP": str(m["app"]),
+            "SKYREG_REGION": self.region,
+        }
+        del secrets
         try:
             machine = await asyncio.to_thread(
                 start_machine, rootfs, config, log_path=log_path, hostname=mid, env=env
@@ -231,6 +245,19 @@ class Agent:
             await self._monitor(local, machine, log_path, offset)
         finally:
             await asyncio.to_thread(release_rootfs, home)
+
+    async def _secrets(self, local: _Local) -> dict[str, str]:
+        """The machine's secrets, asked for as it starts (never written anywhere: they go to
+        bwrap through a memory file, `machines/runtime.py`)."""
+        answer = await self._api(
+            "POST", f"/agent/machines/{local.id}/secrets", {"generation": local.generation}
+        )
+        env = answer.get("env") if isinstance(answer, dict) else None
+        if not isinstance(env, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+        ):
+            raise ValueError("the server's answer holds no map of names to values")
+        return env
 
     async def _monitor(
         self, local: _Local, machine: RunningMachine, log_path: Path, offset: int

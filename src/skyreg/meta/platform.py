@@ -555,6 +555,10 @@ class ReleaseMeta(SqlStore):
                     user_name=user_name,
                     created_at=now,
                     updated_at=now,
+                    # The app's secrets as they are now: its machines get this version's set.
+                    secrets_version=select(s.apps.c.secrets_version)
+                    .where(s.apps.c.id == app_id)
+                    .scalar_subquery(),
                 )
                 .returning(s.releases.c.id)
             ).scalar_one()

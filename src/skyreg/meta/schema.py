@@ -144,6 +144,9 @@ apps = Table(
     # images there ahead of any deploy.
     Column("regions", Text),
     Column("replicate_ahead", Boolean, nullable=False, default=False, server_default=false()),
+    # Secrets (migration 0011): bumped by every change of the app's secrets; a release keeps the
+    # version it was made with (`releases.secrets_version`), its machines get that set.
+    Column("secrets_version", Integer, nullable=False, default=0, server_default=text("0")),
     Index("ix_apps_org", "org_id"),
 )
 
@@ -185,6 +188,7 @@ releases = Table(
     Column("user_name", String(100), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("secrets_version", Integer),  # the app's secrets_version then (None: before 0011)
     UniqueConstraint("app_id", "version", name="uq_releases_app_version"),
 )
 
@@ -445,4 +449,36 @@ build_logs = Table(
     Column("build_id", String(32), ForeignKey("builds.id"), primary_key=True),
     Column("seq", Integer, primary_key=True),
     Column("line", Text, nullable=False),
+)
+
+
+# -- secrets: values encrypted under a data key per org, which a master key outside the database
+# wraps (auth/envelope.py; meta/secrets.py) -------------------------------------------------
+
+org_data_keys = Table(
+    "org_data_keys",
+    metadata,
+    Column("org_id", Integer, ForeignKey("orgs.id"), primary_key=True),
+    Column("key_id", String(32), nullable=False),  # the master key that wraps it
+    Column("wrapped", LargeBinary, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("wrapped_at", DateTime(timezone=True), nullable=False),
+)
+
+# One row per value an app's secret took: set in version `set_in`, replaced or unset in
+# `unset_in` (None: current). Rows no live release needs are deleted.
+app_secrets = Table(
+    "app_secrets",
+    metadata,
+    Column("id", _BIG_ID, primary_key=True, autoincrement=True),
+    Column("app_id", Integer, ForeignKey("apps.id"), nullable=False),
+    Column("name", String(128), nullable=False),
+    Column("sealed", LargeBinary, nullable=False),
+    Column("digest", String(32), nullable=False),
+    Column("set_in", Integer, nullable=False),
+    Column("unset_in", Integer),
+    Column("set_by_id", String(32), nullable=False),
+    Column("set_by_name", String(100), nullable=False),
+    Column("set_at", DateTime(timezone=True), nullable=False),
+    Index("ix_app_secrets_app", "app_id", "name"),
 )

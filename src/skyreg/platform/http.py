@@ -49,6 +49,9 @@ async def read_body(request: web.Request, limit: int = MAX_BODY) -> bytes:
     return raw
 
 
+AGENT_PATHS = "/api/v1/agent/"  # what an agent token may call of the management API
+
+
 class Identifier:
     """Turns a request's Authorization header into its access token under the failed-auth
     limiter: 401 when wrong, 429 when throttled. The client address is read at construction
@@ -56,6 +59,7 @@ class Identifier:
 
     def __init__(self, request: web.Request, auth: Authenticator) -> None:
         self.header = request.headers.get("Authorization")
+        self.path = request.path
         self.client = client_of(request)
         self.auth = auth
 
@@ -84,6 +88,9 @@ class Identifier:
         if token is not None and token.kind == "build":
             # A build's credential lives on a builder host that runs tenant code: registry only.
             raise ApiError(403, "forbidden", "a build token may be used with the registry only")
+        if token is not None and token.kind == "agent" and not self.path.startswith(AGENT_PATHS):
+            # An agent's credential receives machines' secrets: nothing else of the API.
+            raise ApiError(403, "forbidden", "an agent token may be used with /api/v1/agent/ only")
         return token
 
 

@@ -4,6 +4,7 @@ the registry's middlewares."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -22,6 +23,7 @@ from skyreg.workers import PeriodicWorker
 BUILD_EXPIRY_INTERVAL = 10.0  # seconds
 
 if TYPE_CHECKING:
+    from skyreg.auth.envelope import MasterKeys
     from skyreg.geo.node import GeoNode
     from skyreg.registry.pulls import PullTimes
     from skyreg.services.releases import ReleaseService
@@ -35,13 +37,16 @@ def create_app(
     workers: Workers | None = None,
     gc: Collector | None = None,
     gc_worker: bool = True,
+    secret_keys: Callable[[], MasterKeys] | None = None,
 ) -> web.Application:
     """The application of one worker process over `reg`: the OCI API; with auth, the token
     endpoint and (given `releases`) the management API, whose /gc routes use the process's
     collector `gc` (`gc_worker`: whether `workers` runs it); `/metrics` (an admin token when
     auth is on) with this process's `workers`, garbage collection and, with a region,
-    replication. The caller starts and stops `workers`. Every route answers errors through the
-    registry's middleware (the token endpoint's and `/metrics`' answers too)."""
+    replication. `secret_keys` loads the master keys of app secrets (None: the `secrets.key`
+    file beside the database, for tests). The caller starts and stops `workers`. Every route
+    answers errors through the registry's middleware (the token endpoint's and `/metrics`'
+    answers too)."""
     app = web.Application(
         middlewares=middlewares(reg.trusted_proxies), client_max_size=CLIENT_MAX_SIZE
     )
@@ -52,7 +57,7 @@ def create_app(
         app.router.add_post(TOKEN_PATH, token_endpoint)
         if releases is not None:
             gc_service = None if gc is None else GcService(gc, worker=gc_worker)
-            add_management_routes(app, reg.auth, releases, gc_service)
+            add_management_routes(app, reg.auth, releases, gc_service, secret_keys)
             if workers is not None:  # builds whose builder or client went away, and deadlines
                 workers.add(
                     PeriodicWorker(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import resource
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
+from skyreg.auth.envelope import MasterKeys
 from skyreg.auth.keys import KeyRing
 from skyreg.auth.ratelimit import FailureLimiter
 from skyreg.auth.service import Authenticator
@@ -184,7 +186,23 @@ async def run_worker(
             limits=cfg.deploy_limits,
         )
     workers = _workers(cfg, reg, collector)
-    app = create_app(reg, releases, workers=workers, gc=collector, gc_worker=cfg.gc_worker)
+    app = create_app(
+        reg,
+        releases,
+        workers=workers,
+        gc=collector,
+        gc_worker=cfg.gc_worker,
+        secret_keys=functools.partial(
+            MasterKeys.load,
+            cfg.secrets_key_file,
+            cfg.secrets_key_env,
+            # Made on first use beside an embedded database only: servers sharing PostgreSQL
+            # must share their keys, so there they are given (503 until they are).
+            cfg.data_dir / "secrets.key"
+            if cfg.database_url is None or cfg.database_url.startswith("sqlite")
+            else None,
+        ),
+    )
     handler_kwargs: dict[str, Any] = {
         "access_log": logging.getLogger("skyreg.access") if cfg.access_log else None,
         "access_log_format": ACCESS_LOG_FORMAT,

@@ -45,3 +45,7 @@ class LimitExceeded(Invalid):
 
 class Conflict(ServiceError):
     """The name is taken, or the change would break an invariant (the last admin token)."""
+
+
+class Unavailable(ServiceError):
+    """The server cannot do this now (a misconfiguration, a key it does not hold): 503."""

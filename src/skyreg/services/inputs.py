@@ -82,7 +82,7 @@ class UpdateApp(Input):
 class CreateToken(Input):
     """`POST /tokens`: an org, deploy or readonly token (never admin)."""
 
-    kind: Annotated[str, _doc(enum=["org", "deploy", "readonly"])]
+    kind: Annotated[str, _doc(enum=["org", "deploy", "readonly", "agent"])]
     org: Annotated[
         Name | None,
         _doc(description="org and readonly tokens (default: the caller's organization)"),
@@ -307,3 +307,34 @@ __all__ = [
     "UpdateApp",
     "given",
 ]
+
+
+class SetSecrets(Input):
+    """`POST /apps/{app}/secrets`: add or replace secrets (values are never answered back)."""
+
+    secrets: Annotated[
+        dict[str, str],
+        _doc(
+            description="NAME -> value; names are letters, digits and _ (not SKYREG_...), "
+            "values UTF-8 text of at most 64 KiB",
+            maxProperties=100,
+        ),
+    ]
+    stage: Annotated[
+        bool, _doc(description="Keep the change for the next deploy instead of rolling now")
+    ] = False
+
+
+class UnsetSecrets(Input):
+    """`POST /apps/{app}/secrets/unset`: remove secrets by name (absent names are ignored)."""
+
+    names: Annotated[list[str], _doc(maxItems=100)]
+    stage: Annotated[
+        bool, _doc(description="Keep the change for the next deploy instead of rolling now")
+    ] = False
+
+
+class MachineSecretsRequest(Input):
+    """`POST /agent/machines/{id}/secrets`: the agent starting the machine asks for its values."""
+
+    generation: Annotated[int, _doc(minimum=0, maximum=INT32_MAX)]

@@ -147,14 +147,22 @@ class MachineService:
 
     @staticmethod
     def _agent(caller: TokenRecord) -> None:
-        """Agents use an admin token (every machine) or an org token (its org's machines)."""
-        if caller.kind not in ("admin", "org"):
+        """Agents use an admin token (every machine), an org token (its org's machines) or an
+        agent token (its org's, or every machine for one made for every org): only an agent
+        token receives machines' secrets (`services/secrets.py`)."""
+        if caller.kind not in ("admin", "org", "agent"):
             raise Forbidden(f"a {caller.kind} token may not act as an agent")
+
+    @staticmethod
+    def _serves(caller: TokenRecord, org_id: int) -> bool:
+        if caller.kind == "agent" and caller.org_id is None:
+            return True
+        return sees_org(caller, org_id)
 
     def _agent_machine(self, caller: TokenRecord, machine_id: str) -> Machine:
         self._agent(caller)
         machine = self.machines.get(machine_id)
-        if machine is None or not sees_org(caller, machine.org_id):
+        if machine is None or not self._serves(caller, machine.org_id):
             raise NotFound("machine", machine_id)
         return machine
 
@@ -167,7 +175,7 @@ class MachineService:
         if not REGION_RE.match(region):
             raise Invalid("region must be a region code such as iad, sin, syd")
         after = _cursor(cursor)
-        org = None if caller.kind == "admin" else caller.org_id
+        org = None if caller.kind == "admin" else caller.org_id  # agent: None is every org
         return await self.platform.read(self._agent_machines, region, org, limit, after)
 
     def _agent_machines(

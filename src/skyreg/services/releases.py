@@ -80,6 +80,7 @@ class DeployRequest:
     regions: Sequence[str] = ()
     count: int = 1
     description: str | None = None
+    reason: str = "deploy"  # "secrets": a change of the app's secrets rolls its machines
 
 
 @dataclass
@@ -192,7 +193,7 @@ class ReleaseService:
             app_id=app.id,
             status="pending",
             description=(request.description or f"Deploy image {image_ref}")[:MAX_DESCRIPTION],
-            reason="deploy",
+            reason=request.reason,
             image_ref=image_ref,
             image_repository=repository,
             image_digest=digest,

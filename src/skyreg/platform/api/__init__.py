@@ -11,6 +11,9 @@ of other organizations answer 404, exactly as if they did not exist.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 from aiohttp import web
 
 from skyreg.auth.service import Authenticator
@@ -26,6 +29,7 @@ from skyreg.platform.api import (
     releases,
     replication,
     retention,
+    secrets,
     tokens,
 )
 from skyreg.platform.api.base import (
@@ -44,6 +48,9 @@ from skyreg.platform.releases import RELEASES_KEY
 from skyreg.registry.context import REGISTRY_KEY
 from skyreg.services.gc import GcService
 from skyreg.services.releases import ReleaseService
+
+if TYPE_CHECKING:
+    from skyreg.auth.envelope import MasterKeys
 
 
 async def get_openapi(call: Call) -> bytes:
@@ -70,6 +77,7 @@ ROUTE_LIST: list[Route] = [
     *machines.ROUTES,
     *agent.ROUTES,
     *tokens.ROUTES,
+    *secrets.ROUTES,
 ]
 
 # Every path served, with its routes by method (the OpenAPI document lists the same).
@@ -83,10 +91,12 @@ def add_management_routes(
     auth: Authenticator,
     releases: ReleaseService,
     gc_service: GcService | None = None,
+    secret_keys: Callable[[], MasterKeys] | None = None,
 ) -> None:
     """Mount the management API under /api/v1, and the GraphQL endpoint, on `app`; the /gc
-    routes answer through `gc_service` (without one, 404)."""
-    services = Services.over(auth, releases)
+    routes answer through `gc_service` (without one, 404); app secrets use the master keys
+    `secret_keys` loads."""
+    services = Services.over(auth, releases, secret_keys)
     registry = app.get(REGISTRY_KEY)
     if registry is not None:  # usage shares the registry's quota checks' cached figure
         services.quotas.gate = registry.quotas

@@ -11,21 +11,26 @@ in `refusal`, the one table of their statuses and codes.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import msgspec
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
+from skyreg.auth.envelope import MasterKeys
 from skyreg.auth.service import Authenticator
 from skyreg.meta.builds import BuildMeta
 from skyreg.meta.db import unreachable as database_unreachable
-from skyreg.meta.platform import TokenRecord
+from skyreg.meta.platform import PlatformMeta, TokenRecord
 from skyreg.meta.quotas import QuotaMeta
 from skyreg.meta.retention import RetentionMeta
+from skyreg.meta.secrets import SecretMeta
 from skyreg.oci.bounded import MAX_INT, JSONInputError, load_json, parse_int, storable
 from skyreg.platform.http import MAX_BODY, ApiError, Identifier, read_body
 from skyreg.services.access import AUTHENTICATION_REQUIRED
@@ -37,6 +42,7 @@ from skyreg.services.errors import (
     NotFound,
     ServiceError,
     Unauthenticated,
+    Unavailable,
 )
 from skyreg.services.images import ImageService
 from skyreg.services.inputs import Input
@@ -45,6 +51,7 @@ from skyreg.services.orgs import OrgService
 from skyreg.services.quotas import QuotaService
 from skyreg.services.releases import DEFAULT_REGION, ReleaseService
 from skyreg.services.retention import RetentionService
+from skyreg.services.secrets import SecretKeyRing, SecretService
 from skyreg.services.tokens import TokenService
 
 log = logging.getLogger("skyreg.platform")
@@ -69,11 +76,21 @@ class Services:
     retention: RetentionService
     quotas: QuotaService
     builds: BuildService
+    secrets: SecretService
     openapi: bytes = b""  # the generated document, encoded once
 
     @classmethod
-    def over(cls, auth: Authenticator, releases: ReleaseService) -> Services:
-        """The services over the stores `releases` holds (one `Database`)."""
+    def over(
+        cls,
+        auth: Authenticator,
+        releases: ReleaseService,
+        secret_keys: Callable[[], MasterKeys] | None = None,
+    ) -> Services:
+        """The services over the stores `releases` holds (one `Database`); app secrets use the
+        master keys `secret_keys` loads (None: a key file beside an SQLite database, else
+        SKYREG_SECRETS_KEY)."""
+        if secret_keys is None:
+            secret_keys = functools.partial(_default_keys, releases.platform)
         retention = RetentionMeta(releases.platform.db)
         # Untagged manifests wait the registry's review delay unless a policy says otherwise.
         retention.review_delay = releases.registry.gc.review_delay
@@ -97,7 +114,25 @@ class Services:
                 auth,
                 region=DEFAULT_REGION if releases.geo is None else releases.geo.region,
             ),
+            secrets=SecretService(
+                SecretMeta(releases.platform.db),
+                releases.platform,
+                releases.machines,
+                releases.policy,
+                releases,
+                SecretKeyRing(secret_keys),
+            ),
         )
+
+
+def _default_keys(platform: PlatformMeta) -> MasterKeys:
+    """Master keys when the server was given none: SKYREG_SECRETS_KEY, else `secrets.key` beside
+    an SQLite database file (made on first use)."""
+    database = platform.engine.url.database
+    default = None
+    if platform.engine.dialect.name == "sqlite" and database and database != ":memory:":
+        default = Path(database).parent / "secrets.key"
+    return MasterKeys.load(None, os.environ.get("SKYREG_SECRETS_KEY"), default)
 
 
 SERVICES_KEY = web.AppKey("management_services", Services)
@@ -131,6 +166,8 @@ def refusal(error: ServiceError) -> ApiError:
         return ApiError(403, "forbidden", error.reason)
     if isinstance(error, Conflict):
         return ApiError(409, "conflict", error.reason)
+    if isinstance(error, Unavailable):
+        return ApiError(503, "unavailable", error.reason)
     return bad_request(error.reason)  # Invalid, LimitExceeded
 
 

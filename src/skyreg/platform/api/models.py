@@ -570,3 +570,43 @@ class BuildLogAccepted(Model):
     stop: Annotated[
         bool, msgspec.Meta(description="The builder stops the build (cancelled, client gone)")
     ]
+
+
+class SecretInfo(Model):
+    """One secret as the API shows it: never its value."""
+
+    name: str
+    digest: Annotated[
+        str, _d("A keyed digest of the value: equal values show equal digests within an org")
+    ]
+    version: Annotated[int, _d("The app's secrets version that set this value")]
+    deployed: Annotated[bool, _d("Whether the newest release runs with this value")]
+    set_by: ReleaseUser
+    set_at: Time
+
+
+class SecretList(Model):
+    app: str
+    version: Annotated[int, _d("The app's current secrets version (staged changes included)")]
+    deployed_version: Annotated[int | None, _d("The newest release's (null: no release yet)")]
+    secrets: list[SecretInfo]
+
+
+class SecretsChanged(Model):
+    app: str
+    version: int
+    changed: Annotated[list[str], _d("Names set or unset (empty: nothing changed)")]
+    staged: Annotated[bool, _d("True: no release was made; the next deploy uses the change")]
+    release: Annotated[Release | None, _d("The release that rolls the machines")]
+
+
+class MachineSecretValues(Model):
+    """For the agent starting the machine only: its environment's secret variables."""
+
+    env: dict[str, str]
+
+
+class KeyRotation(Model):
+    key_id: Annotated[str, _d("The id of the master key every data key is now wrapped with")]
+    rewrapped: int
+    total: int

@@ -39,6 +39,7 @@ ERRORS = {
     ),
     413: ("TooLarge", "The request body is larger than 64 KiB"),
     429: ("TooManyRequests", "Too many failed authentication attempts; see Retry-After"),
+    503: ("Unavailable", "The server cannot do this now (e.g. app secrets without a master key)"),
 }
 _REF = "#/components/schemas/{name}"
 
