@@ -119,11 +119,18 @@ class DevPlatform:
                 self.admin_token = self._wait_for(
                     lambda: _read(self._token_file), "the admin token"
                 )
+        # Agents run with an agent token (every org's machines): only such a token receives the
+        # machines' secrets (`skyreg secrets`).
+        from skyreg.cli.client import Client
+
+        made = Client(self.endpoints[0].url, self.admin_token).call(
+            "POST", "/tokens", {"kind": "agent", "name": "skyreg dev agents"}
+        )
         for ep in self.endpoints:
             self._spawn(
                 f"agent {ep.code}",
                 ["agent", "--region", ep.code, "--server", ep.url, "--data-dir", str(ep.agent_dir)],
-                env={"SKYREG_TOKEN": self.admin_token},
+                env={"SKYREG_TOKEN": str(made["secret"])},
             )
         if self.builder_problem is None:  # one builder, in the first region
             first = self.endpoints[0]

@@ -493,6 +493,10 @@ def start_machine(
                 stdout=log,
                 stderr=log,
                 pass_fds=(write_fd, args_fd),
+                # bwrap runs as the machine's user, so a host user of that uid can read its
+                # /proc/PID/environ: none of the agent's (its token) goes there. The machine's own
+                # environment reaches it through the memory file (--clearenv, --setenv).
+                env={},
                 start_new_session=True,
                 close_fds=True,
                 # bwrap itself runs as the machine's user: see the module docstring.
