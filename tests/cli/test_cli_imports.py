@@ -80,3 +80,21 @@ def test_the_remote_build_path_loads_no_heavy_module() -> None:
     # `skyreg deploy PATH` imports skyreg.cli.build to pack, send and follow a remote build.
     code = "import skyreg.cli.main, skyreg.cli.build\n"
     assert loaded_heavy_modules(code, HEAVY) == []
+
+
+# Reads a skyreg.toml that uses every rule appconfig takes from the server (region, strategy,
+# build target and args), as `skyreg deploy` does before it builds.
+LOAD_CONFIG = """
+import pathlib, sys, tempfile
+from skyreg.cli.appconfig import load_config
+path = pathlib.Path(tempfile.mkdtemp()) / "skyreg.toml"
+path.write_text(
+    'app = "web"\\nprimary_region = "syd"\\n[build]\\ntarget = "final"\\n'
+    '[build.args]\\nMODE = "prod"\\n[deploy]\\nstrategy = "immediate"\\n'
+)
+assert load_config(path).primary_region == "syd"
+"""
+
+
+def test_loading_a_config_loads_no_heavy_module() -> None:
+    assert loaded_heavy_modules(LOAD_CONFIG, HEAVY) == []

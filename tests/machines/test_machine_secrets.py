@@ -32,10 +32,12 @@ pytestmark = [
 ]
 
 APP = "vault"
-# Prints a hash of DB_PASSWORD and API_KEY (or "unset"), then stays up.
+# Prints GREETING (a plain variable of the release) and a hash of DB_PASSWORD and API_KEY (or
+# "unset"), then stays up.
 SCRIPT = (
-    'echo "machine $SKYREG_MACHINE_ID hash=$(printf "%s|%s" "${DB_PASSWORD-unset}" '
-    '"${API_KEY-unset}" | /bin/busybox sha256sum | /bin/busybox cut -c1-64)"; '
+    'echo "machine $SKYREG_MACHINE_ID greeting=${GREETING-none} hash=$(printf "%s|%s" '
+    '"${DB_PASSWORD-unset}" "${API_KEY-unset}" | /bin/busybox sha256sum '
+    '| /bin/busybox cut -c1-64)"; '
     "exec /bin/busybox sleep 3600"
 )
 
@@ -77,6 +79,12 @@ class Platform:
             text = line["line"]
             if line["machine_id"] == machine_id and "hash=" in text:
                 return str(text.split("hash=", 1)[1].strip())
+        return None
+
+    def greeting_of(self, machine_id: str) -> str | None:
+        for line in self.api("GET", f"/apps/{APP}/logs")["lines"]:
+            if line["machine_id"] == machine_id and "greeting=" in line["line"]:
+                return str(line["line"].split("greeting=", 1)[1].split()[0])
         return None
 
     def sees(self, want: str) -> dict[str, Any]:
@@ -144,13 +152,16 @@ def test_machines_see_their_secrets_change_roll_and_unset_and_nothing_else_keeps
     platform: Platform,
 ) -> None:
     p = platform
-    p.api("POST", f"/apps/{APP}/releases", json={"image": f"{APP}:v1"})
-    p.sees(expected(None, None))
+    plain = {"image": f"{APP}:v1", "env": {"GREETING": "hello", "DB_PASSWORD": "plain"}}
+    p.api("POST", f"/apps/{APP}/releases", json=plain)
+    m1 = p.sees(expected("plain", None))  # a release's plain variables reach its machines
+    assert p.greeting_of(m1["id"]) == "hello"
 
     first, key = "pw-" + secrets.token_hex(24), "key-" + secrets.token_hex(24)
     out = run_skyreg(p.env, "secrets", "set", APP, f"DB_PASSWORD={first}", f"API_KEY={key}")
     assert "rolls the machines" in out, out
-    m2 = p.sees(expected(first, key))
+    m2 = p.sees(expected(first, key))  # a secret wins over a plain variable of the same name
+    assert p.greeting_of(m2["id"]) == "hello"  # the release a change makes keeps the env
     newest = p.releases()[0]
     assert (
         newest["reason"] == "secrets" and newest["image_digest"] == p.releases()[-1]["image_digest"]
@@ -224,8 +235,9 @@ def test_key_rotation_during_a_deploy_keeps_machines_seeing_their_values(
 ) -> None:
     p = platform
     value = "rot-" + secrets.token_hex(24)
-    run_skyreg(p.env, "secrets", "set", "--detach", APP, f"DB_PASSWORD={value}")
-    # While that release rolls: a new master key first in the file, and every data key
+    run_skyreg(p.env, "secrets", "set", "--stage", APP, f"DB_PASSWORD={value}")
+    p.api("POST", f"/apps/{APP}/releases", json={"image": f"{APP}:v1"})
+    # While that deploy rolls: a new master key first in the file, and every data key
     # rewrapped by it.
     key_file = p.reg.data_dir / "secrets.key"
     new = prepend_new_key(key_file)
@@ -268,8 +280,8 @@ def test_a_machine_with_secrets_fails_clearly_on_an_agent_without_an_agent_token
     admin_agent = RunningAgent(p.reg.url, p.admin, tmp_path / "agent", tmp_path / "agent.log")
     try:
         admin_agent.start()
-        run_skyreg(p.env, "secrets", "set", "--detach", APP, "DB_PASSWORD=whatever")
-        newest = p.releases()[0]
+        run_skyreg(p.env, "secrets", "set", "--stage", APP, "DB_PASSWORD=whatever")
+        newest = p.api("POST", f"/apps/{APP}/releases", json={"image": f"{APP}:v1"})
         wait_for(
             lambda: (
                 p.api("GET", f"/apps/{APP}/releases", params={"limit": 1})["releases"][0]["status"]

@@ -17,17 +17,25 @@ positions for keys, so `_key_lines` finds them in the text.
 from __future__ import annotations
 
 import difflib
-import functools
 import re
 import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, time
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 from skyreg.cli.waiting import MAX_WAIT
-from skyreg.services.names import is_dns_label, parse_duration
+from skyreg.services.names import (
+    ARG_RE,
+    MAX_BUILD_ARG_VALUE,
+    MAX_BUILD_ARGS,
+    REGION_RE,
+    STRATEGIES,
+    TARGET_RE,
+    is_dns_label,
+    parse_duration,
+)
 
 CONFIG_NAME = "skyreg.toml"
 
@@ -66,7 +74,7 @@ class BuildConfig:
 class DeployConfig:
     """`[deploy]`: how a release replaces the running machines."""
 
-    strategy: str | None = None  # one of skyreg.services.releases.STRATEGIES
+    strategy: str | None = None  # one of skyreg.services.names.STRATEGIES
     wait_timeout: str | None = None  # a duration, as written ("5m")
 
 
@@ -210,26 +218,6 @@ _SERVICE_KEYS = (
 _CHECK_KEYS = ("type", "port", "path", "interval", "timeout", "grace_period")
 
 
-class _Rules(NamedTuple):
-    region_re: re.Pattern[str]
-    strategies: tuple[str, ...]
-    arg_re: re.Pattern[str]
-    max_args: int
-    max_arg_value: int
-    target_re: re.Pattern[str]
-
-
-@functools.cache
-def _platform_rules() -> _Rules:
-    """The server's own rules for regions, strategies and build arguments. Imported on first
-    use: these service modules load the metadata layer (SQLAlchemy, asyncio; ~0.7 s), which
-    importing the CLI must not (tests/cli/test_cli_imports.py)."""
-    from skyreg.services.builds import ARG_RE, MAX_BUILD_ARG_VALUE, MAX_BUILD_ARGS, TARGET_RE
-    from skyreg.services.releases import REGION_RE, STRATEGIES
-
-    return _Rules(REGION_RE, STRATEGIES, ARG_RE, MAX_BUILD_ARGS, MAX_BUILD_ARG_VALUE, TARGET_RE)
-
-
 class _Reader:
     """Validates a parsed document, naming `file:line: [table] key` in errors and warnings."""
 
@@ -325,7 +313,7 @@ class _Reader:
         region = doc.get("primary_region")
         if region is not None:
             region = self.typed((), ("primary_region",), region, str, "a string")
-            if not _platform_rules().region_re.match(region):
+            if not REGION_RE.match(region):
                 raise self.error((), ("primary_region",), REGION_INVALID)
         build = self.build(doc.get("build"))
         env = self.pairs(("env",), (), doc.get("env"), MAX_ENV, ENV_NAME_RE, MAX_ENV_VALUE)
@@ -364,11 +352,10 @@ class _Reader:
             raise self.error(t, ("build-target",), "and target: set one")
         target_key = "build-target" if "build-target" in doc else "target"
         target = self.optional_string(t, doc, target_key)
-        rules = _platform_rules()
-        if target is not None and not rules.target_re.match(target):
+        if target is not None and not TARGET_RE.match(target):
             raise self.error(t, (target_key,), "must be the name of a stage of the Dockerfile")
         args = self.pairs(
-            t, ("args",), doc.get("args"), rules.max_args, rules.arg_re, rules.max_arg_value
+            t, ("args",), doc.get("args"), MAX_BUILD_ARGS, ARG_RE, MAX_BUILD_ARG_VALUE
         )
         return BuildConfig(dockerfile=dockerfile, image=image, args=args, target=target)
 
@@ -405,9 +392,8 @@ class _Reader:
         doc = self.typed((), t, value, dict, "a table")
         self.unknown_keys(t, (), doc, _DEPLOY_KEYS)
         strategy = self.optional_string(t, doc, "strategy")
-        strategies = _platform_rules().strategies
-        if strategy is not None and strategy not in strategies:
-            allowed = ", ".join(strategies)
+        if strategy is not None and strategy not in STRATEGIES:
+            allowed = ", ".join(STRATEGIES)
             raise self.error(t, ("strategy",), f"must be one of {allowed}, not {strategy[:40]!r}")
         wait_timeout = doc.get("wait_timeout")
         if wait_timeout is not None:

@@ -1,4 +1,9 @@
-"""`skyreg deploy` and `skyreg releases`: records which image an app runs."""
+"""`skyreg deploy` and `skyreg releases`: records which image an app runs.
+
+`skyreg deploy` reads the project's skyreg.toml (`--config FILE`, else PATH/skyreg.toml when
+there is one; see `skyreg.cli.appconfig`): its app, build, primary region and deploy settings
+are used where no flag says otherwise.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,13 @@ import os
 import sys
 import tempfile
 import urllib.parse
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from skyreg.cli.appconfig import AppConfig, ConfigError, find_config, load_config
 from skyreg.cli.client import client, fail
 from skyreg.cli.platform import AsJson, Server, Token, _console, _print_json, _quote, _table, _when
 from skyreg.cli.waiting import parse_wait_timeout, wait_release
@@ -22,7 +29,9 @@ def deploy(
         Path,
         typer.Argument(help="Directory with a Dockerfile, built when no --image is given."),
     ] = Path("."),
-    app: Annotated[str, typer.Option("--app", help="The app to deploy.")] = "",
+    app: Annotated[
+        str, typer.Option("--app", help="The app to deploy (default: app in skyreg.toml).")
+    ] = "",
     image: Annotated[
         str | None,
         typer.Option(
@@ -36,19 +45,30 @@ def deploy(
         typer.Option(help="Tag for the image in the app (default: deployment-YYYYMMDD-HHMMSS)."),
     ] = None,
     region: Annotated[
-        list[str] | None, typer.Option("--region", help="Region to run in (repeatable).")
+        list[str] | None,
+        typer.Option(
+            "--region",
+            help="Region to run in (repeatable; default: primary_region in skyreg.toml).",
+        ),
     ] = None,
     count: Annotated[int, typer.Option(min=1, max=100, help="Machines per region.")] = 1,
     strategy: Annotated[
-        str, typer.Option(help="rolling (keep the old machines until the new start) or immediate.")
-    ] = "rolling",
+        str | None,
+        typer.Option(
+            help="rolling (keep the old machines until the new start) or immediate.",
+            show_default="rolling",
+        ),
+    ] = None,
     description: Annotated[str | None, typer.Option(help="Why (shown in releases).")] = None,
     detach: Annotated[
         bool, typer.Option("--detach", help="Return once the release is recorded (no waiting).")
     ] = False,
     wait_timeout: Annotated[
-        str, typer.Option(help="How long to wait for every machine to start (e.g. 90s, 5m).")
-    ] = "5m",
+        str | None,
+        typer.Option(
+            help="How long to wait for every machine to start (e.g. 90s, 5m).", show_default="5m"
+        ),
+    ] = None,
     dockerfile: Annotated[
         Path | None, typer.Option(help="The Dockerfile (default: PATH/Dockerfile).")
     ] = None,
@@ -69,6 +89,15 @@ def deploy(
     build_arg: Annotated[
         list[str] | None, typer.Option("--build-arg", help="NAME=VALUE (repeatable).")
     ] = None,
+    env: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--env",
+            "-e",
+            help="NAME=VALUE: a plain environment variable of the machines, over the config "
+            "file's [env] (repeatable; secrets go in `skyreg secrets`).",
+        ),
+    ] = None,
     build_secret: Annotated[
         list[str] | None,
         typer.Option(
@@ -82,6 +111,14 @@ def deploy(
     ] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Build every step afresh.")] = False,
     build_timeout: Annotated[str, typer.Option(help="Longest a build may take.")] = "30m",
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="The app's config file (default: PATH/skyreg.toml, when there is one).",
+            show_default=False,
+        ),
+    ] = None,
     server: Server = None,
     token: Token = None,
     as_json: AsJson = False,
@@ -93,10 +130,20 @@ def deploy(
     (`skyreg builder`) or with `--build-local` on this machine, and pushed to APP:<label or
     deployment-YYYYMMDD-HHMMSS>. `--image` may also be a local docker-archive tarball (e.g.
     nix's `./result`) or OCI layout directory: it is pushed the same way first.
+
+    PATH/skyreg.toml (or `--config FILE`) gives the app, what to build (dockerfile, image,
+    build args, target), primary_region and the deploy's strategy and wait_timeout; flags win.
     """
+    settings = _settings(path, config)
+    app = app or settings.app or ""
     if not app:
-        fail("--app is required")
-    timeout = parse_wait_timeout(wait_timeout)
+        fail("--app is required (or app in skyreg.toml)")
+    if image is None and dockerfile is None and settings.image is not None:
+        if build_only:
+            fail(f"--build-only: nothing to build, {settings.source} names an image")
+        image = settings.image
+    dockerfile = dockerfile or settings.dockerfile
+    timeout = parse_wait_timeout(wait_timeout or settings.wait_timeout or "5m")
     api = client(server, token)
     if image is None:
         # Imported here: packing contexts (docker's matcher) and sealing (libsodium) cost every
@@ -114,9 +161,9 @@ def deploy(
         options = BuildOptions(
             path=path,
             dockerfile=dockerfile,
-            build_args=parse_pairs(build_arg, "--build-arg"),
+            build_args={**settings.build_args, **parse_pairs(build_arg, "--build-arg")},
             secrets={k: Path(v) for k, v in parse_pairs(build_secret, "--build-secret").items()},
-            target=target,
+            target=target or settings.target,
             platform=platform,
             no_cache=no_cache,
             label=image_label,
@@ -147,14 +194,19 @@ def deploy(
         image, image_label = _push_local(image, app, image_label, api.server, api.token)
     body: dict[str, object] = {
         "image": image,
-        "strategy": strategy,
+        "strategy": strategy or settings.strategy or "rolling",
         "count": count,
-        "regions": region or [],
+        "regions": region or settings.regions,
     }
     if image_label:
         body["image_label"] = image_label
     if description:
         body["description"] = description
+    from skyreg.cli.build import parse_pairs as parse_env
+
+    plain = {**settings.env, **parse_env(env, "--env")}
+    if plain:
+        body["env"] = plain
     release = api("POST", f"/apps/{_quote(app)}/releases", body)
     if not as_json:
         typer.echo(
@@ -168,6 +220,49 @@ def deploy(
         _print_json(release)
     if not detach and waited.code:
         fail(waited.reason, waited.code)
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """What a skyreg.toml says about a deploy (all unset without one)."""
+
+    source: str = ""  # the file, as named in messages
+    app: str | None = None
+    image: str | None = None
+    dockerfile: Path | None = None  # relative to the file's directory, as in fly.toml
+    build_args: dict[str, str] = field(default_factory=dict)
+    target: str | None = None
+    regions: list[str] = field(default_factory=list)
+    strategy: str | None = None
+    wait_timeout: str | None = None
+    env: dict[str, str] = field(default_factory=dict)  # [env]: the machines' plain variables
+
+
+def _settings(path: Path, explicit: Path | None) -> _Settings:
+    """The skyreg.toml to deploy with (`--config`, else PATH/skyreg.toml if any), its
+    warnings printed on stderr; a ConfigError ends the command."""
+    try:
+        found = find_config(path, explicit)
+        if found is None:
+            return _Settings()
+        loaded: AppConfig = load_config(found)
+    except ConfigError as e:
+        fail(str(e))
+    for warning in loaded.warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    build = loaded.build
+    return _Settings(
+        source=str(found),
+        app=loaded.app,
+        image=build.image,
+        dockerfile=None if build.dockerfile is None else found.parent / build.dockerfile,
+        build_args=dict(build.args),
+        target=build.target,
+        regions=[loaded.primary_region] if loaded.primary_region else [],
+        strategy=loaded.deploy.strategy,
+        wait_timeout=loaded.deploy.wait_timeout,
+        env=dict(loaded.env),
+    )
 
 
 def _is_local(image: str) -> bool:

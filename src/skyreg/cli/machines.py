@@ -31,7 +31,13 @@ def agent(
     server: Annotated[
         str, typer.Option("--server", envvar="SKYREG_SERVER", help="Server URL.")
     ] = "http://127.0.0.1:5000",
-    token: Annotated[str | None, service_token_option("Admin or org token.")] = None,
+    token: Annotated[
+        str | None,
+        service_token_option(
+            "An agent token (`skyreg tokens create agent`: receives machines' secrets), or an "
+            "admin or org token (machines without secrets only)."
+        ),
+    ] = None,
     token_file: TokenFile = None,
     data_dir: Annotated[
         Path,

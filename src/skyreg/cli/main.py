@@ -15,6 +15,7 @@ from skyreg.cli.builds import register as register_builds
 from skyreg.cli.deploy import register as register_deploy
 from skyreg.cli.dev import register as register_dev
 from skyreg.cli.gc import register as register_gc
+from skyreg.cli.launch import register as register_launch
 from skyreg.cli.machines import register as register_machines
 from skyreg.cli.platform import register
 from skyreg.cli.push import register as register_push
@@ -426,6 +427,7 @@ register_builder(app)
 register_builds(app)
 register_dev(app)
 register_gc(app)
+register_launch(app)
 register_retention()
 register_machines(app)
 register_push(app)

@@ -314,6 +314,7 @@ class Kind(StrEnum):
     org = "org"
     deploy = "deploy"
     readonly = "readonly"
+    agent = "agent"
 
 
 @tokens_app.command("create")
@@ -322,7 +323,8 @@ def tokens_create(
         Kind,
         typer.Argument(
             help="org: everything in the org; deploy: push/pull one app, pull the org's others; "
-            "readonly: pull the org's apps."
+            "readonly: pull the org's apps; agent (admins): a machine agent's, which receives "
+            "machines' secrets (its org's, or every org's without --org)."
         ),
     ],
     org: Annotated[
@@ -348,7 +350,10 @@ def tokens_create(
             body[key] = value
     created = client(server, token)("POST", "/tokens", body)
     typer.echo(created["secret"])
-    target = f"app {created['app']}" if created.get("app") else f"org {created['org']}"
+    if created.get("app"):
+        target = f"app {created['app']}"
+    else:
+        target = f"org {created['org']}" if created.get("org") else "every org"
     expires = f"expires {_when(created['expires_at'])}" if created["expires_at"] else "no expiry"
     typer.echo(
         f"Created {created['kind']} token {created['id']} for {target} ({expires}). "

@@ -31,7 +31,7 @@ WaitTimeout = Annotated[
     str,
     typer.Option("--wait-timeout", help="How long to wait for the machines (90s, 5m, 1h)."),
 ]
-MAX_STDIN = 4 << 20  # bytes of NAME=VALUE lines read from standard input
+MAX_STDIN = 2 << 20  # bytes of NAME=VALUE lines read from standard input (the API's limit)
 
 
 def parse_assignments(pairs: list[str]) -> dict[str, str]:

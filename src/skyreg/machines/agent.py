@@ -224,7 +224,11 @@ class Agent:
             self._finished[mid] = local.generation
             return
         await self._event(mid, "Starting machine")
+        plain = m.get("env") or {}
+        if not isinstance(plain, dict):
+            plain = {}
         env = {
+            **{str(k): str(v) for k, v in plain.items()},  # the release's [env]
             **secrets,
             "SKYREG_MACHINE_ID": mid,
             "SKYREG_APP": str(m["app"]),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -418,6 +418,7 @@ class Release:
     user_name: str
     created_at: datetime
     updated_at: datetime
+    env: dict[str, str] = field(default_factory=dict)  # plain variables of its machines
 
 
 _RELEASE_COLUMNS = (
@@ -438,6 +439,7 @@ _RELEASE_COLUMNS = (
     s.releases.c.user_name,
     s.releases.c.created_at,
     s.releases.c.updated_at,
+    s.releases.c.env,
 )
 _RELEASES_FROM = s.releases.join(s.apps, s.apps.c.id == s.releases.c.app_id)
 
@@ -461,7 +463,16 @@ def _release(row: tuple[Any, ...]) -> Release:
         user_name=str(row[14]),
         created_at=_aware(row[15]),  # type: ignore[arg-type]
         updated_at=_aware(row[16]),  # type: ignore[arg-type]
+        env=release_env(row[17]),
     )
+
+
+def release_env(stored: object) -> dict[str, str]:
+    """A release's stored `env` column as a dict (None: none)."""
+    if not isinstance(stored, str) or not stored:
+        return {}
+    loaded = json.loads(stored)
+    return {str(k): str(v) for k, v in loaded.items()} if isinstance(loaded, dict) else {}
 
 
 class ReleaseMeta(SqlStore):
@@ -505,6 +516,7 @@ class ReleaseMeta(SqlStore):
         machine_count: int,
         user_id: str,
         user_name: str,
+        env: dict[str, str] | None = None,
     ) -> Release:
         """Record the app's next release: versions count up from 1 without gaps, also when
         deploys race (they queue on the app's row; the unique (app, version) backs it up).
@@ -555,6 +567,7 @@ class ReleaseMeta(SqlStore):
                     user_name=user_name,
                     created_at=now,
                     updated_at=now,
+                    env=json.dumps(env, sort_keys=True) if env else None,
                     # The app's secrets as they are now: its machines get this version's set.
                     secrets_version=select(s.apps.c.secrets_version)
                     .where(s.apps.c.id == app_id)

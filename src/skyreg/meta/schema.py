@@ -189,6 +189,7 @@ releases = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Column("secrets_version", Integer),  # the app's secrets_version then (None: before 0011)
+    Column("env", Text),  # JSON object: plain environment variables of its machines (0011)
     UniqueConstraint("app_id", "version", name="uq_releases_app_version"),
 )
 

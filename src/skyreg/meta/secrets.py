@@ -195,11 +195,19 @@ class SecretMeta(SqlStore):
         return int(value or 0)
 
     def change(
-        self, app_id: int, change: SealedChange, by_id: str, by_name: str, max_names: int
+        self,
+        app_id: int,
+        change: SealedChange,
+        by_id: str,
+        by_name: str,
+        max_names: int,
+        max_bytes: int,
     ) -> tuple[int, list[str]] | None:
         """Apply a batch as one new version: (that version, the names it changed), or None
         when it changes nothing (every unset name absent). Raises ValueError when the app would
-        hold more than `max_names` secrets."""
+        hold more than `max_names` secrets or more than `max_bytes` of names and sealed values:
+        checked here, in the transaction that holds the app's row, so concurrent changes cannot
+        each pass alone and together exceed them."""
 
         def work(conn: Connection) -> tuple[int, list[str]] | None:
             current = conn.execute(
@@ -210,12 +218,15 @@ class SecretMeta(SqlStore):
                 else select(s.apps.c.secrets_version).where(s.apps.c.id == app_id)
             ).scalar()
             version = int(current or 0) + 1
-            names = {
-                str(n)
-                for n in conn.execute(
-                    select(_v.c.name).where(_v.c.app_id == app_id, _v.c.unset_in.is_(None))
-                ).scalars()
+            sizes = {
+                str(row[0]): int(row[1] or 0)
+                for row in conn.execute(
+                    select(_v.c.name, func.length(_v.c.sealed)).where(
+                        _v.c.app_id == app_id, _v.c.unset_in.is_(None)
+                    )
+                )
             }
+            names = set(sizes)
             unsets = [
                 n for n in dict.fromkeys(change.unsets) if n in names and n not in change.sets
             ]
@@ -223,10 +234,15 @@ class SecretMeta(SqlStore):
                 return None
             if len(names | set(change.sets)) - len(unsets) > max_names:
                 raise ValueError(f"an app holds at most {max_names} secrets")
-            ended = [*change.sets, *unsets]
+            ended = set(change.sets) | set(unsets)
+            total = sum(len(n) + size for n, size in sizes.items() if n not in ended)
+            total += sum(len(n) + len(sealed) for n, (sealed, _) in change.sets.items())
+            if total > max_bytes:
+                raise ValueError(f"its secrets would exceed {max_bytes >> 10} KiB in all")
+            touched = [*change.sets, *unsets]
             conn.execute(
                 update(_v)
-                .where(_v.c.app_id == app_id, _v.c.unset_in.is_(None), _v.c.name.in_(ended))
+                .where(_v.c.app_id == app_id, _v.c.unset_in.is_(None), _v.c.name.in_(touched))
                 .values(unset_in=version)
             )
             now = _now()
@@ -252,7 +268,7 @@ class SecretMeta(SqlStore):
                 update(s.apps).where(s.apps.c.id == app_id).values(secrets_version=version)
             )
             self._purge(conn, app_id, version)
-            return version, sorted(ended)
+            return version, sorted(touched)
 
         return self._transaction(work)
 

@@ -101,8 +101,9 @@ def load_json(raw: bytes | str, *, max_bytes: int, max_depth: int = MAX_JSON_DEP
         raise
     except (ValueError, RecursionError) as e:  # JSONDecodeError, or an int beyond the digit limit
         raise JSONInputError(f"the document is not valid JSON: {e}") from None
-    if _UNSTORABLE_ESCAPE_RE.search(data) and (bad := _first_unstorable(doc)) is not None:
-        raise JSONInputError(f"a string contains NUL or a lone surrogate: {bad[:40]!r}")
+    if _UNSTORABLE_ESCAPE_RE.search(data) and _first_unstorable(doc) is not None:
+        # Not echoed: the string may be a secret (a value of `skyreg secrets set`).
+        raise JSONInputError("a string contains NUL or a lone surrogate")
     return doc
 
 

@@ -38,14 +38,18 @@ from skyreg.services.inputs import (
     CreateBuild,
     RegisterBuilder,
 )
-from skyreg.services.names import deployment_tag
-from skyreg.services.releases import REGION_RE
+
+# `X as X`: re-exported for the modules that import them from here; defined in services/names.py,
+# where the CLI checks a skyreg.toml against them without loading SQLAlchemy.
+from skyreg.services.names import ARG_RE as ARG_RE
+from skyreg.services.names import MAX_BUILD_ARG_VALUE as MAX_BUILD_ARG_VALUE
+from skyreg.services.names import MAX_BUILD_ARGS as MAX_BUILD_ARGS
+from skyreg.services.names import REGION_RE, deployment_tag
+from skyreg.services.names import TARGET_RE as TARGET_RE
 
 log = logging.getLogger("skyreg.services")
 
 MAX_CONTEXT = 2 << 30  # bytes of a build context blob
-MAX_BUILD_ARGS = 100
-MAX_BUILD_ARG_VALUE = 4096
 MAX_SECRETS = 16
 MAX_SEALED_SECRET = 40 << 10  # base64 characters of one sealed secret (30 KiB of secret)
 MAX_PATH = 1024
@@ -58,9 +62,7 @@ LOG_WAIT_MAX = 20.0  # seconds a log read may wait for new lines
 LOG_POLL = 0.1
 CLAIM_WAIT_MAX = 20.0  # seconds a builder's claim may wait for a build
 CLAIM_POLL = 0.1
-ARG_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
 SECRET_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
-TARGET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 PLATFORM_RE = re.compile(r"^[a-z0-9]{1,16}/[a-z0-9]{1,16}(/[a-z0-9]{1,8})?\Z")
 BUILDER_NAME_MAX = 100
 MAX_LIVE_BUILDERS = 50  # live builders an org's tokens may have registered

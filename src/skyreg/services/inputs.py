@@ -127,6 +127,15 @@ class CreateRelease(Input):
         ),
     ] = 1
     description: str | None = None
+    env: Annotated[
+        dict[str, str],
+        _doc(
+            description="Plain (not secret) environment variables of the release's machines: "
+            "names letters, digits and _ (not SKYREG_...), at most 200, values text of at most "
+            "32 KiB (the [env] table of an app's config file)",
+            maxProperties=200,
+        ),
+    ] = msgspec.field(default_factory=dict)
 
 
 DURATION_TEXT = (

@@ -1,4 +1,8 @@
-"""Names and durations of the management API: DNS-label names, generated app names, expiries."""
+"""Names and durations of the management API: DNS-label names, generated app names, expiries,
+and the shapes of regions, deploy strategies and build arguments.
+
+Kept free of the metadata layer (SQLAlchemy, asyncio): the CLI checks a skyreg.toml against
+these same rules (`skyreg.cli.appconfig`) without loading the server's modules."""
 
 from __future__ import annotations
 
@@ -10,6 +14,13 @@ from datetime import UTC, datetime, timedelta
 DNS_LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 MAX_TOKEN_NAME = 100
 MAX_EXPIRY = timedelta(days=3650)
+
+REGION_RE = re.compile(r"^[a-z][a-z0-9-]{1,19}\Z")
+STRATEGIES = ("rolling", "immediate")  # how a release replaces the running machines
+ARG_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}\Z")  # a build argument's name
+TARGET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")  # a Dockerfile stage
+MAX_BUILD_ARGS = 100
+MAX_BUILD_ARG_VALUE = 4096
 
 _DURATION_PART_RE = re.compile(r"([0-9]+)(d|h|m|s)")  # ASCII digits only
 _UNIT_SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -23,6 +23,11 @@ from skyreg.oci.names import TAG_RE
 from skyreg.oci.reference import parse_reference
 from skyreg.services.access import visible_app
 from skyreg.services.errors import Forbidden, Invalid, LimitExceeded, NotFound
+
+# `X as X`: re-exported for the modules that import them from here; defined in services/names.py,
+# where the CLI checks a skyreg.toml against them without loading SQLAlchemy.
+from skyreg.services.names import REGION_RE as REGION_RE
+from skyreg.services.names import STRATEGIES as STRATEGIES
 from skyreg.services.names import deployment_tag
 
 if TYPE_CHECKING:
@@ -30,9 +35,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("skyreg.services")
 
-STRATEGIES = ("rolling", "immediate")
 MAX_IMAGE_MANIFESTS = 256  # an index and its children, walked to check a deploy's blobs
-REGION_RE = re.compile(r"^[a-z][a-z0-9-]{1,19}\Z")
 DEFAULT_REGION = "local"  # the one region of a single-region registry
 MAX_DESCRIPTION = 1000
 
@@ -41,6 +44,31 @@ IMAGE_REQUIRED = "image is required: REPOSITORY[:TAG] or REPOSITORY@DIGEST"
 LABEL_INVALID = "image_label must be a valid tag"
 STRATEGY_INVALID = f"strategy must be one of {', '.join(STRATEGIES)}"
 REGIONS_INVALID = "regions must be a list of region codes such as iad, sin, syd"
+
+
+MAX_ENV = 200  # plain variables of a release
+MAX_ENV_VALUE = 32 << 10  # characters of one value
+MAX_ENV_TOTAL = 256 << 10  # characters of a release's names and values in all
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
+
+
+def check_env(env: Mapping[str, str]) -> dict[str, str]:
+    """A release's plain environment variables, checked (Invalid / LimitExceeded)."""
+    if len(env) > MAX_ENV:
+        raise LimitExceeded(f"env holds at most {MAX_ENV} variables", MAX_ENV)
+    total = 0
+    for name, value in env.items():
+        if not ENV_NAME_RE.match(name) or name.upper().startswith("SKYREG_"):
+            raise Invalid(
+                f"env name {name[:130]!r} must be letters, digits and _, not starting with a "
+                "digit or SKYREG_, at most 128 characters"
+            )
+        if "\x00" in value or len(value) > MAX_ENV_VALUE:
+            raise Invalid(f"env {name}: the value must be text of at most 32 KiB without NUL")
+        total += len(name) + len(value)
+    if total > MAX_ENV_TOTAL:
+        raise LimitExceeded(f"env is larger than {MAX_ENV_TOTAL >> 10} KiB in all", MAX_ENV_TOTAL)
+    return dict(env)
 
 
 def count_invalid(limits: DeployLimits) -> str:
@@ -81,6 +109,7 @@ class DeployRequest:
     count: int = 1
     description: str | None = None
     reason: str = "deploy"  # "secrets": a change of the app's secrets rolls its machines
+    env: Mapping[str, str] = field(default_factory=dict)  # plain variables of its machines
 
 
 @dataclass
@@ -137,6 +166,7 @@ class ReleaseService:
             raise LimitExceeded(
                 f"a release may name at most {limits.regions} regions", limits.regions
             )
+        env = check_env(request.env)
         count = request.count
         if count < 1:
             raise Invalid(count_invalid(limits))
@@ -202,6 +232,7 @@ class ReleaseService:
             machine_count=count,
             user_id=token.id,
             user_name=token.name,
+            env=env,
         )
         if self.geo is not None:  # copies first: a region's machines then find the image at home
             queued = self.geo.enqueue_image(repository, digest, list(release.regions))

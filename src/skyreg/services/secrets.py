@@ -18,7 +18,6 @@ the machines roll onto the new values.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,15 +41,16 @@ from skyreg.meta.platform import App, PlatformMeta, Release, TokenRecord
 from skyreg.meta.secrets import SealedChange, SecretMeta, StoredSecret, WrappedOrgKey
 from skyreg.services.access import visible_app
 from skyreg.services.errors import Forbidden, Invalid, LimitExceeded, NotFound, Unavailable
-from skyreg.services.releases import DeployRequest, ReleaseService
+from skyreg.services.releases import ENV_NAME_RE, DeployRequest, ReleaseService
 
 log = logging.getLogger("skyreg.services")
 
-NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
+NAME_RE = ENV_NAME_RE  # a secret is an environment variable
 RESERVED_PREFIX = "SKYREG_"  # the agent's own variables (SKYREG_MACHINE_ID, ...)
 MAX_SECRETS = 100  # per app
 MAX_TOTAL_BYTES = 1 << 20  # names and values of one app: a process's environment stays small
 MAX_BATCH = 100
+SEALING_OVERHEAD = 40  # bytes a sealed value adds (nonce and tag)
 ROTATE_PAGE = 100
 
 
@@ -245,7 +245,12 @@ class SecretService:
         }
         try:
             result = self.secrets.change(
-                app.id, SealedChange(sealed, ()), caller.id, caller.name, MAX_SECRETS
+                app.id,
+                SealedChange(sealed, ()),
+                caller.id,
+                caller.name,
+                MAX_SECRETS,
+                MAX_TOTAL_BYTES + SEALING_OVERHEAD * MAX_SECRETS,
             )
         except ValueError as e:
             raise LimitExceeded(f"app {app.name}: {e}", MAX_SECRETS) from None
@@ -274,9 +279,17 @@ class SecretService:
             raise LimitExceeded(f"at most {MAX_BATCH} secrets at once", MAX_BATCH)
         for name in given:
             _check_name(name)
-        result = self.secrets.change(
-            app.id, SealedChange({}, given), caller.id, caller.name, MAX_SECRETS
-        )
+        try:
+            result = self.secrets.change(
+                app.id,
+                SealedChange({}, given),
+                caller.id,
+                caller.name,
+                MAX_SECRETS,
+                MAX_TOTAL_BYTES + SEALING_OVERHEAD * MAX_SECRETS,
+            )
+        except ValueError as e:  # only when an older limit let it grow: unset shrinks it
+            raise LimitExceeded(f"app {app.name}: {e}", MAX_SECRETS) from None
         log.info("app %s: secrets %s unset by token %s", app.name, sorted(given), caller.id)
         return app, result
 
@@ -305,6 +318,7 @@ class SecretService:
                 count=last.machine_count,
                 description=f"Secrets changed: {shown}",
                 reason="secrets",
+                env=last.env,
             )
         )
         return SecretsChanged(app, version, names, release, False)

@@ -179,6 +179,7 @@ class Call:
         self.services = services
         self.token: TokenRecord | None = None
         self._raw: bytes | None = None
+        self._limit = MAX_BODY
         self._body_error: ApiError | RequestPayloadError | None = None
 
     async def identify(self) -> None:
@@ -210,11 +211,12 @@ class Call:
         except ValueError as e:
             raise bad_request(f"{name} {e}") from None
 
-    async def read_body(self) -> None:
-        """Read the body on the event loop; a too-large or unreadable one is kept and raised
-        by `body`, after the handler's earlier checks."""
+    async def read_body(self, limit: int = MAX_BODY) -> None:
+        """Read the body (at most `limit` bytes) on the event loop; a too-large or unreadable
+        one is kept and raised by `body`, after the handler's earlier checks."""
+        self._limit = limit
         try:
-            self._raw = await read_body(self.request, MAX_BODY)
+            self._raw = await read_body(self.request, limit)
         except (ApiError, RequestPayloadError) as e:
             self._body_error = e
 
@@ -229,7 +231,7 @@ class Call:
         doc: Any = {}
         if raw.strip():
             try:
-                doc = load_json(raw, max_bytes=MAX_BODY)  # depth, NUL, lone surrogates bounded
+                doc = load_json(raw, max_bytes=self._limit)  # depth, NUL, surrogates bounded
             except JSONInputError as e:
                 raise bad_request(f"the request body is not valid JSON: {e}") from None
         if not isinstance(doc, dict):
@@ -292,6 +294,7 @@ class Route:
     security: Security = "token"
     description: str | None = None
     response_description: str = "OK"
+    max_body: int = MAX_BODY  # bytes of a request body (more: 413)
 
 
 _HEADERS = {"Cache-Control": "no-store"}
@@ -342,7 +345,7 @@ def endpoint(routes: dict[str, Route]) -> RequestHandler:
             call = Call(request, request.app[SERVICES_KEY])
             _refuse_unstorable_parameters(request)
             if request.method in BODY_METHODS:
-                await call.read_body()
+                await call.read_body(route.max_body)
             if route.security != "none":
                 await call.identify()
             return _answer(route, await route.handler(call))

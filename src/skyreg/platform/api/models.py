@@ -104,7 +104,9 @@ class Token(Model):
     name: str
     kind: Annotated[
         str,
-        msgspec.Meta(extra_json_schema={"enum": ["admin", "org", "deploy", "readonly", "build"]}),
+        msgspec.Meta(
+            extra_json_schema={"enum": ["admin", "org", "deploy", "readonly", "build", "agent"]}
+        ),
     ]
     org: str | None
     app: str | None
@@ -220,6 +222,9 @@ class Release(Model):
     user: ReleaseUser
     created_at: Time
     updated_at: Time
+    env: Annotated[
+        dict[str, str], msgspec.Meta(description="Plain environment variables of its machines")
+    ]
 
 
 class ReleaseList(Model):
@@ -275,6 +280,10 @@ class ImageRef(Model):
 
 class AgentMachine(Machine):
     image: ImageRef
+    env: Annotated[
+        dict[str, str],
+        msgspec.Meta(description="Its release's plain variables (secrets come on their own)"),
+    ]
 
 
 class AgentMachineList(Model):

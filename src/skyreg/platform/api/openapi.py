@@ -37,7 +37,7 @@ ERRORS = {
         "Conflict",
         "The name is taken, the change would leave no admin, or the manifest is in an index",
     ),
-    413: ("TooLarge", "The request body is larger than 64 KiB"),
+    413: ("TooLarge", "The request body is larger than 64 KiB (setSecrets: 2 MiB)"),
     429: ("TooManyRequests", "Too many failed authentication attempts; see Retry-After"),
     503: ("Unavailable", "The server cannot do this now (e.g. app secrets without a master key)"),
 }

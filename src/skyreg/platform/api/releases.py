@@ -30,6 +30,7 @@ def release_model(release: Release) -> models.Release:
         user=models.ReleaseUser(id=release.user_id, name=release.user_name),
         created_at=models.time(release.created_at),
         updated_at=models.time(release.updated_at),
+        env=release.env,
     )
 
 
@@ -54,6 +55,7 @@ async def create_release(call: Call) -> models.Release:
         regions=tuple(body.regions),
         count=body.count,
         description=body.description,
+        env=body.env,
     )
     return release_model(await call.services.releases.deploy(request))
 

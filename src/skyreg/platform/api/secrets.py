@@ -12,6 +12,9 @@ from skyreg.platform.api.releases import release_model
 from skyreg.services.inputs import MachineSecretsRequest, SetSecrets, UnsetSecrets
 from skyreg.services.secrets import SecretsChanged
 
+# Values are up to 64 KiB each and 1 MiB per app in all; JSON escapes can make them longer.
+SET_MAX_BODY = 2 << 20
+
 
 def changed_model(change: SecretsChanged) -> models.SecretsChanged:
     return models.SecretsChanged(
@@ -97,6 +100,7 @@ ROUTES = [
         "Set secrets of an app (admin, the app's org token, the app's deploy token). Unless "
         "`stage` is true, a release of the running image rolls the machines onto them",
         models.SecretsChanged, request=SetSecrets, errors=(400, 403, 404, 503),
+        max_body=SET_MAX_BODY,
         description="Values are encrypted at rest under the org's data key, which a master key "
         "outside the database wraps. Machines get them as environment variables when they "
         "start; no API answer carries a value.",

@@ -1,4 +1,5 @@
-"""App secrets: each org's wrapped data key, each app's sealed values by version.
+"""App secrets (each org's wrapped data key, each app's sealed values by version) and the
+plain environment variables of a release.
 
 Revision ID: 0011
 Revises: 0010
@@ -25,6 +26,7 @@ def upgrade() -> None:
         )
     with op.batch_alter_table("releases") as batch:
         batch.add_column(sa.Column("secrets_version", sa.Integer))
+        batch.add_column(sa.Column("env", sa.Text))
     op.create_table(
         "org_data_keys",
         sa.Column("org_id", sa.Integer, sa.ForeignKey("orgs.id"), primary_key=True),
@@ -54,6 +56,7 @@ def downgrade() -> None:
     op.drop_table("app_secrets")
     op.drop_table("org_data_keys")
     with op.batch_alter_table("releases") as batch:
+        batch.drop_column("env")
         batch.drop_column("secrets_version")
     with op.batch_alter_table("apps") as batch:
         batch.drop_column("secrets_version")
