@@ -7,72 +7,30 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
-import requests
 
 from skyreg.auth.envelope import MAX_VALUE_BYTES, prepend_new_key
 from skyreg.services.secrets import MAX_BATCH, MAX_SECRETS
 from tests.support.inprocess import InProcessRegistry
-from tests.support.oci import push_image
-from tests.support.platform import Tenancy, answer, api, authed, refused
+from tests.support.platform import answer, api, refused
+from tests.support.secrets import (
+    Tenant,
+    deploy,
+    machine_secrets,
+    make_tenant,
+    report_state,
+    running_registry,
+    set_secrets,
+    unset_secrets,
+)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessRegistry]:
-    reg = InProcessRegistry(data_dir=tmp_path_factory.mktemp("secrets") / "data")
-    reg.start()
-    try:
+    with running_registry(tmp_path_factory.mktemp("secrets") / "data") as reg:
         yield reg
-    finally:
-        reg.stop()
-
-
-@dataclass
-class Tenant:
-    org: str
-    app: str
-    admin: str
-    tokens: dict[str, str]  # kind -> secret: org, deploy (of the app), readonly, agent
-    token_ids: dict[str, str]
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-def make_tenant(server: InProcessRegistry) -> Tenant:
-    t = Tenancy(server.data_dir)
-    org, app = unique("org"), unique("app")
-    t.org(org)
-    t.app(app, org)
-    made = {
-        "org": t.token("org", org=org),
-        "deploy": t.token("deploy", org=org, app=app),
-        "readonly": t.token("readonly", org=org),
-        "agent": t.token("agent", org=org),
-    }
-    return Tenant(
-        org,
-        app,
-        t.admin_secret(),
-        {k: v[0] for k, v in made.items()},
-        {k: v[1] for k, v in made.items()},
-    )
-
-
-def set_secrets(
-    server: InProcessRegistry, app: str, token: str, values: dict[str, str], **kw: Any
-) -> requests.Response:
-    return api(server, "POST", f"/apps/{app}/secrets", token, json={"secrets": values, **kw})
-
-
-def unset(
-    server: InProcessRegistry, app: str, token: str, names: list[str], **kw: Any
-) -> requests.Response:
-    return api(server, "POST", f"/apps/{app}/secrets/unset", token, json={"names": names, **kw})
 
 
 def listed(server: InProcessRegistry, app: str, token: str) -> dict[str, Any]:
@@ -84,29 +42,9 @@ def by_name(found: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {s["name"]: s for s in found["secrets"]}
 
 
-def deploy(server: InProcessRegistry, tenant: Tenant, tag: str = "v1") -> dict[str, Any]:
-    """Push an image to the app and release it (its machines are created, desired started)."""
-    push_image(server.url, tenant.app, tag, session=authed(tenant.tokens["org"]))
-    body = {"image": f"{server.host}/{tenant.app}:{tag}"}
-    resp = api(server, "POST", f"/apps/{tenant.app}/releases", tenant.tokens["org"], json=body)
-    return dict(answer(resp, 201))
-
-
 def machines_of(server: InProcessRegistry, tenant: Tenant, version: int) -> list[dict[str, Any]]:
     found = answer(api(server, "GET", f"/apps/{tenant.app}/machines", tenant.tokens["org"]), 200)
     return [m for m in found["machines"] if m["release_version"] == version]
-
-
-def report(server: InProcessRegistry, token: str, machine_id: str, state: str) -> None:
-    body = {"state": state}
-    answer(api(server, "POST", f"/agent/machines/{machine_id}/state", token, json=body), 200)
-
-
-def machine_secrets(
-    server: InProcessRegistry, token: str, machine_id: str, generation: int
-) -> requests.Response:
-    body = {"generation": generation}
-    return api(server, "POST", f"/agent/machines/{machine_id}/secrets", token, json=body)
 
 
 # -- set, list, unset ----------------------------------------------------------------------------
@@ -152,13 +90,13 @@ def test_set_list_unset_without_a_release(server: InProcessRegistry) -> None:
     assert now["DATABASE_URL"]["version"] == changed["version"] > version
 
     # Unset removes it; an absent name changes nothing (same version, nothing changed).
-    resp = unset(server, tenant.app, org, ["DATABASE_URL"])
+    resp = unset_secrets(server, tenant.app, org, ["DATABASE_URL"])
     texts.append(resp.text)
     gone = answer(resp, 200)
     assert gone["changed"] == ["DATABASE_URL"] and gone["staged"] is True
     after = listed(server, tenant.app, org)
     assert [s["name"] for s in after["secrets"]] == ["OTHER"]
-    resp = unset(server, tenant.app, org, ["DATABASE_URL", "NEVER_SET"])
+    resp = unset_secrets(server, tenant.app, org, ["DATABASE_URL", "NEVER_SET"])
     texts.append(resp.text)
     nothing = answer(resp, 200)
     assert nothing["changed"] == [] and nothing["version"] == gone["version"]
@@ -200,7 +138,7 @@ def test_set_after_a_deploy_rolls_the_machines_and_stage_waits(server: InProcess
     assert all(s["deployed"] for s in shown["secrets"])
 
     # Unset after a deploy rolls too.
-    gone = answer(unset(server, tenant.app, org, ["LATER"]), 200)
+    gone = answer(unset_secrets(server, tenant.app, org, ["LATER"]), 200)
     assert (
         gone["release"]["reason"] == "secrets" and gone["release"]["version"] == nxt["version"] + 1
     )
@@ -227,7 +165,7 @@ def test_bad_names_are_refused(server: InProcessRegistry, name: str, says: str) 
     message = refused(resp, 400, "bad_request")
     assert says in message and value not in resp.text
     assert listed(server, tenant.app, tenant.tokens["org"])["secrets"] == []  # all or nothing
-    refused(unset(server, tenant.app, tenant.tokens["org"], [name]), 400, "bad_request")
+    refused(unset_secrets(server, tenant.app, tenant.tokens["org"], [name]), 400, "bad_request")
 
 
 def test_a_value_with_nul_is_refused_without_echoing_it(server: InProcessRegistry) -> None:
@@ -260,7 +198,7 @@ def test_limits_on_count_and_size(server: InProcessRegistry) -> None:
     too_many = {f"N{i}": "x" for i in range(MAX_BATCH + 1)}
     message = refused(set_secrets(server, tenant.app, org, too_many), 400, "bad_request")
     assert "at most 100 secrets at once" in message
-    message = refused(unset(server, tenant.app, org, list(too_many)), 400, "bad_request")
+    message = refused(unset_secrets(server, tenant.app, org, list(too_many)), 400, "bad_request")
     assert "at most 100 secrets at once" in message
     full = {f"N{i}": "x" for i in range(MAX_SECRETS)}
     answer(set_secrets(server, tenant.app, org, full, stage=True), 200)
@@ -322,7 +260,7 @@ def test_the_agent_starting_a_machine_gets_its_values(server: InProcessRegistry)
     assert "not starting" in refused(
         machine_secrets(server, agent, mid, generation), 403, "forbidden"
     )
-    report(server, agent, mid, "starting")
+    report_state(server, agent, mid, "starting")
     got = machine_secrets(server, agent, mid, generation)
     assert answer(got, 200) == {"env": values}
     assert got.headers.get("Cache-Control") == "no-store"
@@ -339,7 +277,7 @@ def test_the_agent_starting_a_machine_gets_its_values(server: InProcessRegistry)
     refused(machine_secrets(server, other.tokens["agent"], mid, generation), 404, "not_found")
     refused(machine_secrets(server, agent, "m" + "0" * 17, generation), 404, "not_found")
     # Started: too late.
-    report(server, agent, mid, "started")
+    report_state(server, agent, mid, "started")
     refused(machine_secrets(server, agent, mid, generation), 403, "forbidden")
 
 
@@ -364,7 +302,7 @@ def test_a_release_keeps_the_set_it_was_made_with(server: InProcessRegistry) -> 
     answer(set_secrets(server, tenant.app, org, {"A": "two", "B": "b"}, stage=True), 200)
     # The first release's machine, started now, still gets the first set (staged: no roll).
     [machine] = machines_of(server, tenant, first["version"])
-    report(server, agent, machine["id"], "starting")
+    report_state(server, agent, machine["id"], "starting")
     got = answer(machine_secrets(server, agent, machine["id"], machine["generation"]), 200)
     assert got == {"env": {"A": "one"}}
 
@@ -410,7 +348,7 @@ def test_rotate_key_rewraps_every_org_and_the_old_key_can_go(
         for t in with_secrets:  # the values still open, through the agent path
             release = deploy(reg, t)
             [machine] = machines_of(reg, t, release["version"])
-            report(reg, t.tokens["agent"], machine["id"], "starting")
+            report_state(reg, t.tokens["agent"], machine["id"], "starting")
             resp = machine_secrets(reg, t.tokens["agent"], machine["id"], machine["generation"])
             assert answer(resp, 200) == {"env": {**values[t.app], "MORE": "m"}}
     finally:

@@ -18,7 +18,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,62 +34,34 @@ from skyreg.auth.envelope import (
 from skyreg.services.secrets import MAX_TOTAL_BYTES
 from tests.support.inprocess import InProcessRegistry
 from tests.support.oci import push_image
-from tests.support.platform import Tenancy, answer, api, authed, cli_env
+from tests.support.platform import answer, api, authed, cli_env
+from tests.support.secrets import (
+    Tenant,
+    deploy,
+    machine_secrets,
+    make_tenant,
+    registry_token,
+    report_state,
+    running_registry,
+    set_secrets,
+)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessRegistry]:
-    reg = InProcessRegistry(data_dir=tmp_path_factory.mktemp("secretattacks") / "data")
-    reg.start()
-    try:
+    with running_registry(tmp_path_factory.mktemp("secretattacks") / "data") as reg:
         yield reg
-    finally:
-        reg.stop()
 
 
-@dataclass
-class Org:
-    name: str
-    app: str
-    admin: str
-    org: str  # the org's org token
-    agent: str  # an agent token bound to the org
+def new_tenant(reg: InProcessRegistry) -> Tenant:
+    """A tenant with an org token and an agent token only (tests check the org's token list)."""
+    return make_tenant(reg, kinds=("org", "agent"))
 
 
-def new_org(reg: InProcessRegistry) -> Org:
-    t = Tenancy(reg.data_dir)
-    name, app = f"org-{uuid.uuid4().hex[:10]}", f"app-{uuid.uuid4().hex[:10]}"
-    t.org(name)
-    t.app(app, name)
-    return Org(
-        name, app, t.admin_secret(), t.token("org", org=name)[0], t.token("agent", org=name)[0]
-    )
-
-
-def set_secrets(reg: InProcessRegistry, o: Org, values: dict[str, str], **kw: Any) -> Any:
-    return api(reg, "POST", f"/apps/{o.app}/secrets", o.org, json={"secrets": values, **kw})
-
-
-def deploy(reg: InProcessRegistry, o: Org) -> dict[str, Any]:
-    push_image(reg.url, o.app, "v1", session=authed(o.org))
-    body = {"image": f"{reg.host}/{o.app}:v1"}
-    return dict(answer(api(reg, "POST", f"/apps/{o.app}/releases", o.org, json=body), 201))
-
-
-def the_machine(reg: InProcessRegistry, o: Org) -> dict[str, Any]:
-    found = answer(api(reg, "GET", f"/apps/{o.app}/machines", o.org), 200)["machines"]
+def the_machine(reg: InProcessRegistry, o: Tenant) -> dict[str, Any]:
+    found = answer(api(reg, "GET", f"/apps/{o.app}/machines", o.tokens["org"]), 200)["machines"]
     [machine] = [m for m in found if m["desired"] == "started"]
     return dict(machine)
-
-
-def report(reg: InProcessRegistry, token: str, machine_id: str, state: str) -> None:
-    path = f"/agent/machines/{machine_id}/state"
-    answer(api(reg, "POST", path, token, json={"state": state}), 200)
-
-
-def ask(reg: InProcessRegistry, token: str, machine_id: str, generation: int) -> requests.Response:
-    body = {"generation": generation}
-    return api(reg, "POST", f"/agent/machines/{machine_id}/secrets", token, json=body)
 
 
 def raw(reg: InProcessRegistry, method: str, target: str, token: str, body: Any = None) -> Any:
@@ -131,38 +102,49 @@ def test_no_path_trick_takes_an_agent_token_outside_the_agent_api(
 ) -> None:
     """aiohttp decodes %2e but does not resolve `..` in `request.path`: the prefix check and the
     router see the same path, so a dotted path that starts with /api/v1/agent/ reaches no route."""
-    a = new_org(server)
-    answer(set_secrets(server, a, {"S": "hidden-" + uuid.uuid4().hex}, stage=True), 200)
+    a = new_tenant(server)
+    answer(
+        set_secrets(
+            server, a.app, a.tokens["org"], {"S": "hidden-" + uuid.uuid4().hex}, stage=True
+        ),
+        200,
+    )
     targets = [
         ("GET", "apps", None),
         ("GET", "whoami", None),
         ("GET", "tokens", None),
         ("GET", f"apps/{a.app}/secrets", None),
-        ("POST", "tokens", {"kind": "org", "org": a.name}),
+        ("POST", "tokens", {"kind": "org", "org": a.org}),
         ("POST", f"apps/{a.app}/secrets", {"secrets": {"X": "y"}}),
         ("POST", "secrets/rotate-key", {}),
     ]
     for method, route, body in targets:
         for trick in TRICKS:
-            status, content = raw(server, method, trick.format(route=route), a.agent, body)
+            status, content = raw(
+                server, method, trick.format(route=route), a.tokens["agent"], body
+            )
             assert status in (403, 404), (trick, route, status, content[:200])
     for target in ("/api/v1/agent/../../graphql", "/api/v1/agent/%2e%2e/%2e%2e/graphql"):
-        status, content = raw(server, "POST", target, a.agent, {"query": "{ __typename }"})
+        status, content = raw(
+            server, "POST", target, a.tokens["agent"], {"query": "{ __typename }"}
+        )
         assert status in (403, 404), (target, status, content[:200])
     for target in ("/graphql", "/graphql/", "/graphql?/api/v1/agent/"):
-        status, content = raw(server, "POST", target, a.agent, {"query": "{ __typename }"})
+        status, content = raw(
+            server, "POST", target, a.tokens["agent"], {"query": "{ __typename }"}
+        )
         assert status in (403, 404, 405), (target, status, content[:200])
     # Nothing was made or changed by any of them.
-    listing = answer(api(server, "GET", f"/apps/{a.app}/secrets", a.org), 200)
+    listing = answer(api(server, "GET", f"/apps/{a.app}/secrets", a.tokens["org"]), 200)
     assert [s["name"] for s in listing["secrets"]] == ["S"]
-    tokens = answer(api(server, "GET", "/tokens", a.org), 200)
+    tokens = answer(api(server, "GET", "/tokens", a.tokens["org"]), 200)
     assert sorted(t["kind"] for t in tokens["tokens"]) == ["agent", "org"], tokens
 
 
 def test_no_spelling_of_kind_lets_an_org_token_mint_an_agent_token(
     server: InProcessRegistry,
 ) -> None:
-    a = new_org(server)
+    a = new_tenant(server)
     spellings: list[Any] = [
         "Agent",
         "AGENT",
@@ -173,49 +155,38 @@ def test_no_spelling_of_kind_lets_an_org_token_mint_an_agent_token(
         "agen\u0074",
     ]
     for kind in spellings:
-        resp = api(server, "POST", "/tokens", a.org, json={"kind": kind, "org": a.name})
+        resp = api(server, "POST", "/tokens", a.tokens["org"], json={"kind": kind, "org": a.org})
         assert resp.status_code in (400, 403), (kind, resp.text)
     for body in (
-        {"kind": ["agent"], "org": a.name},
+        {"kind": ["agent"], "org": a.org},
         {"kind": "agent"},  # every org
         {"kind": "agent", "org": None},
-        {"kind": "agent", "org": a.name, "app": a.app},
-        {"kind": "org", "org": a.name, "kind ": "agent"},
+        {"kind": "agent", "org": a.org, "app": a.app},
+        {"kind": "org", "org": a.org, "kind ": "agent"},
     ):
-        resp = api(server, "POST", "/tokens", a.org, json=body)
+        resp = api(server, "POST", "/tokens", a.tokens["org"], json=body)
         assert resp.status_code in (400, 403), (body, resp.text)
     # A JSON object with the key twice: the last one counts, and it is refused.
-    dup = b'{"kind": "org", "org": "%s", "kind": "agent"}' % a.name.encode()
+    dup = b'{"kind": "org", "org": "%s", "kind": "agent"}' % a.org.encode()
     resp = requests.post(
         f"{server.url}/api/v1/tokens",
         data=dup,
-        headers={"Authorization": f"Bearer {a.org}", "Content-Type": "application/json"},
+        headers={"Authorization": f"Bearer {a.tokens['org']}", "Content-Type": "application/json"},
         timeout=30,
     )
     assert resp.status_code in (400, 403), resp.text
-    tokens = answer(api(server, "GET", "/tokens", a.org), 200)
+    tokens = answer(api(server, "GET", "/tokens", a.tokens["org"]), 200)
     assert sorted(t["kind"] for t in tokens["tokens"]) == ["agent", "org"], tokens
-
-
-def _bearer(reg: InProcessRegistry, secret: str, scope: str) -> str:
-    resp = requests.get(
-        f"{reg.url}/auth/token",
-        params={"service": "skyreg", "scope": scope},
-        auth=("x", secret),
-        timeout=30,
-    )
-    assert resp.status_code == 200, resp.text
-    return str(resp.json()["token"])
 
 
 def test_an_every_org_agent_token_pulls_every_org_and_pushes_or_deletes_none(
     server: InProcessRegistry,
 ) -> None:
-    victim = new_org(server)
-    image = push_image(server.url, victim.app, "v1", session=authed(victim.org))
+    victim = new_tenant(server)
+    image = push_image(server.url, victim.app, "v1", session=authed(victim.tokens["org"]))
     every = answer(api(server, "POST", "/tokens", victim.admin, json={"kind": "agent"}), 201)
     agent = str(every["secret"])
-    granted = _bearer(server, agent, f"repository:{victim.app}:pull,push,delete")
+    granted = registry_token(server, agent, f"repository:{victim.app}:pull,push,delete")
     headers = {"Authorization": f"Bearer {granted}"}
     got = requests.get(f"{server.url}/v2/{victim.app}/manifests/v1", headers=headers, timeout=30)
     assert got.status_code == 200, got.text  # it runs every org's machines
@@ -236,9 +207,9 @@ def test_an_every_org_agent_token_pulls_every_org_and_pushes_or_deletes_none(
 
 
 def test_values_go_only_to_the_agent_starting_that_generation(server: InProcessRegistry) -> None:
-    a, b = new_org(server), new_org(server)
+    a, b = new_tenant(server), new_tenant(server)
     value = "v-" + uuid.uuid4().hex
-    answer(set_secrets(server, a, {"S": value}, stage=True), 200)
+    answer(set_secrets(server, a.app, a.tokens["org"], {"S": value}, stage=True), 200)
     deploy(server, a)
     machine = the_machine(server, a)
     mid, gen = machine["id"], machine["generation"]
@@ -248,36 +219,44 @@ def test_values_go_only_to_the_agent_starting_that_generation(server: InProcessR
         assert value not in resp.text
 
     # Not starting yet (created): refused, whichever generation.
-    refused_without_value(ask(server, a.agent, mid, gen), 403)
-    report(server, a.agent, mid, "starting")
+    refused_without_value(machine_secrets(server, a.tokens["agent"], mid, gen), 403)
+    report_state(server, a.tokens["agent"], mid, "starting")
     for guess in (gen - 1, gen + 1, 0, 2**31 - 1):
         if guess != gen:
-            refused_without_value(ask(server, a.agent, mid, guess), 403)
+            refused_without_value(machine_secrets(server, a.tokens["agent"], mid, guess), 403)
     # Another org's agent token and the tenant's own tokens: nothing (the other org: not found).
-    refused_without_value(ask(server, b.agent, mid, gen), 404)
-    refused_without_value(ask(server, b.org, mid, gen), 404)
-    refused_without_value(ask(server, a.org, mid, gen), 403)
-    refused_without_value(ask(server, a.admin, mid, gen), 403)
+    refused_without_value(machine_secrets(server, b.tokens["agent"], mid, gen), 404)
+    refused_without_value(machine_secrets(server, b.tokens["org"], mid, gen), 404)
+    refused_without_value(machine_secrets(server, a.tokens["org"], mid, gen), 403)
+    refused_without_value(machine_secrets(server, a.admin, mid, gen), 403)
     # Another org's agent cannot move the machine into a state that would serve it either.
-    resp = api(server, "POST", f"/agent/machines/{mid}/state", b.agent, json={"state": "starting"})
+    resp = api(
+        server,
+        "POST",
+        f"/agent/machines/{mid}/state",
+        b.tokens["agent"],
+        json={"state": "starting"},
+    )
     assert resp.status_code == 404, resp.text
-    assert answer(ask(server, a.agent, mid, gen), 200) == {"env": {"S": value}}
+    assert answer(machine_secrets(server, a.tokens["agent"], mid, gen), 200) == {
+        "env": {"S": value}
+    }
     # Replayed once the machine runs: refused.
-    report(server, a.agent, mid, "started")
-    refused_without_value(ask(server, a.agent, mid, gen), 403)
+    report_state(server, a.tokens["agent"], mid, "started")
+    refused_without_value(machine_secrets(server, a.tokens["agent"], mid, gen), 403)
     # Desired stopped while the agent (or a tenant's org token playing agent) says starting.
-    answer(api(server, "POST", f"/machines/{mid}/stop", a.org), 200)
-    report(server, a.org, mid, "starting")
-    refused_without_value(ask(server, a.agent, mid, gen), 403)
+    answer(api(server, "POST", f"/machines/{mid}/stop", a.tokens["org"]), 200)
+    report_state(server, a.tokens["org"], mid, "starting")
+    refused_without_value(machine_secrets(server, a.tokens["agent"], mid, gen), 403)
     # The refusals left no value in the machine's events.
-    listed = api(server, "GET", f"/apps/{a.app}/machines", a.org)
+    listed = api(server, "GET", f"/apps/{a.app}/machines", a.tokens["org"])
     assert value not in listed.text
 
 
 def test_names_that_would_shadow_the_agents_variables_are_refused_in_any_case(
     server: InProcessRegistry,
 ) -> None:
-    a = new_org(server)
+    a = new_tenant(server)
     for name in (
         "skyreg_machine_id",
         "SKYREG_MACHINE_ID",
@@ -290,16 +269,18 @@ def test_names_that_would_shadow_the_agents_variables_are_refused_in_any_case(
         "LD_PRELOAD\n",
         "",
     ):
-        resp = set_secrets(server, a, {name: "x"}, stage=True)
+        resp = set_secrets(server, a.app, a.tokens["org"], {name: "x"}, stage=True)
         assert resp.status_code == 400, (name, resp.text)
-    assert answer(api(server, "GET", f"/apps/{a.app}/secrets", a.org), 200)["secrets"] == []
+    assert (
+        answer(api(server, "GET", f"/apps/{a.app}/secrets", a.tokens["org"]), 200)["secrets"] == []
+    )
 
 
 # -- values never echoed -------------------------------------------------------------------------
 
 
 def test_refused_bodies_never_echo_a_value(server: InProcessRegistry) -> None:
-    a = new_org(server)
+    a = new_tenant(server)
     value = "sk_live_" + uuid.uuid4().hex
     bodies: list[Any] = [
         {"secrets": {"K": value + "\x00"}},
@@ -312,14 +293,14 @@ def test_refused_bodies_never_echo_a_value(server: InProcessRegistry) -> None:
         {"secrets": {"K": value * (MAX_VALUE_BYTES // len(value) + 1)}},
     ]
     for body in bodies:
-        resp = api(server, "POST", f"/apps/{a.app}/secrets", a.org, json=body)
+        resp = api(server, "POST", f"/apps/{a.app}/secrets", a.tokens["org"], json=body)
         assert resp.status_code == 400, resp.text
         assert value not in resp.text and value[8:24] not in resp.text, resp.text
     broken = b'{"secrets": {"K": "' + value.encode() + b'\xff"}}'
     resp = requests.post(
         f"{server.url}/api/v1/apps/{a.app}/secrets",
         data=broken,
-        headers={"Authorization": f"Bearer {a.org}", "Content-Type": "application/json"},
+        headers={"Authorization": f"Bearer {a.tokens['org']}", "Content-Type": "application/json"},
         timeout=30,
     )
     assert resp.status_code == 400 and value not in resp.text, resp.text
@@ -331,9 +312,11 @@ def test_the_cli_never_prints_a_value_the_server_or_it_refuses(
 ) -> None:
     """A value given as bytes that are not UTF-8 (argv decoded with surrogateescape) or with a
     NUL from standard input: neither the CLI nor the server's answer it prints shows it."""
-    a = new_org(server)
+    a = new_tenant(server)
     value = "sk_live_" + uuid.uuid4().hex
-    env = {k.encode(): v.encode() for k, v in cli_env(tmp_path, server.url, a.org).items()}
+    env = {
+        k.encode(): v.encode() for k, v in cli_env(tmp_path, server.url, a.tokens["org"]).items()
+    }
     for argv, stdin, says in (
         ([b"K=" + value.encode() + b"\xff"], b"", b"surrogate"),
         ([b"-"], b"K=" + value.encode() + b"\x00x\n", b"NUL"),
@@ -347,14 +330,16 @@ def test_the_cli_never_prints_a_value_the_server_or_it_refuses(
         out = done.stdout + done.stderr
         assert done.returncode == 1 and says in out, out[-600:]  # refused, not a usage error
         assert value.encode() not in out and value[8:24].encode() not in out, out[-600:]
-    assert answer(api(server, "GET", f"/apps/{a.app}/secrets", a.org), 200)["secrets"] == []
+    assert (
+        answer(api(server, "GET", f"/apps/{a.app}/secrets", a.tokens["org"]), 200)["secrets"] == []
+    )
 
 
 # -- limits --------------------------------------------------------------------------------------
 
 
 def test_concurrent_sets_cannot_exceed_the_apps_total(server: InProcessRegistry) -> None:
-    a = new_org(server)
+    a = new_tenant(server)
     big = "x" * MAX_VALUE_BYTES
     per_request = 15  # 960 KiB: each alone fits
     requests_at_once = 4
@@ -363,11 +348,11 @@ def test_concurrent_sets_cannot_exceed_the_apps_total(server: InProcessRegistry)
     def one(i: int) -> int:
         values = {f"B{i}_{j}": big for j in range(per_request)}
         barrier.wait()
-        return set_secrets(server, a, values, stage=True).status_code
+        return set_secrets(server, a.app, a.tokens["org"], values, stage=True).status_code
 
     with ThreadPoolExecutor(requests_at_once) as pool:
         statuses = list(pool.map(one, range(requests_at_once)))
-    listed = answer(api(server, "GET", f"/apps/{a.app}/secrets", a.org), 200)["secrets"]
+    listed = answer(api(server, "GET", f"/apps/{a.app}/secrets", a.tokens["org"]), 200)["secrets"]
     total = sum(len(s["name"]) + MAX_VALUE_BYTES for s in listed)
     assert total <= MAX_TOTAL_BYTES, (statuses, len(listed), total)
 
@@ -544,8 +529,8 @@ def test_another_host_user_cannot_read_the_key_file_or_the_database(traversable:
     reg = InProcessRegistry(data_dir=traversable / "data")
     reg.start()
     try:
-        o = new_org(reg)
-        answer(set_secrets(reg, o, {"S": "x"}, stage=True), 200)
+        o = new_tenant(reg)
+        answer(set_secrets(reg, o.app, o.tokens["org"], {"S": "x"}, stage=True), 200)
         key = (reg.data_dir / "secrets.key").read_text()
         line = next(x for x in key.splitlines() if x and not x.startswith("#"))
         paths = [str(reg.data_dir), str(reg.data_dir / "secrets.key")]

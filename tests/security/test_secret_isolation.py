@@ -11,7 +11,6 @@ import sqlite3
 import stat
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +21,19 @@ from skyreg.auth.envelope import MasterKey, MasterKeys, WrappedKey, unwrap_data_
 from skyreg.platform.api import ROUTES
 from tests.support.inprocess import InProcessRegistry
 from tests.support.oci import push_image
-from tests.support.platform import Served, Tenancy, answer, api, authed, refused
+from tests.support.platform import Tenancy, answer, api, authed, refused
+from tests.support.secrets import (
+    Hosted,
+    Tenant,
+    deploy,
+    machine_secrets,
+    make_tenant,
+    registry_token,
+    report_state,
+    running_registry,
+    set_secrets,
+)
 from tests.support.servers import RunningRegistry
-
-KINDS = ("org", "deploy", "readonly", "agent")
 
 APP_QUERY = """
 query($name: String!) {
@@ -44,84 +52,31 @@ query($name: String!) {
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessRegistry]:
-    reg = InProcessRegistry(data_dir=tmp_path_factory.mktemp("secretiso") / "data")
-    reg.start()
-    try:
+    with running_registry(tmp_path_factory.mktemp("secretiso") / "data") as reg:
         yield reg
-    finally:
-        reg.stop()
 
 
-@dataclass
-class Tenant:
-    org: str
-    app: str
-    admin: str
-    tokens: dict[str, str]  # kind -> secret
-
-
-def make_tenant(reg: Served, data_dir: Path, public: bool = False) -> Tenant:
-    t = Tenancy(data_dir)
-    org, app = f"org-{uuid.uuid4().hex[:10]}", f"app-{uuid.uuid4().hex[:10]}"
-    t.org(org)
-    t.app(app, org, public=public)
-    tokens = {kind: t.token(kind, org=org)[0] for kind in ("org", "readonly", "agent")}
-    tokens["deploy"] = t.token("deploy", org=org, app=app)[0]
-    return Tenant(org, app, t.admin_secret(), tokens)
-
-
-def tenant(server: InProcessRegistry, public: bool = False) -> Tenant:
-    return make_tenant(server, server.data_dir, public)
-
-
-def set_secrets(reg: Served, app: str, token: str, values: dict[str, str], **kw: Any) -> Any:
-    return api(reg, "POST", f"/apps/{app}/secrets", token, json={"secrets": values, **kw})
-
-
-def deploy(reg: Served, t: Tenant, tag: str = "v1") -> dict[str, Any]:
-    push_image(reg.url, t.app, tag, session=authed(t.tokens["org"]))
-    body = {"image": f"{reg.url.removeprefix('http://')}/{t.app}:{tag}"}
-    return dict(
-        answer(api(reg, "POST", f"/apps/{t.app}/releases", t.tokens["org"], json=body), 201)
-    )
-
-
-def starting_machine(reg: Served, t: Tenant, version: int) -> dict[str, Any]:
+def starting_machine(reg: Hosted, t: Tenant, version: int) -> dict[str, Any]:
     """The release's machine, reported starting by the org's agent."""
     found = answer(api(reg, "GET", f"/apps/{t.app}/machines", t.tokens["org"]), 200)["machines"]
     [machine] = [m for m in found if m["release_version"] == version]
-    body = {"state": "starting"}
-    path = f"/agent/machines/{machine['id']}/state"
-    answer(api(reg, "POST", path, t.tokens["agent"], json=body), 200)
+    report_state(reg, t.tokens["agent"], machine["id"], "starting")
     return dict(machine)
 
 
-def agent_secrets(reg: Served, token: str, machine: dict[str, Any]) -> requests.Response:
-    body = {"generation": machine["generation"]}
-    return api(reg, "POST", f"/agent/machines/{machine['id']}/secrets", token, json=body)
+def agent_secrets(reg: Hosted, token: str, machine: dict[str, Any]) -> requests.Response:
+    return machine_secrets(reg, token, machine["id"], machine["generation"])
 
 
-def listing(reg: Served, app: str, token: str) -> requests.Response:
+def listing(reg: Hosted, app: str, token: str) -> requests.Response:
     return api(reg, "GET", f"/apps/{app}/secrets", token)
-
-
-def bearer(reg: Served, secret: str, scope: str) -> str:
-    """A registry token for `scope` through the token endpoint (what was granted, maybe nothing)."""
-    resp = requests.get(
-        f"{reg.url}/auth/token",
-        params={"service": "skyreg", "scope": scope},
-        auth=("x", secret),
-        timeout=30,
-    )
-    assert resp.status_code == 200, resp.text
-    return str(resp.json()["token"])
 
 
 # -- who may list, set, unset --------------------------------------------------------------------
 
 
 def test_other_orgs_tokens_cannot_tell_the_secrets_exist(server: InProcessRegistry) -> None:
-    a, b = tenant(server), tenant(server)
+    a, b = make_tenant(server), make_tenant(server)
     answer(set_secrets(server, a.app, a.tokens["org"], {"KEEP": "k"}), 200)
     before = answer(listing(server, a.app, a.tokens["org"]), 200)
     missing = f"app-{uuid.uuid4().hex[:10]}"
@@ -139,7 +94,7 @@ def test_other_orgs_tokens_cannot_tell_the_secrets_exist(server: InProcessRegist
 def test_readonly_and_other_apps_deploy_tokens_may_not_touch_secrets(
     server: InProcessRegistry,
 ) -> None:
-    a = tenant(server)
+    a = make_tenant(server)
     sibling = f"app-{uuid.uuid4().hex[:10]}"
     t = Tenancy(server.data_dir)
     t.app(sibling, a.org)
@@ -157,7 +112,7 @@ def test_readonly_and_other_apps_deploy_tokens_may_not_touch_secrets(
 
 
 def test_the_apps_deploy_token_may_set_list_and_unset(server: InProcessRegistry) -> None:
-    a = tenant(server)
+    a = make_tenant(server)
     deploy_token = a.tokens["deploy"]
     answer(set_secrets(server, a.app, deploy_token, {"FROM_CI": "v"}), 200)
     assert [s["name"] for s in answer(listing(server, a.app, deploy_token), 200)["secrets"]] == [
@@ -169,7 +124,7 @@ def test_the_apps_deploy_token_may_set_list_and_unset(server: InProcessRegistry)
 
 
 def test_no_token_reads_a_value_through_any_api_route(server: InProcessRegistry) -> None:
-    a = tenant(server)
+    a = make_tenant(server)
     value = uuid.uuid4().hex + uuid.uuid4().hex[:16]
     staged = "staged-" + uuid.uuid4().hex
     answer(set_secrets(server, a.app, a.tokens["org"], {"DEPLOYED": value}, stage=True), 200)
@@ -223,7 +178,7 @@ def _params(path: str) -> list[str]:
 
 
 def test_only_an_admin_creates_agent_tokens(server: InProcessRegistry) -> None:
-    a = tenant(server)
+    a = make_tenant(server)
     for kind in ("org", "deploy", "readonly"):
         body = {"kind": "agent", "org": a.org}
         refused(api(server, "POST", "/tokens", a.tokens[kind], json=body), 403, "forbidden")
@@ -246,7 +201,7 @@ def test_only_an_admin_creates_agent_tokens(server: InProcessRegistry) -> None:
     machine = starting_machine(server, a, deploy(server, a)["version"])
     for token in (bound["secret"], every["secret"]):
         assert answer(agent_secrets(server, token, machine), 200) == {"env": {"S": "v"}}
-    b = tenant(server)
+    b = make_tenant(server)
     answer(set_secrets(server, b.app, b.tokens["org"], {"S": "w"}, stage=True), 200)
     theirs = starting_machine(server, b, deploy(server, b)["version"])
     refused(agent_secrets(server, bound["secret"], theirs), 404, "not_found")
@@ -254,7 +209,7 @@ def test_only_an_admin_creates_agent_tokens(server: InProcessRegistry) -> None:
 
 
 def test_an_agent_token_is_refused_outside_the_agent_api(server: InProcessRegistry) -> None:
-    a = tenant(server)
+    a = make_tenant(server)
     agent = a.tokens["agent"]
     for method, path in (
         ("GET", "/apps"),
@@ -282,12 +237,12 @@ def test_an_agent_token_is_refused_outside_the_agent_api(server: InProcessRegist
 def test_an_agent_token_pulls_only_its_orgs_apps_and_never_pushes(
     server: InProcessRegistry,
 ) -> None:
-    a, b = tenant(server), tenant(server)
+    a, b = make_tenant(server), make_tenant(server)
     mine = push_image(server.url, a.app, "v1", session=authed(a.tokens["org"]))
     push_image(server.url, b.app, "v1", session=authed(b.tokens["org"]))
     agent = a.tokens["agent"]
 
-    own = bearer(server, agent, f"repository:{a.app}:pull,push")
+    own = registry_token(server, agent, f"repository:{a.app}:pull,push")
     headers = {"Authorization": f"Bearer {own}"}
     got = requests.get(f"{server.url}/v2/{a.app}/manifests/v1", headers=headers, timeout=30)
     assert got.status_code == 200 and got.headers["Docker-Content-Digest"] == mine.digest
@@ -298,7 +253,7 @@ def test_an_agent_token_pulls_only_its_orgs_apps_and_never_pushes(
     )
     assert delete.status_code in (401, 403, 405), delete.text
 
-    theirs = bearer(server, agent, f"repository:{b.app}:pull")
+    theirs = registry_token(server, agent, f"repository:{b.app}:pull")
     resp = requests.get(
         f"{server.url}/v2/{b.app}/manifests/v1",
         headers={"Authorization": f"Bearer {theirs}"},
@@ -336,7 +291,7 @@ def _database_bytes(data_dir: Path) -> dict[str, bytes]:
 
 def test_the_database_holds_no_value_and_no_key(served: RunningRegistry) -> None:
     reg = served
-    a = make_tenant(reg, reg.data_dir)
+    a = make_tenant(reg)
     value = os.urandom(24).hex()  # 48 hex characters no one else writes
     answer(set_secrets(reg, a.app, a.tokens["org"], {"DISTINCTIVE": value}, stage=True), 200)
     release = deploy(reg, a)
@@ -385,7 +340,7 @@ def test_without_its_key_the_server_answers_unavailable_never_a_value(
     served: RunningRegistry,
 ) -> None:
     reg = served
-    a = make_tenant(reg, reg.data_dir)
+    a = make_tenant(reg)
     value = os.urandom(24).hex()
     answer(set_secrets(reg, a.app, a.tokens["org"], {"DISTINCTIVE": value}, stage=True), 200)
     release = deploy(reg, a)
@@ -417,7 +372,7 @@ def test_a_key_file_others_may_read_is_refused(tmp_path: Path) -> None:
     )
     reg.start()
     try:
-        a = make_tenant(reg, reg.data_dir)
+        a = make_tenant(reg)
         resp = set_secrets(reg, a.app, a.tokens["org"], {"S": "v"})
         message = refused(resp, 503, "unavailable")
         assert "readable or writable by other users" in message and "chmod 600" in message

@@ -232,13 +232,19 @@ _SERVE_FLAGS = {
     "--database-url": "database_url",
     "--storage": "storage",
     "--s3-endpoint": "s3_endpoint",
+    "--secrets-key-file": "secrets_key_file",
 }
+_PATH_FIELDS = {"secrets_key_file"}
 
 
 def serve_options(args: list[str]) -> dict[str, object]:
     """`skyreg serve --FLAG VALUE ...` flags (those `scaleout_backing` gives) as ServeConfig
     fields, for an in-process server on the same backing."""
-    return {_SERVE_FLAGS[flag]: value for flag, value in zip(args[::2], args[1::2], strict=True)}
+    options: dict[str, object] = {}
+    for flag, value in zip(args[::2], args[1::2], strict=True):
+        field_name = _SERVE_FLAGS[flag]
+        options[field_name] = Path(value) if field_name in _PATH_FIELDS else value
+    return options
 
 
 @contextlib.contextmanager

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -17,6 +19,8 @@ from pathlib import Path
 from typing import Protocol
 
 import pytest
+
+from skyreg.auth.envelope import generate_key_file
 
 
 def assert_serves_v2(url: str, timeout: float) -> None:
@@ -129,8 +133,12 @@ class RunningRegistry:
 @contextlib.contextmanager
 def scaleout_backing(request: pytest.FixtureRequest) -> Iterator[tuple[list[str], dict[str, str]]]:
     """A fresh bucket on the session's SeaweedFS and a fresh database on its PostgreSQL: the
-    `skyreg serve` arguments and environment that put a node on them (dropped afterwards)."""
+    `skyreg serve` arguments and environment that put a node on them (dropped afterwards), with
+    a master key file for app secrets that every node of the backing shares (as the nodes of a
+    real deployment must)."""
     s3 = request.getfixturevalue("seaweedfs")
+    keys = Path(tempfile.mkdtemp(prefix="skyreg-keys-"))
+    generate_key_file(keys / "secrets.key")
     pg = request.getfixturevalue("postgres_server")
     bucket = f"reg-{uuid.uuid4().hex[:16]}"
     database = f"skyreg_{uuid.uuid4().hex[:16]}"
@@ -144,10 +152,12 @@ def scaleout_backing(request: pytest.FixtureRequest) -> Iterator[tuple[list[str]
                 "--database-url", pg.url(database),
                 "--storage", f"s3://{bucket}/registry",
                 "--s3-endpoint", s3.endpoint,
+                "--secrets-key-file", str(keys / "secrets.key"),
             ],
             s3.aws_env(),
         )  # fmt: skip
     finally:
+        shutil.rmtree(keys, ignore_errors=True)
         with pg.admin() as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
         with contextlib.suppress(Exception):

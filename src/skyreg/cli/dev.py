@@ -110,6 +110,8 @@ class DevPlatform:
                     "--regions-file", str(self.data_dir / "regions.json"),
                     # The first node creates the admin token; every node uses it between regions.
                     "--peer-token-file", str(self._token_file),
+                    # One master key file for app secrets: the nodes share their database.
+                    "--secrets-key-file", str(self._secrets_key_file()),
                 ]  # fmt: skip
             self._spawn(f"registry {code}", args)
             bound = self._wait_for(partial(_read, port_file), f"the {code} registry to listen")
@@ -140,6 +142,15 @@ class DevPlatform:
                  "--data-dir", str(first.data_dir.parent / f"builder-{first.code}")],
                 env={"SKYREG_TOKEN": self.admin_token},
             )  # fmt: skip
+
+    def _secrets_key_file(self) -> Path:
+        """The regions' shared master key file (made on first use, 0600)."""
+        from skyreg.auth.envelope import generate_key_file
+
+        path = self.data_dir / "secrets.key"
+        if not path.exists():
+            generate_key_file(path)
+        return path
 
     def _ports(self) -> list[int]:
         """One port per region: consecutive from `port`, or free ones picked now for port 0
