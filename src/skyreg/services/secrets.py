@@ -328,8 +328,9 @@ class SecretService:
     async def machine_secrets(
         self, caller: TokenRecord, machine_id: str, generation: int
     ) -> dict[str, str]:
-        """The values a starting machine runs with (its release's version of the set)."""
-        return await self.secrets.read(self._machine_secrets, caller, machine_id, generation)
+        """The values a starting machine runs with (its release's version of the set). On a
+        database thread even on SQLite: it may read the key file and opens every value."""
+        return await self.secrets.run(self._machine_secrets, caller, machine_id, generation)
 
     def _machine_secrets(
         self, caller: TokenRecord, machine_id: str, generation: int
