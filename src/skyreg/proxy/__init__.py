@@ -1,0 +1,1 @@
+"""`skyreg proxy`: the HTTP reverse proxy in front of each app's machines."""

@@ -1,0 +1,397 @@
+"""A network namespace per machine (`skyreg.machines.network`), on the real kernel.
+
+Every test uses its own short prefix for names (`t` + 4 random characters), a 10.x.0.0/16 that
+no host route touches, and its own iptables chains; a fixture removes all of it, failure or
+not, and then checks that nothing with the prefix is left (namespaces, links, chains).
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import json
+import os
+import random
+import shutil
+import socket
+import string
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+
+import pytest
+
+from skyreg.machines.network import Attachment, HostNetwork, NetworkError, enter_command
+from tests.support.images import BUSYBOX
+
+PORT = 8080
+
+
+def _probe() -> str | None:
+    """Why these tests cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    for tool in ("ip", "iptables", "iptables-restore", "nsenter", "bwrap"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed"
+    if not BUSYBOX.exists():
+        return f"{BUSYBOX} is missing"
+    name = "tprobe" + "".join(random.choices(string.digits, k=6))
+    made = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
+    if made.returncode != 0:
+        return f"ip netns add fails: {made.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", name], capture_output=True, check=True)
+    return None
+
+
+_WHY = _probe()
+needs_netns = pytest.mark.skipif(_WHY is not None, reason=_WHY or "")
+
+
+def _routes() -> list[IPv4Network]:
+    out = subprocess.run(["ip", "-j", "-4", "route", "show", "table", "all"], capture_output=True)
+    nets = []
+    for r in json.loads(out.stdout or b"[]"):
+        dst = r.get("dst", "")
+        if dst and dst != "default":
+            nets.append(IPv4Network(dst, strict=False))
+    return nets
+
+
+def _free_net(prefixlen: int, taken: list[IPv4Network]) -> IPv4Network:
+    """A random 10.x.0.0/prefixlen (x in 100..250) that no host route or `taken` overlaps."""
+    routes = _routes() + taken
+    for _ in range(200):
+        base = f"10.{random.randint(100, 250)}.{random.randint(0, 255)}.0"
+        net = IPv4Network(f"{base}/{prefixlen}", strict=False)
+        if not any(net.overlaps(r) for r in routes):
+            taken.append(net)
+            return net
+    raise RuntimeError("no free 10.x range")
+
+
+def _leftovers(prefix: str) -> list[str]:
+    found = [f"netns {p.name}" for p in Path("/run/netns").glob(f"{prefix}*")]
+    links = json.loads(subprocess.run(["ip", "-j", "link", "show"], capture_output=True).stdout)
+    found += [f"link {link['ifname']}" for link in links if link["ifname"].startswith(prefix)]
+    for table in ("filter", "nat"):
+        rules = subprocess.run(["iptables", "-t", table, "-S"], capture_output=True, text=True)
+        found += [f"{table}: {r}" for r in rules.stdout.splitlines() if prefix.upper() in r]
+    return found
+
+
+class Host:
+    """One test's world: its prefix, its HostNetwork(s), its processes, its extra cleanups."""
+
+    def __init__(self) -> None:
+        self.prefix = "t" + "".join(random.choices(string.ascii_lowercase + string.digits, k=4))
+        self.taken: list[IPv4Network] = []
+        self.subnet = _free_net(16, self.taken)
+        self.nets: list[HostNetwork] = []
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.cleanups: list[Callable[[], object]] = []
+        self.tmp = Path(tempfile.mkdtemp(prefix="skyreg-net-"))
+
+    def network(self, **kw: object) -> HostNetwork:
+        net = HostNetwork(self.prefix, self.subnet, **kw)  # type: ignore[arg-type]
+        self.nets.append(net)
+        net.ensure()
+        return net
+
+    def machine(self, att: Attachment, marker: str) -> None:
+        """A machine-like bwrap process in `att`'s namespace: busybox httpd serving `marker`."""
+        www = self.tmp / att.machine_id
+        www.mkdir()
+        (www / "index.html").write_text(marker)
+        argv = [
+            *enter_command(att),
+            "bwrap",
+            "--ro-bind", str(BUSYBOX), "/bin/busybox",
+            "--ro-bind", str(www), "/www",
+            "--proc", "/proc", "--dev", "/dev",
+            "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+            "--die-with-parent", "--new-session", "--as-pid-1",
+            "--", "/bin/busybox", "httpd", "-f", "-p", str(PORT), "-h", "/www",
+        ]  # fmt: skip
+        self.procs.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL))
+        deadline = time.monotonic() + 10
+        while _get(att.address) != marker:
+            assert time.monotonic() < deadline, f"{att.machine_id} never answered"
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.kill()
+            proc.wait()
+        for cleanup in reversed(self.cleanups):
+            cleanup()
+        for net in self.nets:
+            net.teardown()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def host() -> Iterator[Host]:
+    h = Host()
+    try:
+        yield h
+    finally:
+        h.close()
+    assert _leftovers(h.prefix) == []
+
+
+def _get(address: IPv4Address, port: int = PORT) -> str | None:
+    """The body of http://address:port/ fetched from the host, or None."""
+    try:
+        with socket.create_connection((str(address), port), timeout=1) as s:
+            s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            data = b""
+            while chunk := s.recv(4096):
+                data += chunk
+    except OSError:
+        return None
+    return data.partition(b"\r\n\r\n")[2].decode()
+
+
+_CLIENT = """
+import errno, socket, sys
+try:
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1).close()
+    print("ok")
+except socket.timeout:
+    print("timeout")
+except OSError as e:
+    print(errno.errorcode.get(e.errno, str(e)))
+"""
+
+
+def _connect_from(att: Attachment, address: IPv4Address, port: int = PORT) -> str:
+    """Connect from inside `att`'s namespace: "ok", "timeout" or the errno's name."""
+    argv = [*enter_command(att), sys.executable, "-c", _CLIENT, str(address), str(port)]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=20).stdout.strip()
+
+
+def _in_netns(att: Attachment, *cmd: str) -> str:
+    return subprocess.run(
+        [*enter_command(att), *cmd], capture_output=True, text=True, check=True
+    ).stdout
+
+
+# --------------------------------------------------------------------------- no root needed
+
+
+@pytest.mark.parametrize(
+    "bad", ["a;rm -rf /", "../x", "", "-x", ".x", "a b", "a/b", "a\nb", "x" * 65, "é"]
+)
+def test_hostile_ids_are_refused_before_anything_runs(bad: str) -> None:
+    net = HostNetwork("zz", IPv4Network("10.251.0.0/16"))
+    with pytest.raises(NetworkError, match="invalid"):
+        net.attach(bad, "org")
+    with pytest.raises(NetworkError, match="invalid"):
+        net.attach("m1", bad)
+    with pytest.raises(NetworkError, match="invalid"):
+        net.netns_path(bad)
+    with pytest.raises(NetworkError, match="invalid"):
+        net.detach(bad)
+
+
+@pytest.mark.parametrize("bad", ["", "Ab", "1a", "toolong", "a-b", "a;b"])
+def test_bad_prefix_is_refused(bad: str) -> None:
+    with pytest.raises(NetworkError, match="prefix"):
+        HostNetwork(bad, IPv4Network("10.251.0.0/16"))
+
+
+def test_public_or_too_small_subnets_are_refused() -> None:
+    with pytest.raises(NetworkError):
+        HostNetwork("zz", IPv4Network("8.8.0.0/16"))
+    with pytest.raises(NetworkError):
+        HostNetwork("zz", IPv4Network("10.251.0.0/25"), block_prefix=24)
+
+
+def test_interface_names_fit_and_differ() -> None:
+    net = HostNetwork("abcde", IPv4Network("10.251.0.0/16"))
+    long_id = "m" * 64
+    names = {net.veth_name(long_id), net.veth_name("m1"), net.bridge_name(long_id)}
+    assert len(names) == 3
+    assert all(len(n) <= 15 for n in names)
+    assert net.netns_path("m1") == Path("/run/netns/abcde-m1")
+
+
+def test_enter_command_drops_to_the_machine_user_after_joining() -> None:
+    att = Attachment(
+        "m1", "o", Path("/run/netns/zz-m1"), IPv4Address("10.0.0.2"), IPv4Network("10.0.0.0/24"),
+        IPv4Address("10.0.0.1"),
+    )  # fmt: skip
+    assert enter_command(att) == ["nsenter", "--net=/run/netns/zz-m1", "--"]
+    user = enter_command(att, user=(1000, 1000, [1000, 1001]))
+    assert user[:3] == ["nsenter", "--net=/run/netns/zz-m1", "--"]
+    assert user[3:] == ["setpriv", "--reuid=1000", "--regid=1000", "--groups=1000,1001", "--"]
+
+
+# --------------------------------------------------------------------------- the kernel
+
+
+@needs_netns
+def test_attach_gives_lo_address_and_route_and_detach_removes_all(host: Host) -> None:
+    net = host.network()
+    a1, a2, b1 = net.attach("a1", "orga"), net.attach("a2", "orga"), net.attach("b1", "orgb")
+    addresses = {a1.address, a2.address, b1.address}
+    assert len(addresses) == 3 and all(a in host.subnet for a in addresses)
+    assert a1.network == a2.network != b1.network
+    assert a1.gateway == a1.network.network_address + 1 not in addresses
+    assert net.attach("a1", "orga") == a1  # idempotent
+    with pytest.raises(NetworkError, match="another org"):
+        net.attach("a1", "orgb")
+    assert a1.netns_path.exists()
+    links = json.loads(_in_netns(a1, "ip", "-j", "addr", "show"))
+    by_name = {link["ifname"]: link for link in links}
+    assert set(by_name) == {"lo", "eth0"}
+    assert "UP" in by_name["lo"]["flags"] and "UP" in by_name["eth0"]["flags"]
+    inet = [i["local"] for i in by_name["eth0"]["addr_info"] if i["family"] == "inet"]
+    assert inet == [str(a1.address)]
+    assert f"default via {a1.gateway} dev eth0" in _in_netns(a1, "ip", "route")
+
+    net.detach("a1")
+    net.detach("a1")  # twice is fine
+    assert not a1.netns_path.exists()
+    assert net.attachment("a1") is None
+    assert (
+        net.veth_name("a1")
+        not in subprocess.run(["ip", "link"], capture_output=True, text=True).stdout
+    )
+    # the freed address is handed out again; org B's bridge goes with its last machine
+    assert net.attach("a3", "orga").address == a1.address
+    net.detach("b1")
+    links_now = subprocess.run(["ip", "link"], capture_output=True, text=True).stdout
+    assert net.bridge_name("orgb") not in links_now and net.bridge_name("orga") in links_now
+
+
+@needs_netns
+def test_restart_readopts_and_never_reuses_an_address(host: Host) -> None:
+    first = host.network()
+    a1, b1 = first.attach("a1", "orga"), first.attach("b1", "orgb")
+    first.ensure()  # idempotent: the chains are rewritten, hooked in once
+    again = host.network()  # the agent restarted: a new object, state from the kernel
+    assert again.attachment("a1") == a1 and again.attachment("b1") == b1
+    a2 = again.attach("a2", "orga")
+    c1 = again.attach("c1", "orgc")
+    assert a2.address not in {a1.address, b1.address}
+    assert c1.network not in {a1.network, b1.network}
+    for table, hook in (("filter", "FORWARD"), ("nat", "POSTROUTING")):
+        rules = subprocess.run(
+            ["iptables", "-t", table, "-S", hook], capture_output=True, text=True
+        )
+        assert rules.stdout.count(f"-j {again.chain}") == 1
+
+
+@needs_netns
+def test_a_cap_on_machines(host: Host) -> None:
+    net = host.network(max_machines=2)
+    net.attach("m1", "o")
+    net.attach("m2", "o")
+    with pytest.raises(NetworkError, match="at most 2"):
+        net.attach("m3", "o")
+    assert not net.netns_path("m3").exists()
+
+
+@needs_netns
+def test_a_subnet_on_a_host_route_is_refused(host: Host) -> None:
+    private = [r for r in _routes() if r.is_private and 16 <= r.prefixlen <= 24]
+    if not private:
+        pytest.skip("no private host route to collide with")
+    net = HostNetwork(host.prefix, private[0])
+    with pytest.raises(NetworkError, match="overlaps"):
+        net.ensure()
+
+
+@needs_netns
+def test_a_bwrap_machine_in_its_namespace_is_reached_from_the_host(host: Host) -> None:
+    net = host.network()
+    att = net.attach("web", "orga")
+    host.machine(att, "hello from web")
+    assert _get(att.address) == "hello from web"
+    # the bwrap process lives in the machine's namespace, not the host's
+    pid = host.procs[0].pid
+    assert os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(att.netns_path).st_ino
+    assert os.stat(f"/proc/{pid}/ns/net").st_ino != os.stat("/proc/self/ns/net").st_ino
+
+
+@needs_netns
+def test_orgs_are_isolated_and_one_org_talks(host: Host) -> None:
+    net = host.network()
+    a1, a2, b1 = net.attach("a1", "orga"), net.attach("a2", "orga"), net.attach("b1", "orgb")
+    for att in (a1, a2, b1):
+        host.machine(att, f"hi {att.machine_id}")
+        assert _get(att.address) == f"hi {att.machine_id}"  # the host reaches every org
+    assert _connect_from(a2, a1.address) == "ok"
+    assert _connect_from(a1, a2.address) == "ok"
+    # b1 listens (the host just reached it): only the rule stands in the way
+    assert _connect_from(a1, b1.address) == errno.errorcode[errno.EHOSTUNREACH]
+    assert _connect_from(b1, a2.address) == errno.errorcode[errno.EHOSTUNREACH]
+
+
+@needs_netns
+def test_a_machine_reaches_a_listener_on_its_gateway(host: Host) -> None:
+    net = host.network()
+    att = net.attach("m1", "orga")
+    with socket.create_server((str(att.gateway), 0)) as server:
+        port = server.getsockname()[1]
+        assert _connect_from(att, att.gateway, port) == "ok"
+        server.settimeout(5)
+        conn, peer = server.accept()
+        conn.close()
+    assert IPv4Address(peer[0]) == att.address
+
+
+_LISTENER = """
+import socket, sys
+s = socket.create_server(("0.0.0.0", 9000))
+s.settimeout(8)
+print("listening", flush=True)
+try:
+    conn, peer = s.accept()
+    print(peer[0], flush=True)
+except socket.timeout:
+    print("none", flush=True)
+"""
+
+
+@needs_netns
+@pytest.mark.parametrize("nat", [True, False])
+def test_outbound_through_the_host_is_masqueraded_when_nat_is_on(host: Host, nat: bool) -> None:
+    net = host.network(nat=nat)
+    att = net.attach("m1", "orga")
+    # "Outside": a namespace of the test's own behind a veth pair, with no route back to the
+    # machines' subnet; the internet is never touched.
+    link = _free_net(30, host.taken)
+    here, there = list(link.hosts())
+    outside, veth = f"{host.prefix}o", f"{host.prefix}o0"
+    run = lambda *a: subprocess.run(list(a), check=True, capture_output=True)  # noqa: E731
+    host.cleanups.append(lambda: subprocess.run(["ip", "netns", "del", outside]))
+    host.cleanups.append(lambda: subprocess.run(["ip", "link", "del", veth], capture_output=True))
+    run("ip", "netns", "add", outside)
+    run("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", outside)
+    run("ip", "addr", "add", f"{here}/30", "dev", veth)
+    run("ip", "link", "set", veth, "up")
+    run("ip", "-n", outside, "addr", "add", f"{there}/30", "dev", "eth0")
+    run("ip", "-n", outside, "link", "set", "eth0", "up")
+    listener = subprocess.Popen(
+        ["nsenter", f"--net=/run/netns/{outside}", sys.executable, "-c", _LISTENER],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    host.cleanups.append(listener.kill)
+    assert listener.stdout is not None
+    assert listener.stdout.readline().strip() == "listening"
+    result = _connect_from(att, there, 9000)
+    if nat:
+        assert result == "ok"
+        assert ipaddress.ip_address(listener.stdout.readline().strip()) == here
+    else:
+        assert result == "timeout"  # the SYN left with the machine's address: no way back
+    listener.kill()
+    listener.wait()
