@@ -10,6 +10,7 @@ import socket
 import time
 import tracemalloc
 from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -183,6 +184,27 @@ async def proxy(table: RoutingTable, **kw: Any) -> AsyncIterator[tuple[ProxyServ
         await server.stop(grace=5)
 
 
+@dataclass
+class Stage:
+    """Machines serving app `web` behind a running proxy, and a client session."""
+
+    machines: list[Machine]
+    table: RoutingTable
+    session: aiohttp.ClientSession
+    server: ProxyServer
+    url: str
+
+
+@contextlib.asynccontextmanager
+async def web_app(*ids: str, **kw: Any) -> AsyncIterator[Stage]:
+    """Machines `ids`, all backends of app `web`, behind a proxy (`kw`: ProxyServer options)."""
+    async with machines(*ids) as started, aiohttp.ClientSession() as session:
+        table = RoutingTable()
+        table.replace("web", [m.backend() for m in started])
+        async with proxy(table, **kw) as (server, url):
+            yield Stage(started, table, session, server, url)
+
+
 def host(app: str) -> dict[str, str]:
     return {"Host": f"{app}.localhost"}
 
@@ -294,36 +316,35 @@ def test_routes_by_host_and_names_the_machine() -> None:
 
 def test_unknown_app_and_hostile_hosts_are_404_without_reaching_a_machine() -> None:
     async def main() -> None:
-        async with machines("m1") as (m1,), aiohttp.ClientSession() as s:
-            table = RoutingTable()
-            table.replace("web", [m1.backend()])
-            async with proxy(table) as (_, url):
-                for h in (
-                    "nope.localhost",
-                    "localhost",
-                    "..localhost",
-                    "x.web.localhost",
-                    "127.0.0.1",
-                    "[::1]",
-                    "web.example.com",
-                    "a" * 300 + ".localhost",
-                ):
-                    async with s.get(url + "/", headers={"Host": h}) as resp:
-                        assert resp.status == 404, h
-                        assert "text/html" in resp.headers["Content-Type"]
-                # Two Host headers: refused, not guessed.
-                answer = await raw(
-                    url,
-                    b"GET / HTTP/1.1\r\nHost: web.localhost\r\nHost: web.localhost\r\n"
-                    b"Connection: close\r\n\r\n",
-                )
-                assert status_of(answer) == 400, answer[:100]
-                # A header line past aiohttp's 8190-byte limit.
-                answer = await raw(
-                    url,
-                    b"GET / HTTP/1.1\r\nHost: web.localhost\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n",
-                )
-                assert 400 <= status_of(answer) < 500, answer[:100]
+        async with web_app("m1") as st:
+            [m1] = st.machines
+            s, url = st.session, st.url
+            for h in (
+                "nope.localhost",
+                "localhost",
+                "..localhost",
+                "x.web.localhost",
+                "127.0.0.1",
+                "[::1]",
+                "web.example.com",
+                "a" * 300 + ".localhost",
+            ):
+                async with s.get(url + "/", headers={"Host": h}) as resp:
+                    assert resp.status == 404, h
+                    assert "text/html" in resp.headers["Content-Type"]
+            # Two Host headers: refused, not guessed.
+            answer = await raw(
+                url,
+                b"GET / HTTP/1.1\r\nHost: web.localhost\r\nHost: web.localhost\r\n"
+                b"Connection: close\r\n\r\n",
+            )
+            assert status_of(answer) == 400, answer[:100]
+            # A header line past aiohttp's 8190-byte limit.
+            answer = await raw(
+                url,
+                b"GET / HTTP/1.1\r\nHost: web.localhost\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n",
+            )
+            assert 400 <= status_of(answer) < 500, answer[:100]
             assert m1.seen == []
 
     run(main)
@@ -349,26 +370,25 @@ def test_no_healthy_machine_is_a_503_page_naming_the_app() -> None:
 
 def test_least_connections_avoids_a_busy_machine_and_spreads_the_rest() -> None:
     async def main() -> None:
-        async with machines("m1", "m2", "m3") as ms, aiohttp.ClientSession() as s:
-            table = RoutingTable()
-            table.replace("web", [m.backend() for m in ms])
-            async with proxy(table) as (_, url):
-                slow = asyncio.create_task(get(s, url, "web", "/slow"))
-                await until(lambda: sum(m.waiting for m in ms) == 1, "the slow request")
-                busy = next(m for m in ms if m.waiting)
-                assert table.in_flight_by_machine() == {busy.machine_id: 1}
-                answered = [(await get(s, url, "web"))[2] for _ in range(6)]
-                others = sorted(m.machine_id for m in ms if m is not busy)
-                assert sorted(answered) == sorted(others * 3)
-                # Concurrent slow requests fill the least busy machines first.
-                more = [asyncio.create_task(get(s, url, "web", "/slow")) for _ in range(5)]
-                await until(lambda: sum(m.waiting for m in ms) == 6, "six slow requests")
-                assert [m.waiting for m in ms] == [2, 2, 2]
-                for m in ms:
-                    m.gate.set()
-                results = await asyncio.gather(slow, *more)
-                assert all(status == 200 for status, _, _ in results)
-                await until(lambda: table.in_flight_by_machine() == {}, "in-flight counts to drop")
+        async with web_app("m1", "m2", "m3") as st:
+            ms = st.machines
+            s, table, url = st.session, st.table, st.url
+            slow = asyncio.create_task(get(s, url, "web", "/slow"))
+            await until(lambda: sum(m.waiting for m in ms) == 1, "the slow request")
+            busy = next(m for m in ms if m.waiting)
+            assert table.in_flight_by_machine() == {busy.machine_id: 1}
+            answered = [(await get(s, url, "web"))[2] for _ in range(6)]
+            others = sorted(m.machine_id for m in ms if m is not busy)
+            assert sorted(answered) == sorted(others * 3)
+            # Concurrent slow requests fill the least busy machines first.
+            more = [asyncio.create_task(get(s, url, "web", "/slow")) for _ in range(5)]
+            await until(lambda: sum(m.waiting for m in ms) == 6, "six slow requests")
+            assert [m.waiting for m in ms] == [2, 2, 2]
+            for m in ms:
+                m.gate.set()
+            results = await asyncio.gather(slow, *more)
+            assert all(status == 200 for status, _, _ in results)
+            await until(lambda: table.in_flight_by_machine() == {}, "in-flight counts to drop")
 
     run(main)
 
@@ -458,65 +478,61 @@ async def chunks(parts: list[bytes]) -> AsyncIterator[bytes]:
 
 def test_hop_by_hop_headers_are_dropped_both_ways_and_skyreg_machine_is_the_proxys() -> None:
     async def main() -> None:
-        async with machines("m1") as (m1,), aiohttp.ClientSession() as s:
-            table = RoutingTable()
-            table.replace("web", [m1.backend()])
-            async with proxy(table) as (_, url):
-                _, text, _ = await get(
-                    s,
-                    url,
-                    "web",
-                    headers={
-                        "Connection": "keep-alive, X-Secret",
-                        "X-Secret": "1",
-                        "Keep-Alive": "timeout=5",
-                        "Proxy-Connection": "keep-alive",
-                        "TE": "trailers",
-                        "Trailer": "X-T",
-                        "skyreg-machine": "forged",
-                        "X-Plain": "kept",
-                    },
-                )
-                seen = json.loads(text)["headers"]
-                for name in ("x-secret", "keep-alive", "proxy-connection", "te", "trailer"):
-                    assert name not in seen, name
-                assert "skyreg-machine" not in seen
-                assert seen["x-plain"] == ["kept"]
-                assert seen["host"] == ["web.localhost"]
-                async with s.get(url + "/hop", headers=host("web")) as resp:
-                    assert resp.status == 200
-                    assert resp.headers.getall("skyreg-machine") == ["m1"]
-                    assert "X-Up-Secret" not in resp.headers
-                    assert "Keep-Alive" not in resp.headers
-                    assert "Proxy-Connection" not in resp.headers
-                    assert resp.headers["X-Up-Plain"] == "kept"
+        async with web_app("m1") as st:
+            s, url = st.session, st.url
+            _, text, _ = await get(
+                s,
+                url,
+                "web",
+                headers={
+                    "Connection": "keep-alive, X-Secret",
+                    "X-Secret": "1",
+                    "Keep-Alive": "timeout=5",
+                    "Proxy-Connection": "keep-alive",
+                    "TE": "trailers",
+                    "Trailer": "X-T",
+                    "skyreg-machine": "forged",
+                    "X-Plain": "kept",
+                },
+            )
+            seen = json.loads(text)["headers"]
+            for name in ("x-secret", "keep-alive", "proxy-connection", "te", "trailer"):
+                assert name not in seen, name
+            assert "skyreg-machine" not in seen
+            assert seen["x-plain"] == ["kept"]
+            assert seen["host"] == ["web.localhost"]
+            async with s.get(url + "/hop", headers=host("web")) as resp:
+                assert resp.status == 200
+                assert resp.headers.getall("skyreg-machine") == ["m1"]
+                assert "X-Up-Secret" not in resp.headers
+                assert "Keep-Alive" not in resp.headers
+                assert "Proxy-Connection" not in resp.headers
+                assert resp.headers["X-Up-Plain"] == "kept"
 
     run(main)
 
 
 def test_x_forwarded_headers_are_set_by_the_proxy_alone() -> None:
     async def main() -> None:
-        async with machines("m1") as (m1,), aiohttp.ClientSession() as s:
-            table = RoutingTable()
-            table.replace("web", [m1.backend()])
-            async with proxy(table) as (_, url):
-                _, text, _ = await get(
-                    s,
-                    url,
-                    "web",
-                    headers={
-                        "Host": "Web.localhost:8443",
-                        "X-Forwarded-For": "6.6.6.6",
-                        "X-Forwarded-Host": "evil.example",
-                        "X-Forwarded-Proto": "https",
-                        "Forwarded": "for=6.6.6.6",
-                    },
-                )
-                seen = json.loads(text)["headers"]
-                assert seen["x-forwarded-for"] == ["127.0.0.1"]
-                assert seen["x-forwarded-proto"] == ["http"]
-                assert seen["x-forwarded-host"] == ["Web.localhost:8443"]
-                assert "forwarded" not in seen
+        async with web_app("m1") as st:
+            s, url = st.session, st.url
+            _, text, _ = await get(
+                s,
+                url,
+                "web",
+                headers={
+                    "Host": "Web.localhost:8443",
+                    "X-Forwarded-For": "6.6.6.6",
+                    "X-Forwarded-Host": "evil.example",
+                    "X-Forwarded-Proto": "https",
+                    "Forwarded": "for=6.6.6.6",
+                },
+            )
+            seen = json.loads(text)["headers"]
+            assert seen["x-forwarded-for"] == ["127.0.0.1"]
+            assert seen["x-forwarded-proto"] == ["http"]
+            assert seen["x-forwarded-host"] == ["Web.localhost:8443"]
+            assert "forwarded" not in seen
 
     run(main)
 
@@ -530,73 +546,64 @@ def test_20_mib_stream_both_ways_without_buffering() -> None:
     want = hashlib.sha256(b"".join(parts)).hexdigest()
 
     async def main() -> None:
-        async with machines("m1") as (m1,), aiohttp.ClientSession() as s:
-            table = RoutingTable()
-            table.replace("web", [m1.backend()])
-            async with proxy(table) as (_, url):
-                # Everything runs in this process (client, proxy, machine): if any of them held
-                # the whole body, the traced peak would pass 20 MiB.
-                tracemalloc.start()
-                try:
-                    base = tracemalloc.get_traced_memory()[0]
-                    async with s.put(
-                        url + "/upload", headers=host("web"), data=chunks(parts)
-                    ) as resp:
-                        assert resp.status == 200
-                        assert await resp.json() == {"size": size, "sha256": want}
-                    up_peak = tracemalloc.get_traced_memory()[1] - base
-                    tracemalloc.reset_peak()
-                    digest = hashlib.sha256()
-                    got = 0
-                    async with s.get(url + f"/download?n={size}", headers=host("web")) as resp:
-                        assert resp.status == 200
-                        assert resp.headers["Content-Length"] == str(size)
-                        async for chunk in resp.content.iter_chunked(65536):
-                            digest.update(chunk)
-                            got += len(chunk)
-                    down_peak = tracemalloc.get_traced_memory()[1] - base
-                finally:
-                    tracemalloc.stop()
-                assert (got, digest.hexdigest()) == (size, want)
-                assert up_peak < 8 * MIB, up_peak
-                assert down_peak < 8 * MIB, down_peak
+        async with web_app("m1") as st:
+            s, url = st.session, st.url
+            # Everything runs in this process (client, proxy, machine): if any of them held
+            # the whole body, the traced peak would pass 20 MiB.
+            tracemalloc.start()
+            try:
+                base = tracemalloc.get_traced_memory()[0]
+                async with s.put(url + "/upload", headers=host("web"), data=chunks(parts)) as resp:
+                    assert resp.status == 200
+                    assert await resp.json() == {"size": size, "sha256": want}
+                up_peak = tracemalloc.get_traced_memory()[1] - base
+                tracemalloc.reset_peak()
+                digest = hashlib.sha256()
+                got = 0
+                async with s.get(url + f"/download?n={size}", headers=host("web")) as resp:
+                    assert resp.status == 200
+                    assert resp.headers["Content-Length"] == str(size)
+                    async for chunk in resp.content.iter_chunked(65536):
+                        digest.update(chunk)
+                        got += len(chunk)
+                down_peak = tracemalloc.get_traced_memory()[1] - base
+            finally:
+                tracemalloc.stop()
+            assert (got, digest.hexdigest()) == (size, want)
+            assert up_peak < 8 * MIB, up_peak
+            assert down_peak < 8 * MIB, down_peak
 
     run(main)
 
 
 def test_an_answer_cut_short_by_the_machine_reaches_the_client_cut_short() -> None:
     async def main() -> None:
-        async with machines("m1") as (m1,), aiohttp.ClientSession() as s:
-            table = RoutingTable()
-            table.replace("web", [m1.backend()])
-            async with proxy(table) as (_, url):
-                async with s.get(url + "/truncated", headers=host("web")) as resp:
-                    assert resp.status == 200
-                    with pytest.raises(aiohttp.ClientPayloadError):
-                        await resp.read()
-                await until(lambda: table.in_flight_by_machine() == {}, "the request to end")
-                assert (await get(s, url, "web"))[0] == 200
+        async with web_app("m1") as st:
+            s, table, url = st.session, st.table, st.url
+            async with s.get(url + "/truncated", headers=host("web")) as resp:
+                assert resp.status == 200
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await resp.read()
+            await until(lambda: table.in_flight_by_machine() == {}, "the request to end")
+            assert (await get(s, url, "web"))[0] == 200
 
     run(main)
 
 
 def test_max_body_is_refused_before_or_while_streaming() -> None:
     async def main() -> None:
-        async with machines("m1") as (m1,), aiohttp.ClientSession() as s:
-            table = RoutingTable()
-            table.replace("web", [m1.backend()])
-            async with proxy(table, max_body=100_000) as (_, url):
-                status, _, _ = await get(
-                    s, url, "web", "/upload", method="PUT", data=b"x" * 100_001
-                )
-                assert status == 413
-                assert m1.seen == []
-                status, _, _ = await get(
-                    s, url, "web", "/upload", method="PUT", data=chunks(pattern(300_000))
-                )
-                assert status == 413
-                status, text, _ = await get(s, url, "web", "/upload", method="PUT", data=b"ok")
-                assert (status, json.loads(text)["size"]) == (200, 2)
+        async with web_app("m1", max_body=100_000) as st:
+            [m1] = st.machines
+            s, url = st.session, st.url
+            status, _, _ = await get(s, url, "web", "/upload", method="PUT", data=b"x" * 100_001)
+            assert status == 413
+            assert m1.seen == []
+            status, _, _ = await get(
+                s, url, "web", "/upload", method="PUT", data=chunks(pattern(300_000))
+            )
+            assert status == 413
+            status, text, _ = await get(s, url, "web", "/upload", method="PUT", data=b"ok")
+            assert (status, json.loads(text)["size"]) == (200, 2)
 
     run(main)
 
@@ -638,15 +645,13 @@ def test_smuggling_attempts_never_reach_a_machine() -> None:
 
 def test_head_keeps_the_length_and_sends_no_body() -> None:
     async def main() -> None:
-        async with machines("m1") as (m1,), aiohttp.ClientSession() as s:
-            table = RoutingTable()
-            table.replace("web", [m1.backend()])
-            async with proxy(table) as (_, url):
-                async with s.head(url + "/download?n=1234", headers=host("web")) as resp:
-                    assert resp.status == 200
-                    assert resp.headers["Content-Length"] == "1234"
-                    assert await resp.read() == b""
-                assert (await get(s, url, "web"))[0] == 200  # the connection is still in step
+        async with web_app("m1") as st:
+            s, url = st.session, st.url
+            async with s.head(url + "/download?n=1234", headers=host("web")) as resp:
+                assert resp.status == 200
+                assert resp.headers["Content-Length"] == "1234"
+                assert await resp.read() == b""
+            assert (await get(s, url, "web"))[0] == 200  # the connection is still in step
 
     run(main)
 
@@ -656,23 +661,20 @@ def test_head_keeps_the_length_and_sends_no_body() -> None:
 
 def test_websocket_echo_through_the_proxy() -> None:
     async def main() -> None:
-        async with machines("m1") as (m1,), aiohttp.ClientSession() as s:
-            table = RoutingTable()
-            table.replace("web", [m1.backend()])
-            async with proxy(table) as (server, url):
-                async with s.ws_connect(
-                    url + "/ws", headers=host("web"), protocols=("echo",)
-                ) as ws:
-                    assert ws.protocol == "echo"
-                    await ws.send_str("hello")
-                    assert await ws.receive_str(timeout=DEADLINE) == "m1:hello"
-                    await ws.send_bytes(b"abc")
-                    assert await ws.receive_bytes(timeout=DEADLINE) == b"cba"
-                    assert table.in_flight("m1") == 1
-                    assert server.in_flight == 1
-                    await ws.close()
-                await until(lambda: table.in_flight("m1") == 0, "the session to end")
-                assert m1.seen[0][2]["x-forwarded-host"] == ["web.localhost"]
+        async with web_app("m1") as st:
+            [m1] = st.machines
+            s, table, url, server = st.session, st.table, st.url, st.server
+            async with s.ws_connect(url + "/ws", headers=host("web"), protocols=("echo",)) as ws:
+                assert ws.protocol == "echo"
+                await ws.send_str("hello")
+                assert await ws.receive_str(timeout=DEADLINE) == "m1:hello"
+                await ws.send_bytes(b"abc")
+                assert await ws.receive_bytes(timeout=DEADLINE) == b"cba"
+                assert table.in_flight("m1") == 1
+                assert server.in_flight == 1
+                await ws.close()
+            await until(lambda: table.in_flight("m1") == 0, "the session to end")
+            assert m1.seen[0][2]["x-forwarded-host"] == ["web.localhost"]
 
     run(main)
 
@@ -682,22 +684,21 @@ def test_websocket_echo_through_the_proxy() -> None:
 
 def test_a_draining_machine_finishes_its_request_and_gets_no_new_one() -> None:
     async def main() -> None:
-        async with machines("m1", "m2") as ms, aiohttp.ClientSession() as s:
-            table = RoutingTable()
-            table.replace("web", [m.backend() for m in ms])
-            async with proxy(table) as (_, url):
-                slow = asyncio.create_task(get(s, url, "web", "/slow"))
-                await until(lambda: sum(m.waiting for m in ms) == 1, "the slow request")
-                busy, other = ms if ms[0].waiting else ms[::-1]
-                table.set_draining("web", busy.machine_id)
-                seen_before = len(busy.seen)
-                answered = {(await get(s, url, "web"))[2] for _ in range(4)}
-                assert answered == {other.machine_id}
-                assert len(busy.seen) == seen_before
-                assert table.in_flight_by_machine() == {busy.machine_id: 1}
-                busy.gate.set()
-                assert await slow == (200, busy.machine_id, busy.machine_id)
-                assert table.in_flight_by_machine() == {}
+        async with web_app("m1", "m2") as st:
+            ms = st.machines
+            s, table, url = st.session, st.table, st.url
+            slow = asyncio.create_task(get(s, url, "web", "/slow"))
+            await until(lambda: sum(m.waiting for m in ms) == 1, "the slow request")
+            busy, other = ms if ms[0].waiting else ms[::-1]
+            table.set_draining("web", busy.machine_id)
+            seen_before = len(busy.seen)
+            answered = {(await get(s, url, "web"))[2] for _ in range(4)}
+            assert answered == {other.machine_id}
+            assert len(busy.seen) == seen_before
+            assert table.in_flight_by_machine() == {busy.machine_id: 1}
+            busy.gate.set()
+            assert await slow == (200, busy.machine_id, busy.machine_id)
+            assert table.in_flight_by_machine() == {}
 
     run(main)
 

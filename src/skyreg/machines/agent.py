@@ -216,7 +216,7 @@ class Agent:
         log.debug("machine %s: rootfs by %s", mid, method)
         offset = log_path.stat().st_size if log_path.exists() else 0
         try:
-            secrets = await self._secrets(local)
+            plain, secrets = await self._environment(local)
         except (aiohttp.ClientError, RuntimeError, TimeoutError, ValueError) as e:
             await asyncio.to_thread(release_rootfs, home)
             await self._event(mid, f"Failed to get the machine's secrets: {e}"[:1000])
@@ -224,11 +224,8 @@ class Agent:
             self._finished[mid] = local.generation
             return
         await self._event(mid, "Starting machine")
-        plain = m.get("env") or {}
-        if not isinstance(plain, dict):
-            plain = {}
         env = {
-            **{str(k): str(v) for k, v in plain.items()},  # the release's [env]
+            **plain,  # the release's [env]
             **secrets,
             "SKYREG_MACHINE_ID": mid,
             "SKYREG_APP": str(m["app"]),
@@ -250,18 +247,15 @@ class Agent:
         finally:
             await asyncio.to_thread(release_rootfs, home)
 
-    async def _secrets(self, local: _Local) -> dict[str, str]:
-        """The machine's secrets, asked for as it starts (never written anywhere: they go to
-        bwrap through a memory file, `machines/runtime.py`)."""
+    async def _environment(self, local: _Local) -> tuple[dict[str, str], dict[str, str]]:
+        """The machine's release variables and secrets, asked for as it starts (never written
+        anywhere: they go to bwrap through a memory file, `machines/runtime.py`)."""
         answer = await self._api(
             "POST", f"/agent/machines/{local.id}/secrets", {"generation": local.generation}
         )
-        env = answer.get("env") if isinstance(answer, dict) else None
-        if not isinstance(env, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in env.items()
-        ):
+        if not isinstance(answer, dict):
             raise ValueError("the server's answer holds no map of names to values")
-        return env
+        return _names_to_values(answer.get("release_env", {})), _names_to_values(answer.get("env"))
 
     async def _monitor(
         self, local: _Local, machine: RunningMachine, log_path: Path, offset: int
@@ -335,3 +329,12 @@ def check_host() -> str | None:
     if os.name != "posix":
         return "machines need Linux"
     return None
+
+
+def _names_to_values(found: object) -> dict[str, str]:
+    """A map of variable names to values from the server's answer; ValueError otherwise."""
+    if not isinstance(found, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in found.items()
+    ):
+        raise ValueError("the server's answer holds no map of names to values")
+    return dict(found)

@@ -8,7 +8,7 @@ of a release's machines into the release's status.
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,7 +17,6 @@ from sqlalchemy import Connection, and_, delete, func, insert, or_, select, upda
 from skyreg.meta import schema as s
 from skyreg.meta.db import SqlStore
 from skyreg.meta.gc import GcSettings, enqueue_manifests, release_images
-from skyreg.meta.platform import release_env
 
 DESIRED = ("started", "stopped")
 STATES = ("created", "starting", "started", "stopped", "failed")
@@ -84,7 +83,6 @@ class Machine:
     image_digest: str
     created_at: datetime
     updated_at: datetime
-    env: dict[str, str] = field(default_factory=dict)  # its release's plain variables
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +120,6 @@ _COLUMNS = (
     _r.c.image_digest,
     _m.c.created_at,
     _m.c.updated_at,
-    _r.c.env,
 )
 _FROM = _m.join(_r, _r.c.id == _m.c.release_id).join(_a, _a.c.id == _m.c.app_id)
 
@@ -144,7 +141,6 @@ def _machine(row: Any) -> Machine:
         image_digest=str(row[12]),
         created_at=_aware(row[13]),
         updated_at=_aware(row[14]),
-        env=release_env(row[15]),
     )
 
 

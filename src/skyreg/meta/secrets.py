@@ -22,6 +22,7 @@ from sqlalchemy import ColumnElement, Connection, and_, delete, func, insert, or
 
 from skyreg.meta import schema as s
 from skyreg.meta.db import SqlStore
+from skyreg.meta.platform import release_env
 
 _k, _v = s.org_data_keys, s.app_secrets
 
@@ -63,12 +64,13 @@ class SealedChange:
 
 @dataclass(frozen=True, slots=True)
 class MachineSecrets:
-    """What a machine starting now gets: its org's wrapped key and its release's set."""
+    """What a machine starting now gets: its release's set of secrets and plain variables."""
 
     org_id: int
     app_id: int
     version: int
     secrets: list[StoredSecret]
+    env: dict[str, str]  # its release's plain variables
 
 
 _COLUMNS = (
@@ -169,14 +171,6 @@ class SecretMeta(SqlStore):
 
         return self._transaction(work)
 
-    def key_ids_in_use(self) -> dict[str, int]:
-        """How many org data keys each master key wraps."""
-        with self._read() as conn:
-            rows = conn.execute(select(_k.c.key_id, func.count()).group_by(_k.c.key_id)).all()
-        return {str(r[0]): int(r[1]) for r in rows}
-
-    # -- app secrets ------------------------------------------------------------------------------
-
     def current(self, app_id: int) -> list[StoredSecret]:
         """The app's secrets as they are now (staged changes included), by name."""
         with self._read() as conn:
@@ -202,10 +196,12 @@ class SecretMeta(SqlStore):
         by_name: str,
         max_names: int,
         max_bytes: int,
+        overhead: int = 0,
     ) -> tuple[int, list[str]] | None:
         """Apply a batch as one new version: (that version, the names it changed), or None
         when it changes nothing (every unset name absent). Raises ValueError when the app would
-        hold more than `max_names` secrets or more than `max_bytes` of names and sealed values:
+        hold more than `max_names` secrets or more than `max_bytes` of names and values (a sealed
+        value's size less the `overhead` sealing adds):
         checked here, in the transaction that holds the app's row, so concurrent changes cannot
         each pass alone and together exceed them."""
 
@@ -235,8 +231,8 @@ class SecretMeta(SqlStore):
             if len(names | set(change.sets)) - len(unsets) > max_names:
                 raise ValueError(f"an app holds at most {max_names} secrets")
             ended = set(change.sets) | set(unsets)
-            total = sum(len(n) + size for n, size in sizes.items() if n not in ended)
-            total += sum(len(n) + len(sealed) for n, (sealed, _) in change.sets.items())
+            total = sum(len(n) + size - overhead for n, size in sizes.items() if n not in ended)
+            total += sum(len(n) + len(sealed) - overhead for n, (sealed, _) in change.sets.items())
             if total > max_bytes:
                 raise ValueError(f"its secrets would exceed {max_bytes >> 10} KiB in all")
             touched = [*change.sets, *unsets]
@@ -299,7 +295,7 @@ class SecretMeta(SqlStore):
         """The secrets of a machine's release (None: no such machine)."""
         with self._read() as conn:
             row = conn.execute(
-                select(s.apps.c.org_id, s.apps.c.id, s.releases.c.secrets_version)
+                select(s.apps.c.org_id, s.apps.c.id, s.releases.c.secrets_version, s.releases.c.env)
                 .select_from(
                     s.machines.join(s.releases, s.releases.c.id == s.machines.c.release_id).join(
                         s.apps, s.apps.c.id == s.machines.c.app_id
@@ -310,15 +306,8 @@ class SecretMeta(SqlStore):
             if row is None:
                 return None
             org_id, app_id, version = int(row[0]), int(row[1]), int(row[2] or 0)
+            env = release_env(row[3])
             rows = conn.execute(
                 select(*_COLUMNS).where(_at_version(app_id, version)).order_by(_v.c.name)
             ).all()
-        return MachineSecrets(org_id, app_id, version, [_stored(tuple(r)) for r in rows])
-
-    def count_at(self, app_id: int, version: int) -> int:
-        with self._read() as conn:
-            return int(
-                conn.execute(
-                    select(func.count()).select_from(_v).where(_at_version(app_id, version))
-                ).scalar_one()
-            )
+        return MachineSecrets(org_id, app_id, version, [_stored(tuple(r)) for r in rows], env)

@@ -49,7 +49,7 @@ async def read_body(request: web.Request, limit: int = MAX_BODY) -> bytes:
     return raw
 
 
-AGENT_PATHS = "/api/v1/agent/"  # what an agent token may call of the management API
+AGENT_PREFIX = "/api/v1/agent/"  # what an agent token may call of the management API
 
 
 class Identifier:
@@ -88,7 +88,7 @@ class Identifier:
         if token is not None and token.kind == "build":
             # A build's credential lives on a builder host that runs tenant code: registry only.
             raise ApiError(403, "forbidden", "a build token may be used with the registry only")
-        if token is not None and token.kind == "agent" and not self.path.startswith(AGENT_PATHS):
+        if token is not None and token.kind == "agent" and not self.path.startswith(AGENT_PREFIX):
             # An agent's credential receives machines' secrets: nothing else of the API.
             raise ApiError(403, "forbidden", "an agent token may be used with /api/v1/agent/ only")
         return token

@@ -269,6 +269,18 @@ class ProxyServer:
             f"http://{backend.host}:{backend.port}{request.rel_url.raw_path_qs}", encoded=True
         )
 
+    def _next_machine(self, app: str, tried: set[str]) -> Backend | web.Response:
+        """The next machine to try (counted busy: release it), or the page to answer when none
+        is left: 503 when none was healthy, 502 when every one tried failed."""
+        backend = self.table.pick(app, exclude=tried)
+        if backend is None:
+            if tried:
+                return _page(502, "Bad Gateway", f"No machine of {app} answered.")
+            return _page(503, "Service Unavailable", f"No machine of {app} is healthy.")
+        tried.add(backend.machine_id)
+        self.table.acquire(backend.machine_id)
+        return backend
+
     async def _forward(self, request: web.Request, app: str) -> web.StreamResponse:
         assert self._session is not None
         if (
@@ -281,13 +293,9 @@ class ProxyServer:
         body = _ClientBody(request, self._max_body)
         tried: set[str] = set()
         while True:
-            backend = self.table.pick(app, exclude=tried)
-            if backend is None:
-                if tried:
-                    return _page(502, "Bad Gateway", f"No machine of {app} answered.")
-                return _page(503, "Service Unavailable", f"No machine of {app} is healthy.")
-            tried.add(backend.machine_id)
-            self.table.acquire(backend.machine_id)
+            backend = self._next_machine(app, tried)
+            if isinstance(backend, web.Response):
+                return backend
             try:
                 return await self._exchange(request, backend, headers, body)
             except _Retry:
@@ -372,13 +380,9 @@ class ProxyServer:
         )
         tried: set[str] = set()
         while True:
-            backend = self.table.pick(app, exclude=tried)
-            if backend is None:
-                if tried:
-                    return _page(502, "Bad Gateway", f"No machine of {app} answered.")
-                return _page(503, "Service Unavailable", f"No machine of {app} is healthy.")
-            tried.add(backend.machine_id)
-            self.table.acquire(backend.machine_id)
+            backend = self._next_machine(app, tried)
+            if isinstance(backend, web.Response):
+                return backend
             try:
                 try:
                     upstream = await self._session.ws_connect(

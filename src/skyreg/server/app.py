@@ -37,14 +37,14 @@ def create_app(
     workers: Workers | None = None,
     gc: Collector | None = None,
     gc_worker: bool = True,
-    secret_keys: Callable[[], MasterKeys] | None = None,
+    secret_keys: Callable[[], MasterKeys],
 ) -> web.Application:
     """The application of one worker process over `reg`: the OCI API; with auth, the token
     endpoint and (given `releases`) the management API, whose /gc routes use the process's
     collector `gc` (`gc_worker`: whether `workers` runs it); `/metrics` (an admin token when
     auth is on) with this process's `workers`, garbage collection and, with a region,
-    replication. `secret_keys` loads the master keys of app secrets (None: the `secrets.key`
-    file beside the database, for tests). The caller starts and stops `workers`. Every route
+    replication. `secret_keys` loads the master keys of app secrets. The caller starts and
+    stops `workers`. Every route
     answers errors through the registry's middleware (the token endpoint's and `/metrics`'
     answers too)."""
     app = web.Application(

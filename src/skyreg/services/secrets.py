@@ -74,6 +74,14 @@ class SecretsList:
 
 
 @dataclass(frozen=True)
+class MachineEnvironment:
+    """What a starting machine runs with besides its image's Env."""
+
+    plain: dict[str, str]  # its release's variables
+    secrets: dict[str, str]
+
+
+@dataclass(frozen=True)
 class Rotation:
     key_id: str  # the current master key
     rewrapped: int  # data keys wrapped anew by it
@@ -226,17 +234,6 @@ class SecretService:
         for name, value in given.items():
             _check_name(name)
             plain[name] = _check_value(name, value)
-        current = {s.name: s for s in self.secrets.current(app.id)}
-        # The size the app's set would have: its other values are not opened to count them; a
-        # sealed value is its plain size plus a fixed overhead.
-        total = sum(len(n) + len(v) for n, v in plain.items()) + sum(
-            len(n) + len(s.sealed) for n, s in current.items() if n not in plain
-        )
-        if total > MAX_TOTAL_BYTES:
-            raise LimitExceeded(
-                f"app {app.name}'s secrets would exceed {MAX_TOTAL_BYTES >> 10} KiB in all",
-                MAX_TOTAL_BYTES,
-            )
         data_key = self._data_key(app.org_id, create=True)
         assert data_key is not None
         sealed = {
@@ -250,9 +247,10 @@ class SecretService:
                 caller.id,
                 caller.name,
                 MAX_SECRETS,
-                MAX_TOTAL_BYTES + SEALING_OVERHEAD * MAX_SECRETS,
+                MAX_TOTAL_BYTES,
+                SEALING_OVERHEAD,
             )
-        except ValueError as e:
+        except ValueError as e:  # the count or the total (both checked in the write)
             raise LimitExceeded(f"app {app.name}: {e}", MAX_SECRETS) from None
         log.info("app %s: secrets %s set by token %s", app.name, sorted(plain), caller.id)
         return app, result
@@ -286,7 +284,8 @@ class SecretService:
                 caller.id,
                 caller.name,
                 MAX_SECRETS,
-                MAX_TOTAL_BYTES + SEALING_OVERHEAD * MAX_SECRETS,
+                MAX_TOTAL_BYTES,
+                SEALING_OVERHEAD,
             )
         except ValueError as e:  # only when an older limit let it grow: unset shrinks it
             raise LimitExceeded(f"app {app.name}: {e}", MAX_SECRETS) from None
@@ -327,14 +326,15 @@ class SecretService:
 
     async def machine_secrets(
         self, caller: TokenRecord, machine_id: str, generation: int
-    ) -> dict[str, str]:
-        """The values a starting machine runs with (its release's version of the set). On a
-        database thread even on SQLite: it may read the key file and opens every value."""
+    ) -> MachineEnvironment:
+        """The environment a starting machine runs with: its release's plain variables and its
+        release's version of the secrets. On a database thread even on SQLite: it may read the
+        key file and opens every value."""
         return await self.secrets.run(self._machine_secrets, caller, machine_id, generation)
 
     def _machine_secrets(
         self, caller: TokenRecord, machine_id: str, generation: int
-    ) -> dict[str, str]:
+    ) -> MachineEnvironment:
         if caller.kind not in ("admin", "org", "agent"):
             raise Forbidden(f"a {caller.kind} token may not act as an agent")
         machine = self.machines.get(machine_id)
@@ -348,7 +348,7 @@ class SecretService:
         if found is None:
             raise NotFound("machine", machine_id)
         if not found.secrets:  # any agent may start a machine without secrets
-            return {}
+            return MachineEnvironment(found.env, {})
         if caller.kind != "agent":
             raise Forbidden(
                 f"machine {machine_id} has secrets: only an agent token receives them (an admin "
@@ -381,7 +381,7 @@ class SecretService:
         log.info(
             "machine %s: %d secrets given to agent token %s", machine_id, len(values), caller.id
         )
-        return values
+        return MachineEnvironment(found.env, values)
 
     # -- rotation --------------------------------------------------------------------------------
 

@@ -90,8 +90,8 @@ def add_management_routes(
     app: web.Application,
     auth: Authenticator,
     releases: ReleaseService,
-    gc_service: GcService | None = None,
-    secret_keys: Callable[[], MasterKeys] | None = None,
+    gc_service: GcService | None,
+    secret_keys: Callable[[], MasterKeys],
 ) -> None:
     """Mount the management API under /api/v1, and the GraphQL endpoint, on `app`; the /gc
     routes answer through `gc_service` (without one, 404); app secrets use the master keys

@@ -23,7 +23,6 @@ async def agent_machines(call: Call) -> models.AgentMachineList:
             models.AgentMachine(
                 **machine_fields(m),  # type: ignore[arg-type]
                 image=models.ImageRef(repository=m.image_repository, digest=m.image_digest),
-                env=m.env,
             )
             for m in page.machines
         ],

@@ -11,12 +11,9 @@ in `refusal`, the one table of their statuses and codes.
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import msgspec
@@ -27,7 +24,7 @@ from skyreg.auth.envelope import MasterKeys
 from skyreg.auth.service import Authenticator
 from skyreg.meta.builds import BuildMeta
 from skyreg.meta.db import unreachable as database_unreachable
-from skyreg.meta.platform import PlatformMeta, TokenRecord
+from skyreg.meta.platform import TokenRecord
 from skyreg.meta.quotas import QuotaMeta
 from skyreg.meta.retention import RetentionMeta
 from skyreg.meta.secrets import SecretMeta
@@ -84,13 +81,10 @@ class Services:
         cls,
         auth: Authenticator,
         releases: ReleaseService,
-        secret_keys: Callable[[], MasterKeys] | None = None,
+        secret_keys: Callable[[], MasterKeys],
     ) -> Services:
         """The services over the stores `releases` holds (one `Database`); app secrets use the
-        master keys `secret_keys` loads (None: a key file beside an SQLite database, else
-        SKYREG_SECRETS_KEY)."""
-        if secret_keys is None:
-            secret_keys = functools.partial(_default_keys, releases.platform)
+        master keys `secret_keys` loads (`server/process.py` says from where)."""
         retention = RetentionMeta(releases.platform.db)
         # Untagged manifests wait the registry's review delay unless a policy says otherwise.
         retention.review_delay = releases.registry.gc.review_delay
@@ -123,16 +117,6 @@ class Services:
                 SecretKeyRing(secret_keys),
             ),
         )
-
-
-def _default_keys(platform: PlatformMeta) -> MasterKeys:
-    """Master keys when the server was given none: SKYREG_SECRETS_KEY, else `secrets.key` beside
-    an SQLite database file (made on first use)."""
-    database = platform.engine.url.database
-    default = None
-    if platform.engine.dialect.name == "sqlite" and database and database != ":memory:":
-        default = Path(database).parent / "secrets.key"
-    return MasterKeys.load(None, os.environ.get("SKYREG_SECRETS_KEY"), default)
 
 
 SERVICES_KEY = web.AppKey("management_services", Services)

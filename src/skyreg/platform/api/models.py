@@ -280,10 +280,6 @@ class ImageRef(Model):
 
 class AgentMachine(Machine):
     image: ImageRef
-    env: Annotated[
-        dict[str, str],
-        msgspec.Meta(description="Its release's plain variables (secrets come on their own)"),
-    ]
 
 
 class AgentMachineList(Model):
@@ -609,10 +605,14 @@ class SecretsChanged(Model):
     release: Annotated[Release | None, _d("The release that rolls the machines")]
 
 
-class MachineSecretValues(Model):
-    """For the agent starting the machine only: its environment's secret variables."""
+class MachineSecretValues(Model, omit_defaults=True):
+    """For the agent starting the machine only: its environment's variables (asked for once per
+    start, so a release's variables do not travel with every poll of the region's machines)."""
 
-    env: dict[str, str]
+    env: Annotated[dict[str, str], _d("Its secrets")]
+    release_env: Annotated[dict[str, str], _d("Its release's plain variables (absent: none)")] = (
+        msgspec.field(default_factory=dict)
+    )
 
 
 class KeyRotation(Model):

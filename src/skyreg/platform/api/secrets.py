@@ -79,12 +79,12 @@ async def rotate_key(call: Call) -> models.KeyRotation:
 
 
 async def machine_secrets(call: Call) -> models.MachineSecretValues:
-    """The values of a machine the calling agent is starting."""
+    """The environment of a machine the calling agent is starting."""
     body = call.body(MachineSecretsRequest)
-    env = await call.services.secrets.machine_secrets(
+    found = await call.services.secrets.machine_secrets(
         call.caller(), call.path("machine_id"), body.generation
     )
-    return models.MachineSecretValues(env=env)
+    return models.MachineSecretValues(env=found.secrets, release_env=found.plain)
 
 
 ROUTES = [
@@ -120,8 +120,9 @@ ROUTES = [
     ),
     Route(
         "POST", "/agent/machines/{machine_id}/secrets", machine_secrets, "agentMachineSecrets",
-        "For an agent token only: the secrets of a machine the agent is starting (desired "
-        "started, state starting, the generation it names)", models.MachineSecretValues,
+        "The environment of a machine an agent is starting: its release's plain variables, and "
+        "its secrets for an agent token only (the machine desired started, state starting, at "
+        "the generation it names)", models.MachineSecretValues,
         request=MachineSecretsRequest, errors=(400, 403, 404, 503),
         response_description="The machine's secret environment variables",
     ),
