@@ -1,5 +1,6 @@
 """skyreg.toml: a full file loads, each mistake names file, line and key, unknown keys warn,
-hostile files are refused, find_config's rules, and render_config round-trips via load_config."""
+hostile files are refused, find_config's rules, render_config round-trips via load_config, and
+release_service turns [http_service] and the checks into the API's Service."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from skyreg.cli.appconfig import (
     HttpService,
     find_config,
     load_config,
+    release_service,
     render_config,
 )
 
@@ -249,8 +251,75 @@ MISTAKES = [
     ),
     pytest.param(
         '[checks.web]\ntype = "tcp"\nport = 80\ninterval = "0s"\n',
-        "skyreg.toml:4: [checks.web] interval must be from 1s to 24h",
+        "skyreg.toml:4: [checks.web] interval must be from 1s to 1h",
         id="check-interval-zero",
+    ),
+    pytest.param(
+        '[checks.web]\ntype = "tcp"\nport = 80\ninterval = "2h"\n',
+        "skyreg.toml:4: [checks.web] interval must be from 1s to 1h",
+        id="check-interval-long",
+    ),
+    pytest.param(
+        '[checks.web]\ntype = "tcp"\nport = 80\ninterval = "2m"\ntimeout = "61s"\n',
+        "skyreg.toml:5: [checks.web] timeout must be from 1s to 1m",
+        id="check-timeout-long",
+    ),
+    pytest.param(
+        '[checks.web]\ntype = "tcp"\nport = 80\ngrace_period = "61m"\n',
+        "skyreg.toml:4: [checks.web] grace_period must be from 0s to 1h",
+        id="check-grace-long",
+    ),
+    pytest.param(
+        '[checks.web]\ntype = "tcp"\nport = 80\ninterval = "5s"\ntimeout = "6s"\n',
+        "skyreg.toml:5: [checks.web] timeout must be at most the interval (5s), not 6s",
+        id="check-timeout-over-interval",
+    ),
+    pytest.param(
+        '[checks.web]\ntype = "tcp"\nport = 80\ntimeout = "30s"\n',
+        "skyreg.toml:4: [checks.web] timeout must be at most the interval (10s by default), "
+        "not 30s",
+        id="check-timeout-over-default-interval",
+    ),
+    pytest.param(
+        '[http_service]\ninternal_port = 80\n[[http_service.checks]]\ninterval = "1s"\n',
+        "skyreg.toml:4: [http_service] checks[0].interval must be at least the timeout "
+        "(2s by default), not 1s",
+        id="check-interval-under-default-timeout",
+    ),
+    pytest.param(
+        '[checks.web]\ntype = "http"\nport = 80\npath = "/a b"\n',
+        "skyreg.toml:4: [checks.web] path must be printable ASCII without spaces "
+        "(write a space as %20)",
+        id="check-path-space",
+    ),
+    pytest.param(
+        '[checks.web]\ntype = "http"\nport = 80\npath = "/\\r\\n"\n',
+        "skyreg.toml:4: [checks.web] path must be printable ASCII without spaces "
+        "(write a space as %20)",
+        id="check-path-crlf",
+    ),
+    pytest.param(
+        '[checks.web]\ntype = "http"\nport = 80\npath = "/\u00e9"\n',
+        "skyreg.toml:4: [checks.web] path must be printable ASCII without spaces "
+        "(write a space as %20)",
+        id="check-path-not-ascii",
+    ),
+    pytest.param(
+        f'[checks.web]\ntype = "http"\nport = 80\npath = "/{"x" * 1024}"\n',
+        "skyreg.toml:4: [checks.web] path must be at most 1024 characters",
+        id="check-path-long",
+    ),
+    pytest.param(
+        '[checks.web]\ntype = "http"\nport = 80\npath = ""\n',
+        "skyreg.toml:4: [checks.web] path must start with '/', not ''",
+        id="check-path-empty",
+    ),
+    pytest.param(
+        "[http_service]\ninternal_port = 80\n"
+        + "[[http_service.checks]]\n" * 6
+        + "".join(f'[checks.c{i}]\ntype = "tcp"\nport = 1\n' for i in range(5)),
+        "skyreg.toml:9: [checks] and http_service hold more than 10 checks",
+        id="too-many-checks-together",
     ),
     pytest.param(
         '[http_service]\ninternal_port = 80\n[[http_service.checks]]\npath = "/"\n'
@@ -327,6 +396,8 @@ def test_unknown_keys_warn_with_a_suggestion_and_do_not_fail(tmp_path: Path) -> 
         "skyreg.toml:5: unknown key mounts (ignored)",
         "skyreg.toml:4: unknown key [build] dockerfil (ignored); did you mean dockerfile?",
         "skyreg.toml:10: unknown key [checks.web] intervall (ignored); did you mean interval?",
+        "skyreg.toml:7: [checks] without [http_service] are not deployed "
+        "(a service needs internal_port)",
     ]
 
 
@@ -341,7 +412,7 @@ def test_an_unknown_table_is_named_as_a_table(tmp_path: Path) -> None:
 def test_a_path_on_a_tcp_check_warns(tmp_path: Path) -> None:
     config = load_text(tmp_path, '[checks.db]\ntype = "tcp"\nport = 5432\npath = "/"\n')
     assert config.checks == {"db": Check("tcp", 5432)}
-    assert config.warnings == ["skyreg.toml:4: [checks.db] path is for http checks only (ignored)"]
+    assert config.warnings[0] == "skyreg.toml:4: [checks.db] path is for http checks only (ignored)"
 
 
 def test_an_oversize_file_is_refused(tmp_path: Path) -> None:
@@ -362,9 +433,14 @@ def test_too_many_build_args_and_checks_are_refused(tmp_path: Path) -> None:
     args = "".join(f'A{i} = "x"\n' for i in range(101))
     with pytest.raises(ConfigError, match=r"\[build\] args must hold at most 100 entries"):
         load_text(tmp_path, "[build.args]\n" + args)
-    checks = "".join(f'[checks.c{i}]\ntype = "tcp"\nport = 1\n' for i in range(51))
-    with pytest.raises(ConfigError, match=r"^skyreg\.toml:1: \[checks\] at most 50 checks"):
+    checks = "".join(f'[checks.c{i}]\ntype = "tcp"\nport = 1\n' for i in range(11))
+    with pytest.raises(ConfigError, match=r"^skyreg\.toml:1: \[checks\] at most 10 checks"):
         load_text(tmp_path, checks)
+    many = "[http_service]\ninternal_port = 80\n" + "[[http_service.checks]]\n" * 11
+    with pytest.raises(ConfigError, match=r"^skyreg\.toml:3: \[http_service\] checks must hold"):
+        load_text(tmp_path, many)
+    ten = "[http_service]\ninternal_port = 80\n" + "[[http_service.checks]]\n" * 10
+    assert len(load_text(tmp_path, ten).http_service.checks) == 10  # type: ignore[union-attr]
 
 
 def test_an_oversize_env_value_is_refused(tmp_path: Path) -> None:
@@ -421,7 +497,7 @@ def test_render_then_load_round_trips_odd_strings(tmp_path: Path) -> None:
             internal_port=443,
             force_https=True,
             min_machines_running=2,
-            checks=[Check("http", 443, '/a b?c="d"', "10s", "1s", "0s")],
+            checks=[Check("http", 443, '/a%20b?c="d"&e=\\', "10s", "1s", "0s")],
         ),
         checks={"tcp-check": Check("tcp", 22, None, "1m")},
     )
@@ -441,3 +517,45 @@ def test_render_of_a_new_app_writes_its_sections_and_round_trips(tmp_path: Path)
         assert line in text.splitlines()
     assert "[http_service]" not in text
     assert dataclasses.replace(load_text(tmp_path, text), path=None) == config
+
+
+def test_release_service_sends_seconds_and_only_the_ports_that_differ(tmp_path: Path) -> None:
+    config = load_text(
+        tmp_path, FULL + '\n[checks.same]\ntype = "tcp"\nport = 8080\ngrace_period = "1m30s"\n'
+    )
+    assert release_service(config) == {
+        "internal_port": 8080,
+        "checks": [
+            # [[http_service.checks]] first, then [checks.NAME] in the file's order
+            {
+                "type": "http",
+                "path": "/healthz",
+                "interval": 15.0,
+                "timeout": 2.0,
+                "grace_period": 5.0,
+            },
+            {"type": "tcp", "port": 5432, "interval": 30.0},
+            {"type": "http", "port": 9090, "path": "/status"},
+            {"type": "tcp", "grace_period": 90.0},
+        ],
+    }
+
+
+def test_release_service_of_a_service_without_checks_and_of_no_service(tmp_path: Path) -> None:
+    plain = load_text(tmp_path, "[http_service]\ninternal_port = 3000\n")
+    assert release_service(plain) == {"internal_port": 3000, "checks": []}
+    defaults = load_text(
+        tmp_path, "[http_service]\ninternal_port = 3000\n[[http_service.checks]]\n"
+    )
+    assert release_service(defaults) == {
+        "internal_port": 3000,
+        "checks": [{"type": "http", "path": "/"}],
+    }
+    # Checks without [http_service]: nothing to send (the app's own service stays), and a warning.
+    alone = load_text(tmp_path, '[checks.db]\ntype = "tcp"\nport = 5432\n')
+    assert release_service(alone) is None
+    assert alone.warnings == [
+        "skyreg.toml:1: [checks] without [http_service] are not deployed "
+        "(a service needs internal_port)"
+    ]
+    assert release_service(load_text(tmp_path, 'app = "web"\n')) is None

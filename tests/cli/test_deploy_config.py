@@ -1,6 +1,7 @@
 """`skyreg deploy` reads skyreg.toml: the app, image, primary region and strategy come from the
-file, flags win over it, its warnings reach stderr, and a file it cannot use ends the command
-with a message naming its line and key. A real server, the command in this process; nothing
+file, its [http_service] and checks become the release's service, flags win over it, its
+warnings reach stderr, and a file it cannot use ends the command with a message naming its line
+and key. A real server, the command in this process; nothing
 runs the machines (`--detach`).
 
 Org `acme` owns app `web`, which holds the image `web:v1`.
@@ -39,6 +40,11 @@ class Server:
         )
         assert r.status_code == 200, r.text
         return list(r.json()["releases"])
+
+    def app(self, app: str) -> dict[str, Any]:
+        r = requests.get(f"{self.reg.url}/api/v1/apps/{app}", auth=("x", self.acme), timeout=30)
+        assert r.status_code == 200, r.text
+        return dict(r.json())
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +88,19 @@ BAD_FILES = [
         "skyreg.toml",
         'app = "web"\n[build]\nimage = "web:v1"\n[build.args]\nBAD-NAME = "x"\n',
         "error: skyreg.toml:5: [build] args.BAD-NAME is not a valid name: [A-Za-z_][A-Za-z0-9_]*\n",
+    ),
+    (
+        "skyreg.toml",
+        'app = "web"\n[build]\nimage = "web:v1"\n[http_service]\ninternal_port = 8080\n'
+        '[[http_service.checks]]\npath = "/health check"\n',
+        "error: skyreg.toml:7: [http_service] checks[0].path must be printable ASCII without "
+        "spaces (write a space as %20)\n",
+    ),
+    (
+        "skyreg.toml",
+        'app = "web"\n[build]\nimage = "web:v1"\n[http_service]\ninternal_port = 8080\n'
+        + "".join(f'[checks.c{i}]\ntype = "tcp"\nport = {i + 1}\n' for i in range(11)),
+        "error: skyreg.toml:6: [checks] at most 10 checks, not 11\n",
     ),
     (
         "skyreg.toml",
@@ -173,3 +192,42 @@ def test_a_file_naming_an_image_refuses_build_only(server: Server, project: Path
         1,
         "error: --build-only: nothing to build, skyreg.toml names an image\n",
     )
+
+
+def _set(check: dict[str, Any]) -> dict[str, Any]:
+    """A check as the API shows it, without the fields it leaves null (a tcp check's path)."""
+    return {k: v for k, v in check.items() if v is not None}
+
+
+def test_the_files_http_service_and_checks_become_the_releases_service(
+    server: Server, project: Path
+) -> None:
+    (project / "skyreg.toml").write_text(
+        'app = "web"\n[build]\nimage = "web:v1"\n\n'
+        "[http_service]\ninternal_port = 8080\nforce_https = true\n\n"
+        '[[http_service.checks]]\npath = "/healthz"\ninterval = "15s"\ntimeout = "3s"\n\n'
+        '[checks.db]\ntype = "tcp"\nport = 5432\ngrace_period = "1m"\n\n'
+        '[checks.same]\ntype = "http"\nport = 8080\npath = "/ready?full=1"\n'
+    )
+    done = server.skyreg(project, "deploy", "--detach", "--region", "local")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stderr == ""
+    assert "Service on port 8080, 3 health checks." in done.stdout
+    [release] = server.releases("web")[:1]
+    service = release["service"]
+    assert service["internal_port"] == 8080
+    assert [_set(c) for c in service["checks"]] == [
+        {"type": "http", "port": 8080, "path": "/healthz", "interval": 15.0, "timeout": 3.0,
+         "grace_period": 5.0},
+        {"type": "tcp", "port": 5432, "interval": 10.0, "timeout": 2.0, "grace_period": 60.0},
+        {"type": "http", "port": 8080, "path": "/ready?full=1", "interval": 10.0,
+         "timeout": 2.0, "grace_period": 5.0},
+    ]  # fmt: skip
+    # The app's service is the release's now: the next deploy without one keeps it.
+    assert server.app("web")["service"] == service
+    (project / "skyreg.toml").write_text('app = "web"\n[build]\nimage = "web:v1"\n')
+    again = server.skyreg(project, "deploy", "--detach", "--region", "local")
+    assert again.returncode == 0, again.stdout + again.stderr
+    [kept] = server.releases("web")[:1]
+    assert kept["version"] == release["version"] + 1 and kept["service"] == service
+    assert server.app("web")["service"] == service

@@ -171,7 +171,10 @@ def test_the_wait_timeout_names_the_machines_not_started(
     err = done.stderr
     assert "after 2s" in err and "not started" in err, err
     for m in machines:
-        assert f"machine {m['id']} [local] (created)" in err, err
+        # A rolling deploy onto running machines starts one; the other waits for its turn.
+        turn = ", waiting its turn" if m["desired"] == "waiting" else ""
+        assert f"machine {m['id']} [local] (created{turn})" in err, err
+    assert sorted(m["desired"] for m in machines) == ["started", "waiting"], machines
 
 
 def test_a_malformed_wait_timeout_deploys_nothing(platform: Platform, tmp_path: Path) -> None:

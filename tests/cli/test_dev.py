@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 
 from skyreg.builder.buildah import BuildahSettings
 from skyreg.builder.host import check_host
@@ -60,6 +61,21 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def _proxy_url(banner: str) -> str:
+    found = re.search(r"curl http://myapp\.localhost:(\d+)/", banner)
+    assert found, banner
+    return f"http://127.0.0.1:{found.group(1)}"
+
+
+def _through(proxy: str, app: str) -> bytes | None:
+    """The body of `GET /` for `<app>.localhost` through the proxy (None: no 200 answer)."""
+    try:
+        r = requests.get(f"{proxy}/", headers={"Host": f"{app}.localhost"}, timeout=5)
+    except requests.RequestException:
+        return None
+    return r.content if r.status_code == 200 else None
+
+
 def _interrupt(dev: subprocess.Popen[bytes]) -> int:
     """Ctrl-C `skyreg dev` and wait for it. If it hangs, it and everything it started (its
     own session) are killed, and the test fails."""
@@ -85,14 +101,16 @@ def workdir() -> Iterator[Path]:
 
 def test_dev_runs_push_deploy_and_a_serving_machine_then_stops_it_all(workdir: Path) -> None:
     dev = subprocess.Popen(
-        [sys.executable, "-m", "skyreg", "dev", "--data-dir", str(workdir / "dev"), "--port", "0"],
+        [sys.executable, "-m", "skyreg", "dev", "--data-dir", str(workdir / "dev"), "--port", "0",
+         "--proxy-port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         start_new_session=True,  # so a hang can be cleaned up whole
-    )
-    port = free_port()
+    )  # fmt: skip
+    port = free_port()  # where the app listens (on the host, when machines share its network)
     try:
-        banner = _read_until(dev, r"skyreg logs --app myapp -f")
+        banner = _read_until(dev, r"curl http://myapp.localhost:\d+/")
+        proxy = _proxy_url(banner)
         url = re.search(r"registry (http://127\.0\.0\.1:\d+)", banner)
         assert url, banner
         token_file = workdir / "dev" / "registry" / "admin-token"
@@ -107,16 +125,16 @@ def test_dev_runs_push_deploy_and_a_serving_machine_then_stops_it_all(workdir: P
         image = build_app_image(
             "dev",
             [Entry("www", "dir", mode=0o755), Entry("www/index.html", "file", data=b"hi dev\n")],
-            cmd=[
-                "/bin/sh",
-                "-c",
-                "echo serving; exec /bin/busybox httpd -f -p 127.0.0.1:$PORT -h /www",
-            ],
+            cmd=["/bin/sh", "-c", "echo serving; exec /bin/busybox httpd -f -p $PORT -h /www"],
             env=[f"PORT={port}"],
         )
         archive = image.write_docker_archive(workdir / "image.tar")
+        skyreg("apps", "update", "myapp", "--port", str(port), "--check-http", "/")
         skyreg("deploy", "--app", "myapp", "--image", str(archive), "--region", "local")
-        wait_for(lambda: http_get(port) == b"hi dev\n", "the machine serving through skyreg dev")
+        # As the banner says: the app answers through the proxy at myapp.localhost.
+        wait_for(
+            lambda: _through(proxy, "myapp") == b"hi dev\n", "the machine serving through the proxy"
+        )
         releases = wait_for(
             lambda: (
                 o if "complete" in (o := skyreg("releases", "--app", "myapp", "--image")) else None
@@ -126,11 +144,12 @@ def test_dev_runs_push_deploy_and_a_serving_machine_then_stops_it_all(workdir: P
         assert "myapp:deployment-" in releases
         assert "serving" in wait_for(lambda: skyreg("logs", "--app", "myapp"), "the machine log")
         processes = children(dev.pid)
-        assert len(processes) == 2 + BUILDER  # the registry, the agent (and the builder)
+        assert len(processes) == 3 + BUILDER  # the registry, the agent, the proxy (the builder)
     finally:
         code = _interrupt(dev)
     assert code == 0
-    assert http_get(port) is None  # the machine went down with the platform
+    assert _through(proxy, "myapp") is None  # the proxy went down with the platform
+    assert http_get(port) is None  # and so did the machine
     for pid in processes:
         assert not Path(f"/proc/{pid}").exists()
 
@@ -140,6 +159,7 @@ def test_dev_regions_push_in_one_region_and_run_in_another(workdir: Path) -> Non
         [
             sys.executable, "-m", "skyreg", "dev",
             "--data-dir", str(workdir / "dev"), "--port", "0", "--regions", "iad,sin,syd",
+            "--proxy-port", "0",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -148,6 +168,7 @@ def test_dev_regions_push_in_one_region_and_run_in_another(workdir: Path) -> Non
     port = free_port()
     try:
         banner = _read_until(dev, r"skyreg replication status")
+        proxy = _proxy_url(banner)
         urls = dict(re.findall(r"region (\w+)\s+registry (http://127\.0\.0\.1:\d+)", banner))
         assert sorted(urls) == ["iad", "sin", "syd"] and len(set(urls.values())) == 3
         token = (workdir / "dev" / "iad" / "registry" / "admin-token").read_text().strip()
@@ -161,16 +182,18 @@ def test_dev_regions_push_in_one_region_and_run_in_another(workdir: Path) -> Non
         image = build_app_image(
             "far",
             [Entry("www", "dir", mode=0o755), Entry("www/index.html", "file", data=b"from syd\n")],
-            cmd=["/bin/sh", "-c", "exec /bin/busybox httpd -f -p 127.0.0.1:$PORT -h /www"],
+            cmd=["/bin/sh", "-c", "exec /bin/busybox httpd -f -p $PORT -h /www"],
             env=[f"PORT={port}"],
         )
+        skyreg("apps", "update", "myapp", "--port", str(port))
         layout = image.write_oci_layout(workdir / "layout")
         iad_host = urls["iad"].removeprefix("http://")
         skyreg("push", str(layout), f"{iad_host}/myapp:v1")
         shown = skyreg("images", "show", "myapp:v1", "--json")
         assert '"complete": false' in shown  # only iad holds it so far
         skyreg("deploy", "--app", "myapp", "--image", f"{iad_host}/myapp:v1", "--region", "syd")
-        wait_for(lambda: http_get(port) == b"from syd\n", "the syd machine serving")
+        # The proxy runs in iad; with no machine there it sends the app's requests to syd's.
+        wait_for(lambda: _through(proxy, "myapp") == b"from syd\n", "the syd machine serving")
         machines = skyreg("machines", "list", "--app", "myapp")
         assert "syd" in machines and "started" in machines
         table = wait_for(
@@ -184,12 +207,23 @@ def test_dev_regions_push_in_one_region_and_run_in_another(workdir: Path) -> Non
     finally:
         code = _interrupt(dev)
     assert code == 0
-    assert http_get(port) is None
+    assert http_get(port) is None and _through(proxy, "myapp") is None
 
 
 def test_killing_skyreg_dev_takes_its_registry_and_agent_down(workdir: Path) -> None:
     dev = subprocess.Popen(
-        [sys.executable, "-m", "skyreg", "dev", "--data-dir", str(workdir / "dev"), "--port", "0"],
+        [
+            sys.executable,
+            "-m",
+            "skyreg",
+            "dev",
+            "--data-dir",
+            str(workdir / "dev"),
+            "--port",
+            "0",
+            "--proxy-port",
+            "0",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -197,7 +231,7 @@ def test_killing_skyreg_dev_takes_its_registry_and_agent_down(workdir: Path) -> 
     try:
         _read_until(dev, r"skyreg logs --app myapp -f")
         processes = children(dev.pid)
-        assert len(processes) == 2 + BUILDER  # the registry, the agent (and the builder)
+        assert len(processes) == 3 + BUILDER  # the registry, the agent, the proxy (the builder)
     finally:
         dev.kill()  # no chance to stop anything itself
         dev.wait()

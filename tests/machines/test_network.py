@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from skyreg.machines.network import Attachment, HostNetwork, NetworkError, enter_command
+from skyreg.machines.runtime import ImageConfig, UserIds, start_machine
 from tests.support.images import BUSYBOX
 
 PORT = 8080
@@ -335,16 +336,89 @@ def test_orgs_are_isolated_and_one_org_talks(host: Host) -> None:
 
 
 @needs_netns
-def test_a_machine_reaches_a_listener_on_its_gateway(host: Host) -> None:
+def test_a_machine_reaches_no_service_on_its_host_and_the_host_reaches_it(host: Host) -> None:
     net = host.network()
     att = net.attach("m1", "orga")
-    with socket.create_server((str(att.gateway), 0)) as server:
+    host.machine(att, "hi m1")  # the host connects to the machine (and its replies come back)
+    with socket.create_server(("0.0.0.0", 0)) as server:
         port = server.getsockname()[1]
-        assert _connect_from(att, att.gateway, port) == "ok"
-        server.settimeout(5)
-        conn, peer = server.accept()
-        conn.close()
-    assert IPv4Address(peer[0]) == att.address
+        # Listening on every address: the gateway's, and the host's own elsewhere.
+        assert _connect_from(att, att.gateway, port) == errno.errorcode[errno.EHOSTUNREACH]
+        others = [a for a in _host_addresses() if a not in att.network and not a.is_loopback]
+        for other in others[:2]:
+            assert _connect_from(att, other, port) == errno.errorcode[errno.EHOSTUNREACH]
+    assert _get(att.address) == "hi m1"
+    # A restart's ensure() rewrites the rules and hooks them in once.
+    host.network()
+    rules = subprocess.run(["iptables", "-S", "INPUT"], capture_output=True, text=True)
+    assert rules.stdout.count(f"-j {net.input_chain}") == 1
+    assert _connect_from(att, att.gateway, PORT) == errno.errorcode[errno.EHOSTUNREACH]
+    assert _get(att.address) == "hi m1"
+
+
+def _rootfs(top: Path, marker: str) -> Path:
+    """A busybox rootfs serving `marker` at /www, with root and app (1000) users."""
+    rootfs = top / "rootfs"
+    for d in ("bin", "etc", "www"):
+        (rootfs / d).mkdir(parents=True)
+    shutil.copy(BUSYBOX, rootfs / "bin" / "busybox")
+    (rootfs / "etc" / "passwd").write_text("root:x:0:0::/:/bin/sh\napp:x:1000:1000::/:/bin/sh\n")
+    (rootfs / "etc" / "group").write_text("root:x:0:\napp:x:1000:\nstaff:x:1001:app\n")
+    (rootfs / "www" / "index.html").write_text(marker)
+    for path in [top, *(p for p in rootfs.rglob("*"))]:
+        path.chmod(0o755 if path.is_dir() or path.name == "busybox" else 0o644)
+    return rootfs
+
+
+def _ids(pid: int) -> tuple[int, int, list[int]]:
+    status = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    groups = sorted(int(g) for g in status["Groups"].split())
+    return int(status["Uid"].split()[0]), int(status["Gid"].split()[0]), groups
+
+
+@needs_netns
+@pytest.mark.parametrize("user", ["", "app"])
+def test_start_machine_runs_bwrap_in_the_namespace_as_the_machine_user(
+    host: Host, user: str
+) -> None:
+    net = host.network()
+    att = net.attach("m1", "orga")
+    top = Path(tempfile.mkdtemp(prefix="skyreg-netrt-"))
+    host.cleanups.append(lambda: shutil.rmtree(top, ignore_errors=True))
+    rootfs = _rootfs(top, f"hello as {user or 'root'}")
+    cmd = ["/bin/busybox", "httpd", "-f", "-p", str(PORT), "-h", "/www"]
+    conf = ImageConfig(cmd=tuple(cmd), user=user)
+    entered: list[UserIds | None] = []
+
+    def enter(ids: UserIds | None) -> list[str]:
+        entered.append(ids)
+        return enter_command(att, user=ids)
+
+    machine = start_machine(rootfs, conf, log_path=top / "log", hostname="m1", enter=enter)
+    host.cleanups.append(machine.stop)
+    deadline = time.monotonic() + 10
+    while _get(att.address) != f"hello as {user or 'root'}":
+        assert machine.running, (top / "log").read_text()
+        assert time.monotonic() < deadline, "the machine never answered at its address"
+        time.sleep(0.1)
+    want = (1000, 1000, [1000, 1001]) if user else (0, 0, [0])
+    assert entered == [want]
+    for pid in (machine.pid, machine.bwrap_pid):  # bwrap and PID 1, in the netns, as the user
+        assert os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(att.netns_path).st_ino
+        assert _ids(pid) == want
+    machine.stop(2)
+
+
+def _host_addresses() -> list[IPv4Address]:
+    out = subprocess.run(["ip", "-j", "-4", "addr", "show"], capture_output=True, check=True)
+    return [
+        IPv4Address(info["local"])
+        for link in json.loads(out.stdout)
+        for info in link.get("addr_info", [])
+        if info.get("family") == "inet"
+    ]
 
 
 _LISTENER = """

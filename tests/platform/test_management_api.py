@@ -192,6 +192,8 @@ def test_openapi_document_lists_every_served_path(server: InProcessRegistry) -> 
         "/api/v1/apps/{app}/secrets/unset",
         "/api/v1/secrets/rotate-key",
         "/api/v1/agent/machines/{machine_id}/secrets",
+        "/api/v1/agent/machines/{machine_id}/health",
+        "/api/v1/agent/routes",
     } == set(doc["paths"])
     # Every documented operation answers something other than "no such endpoint".
     root = admin(server)
@@ -297,6 +299,7 @@ def test_apps_create_list_and_permissions(server: InProcessRegistry) -> None:
         "org": tenant.org,
         "public": False,
         "created_at": created["created_at"],
+        "service": None,
     }
     implicit = ok(org_api.post("/apps", {"name": unique("app"), "public": True}), 201)
     assert implicit["org"] == tenant.org and implicit["public"] is True

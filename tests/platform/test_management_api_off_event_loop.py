@@ -115,6 +115,9 @@ def test_every_management_route_queries_off_the_event_loop(strict: Strict) -> No
     _ok(s.call("POST", route + "/state", base + "/state", json={"state": "starting"}), 200)
     _ok(s.call("POST", route + "/events", base + "/events", json={"message": "hi"}), 201)
     _ok(s.call("POST", route + "/logs", base + "/logs", json={"lines": ["a line"]}), 201)
+    # Its release has no health checks: refused, after reading the machine.
+    _ok(s.call("POST", route + "/health", base + "/health", json={"status": "passing"}), 409)
+    _ok(s.call("GET", "/agent/routes"), 200)
     logs = _ok(s.call("GET", "/apps/{app}/logs", "/apps/web/logs"), 200)
     assert [ln["line"] for ln in logs["lines"]] == ["a line"]
     for action in ("stop", "start", "restart"):

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import select
 import socket
 import time
 import tracemalloc
@@ -55,7 +56,7 @@ class Machine:
     def backend(self, **kw: Any) -> Backend:
         return Backend(self.machine_id, "127.0.0.1", self.port, "local", **kw)
 
-    async def start(self) -> None:
+    async def start(self, port: int = 0) -> None:
         app = web.Application(client_max_size=64 * MIB)
         app.router.add_route("*", "/ws", self._ws)
         app.router.add_route("*", "/slow", self._slow)
@@ -66,7 +67,7 @@ class Machine:
         app.router.add_route("*", "/{tail:.*}", self._echo)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", port)
         await site.start()
         self.port = self._runner.addresses[0][1]
 
@@ -257,6 +258,26 @@ def test_table_least_connections_ties_round_robin_exclude_and_draining() -> None
     table.replace("app", [Backend("d", "h", 1, healthy=False)])
     assert table.pick("app") is None and table.knows("app")
     assert table.pick("other") is None and not table.knows("other")
+
+
+def test_table_ejection_skips_a_machine_for_a_while_unless_none_is_left() -> None:
+    now = [100.0]
+    table = RoutingTable(ejection=2.0, clock=lambda: now[0])
+    a, b = (Backend(i, "127.0.0.1", 1, "r") for i in "ab")
+    table.replace("app", [a, b])
+    table.eject("a")
+    assert {table.pick("app").machine_id for _ in range(4)} == {"b"}  # type: ignore[union-attr]
+    # Every poll replaces the backends: the ejection stays.
+    table.replace("app", [a, b])
+    assert table.ejected() == {"a"}
+    assert table.pick("app", exclude={"b"}) == a  # none left but the ejected one: try it
+    now[0] += 2.0
+    assert table.ejected() == set()
+    assert {table.pick("app").machine_id for _ in range(4)} == {"a", "b"}  # type: ignore[union-attr]
+    off = RoutingTable(ejection=0)
+    off.replace("app", [a, b])
+    off.eject("a")
+    assert off.ejected() == set()
 
 
 def test_app_from_host() -> None:
@@ -675,6 +696,85 @@ def test_websocket_echo_through_the_proxy() -> None:
                 await ws.close()
             await until(lambda: table.in_flight("m1") == 0, "the session to end")
             assert m1.seen[0][2]["x-forwarded-host"] == ["web.localhost"]
+
+    run(main)
+
+
+def full_backlog() -> tuple[socket.socket, list[socket.socket]]:
+    """A listening socket that never accepts, its backlog filled: the kernel drops further SYNs,
+    so a connect to it hangs as to a machine that vanished from the network."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    fillers: list[socket.socket] = []
+    while len(fillers) < 64:
+        s = socket.socket()
+        s.setblocking(False)
+        fillers.append(s)
+        s.connect_ex(listener.getsockname())
+        _, connected, _ = select.select([], [s], [], 0.2)
+        if not connected:  # this SYN went unanswered: the next connects hang too
+            return listener, fillers
+    raise AssertionError("the backlog never filled")
+
+
+def test_a_machine_that_does_not_answer_connects_costs_one_connect_timeout() -> None:
+    async def main() -> None:
+        listener, fillers = full_backlog()
+        port = listener.getsockname()[1]
+        try:
+            async with machines("live") as (live,), aiohttp.ClientSession() as s:
+                table = RoutingTable(ejection=30)
+                table.replace("web", [Backend("mute", "127.0.0.1", port), live.backend()])
+                server = ProxyServer(table, connect_timeout=0.5, request_timeout=30)
+                proxy_port = await server.start("127.0.0.1", 0)
+                url = f"http://127.0.0.1:{proxy_port}"
+                try:
+                    # The first request goes to "mute", waits out the connect timeout and is
+                    # answered by "live"; a POST too: nothing reached "mute".
+                    start = time.monotonic()
+                    status, _, machine = await get(s, url, "web", method="POST", data=b"x")
+                    first = time.monotonic() - start
+                    assert (status, machine) == (200, "live")
+                    assert 0.5 <= first < 5, first
+                    assert table.ejected() == {"mute"}
+                    # "mute" is ejected: the next requests never wait for it.
+                    start = time.monotonic()
+                    for _ in range(10):
+                        assert (await get(s, url, "web"))[::2] == (200, "live")
+                    assert time.monotonic() - start < 0.5
+                    assert len(live.seen) == 11
+                finally:
+                    await server.stop(grace=5)
+        finally:
+            for f in fillers:
+                f.close()
+            listener.close()
+
+    run(main)
+
+
+def test_a_killed_machine_is_ejected_and_gets_requests_again_once_back() -> None:
+    async def main() -> None:
+        async with machines("m1", "m2") as (m1, m2), aiohttp.ClientSession() as s:
+            table = RoutingTable(ejection=0.5)
+            table.replace("web", [m1.backend(), m2.backend()])
+            async with proxy(table) as (_, url):
+                port = m1.port
+                await m1.stop()  # killed: its port refuses
+                for _ in range(6):
+                    assert (await get(s, url, "web"))[::2] == (200, "m2")
+                assert table.ejected() == {"m1"}
+                # m1 back on the same address: once the ejection is over it gets requests.
+                back = Machine("m1")
+                await back.start(port)
+                try:
+                    await until(lambda: not table.ejected(), "the ejection to end")
+                    answered = {(await get(s, url, "web"))[2] for _ in range(4)}
+                    assert answered == {"m1", "m2"}
+                    assert back.seen
+                finally:
+                    await back.stop()
 
     run(main)
 

@@ -17,7 +17,10 @@ NOTHING: frozenset[str] = frozenset()
 # the management API refuses it (platform/http.py).
 # "agent": a region agent's, made by an admin for one org (or every org): pulls the images of the
 # machines it runs and receives their secrets; the management API refuses it outside /agent/.
-TOKEN_KINDS = ("admin", "org", "deploy", "readonly", "build", "agent")
+# "proxy": `skyreg proxy`'s, made by an admin for one org (or every org): reads the routes to
+# machines (GET /api/v1/agent/routes) and nothing else, not even a private image. The proxy faces
+# the internet: what it holds must not open machines' secrets or images.
+TOKEN_KINDS = ("admin", "org", "deploy", "readonly", "build", "agent", "proxy")
 
 
 def app_of(repository: str) -> str:
@@ -43,6 +46,8 @@ class AccessPolicy:
             return ALL_ACTIONS
         if token.kind == "agent":
             return PULL_ONLY if token.org_id in (None, app.org_id) else public
+        if token.kind == "proxy":
+            return public
         if token.org_id != app.org_id:
             return public
         if token.kind == "org":

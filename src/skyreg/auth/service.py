@@ -156,7 +156,7 @@ class Authenticator:
         """A new access token: (secret, shown once; its record)."""
         if kind not in TOKEN_KINDS:
             raise ValueError(f"unknown token kind {kind!r}")
-        if kind not in ("admin", "agent") and org_id is None:
+        if kind not in ("admin", "agent", "proxy") and org_id is None:
             raise ValueError(f"a {kind} token needs an organization")
         if kind == "deploy" and app_id is None:
             raise ValueError("a deploy token needs an app")

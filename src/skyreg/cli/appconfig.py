@@ -9,6 +9,12 @@
     [[http_service.checks]]     #   min_machines_running; its checks
     [checks.NAME]               # type (http or tcp), port, path, interval, timeout, grace_period
 
+`skyreg deploy` sends [http_service]'s internal_port and every check (its own and the
+[checks.NAME]) as the release's service (`release_service`): the agent runs the checks, the
+proxy routes to internal_port. force_https, auto_stop_machines and min_machines_running are
+read and validated only. Check limits are the API's (at most 10 checks, paths of printable
+ASCII), so a mistake is named by file and line before anything reaches the server.
+
 Mistakes are `ConfigError`s naming the file, the line and the key; unknown keys are warnings
 (`AppConfig.warnings`), since a fly.toml carries many keys skyreg does not use. tomllib gives no
 positions for keys, so `_key_lines` finds them in the text.
@@ -42,9 +48,14 @@ CONFIG_NAME = "skyreg.toml"
 MAX_FILE = 256 << 10  # bytes of a skyreg.toml
 MAX_ENV = 200
 MAX_ENV_VALUE = 32 << 10  # characters of one env value
-MAX_CHECKS = 50  # [checks.NAME] and [[http_service.checks]] together
 MAX_STRING = 4096  # characters of any other string value (a path, an image reference)
-MAX_CHECK_SECONDS = 24 * 3600
+# A service's checks, as the API takes them (contract of issue 14).
+MAX_CHECKS = 10  # [checks.NAME] and [[http_service.checks]] together
+MAX_CHECK_PATH = 1024
+CHECK_PATH_RE = re.compile(r"/[\x21-\x7e]*\Z")  # printable ASCII: no space, CR or LF
+# Whole seconds (durations are written as 10s, 1m); the API's timeout may go down to 0.1 s.
+CHECK_SECONDS = {"interval": (1, 3600), "timeout": (1, 60), "grace_period": (0, 3600)}
+CHECK_DEFAULTS = {"interval": 10, "timeout": 2, "grace_period": 5}  # the API's
 MAX_WARNINGS = 100  # then one line counts the rest
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
 CHECK_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,63}\Z")
@@ -93,7 +104,8 @@ class Check:
 
 @dataclass(frozen=True)
 class HttpService:
-    """`[http_service]`: the app's HTTP service (parsed and validated only, for now)."""
+    """`[http_service]`: the app's HTTP service. internal_port and the checks are deployed as
+    the release's service (`release_service`); the other fields are validated only."""
 
     internal_port: int
     force_https: bool = False
@@ -201,6 +213,95 @@ def render_config(config: AppConfig) -> str:
     return "\n".join(out) + "\n"
 
 
+# --- the deployed service ---------------------------------------------------------------------
+
+
+def release_service(config: AppConfig) -> dict[str, Any] | None:
+    """The `service` of a deploy request (the API's Service): [http_service]'s internal_port
+    with its checks, then the [checks.NAME]; None without [http_service] (the app's service
+    stays as it is)."""
+    service = config.http_service
+    if service is None:
+        return None
+    return service_body(service.internal_port, [*service.checks, *config.checks.values()])
+
+
+def service_body(internal_port: int, checks: Sequence[Check]) -> dict[str, Any]:
+    """A Service as the API takes it: durations in seconds, a check's port only when it is not
+    `internal_port`, fields not written left to the server's defaults."""
+    return {
+        "internal_port": internal_port,
+        "checks": [_check_body(c, internal_port) for c in checks],
+    }
+
+
+def _check_body(check: Check, internal_port: int) -> dict[str, Any]:
+    body: dict[str, Any] = {"type": check.type}
+    if check.port != internal_port:
+        body["port"] = check.port
+    if check.type == "http":
+        body["path"] = check.path or "/"
+    for key, text in (
+        ("interval", check.interval),
+        ("timeout", check.timeout),
+        ("grace_period", check.grace_period),
+    ):
+        if text is not None:
+            body[key] = check_seconds(text, key)
+    return body
+
+
+def check_seconds(text: str | None, key: str) -> float:
+    """Seconds of a check's valid duration `key` (interval, timeout, grace_period); the API's
+    default when None."""
+    seconds = parse_duration(text, key, DURATION_HINT)
+    return float(CHECK_DEFAULTS[key] if seconds is None else seconds)
+
+
+def duration_problem(text: str, least: int, most: int) -> str | None:
+    """Why `text` is not a duration of `least` to `most` seconds ("must be ..."), or None."""
+    try:
+        seconds = parse_duration(text, "duration", DURATION_HINT)
+    except ValueError:
+        seconds = None
+    if seconds is None:
+        return f"must be a duration: {DURATION_HINT}, not {text[:40]!r}"
+    if not least <= seconds <= most:
+        return f"must be from {_span(least)} to {_span(most)}"
+    return None
+
+
+def check_path_problem(path: str) -> str | None:
+    """Why `path` cannot be an http check's path ("must ..."), or None."""
+    if not path.startswith("/"):
+        return f"must start with '/', not {path[:40]!r}"
+    if len(path) > MAX_CHECK_PATH:
+        return f"must be at most {MAX_CHECK_PATH} characters"
+    if not CHECK_PATH_RE.match(path):
+        return "must be printable ASCII without spaces (write a space as %20)"
+    return None
+
+
+def check_timing_problem(interval: str | None, timeout: str | None) -> tuple[str, str] | None:
+    """(key, "must ...") when a check's timeout (given or default) exceeds its interval."""
+    every, wait = check_seconds(interval, "interval"), check_seconds(timeout, "timeout")
+    if wait <= every:
+        return None
+    if timeout is None:
+        return "interval", f"must be at least the timeout ({wait:g}s by default), not {every:g}s"
+    default = " by default" if interval is None else ""
+    return "timeout", f"must be at most the interval ({every:g}s{default}), not {wait:g}s"
+
+
+def _span(seconds: int) -> str:
+    """60 as 1m, 3600 as 1h, 86400 as 24h."""
+    if seconds and seconds % 3600 == 0:
+        return f"{seconds // 3600}h"
+    if seconds and seconds % 60 == 0:
+        return f"{seconds // 60}m"
+    return f"{seconds}s"
+
+
 # --- validation -------------------------------------------------------------------------------
 
 Key = tuple[str | int, ...]
@@ -291,14 +392,9 @@ class _Reader:
     def duration(self, table: Key, key: Key, value: object, least: int, most: int) -> str:
         """A duration string (kept as written) of `least` to `most` seconds."""
         text = self.typed(table, key, value, str, f"a duration ({DURATION_HINT})")
-        try:
-            seconds = parse_duration(text, "duration", DURATION_HINT)
-        except ValueError:
-            seconds = None
-        if seconds is None:
-            raise self.error(table, key, f"must be a duration: {DURATION_HINT}, not {text[:40]!r}")
-        if not least <= seconds <= most:
-            raise self.error(table, key, f"must be from {least}s to {most // 3600}h")
+        problem = duration_problem(text, least, most)
+        if problem:
+            raise self.error(table, key, problem)
         return text
 
     # sections
@@ -323,6 +419,12 @@ class _Reader:
         if service is not None and len(service.checks) + len(checks) > MAX_CHECKS:
             raise self.error(
                 ("checks",), (), f"and http_service hold more than {MAX_CHECKS} checks"
+            )
+        if checks and service is None:
+            self.warn(
+                ("checks",),
+                (),
+                "[checks] without [http_service] are not deployed (a service needs internal_port)",
             )
         if self.unwarned:
             self.warnings.append(f"{self.name}: {self.unwarned} more warnings")
@@ -459,9 +561,10 @@ class _Reader:
         port = self.port(table, (*at, "port"), doc.get("port", service_port))
         path = None
         if kind == "http":
-            path = self.string(table, (*at, "path"), doc.get("path", "/"))
-            if not path.startswith("/"):
-                raise self.error(table, (*at, "path"), f"must start with '/', not {path[:40]!r}")
+            path = self.typed(table, (*at, "path"), doc.get("path", "/"), str, "a string")
+            problem = check_path_problem(path)
+            if problem:
+                raise self.error(table, (*at, "path"), problem)
         elif "path" in doc:
             self.warn(
                 table,
@@ -469,11 +572,12 @@ class _Reader:
                 f"{_label(table, (*at, 'path'))} is for http checks only (ignored)",
             )
         durations = {
-            key: None
-            if doc.get(key) is None
-            else self.duration(table, (*at, key), doc[key], least, MAX_CHECK_SECONDS)
-            for key, least in (("interval", 1), ("timeout", 1), ("grace_period", 0))
+            key: None if doc.get(key) is None else self.duration(table, (*at, key), doc[key], *span)
+            for key, span in CHECK_SECONDS.items()
         }
+        timing = check_timing_problem(durations["interval"], durations["timeout"])
+        if timing:
+            raise self.error(table, (*at, timing[0]), timing[1])
         return Check(type=kind, port=port, path=path, **durations)
 
 

@@ -2,7 +2,8 @@
 
 `skyreg deploy` reads the project's skyreg.toml (`--config FILE`, else PATH/skyreg.toml when
 there is one; see `skyreg.cli.appconfig`): its app, build, primary region and deploy settings
-are used where no flag says otherwise.
+are used where no flag says otherwise, and its [http_service] (with the checks) becomes the
+release's service.
 """
 
 from __future__ import annotations
@@ -13,14 +14,20 @@ import tempfile
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from skyreg.cli.appconfig import AppConfig, ConfigError, find_config, load_config
+from skyreg.cli.appconfig import (
+    AppConfig,
+    ConfigError,
+    find_config,
+    load_config,
+    release_service,
+)
 from skyreg.cli.client import client, fail
 from skyreg.cli.platform import AsJson, Server, Token, _console, _print_json, _quote, _table, _when
-from skyreg.cli.waiting import parse_wait_timeout, wait_release
+from skyreg.cli.waiting import health_checks, parse_wait_timeout, printable, wait_release
 from skyreg.services.names import deployment_tag
 
 
@@ -124,7 +131,8 @@ def deploy(
     as_json: AsJson = False,
 ) -> None:
     """Deploy an image: pin its digest in a new release of the app, then wait until its
-    machines started (exit 0) or one failed (exit 1, with its last log lines).
+    machines started and passed their health checks, if any (exit 0), or one failed (exit 1,
+    with its last health event or log lines).
 
     Without `--image`, PATH (a directory with a Dockerfile) is built first, on a builder
     (`skyreg builder`) or with `--build-local` on this machine, and pushed to APP:<label or
@@ -133,6 +141,9 @@ def deploy(
 
     PATH/skyreg.toml (or `--config FILE`) gives the app, what to build (dockerfile, image,
     build args, target), primary_region and the deploy's strategy and wait_timeout; flags win.
+    Its http_service and checks become the release's (and the app's) service: the machines
+    then count as started once their health checks pass. Without http_service, the app's
+    service (`skyreg apps update --port`) is kept.
     """
     settings = _settings(path, config)
     app = app or settings.app or ""
@@ -207,11 +218,13 @@ def deploy(
     plain = {**settings.env, **parse_env(env, "--env")}
     if plain:
         body["env"] = plain
+    if settings.service is not None:
+        body["service"] = settings.service
     release = api("POST", f"/apps/{_quote(app)}/releases", body)
     if not as_json:
         typer.echo(
             f"Release v{release['version']} of {release['app']}: {release['image_ref']} "
-            f"({release['image_digest']}), {release['status']}."
+            f"({release['image_digest']}), {release['status']}.{_service_note(release)}"
         )
     if not detach:  # progress on stderr under --json: stdout is the final release's JSON
         waited = wait_release(api, app, release, timeout, lambda s: typer.echo(s, err=as_json))
@@ -220,6 +233,18 @@ def deploy(
         _print_json(release)
     if not detach and waited.code:
         fail(waited.reason, waited.code)
+
+
+def _service_note(release: dict[str, Any]) -> str:
+    """The end of the release line when the release has a service (" Service on port 8080, 2
+    health checks."), else nothing."""
+    service = release.get("service")
+    if not isinstance(service, dict):
+        return ""
+    checks = health_checks(release)
+    plural = "" if checks == 1 else "s"
+    port = printable(service.get("internal_port"), 8)
+    return f" Service on port {port}, {checks} health check{plural}."
 
 
 @dataclass(frozen=True)
@@ -236,6 +261,7 @@ class _Settings:
     strategy: str | None = None
     wait_timeout: str | None = None
     env: dict[str, str] = field(default_factory=dict)  # [env]: the machines' plain variables
+    service: dict[str, Any] | None = None  # [http_service] and checks, as the API takes them
 
 
 def _settings(path: Path, explicit: Path | None) -> _Settings:
@@ -262,6 +288,7 @@ def _settings(path: Path, explicit: Path | None) -> _Settings:
         strategy=loaded.deploy.strategy,
         wait_timeout=loaded.deploy.wait_timeout,
         env=dict(loaded.env),
+        service=release_service(loaded),
     )
 
 

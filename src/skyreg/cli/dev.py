@@ -4,8 +4,10 @@ builder)."""
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -72,6 +74,11 @@ class DevPlatform:
     endpoints: list[RegionEndpoints] = field(default_factory=list)
     admin_token: str = ""
     builder_problem: str | None = None  # why no builder runs (None: one does)
+    proxy_port: int = 8080  # 0: a free one, picked at start
+    # Each region's agent gives machines their own network in one of these (None: machines
+    # share the host's network); `network_problem` says why not.
+    networks: list[ipaddress.IPv4Network] | None = None
+    network_problem: str | None = None
 
     @property
     def multi(self) -> bool:
@@ -128,12 +135,34 @@ class DevPlatform:
         made = Client(self.endpoints[0].url, self.admin_token).call(
             "POST", "/tokens", {"kind": "agent", "name": "skyreg dev agents"}
         )
-        for ep in self.endpoints:
-            self._spawn(
-                f"agent {ep.code}",
-                ["agent", "--region", ep.code, "--server", ep.url, "--data-dir", str(ep.agent_dir)],
-                env={"SKYREG_TOKEN": str(made["secret"])},
-            )
+        agent_token = {"SKYREG_TOKEN": str(made["secret"])}
+        routes = Client(self.endpoints[0].url, self.admin_token).call(
+            "POST", "/tokens", {"kind": "proxy", "name": "skyreg dev proxy"}
+        )
+        for i, ep in enumerate(self.endpoints):
+            args = [
+                "agent",
+                "--region",
+                ep.code,
+                "--server",
+                ep.url,
+                "--data-dir",
+                str(ep.agent_dir),
+            ]
+            if self.networks is not None:
+                args += ["--network", str(self.networks[i]), "--network-prefix", f"sd{i}"]
+            self._spawn(f"agent {ep.code}", args, env=agent_token)
+        # One proxy, in the first region (it falls back to the others' machines), with a token
+        # that reads the routes and nothing else.
+        if self.proxy_port == 0:
+            self.proxy_port = _free_port(self.host)
+        first = self.endpoints[0]
+        self._spawn(
+            "proxy",
+            ["proxy", "--server", first.url, "--region", first.code,
+             "--listen", f"{_url_host(self.host)}:{self.proxy_port}"],
+            env={"SKYREG_TOKEN": str(routes["secret"])},
+        )  # fmt: skip
         if self.builder_problem is None:  # one builder, in the first region
             first = self.endpoints[0]
             self._spawn(
@@ -217,6 +246,50 @@ class DevPlatform:
                     child.proc.wait()
 
 
+def _free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((_url_host(host).strip("[]"), 0))
+        return int(sock.getsockname()[1])
+
+
+NETWORK_TOOLS = ("ip", "iptables", "iptables-restore", "nsenter", "setpriv")
+
+
+def machine_networks(count: int) -> tuple[list[ipaddress.IPv4Network] | None, str | None]:
+    """One free 10.x.0.0/16 per region for the agents' machine networks, or (None, why not):
+    they need root, the tools, IP forwarding, and ranges no route of the host uses."""
+    if os.geteuid() != 0:
+        return None, "machine networks need root"
+    missing = [tool for tool in NETWORK_TOOLS if shutil.which(tool) is None]
+    if missing:
+        return None, f"machine networks need {', '.join(missing)}"
+    try:
+        forwarding = Path("/proc/sys/net/ipv4/ip_forward").read_text().strip() == "1"
+    except OSError:
+        forwarding = False
+    if not forwarding:
+        return None, "machine networks need net.ipv4.ip_forward=1"
+    shown = subprocess.run(
+        ["ip", "-j", "-4", "route", "show", "table", "all"], capture_output=True, check=False
+    )
+    taken: list[ipaddress.IPv4Network] = []
+    for route in json.loads(shown.stdout or b"[]"):
+        dst, dev = str(route.get("dst", "")), str(route.get("dev", ""))
+        if dst and dst != "default" and not dev.startswith("sd"):  # ours from a previous run
+            try:
+                taken.append(ipaddress.IPv4Network(dst, strict=False))
+            except ValueError:
+                continue
+    picked: list[ipaddress.IPv4Network] = []
+    for second in range(200, 250):
+        net = ipaddress.IPv4Network(f"10.{second}.0.0/16")
+        if not any(net.overlaps(t) for t in taken):
+            picked.append(net)
+            if len(picked) == count:
+                return picked, None
+    return None, "no free 10.x.0.0/16 range for machine networks"
+
+
 def _read(path: Path) -> str | None:
     try:
         return path.read_text().strip() or None
@@ -254,6 +327,16 @@ def dev(
             show_default=False,
         ),
     ] = None,
+    proxy_port: Annotated[
+        int, typer.Option(help="Port of the proxy to the apps (<app>.localhost; 0: a free one).")
+    ] = 8080,
+    machine_network: Annotated[
+        bool,
+        typer.Option(
+            help="Give each machine its own network (when running as root with ip, iptables, "
+            "nsenter and setpriv); without, machines share the host's."
+        ),
+    ] = True,
 ) -> None:
     """Run the whole platform on this machine: registry and machine agent, until Ctrl-C."""
     codes = [c.strip() for c in (regions or region).split(",") if c.strip()]
@@ -264,7 +347,13 @@ def dev(
     # 0711: what lies in it is private (the registry's and agents' own 0700 dirs), but agents'
     # non-root machines need o+x on every ancestor of the agent's data dir.
     private_dir(data_dir, mode=0o711)
-    platform = DevPlatform(data_dir=data_dir, host=host, port=port, regions=codes)
+    platform = DevPlatform(
+        data_dir=data_dir, host=host, port=port, regions=codes, proxy_port=proxy_port
+    )
+    if machine_network:
+        platform.networks, platform.network_problem = machine_networks(len(codes))
+    else:
+        platform.network_problem = "--no-machine-network"
     from skyreg.builder.buildah import BuildahSettings
     from skyreg.builder.host import check_host as check_builder_host
 
@@ -307,15 +396,22 @@ def _banner(p: DevPlatform) -> None:
         f"  export SKYREG_SERVER={p.url} SKYREG_TOKEN=$(cat {token_file})",
         "  skyreg orgs create acme && skyreg apps create myapp --org acme",
         f"  skyreg push ./result {host}/myapp:latest",
+        "  skyreg apps update myapp --port 8080 --check-http /   # where it listens; its check",
         f"  skyreg deploy --app myapp --image {host}/myapp:latest --region {last.code}",
         "  cd a-directory-with-a-Dockerfile && skyreg deploy --app myapp   # built by the builder",
         "  skyreg machines list --app myapp; skyreg logs --app myapp -f",
+        f"  curl http://myapp.localhost:{p.proxy_port}/   # the proxy, to the app's machines",
     ]
     if p.multi:
         lines.append(
             "  skyreg images show myapp:latest; skyreg replication status   # copies per region"
         )
     lines.append("")
+    if p.network_problem is not None:
+        lines.append(
+            f"note: machines share the host's network ({p.network_problem}): one machine per "
+            "app and port on this host"
+        )
     if p.builder_problem is not None:
         lines.append(f"note: no builder runs ({p.builder_problem}); use deploy --build-local")
     if (blocked := _unreachable_ancestor(p.data_dir)) is not None:

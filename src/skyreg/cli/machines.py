@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import os
 import time
 import urllib.parse
 from pathlib import Path
@@ -66,9 +68,34 @@ def agent(
         int,
         typer.Option(min=1, help="Most components in an entry name or hard link target."),
     ] = 256,
+    network: Annotated[
+        str | None,
+        typer.Option(
+            "--network",
+            metavar="SUBNET",
+            help="Give every machine its own network namespace with an address in this private "
+            "IPv4 subnet (needs root). Off: machines share the host's network.",
+        ),
+    ] = None,
+    network_prefix: Annotated[
+        str,
+        typer.Option(help="Name prefix of the bridges, links, namespaces and chains made."),
+    ] = "sky",
+    no_nat: Annotated[
+        bool, typer.Option("--no-nat", help="With --network: do not masquerade outbound traffic.")
+    ] = False,
+    drain: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            metavar="SECONDS",
+            help="Seconds a machine with a service keeps running once asked to stop.",
+        ),
+    ] = 2.0,
 ) -> None:
     """Run the machine agent of a region: start, stop and report the region's machines."""
     from skyreg.machines.agent import Agent, check_host
+    from skyreg.machines.network import HostNetwork, NetworkError
     from skyreg.machines.rootfs import enter_private_mount_namespace
     from skyreg.machines.unpack import UnpackLimits
     from skyreg.privatefs import private_dir
@@ -77,6 +104,18 @@ def agent(
     problem = check_host()
     if problem:
         fail(problem)
+    host_network = None
+    if network is not None:
+        try:
+            subnet = ipaddress.IPv4Network(network)
+        except ValueError as e:
+            fail(f"--network: {e}")
+        if os.geteuid() != 0:
+            fail("--network needs root (network namespaces, links and iptables rules)")
+        try:
+            host_network = HostNetwork(network_prefix, subnet, nat=not no_nat)
+        except NetworkError as e:
+            fail(f"--network: {e}")
     try:
         private_dir(data_dir.resolve())
     except ValueError as e:
@@ -99,9 +138,13 @@ def agent(
         region=region,
         data_dir=data_dir.resolve(),
         limits=limits,
+        network=host_network,
+        drain=drain,
     )
-
-    run_until_signalled(runner.run)
+    try:
+        run_until_signalled(runner.run)
+    except NetworkError as e:
+        fail(f"--network: {e}")
 
 
 @machines_app.command("list")
@@ -111,12 +154,16 @@ def list_machines(
     token: Token = None,
     as_json: AsJson = False,
 ) -> None:
-    """The app's machines: id, region, release, desired and reported state, last event."""
+    """The app's machines: id, region, release, desired state (started, stopped, or waiting
+    for its turn in a rolling deploy), reported state, address, health (of a release with
+    health checks), last event."""
     found = _all_machines(client(server, token), app)
     if as_json:
         _print_json(found)
         return
-    table = _table("ID", "REGION", "RELEASE", "DESIRED", "STATE", "UPDATED", "LAST EVENT")
+    table = _table(
+        "ID", "REGION", "RELEASE", "DESIRED", "STATE", "ADDRESS", "HEALTH", "UPDATED", "LAST EVENT"
+    )
     for m in found:
         last = m["events"][-1]["message"] if m["events"] else "-"
         table.add_row(
@@ -125,6 +172,8 @@ def list_machines(
             f"v{m['release_version']}",
             m["desired"],
             m["state"],
+            m.get("address") or "-",
+            m.get("health") or "-",
             _when(m["updated_at"]),
             last,
         )

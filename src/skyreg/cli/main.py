@@ -18,6 +18,7 @@ from skyreg.cli.gc import register as register_gc
 from skyreg.cli.launch import register as register_launch
 from skyreg.cli.machines import register as register_machines
 from skyreg.cli.platform import register
+from skyreg.cli.proxy import register as register_proxy
 from skyreg.cli.push import register as register_push
 from skyreg.cli.retention import register as register_retention
 from skyreg.cli.secrets import register as register_secrets
@@ -430,6 +431,7 @@ register_gc(app)
 register_launch(app)
 register_retention()
 register_machines(app)
+register_proxy(app)
 register_push(app)
 register_secrets(app)
 

@@ -257,6 +257,33 @@ def apps_show(
     table = _table("NAME", "ORG", "VISIBILITY", "CREATED")
     _app_row(table, found)
     _console().print(table)
+    if "service" in found:
+        typer.echo(_service_text(found["service"]))
+
+
+def _service_text(service: object) -> str:
+    """An app's service as `apps show` prints it: its port, then a line per check."""
+    if not isinstance(service, dict):
+        return "Service: none (the proxy sends the app no requests)."
+    port = service.get("internal_port")
+    lines = [f"Service: port {port}"]
+    checks = [c for c in service.get("checks") or [] if isinstance(c, dict)]
+    if not checks:
+        lines[0] += ", no health checks (machines are ready once started)."
+    for check in checks:
+        target = f"port {check.get('port', port)}"
+        if check.get("type") == "http":
+            target += f" {check.get('path', '/')}"
+        lines.append(
+            f"  {check.get('type')} check of {target} every {_seconds(check.get('interval'))}, "
+            f"timeout {_seconds(check.get('timeout'))}, "
+            f"grace period {_seconds(check.get('grace_period'))}"
+        )
+    return "\n".join(lines)
+
+
+def _seconds(value: object) -> str:
+    return f"{value:g}s" if isinstance(value, int | float) else "-"
 
 
 @apps_app.command("update")
@@ -281,10 +308,55 @@ def apps_update(
             show_default=False,
         ),
     ] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(
+            "--port",
+            min=1,
+            max=65535,
+            help="Set the app's service: the port its machines listen on (the proxy's target). "
+            "With the --check-* flags, its health checks; without them, none.",
+            show_default=False,
+        ),
+    ] = None,
+    check_http: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--check-http",
+            metavar="PATH",
+            help="An HTTP health check of PATH, e.g. /healthz (repeatable; needs --port).",
+            show_default=False,
+        ),
+    ] = None,
+    check_tcp: Annotated[
+        bool,
+        typer.Option("--check-tcp", help="A TCP health check: the port accepts (needs --port)."),
+    ] = False,
+    check_interval: Annotated[
+        str | None,
+        typer.Option(help="Time between checks, e.g. 10s (1s to 1h).", show_default="10s"),
+    ] = None,
+    check_timeout: Annotated[
+        str | None,
+        typer.Option(
+            help="Longest a check may take (1s to 1m, at most the interval).", show_default="2s"
+        ),
+    ] = None,
+    check_grace: Annotated[
+        str | None,
+        typer.Option(
+            help="Failures this long after a machine starts do not count (0s to 1h).",
+            show_default="5s",
+        ),
+    ] = None,
+    no_service: Annotated[
+        bool, typer.Option("--no-service", help="Remove the app's service and its checks.")
+    ] = False,
     server: Server = None,
     token: Token = None,
 ) -> None:
-    """Change an app (admin or org token)."""
+    """Change an app (admin or org token). A service (--port, --check-*, --no-service) takes
+    effect with the app's next release; a skyreg.toml's http_service replaces it on deploy."""
     body: dict[str, Any] = {}
     if public is not None:
         body["public"] = public
@@ -292,8 +364,29 @@ def apps_update(
         body["regions"] = [r.strip() for r in regions.split(",") if r.strip()]
     if replicate_ahead is not None:
         body["replicate_ahead"] = replicate_ahead
+    timings = {
+        "--check-interval": check_interval,
+        "--check-timeout": check_timeout,
+        "--check-grace": check_grace,
+    }
+    flags = [name for name, value in timings.items() if value is not None]
+    flags = (
+        (["--check-http"] if check_http else []) + (["--check-tcp"] if check_tcp else []) + flags
+    )
+    if no_service:
+        if port is not None or flags:
+            given = ", ".join((["--port"] if port is not None else []) + flags)
+            fail(f"--no-service removes the service: give no {given} with it")
+        body["service"] = None
+    elif port is not None:
+        body["service"] = _service_flags(port, check_http or [], check_tcp, timings)
+    elif flags:
+        fail(f"{', '.join(flags)}: set the service's port too (--port PORT)")
     if not body:
-        fail("nothing to change: pass --public/--private, --regions or --replicate-ahead")
+        fail(
+            "nothing to change: pass --public/--private, --regions, --replicate-ahead, "
+            "--port or --no-service"
+        )
     found = client(server, token)("PATCH", f"/apps/{_quote(app)}", body)
     line = f"App {found['name']} is {'public' if found['public'] else 'private'}"
     if "regions" in found:
@@ -301,6 +394,48 @@ def apps_update(
         ahead = "copied there on push" if found["replicate_ahead"] else "copied on deploy"
         line += f"; regions: {where} (images {ahead})"
     typer.echo(line + ".")
+    if "service" in body:
+        typer.echo(_service_text(found.get("service")))
+        typer.echo("The service takes effect with the app's next release.", err=True)
+
+
+def _service_flags(
+    port: int, paths: list[str], tcp: bool, timings: dict[str, str | None]
+) -> dict[str, Any]:
+    """The Service of `apps update --port`: an http check per path, a tcp check, each with the
+    --check-interval/-timeout/-grace given; ends the command on a value the API would refuse."""
+    from skyreg.cli.appconfig import (
+        CHECK_SECONDS,
+        MAX_CHECKS,
+        Check,
+        check_path_problem,
+        check_timing_problem,
+        duration_problem,
+        service_body,
+    )
+
+    keys = dict(zip(timings, CHECK_SECONDS, strict=True))  # flag -> interval, timeout, ...
+    if not paths and not tcp and any(v is not None for v in timings.values()):
+        given = ", ".join(f for f, v in timings.items() if v is not None)
+        fail(f"{given}: add a check (--check-http PATH or --check-tcp)")
+    for flag, value in timings.items():
+        problem = None if value is None else duration_problem(value, *CHECK_SECONDS[keys[flag]])
+        if problem:
+            fail(f"{flag} {problem}")
+    interval, timeout, grace = timings.values()
+    timing = check_timing_problem(interval, timeout)
+    if timing:
+        fail(f"--check-{timing[0]} {timing[1]}")
+    for path in paths:
+        problem = check_path_problem(path)
+        if problem:
+            fail(f"--check-http {problem}")
+    if len(paths) + tcp > MAX_CHECKS:
+        fail(f"at most {MAX_CHECKS} health checks")
+    checks = [Check("http", port, path, interval, timeout, grace) for path in paths]
+    if tcp:
+        checks.append(Check("tcp", port, None, interval, timeout, grace))
+    return service_body(port, checks)
 
 
 def _quote(segment: str) -> str:
@@ -315,6 +450,7 @@ class Kind(StrEnum):
     deploy = "deploy"
     readonly = "readonly"
     agent = "agent"
+    proxy = "proxy"
 
 
 @tokens_app.command("create")
@@ -324,7 +460,8 @@ def tokens_create(
         typer.Argument(
             help="org: everything in the org; deploy: push/pull one app, pull the org's others; "
             "readonly: pull the org's apps; agent (admins): a machine agent's, which receives "
-            "machines' secrets (its org's, or every org's without --org)."
+            "machines' secrets (its org's, or every org's without --org); proxy (admins): "
+            "`skyreg proxy`'s, which reads the routes to machines and nothing else."
         ),
     ],
     org: Annotated[

@@ -1,11 +1,14 @@
 """Waiting for a release to finish (`skyreg deploy` without `--detach`), telling what happens.
 
-A release is `complete` once every machine of it reports `started`, `failed` as soon as one
-fails; the server decides (`MachineMeta.reconcile_release`). Meanwhile the region agents post
-each machine's events and log lines. This module polls the management API (the app's releases,
-its machines with their latest events, its log lines), prints every new event once, and returns
-the exit code a script can trust: 0 for complete, 1 for failed (with the failed machine's last
-log lines), stopped or timed out (naming the machines not started).
+A release is `complete` once every machine of it reports `started` (and, when the release's
+service has health checks, its checks pass), `failed` as soon as one fails or its checks turn
+critical; the server decides (`MachineMeta.reconcile_release`). A rolling release may hold
+machines back (desired `waiting`) until the ones before them are ready. Meanwhile the region
+agents post each machine's events (health changes among them) and log lines. This module polls
+the management API (the app's releases, its machines with their latest events, its log lines),
+prints every new event once, and returns the exit code a script can trust: 0 for complete, 1
+for failed (with the failed machine's last health event and log lines), stopped or timed out
+(naming the machines not ready).
 
 Everything the server relays came from a tenant's machine: it is cut to a bounded length and
 stripped of control characters before it reaches the terminal, and every loop is bounded.
@@ -36,6 +39,8 @@ MAX_SEEN_EVENTS = 200  # events remembered per machine (to print each once)
 MAX_TEXT = 1000  # characters of one relayed event or log line printed
 MAX_WAIT = 24 * 3600  # seconds --wait-timeout may ask for
 WAIT_HINT = "use a duration such as 90s, 5m or 1h"
+HEALTH_EVENT = "Health checks "  # the server's events: "Health checks passing" or
+HEALTH_CRITICAL = "Health checks critical"  # "Health checks critical: <message>"
 
 Echo = Callable[[str], None]
 
@@ -59,6 +64,13 @@ def _when(value: object) -> datetime:
         return datetime.max.replace(tzinfo=UTC)
 
 
+def health_checks(release: dict[str, Any]) -> int:
+    """How many health checks the release's service has (0: none, or no service)."""
+    service = release.get("service")
+    checks = service.get("checks") if isinstance(service, dict) else None
+    return len(checks) if isinstance(checks, list) else 0
+
+
 def printable(text: object, limit: int = MAX_TEXT) -> str:
     """`text` safe for a terminal: control characters (escape sequences) as U+FFFD, cut to
     `limit` characters (the tail marked with an ellipsis)."""
@@ -77,6 +89,8 @@ class _Machine:
     state: str = "created"
     exit_code: int | None = None
     desired: str = "started"
+    health: str | None = None  # starting, passing, critical; None: the release has no checks
+    health_event: str | None = None  # the latest "Health checks ..." event printed
     events: list[str] = field(default_factory=list)  # messages printed, oldest first
     seen: deque[tuple[object, ...]] = field(default_factory=lambda: deque(maxlen=MAX_SEEN_EVENTS))
     logs: deque[str] = field(default_factory=lambda: deque(maxlen=LOG_TAIL))
@@ -84,6 +98,27 @@ class _Machine:
     @property
     def label(self) -> str:
         return f"machine {printable(self.id, 64)} [{printable(self.region, 32)}]"
+
+    @property
+    def critical(self) -> bool:
+        """Its health checks failed (as the server says now, or as its latest health event
+        said: a failed release's machines are stopped, which may clear their health)."""
+        if self.health is not None:
+            return self.health == "critical"
+        return (self.health_event or "").startswith(HEALTH_CRITICAL)
+
+    def ready(self, checks: int) -> bool:
+        """Started, and passing its health checks when the release has some."""
+        return self.state == "started" and (not checks or self.health == "passing")
+
+    def status(self, checks: int) -> str:
+        """`state`, its health and a rolling turn not come yet, for a list of the not ready."""
+        parts = [printable(self.state, 32)]
+        if checks:
+            parts.append(f"health {printable(self.health or 'unknown', 32)}")
+        if self.desired == "waiting":
+            parts.append("waiting its turn")
+        return ", ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -103,6 +138,7 @@ class ReleaseWatch:
     app: str
     version: int
     echo: Echo
+    checks: int = 0  # health checks of the release's service
     machines: dict[str, _Machine] = field(default_factory=dict)
     log_cursor: int = 0
     window: int = RELEASE_WINDOW
@@ -161,10 +197,17 @@ class ReleaseWatch:
             message = printable(event.get("message", ""))
             known.events.append(message)
             del known.events[:-LOG_TAIL]
+            if message.startswith(HEALTH_EVENT):
+                known.health_event = message
             news.append((_when(event.get("at")), message))
         state = str(m.get("state", "?"))
         exit_code = m.get("exit_code")
-        known.desired = str(m.get("desired", "started"))
+        desired = str(m.get("desired", "started"))
+        if known.desired == "waiting" and desired == "started":  # a rolling release's next
+            news.append((_when(m.get("updated_at")), "its turn to start"))
+        known.desired = desired
+        health = m.get("health")
+        known.health = health if isinstance(health, str) else None
         if state != known.state:
             known.state = state
             known.exit_code = exit_code if isinstance(exit_code, int) else None
@@ -194,17 +237,22 @@ class ReleaseWatch:
     # -- endings ---------------------------------------------------------------------------------
 
     def failure(self) -> str:
-        """Why the release failed: its failed machines, their last events and log lines."""
-        failed = [m for m in self.machines.values() if m.state == "failed"]
+        """Why the release failed: its failed machines (those whose health checks turned
+        critical too), their last events (health event) and log lines."""
+        failed = [m for m in self.machines.values() if m.state == "failed" or m.critical]
         if not failed:
             return f"release v{self.version} failed"
         if not self.poll_logs(FINAL_LOG_PAGES):
             self.echo("  (not every log line could be read)")
         out = [f"release v{self.version} failed:"]
         for m in failed:
-            code = f" with exit code {m.exit_code}" if m.exit_code is not None else ""
-            last = f": {m.events[-1]}" if m.events else ""
-            out.append(f"  {m.label} failed{code}{last}")
+            if m.state != "failed":
+                last = f": {m.health_event}" if m.health_event else " (health critical)"
+                out.append(f"  {m.label} failed its health checks{last}")
+            else:
+                code = f" with exit code {m.exit_code}" if m.exit_code is not None else ""
+                last = f": {m.events[-1]}" if m.events else ""
+                out.append(f"  {m.label} failed{code}{last}")
             if m.logs:
                 out.append(f"  last {len(m.logs)} log lines of machine {printable(m.id, 64)}:")
                 out += [f"    {line}" for line in m.logs]
@@ -212,8 +260,8 @@ class ReleaseWatch:
                 out.append(f"  machine {printable(m.id, 64)} wrote no log lines")
         return "\n".join(out)
 
-    def not_started(self) -> list[_Machine]:
-        return [m for m in self.machines.values() if m.state != "started"]
+    def not_ready(self) -> list[_Machine]:
+        return [m for m in self.machines.values() if not m.ready(self.checks)]
 
 
 def wait_release(
@@ -223,10 +271,15 @@ def wait_release(
     complete (code 0), failed, stopped or `timeout` seconds have passed (code 1), printing each
     machine's new events and state changes through `echo`."""
     version = int(release["version"])
-    watch = ReleaseWatch(api, app, version, echo)
+    checks = health_checks(release)
+    watch = ReleaseWatch(api, app, version, echo, checks)
     deadline = time.monotonic() + max(0.0, timeout)
     current = release
-    echo(f"Waiting for release v{version} of {printable(app, 64)} (up to {timeout:g}s)...")
+    what = f"release v{version} of {printable(app, 64)}"
+    if checks:
+        plural = "s" if checks > 1 else ""
+        what += f" to start and pass its {checks} health check{plural}"
+    echo(f"Waiting for {what} (up to {timeout:g}s)...")
     while True:
         found = watch.release()
         if found is None:
@@ -251,16 +304,17 @@ def wait_release(
             )
         left = deadline - time.monotonic()
         if left <= 0:
-            waiting = watch.not_started()
-            names = ", ".join(f"{m.label} ({printable(m.state, 32)})" for m in waiting[:20])
+            waiting = watch.not_ready()
+            names = ", ".join(f"{m.label} ({m.status(checks)})" for m in waiting[:20])
             more = f" and {len(waiting) - 20} more" if len(waiting) > 20 else ""
             if not watch.machines:
                 names = "no machine of the release was found"
+            not_ready = "not ready" if checks else "not started"
             return WaitOutcome(
                 1,
                 current,
                 f"release v{version} is still {printable(status, 32)} after {timeout:g}s; "
-                f"not started: {names or 'none'}{more}",
+                f"{not_ready}: {names or 'none'}{more}",
             )
         time.sleep(min(POLL_INTERVAL, left))
 

@@ -9,6 +9,17 @@ the process has lived `EARLY_EXIT` seconds; an exit before that, a non-zero exit
 preparation is `failed`; a requested stop (SIGTERM, SIGKILL after `STOP_GRACE`) is `stopped`.
 Events and new log lines are posted as they happen. A machine that exited on its own is not
 started again until its generation changes. Shutting the agent down stops every machine.
+
+With a `network` (`skyreg agent --network`), every machine gets its own network namespace
+(`machines/network.py`): attached before it starts (its address goes with the `starting`
+report), bwrap started inside it, detached once the machine has stopped, whatever the path.
+Without one, machines share the host's network and the address reported is 127.0.0.1.
+
+A machine whose release has a service with checks is health-checked at that address while it
+runs (`machines/health.py`); transitions go to `POST /agent/machines/{id}/health`. Stopping a
+machine that has a service first drains it: an event, then `drain` seconds of running on (the
+proxy sends it no new requests meanwhile), then SIGTERM. Shutting the agent down drains every
+machine at once.
 """
 
 from __future__ import annotations
@@ -17,7 +28,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import shutil
+import subprocess
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -27,10 +40,18 @@ from typing import Any
 import aiohttp
 
 from skyreg.client.api import call_api
+from skyreg.machines.health import HealthChecker, checks_from_service
 from skyreg.machines.layercache import LayerCache
+from skyreg.machines.network import HostNetwork, NetworkError, enter_command
 from skyreg.machines.prepare import RegistrySource, prepare_image
 from skyreg.machines.rootfs import fresh_rootfs, release_rootfs, share_data_dir
-from skyreg.machines.runtime import ImageConfig, RunningMachine, start_machine
+from skyreg.machines.runtime import (
+    EnterCommand,
+    ImageConfig,
+    RunningMachine,
+    UserIds,
+    start_machine,
+)
 from skyreg.machines.unpack import UnpackLimits
 from skyreg.privatefs import private_dir
 
@@ -39,6 +60,8 @@ log = logging.getLogger("skyreg.agent")
 POLL_INTERVAL = 0.5
 EARLY_EXIT = 2.0  # seconds: exiting sooner than this after starting is a failure
 STOP_GRACE = 5.0
+DRAIN = 2.0  # seconds a machine with a service runs on once its stop is requested
+LOCAL_ADDRESS = "127.0.0.1"  # a machine's address on the host's own network
 MAX_LOG_BATCH = 500
 MAX_LOG_LINE = 64 << 10  # bytes of one log line kept; longer lines are cut
 PAGE_SIZE = 500  # machines per page of `agent/machines`
@@ -65,6 +88,8 @@ class Agent:
     poll_interval: float = POLL_INTERVAL
     page_size: int = PAGE_SIZE
     limits: UnpackLimits = field(default_factory=UnpackLimits)  # unpacking an image
+    network: HostNetwork | None = None  # None: machines share the host's network
+    drain: float = DRAIN
     _local: dict[str, _Local] = field(default_factory=dict)
     # machine id → the generation that ran and exited on its own (not started again)
     _finished: dict[str, int] = field(default_factory=dict)
@@ -94,6 +119,19 @@ class Agent:
             body["exit_code"] = exit_code
         await self._report(f"/agent/machines/{mid}/state", body)
 
+    async def _health(self, mid: str, status: str, message: str | None) -> None:
+        """Report a health transition. Raises for a failure worth retrying (the checker retries);
+        a refusal (4xx: the machine is no longer starting or started) is only logged."""
+        body: dict[str, Any] = {"status": status}
+        if message:
+            body["message"] = message[:1000]
+        try:
+            await self._api("POST", f"/agent/machines/{mid}/health", body)
+        except RuntimeError as e:
+            if re.search(r": HTTP 4\d\d ", str(e)) is None:
+                raise
+            log.warning("health report of %s refused: %s", mid, e)
+
     async def _event(self, mid: str, message: str, duration_ms: int | None = None) -> None:
         body: dict[str, Any] = {"message": message}
         if duration_ms is not None:
@@ -103,7 +141,12 @@ class Agent:
     # -- the loop -------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Poll and reconcile until `stop` is set; then stop every machine."""
+        """Poll and reconcile until `stop` is set; then stop every machine.
+
+        With a network, it is set up first: a `NetworkError` (the agent cannot run) is raised.
+        """
+        if self.network is not None:
+            await asyncio.to_thread(self.network.ensure)
         # Root's alone on the host; machines/ (and machines/<id>) are 0711 for the machines'
         # users, who reach them only through share_data_dir's view (see rootfs.py). An older
         # data dir is tightened here; its top levels suffice to make everything below private.
@@ -167,8 +210,8 @@ class Agent:
         for local in self._local.values():
             local.stop_requested = True
         tasks = [t for local in self._local.values() if (t := local.task) is not None]
-        if tasks:
-            await asyncio.wait(tasks, timeout=STOP_GRACE + 20)
+        if tasks:  # in parallel: each machine drains, then stops, in its own task
+            await asyncio.wait(tasks, timeout=self.drain + STOP_GRACE + 20)
         self._local.clear()
 
     # -- one machine ----------------------------------------------------------------------------
@@ -223,7 +266,6 @@ class Agent:
             await self._state(mid, "failed")
             self._finished[mid] = local.generation
             return
-        await self._event(mid, "Starting machine")
         env = {
             **plain,  # the release's [env]
             **secrets,
@@ -232,9 +274,68 @@ class Agent:
             "SKYREG_REGION": self.region,
         }
         del secrets
+        if self.network is None:
+            await self._start(local, m, config, rootfs, LogTail(log_path, offset), env)
+            return
+        try:
+            await self._start(local, m, config, rootfs, LogTail(log_path, offset), env)
+        finally:  # after the machine stopped (or never started), whatever the path
+            await asyncio.to_thread(self._detach, mid)
+
+    def _detach(self, mid: str) -> None:
+        assert self.network is not None
+        try:
+            self.network.detach(mid)
+        except (NetworkError, OSError, subprocess.SubprocessError) as e:
+            log.warning("machine %s: cannot detach it from the network: %s", mid, e)
+
+    async def _attach(self, mid: str, m: dict[str, Any]) -> tuple[str, EnterCommand | None]:
+        """The machine's address and how bwrap enters its network (NetworkError if it cannot)."""
+        if self.network is None:
+            return LOCAL_ADDRESS, None
+        org = m.get("org")
+        if not isinstance(org, str):
+            raise NetworkError("the server names no org for the machine")
+        att = await asyncio.to_thread(self.network.attach, mid, org)
+
+        def enter(user: UserIds | None) -> list[str]:
+            return enter_command(att, user=user)
+
+        return str(att.address), enter
+
+    async def _start(
+        self,
+        local: _Local,
+        m: dict[str, Any],
+        config: ImageConfig,
+        rootfs: Path,
+        tail: LogTail,
+        env: dict[str, str],
+    ) -> None:
+        """Attach, start and watch the machine until it stopped."""
+        mid = local.id
+        home = self.data_dir / "machines" / mid
+        try:
+            address, enter = await self._attach(mid, m)
+        except (NetworkError, OSError, subprocess.SubprocessError) as e:
+            await asyncio.to_thread(release_rootfs, home)
+            await self._event(mid, f"Failed to attach the machine to the network: {e}"[:1000])
+            await self._state(mid, "failed")
+            self._finished[mid] = local.generation
+            return
+        await self._report(
+            f"/agent/machines/{mid}/state", {"state": "starting", "address": address}
+        )
+        await self._event(mid, "Starting machine")
         try:
             machine = await asyncio.to_thread(
-                start_machine, rootfs, config, log_path=log_path, hostname=mid, env=env
+                start_machine,
+                rootfs,
+                config,
+                log_path=tail.path,
+                hostname=mid,
+                env=env,
+                enter=enter,
             )
         except Exception as e:
             await asyncio.to_thread(release_rootfs, home)
@@ -243,7 +344,7 @@ class Agent:
             self._finished[mid] = local.generation
             return
         try:
-            await self._monitor(local, machine, log_path, offset)
+            await self._monitor(local, m, machine, address, tail)
         finally:
             await asyncio.to_thread(release_rootfs, home)
 
@@ -258,17 +359,61 @@ class Agent:
         return _names_to_values(answer.get("release_env", {})), _names_to_values(answer.get("env"))
 
     async def _monitor(
-        self, local: _Local, machine: RunningMachine, log_path: Path, offset: int
+        self,
+        local: _Local,
+        m: dict[str, Any],
+        machine: RunningMachine,
+        address: str,
+        tail: LogTail,
     ) -> None:
         mid = local.id
         started_at = time.monotonic()
+        checker = await self._checker(mid, m, address, started_at)
+        try:
+            await self._watch(local, m, machine, tail, started_at)
+        finally:
+            if checker is not None:
+                await checker.stop()
+
+    async def _checker(
+        self, mid: str, m: dict[str, Any], address: str, started_at: float
+    ) -> HealthChecker | None:
+        """The machine's running health checks, if its service has any."""
+        try:
+            checks = checks_from_service(m.get("service"))
+        except ValueError as e:
+            await self._event(mid, f"Health checks not run: {e}"[:1000])
+            return None
+        if not checks:
+            return None
+
+        async def report(status: str, message: str | None) -> None:
+            await self._health(mid, status, message)
+
+        checker = HealthChecker(address, checks, report, started_at=started_at)
+        await checker.start()
+        return checker
+
+    async def _watch(
+        self,
+        local: _Local,
+        m: dict[str, Any],
+        machine: RunningMachine,
+        tail: LogTail,
+        started_at: float,
+    ) -> None:
+        mid = local.id
         reported_started = False
-        tail = LogTail(log_path, offset)
+        drain_until: float | None = None
         while machine.running:
             if local.stop_requested:
-                await asyncio.to_thread(machine.stop, STOP_GRACE)
-                break
-            if not reported_started and time.monotonic() - started_at >= EARLY_EXIT:
+                if drain_until is None and m.get("service") is not None and self.drain > 0:
+                    await self._event(mid, f"Draining for {self.drain:g}s")
+                    drain_until = time.monotonic() + self.drain
+                if drain_until is None or time.monotonic() >= drain_until:
+                    await asyncio.to_thread(machine.stop, STOP_GRACE)
+                    break
+            elif not reported_started and time.monotonic() - started_at >= EARLY_EXIT:
                 await self._state(mid, "started")
                 reported_started = True
             await self._ship(mid, tail)

@@ -1,6 +1,6 @@
 """A network namespace per machine: loopback, a private address, a route out through the host.
 
-Not wired into the agent yet. `HostNetwork` owns everything it makes on the host, all of it
+Used by `skyreg agent --network`. `HostNetwork` owns everything it makes on the host, all of it
 named from one short `prefix`:
 
 * a Linux bridge per org, `<prefix>b<hash(org)>`, holding the org's gateway address (the
@@ -10,8 +10,9 @@ named from one short `prefix`:
   `ip netns add`: a tmpfs, so a reboot forgets it along with the machines) holding `lo` and
   `eth0`, one end of a veth pair whose host end `<prefix>v<hash(machine id)>` is a port of the
   org's bridge;
-* one iptables chain `SKYREG-<PREFIX>` in the filter table, jumped to first from FORWARD,
-  and (with `nat`) one in the nat table, jumped to from POSTROUTING, for MASQUERADE.
+* iptables chains in the filter table: `SKYREG-<PREFIX>`, jumped to first from FORWARD, and
+  `SKYREG-<PREFIX>-IN`, jumped to first from INPUT; and (with `nat`) one in the nat table,
+  jumped to from POSTROUTING, for MASQUERADE.
 
 Why a bridge per org rather than one bridge with filtering rules. Frames between ports of
 one bridge never reach iptables unless `br_netfilter` is loaded (and then only IP, not ARP):
@@ -21,10 +22,14 @@ routed by the host, where the FORWARD chain sees it: `-i <prefix>b+ -o <prefix>b
 rejected (icmp admin-prohibited: a connect fails at once with EHOSTUNREACH), after a per-org
 accept of `-i BR -o BR` for hosts that do load br_netfilter with a DROP policy. Each bridge
 drops packets whose source is not in its block (a machine has no CAP_NET_ADMIN to change its
-address, and this holds if it ever gets one). Machines reach the host and, through it, the
-rest (masqueraded when `nat`); new connections from elsewhere towards the machines are
-dropped. The host reaches every machine directly (OUTPUT, not FORWARD). Rules are written
-with `iptables-restore --noflush`, one atomic swap per table, so isolation never lapses.
+address, and this holds if it ever gets one). Machines reach the rest through the host
+(masqueraded when `nat`), but no service of the host itself: INPUT from `<prefix>b+` is
+rejected but for replies (ESTABLISHED, RELATED), so a machine cannot reach the agent, the
+server or anything listening on the host, at the gateway or any other of its addresses. New
+connections from elsewhere towards the machines are dropped. The host reaches every machine
+directly (OUTPUT, not FORWARD; the replies come back as ESTABLISHED): the agent's health
+checks and the proxy. Rules are written with `iptables-restore --noflush`, one atomic swap
+per table, so isolation never lapses.
 
 State lives in the kernel, not in a file: `ensure()` reads the bridges (block, alias) and the
 namespaces (eth0's address) back, so after an agent restart the allocator knows every address
@@ -162,6 +167,7 @@ class HostNetwork:
         hosts = blocks * ((1 << (32 - block_prefix)) - 3)  # no network, gateway, broadcast
         self.max_machines = hosts if max_machines is None else min(max_machines, hosts)
         self.chain = f"SKYREG-{prefix.upper()}"
+        self.input_chain = f"{self.chain}-IN"
         self._lock = threading.Lock()
         self._orgs: dict[str, IPv4Network] = {}  # org id -> its block
         self._machines: dict[str, Attachment] = {}
@@ -252,7 +258,7 @@ class HostNetwork:
     def _sync_rules(self) -> None:
         """Write our chains whole, atomically, and hook them in once."""
         ours = f"{self.prefix}b+"
-        lines = ["*filter", f":{self.chain} - [0:0]"]
+        lines = ["*filter", f":{self.chain} - [0:0]", f":{self.input_chain} - [0:0]"]
         for org, block in sorted(self._orgs.items()):
             br = self.bridge_name(org)
             lines.append(f"-A {self.chain} -i {br} ! -s {block} -j DROP")
@@ -262,21 +268,33 @@ class HostNetwork:
             f"-A {self.chain} -o {ours} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
             f"-A {self.chain} -o {ours} -j DROP",
             f"-A {self.chain} -i {ours} -j ACCEPT",
+            # To the host itself: replies to its own connections (health checks, the proxy).
+            f"-A {self.input_chain} -i {ours} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+            f"-A {self.input_chain} -i {ours} -j REJECT --reject-with icmp-admin-prohibited",
             "COMMIT",
         ]
-        tables = [("filter", "FORWARD", "\n".join(lines) + "\n")]
+        texts = ["\n".join(lines) + "\n"]
         nat = ["*nat", f":{self.chain} - [0:0]"]
         if self.nat:
             nat.append(f"-A {self.chain} -s {self.subnet} ! -d {self.subnet} -j MASQUERADE")
-        tables.append(("nat", "POSTROUTING", "\n".join([*nat, "COMMIT"]) + "\n"))
-        for table, hook, text in tables:
+        texts.append("\n".join([*nat, "COMMIT"]) + "\n")
+        for text in texts:
             _run(IPTABLES_RESTORE, "-w", _LOCK_WAIT, "--noflush", stdin=text)
-            if not self._hooked(table, hook):
-                _run(IPTABLES, "-w", _LOCK_WAIT, "-t", table, "-I", hook, "1", "-j", self.chain)
+        for table, hook, chain in self._hooks():
+            if not self._hooked(table, hook, chain):
+                _run(IPTABLES, "-w", _LOCK_WAIT, "-t", table, "-I", hook, "1", "-j", chain)
 
-    def _hooked(self, table: str, hook: str) -> bool:
+    def _hooks(self) -> list[tuple[str, str, str]]:
+        """(table, built-in chain, our chain) of every jump we add."""
+        return [
+            ("filter", "FORWARD", self.chain),
+            ("filter", "INPUT", self.input_chain),
+            ("nat", "POSTROUTING", self.chain),
+        ]
+
+    def _hooked(self, table: str, hook: str, chain: str) -> bool:
         rules = _run(IPTABLES, "-w", _LOCK_WAIT, "-t", table, "-S", hook)
-        return f"-A {hook} -j {self.chain}" in rules.splitlines()
+        return f"-A {hook} -j {chain}" in rules.splitlines()
 
     def teardown(self) -> None:
         """Remove every namespace, link, chain and rule this prefix made. Safe to repeat."""
@@ -292,11 +310,11 @@ class HostNetwork:
                     and len(name) == len(self.prefix) + 1 + _HASH_CHARS
                 ):
                     _run(IP, "link", "del", name, check=False)
-            for table, hook in (("filter", "FORWARD"), ("nat", "POSTROUTING")):
-                while self._hooked(table, hook):
-                    _run(IPTABLES, "-w", _LOCK_WAIT, "-t", table, "-D", hook, "-j", self.chain)
-                _run(IPTABLES, "-w", _LOCK_WAIT, "-t", table, "-F", self.chain, check=False)
-                _run(IPTABLES, "-w", _LOCK_WAIT, "-t", table, "-X", self.chain, check=False)
+            for table, hook, chain in self._hooks():
+                while self._hooked(table, hook, chain):
+                    _run(IPTABLES, "-w", _LOCK_WAIT, "-t", table, "-D", hook, "-j", chain)
+                _run(IPTABLES, "-w", _LOCK_WAIT, "-t", table, "-F", chain, check=False)
+                _run(IPTABLES, "-w", _LOCK_WAIT, "-t", table, "-X", chain, check=False)
             self._orgs.clear()
             self._machines.clear()
 

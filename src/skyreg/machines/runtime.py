@@ -6,8 +6,10 @@ cgroup namespaces. `--as-pid-1` makes the image's entrypoint PID 1 of its PID na
 reaper from bwrap), so it gets the job of reaping, and - like `docker stop` - SIGTERM reaches it
 only when it installs a handler; SIGKILL always does.
 
-The network namespace is the host's for now: a machine binds host ports directly. Per-machine
-network namespaces come in a later change.
+The network namespace is the host's unless the caller hands `start_machine` an `enter`
+prefix (`machines.network.enter_command`): bwrap then starts inside the machine's own network
+namespace (`nsenter --net=...`), and the switch to the machine's user (below) is done by
+`setpriv` in that prefix, after nsenter, rather than by Popen before it.
 
 Users. The image's `User` is resolved in the rootfs's own `/etc/passwd` and `/etc/group`. A
 machine running as root (the default) runs bwrap as host root ("privileged" mode: no user
@@ -28,11 +30,12 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import signal
 import stat
 import subprocess
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -61,6 +64,13 @@ ROOT_CAPABILITIES = (
     "CAP_SYS_CHROOT",
 )
 _MAX_DB_SIZE = 4 << 20  # /etc/passwd or /etc/group larger than this is not read
+
+
+UserIds = tuple[int, int, list[int]]
+"""uid, gid and supplementary gids that bwrap runs as."""
+EnterCommand = Callable[[UserIds | None], Sequence[str]]
+"""The argv prefix that starts bwrap somewhere else (`network.enter_command`), given the user
+to switch to after entering (None: stay root)."""
 
 
 class MachineError(Exception):
@@ -434,12 +444,14 @@ def start_machine(
     env: dict[str, str] | None = None,
     hostname: str,
     command: Sequence[str] | None = None,
+    enter: EnterCommand | None = None,
 ) -> RunningMachine:
     """Start the image's entrypoint (or `command` in place of Cmd) over `rootfs`.
 
     `rootfs` is this machine's own copy (bound read-write at `/`); `volume` is (host dir, path
     inside), bound read-write; `env` overrides the image's Env. stdout and stderr (bwrap's own
-    errors too) are appended to `log_path`. The network is the host's (see the module docstring).
+    errors too) are appended to `log_path`. The network is the host's, or the one `enter`
+    enters (see the module docstring).
     """
     argv = config.argv(command)
     uid, gid, groups, home = _resolve(rootfs, config.user)
@@ -465,6 +477,13 @@ def start_machine(
         # root is still reachable (/oldroot): hand it the resolved path, which has none.
         volume = (volume[0], real[volume[1]])
 
+    # bwrap itself runs as the machine's user: see the module docstring. Through `enter`, the
+    # switch is the prefix's job (nsenter needs root to join the namespace).
+    user: UserIds | None = (uid, gid, groups) if privileged else None
+    prefix: list[str] = []
+    if enter is not None:
+        prefix = list(enter(user))
+        user = None
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     args_fd = -1
     try:
@@ -488,7 +507,7 @@ def start_machine(
         with open(log_fd, "ab") as log:
             os.fchmod(log_fd, 0o600)  # whatever the umask, and an older log's looser mode
             proc = subprocess.Popen(
-                [BWRAP, "--args", str(args_fd), *args[split:]],
+                [*prefix, _bwrap_path(prefix), "--args", str(args_fd), *args[split:]],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
@@ -499,10 +518,9 @@ def start_machine(
                 env={},
                 start_new_session=True,
                 close_fds=True,
-                # bwrap itself runs as the machine's user: see the module docstring.
-                user=uid if privileged else None,
-                group=gid if privileged else None,
-                extra_groups=groups if privileged else None,
+                user=user[0] if user else None,
+                group=user[1] if user else None,
+                extra_groups=user[2] if user else None,
             )
     except BaseException:
         os.close(read_fd)
@@ -520,6 +538,12 @@ def start_machine(
         os.close(read_fd)
         raise
     return RunningMachine(proc, pid, read_fd)
+
+
+def _bwrap_path(prefix: Sequence[str]) -> str:
+    """bwrap, found on the agent's PATH when a prefix will exec it (with an empty environment,
+    where its own search would use a default PATH)."""
+    return (shutil.which(BWRAP) or BWRAP) if prefix else BWRAP
 
 
 def _read_child_pid(fd: int, proc: subprocess.Popen[bytes]) -> int:

@@ -1,8 +1,10 @@
 """Machine records: which machines run which release where, what agents report about them.
 
-The server decides `desired` (started/stopped) and `generation` (a restart bumps it); the region's
-agent reports `state` and `exit_code`, events and log lines. `reconcile_release` turns the states
-of a release's machines into the release's status.
+The server decides `desired` (started/stopped, or waiting: a rolling deploy's machine not yet
+started) and `generation` (a restart bumps it); the region's agent reports `state`, `exit_code`
+and `address`, the health of machines whose release has checks, events and log lines.
+`reconcile_release` turns the states and health of a release's machines into the release's
+status, and moves a rolling deploy on one machine at a time.
 """
 
 from __future__ import annotations
@@ -12,13 +14,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, and_, delete, func, insert, or_, select, update
+from sqlalchemy import Connection, and_, case, delete, func, insert, or_, select, update
 
 from skyreg.meta import schema as s
 from skyreg.meta.db import SqlStore
 from skyreg.meta.gc import GcSettings, enqueue_manifests, release_images
+from skyreg.meta.platform import stored_service
 
-DESIRED = ("started", "stopped")
+DESIRED = ("started", "stopped", "waiting")
+# Live machines count against an app's limit: started, or waiting their turn in a rolling deploy.
+LIVE = ("started", "waiting")
 STATES = ("created", "starting", "started", "stopped", "failed")
 # Desired stopped and in one of these, no agent runs the machine: it may be deleted. (`created`:
 # no agent reported on it; one that fetched it just before the stop gets 404s on its reports and
@@ -27,6 +32,8 @@ IDLE_STATES = ("created", "stopped", "failed")
 MAX_LINE = 4096
 IDLE_KEPT_PER_LIVE = 10  # idle machines an app keeps (for their events and logs), per live one
 RECORDS_PER_LIVE = 20  # machine rows an app may hold, per live one
+HEALTH = ("starting", "passing", "critical")
+MAX_ROUTES = 10_000  # machines one answer of `routes` lists
 
 
 class TooManyMachines(Exception):
@@ -83,6 +90,47 @@ class Machine:
     image_digest: str
     created_at: datetime
     updated_at: datetime
+    address: str | None = None
+    health: str | None = None  # None: its release has no checks
+    org_name: str = ""
+    service: dict[str, Any] | None = None  # its release's
+
+
+def has_checks(service: dict[str, Any] | None) -> bool:
+    """Whether a release with `service` has health checks."""
+    return bool(service and service.get("checks"))
+
+
+def ready(state: str, health: str | None, checks: bool) -> bool:
+    """A machine its release counts as up: started, and passing its checks when it has some."""
+    return state == "started" and (not checks or health == "passing")
+
+
+def failed(state: str, health: str | None, checks: bool) -> bool:
+    """A machine that fails its release: failed, or critical in its checks."""
+    return state == "failed" or (checks and health == "critical")
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One machine the proxy may send an app's requests to."""
+
+    id: str
+    region: str
+    address: str
+    port: int
+    healthy: bool
+    draining: bool
+
+
+@dataclass(frozen=True, slots=True)
+class AppRoutes:
+    app: str
+    machines: list[Route]
+
+
+class HealthRefused(Exception):
+    """A health report on a machine without checks, or not starting or started."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +150,7 @@ class LogLine:
     line: str
 
 
-_m, _r, _a = s.machines, s.releases, s.apps
+_m, _r, _a, _o = s.machines, s.releases, s.apps, s.orgs
 _DELETE_BATCH = 500
 _COLUMNS = (
     _m.c.id,
@@ -120,8 +168,16 @@ _COLUMNS = (
     _r.c.image_digest,
     _m.c.created_at,
     _m.c.updated_at,
+    _m.c.address,
+    _m.c.health,
+    _o.c.name,
+    _r.c.service,
 )
-_FROM = _m.join(_r, _r.c.id == _m.c.release_id).join(_a, _a.c.id == _m.c.app_id)
+_FROM = (
+    _m.join(_r, _r.c.id == _m.c.release_id)
+    .join(_a, _a.c.id == _m.c.app_id)
+    .join(_o, _o.c.id == _a.c.org_id)
+)
 
 
 def _machine(row: Any) -> Machine:
@@ -141,6 +197,10 @@ def _machine(row: Any) -> Machine:
         image_digest=str(row[12]),
         created_at=_aware(row[13]),
         updated_at=_aware(row[14]),
+        address=None if row[15] is None else str(row[15]),
+        health=None if row[16] is None else str(row[16]),
+        org_name=str(row[17]),
+        service=stored_service(row[18]),
     )
 
 
@@ -166,7 +226,11 @@ class MachineMeta(SqlStore):
         """`count` machines per region (desired started) for a release, which becomes `running`.
 
         With `immediate`, every other machine of the app is set desired=stopped at once; with
-        `rolling` they keep running until the new release completes (`reconcile_release`).
+        `rolling` they keep running until the new release completes (`reconcile_release`) and,
+        when the app has live machines, only the first new one is desired started: the others
+        wait (desired `waiting`), each started by `_reconcile` once those before it are ready,
+        one old machine stopped for each. Waiting machines are live: they count against
+        `max_live` (`live_count`).
         `max_live` caps the app's live machines (`live_count`) once these are created: over it,
         the release is marked `failed`, nothing is created and TooManyMachines is raised.
         `keep_idle`: the app's idle machines (desired stopped, state in IDLE_STATES) beyond the
@@ -216,7 +280,12 @@ class MachineMeta(SqlStore):
                     update(_r).where(_r.c.id == release_id).values(status="failed", updated_at=now)
                 )
                 return refusal
-            conn.execute(insert(_m), rows)
+            placed = rows
+            if strategy == "rolling" and len(rows) > 1 and self._live(conn, app_id) > 0:
+                # The first in creation order (created_at, id: they share created_at) starts.
+                first, *rest = sorted(rows, key=lambda row: str(row["id"]))
+                placed = [first, *({**row, "desired": "waiting"} for row in rest)]
+            conn.execute(insert(_m), placed)
             if strategy == "immediate":
                 self._stop_others(conn, app_id, release_id, now)
             conn.execute(
@@ -235,7 +304,7 @@ class MachineMeta(SqlStore):
             conn.execute(
                 select(func.count())
                 .select_from(_m)
-                .where(_m.c.app_id == app_id, _m.c.desired == "started")
+                .where(_m.c.app_id == app_id, _m.c.desired.in_(LIVE))
             ).scalar_one()
         )
 
@@ -299,7 +368,7 @@ class MachineMeta(SqlStore):
             ).scalar_one_or_none()
             if desired is None:
                 return False
-            if desired != "started" and max_live is not None:
+            if desired not in LIVE and max_live is not None:
                 live = self._live(conn, int(app_id))
                 if live + 1 > max_live:
                     raise TooManyMachines(live, 1, max_live)
@@ -312,18 +381,28 @@ class MachineMeta(SqlStore):
         return self._transaction(work)
 
     def live_count(self, app_id: int) -> int:
-        """The app's live machines: those desired `started` (a machine stopped by a user, by a
-        newer release or by its release failing is desired `stopped` and no longer counts)."""
+        """The app's live machines: those desired `started` or `waiting` (a machine stopped by a
+        user, by a newer release or by its release failing is desired `stopped` and no longer
+        counts)."""
         with self._read() as conn:
             return self._live(conn, app_id)
 
     @staticmethod
-    def _stop_others(conn: Connection, app_id: int, release_id: int, now: datetime) -> None:
-        conn.execute(
-            update(_m)
-            .where(_m.c.app_id == app_id, _m.c.release_id != release_id, _m.c.desired == "started")
-            .values(desired="stopped", updated_at=now)
+    def _stop_others(
+        conn: Connection, app_id: int, release_id: int, now: datetime, *, older: int | None = None
+    ) -> None:
+        """Every live machine of the app's other releases (`older`: of releases older than that
+        version only, so a rolling deploy completing late never stops a newer one's) stops."""
+        query = update(_m).where(
+            _m.c.app_id == app_id, _m.c.release_id != release_id, _m.c.desired.in_(LIVE)
         )
+        if older is not None:
+            query = query.where(
+                _m.c.release_id.in_(
+                    select(_r.c.id).where(_r.c.app_id == app_id, _r.c.version < older)
+                )
+            )
+        conn.execute(query.values(desired="stopped", updated_at=now))
 
     def get(self, machine_id: str) -> Machine | None:
         with self._read() as conn:
@@ -379,27 +458,80 @@ class MachineMeta(SqlStore):
         with self._write() as conn:
             conn.execute(update(_m).where(_m.c.id == machine_id).values(**values))
 
-    def report_state(self, machine_id: str, state: str, exit_code: int | None) -> None:
-        """An agent's report; the machine's release status follows (`reconcile_release`)."""
+    def report_state(
+        self, machine_id: str, state: str, exit_code: int | None, address: str | None = None
+    ) -> None:
+        """An agent's report (`address`: stored when given); the machine's release status
+        follows (`reconcile_release`). A machine starting again starts its health over."""
 
         def work(conn: Connection) -> None:
             now = _now()
+            found = conn.execute(
+                select(_m.c.release_id, _r.c.service)
+                .select_from(_m.join(_r, _r.c.id == _m.c.release_id))
+                .where(_m.c.id == machine_id)
+            ).first()
+            if found is None:
+                return
+            release_id = int(found[0])
+            # Reports on one release queue on its row (before touching their machine, so they
+            # never wait for each other crosswise): each reconciles with the others' states.
+            self._lock_release(conn, release_id)
+            values: dict[str, Any] = {"state": state, "exit_code": exit_code, "updated_at": now}
+            if address is not None:
+                values["address"] = address
+            if state == "starting":
+                values["health"] = "starting" if has_checks(stored_service(found[1])) else None
+            conn.execute(update(_m).where(_m.c.id == machine_id).values(**values))
+            self._reconcile(conn, release_id, now)
+
+        self._transaction(work)
+
+    def report_health(self, machine_id: str, status: str, message: str | None) -> bool | None:
+        """An agent's report of the machine's checks (`passing` or `critical`): stored, with an
+        event when it changes, and the release follows. True: changed; None: no such machine.
+        HealthRefused when its release has no checks or it is not starting or started."""
+
+        def work(conn: Connection) -> bool | None:
             release_id = conn.execute(
                 select(_m.c.release_id).where(_m.c.id == machine_id)
             ).scalar_one_or_none()
             if release_id is None:
-                return
-            # Reports on one release queue on its row (before touching their machine, so they
-            # never wait for each other crosswise): each reconciles with the others' states.
-            self._lock_release(conn, int(release_id))
-            conn.execute(
-                update(_m)
+                return None
+            self._lock_release(conn, int(release_id))  # as state reports do
+            found = conn.execute(
+                select(_m.c.state, _m.c.health, _r.c.service)
+                .select_from(_m.join(_r, _r.c.id == _m.c.release_id))
                 .where(_m.c.id == machine_id)
-                .values(state=state, exit_code=exit_code, updated_at=now)
+            ).first()
+            if found is None:
+                return None
+            state, health = str(found[0]), found[1]
+            if not has_checks(stored_service(found[2])):
+                raise HealthRefused(f"machine {machine_id}'s release has no health checks")
+            if state not in ("starting", "started"):
+                raise HealthRefused(
+                    f"machine {machine_id} is {state}: health is reported while it is starting "
+                    "or started"
+                )
+            if health == status:
+                return False
+            now = _now()
+            conn.execute(
+                update(_m).where(_m.c.id == machine_id).values(health=status, updated_at=now)
+            )
+            text = "Health checks passing"
+            if status == "critical":
+                text = "Health checks critical" + (f": {message}" if message else "")
+            conn.execute(
+                insert(s.machine_events).values(
+                    machine_id=machine_id, at=now, message=text, duration_ms=None
+                )
             )
             self._reconcile(conn, int(release_id), now)
+            return True
 
-        self._transaction(work)
+        return self._transaction(work)
 
     def reconcile_release(self, release_id: int) -> None:
         def work(conn: Connection) -> None:
@@ -415,20 +547,28 @@ class MachineMeta(SqlStore):
             )
 
     def _reconcile(self, conn: Connection, release_id: int, now: datetime) -> None:
-        """running → failed (a machine failed: its machines are stopped, a rolling deploy's
-        previous machines were never stopped) or complete (all started: stable; the app's
-        other machines are stopped). The caller holds the release's row (`_lock_release`)."""
+        """running → failed (a machine failed, or went critical in its checks: its machines,
+        waiting ones too, are stopped; the app's other machines keep running) or complete
+        (all ready, see `ready`: stable; the app's other machines are stopped). In a rolling
+        deploy whose machines wait, all desired started ready instead start the next waiting
+        one and stop one old machine (`_roll`). The caller holds the release's row
+        (`_lock_release`)."""
         release = conn.execute(
-            select(_r.c.status, _r.c.app_id).where(_r.c.id == release_id)
+            select(_r.c.status, _r.c.app_id, _r.c.version, _r.c.service).where(
+                _r.c.id == release_id
+            )
         ).first()
         if release is None or release[0] not in ("pending", "running"):
             return
-        states = [
-            r[0] for r in conn.execute(select(_m.c.state).where(_m.c.release_id == release_id))
-        ]
-        if not states:
+        checks = has_checks(stored_service(release[3]))
+        rows = conn.execute(
+            select(_m.c.id, _m.c.region, _m.c.desired, _m.c.state, _m.c.health)
+            .where(_m.c.release_id == release_id)
+            .order_by(_m.c.created_at, _m.c.id)
+        ).all()
+        if not rows:
             return
-        if "failed" in states:
+        if any(failed(str(r[3]), r[4], checks) for r in rows):
             conn.execute(
                 update(_r).where(_r.c.id == release_id).values(status="failed", updated_at=now)
             )
@@ -437,13 +577,118 @@ class MachineMeta(SqlStore):
                 .where(_m.c.release_id == release_id)
                 .values(desired="stopped", updated_at=now)
             )
-        elif all(state == "started" for state in states):
+            return
+        waiting = [r for r in rows if r[2] == "waiting"]
+        started = [r for r in rows if r[2] == "started"]
+        # One step per ready set; a waiting machine already ready (reported started before it
+        # was wanted) lets the next step follow at once.
+        while waiting and all(ready(str(r[3]), r[4], checks) for r in started):
+            step = waiting.pop(0)
+            self._roll(conn, int(release[1]), int(release[2]), step, now)
+            started.append(step)
+        if not waiting and all(ready(str(r[3]), r[4], checks) for r in rows):
             conn.execute(
                 update(_r)
                 .where(_r.c.id == release_id)
                 .values(status="complete", stable=True, updated_at=now)
             )
-            self._stop_others(conn, int(release[1]), release_id, now)
+            self._stop_others(conn, int(release[1]), release_id, now, older=int(release[2]))
+
+    @staticmethod
+    def _roll(conn: Connection, app_id: int, version: int, waiting: Any, now: datetime) -> None:
+        """One step of a rolling deploy: the next waiting machine (`waiting`, the oldest)
+        becomes desired started, and one machine of an older release desired stopped (of the
+        same region first, the oldest first), now that the machines before it are ready."""
+        older = select(_r.c.id).where(_r.c.app_id == app_id, _r.c.version < version)
+        old = conn.execute(
+            select(_m.c.id)
+            .where(
+                _m.c.app_id == app_id,
+                _m.c.desired == "started",
+                _m.c.release_id.in_(older),
+            )
+            .order_by(case((_m.c.region == waiting[1], 0), else_=1), _m.c.created_at, _m.c.id)
+            .limit(1)
+        ).scalar_one_or_none()
+        if old is not None:
+            conn.execute(update(_m).where(_m.c.id == old).values(desired="stopped", updated_at=now))
+        conn.execute(
+            update(_m).where(_m.c.id == waiting[0]).values(desired="started", updated_at=now)
+        )
+
+    # -- routes for the proxy --------------------------------------------------------------------
+
+    def routes(
+        self, org_id: int | None = None, limit: int = MAX_ROUTES
+    ) -> tuple[list[AppRoutes], bool]:
+        """What the proxy routes to (`org_id`: that org's apps only), by app name: the machines
+        with an address, starting or started, whose release has a service; and the apps whose
+        newest release has a service with none such (no machine: the proxy answers 503, not
+        404). At most `limit` machines and `limit` apps; True: more were left out."""
+        machines = (
+            select(
+                _a.c.name,
+                _m.c.id,
+                _m.c.region,
+                _m.c.address,
+                _m.c.state,
+                _m.c.health,
+                _m.c.desired,
+                _r.c.service,
+            )
+            .select_from(_m.join(_r, _r.c.id == _m.c.release_id).join(_a, _a.c.id == _m.c.app_id))
+            .where(
+                _m.c.address.is_not(None),
+                _m.c.state.in_(("starting", "started")),
+                _r.c.service.is_not(None),
+            )
+            .order_by(_a.c.name, _m.c.created_at, _m.c.id)
+            .limit(limit + 1)
+        )
+        newest = (
+            select(_r.c.app_id, func.max(_r.c.version).label("version"))
+            .group_by(_r.c.app_id)
+            .subquery()
+        )
+        apps = (
+            select(_a.c.name)
+            .select_from(
+                _r.join(
+                    newest, and_(newest.c.app_id == _r.c.app_id, newest.c.version == _r.c.version)
+                ).join(_a, _a.c.id == _r.c.app_id)
+            )
+            .where(_r.c.service.is_not(None))
+            .order_by(_a.c.name)
+            .limit(limit + 1)
+        )
+        if org_id is not None:
+            machines = machines.where(_a.c.org_id == org_id)
+            apps = apps.where(_a.c.org_id == org_id)
+        with self._read() as conn:
+            found = conn.execute(machines).all()
+            named = [str(r[0]) for r in conn.execute(apps)]
+        truncated = len(found) > limit or len(named) > limit
+        routes: dict[str, list[Route]] = {name: [] for name in named[:limit]}
+        services: dict[str, dict[str, Any] | None] = {}
+        for row in found[:limit]:
+            text = str(row[7])
+            if text not in services:
+                services[text] = stored_service(text)
+            service = services[text]
+            if service is None:
+                continue
+            health = None if row[5] is None else str(row[5])
+            routes.setdefault(str(row[0]), []).append(
+                Route(
+                    id=str(row[1]),
+                    region=str(row[2]),
+                    address=str(row[3]),
+                    port=int(service["internal_port"]),
+                    healthy=ready(str(row[4]), health, has_checks(service)),
+                    draining=str(row[6]) != "started",
+                )
+            )
+        return [AppRoutes(app, routes[app]) for app in sorted(routes)], truncated
 
     # -- events and logs -------------------------------------------------------------------------
 

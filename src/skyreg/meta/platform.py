@@ -45,6 +45,7 @@ class App:
     org_name: str
     public: bool
     created_at: datetime
+    service: dict[str, Any] | None = None  # its machines' port and checks (`releases.service`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +88,7 @@ _APP_COLUMNS = (
     s.orgs.c.name,
     s.apps.c.public,
     s.apps.c.created_at,
+    s.apps.c.service,
 )
 _APP_BY_NAME = (
     select(*_APP_COLUMNS)
@@ -141,7 +143,21 @@ def _app(row: tuple[object, ...]) -> App:
         org_name=str(row[3]),
         public=bool(row[4]),
         created_at=_aware(row[5]),  # type: ignore[arg-type]
+        service=stored_service(row[6]),
     )
+
+
+def stored_service(stored: object) -> dict[str, Any] | None:
+    """A stored `service` column (JSON text) as a dict; None: no service."""
+    if not isinstance(stored, str) or not stored:
+        return None
+    loaded = json.loads(stored)
+    return loaded if isinstance(loaded, dict) else None
+
+
+def service_text(service: dict[str, Any] | None) -> str | None:
+    """What a `service` column stores for `service`."""
+    return None if service is None else json.dumps(service, sort_keys=True)
 
 
 class PlatformMeta(SqlStore):
@@ -212,6 +228,17 @@ class PlatformMeta(SqlStore):
             query = query.where(s.apps.c.org_id == org_id)
         with self._read() as conn:
             return [_app(tuple(r)) for r in conn.execute(query)]
+
+    def set_app_service(self, name: str, service: dict[str, Any] | None) -> bool:
+        """Set (None: remove) the app's service; its next release takes a copy."""
+        with self._write() as conn:
+            return bool(
+                conn.execute(
+                    update(s.apps)
+                    .where(s.apps.c.name == name)
+                    .values(service=service_text(service))
+                ).rowcount
+            )
 
     def set_app_public(self, name: str, public: bool) -> bool:
         with self._write() as conn:
@@ -419,6 +446,7 @@ class Release:
     created_at: datetime
     updated_at: datetime
     env: dict[str, str] = field(default_factory=dict)  # plain variables of its machines
+    service: dict[str, Any] | None = None  # its machines' port and health checks
 
 
 _RELEASE_COLUMNS = (
@@ -440,6 +468,7 @@ _RELEASE_COLUMNS = (
     s.releases.c.created_at,
     s.releases.c.updated_at,
     s.releases.c.env,
+    s.releases.c.service,
 )
 _RELEASES_FROM = s.releases.join(s.apps, s.apps.c.id == s.releases.c.app_id)
 
@@ -464,6 +493,7 @@ def _release(row: tuple[Any, ...]) -> Release:
         created_at=_aware(row[15]),  # type: ignore[arg-type]
         updated_at=_aware(row[16]),  # type: ignore[arg-type]
         env=release_env(row[17]),
+        service=stored_service(row[18]),
     )
 
 
@@ -517,9 +547,12 @@ class ReleaseMeta(SqlStore):
         user_id: str,
         user_name: str,
         env: dict[str, str] | None = None,
+        service: dict[str, Any] | None = None,
     ) -> Release:
         """Record the app's next release: versions count up from 1 without gaps, also when
         deploys race (they queue on the app's row; the unique (app, version) backs it up).
+
+        `service` given becomes the app's too; else the release copies the app's.
 
         On PostgreSQL the image's manifest (in `image_repository`) is held until commit, so a GC
         review of it waits and then sees this release. The release that leaves the app's newest
@@ -548,6 +581,12 @@ class ReleaseMeta(SqlStore):
             latest = conn.execute(
                 select(func.max(s.releases.c.version)).where(s.releases.c.app_id == app_id)
             ).scalar_one()
+            if service is not None:  # before the copy below: the release takes this one
+                conn.execute(
+                    update(s.apps)
+                    .where(s.apps.c.id == app_id)
+                    .values(service=service_text(service))
+                )
             release_id = conn.execute(
                 insert(s.releases)
                 .values(
@@ -572,6 +611,8 @@ class ReleaseMeta(SqlStore):
                     secrets_version=select(s.apps.c.secrets_version)
                     .where(s.apps.c.id == app_id)
                     .scalar_subquery(),
+                    # The app's service as it is now (set just above when given).
+                    service=select(s.apps.c.service).where(s.apps.c.id == app_id).scalar_subquery(),
                 )
                 .returning(s.releases.c.id)
             ).scalar_one()

@@ -147,6 +147,9 @@ apps = Table(
     # Secrets (migration 0011): bumped by every change of the app's secrets; a release keeps the
     # version it was made with (`releases.secrets_version`), its machines get that set.
     Column("secrets_version", Integer, nullable=False, default=0, server_default=text("0")),
+    # Service (migration 0012): JSON of the port its machines listen on and their health checks;
+    # the app's next release takes a copy (`releases.service`).
+    Column("service", Text),
     Index("ix_apps_org", "org_id"),
 )
 
@@ -190,6 +193,7 @@ releases = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Column("secrets_version", Integer),  # the app's secrets_version then (None: before 0011)
     Column("env", Text),  # JSON object: plain environment variables of its machines (0011)
+    Column("service", Text),  # JSON: its machines' port and health checks (0012; None: none)
     UniqueConstraint("app_id", "version", name="uq_releases_app_version"),
 )
 
@@ -202,12 +206,14 @@ machines = Table(
     Column("app_id", Integer, ForeignKey("apps.id"), nullable=False),
     Column("release_id", Integer, ForeignKey("releases.id"), nullable=False),
     Column("region", String(20), nullable=False),
-    Column("desired", String(16), nullable=False),  # started | stopped
+    Column("desired", String(16), nullable=False),  # started | stopped | waiting (rolling)
     Column("state", String(16), nullable=False),  # created | starting | started | stopped | failed
     Column("generation", Integer, nullable=False),  # bumped by restart
     Column("exit_code", Integer),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("address", String(64)),  # where its agent reached it (0012)
+    Column("health", String(16)),  # starting | passing | critical; None: no checks (0012)
     Index("ix_machines_region", "region"),
     Index("ix_machines_app", "app_id"),
     Index("ix_machines_release", "release_id"),

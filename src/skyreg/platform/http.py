@@ -50,6 +50,7 @@ async def read_body(request: web.Request, limit: int = MAX_BODY) -> bytes:
 
 
 AGENT_PREFIX = "/api/v1/agent/"  # what an agent token may call of the management API
+PROXY_PATH = "/api/v1/agent/routes"  # all a proxy token may call
 
 
 class Identifier:
@@ -60,6 +61,7 @@ class Identifier:
     def __init__(self, request: web.Request, auth: Authenticator) -> None:
         self.header = request.headers.get("Authorization")
         self.path = request.path
+        self.method = request.method
         self.client = client_of(request)
         self.auth = auth
 
@@ -91,6 +93,13 @@ class Identifier:
         if token is not None and token.kind == "agent" and not self.path.startswith(AGENT_PREFIX):
             # An agent's credential receives machines' secrets: nothing else of the API.
             raise ApiError(403, "forbidden", "an agent token may be used with /api/v1/agent/ only")
+        if (
+            token is not None
+            and token.kind == "proxy"
+            and (self.path != PROXY_PATH or self.method != "GET")
+        ):
+            # The proxy faces the internet: its credential reads routes, nothing else.
+            raise ApiError(403, "forbidden", f"a proxy token may only GET {PROXY_PATH}")
         return token
 
 

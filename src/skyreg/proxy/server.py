@@ -159,11 +159,15 @@ class _ClientBody:
 class ProxyServer:
     """Routes `<app>.<domain>` to `app`'s machines in `table`.
 
-    `connect_timeout` bounds each TCP connect to a machine (a machine that does not answer in
-    time counts as refused: the request goes to another one). `request_timeout` bounds the wait
-    for a machine's response headers and then each wait for more of its body. `max_body`, when
-    set, refuses larger request bodies with 413. `max_connections` bounds the kept-alive
-    connections to all machines (one `aiohttp.ClientSession`).
+    `connect_timeout` bounds each TCP connect to a machine. A connect that fails (refused,
+    unreachable, or not answered in time) sends the request to another machine, whatever its
+    method (nothing reached the machine), and ejects the machine from the table for a while
+    (`RoutingTable.eject`): a killed machine costs the requests that raced to it, each at most
+    `connect_timeout` late, rather than one failure per request until the health checks notice.
+    `request_timeout` bounds the wait for a machine's response headers and then each wait for
+    more of its body. `max_body`, when set, refuses larger request bodies with 413.
+    `max_connections` bounds the kept-alive connections to all machines (one
+    `aiohttp.ClientSession`).
     """
 
     def __init__(
@@ -171,7 +175,7 @@ class ProxyServer:
         table: RoutingTable,
         domain: str = "localhost",
         *,
-        connect_timeout: float = 5.0,
+        connect_timeout: float = 1.0,
         request_timeout: float = 60.0,
         max_body: int | None = None,
         max_connections: int = 1000,
@@ -264,10 +268,13 @@ class ProxyServer:
 
     @staticmethod
     def _target(request: web.Request, backend: Backend) -> URL:
+        host = f"[{backend.host}]" if ":" in backend.host else backend.host
         # rel_url: an absolute-form request target keeps only its path and query.
-        return URL(
-            f"http://{backend.host}:{backend.port}{request.rel_url.raw_path_qs}", encoded=True
-        )
+        return URL(f"http://{host}:{backend.port}{request.rel_url.raw_path_qs}", encoded=True)
+
+    def _connect_failed(self, app: str, backend: Backend, exc: Exception) -> None:
+        _log.warning("%s: cannot connect to machine %s: %r", app, backend.machine_id, exc)
+        self.table.eject(backend.machine_id)
 
     def _next_machine(self, app: str, tried: set[str]) -> Backend | web.Response:
         """The next machine to try (counted busy: release it), or the page to answer when none
@@ -297,7 +304,7 @@ class ProxyServer:
             if isinstance(backend, web.Response):
                 return backend
             try:
-                return await self._exchange(request, backend, headers, body)
+                return await self._exchange(request, app, backend, headers, body)
             except _Retry:
                 continue
             except (_BodyTooLarge, TimeoutError, aiohttp.ClientError) as exc:
@@ -315,6 +322,7 @@ class ProxyServer:
     async def _exchange(
         self,
         request: web.Request,
+        app: str,
         backend: Backend,
         headers: CIMultiDict[str],
         body: _ClientBody,
@@ -331,7 +339,9 @@ class ProxyServer:
                 allow_redirects=False,
             )
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
-            # Refused before a byte was sent: safe for any method.
+            # No connection (refused, unreachable, timed out): nothing was sent, safe for any
+            # method.
+            self._connect_failed(app, backend, exc)
             await _discard(chunks)
             if body.too_large:
                 raise _BodyTooLarge from exc
@@ -391,7 +401,8 @@ class ProxyServer:
                         protocols=protocols,
                         autoclose=False,
                     )
-                except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
+                except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+                    self._connect_failed(app, backend, exc)
                     continue
                 except aiohttp.WSServerHandshakeError as exc:
                     return _page(502, "Bad Gateway", f"The machine of {app} refused: {exc.status}")

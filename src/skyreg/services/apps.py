@@ -12,6 +12,7 @@ from skyreg.services.errors import Conflict, Forbidden, Invalid
 from skyreg.services.inputs import UNSET, Body, CreateApp, UpdateApp, given
 from skyreg.services.names import generate_app_name, is_dns_label
 from skyreg.services.orgs import NAME_INVALID
+from skyreg.services.releases import check_service
 
 if TYPE_CHECKING:
     from skyreg.geo.node import GeoNode
@@ -97,8 +98,8 @@ class AppService:
         return AppView(app, self.geo.meta.app_placement(app.name) or ([], False))
 
     async def update_app(self, caller: TokenRecord, name: str, body: Body[UpdateApp]) -> AppView:
-        """Change an app's public flag and placement (an admin, or an org token of its org;
-        others get NotFound or Forbidden before the body is looked at)."""
+        """Change an app's public flag, placement and service (an admin, or an org token of
+        its org; others get NotFound or Forbidden before the body is looked at)."""
         return await self.platform.run(self._update_app, caller, name, body)
 
     def _update_app(self, caller: TokenRecord, name: str, lazy: Body[UpdateApp]) -> AppView:
@@ -107,6 +108,10 @@ class AppService:
             raise Forbidden("only an admin or org token of the app's organization may change it")
         body = given(lazy)
         placement = self._placement_change(app.name, body)
+        service = body.service
+        checked = None if service is UNSET or service is None else check_service(service)
+        if service is not UNSET:  # takes effect with the app's next release
+            self.platform.set_app_service(app.name, checked)
         if body.public is not UNSET:
             self.platform.set_app_public(app.name, body.public)
         if placement is not None and self.geo is not None:

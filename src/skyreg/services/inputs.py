@@ -59,6 +59,43 @@ class CreateApp(Input):
     public: Annotated[bool, _doc(description="Anyone may pull a public app (never push).")] = False
 
 
+class CheckSpec(Input):
+    """One health check of a service's machines (`checks`)."""
+
+    type: Annotated[str, _doc(enum=["http", "tcp"])]
+    port: Annotated[
+        int | None, _doc(minimum=1, maximum=65535, description="Default: internal_port")
+    ] = None
+    path: Annotated[
+        str | None,
+        _doc(
+            description='http only (default "/"): starts with /, at most 1024 printable ASCII '
+            "characters without spaces",
+            maxLength=1024,
+        ),
+    ] = None
+    interval: Annotated[float, _doc(minimum=1, maximum=3600, description="Seconds")] = 10.0
+    timeout: Annotated[
+        float, _doc(minimum=0.1, maximum=60, description="Seconds, at most interval")
+    ] = 2.0
+    grace_period: Annotated[
+        float,
+        _doc(
+            minimum=0,
+            maximum=3600,
+            description="Seconds after a start during which failures keep the machine starting",
+        ),
+    ] = 5.0
+
+
+class ServiceSpec(Input):
+    """What an app's machines serve: the port the proxy sends requests to and how agents check
+    their health."""
+
+    internal_port: Annotated[int, _doc(minimum=1, maximum=65535)]
+    checks: Annotated[list[CheckSpec], _doc(maxItems=10)] = msgspec.field(default_factory=list)
+
+
 class UpdateApp(Input):
     """`PATCH /apps/{app}`: only the fields given change."""
 
@@ -77,12 +114,16 @@ class UpdateApp(Input):
             "deploy"
         ),
     ] = UNSET
+    service: Annotated[
+        ServiceSpec | UnsetType | None,
+        _doc(description="The app's service (null: none); its next release takes it"),
+    ] = UNSET
 
 
 class CreateToken(Input):
     """`POST /tokens`: an org, deploy or readonly token (never admin)."""
 
-    kind: Annotated[str, _doc(enum=["org", "deploy", "readonly", "agent"])]
+    kind: Annotated[str, _doc(enum=["org", "deploy", "readonly", "agent", "proxy"])]
     org: Annotated[
         Name | None,
         _doc(description="org and readonly tokens (default: the caller's organization)"),
@@ -136,6 +177,10 @@ class CreateRelease(Input):
             maxProperties=200,
         ),
     ] = msgspec.field(default_factory=dict)
+    service: Annotated[
+        ServiceSpec | None,
+        _doc(description="The release's service, also set as the app's (absent: the app's)"),
+    ] = None
 
 
 DURATION_TEXT = (
@@ -220,6 +265,17 @@ class StateReport(Input):
 
     state: Annotated[str, _doc(enum=["starting", "started", "stopped", "failed"])]
     exit_code: Annotated[int | None, _doc(minimum=-INT32_MAX - 1, maximum=INT32_MAX)] = None
+    address: Annotated[
+        str | None,
+        _doc(description="The IPv4 or IPv6 address the machine listens on", maxLength=64),
+    ] = None
+
+
+class HealthReport(Input):
+    """`POST /agent/machines/{id}/health`: the outcome of the machine's health checks."""
+
+    status: Annotated[str, _doc(enum=["passing", "critical"])]
+    message: Annotated[str | None, _doc(maxLength=1000)] = None
 
 
 class MachineEventInput(Input):
@@ -299,16 +355,19 @@ __all__ = [
     "BuildLogLines",
     "BuildResult",
     "BuildStep",
+    "CheckSpec",
     "CreateApp",
     "CreateBuild",
     "CreateOrg",
     "CreateRelease",
     "CreateToken",
+    "HealthReport",
     "Input",
     "LogLines",
     "MachineEventInput",
     "Name",
     "RegisterBuilder",
+    "ServiceSpec",
     "SetQuota",
     "SetRetention",
     "StateReport",

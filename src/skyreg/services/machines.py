@@ -1,8 +1,10 @@
 """Machines: what users see and do (list, logs, stop/start/restart, with push access to the
-app) and what region agents do (list their region's machines, report state, events, logs)."""
+app) and what region agents do (list their region's machines, report state, health, events,
+logs) and proxies read (the routes to the machines of apps with a service)."""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
 from collections.abc import Callable
@@ -10,7 +12,11 @@ from dataclasses import dataclass, field
 
 from skyreg.auth.policy import PUSH, AccessPolicy
 from skyreg.meta.machines import (
+    HEALTH,
+    MAX_ROUTES,
     STATES,
+    AppRoutes,
+    HealthRefused,
     LogLine,
     Machine,
     MachineEvent,
@@ -19,14 +25,22 @@ from skyreg.meta.machines import (
 )
 from skyreg.meta.platform import App, PlatformMeta, TokenRecord
 from skyreg.services.access import sees_org, visible_app
-from skyreg.services.errors import Forbidden, Invalid, NotFound
-from skyreg.services.inputs import INT32_MAX, LogLines, MachineEventInput, StateReport
+from skyreg.services.errors import Conflict, Forbidden, Invalid, NotFound
+from skyreg.services.inputs import (
+    INT32_MAX,
+    HealthReport,
+    LogLines,
+    MachineEventInput,
+    StateReport,
+)
 from skyreg.services.releases import DEFAULT_REGION, REGION_RE, DeployLimits
 
 log = logging.getLogger("skyreg.services")
 
 MAX_LOG_LINES = 1000  # log lines one page of an app's logs holds
 MAX_EVENT = 1000  # characters of an event message kept
+MAX_HEALTH_MESSAGE = 1000  # characters of a health report's message
+MAX_ADDRESS = 64  # characters of a machine's address (machines.address)
 MAX_MACHINE_PAGE = 1000
 MACHINE_PAGE = 100  # default page of an app's machines (the agent's default page is the max)
 MACHINE_ID_RE = re.compile(r"^[0-9a-f]{1,64}\Z")
@@ -63,6 +77,25 @@ def _cursor(cursor: str | None) -> str | None:
 
 def _int32(value: int | None, minimum: int) -> bool:
     return value is None or minimum <= value <= INT32_MAX
+
+
+def check_address(address: str) -> str:
+    """A machine's reported address, as given: an IPv4 or IPv6 address (else Invalid)."""
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        raise Invalid("address must be an IPv4 or IPv6 address") from None
+    if len(address) > MAX_ADDRESS:
+        raise Invalid(f"address must be at most {MAX_ADDRESS} characters")
+    return address
+
+
+@dataclass(frozen=True)
+class Routes:
+    """What a proxy routes to: apps by name with their machines; `truncated`: some left out."""
+
+    apps: list[AppRoutes]
+    truncated: bool
 
 
 @dataclass
@@ -201,11 +234,50 @@ class MachineService:
             raise Invalid("state must be one of starting, started, stopped, failed")
         if not _int32(report.exit_code, -INT32_MAX - 1):
             raise Invalid(f"exit_code must be a whole number from {-INT32_MAX - 1} to {INT32_MAX}")
-        self.machines.report_state(machine.id, report.state, report.exit_code)
+        address = None if report.address is None else check_address(report.address)
+        self.machines.report_state(machine.id, report.state, report.exit_code, address)
         found = self.machines.get(machine.id)
         if found is None:  # deleted meanwhile as an idle record (create_for_release)
             raise NotFound("machine", machine.id)
         return found
+
+    async def report_health(
+        self, caller: TokenRecord, machine_id: str, body: Callable[[], HealthReport]
+    ) -> Machine:
+        """An agent's report of a machine's health checks (`passing` or `critical`); the
+        release follows. Conflict when the machine's release has no checks or it is neither
+        starting nor started."""
+        return await self.platform.run(self._report_health, caller, machine_id, body)
+
+    def _report_health(
+        self, caller: TokenRecord, machine_id: str, body: Callable[[], HealthReport]
+    ) -> Machine:
+        machine = self._agent_machine(caller, machine_id)
+        report = body()
+        if report.status not in HEALTH or report.status == "starting":
+            raise Invalid("status must be one of passing, critical")
+        if report.message is not None and len(report.message) > MAX_HEALTH_MESSAGE:
+            raise Invalid(f"message must be at most {MAX_HEALTH_MESSAGE} characters")
+        try:
+            changed = self.machines.report_health(machine.id, report.status, report.message)
+        except HealthRefused as e:
+            raise Conflict(str(e)) from None
+        found = self.machines.get(machine.id)
+        if changed is None or found is None:  # deleted meanwhile as an idle record
+            raise NotFound("machine", machine.id)
+        if changed:
+            log.info("machine %s: health %s", machine.id, report.status)
+        return found
+
+    async def routes(self, caller: TokenRecord, limit: int | None = None) -> Routes:
+        """The routes to the machines of apps with a service (an org-bound token: its org's
+        apps only), at most `limit` machines (default MAX_ROUTES, read at each call)."""
+        if caller.kind not in ("admin", "org", "agent", "proxy"):
+            raise Forbidden(f"a {caller.kind} token may not read the routes")
+        org = None if caller.kind == "admin" else caller.org_id  # agent, proxy: None is every org
+        limit = MAX_ROUTES if limit is None else limit
+        apps, truncated = await self.platform.read(self.machines.routes, org, limit)
+        return Routes(apps, truncated)
 
     async def add_event(
         self, caller: TokenRecord, machine_id: str, body: Callable[[], MachineEventInput]

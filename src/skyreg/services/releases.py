@@ -10,7 +10,7 @@ import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from skyreg.auth.policy import PULL, PUSH, AccessPolicy
 from skyreg.meta.machines import MachineMeta, TooManyMachines
@@ -23,6 +23,7 @@ from skyreg.oci.names import TAG_RE
 from skyreg.oci.reference import parse_reference
 from skyreg.services.access import visible_app
 from skyreg.services.errors import Forbidden, Invalid, LimitExceeded, NotFound
+from skyreg.services.inputs import ServiceSpec
 
 # `X as X`: re-exported for the modules that import them from here; defined in services/names.py,
 # where the CLI checks a skyreg.toml against them without loading SQLAlchemy.
@@ -71,6 +72,60 @@ def check_env(env: Mapping[str, str]) -> dict[str, str]:
     return dict(env)
 
 
+MAX_CHECKS = 10  # health checks of a service
+MAX_CHECK_PATH = 1024
+CHECK_TYPES = ("http", "tcp")
+CHECK_PATH_RE = re.compile(r"^/[\x21-\x7e]{0,1023}\Z")
+
+
+def _within(value: float, low: float, high: float) -> bool:
+    return low <= value <= high  # False for NaN too
+
+
+def check_service(service: ServiceSpec) -> dict[str, Any]:
+    """A service, checked (Invalid naming the field), with every default filled in: what is
+    stored and answered."""
+    port = service.internal_port
+    if not 1 <= port <= 65535:
+        raise Invalid("service.internal_port must be a whole number from 1 to 65535")
+    if len(service.checks) > MAX_CHECKS:
+        raise Invalid(f"service.checks holds at most {MAX_CHECKS} checks")
+    checks: list[dict[str, Any]] = []
+    for i, check in enumerate(service.checks):
+        at = f"service.checks[{i}]"
+        if check.type not in CHECK_TYPES:
+            raise Invalid(f"{at}.type must be one of {', '.join(CHECK_TYPES)}")
+        if check.port is not None and not 1 <= check.port <= 65535:
+            raise Invalid(f"{at}.port must be a whole number from 1 to 65535")
+        path = check.path
+        if check.type == "tcp" and path is not None:
+            raise Invalid(f"{at}.path is for http checks only")
+        if check.type == "http":
+            path = "/" if path is None else path
+            if not CHECK_PATH_RE.match(path):
+                raise Invalid(
+                    f"{at}.path must start with / and be at most {MAX_CHECK_PATH} printable "
+                    "ASCII characters without spaces"
+                )
+        if not _within(check.interval, 1, 3600):
+            raise Invalid(f"{at}.interval must be from 1 to 3600 seconds")
+        if not _within(check.timeout, 0.1, 60) or check.timeout > check.interval:
+            raise Invalid(f"{at}.timeout must be from 0.1 to 60 seconds and at most interval")
+        if not _within(check.grace_period, 0, 3600):
+            raise Invalid(f"{at}.grace_period must be from 0 to 3600 seconds")
+        checks.append(
+            {
+                "type": check.type,
+                "port": port if check.port is None else check.port,
+                "path": path,
+                "interval": float(check.interval),
+                "timeout": float(check.timeout),
+                "grace_period": float(check.grace_period),
+            }
+        )
+    return {"internal_port": port, "checks": checks}
+
+
 def count_invalid(limits: DeployLimits) -> str:
     """The refusal of a `count` that is not a whole number from 1 to `limits.per_region`."""
     return f"count must be a whole number from 1 to {limits.per_region}"
@@ -110,6 +165,7 @@ class DeployRequest:
     description: str | None = None
     reason: str = "deploy"  # "secrets": a change of the app's secrets rolls its machines
     env: Mapping[str, str] = field(default_factory=dict)  # plain variables of its machines
+    service: ServiceSpec | None = None  # None: the app's (else also set as the app's)
 
 
 @dataclass
@@ -167,6 +223,7 @@ class ReleaseService:
                 f"a release may name at most {limits.regions} regions", limits.regions
             )
         env = check_env(request.env)
+        service = None if request.service is None else check_service(request.service)
         count = request.count
         if count < 1:
             raise Invalid(count_invalid(limits))
@@ -233,6 +290,7 @@ class ReleaseService:
             user_id=token.id,
             user_name=token.name,
             env=env,
+            service=service,
         )
         if self.geo is not None:  # copies first: a region's machines then find the image at home
             queued = self.geo.enqueue_image(repository, digest, list(release.regions))

@@ -16,7 +16,7 @@ from skyreg.services.names import MAX_TOKEN_NAME, parse_expiry
 
 log = logging.getLogger("skyreg.services")
 
-CREATABLE_KINDS = ("org", "deploy", "readonly", "agent")
+CREATABLE_KINDS = ("org", "deploy", "readonly", "agent", "proxy")
 
 
 @dataclass
@@ -53,13 +53,16 @@ class TokenService:
         kind = request.kind
         if kind not in CREATABLE_KINDS:
             raise Invalid(
-                "kind must be one of org, deploy, readonly, agent (admin tokens are not created "
-                "via the API)"
+                "kind must be one of org, deploy, readonly, agent, proxy (admin tokens are not "
+                "created via the API)"
             )
         if kind == "agent" and caller.kind != "admin":
             # An agent token receives machines' secrets: an org token that could make one
             # could read back the values it may only set.
             raise Forbidden("only an admin token creates agent tokens")
+        if kind == "proxy" and caller.kind != "admin":
+            # A proxy routes to every app of its scope: the operator's, not a tenant's, to make.
+            raise Forbidden("only an admin token creates proxy tokens")
         name = request.name or ""
         if len(name) > MAX_TOKEN_NAME or not name.isprintable():
             raise Invalid(f"name must be printable text of at most {MAX_TOKEN_NAME} characters")
@@ -76,13 +79,13 @@ class TokenService:
             if request.org is not None and request.org != app.org_name:
                 raise Invalid(f"app {app.name!r} is not in organization {request.org!r}")
             org: Org = visible_org(platform, caller, app.org_name)
-        elif kind == "agent" and request.org is None:  # an agent of every org's machines
+        elif kind in ("agent", "proxy") and request.org is None:  # of every org's machines
             if request.app is not None:
-                raise Invalid("an agent token is not tied to an app; leave app out")
+                raise Invalid(f"a {kind} token is not tied to an app; leave app out")
             secret, record = self.auth.create_token(
                 kind, name=name, org_id=None, expires_in=expires_in
             )
-            log.info("agent token %s (every org) created by token %s", record.id, caller.id)
+            log.info("%s token %s (every org) created by token %s", kind, record.id, caller.id)
             return secret, record
         else:
             if request.app is not None:

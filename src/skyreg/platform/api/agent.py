@@ -1,12 +1,13 @@
-"""`/agent/machines...`: what region agents call (an admin token, or an org token for its
-org's machines)."""
+"""`/agent/machines...` and `/agent/routes`: what region agents and proxies call (an admin
+token, or an org or agent token for its org's machines)."""
 
 from __future__ import annotations
 
+from skyreg.meta.machines import MAX_ROUTES
 from skyreg.platform.api import models
 from skyreg.platform.api.base import Call, Param, Route
 from skyreg.platform.api.machines import CURSOR, limit_param, machine_fields, machine_model
-from skyreg.services.inputs import LogLines, MachineEventInput, StateReport
+from skyreg.services.inputs import HealthReport, LogLines, MachineEventInput, StateReport
 from skyreg.services.machines import MAX_MACHINE_PAGE
 from skyreg.services.releases import DEFAULT_REGION
 
@@ -23,6 +24,8 @@ async def agent_machines(call: Call) -> models.AgentMachineList:
             models.AgentMachine(
                 **machine_fields(m),  # type: ignore[arg-type]
                 image=models.ImageRef(repository=m.image_repository, digest=m.image_digest),
+                org=m.org_name,
+                service=models.service(m.service),
             )
             for m in page.machines
         ],
@@ -36,6 +39,39 @@ async def agent_state(call: Call) -> models.Machine:
         call.caller(), call.path("machine_id"), call.lazy_body(StateReport)
     )
     return machine_model(machine)
+
+
+async def agent_health(call: Call) -> models.Machine:
+    """An agent reports the outcome of a machine's health checks."""
+    machine = await call.services.machines.report_health(
+        call.caller(), call.path("machine_id"), call.lazy_body(HealthReport)
+    )
+    return machine_model(machine)
+
+
+async def agent_routes(call: Call) -> models.Routes:
+    """The machines a proxy sends each app's requests to."""
+    found = await call.services.machines.routes(call.caller())
+    return models.Routes(
+        apps=[
+            models.AppRoute(
+                app=a.app,
+                machines=[
+                    models.RouteMachine(
+                        id=m.id,
+                        region=m.region,
+                        address=m.address,
+                        port=m.port,
+                        healthy=m.healthy,
+                        draining=m.draining,
+                    )
+                    for m in a.machines
+                ],
+            )
+            for a in found.apps
+        ],
+        truncated=found.truncated,
+    )
 
 
 async def agent_event(call: Call) -> models.Recorded:
@@ -58,7 +94,7 @@ ROUTES = [
     Route(
         "GET", "/agent/machines", agent_machines, "agentMachines",
         "For region agents (admin or org token): the region's machines desired started, "
-        "oldest first, a page at a time, with their generation and image",
+        "oldest first, a page at a time, with their generation, image and service",
         models.AgentMachineList, errors=(400, 403),
         query=(Param("region", {"type": "string", "default": DEFAULT_REGION}),
                limit_param(MAX_MACHINE_PAGE), CURSOR),
@@ -69,6 +105,21 @@ ROUTES = [
         "An agent reports a machine's state; the release's status follows (complete when all "
         "its machines started, failed when one failed)", models.Machine, request=StateReport,
         errors=(400, 403, 404), response_description="The machine",
+    ),
+    Route(
+        "POST", "/agent/machines/{machine_id}/health", agent_health, "agentReportHealth",
+        "An agent reports a machine's health checks passing or critical; the release follows "
+        "(complete when all its machines started and pass, failed when one is critical)",
+        models.Machine, request=HealthReport, errors=(400, 403, 404, 409),
+        description="409 when the machine's release has no checks or the machine is neither "
+        "starting nor started.",
+        response_description="The machine",
+    ),
+    Route(
+        "GET", "/agent/routes", agent_routes, "agentRoutes",
+        "For proxies (admin, org or agent token; an org-bound token: its org's apps): the "
+        f"machines with an address of each app with a service, at most {MAX_ROUTES}",
+        models.Routes, errors=(403,), response_description="Routes",
     ),
     Route(
         "POST", "/agent/machines/{machine_id}/events", agent_event, "agentReportEvent",

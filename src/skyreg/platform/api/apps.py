@@ -22,6 +22,7 @@ def app_model(app: AppRecord, placement: tuple[list[str], bool] | None = None) -
         created_at=models.time(app.created_at),
         regions=regions,
         replicate_ahead=ahead,
+        service=models.service(app.service),
     )
 
 
@@ -47,7 +48,7 @@ async def get_app(call: Call) -> models.App:
 
 
 async def update_app(call: Call) -> models.App:
-    """Change an app's public flag or placement."""
+    """Change an app's public flag, placement or service."""
     caller = call.caller()
     body = call.lazy_body(UpdateApp)
     return _view(await call.services.apps.update_app(caller, call.path("app"), body))
@@ -73,6 +74,8 @@ ROUTES = [
     Route(
         "PATCH", "/apps/{app}", update_app, "updateApp",
         "Change an app (admin, or an org token of its organization)", models.App,
-        request=UpdateApp, errors=(400, 403, 404), response_description="The updated app",
+        request=UpdateApp, errors=(400, 403, 404),
+        description="`service` (null: none) takes effect with the app's next release.",
+        response_description="The updated app",
     ),
 ]  # fmt: skip

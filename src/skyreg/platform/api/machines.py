@@ -33,6 +33,8 @@ def machine_fields(machine: Machine) -> dict[str, object]:
         "exit_code": machine.exit_code,
         "created_at": models.time(machine.created_at),
         "updated_at": models.time(machine.updated_at),
+        "address": machine.address,
+        "health": machine.health,
     }
 
 
@@ -102,7 +104,7 @@ ROUTES = [
     Route(
         "GET", "/apps/{app}/machines", list_machines, "listMachines",
         "The app's machines, oldest first, a page at a time, with their region, release, "
-        "desired and reported state and latest events", models.MachineList,
+        "desired and reported state, address, health and latest events", models.MachineList,
         errors=(400, 404), query=(limit_param(MACHINE_PAGE), CURSOR),
         response_description="Machines",
     ),

@@ -80,6 +80,29 @@ class OrgList(Model):
     orgs: list[Org]
 
 
+class Check(Model):
+    """A health check, every field filled in."""
+
+    type: Annotated[str, msgspec.Meta(extra_json_schema={"enum": ["http", "tcp"]})]
+    port: Annotated[int, msgspec.Meta(extra_json_schema={"minimum": 1, "maximum": 65535})]
+    path: Annotated[str | None, msgspec.Meta(description="http checks (null: tcp)")]
+    interval: Annotated[float, msgspec.Meta(description="Seconds")]
+    timeout: Annotated[float, msgspec.Meta(description="Seconds")]
+    grace_period: Annotated[float, msgspec.Meta(description="Seconds")]
+
+
+class Service(Model):
+    """The port an app's machines serve on (where the proxy sends requests) and their checks."""
+
+    internal_port: Annotated[int, msgspec.Meta(extra_json_schema={"minimum": 1, "maximum": 65535})]
+    checks: list[Check]
+
+
+def service(stored: dict[str, object] | None) -> Service | None:
+    """A stored service (as `check_service` made it) as the API shows it."""
+    return None if stored is None else msgspec.convert(stored, Service)
+
+
 class App(Model):
     name: Name
     org: Name
@@ -91,6 +114,9 @@ class App(Model):
     replicate_ahead: Annotated[
         bool | UnsetType, msgspec.Meta(description="Multi-region registries only")
     ] = UNSET
+    service: Annotated[
+        Service | None, msgspec.Meta(description="Taken by the app's next release (null: none)")
+    ] = None
 
 
 class AppList(Model):
@@ -105,7 +131,9 @@ class Token(Model):
     kind: Annotated[
         str,
         msgspec.Meta(
-            extra_json_schema={"enum": ["admin", "org", "deploy", "readonly", "build", "agent"]}
+            extra_json_schema={
+                "enum": ["admin", "org", "deploy", "readonly", "build", "agent", "proxy"]
+            }
         ),
     ]
     org: str | None
@@ -225,6 +253,7 @@ class Release(Model):
     env: Annotated[
         dict[str, str], msgspec.Meta(description="Plain environment variables of its machines")
     ]
+    service: Annotated[Service | None, msgspec.Meta(description="Its machines' (null: none)")]
 
 
 class ReleaseList(Model):
@@ -237,7 +266,13 @@ class Machine(Model):
     app: str
     region: str
     release_version: int
-    desired: Annotated[str, msgspec.Meta(extra_json_schema={"enum": ["started", "stopped"]})]
+    desired: Annotated[
+        str,
+        msgspec.Meta(
+            description="waiting: a rolling deploy starts it once the machines before it are ready",
+            extra_json_schema={"enum": ["started", "stopped", "waiting"]},
+        ),
+    ]
     state: Annotated[
         str,
         msgspec.Meta(
@@ -253,6 +288,14 @@ class Machine(Model):
     ]
     created_at: Time
     updated_at: Time
+    address: Annotated[str | None, msgspec.Meta(description="Where its agent reaches it")]
+    health: Annotated[
+        str | None,
+        msgspec.Meta(
+            description="Its health checks' outcome (null: its release has none)",
+            extra_json_schema={"enum": ["starting", "passing", "critical", None]},
+        ),
+    ]
 
 
 class MachineEvent(Model):
@@ -280,12 +323,42 @@ class ImageRef(Model):
 
 class AgentMachine(Machine):
     image: ImageRef
+    org: Annotated[str, msgspec.Meta(description="The organization of its app")]
+    service: Annotated[Service | None, msgspec.Meta(description="Its release's (null: none)")]
 
 
 class AgentMachineList(Model):
     region: str
     machines: list[AgentMachine]
     next_cursor: NextCursor
+
+
+class RouteMachine(Model):
+    id: str
+    region: str
+    address: str
+    port: Annotated[int, msgspec.Meta(description="Its release's service.internal_port")]
+    healthy: Annotated[
+        bool, msgspec.Meta(description="Started, and passing its checks when it has some")
+    ]
+    draining: Annotated[
+        bool, msgspec.Meta(description="No longer desired started: send it no new requests")
+    ]
+
+
+class AppRoute(Model):
+    app: str
+    machines: Annotated[
+        list[RouteMachine],
+        msgspec.Meta(description="Empty: the app has a service but no machine to route to"),
+    ]
+
+
+class Routes(Model):
+    """What a proxy routes to: the apps with a service and their reachable machines."""
+
+    apps: list[AppRoute]
+    truncated: Annotated[bool, msgspec.Meta(description="Some machines or apps were left out")]
 
 
 class LogLine(Model):

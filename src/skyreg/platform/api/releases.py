@@ -31,6 +31,7 @@ def release_model(release: Release) -> models.Release:
         created_at=models.time(release.created_at),
         updated_at=models.time(release.updated_at),
         env=release.env,
+        service=models.service(release.service),
     )
 
 
@@ -56,6 +57,7 @@ async def create_release(call: Call) -> models.Release:
         count=body.count,
         description=body.description,
         env=body.env,
+        service=body.service,
     )
     return release_model(await call.services.releases.deploy(request))
 
