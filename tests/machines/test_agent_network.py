@@ -8,13 +8,8 @@ prefix and lives in a unique 10.x subnet; all of it is removed in the end, failu
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import random
-import shutil
 import socket
-import string
-import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,22 +26,11 @@ from skyreg.machines.network import HostNetwork
 from tests.support.agents import RunningAgent, machine_top
 from tests.support.images import Entry, build_app_image
 from tests.support.inprocess import InProcessRegistry
+from tests.support.netns import free_subnet, fresh_prefix, leftovers, network_problem
 from tests.support.platform import Tenancy
 from tests.support.waiting import wait_for
 
-
-def _probe() -> str | None:
-    if os.geteuid() != 0:
-        return "network namespaces need root"
-    for tool in ("bwrap", "ip", "iptables", "iptables-restore", "nsenter", "setpriv"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed"
-    if Path("/proc/sys/net/ipv4/ip_forward").read_text().strip() != "1":
-        return "net.ipv4.ip_forward is off"
-    return None
-
-
-_WHY = _probe()
+_WHY = network_problem()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(_WHY is not None, reason=_WHY or "")]
 
 APP = "web"
@@ -59,30 +43,6 @@ SCRIPT = (
     "then echo host reachable; else echo host unreachable; fi; "
     f"exec /bin/busybox httpd -f -p {PORT} -h /www"
 )
-
-
-def _free_subnet() -> IPv4Network:
-    out = subprocess.run(["ip", "-j", "-4", "route", "show", "table", "all"], capture_output=True)
-    routes = [
-        IPv4Network(r["dst"], strict=False)
-        for r in json.loads(out.stdout or b"[]")
-        if r.get("dst") and r["dst"] != "default"
-    ]
-    for _ in range(200):
-        net = IPv4Network(f"10.{random.randint(100, 250)}.{random.randint(0, 255)}.0/20", False)
-        if not any(net.overlaps(r) for r in routes):
-            return net
-    raise RuntimeError("no free 10.x range")
-
-
-def _leftovers(prefix: str) -> list[str]:
-    found = [f"netns {p.name}" for p in Path("/run/netns").glob(f"{prefix}-*")]
-    links = json.loads(subprocess.run(["ip", "-j", "link", "show"], capture_output=True).stdout)
-    found += [f"link {link['ifname']}" for link in links if link["ifname"].startswith(prefix)]
-    for table in ("filter", "nat"):
-        rules = subprocess.run(["iptables", "-t", table, "-S"], capture_output=True, text=True)
-        found += [f"{table}: {r}" for r in rules.stdout.splitlines() if f"-{prefix.upper()}" in r]
-    return found
 
 
 class HostListener:
@@ -144,8 +104,8 @@ class Platform:
 
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
-    prefix = "n" + "".join(random.choices(string.ascii_lowercase + string.digits, k=4))
-    subnet = _free_subnet()
+    prefix = fresh_prefix("n")
+    subnet = free_subnet(20)
     reg = InProcessRegistry(data_dir=tmp_path_factory.mktemp("netagent") / "data")
     listener = HostListener()
     with contextlib.ExitStack() as stack:
@@ -182,7 +142,7 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
         p.api("PATCH", f"/apps/{APP}", json={"service": _service("/healthz")})
         p.api("POST", f"/apps/{APP}/releases", json={"image": f"{APP}:v1", "env": env})
         yield p
-    assert _leftovers(prefix) == []
+    assert leftovers(prefix) == []
 
 
 def _service(path: str) -> dict[str, Any]:

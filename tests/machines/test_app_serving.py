@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import signal
-import string
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,13 +19,14 @@ import requests
 
 from skyreg.client.push import push_image
 from skyreg.machines.network import HostNetwork
-from tests.machines.test_network import _WHY, _free_net, _leftovers
 from tests.support.agents import RunningAgent, machine_top
 from tests.support.inprocess import InProcessRegistry
+from tests.support.netns import free_subnet, fresh_prefix, leftovers, network_problem
 from tests.support.platform import Tenancy, cli_env, run_skyreg
 from tests.support.serving import APP_PORT, Load, RunningProxy, probe_image, web_app_image
 from tests.support.waiting import wait_for
 
+_WHY = network_problem()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(_WHY is not None, reason=_WHY or "")]
 
 APP = "web"
@@ -90,8 +89,8 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    prefix = "ts" + "".join(random.choices(string.ascii_lowercase + string.digits, k=3))
-    subnet = _free_net(16, [])
+    prefix = fresh_prefix("ts")
+    subnet = free_subnet(16)
     reg = InProcessRegistry(data_dir=tmp_path_factory.mktemp("serving") / "data")
     network = HostNetwork(prefix, subnet)
     with contextlib.ExitStack() as stack:
@@ -148,7 +147,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 
 
 def _assert_clean(prefix: str) -> None:
-    assert _leftovers(prefix) == [], "the agent left network state behind"
+    assert leftovers(prefix) == [], "the agent left network state behind"
 
 
 def _machine_pids(machine_id: str) -> list[int]:

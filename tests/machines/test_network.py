@@ -11,10 +11,8 @@ import errno
 import ipaddress
 import json
 import os
-import random
 import shutil
 import socket
-import string
 import subprocess
 import sys
 import tempfile
@@ -28,70 +26,22 @@ import pytest
 from skyreg.machines.network import Attachment, HostNetwork, NetworkError, enter_command
 from skyreg.machines.runtime import ImageConfig, UserIds, start_machine
 from tests.support.images import BUSYBOX
+from tests.support.netns import free_subnet, fresh_prefix, host_routes, leftovers, network_problem
 
 PORT = 8080
 
 
-def _probe() -> str | None:
-    """Why these tests cannot run here, or None."""
-    if os.geteuid() != 0:
-        return "network namespaces need root"
-    for tool in ("ip", "iptables", "iptables-restore", "nsenter", "bwrap"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed"
-    if not BUSYBOX.exists():
-        return f"{BUSYBOX} is missing"
-    name = "tprobe" + "".join(random.choices(string.digits, k=6))
-    made = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
-    if made.returncode != 0:
-        return f"ip netns add fails: {made.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", name], capture_output=True, check=True)
-    return None
-
-
-_WHY = _probe()
+_WHY = network_problem()
 needs_netns = pytest.mark.skipif(_WHY is not None, reason=_WHY or "")
-
-
-def _routes() -> list[IPv4Network]:
-    out = subprocess.run(["ip", "-j", "-4", "route", "show", "table", "all"], capture_output=True)
-    nets = []
-    for r in json.loads(out.stdout or b"[]"):
-        dst = r.get("dst", "")
-        if dst and dst != "default":
-            nets.append(IPv4Network(dst, strict=False))
-    return nets
-
-
-def _free_net(prefixlen: int, taken: list[IPv4Network]) -> IPv4Network:
-    """A random 10.x.0.0/prefixlen (x in 100..250) that no host route or `taken` overlaps."""
-    routes = _routes() + taken
-    for _ in range(200):
-        base = f"10.{random.randint(100, 250)}.{random.randint(0, 255)}.0"
-        net = IPv4Network(f"{base}/{prefixlen}", strict=False)
-        if not any(net.overlaps(r) for r in routes):
-            taken.append(net)
-            return net
-    raise RuntimeError("no free 10.x range")
-
-
-def _leftovers(prefix: str) -> list[str]:
-    found = [f"netns {p.name}" for p in Path("/run/netns").glob(f"{prefix}*")]
-    links = json.loads(subprocess.run(["ip", "-j", "link", "show"], capture_output=True).stdout)
-    found += [f"link {link['ifname']}" for link in links if link["ifname"].startswith(prefix)]
-    for table in ("filter", "nat"):
-        rules = subprocess.run(["iptables", "-t", table, "-S"], capture_output=True, text=True)
-        found += [f"{table}: {r}" for r in rules.stdout.splitlines() if prefix.upper() in r]
-    return found
 
 
 class Host:
     """One test's world: its prefix, its HostNetwork(s), its processes, its extra cleanups."""
 
     def __init__(self) -> None:
-        self.prefix = "t" + "".join(random.choices(string.ascii_lowercase + string.digits, k=4))
+        self.prefix = fresh_prefix("t")
         self.taken: list[IPv4Network] = []
-        self.subnet = _free_net(16, self.taken)
+        self.subnet = free_subnet(16, self.taken)
         self.nets: list[HostNetwork] = []
         self.procs: list[subprocess.Popen[bytes]] = []
         self.cleanups: list[Callable[[], object]] = []
@@ -142,7 +92,7 @@ def host() -> Iterator[Host]:
         yield h
     finally:
         h.close()
-    assert _leftovers(h.prefix) == []
+    assert leftovers(h.prefix) == []
 
 
 def _get(address: IPv4Address, port: int = PORT) -> str | None:
@@ -301,7 +251,7 @@ def test_a_cap_on_machines(host: Host) -> None:
 
 @needs_netns
 def test_a_subnet_on_a_host_route_is_refused(host: Host) -> None:
-    private = [r for r in _routes() if r.is_private and 16 <= r.prefixlen <= 24]
+    private = [r for r in host_routes() if r.is_private and 16 <= r.prefixlen <= 24]
     if not private:
         pytest.skip("no private host route to collide with")
     net = HostNetwork(host.prefix, private[0])
@@ -354,6 +304,32 @@ def test_a_machine_reaches_no_service_on_its_host_and_the_host_reaches_it(host: 
     assert rules.stdout.count(f"-j {net.input_chain}") == 1
     assert _connect_from(att, att.gateway, PORT) == errno.errorcode[errno.EHOSTUNREACH]
     assert _get(att.address) == "hi m1"
+
+
+@needs_netns
+def test_a_machine_reaches_no_service_on_its_host_over_ipv6(host: Host) -> None:
+    net = host.network()
+    att = net.attach("m1", "orga")
+    bridge = net.bridge_name("orga")
+    # The link-local address the kernel would give the bridge (EUI-64 of its MAC): with IPv6 on,
+    # the host answered there on every socket bound to `::`, past the IPv4 rules.
+    [link] = json.loads(
+        subprocess.run(["ip", "-j", "link", "show", bridge], capture_output=True).stdout
+    )
+    octets = [int(x, 16) for x in link["address"].split(":")]
+    octets[0] ^= 0x02
+    eui = [*octets[:3], 0xFF, 0xFE, *octets[3:]]
+    local = "fe80::" + ":".join(f"{eui[i] << 8 | eui[i + 1]:x}" for i in range(0, 8, 2))
+    for ifname in (bridge, net.veth_name("m1")):
+        shown = subprocess.run(
+            ["ip", "-j", "-6", "addr", "show", "dev", ifname], capture_output=True
+        )
+        assert [a for x in json.loads(shown.stdout or b"[]") for a in x["addr_info"]] == [], ifname
+    assert "inet6" not in _in_netns(att, "ip", "-6", "addr", "show", "dev", "eth0")
+    with socket.create_server(("::", 0), family=socket.AF_INET6) as server:
+        port = server.getsockname()[1]
+        got = _connect_from(att, f"{local}%eth0", port)  # type: ignore[arg-type]
+        assert got != "ok", got
 
 
 def _rootfs(top: Path, marker: str) -> Path:
@@ -441,7 +417,7 @@ def test_outbound_through_the_host_is_masqueraded_when_nat_is_on(host: Host, nat
     att = net.attach("m1", "orga")
     # "Outside": a namespace of the test's own behind a veth pair, with no route back to the
     # machines' subnet; the internet is never touched.
-    link = _free_net(30, host.taken)
+    link = free_subnet(30, host.taken)
     here, there = list(link.hosts())
     outside, veth = f"{host.prefix}o", f"{host.prefix}o0"
     run = lambda *a: subprocess.run(list(a), check=True, capture_output=True)  # noqa: E731

@@ -113,3 +113,26 @@ def test_a_proxy_token_pulls_no_private_image(server: InProcessRegistry) -> None
     basic = requests.get(f"{server.url}/v2/{a.app}/manifests/v1", auth=("x", proxy), timeout=30)
     assert basic.status_code in (401, 403, 404), basic.text
     assert b'"layers"' not in basic.content
+
+
+def test_only_an_agent_or_admin_names_the_address_the_proxy_sends_requests_to(
+    server: InProcessRegistry,
+) -> None:
+    a = make_tenant(server)
+    service = {"service": {"internal_port": 5432}}
+    answer(api(server, "PATCH", f"/apps/{a.app}", a.tokens["org"], json=service), 200)
+    version = deploy(server, a)["version"]
+    listed = answer(api(server, "GET", f"/apps/{a.app}/machines", a.tokens["org"]), 200)
+    [machine] = [m for m in listed["machines"] if m["release_version"] == version]
+    path = f"/agent/machines/{machine['id']}/state"
+    # A tenant acting as its own agent would aim the proxy at the proxy's host, or elsewhere.
+    for address in ("127.0.0.1", "169.254.169.254", "10.0.0.9"):
+        body = {"state": "starting", "address": address}
+        refused(api(server, "POST", path, a.tokens["org"], json=body), 403, "forbidden")
+    answer(api(server, "POST", path, a.tokens["org"], json={"state": "starting"}), 200)
+    routes = answer(api(server, "GET", "/agent/routes", a.admin), 200)["apps"]
+    assert all(m["id"] != machine["id"] for r in routes for m in r["machines"]), routes
+    given = {"state": "starting", "address": "10.0.0.9"}
+    answer(api(server, "POST", path, a.tokens["agent"], json=given), 200)
+    routes = answer(api(server, "GET", "/agent/routes", a.admin), 200)["apps"]
+    assert any(m["address"] == "10.0.0.9" for r in routes for m in r["machines"]), routes

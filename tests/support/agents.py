@@ -51,13 +51,7 @@ class RunningAgent:
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL if the agent has not exited within 30 seconds."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
         self.proc = None
 
     def log(self, tail: int = 5000) -> str:
@@ -65,6 +59,17 @@ class RunningAgent:
         if not self.log_path.exists():
             return ""
         return self.log_path.read_text(errors="replace")[-tail:]
+
+
+def terminate(proc: subprocess.Popen[bytes] | None, timeout: float = 30) -> None:
+    """SIGTERM a process that still runs, then SIGKILL if it has not exited within `timeout`."""
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def machine_top(stack: contextlib.ExitStack, prefix: str) -> Path:

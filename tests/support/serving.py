@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import aiohttp
 
+from tests.support.agents import terminate
 from tests.support.images import Entry, TestImage, build_app_image
 from tests.support.waiting import free_port, wait_for
 
@@ -119,13 +119,7 @@ class RunningProxy:
         wait_for(listening, "skyreg proxy to listen")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
         self.proc = None
 
     def log(self) -> str:

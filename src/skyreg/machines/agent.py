@@ -147,6 +147,11 @@ class Agent:
         """
         if self.network is not None:
             await asyncio.to_thread(self.network.ensure)
+        else:
+            log.warning(
+                "machines share this host's network (no --network): they reach its services, "
+                "and the proxy reaches their ports at 127.0.0.1; not for tenants you do not trust"
+            )
         # Root's alone on the host; machines/ (and machines/<id>) are 0711 for the machines'
         # users, who reach them only through share_data_dir's view (see rootfs.py). An older
         # data dir is tightened here; its top levels suffice to make everything below private.

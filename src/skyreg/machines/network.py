@@ -119,6 +119,18 @@ def enter_command(
     return argv
 
 
+def _no_ipv6(ifname: str) -> None:
+    """Turn IPv6 off on a host end (bridge or veth), before it is up: the iptables rules are
+    IPv4's, and with IPv6 on, a machine would reach every service of the host listening on `::`
+    at the bridge's link-local address. Nothing to do on a host without IPv6."""
+    knob = Path("/proc/sys/net/ipv6/conf") / ifname / "disable_ipv6"
+    if knob.parent.parent.is_dir():
+        try:
+            knob.write_text("1\n")
+        except OSError as e:
+            raise NetworkError(f"cannot turn IPv6 off on {ifname}: {e}") from None
+
+
 def _run(*argv: str, stdin: str | None = None, check: bool = True) -> str:
     proc = subprocess.run(
         list(argv), input=stdin, capture_output=True, text=True, check=False, timeout=30
@@ -365,6 +377,7 @@ class HostNetwork:
         br = self.bridge_name(org)
         try:
             _run(IP, "link", "add", br, "type", "bridge")
+            _no_ipv6(br)
             _run(IP, "link", "set", "dev", br, "alias", org)
             _run(IP, "addr", "add", f"{block.network_address + 1}/{self.block_prefix}", "dev", br)
             _run(IP, "link", "set", "dev", br, "up")
@@ -380,9 +393,12 @@ class HostNetwork:
         ns, veth = self._netns_name(att.machine_id), self.veth_name(att.machine_id)
         _run(IP, "netns", "add", ns)
         _run(IP, "link", "add", veth, "type", "veth", "peer", "name", GUEST_IF, "netns", ns)
+        _no_ipv6(veth)
         _run(IP, "link", "set", "dev", veth, "master", self.bridge_name(att.org))
         _run(IP, "link", "set", "dev", veth, "up")
         inside = [IP, "-n", ns]
+        # No IPv6 address inside either: the rules above are IPv4's.
+        _run(*inside, "link", "set", "dev", GUEST_IF, "addrgenmode", "none")
         _run(*inside, "link", "set", "dev", "lo", "up")
         _run(*inside, "addr", "add", f"{att.address}/{self.block_prefix}", "dev", GUEST_IF)
         _run(*inside, "link", "set", "dev", GUEST_IF, "up")

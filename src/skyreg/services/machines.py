@@ -235,6 +235,10 @@ class MachineService:
         if not _int32(report.exit_code, -INT32_MAX - 1):
             raise Invalid(f"exit_code must be a whole number from {-INT32_MAX - 1} to {INT32_MAX}")
         address = None if report.address is None else check_address(report.address)
+        if address is not None and caller.kind not in ("admin", "agent"):
+            # The proxy sends the app's requests to this address: a tenant who could name it
+            # would aim the proxy at another org's machine or at the proxy's own host.
+            raise Forbidden("only an agent or admin token reports a machine's address")
         self.machines.report_state(machine.id, report.state, report.exit_code, address)
         found = self.machines.get(machine.id)
         if found is None:  # deleted meanwhile as an idle record (create_for_release)
