@@ -214,6 +214,7 @@ def test_rolling_under_load_fails_no_request_and_keeps_the_websocket_until_its_m
         _serving(world, new)
         time.sleep(1.0)
     failures = load.failures()
+    print(f"rolling: {len(load.answers)} requests, {len(failures)} failed, {load.ws_ticks} ticks")
     assert failures == [], failures[:10]
     assert len(load.answers) > 200 * 5, len(load.answers)  # it did run for the whole rollout
     assert set(load.machines(since=done + 1.0)) <= new
@@ -266,6 +267,8 @@ def test_a_killed_machine_costs_at_most_a_second_of_failed_requests(world: World
                 os.kill(pid, signal.SIGKILL)
         time.sleep(4.0)
     failures = load.failures(since=killed_at - 0.5)
+    span = failures[-1].at - failures[0].at if failures else 0.0
+    print(f"killed: {len(load.answers)} requests, {len(failures)} failed over {span:.3f}s")
     if failures:
         span = failures[-1].at - failures[0].at
         assert span <= 1.0, (span, failures[:5])
@@ -283,6 +286,7 @@ def test_a_release_whose_checks_never_pass_fails_and_the_old_machines_keep_servi
         release = world.deploy(f"{APP}:broken", count=len(before))
         assert world.settled(release["version"]) == "failed"
         time.sleep(1.0)
+    print(f"failing check: {len(load.answers)} requests, {len(load.failures())} failed")
     assert load.failures() == [], load.failures()[:10]
     assert set(load.machines()) <= before
     assert {m["id"] for m in world.live()} == before

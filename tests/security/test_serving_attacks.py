@@ -2,18 +2,20 @@
 proxy (issue 14). Each test is a reproduction of an attack that works today: it fails until the
 fix it names is made.
 
-- One app's machines, or one app's clients, hold every connection of the proxy's one client
+- One app's machines, or any client of any app, hold every connection of the proxy's one client
   pool (`ProxyServer`'s `TCPConnector(limit=max_connections)`, 1000 by default, no per-machine
   limit, no deadline on waiting for a connection): every other app on the proxy waits forever.
+- One app's machine sets cookies for every app under the proxy's domain.
+- Every request the proxy's parser refuses costs an ERROR with a traceback in its log.
 - A machine reaches the cloud's metadata address (169.254.169.254) through its host: FORWARD
-  accepts whatever leaves an org bridge, and the masquerade gives it the host's address.
-"""
+  accepts whatever leaves an org bridge, and the masquerade gives it the host's address."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import errno
+import logging
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
@@ -31,7 +33,7 @@ from tests.support.netns import free_subnet, fresh_prefix, host_routes, leftover
 
 pytestmark = pytest.mark.timeout(180)
 
-POOL = 1000  # ProxyServer's default max_connections, as `skyreg proxy` runs it
+POOL = 1000  # requests one tenant piles on its app: past the per-app bound, past the old pool
 
 
 def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -60,6 +62,7 @@ class Machine:
         app.router.add_get("/hang", self._hang)
         app.router.add_get("/ws", self._ws)
         app.router.add_post("/upload", self._upload)
+        app.router.add_get("/login", self._login)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0, backlog=4096)
@@ -72,7 +75,12 @@ class Machine:
             await self._runner.cleanup()
 
     async def _ok(self, request: web.Request) -> web.Response:
-        return web.Response(text=self.machine_id)
+        # Leaves no idle connection in the proxy's pool for a later request to take (a busy
+        # app uses its idle ones at once, a quiet app's expire after 15 s): each request of
+        # the victim's needs a connection of the pool.
+        response = web.Response(text=self.machine_id)
+        response.force_close()
+        return response
 
     async def _hang(self, request: web.Request) -> web.Response:
         # A tenant's machine that takes its time: each read of the proxy's is answered by
@@ -88,6 +96,13 @@ class Machine:
         async for _ in ws:
             pass
         return ws
+
+    async def _login(self, request: web.Request) -> web.Response:
+        # A tenant's page planting a session of its choosing in every app under the domain.
+        response = web.Response(text="welcome")
+        response.headers.add("Set-Cookie", "session=chosen-by-hog; Domain=localhost; Path=/")
+        response.headers.add("Set-Cookie", "csrf=x; Domain=.victim.localhost; Path=/")
+        return response
 
     async def _upload(self, request: web.Request) -> web.Response:
         self.uploads += 1
@@ -115,10 +130,27 @@ async def two_apps() -> AsyncIterator[tuple[Machine, Machine, str]]:
         await victim.stop()
 
 
-async def until(check: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+async def launch(hold: Callable[[], Coroutine[Any, Any, None]]) -> list[asyncio.Task[None]]:
+    """POOL tasks running `hold`, started 50 at a time (the proxy's listen backlog is 128: a
+    burst past it costs SYN retries of seconds)."""
+    held = []
+    for _ in range(0, POOL, 50):
+        held += [asyncio.create_task(hold()) for _ in range(50)]
+        await asyncio.sleep(0.05)
+    return held
+
+
+async def settle(count: Callable[[], int], target: int, what: str) -> None:
+    """Wait until `count()` reaches `target`, or stops growing for 3 s once above zero
+    (a proxy that bounds an app lets fewer through): the attack is then in place."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not check():
+    deadline = loop.time() + 60
+    last, since = -1, loop.time()
+    while (now := count()) < target:
+        if now != last:
+            last, since = now, loop.time()
+        elif now > 0 and loop.time() - since > 3.0:
+            return
         assert loop.time() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.05)
 
@@ -144,6 +176,7 @@ def test_one_apps_slow_machine_does_not_starve_every_other_app() -> None:
 
     async def main() -> None:
         async with two_apps() as (hog, _, url):
+            assert await victim_answers(url) == "200 victim-1"
             conn = aiohttp.TCPConnector(limit=0)
             async with aiohttp.ClientSession(connector=conn) as s:
 
@@ -152,8 +185,8 @@ def test_one_apps_slow_machine_does_not_starve_every_other_app() -> None:
                         async with s.get(url + "/hang", headers={"Host": "hog.localhost"}) as r:
                             await r.read()
 
-                held = [asyncio.create_task(hold()) for _ in range(POOL)]
-                await until(lambda: hog.hanging >= POOL, f"{POOL} requests at hog's machine")
+                held = await launch(hold)
+                await settle(lambda: hog.hanging, POOL, "requests at hog's machine")
                 try:
                     assert await victim_answers(url) == "200 victim-1"
                 finally:
@@ -172,18 +205,23 @@ def test_websockets_to_one_app_do_not_starve_every_other_app() -> None:
 
     async def main() -> None:
         async with two_apps() as (hog, _, url):
+            assert await victim_answers(url) == "200 victim-1"
             conn = aiohttp.TCPConnector(limit=0)
             async with aiohttp.ClientSession(connector=conn) as s:
-                opened = [
-                    s.ws_connect(url + "/ws", headers={"Host": "hog.localhost"})
-                    for _ in range(POOL)
-                ]
-                sockets = await asyncio.gather(*opened)
-                await until(lambda: hog.sockets >= POOL, f"{POOL} WebSockets at hog's machine")
+
+                async def hold() -> None:
+                    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                        async with s.ws_connect(url + "/ws", headers={"Host": "hog.localhost"}):
+                            await asyncio.Event().wait()
+
+                held = await launch(hold)
+                await settle(lambda: hog.sockets, POOL, "WebSockets at hog's machine")
                 try:
                     assert await victim_answers(url) == "200 victim-1"
                 finally:
-                    await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
+                    for t in held:
+                        t.cancel()
+                    await asyncio.gather(*held, return_exceptions=True)
 
     run(main)
 
@@ -197,6 +235,7 @@ def test_clients_trickling_request_bodies_do_not_starve_every_app() -> None:
 
     async def main() -> None:
         async with two_apps() as (hog, _, url):
+            assert await victim_answers(url) == "200 victim-1"
             port = int(url.rsplit(":", 1)[1])
             writers = []
             try:
@@ -208,13 +247,72 @@ def test_clients_trickling_request_bodies_do_not_starve_every_app() -> None:
                     )
                     writers.append(w)
                 await asyncio.gather(*(w.drain() for w in writers))
-                await until(lambda: hog.uploads >= POOL, f"{POOL} uploads at hog's machine")
+                await settle(lambda: hog.uploads, POOL, "uploads at hog's machine")
                 assert await victim_answers(url) == "200 victim-1"
             finally:
                 for w in writers:
                     w.close()
 
     run(main)
+
+
+def test_one_app_cannot_set_cookies_for_every_app_under_the_domain() -> None:
+    """Every app is `<app>.<domain>`, and `<domain>` is on no public suffix list: a cookie a
+    machine sets with `Domain=<domain>` is sent by browsers to every other app (session
+    fixation, CSRF-token tossing, cookie bombs that make another app answer 400 to its own
+    users), and `Domain=<other app>.<domain>` is refused by browsers but not by other clients.
+    The proxy relays Set-Cookie as the machine wrote it. Fix: the proxy drops a Set-Cookie
+    whose Domain attribute is not the request's own `<app>.<domain>` (or removes the
+    attribute, making it a host-only cookie), and the operator's guide asks for `<domain>` on
+    the public suffix list (as herokuapp.com and fly.dev are)."""
+
+    async def main() -> None:
+        async with two_apps() as (_, _v, url), aiohttp.ClientSession() as s:
+            async with s.get(url + "/login", headers={"Host": "hog.localhost"}) as r:
+                assert r.status == 200
+                cookies = r.headers.getall("Set-Cookie", [])
+            # A Domain naming the app's own host changes nothing; any other reaches further.
+            wide = [
+                c
+                for c in cookies
+                for attr in c.split(";")[1:]
+                if attr.strip().lower().startswith("domain=")
+                and attr.split("=", 1)[1].strip().lower().lstrip(".") != "hog.localhost"
+            ]
+            assert wide == [], wide
+
+    run(main)
+
+
+def test_malformed_requests_cost_no_traceback_each(caplog: pytest.LogCaptureFixture) -> None:
+    """The proxy faces the internet; aiohttp logs every request its parser refuses (a bad
+    request line, an obs-folded header, CL and TE together, two Hosts) at ERROR with a full
+    traceback, ~12 lines for a 60-byte request: anyone fills the proxy's log (and its disk, and
+    whoever is paged on errors). `skyreg serve` turns one such case into an INFO line
+    (`server/process.py` `_unreadable_bodies_in_one_line`); the proxy has no such filter.
+    Fix: a filter on `aiohttp.server` in `cli/proxy.py` (and `serve`) that logs a refused
+    request (`aiohttp.http_exceptions.HttpProcessingError`) as one INFO or DEBUG line."""
+    bad = [
+        b"GET @x/ HTTP/1.1\r\nHost: hog.localhost\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: hog.localhost\r\nX-A: a\r\n b\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: hog.localhost\r\nHost: victim.localhost\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: hog.localhost\r\nContent-Length: 1\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    ]
+
+    async def main() -> None:
+        async with two_apps() as (_, _v, url):
+            port = int(url.rsplit(":", 1)[1])
+            for request in bad:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(request)
+                assert (await reader.read(12)).startswith(b"HTTP/1.")
+                writer.close()
+
+    with caplog.at_level(logging.DEBUG, logger="aiohttp.server"):
+        run(main)
+    tracebacks = [r for r in caplog.records if r.exc_info and r.levelno >= logging.WARNING]
+    assert tracebacks == [], [r.getMessage() for r in tracebacks]
 
 
 # --------------------------------------------------------------------------- machine networks

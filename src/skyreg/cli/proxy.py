@@ -73,6 +73,12 @@ def proxy(
         float,
         typer.Option(help="On SIGTERM/SIGINT, seconds requests in flight have to finish."),
     ] = 10.0,
+    max_per_app: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Requests and WebSockets in flight to one app; more are answered 503."
+        ),
+    ] = 256,
 ) -> None:
     """Serve the apps' machines over HTTP at <app>.<domain>, following the server's routes."""
     token = service_token(token, token_file, "for the proxy")
@@ -103,7 +109,11 @@ def proxy(
         table = RoutingTable(ejection=eject)
         sync = RouteSync(table, server, token, region, poll=poll)
         proxy = ProxyServer(
-            table, domain, connect_timeout=connect_timeout, request_timeout=request_timeout
+            table,
+            domain,
+            connect_timeout=connect_timeout,
+            request_timeout=request_timeout,
+            max_per_app=max_per_app,
         )
         # Routes first, so that the first requests find the apps (a failure is retried below).
         await sync.poll_once()

@@ -19,7 +19,9 @@ one bridge never reach iptables unless `br_netfilter` is loaded (and then only I
 isolating orgs on a shared bridge would depend on a kernel module and on ebtables. With a
 bridge per org, machines of one org talk at layer 2 and anything between orgs has to be
 routed by the host, where the FORWARD chain sees it: `-i <prefix>b+ -o <prefix>b+` is
-rejected (icmp admin-prohibited: a connect fails at once with EHOSTUNREACH), after a per-org
+rejected (icmp admin-prohibited: a connect fails at once with EHOSTUNREACH), and so is
+anything towards 169.254.0.0/16 (a cloud's metadata service would answer with the host's
+credentials), after a per-org
 accept of `-i BR -o BR` for hosts that do load br_netfilter with a DROP policy. Each bridge
 drops packets whose source is not in its block (a machine has no CAP_NET_ADMIN to change its
 address, and this holds if it ever gets one). Machines reach the rest through the host
@@ -62,6 +64,7 @@ NSENTER = "nsenter"
 SETPRIV = "setpriv"
 NETNS_DIR = Path("/run/netns")
 GUEST_IF = "eth0"
+LINK_LOCAL = IPv4Network("169.254.0.0/16")
 _IFNAMSIZ = 15
 _HASH_CHARS = 9
 _PREFIX = re.compile(r"[a-z][a-z0-9]{0,4}")  # + "b"/"v" + 9 hex chars = 15 at most
@@ -270,6 +273,7 @@ class HostNetwork:
     def _sync_rules(self) -> None:
         """Write our chains whole, atomically, and hook them in once."""
         ours = f"{self.prefix}b+"
+        reject = "REJECT --reject-with icmp-admin-prohibited"
         lines = ["*filter", f":{self.chain} - [0:0]", f":{self.input_chain} - [0:0]"]
         for org, block in sorted(self._orgs.items()):
             br = self.bridge_name(org)
@@ -277,6 +281,9 @@ class HostNetwork:
             lines.append(f"-A {self.chain} -i {br} -o {br} -j ACCEPT")
         lines += [
             f"-A {self.chain} -i {ours} -o {ours} -j REJECT --reject-with icmp-admin-prohibited",
+            # Link-local: a cloud's metadata service (169.254.169.254) answers whoever asks
+            # from the host with the host's credentials.
+            f"-A {self.chain} -i {ours} -d {LINK_LOCAL} -j {reject}",
             f"-A {self.chain} -o {ours} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
             f"-A {self.chain} -o {ours} -j DROP",
             f"-A {self.chain} -i {ours} -j ACCEPT",

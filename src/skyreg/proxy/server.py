@@ -25,6 +25,7 @@ from typing import Final
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict, istr
 from yarl import URL
 
@@ -77,10 +78,39 @@ _WEBSOCKET_HANDSHAKE: Final = frozenset(
 _IDEMPOTENT: Final = frozenset(("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"))
 _DNS_LABEL: Final = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _CHUNK: Final = 64 * 1024
+_MAX_MESSAGE: Final = 1 << 20  # bytes of one relayed WebSocket message (each is held whole)
 
 
 class _BodyTooLarge(Exception):
     """The client sent more than `max_body` bytes."""
+
+
+class _BodyStalled(Exception):
+    """The client sent nothing of its announced body for `body_timeout` seconds."""
+
+
+def _refused_requests_in_one_line(record: logging.LogRecord) -> bool:
+    """aiohttp's server logs every request its parser refuses (a bad request line, obs-fold,
+    Content-Length with Transfer-Encoding, ...) at ERROR with a traceback: on an edge any
+    client could fill the log that way. One INFO line instead."""
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(exc, HttpProcessingError):
+        record.msg, record.args, record.exc_info, record.exc_text = (
+            "refused request: %s",
+            (str(exc).replace("\n", " ")[:200],),
+            None,
+            None,
+        )
+        record.levelno, record.levelname = logging.INFO, "INFO"
+    return True
+
+
+def _host_only(cookie: str) -> str:
+    """A Set-Cookie value without its Domain attributes: a host-only cookie of the app's own
+    name. An app must not set cookies for `<domain>`, which every other app shares."""
+    name_value, *attrs = cookie.split(";")
+    kept = [a for a in attrs if not a.strip().lower().startswith("domain")]
+    return ";".join([name_value, *kept])
 
 
 def app_from_host(host: str | None, domain: str) -> str | None:
@@ -141,14 +171,25 @@ def _close_code(code: int | None) -> int:
 class _ClientBody:
     """The client's request body, streamed once to whichever machine gets it."""
 
-    def __init__(self, request: web.BaseRequest, max_body: int | None) -> None:
+    def __init__(self, request: web.BaseRequest, max_body: int | None, timeout: float) -> None:
         self._request = request
         self._max_body = max_body
+        self._timeout = timeout
         self.sent = 0
         self.too_large = False
+        self.stalled = False
 
     async def chunks(self) -> AsyncGenerator[bytes, None]:
-        async for chunk in self._request.content.iter_chunked(_CHUNK):
+        while True:
+            try:
+                # Each wait is bounded: a client announcing a body and then sending nothing
+                # would otherwise hold a connection to a machine for as long as it likes.
+                chunk = await asyncio.wait_for(self._request.content.readany(), self._timeout)
+            except TimeoutError:
+                self.stalled = True
+                raise _BodyStalled from None
+            if not chunk:
+                return
             self.sent += len(chunk)
             if self._max_body is not None and self.sent > self._max_body:
                 self.too_large = True
@@ -165,9 +206,11 @@ class ProxyServer:
     (`RoutingTable.eject`): a killed machine costs the requests that raced to it, each at most
     `connect_timeout` late, rather than one failure per request until the health checks notice.
     `request_timeout` bounds the wait for a machine's response headers and then each wait for
-    more of its body. `max_body`, when set, refuses larger request bodies with 413.
-    `max_connections` bounds the kept-alive connections to all machines (one
-    `aiohttp.ClientSession`).
+    more of its body. `max_body`, when set, refuses larger request bodies with 413;
+    `body_timeout` bounds each wait for more of a client's body (408 when it passes).
+    `max_connections` bounds the connections to all machines (one `aiohttp.ClientSession`), and
+    `max_per_app` the requests and WebSockets in flight to one app (503 beyond it): one app's
+    slow machines or clients never take the connections every other app needs.
     """
 
     def __init__(
@@ -178,7 +221,9 @@ class ProxyServer:
         connect_timeout: float = 1.0,
         request_timeout: float = 60.0,
         max_body: int | None = None,
-        max_connections: int = 1000,
+        body_timeout: float = 30.0,
+        max_connections: int = 4096,
+        max_per_app: int = 256,
         idle_timeout: float = 75.0,
     ) -> None:
         self.table = table
@@ -187,7 +232,10 @@ class ProxyServer:
             total=None, sock_connect=connect_timeout, sock_read=request_timeout
         )
         self._max_body = max_body
+        self._body_timeout = body_timeout
         self._max_connections = max_connections
+        self._max_per_app = max_per_app
+        self._per_app: dict[str, int] = {}
         self._idle_timeout = idle_timeout
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
@@ -213,6 +261,7 @@ class ProxyServer:
             # Send what the client sent, not aiohttp's defaults.
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
         )
+        logging.getLogger("aiohttp.server").addFilter(_refused_requests_in_one_line)  # idempotent
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
         # The proxy waits for its own in-flight requests in stop(); what is left after the grace
@@ -246,6 +295,12 @@ class ProxyServer:
         app = app_from_host(hosts[0] if hosts else None, self.domain)
         if app is None or not self.table.knows(app):
             return _page(404, "Not Found", "No app is served at this address.")
+        busy = self._per_app.get(app, 0)
+        if busy >= self._max_per_app:
+            page = _page(503, "Service Unavailable", f"{app} has too many requests in flight.")
+            page.headers["Retry-After"] = "1"
+            return page
+        self._per_app[app] = busy + 1
         self._in_flight += 1
         self._idle.clear()
         try:
@@ -254,6 +309,11 @@ class ProxyServer:
             return await self._forward(request, app)
         finally:
             self._in_flight -= 1
+            left = self._per_app[app] - 1
+            if left:
+                self._per_app[app] = left
+            else:
+                del self._per_app[app]
             if self._in_flight == 0:
                 self._idle.set()
 
@@ -297,7 +357,7 @@ class ProxyServer:
         ):
             return _page(413, "Content Too Large", f"The body is over {self._max_body} bytes.")
         headers = self._upstream_headers(request)
-        body = _ClientBody(request, self._max_body)
+        body = _ClientBody(request, self._max_body, self._body_timeout)
         tried: set[str] = set()
         while True:
             backend = self._next_machine(app, tried)
@@ -307,11 +367,15 @@ class ProxyServer:
                 return await self._exchange(request, app, backend, headers, body)
             except _Retry:
                 continue
-            except (_BodyTooLarge, TimeoutError, aiohttp.ClientError) as exc:
+            except (_BodyTooLarge, _BodyStalled, TimeoutError, aiohttp.ClientError) as exc:
                 if body.too_large:
                     return _page(
                         413, "Content Too Large", f"The body is over {self._max_body} bytes."
                     )
+                if body.stalled:
+                    page = _page(408, "Request Timeout", "The request body stopped coming.")
+                    page.force_close()
+                    return page
                 _log.warning("%s: machine %s failed: %r", app, backend.machine_id, exc)
                 if isinstance(exc, TimeoutError):
                     return _page(504, "Gateway Timeout", f"The machine of {app} did not answer.")
@@ -345,6 +409,8 @@ class ProxyServer:
             await _discard(chunks)
             if body.too_large:
                 raise _BodyTooLarge from exc
+            if body.stalled:
+                raise _BodyStalled from exc
             if body.sent == 0:
                 raise _Retry from exc
             raise
@@ -353,12 +419,18 @@ class ProxyServer:
             await _discard(chunks)
             if body.too_large:
                 raise _BodyTooLarge from exc
+            if body.stalled:
+                raise _BodyStalled from exc
             if request.method in _IDEMPOTENT and body.sent == 0:
                 raise _Retry from exc
             raise
         async with upstream:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-            response.headers.extend(_end_to_end(upstream.headers))
+            headers = _end_to_end(upstream.headers)
+            cookies = headers.popall("Set-Cookie", [])
+            response.headers.extend(headers)
+            for cookie in cookies:
+                response.headers.add("Set-Cookie", _host_only(cookie))
             response.headers.popall(MACHINE_HEADER, None)
             response.headers[MACHINE_HEADER] = backend.machine_id
             if self._stopping:
@@ -400,6 +472,7 @@ class ProxyServer:
                         headers=headers,
                         protocols=protocols,
                         autoclose=False,
+                        max_msg_size=_MAX_MESSAGE,
                     )
                 except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                     self._connect_failed(app, backend, exc)
@@ -412,6 +485,7 @@ class ProxyServer:
                     client = web.WebSocketResponse(
                         protocols=(upstream.protocol,) if upstream.protocol else (),
                         autoclose=False,
+                        max_msg_size=_MAX_MESSAGE,
                     )
                     client.headers[MACHINE_HEADER] = backend.machine_id
                     await client.prepare(request)
