@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from skyreg.proxy.routes import RouteSync
+from skyreg.proxy.routes import RouteSync, prefer_region
 from skyreg.proxy.table import Backend, RoutingTable
 
 pytestmark = pytest.mark.timeout(180)
@@ -160,6 +160,27 @@ def test_the_table_follows_the_routes_apps_and_all() -> None:
             assert table.apps() == set()
 
     run(main)
+
+
+def test_without_its_own_region_the_proxy_takes_the_nearest_serving_region() -> None:
+    def backend(mid: str, region: str = "ams", **kw: bool) -> Backend:
+        return Backend(mid, "10.0.0.2", 8080, region, **kw)
+
+    rtt = {"fra": 15.0, "iad": 90.0, "syd": 280.0}
+    web = [
+        backend("ams-1", healthy=False),
+        backend("syd-1", "syd"),
+        backend("fra-1", "fra", healthy=False),
+        backend("iad-1", "iad"),
+        backend("iad-2", "iad", draining=True),
+    ]
+    # fra is nearest but has no machine serving: iad's, draining one included (it is counted).
+    assert ids(tuple(prefer_region(web, "ams", rtt.__getitem__))) == ["iad-1", "iad-2"]
+    assert ids(tuple(prefer_region(web, "ams", None))) == ids(tuple(web))  # no distances: all
+    web[2] = backend("fra-1", "fra")
+    assert ids(tuple(prefer_region(web, "ams", rtt.__getitem__))) == ["fra-1"]
+    web[0] = backend("ams-1")
+    assert ids(tuple(prefer_region(web, "ams", rtt.__getitem__))) == ["ams-1"]
 
 
 def test_own_region_first_then_the_other_regions() -> None:

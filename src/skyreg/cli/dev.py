@@ -160,7 +160,8 @@ class DevPlatform:
         self._spawn(
             "proxy",
             ["proxy", "--server", first.url, "--region", first.code,
-             "--listen", f"{_url_host(self.host)}:{self.proxy_port}"],
+             "--listen", f"{_url_host(self.host)}:{self.proxy_port}",
+             *(["--regions-file", str(self.data_dir / "regions.json")] if self.multi else [])],
             env={"SKYREG_TOKEN": str(routes["secret"])},
         )  # fmt: skip
         if self.builder_problem is None:  # one builder, in the first region

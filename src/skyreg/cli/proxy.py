@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
+from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -73,6 +75,13 @@ def proxy(
         float,
         typer.Option(help="On SIGTERM/SIGINT, seconds requests in flight have to finish."),
     ] = 10.0,
+    regions_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="The regions file (as `skyreg serve` reads it): with no machine of an app "
+            "serving in this region, the nearest region's serve (else any region's)."
+        ),
+    ] = None,
     max_per_app: Annotated[
         int,
         typer.Option(
@@ -107,7 +116,16 @@ def proxy(
         from skyreg.proxy.table import RoutingTable
 
         table = RoutingTable(ejection=eject)
-        sync = RouteSync(table, server, token, region, poll=poll)
+        distance = None
+        if regions_file is not None:
+            from skyreg.geo.regions import RegionConfigError, RegionMap
+
+            try:
+                regions = RegionMap(regions_file, region)
+            except RegionConfigError as e:
+                fail(f"--regions-file: {e}")
+            distance = partial(regions.rtt, region)
+        sync = RouteSync(table, server, token, region, poll=poll, distance=distance)
         proxy = ProxyServer(
             table,
             domain,

@@ -20,7 +20,7 @@ import contextlib
 import ipaddress
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 import aiohttp
@@ -94,13 +94,29 @@ def _backend(app: str, m: Any) -> Backend:
     return Backend(machine_id, host, port, region, healthy=healthy, draining=draining)
 
 
-def prefer_region(backends: list[Backend], region: str | None) -> list[Backend]:
-    """The backends a proxy in `region` routes to (None: no preference, all of them)."""
+def prefer_region(
+    backends: list[Backend],
+    region: str | None,
+    distance: Callable[[str], float] | None = None,
+) -> list[Backend]:
+    """The backends a proxy in `region` routes to (None: no preference, all of them): its own
+    region's while one of them serves; else, with `distance` (a region's round trip from this
+    one), the nearest region's that has one serving; else every region's."""
     if region is None:
         return backends
+
+    def serving(found: list[Backend]) -> bool:
+        return any(b.healthy and not b.draining for b in found)
+
     own = [b for b in backends if b.region == region]
-    if any(b.healthy and not b.draining for b in own):
+    if serving(own):
         return own
+    if distance is not None:
+        others = sorted({b.region for b in backends} - {region}, key=lambda r: (distance(r), r))
+        for other in others:
+            theirs = [b for b in backends if b.region == other]
+            if serving(theirs):
+                return theirs
     return backends
 
 
@@ -117,8 +133,10 @@ class RouteSync:
         poll: float = 1.0,
         timeout: float = 10.0,
         max_bytes: int = MAX_ANSWER,
+        distance: Callable[[str], float] | None = None,
     ) -> None:
         self.table = table
+        self.distance = distance  # a region's round trip from this one (None: all alike)
         self.server = server.rstrip("/")
         self.region = region
         self.poll = poll
@@ -162,7 +180,7 @@ class RouteSync:
         """Make the table hold `apps` (each with this proxy's region preference). A truncated
         list removes no app: those past the cut may well still exist."""
         for name, backends in apps.items():
-            self.table.replace(name, prefer_region(backends, self.region))
+            self.table.replace(name, prefer_region(backends, self.region, self.distance))
         if truncated:
             _log.warning("the server truncated its routes: apps it did not list are kept")
             return
