@@ -2,17 +2,18 @@
 """`skyreg proxy` against Debian's nginx as a reverse proxy, and against no proxy at all.
 
 Starts N backend HTTP servers on 127.0.0.1 (one child process, raw asyncio, each answering every
-request with the same small body), a routes server (`GET /api/v1/agent/routes`, issue 14's
-contract) naming them as the machines of app `web`, a real `skyreg proxy` process fed by it, and
-`/usr/sbin/nginx` (one worker, non-daemon, its own prefix in a temp dir, an `upstream` of the
-same backends, `least_conn`, keep-alive to the backends, access log off) on a free port. Then, in
-rounds that alternate the targets, a fixed-concurrency aiohttp client (`--connections` kept-alive
-connections, each sending GETs one after another for `--seconds`) measures requests/s and p50/p99
-latency: straight to one backend, through skyreg proxy, through nginx. Every answer must be 200
-with the backend's body. Prints a markdown table of the medians over the rounds and the ratios.
+request with the same small body), a routes server (the server's `GET /api/v1/agent/routes`)
+naming them as the machines of app `web`, a real `skyreg proxy` process fed by it, and
+`/usr/sbin/nginx` (`--workers` processes each, default one; non-daemon, its own prefix in a temp
+dir, an `upstream` of the same backends, `least_conn`, keep-alive to the backends, access log
+off) on a free port. Then, in rounds that alternate the targets, a fixed-concurrency aiohttp
+client (`--connections` kept-alive connections, each sending GETs one after another for
+`--seconds`) measures requests/s and p50/p99 latency: straight to one backend, through skyreg
+proxy, through nginx. Every answer must be 200 with the backend's body. Prints a markdown table
+of the medians over the rounds and the ratios.
 
     .venv/bin/python bench/proxy_bench.py [--backends 4] [--seconds 10] [--connections 32]
-        [--rounds 3] [--nginx /usr/sbin/nginx] [--client aiohttp|wrk]
+        [--rounds 3] [--nginx /usr/sbin/nginx] [--client aiohttp|wrk] [--workers 1]
 
 The aiohttp client is one Python process and can be the bottleneck itself (nginx then measures
 about what "direct" does); `--client wrk` drives the same connections from wrk instead.
@@ -141,13 +142,14 @@ def stop_process(proc: subprocess.Popen[bytes], name: str) -> None:
 
 
 @contextlib.asynccontextmanager
-async def skyreg_proxy(routes_url: str, workdir: Path) -> AsyncIterator[str]:
+async def skyreg_proxy(routes_url: str, workdir: Path, workers: int) -> AsyncIterator[str]:
     """A real `skyreg proxy` process following `routes_url` (served on this event loop: it must
     keep running while the proxy starts); yields its URL."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SKYREG_")}
     env.update(SKYREG_TOKEN=TOKEN, PYTHONPATH=str(REPO / "src"))
     argv = [sys.executable, "-m", "skyreg", "proxy", "--server", routes_url,
-            "--listen", "127.0.0.1:0", "--region", "local", "--poll", "1"]  # fmt: skip
+            "--listen", "127.0.0.1:0", "--region", "local", "--poll", "1",
+            "--workers", str(workers)]  # fmt: skip
     with (workdir / "skyreg-proxy.log").open("wb") as err:
         proc = subprocess.Popen(
             argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
@@ -167,7 +169,7 @@ async def skyreg_proxy(routes_url: str, workdir: Path) -> AsyncIterator[str]:
 
 NGINX_CONF = """\
 daemon off;
-worker_processes 1;
+worker_processes {workers};
 pid {dir}/nginx.pid;
 error_log {dir}/error.log warn;
 events {{ worker_connections 4096; }}
@@ -201,14 +203,14 @@ http {{
 
 
 @contextlib.contextmanager
-def nginx(binary: str, ports: list[int], workdir: Path) -> Iterator[str]:
-    """nginx (one worker, no daemon) proxying to `ports`; yields its URL."""
+def nginx(binary: str, ports: list[int], workdir: Path, workers: int) -> Iterator[str]:
+    """nginx (`workers` worker processes, no daemon) proxying to `ports`; yields its URL."""
     prefix = workdir / "nginx"
     prefix.mkdir()
     port = free_port()
     servers = "\n".join(f"        server 127.0.0.1:{p};" for p in ports)
     conf = prefix / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(dir=prefix, servers=servers, port=port))
+    conf.write_text(NGINX_CONF.format(dir=prefix, servers=servers, port=port, workers=workers))
     argv = [binary, "-p", str(prefix), "-e", str(prefix / "error.log"), "-c", str(conf)]
     proc = subprocess.Popen(
         argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -306,9 +308,9 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, list[Figur
         log(f"backends on ports {ports}")
         async with (
             routes_server(ports) as routes_url,
-            skyreg_proxy(routes_url, workdir) as skyreg_url,
+            skyreg_proxy(routes_url, workdir, args.workers) as skyreg_url,
         ):
-            with nginx(args.nginx, ports, workdir) as nginx_url:
+            with nginx(args.nginx, ports, workdir, args.workers) as nginx_url:
                 targets = {
                     "direct (one backend)": f"http://127.0.0.1:{ports[0]}",
                     "skyreg proxy": skyreg_url,
@@ -341,6 +343,9 @@ def main() -> None:
     parser.add_argument("--nginx", default="/usr/sbin/nginx", help="the nginx binary")
     parser.add_argument(
         "--client", choices=("aiohttp", "wrk"), default="aiohttp", help="the load generator"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="processes of each proxy (skyreg and nginx alike)"
     )
     parser.add_argument("--serve-backends", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from skyreg.proxy.routes import RouteSync, prefer_region
 from skyreg.proxy.table import Backend, RoutingTable
+from tests.support.waiting import children
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -312,7 +313,8 @@ async def backend_server() -> tuple[web.AppRunner, int]:
     return runner, runner.addresses[0][1]
 
 
-def test_skyreg_proxy_serves_an_app_from_the_routes_and_stops_on_sigterm() -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_skyreg_proxy_serves_an_app_from_the_routes_and_stops_on_sigterm(workers: int) -> None:
     async def main() -> None:
         runner, port = await backend_server()
         async with routes_server() as server:
@@ -323,7 +325,7 @@ def test_skyreg_proxy_serves_an_app_from_the_routes_and_stops_on_sigterm() -> No
             env["SKYREG_TOKEN"] = TOKEN
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "skyreg", "proxy", "--server", server.url,
-                "--listen", "127.0.0.1:0", "--poll", "0.2",
+                "--listen", "127.0.0.1:0", "--poll", "0.2", "--workers", str(workers),
                 env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             )  # fmt: skip
             try:
@@ -341,8 +343,11 @@ def test_skyreg_proxy_serves_an_app_from_the_routes_and_stops_on_sigterm() -> No
                     # The routes change: the proxy follows within a poll or two.
                     server.answer = routes({})
                     await until_async(s, url, "web", 404)
+                forked = children(proc.pid)
+                assert len(forked) == (workers if workers > 1 else 0), forked
                 proc.send_signal(signal.SIGTERM)
                 assert await asyncio.wait_for(proc.wait(), DEADLINE) == 0
+                assert not [pid for pid in forked if os.path.exists(f"/proc/{pid}")]
             finally:
                 if proc.returncode is None:
                     proc.kill()

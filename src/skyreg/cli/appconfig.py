@@ -49,7 +49,7 @@ MAX_FILE = 256 << 10  # bytes of a skyreg.toml
 MAX_ENV = 200
 MAX_ENV_VALUE = 32 << 10  # characters of one env value
 MAX_STRING = 4096  # characters of any other string value (a path, an image reference)
-# A service's checks, as the API takes them (contract of issue 14).
+# A service's checks, as the API takes them (`services/releases.py` check_service).
 MAX_CHECKS = 10  # [checks.NAME] and [[http_service.checks]] together
 MAX_CHECK_PATH = 1024
 CHECK_PATH_RE = re.compile(r"/[\x21-\x7e]*\Z")  # printable ASCII: no space, CR or LF

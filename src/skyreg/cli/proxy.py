@@ -21,6 +21,7 @@ from skyreg.cli.client import (
 
 if TYPE_CHECKING:
     import asyncio
+    import socket
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -88,6 +89,15 @@ def proxy(
             min=1, help="Requests and WebSockets in flight to one app; more are answered 503."
         ),
     ] = 256,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=64,
+            help="Processes sharing the listening socket, each following the routes on its own "
+            "(one core each).",
+        ),
+    ] = 1,
 ) -> None:
     """Serve the apps' machines over HTTP at <app>.<domain>, following the server's routes."""
     token = service_token(token, token_file, "for the proxy")
@@ -107,8 +117,24 @@ def proxy(
         raise typer.BadParameter("a domain name", param_hint="--domain")
     server = normalize_server(server)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    distance = None
+    if regions_file is not None:
+        from skyreg.geo.regions import RegionConfigError, RegionMap
 
-    async def service(stop: asyncio.Event) -> None:
+        try:
+            regions = RegionMap(regions_file, region)
+        except RegionConfigError as e:
+            fail(f"--regions-file: {e}")
+        distance = partial(regions.rtt, region)
+    shown = f"[{host}]" if ":" in host else host
+
+    def listening(bound: int) -> None:
+        typer.echo(
+            f"skyreg proxy listening on http://{shown}:{bound} for *.{domain} "
+            f"(routes from {server}, region {region}, {workers} worker(s))"
+        )
+
+    async def service(stop: asyncio.Event, sock: socket.socket | None = None) -> None:
         import asyncio
 
         from skyreg.proxy.routes import RouteSync
@@ -116,15 +142,6 @@ def proxy(
         from skyreg.proxy.table import RoutingTable
 
         table = RoutingTable(ejection=eject)
-        distance = None
-        if regions_file is not None:
-            from skyreg.geo.regions import RegionConfigError, RegionMap
-
-            try:
-                regions = RegionMap(regions_file, region)
-            except RegionConfigError as e:
-                fail(f"--regions-file: {e}")
-            distance = partial(regions.rtt, region)
         sync = RouteSync(table, server, token, region, poll=poll, distance=distance)
         proxy = ProxyServer(
             table,
@@ -136,15 +153,12 @@ def proxy(
         # Routes first, so that the first requests find the apps (a failure is retried below).
         await sync.poll_once()
         try:
-            bound = await proxy.start(host, port)
+            bound = await proxy.start(host, port, sock=sock)
         except OSError as e:
             await sync.close()
             fail(f"cannot listen on {listen}: {e}")
-        shown = f"[{host}]" if ":" in host else host
-        typer.echo(
-            f"skyreg proxy listening on http://{shown}:{bound} for *.{domain} "
-            f"(routes from {server}, region {region})"
-        )
+        if sock is None:
+            listening(bound)
         polling = asyncio.create_task(sync.run(stop))
         try:
             await stop.wait()
@@ -152,7 +166,21 @@ def proxy(
             await proxy.stop(grace)
             await polling
 
-    run_until_signalled(service)
+    if workers == 1:
+        run_until_signalled(service)
+        return
+    # The master binds; each forked worker serves on that socket with its own routes.
+    import socket as sockets
+
+    from skyreg.server.supervisor import supervise
+
+    try:
+        sock = sockets.create_server((host, port))
+    except OSError as e:
+        fail(f"cannot listen on {listen}: {e}")
+    listening(int(sock.getsockname()[1]))
+    if not supervise(workers, lambda: run_until_signalled(partial(service, sock=sock))):
+        raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:

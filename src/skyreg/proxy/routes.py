@@ -3,14 +3,15 @@
 Every `poll` seconds `RouteSync` asks the server which machines serve each app and replaces each
 app's backends in the table; apps the server no longer lists are removed (the proxy answers 404
 for them). The answer is checked whole before anything changes: one that is not the routes
-document (issue 14's contract), or larger than `max_bytes`, is refused and the table stays as
-it was, as it does when the server cannot be reached. The proxy keeps serving from its last
-table meanwhile; a failed poll is logged, never fatal.
+document (the shape `GET /api/v1/agent/routes` answers), or larger than `max_bytes`, is refused
+and the table stays as it was, as it does when the server cannot be reached. The proxy keeps
+serving from its last table meanwhile; a failed poll is logged, never fatal.
 
 Region preference: a proxy serves its own region's machines of an app while at least one of
 them is healthy and not draining (its draining machines stay in the table, so their requests in
-flight are still counted); when none is, it falls back to every machine of the app, which leaves
-the other regions' healthy ones for `pick`.
+flight are still counted); when none is, the nearest region's that has one (given the round
+trips, `distance`), else every machine of the app, which leaves the other regions' healthy ones
+for `pick`.
 """
 
 from __future__ import annotations

@@ -250,8 +250,9 @@ class ProxyServer:
         """Requests (and WebSocket sessions) the proxy is relaying now."""
         return self._in_flight
 
-    async def start(self, host: str, port: int) -> int:
-        """Listen on `host`:`port` (0 for any free port); returns the bound port."""
+    async def start(self, host: str, port: int, *, sock: socket.socket | None = None) -> int:
+        """Listen on `host`:`port` (0 for any free port), or on `sock` when given (a listening
+        socket a master process bound for its workers); returns the bound port."""
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=self._max_connections),
             timeout=self._timeout,
@@ -270,7 +271,8 @@ class ProxyServer:
             app, access_log=None, keepalive_timeout=self._idle_timeout, shutdown_timeout=0.5
         )
         await self._runner.setup()
-        sock = socket.create_server((host, port))
+        if sock is None:
+            sock = socket.create_server((host, port))
         self._site = web.SockSite(self._runner, sock)
         await self._site.start()
         return int(sock.getsockname()[1])

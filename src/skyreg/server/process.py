@@ -4,8 +4,6 @@ the database, stores, auth, geo, services and background workers it serves with.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
 import functools
 import logging
 import os
@@ -13,9 +11,8 @@ import resource
 import signal
 import socket
 import sys
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
@@ -42,14 +39,13 @@ from skyreg.registry.quotas import QuotaGate
 from skyreg.registry.space import SpaceGuard, Watermark
 from skyreg.server.app import create_app, metrics_app
 from skyreg.server.config import ServeConfig, parse_storage
+from skyreg.server.supervisor import supervise
 from skyreg.services.releases import ReleaseService
 from skyreg.store.base import BlobStore
 from skyreg.store.filesystem import FilesystemBlobStore
 from skyreg.workers import Workers
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
-
     from skyreg.geo.node import GeoNode
 
 log = logging.getLogger("skyreg.server")
@@ -445,137 +441,5 @@ def serve(cfg: ServeConfig) -> None:
     if cfg.workers <= 1:
         asyncio.run(run_worker(cfg, sock, metrics_sock))
         return
-    if not _supervise(cfg, sock, metrics_sock):
+    if not supervise(cfg.workers, lambda: asyncio.run(run_worker(cfg, sock, metrics_sock))):
         raise SystemExit(1)
-
-
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-_FIRST_BACKOFF = 1.0  # seconds before replacing a worker that died soon after its start
-_MAX_BACKOFF = 30.0
-_STABLE_AFTER = 60.0  # a worker that lived this long resets the back-off
-
-
-def _die_with(master: int) -> None:
-    """Make the kernel send this worker SIGTERM when `master` dies, so no worker outlives it
-    holding the port; exit now if the master died before that was in place."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
-            log.warning("prctl(PR_SET_PDEATHSIG): %s", os.strerror(ctypes.get_errno()))
-    except (OSError, AttributeError) as e:  # not Linux
-        log.warning("workers cannot follow their master's death: %s", e)
-    if os.getppid() != master:
-        os._exit(0)
-
-
-def _worker_process(
-    cfg: ServeConfig,
-    sock: socket.socket,
-    metrics_sock: socket.socket | None,
-    master: int,
-    mask: Iterable[int],
-) -> NoReturn:
-    """A forked worker: serve until SIGTERM/SIGINT or the master's death, then exit."""
-    code = 1
-    try:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        _die_with(master)
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # the master's blocks signals
-        asyncio.run(run_worker(cfg, sock, metrics_sock))
-        code = 0
-    except BaseException:
-        log.exception("worker failed")
-    finally:
-        os._exit(code)
-
-
-def _describe(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        signum = os.WTERMSIG(status)
-        try:
-            return f"killed by signal {signal.Signals(signum).name}"
-        except ValueError:
-            return f"killed by signal {signum}"
-    return f"exited with status {os.waitstatus_to_exitcode(status)}"
-
-
-def _supervise(cfg: ServeConfig, sock: socket.socket, metrics_sock: socket.socket | None) -> bool:
-    """Run `cfg.workers` worker processes until SIGTERM/SIGINT; a worker that dies is logged
-    and replaced (after a back-off while they keep dying). Returns whether every worker
-    stopped cleanly when told to.
-
-    The master blocks SIGCHLD, SIGTERM and SIGINT and takes them with sigtimedwait, so no
-    signal can arrive between checking for work and waiting for it.
-    """
-    master = os.getpid()
-    watched = {signal.SIGCHLD, *_STOP_SIGNALS}
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, watched)
-    workers: dict[int, float] = {}  # pid → when it started (monotonic)
-    restarts: list[float] = []  # when to start each missing worker
-    backoff = 0.0
-
-    def start() -> None:
-        pid = os.fork()
-        if pid == 0:
-            _worker_process(cfg, sock, metrics_sock, master, mask)
-        workers[pid] = time.monotonic()
-
-    def reap() -> list[tuple[int, int]]:
-        dead = []
-        while workers:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid == 0:
-                break
-            if pid in workers:
-                dead.append((pid, status))
-        return dead
-
-    try:
-        for _ in range(cfg.workers):
-            start()
-        while True:
-            now = time.monotonic()
-            for pid, status in reap():
-                lived = now - workers.pop(pid)
-                backoff = 0.0 if lived >= _STABLE_AFTER else backoff
-                log.warning(
-                    "worker %d %s after %.0fs; replacing it in %.0fs",
-                    pid,
-                    _describe(status),
-                    lived,
-                    backoff,
-                )
-                restarts.append(now + backoff)
-                backoff = min(max(backoff * 2, _FIRST_BACKOFF), _MAX_BACKOFF)
-            due = [t for t in restarts if t <= now]
-            restarts = [t for t in restarts if t > now]
-            for _ in due:
-                start()
-            timeout = min([*restarts, now + 5.0]) - now
-            got = signal.sigtimedwait(watched, max(timeout, 0.0))
-            if got is not None and got.si_signo in _STOP_SIGNALS:
-                break
-    finally:
-        clean = _stop_workers(workers)
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-    return clean
-
-
-def _stop_workers(workers: dict[int, float]) -> bool:
-    """SIGTERM every worker and wait for all; whether each stopped by SIGTERM or exit 0."""
-    for pid in workers:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    clean = True
-    for pid in workers:
-        _, status = os.waitpid(pid, 0)
-        stopped = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
-        if status != 0 and not stopped:
-            log.warning("worker %d %s while stopping", pid, _describe(status))
-            clean = False
-    return clean
