@@ -24,6 +24,7 @@ from skyreg.builder.buildah import BuildahSettings
 from skyreg.builder.host import check_host
 from tests.support.cli import run_skyreg_in_process
 from tests.support.images import Entry, build_app_image
+from tests.support.netns import leftovers, network_problem
 from tests.support.platform import cli_env, run_skyreg
 from tests.support.waiting import children, free_port, http_get, wait_for
 
@@ -150,6 +151,8 @@ def test_dev_runs_push_deploy_and_a_serving_machine_then_stops_it_all(workdir: P
     assert code == 0
     assert _through(proxy, "myapp") is None  # the proxy went down with the platform
     assert http_get(port) is None  # and so did the machine
+    if network_problem() is None:  # and its network: no bridge, namespace or rule is left
+        assert leftovers("sd0") == []
     for pid in processes:
         assert not Path(f"/proc/{pid}").exists()
 

@@ -175,6 +175,10 @@ class Agent:
             finally:
                 await self.shutdown()
                 self._session = None
+                if self.network is not None:
+                    # Every machine stopped: the bridges, chains and rules go too (a restart
+                    # makes them again), so a stopped agent leaves the host as it found it.
+                    await asyncio.to_thread(self.network.teardown)
 
     async def fetch_wanted(self) -> list[dict[str, Any]]:
         """Every machine the server wants running in this region, following the list's pages
