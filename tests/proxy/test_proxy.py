@@ -629,6 +629,45 @@ def test_max_body_is_refused_before_or_while_streaming() -> None:
     run(main)
 
 
+def test_a_client_whose_body_stops_coming_gets_a_408_and_the_connection_is_to_close() -> None:
+    async def main() -> None:
+        async with web_app("m1", body_timeout=0.5) as st:
+            request = (
+                b"PUT /upload HTTP/1.1\r\nHost: web.localhost\r\n"
+                b"Content-Length: 1000\r\n\r\nonly this"
+            )
+            port = int(st.url.rsplit(":", 1)[1])
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                writer.write(request)  # and then nothing more
+                status = await asyncio.wait_for(reader.readline(), DEADLINE)
+                assert status.startswith(b"HTTP/1.1 408 "), status
+                assert b"Connection: close" in await reader.readuntil(b"\r\n\r\n")
+            finally:
+                writer.close()
+            # The app still answers others.
+            status, _, machine = await get(st.session, st.url, "web")
+            assert (status, machine) == (200, "m1")
+
+    run(main)
+
+
+def test_a_websocket_message_over_the_bound_closes_the_session_with_1009() -> None:
+    async def main() -> None:
+        async with web_app("m1") as st:
+            s, url = st.session, st.url
+            async with s.ws_connect(url + "/ws", headers=host("web"), protocols=("echo",)) as ws:
+                await ws.send_str("x" * 100)
+                assert await ws.receive_str(timeout=DEADLINE) == "m1:" + "x" * 100
+                await ws.send_bytes(b"y" * (MIB + 1))
+                closed = await ws.receive(timeout=DEADLINE)
+                assert closed.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED), closed
+                assert ws.close_code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG, ws.close_code
+            await until(lambda: st.table.in_flight("m1") == 0, "the session to end")
+
+    run(main)
+
+
 def test_smuggling_attempts_never_reach_a_machine() -> None:
     attempts = [
         b"POST / HTTP/1.1\r\nHost: web.localhost\r\nContent-Length: 5\r\n"

@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
-import re
 import shutil
 import subprocess
 import time
@@ -39,7 +39,7 @@ from typing import Any
 
 import aiohttp
 
-from skyreg.client.api import call_api
+from skyreg.client.api import ApiCallError, call_api
 from skyreg.machines.health import HealthChecker, checks_from_service
 from skyreg.machines.layercache import LayerCache
 from skyreg.machines.network import HostNetwork, NetworkError, enter_command
@@ -124,11 +124,12 @@ class Agent:
         a refusal (4xx: the machine is no longer starting or started) is only logged."""
         body: dict[str, Any] = {"status": status}
         if message:
-            body["message"] = message[:1000]
+            # The server refuses NUL in any string; the message quotes what a machine answered.
+            body["message"] = message.replace("\x00", "\ufffd")
         try:
             await self._api("POST", f"/agent/machines/{mid}/health", body)
-        except RuntimeError as e:
-            if re.search(r": HTTP 4\d\d ", str(e)) is None:
+        except ApiCallError as e:
+            if not e.refused:
                 raise
             log.warning("health report of %s refused: %s", mid, e)
 
@@ -283,13 +284,11 @@ class Agent:
             "SKYREG_REGION": self.region,
         }
         del secrets
-        if self.network is None:
-            await self._start(local, m, config, rootfs, LogTail(log_path, offset), env)
-            return
         try:
             await self._start(local, m, config, rootfs, LogTail(log_path, offset), env)
         finally:  # after the machine stopped (or never started), whatever the path
-            await asyncio.to_thread(self._detach, mid)
+            if self.network is not None:
+                await asyncio.to_thread(self._detach, mid)
 
     def _detach(self, mid: str) -> None:
         assert self.network is not None
@@ -395,11 +394,9 @@ class Agent:
             return None
         if not checks:
             return None
-
-        async def report(status: str, message: str | None) -> None:
-            await self._health(mid, status, message)
-
-        checker = HealthChecker(address, checks, report, started_at=started_at)
+        checker = HealthChecker(
+            address, checks, functools.partial(self._health, mid), started_at=started_at
+        )
         await checker.start()
         return checker
 

@@ -121,6 +121,14 @@ def prefer_region(
     return backends
 
 
+def _decode(body: bytes) -> tuple[dict[str, list[Backend]], bool]:
+    try:
+        doc = json.loads(body)
+    except ValueError as e:  # UnicodeDecodeError is a ValueError too
+        raise RoutesError(f"the answer is not JSON: {e}") from None
+    return parse_routes(doc)
+
+
 class RouteSync:
     """Keeps `table` following `server`'s routes (see the module's docstring)."""
 
@@ -145,6 +153,7 @@ class RouteSync:
         self._token = token
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
+        self._last: bytes | None = None  # the last answer applied
         self.polls = 0  # answers applied
         self.failures = 0  # polls that changed nothing: unreachable, error status, malformed
 
@@ -167,13 +176,16 @@ class RouteSync:
     async def poll_once(self) -> bool:
         """Fetch the routes and apply them; False (logged, table unchanged) when that failed."""
         try:
-            doc = await self._fetch()
-            apps, truncated = parse_routes(doc)
+            body = await self._fetch()
+            if body != self._last:  # most polls find the routes as they were: nothing to do
+                # Up to max_bytes of JSON: decoded and checked off the proxy's event loop.
+                apps, truncated = await asyncio.to_thread(_decode, body)
+                self.apply(apps, truncated)
+                self._last = body
         except (RoutesError, aiohttp.ClientError, TimeoutError) as e:
             self.failures += 1
             _log.warning("routes from %s refused, keeping the last table: %s", self.server, e)
             return False
-        self.apply(apps, truncated)
         self.polls += 1
         return True
 
@@ -188,7 +200,7 @@ class RouteSync:
         for name in self.table.apps() - apps.keys():
             self.table.remove(name)
 
-    async def _fetch(self) -> Any:
+    async def _fetch(self) -> bytes:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
         # As skyreg.client.api.call_api asks, with a bound on what the answer may make us hold.
@@ -205,7 +217,4 @@ class RouteSync:
                 body += chunk
                 if len(body) > self.max_bytes:
                     raise RoutesError(f"the answer is over {self.max_bytes} bytes")
-        try:
-            return json.loads(body)
-        except ValueError as e:  # UnicodeDecodeError is a ValueError too
-            raise RoutesError(f"the answer is not JSON: {e}") from None
+        return bytes(body)
