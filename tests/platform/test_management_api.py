@@ -194,6 +194,11 @@ def test_openapi_document_lists_every_served_path(server: InProcessRegistry) -> 
         "/api/v1/agent/machines/{machine_id}/secrets",
         "/api/v1/agent/machines/{machine_id}/health",
         "/api/v1/agent/routes",
+        "/api/v1/apps/{app}/sbom",
+        "/api/v1/apps/{app}/vulns",
+        "/api/v1/apps/{app}/files",
+        "/api/v1/orgs/{org}/vulnsummary",
+        "/api/v1/vulndb",
     } == set(doc["paths"])
     # Every documented operation answers something other than "no such endpoint".
     root = admin(server)

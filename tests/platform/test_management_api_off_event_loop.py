@@ -8,6 +8,9 @@ path that reaches its database work (and error answers whose checks query: 401, 
 from __future__ import annotations
 
 import hashlib
+import io
+import json
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -70,6 +73,18 @@ def strict(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Strict]:
 def _ok(r: requests.Response, status: int) -> dict[str, Any]:
     assert r.status_code == status, (r.status_code, r.text[:500])
     return r.json() if r.content else {}
+
+
+_OSV_RECORD = {
+    "id": "PYSEC-1",
+    "modified": "2026-01-01T00:00:00Z",
+    "affected": [
+        {
+            "package": {"ecosystem": "PyPI", "name": "idna"},
+            "ranges": [{"type": "ECOSYSTEM", "events": [{"introduced": "0"}, {"fixed": "3.7"}]}],
+        }
+    ],
+}
 
 
 def test_every_management_route_queries_off_the_event_loop(strict: Strict) -> None:
@@ -160,6 +175,16 @@ def test_every_management_route_queries_off_the_event_loop(strict: Strict) -> No
     _ok(s.call("POST", "/builds/{build_id}/cancel", f"/builds/{build['id']}/cancel"), 200)
     result = {"status": "cancelled"}
     _ok(s.call("POST", "/builder/builds/{build_id}/result", held + "/result", json=result), 200)
+    # Scans: the image is queued (no scan worker here), its files and findings not there yet.
+    _ok(s.call("GET", "/apps/{app}/vulns", "/apps/web/vulns", params={"image": "v1"}), 200)
+    _ok(s.call("GET", "/apps/{app}/files", "/apps/web/files", params={"image": "v1"}), 200)
+    _ok(s.call("GET", "/apps/{app}/sbom", "/apps/web/sbom", params={"image": "v1"}), 404)
+    _ok(s.call("GET", "/orgs/{org}/vulnsummary", "/orgs/acme/vulnsummary"), 200)
+    _ok(s.call("GET", "/vulndb"), 200)
+    advisories = io.BytesIO()
+    with zipfile.ZipFile(advisories, "w") as archive:
+        archive.writestr("PYSEC-1.json", json.dumps(_OSV_RECORD))
+    _ok(s.call("POST", "/vulndb", data=advisories.getvalue()), 200)
     _ok(s.call("GET", "/tokens"), 200)
     created = _ok(s.call("POST", "/tokens", json={"kind": "readonly", "org": "acme"}), 201)
     _ok(s.call("DELETE", "/tokens/{token_id}", f"/tokens/{created['id']}"), 200)

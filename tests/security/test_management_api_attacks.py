@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import requests
 
+from skyreg.platform.api.scans import TRIVY_MEDIA_TYPE
 from tests.support.inprocess import InProcessRegistry
 from tests.support.oci import push_image, put_manifest
 from tests.support.platform import Tenancy, authed
@@ -439,7 +440,8 @@ def test_a_refused_caller_is_refused_whatever_body_it_sends(
 def test_the_openapi_document_shows_nothing_internal(world: World) -> None:
     r = world.call(None, "GET", "/openapi.json")
     assert r.status_code == 200
-    text = r.text
+    # The media type of Trivy-shaped reports is skyreg's own vendor type, not a module path.
+    text = r.text.replace(TRIVY_MEDIA_TYPE, "application/vnd.x")
     for internal in (
         "skyreg.",
         "secret_sha256",

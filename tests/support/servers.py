@@ -92,6 +92,9 @@ class RunningRegistry:
             str(self.data_dir),
             "--port-file",
             str(port_file),
+            # No scan worker unless a test asks (`--scan`): it adds SBOM referrers to pushed
+            # images, which tests of other features would count.
+            *([] if "--scan" in self.extra_args else ["--no-scan"]),
             *self.extra_args,
         ]
         self.proc = subprocess.Popen(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -150,6 +151,46 @@ class Client:
             return json.loads(raw)
         except ValueError:
             fail(f"{self.server} answered {method} {path} with something that is not JSON")
+
+    def raw(
+        self,
+        method: str,
+        path: str,
+        query: dict[str, str | None] | None = None,
+        *,
+        accept: str = "application/json",
+        upload: Path | None = None,
+        content_type: str = "application/octet-stream",
+        timeout: float = TIMEOUT,
+    ) -> bytes:
+        """The answer's bytes as sent (an SBOM, a report), optionally streaming the file
+        `upload` as the body; an error answer is printed and ends the command."""
+        import urllib.error
+        import urllib.request
+
+        url = self.server + API_PREFIX + path
+        params = {k: v for k, v in (query or {}).items() if v is not None}
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
+        headers = {"Accept": accept, "User-Agent": "skyreg-cli"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        try:
+            with contextlib.ExitStack() as stack:
+                data = None
+                if upload is not None:
+                    data = stack.enter_context(upload.open("rb"))
+                    headers["Content-Type"] = content_type
+                    headers["Content-Length"] = str(upload.stat().st_size)
+                request = urllib.request.Request(url, data=data, headers=headers, method=method)
+                with urllib.request.urlopen(request, timeout=timeout) as resp:
+                    return bytes(resp.read())
+        except urllib.error.HTTPError as e:
+            failure = _failure(e)
+            fail(f"{failure.message} (HTTP {failure.status})")
+        except (OSError, ValueError) as e:
+            reason = getattr(e, "reason", e)
+            fail(f"cannot reach {self.server}: {reason}")
 
     def __call__(
         self,

@@ -20,6 +20,7 @@ from skyreg.cli.machines import register as register_machines
 from skyreg.cli.platform import register
 from skyreg.cli.proxy import register as register_proxy
 from skyreg.cli.push import register as register_push
+from skyreg.cli.registry import register as register_registry
 from skyreg.cli.retention import register as register_retention
 from skyreg.cli.secrets import register as register_secrets
 from skyreg.meta.threads import DEFAULT_THREADS, MAX_THREADS
@@ -284,6 +285,14 @@ def serve(
             "retention policies (`skyreg apps retention`).",
         ),
     ] = 300.0,
+    scan: Annotated[
+        bool,
+        typer.Option(
+            help="Run the scan worker: index pushed images (packages, files, SBOMs) and match "
+            "them against the vulnerability data (--no-scan: pushes are still queued, and a "
+            "server with the worker scans them).",
+        ),
+    ] = True,
     pull_flush_interval: Annotated[
         float,
         typer.Option(
@@ -410,6 +419,7 @@ def serve(
             gc_worker=gc,
             retention_interval=retention_interval,
             pull_flush_interval=pull_flush_interval,
+            scan_worker=scan,
             secrets_key_file=secrets_key_file,
             secrets_key_env=os.environ.get("SKYREG_SECRETS_KEY"),
         )
@@ -433,6 +443,7 @@ register_retention()
 register_machines(app)
 register_proxy(app)
 register_push(app)
+register_registry(app)
 register_secrets(app)
 
 keys_app = typer.Typer(help="Registry-token signing keys in the data dir.", no_args_is_help=True)

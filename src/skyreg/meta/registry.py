@@ -33,6 +33,7 @@ from skyreg.meta.db import (
 from skyreg.meta.errors import BlobSizeMismatch, ManifestInUse, ReferenceMissing
 from skyreg.meta.gc import GcSettings, cancel_deletion, enqueue_blobs, enqueue_manifests
 from skyreg.meta.retention import PUSH_GRACE, forget_pulls, untagged_delay
+from skyreg.meta.scans import enqueue_scan, scannable
 from skyreg.meta.threads import DEFAULT_THREADS
 from skyreg.oci.manifest import Manifest
 
@@ -283,6 +284,8 @@ class RegistryMeta(SqlStore):
                 )
             )
             self._keep_manifest(conn, repo_id, digest)
+            if scannable(manifest):  # indexed off the request path (meta/scans.py)
+                enqueue_scan(conn, self._insert_ignore, digest, repository)
             refs = [(str(d.digest), "blob") for d in manifest.required_blobs()]
             refs += [
                 (child, "manifest") for child in sorted({str(d.digest) for d in manifest.manifests})

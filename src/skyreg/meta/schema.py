@@ -489,3 +489,70 @@ app_secrets = Table(
     Column("set_at", DateTime(timezone=True), nullable=False),
     Index("ix_app_secrets_app", "app_id", "name"),
 )
+
+# -- scans: what images hold and what is known to be wrong with them (migration 0013) ------------
+
+# One row per image manifest (by digest), queued in the transaction that stored the manifest
+# (`meta/scans.py` `enqueue_scan`), so a crash never loses a scan. `repository` is one that held
+# it then: where the scan worker reads its layers and attaches its SBOMs. The package and file
+# lists and the findings are zstd-compressed msgspec JSON (`scan/model.py`).
+image_scans = Table(
+    "image_scans",
+    metadata,
+    Column("digest", String(200), primary_key=True),
+    Column("repository", _name(255), nullable=False),
+    Column("state", String(16), nullable=False),  # queued, indexing, done, failed
+    Column("queued_at", DateTime(timezone=True), nullable=False),
+    Column("claimed_at", DateTime(timezone=True)),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("error", Text),
+    Column("indexed_at", DateTime(timezone=True)),
+    Column("os", Text),
+    Column("package_count", Integer),
+    Column("file_count", Integer),
+    Column("packages", LargeBinary),
+    Column("files", LargeBinary),
+    Column("files_truncated", Boolean, nullable=False, server_default=false()),
+    Column("matched_generation", Integer, nullable=False, server_default=text("0")),
+    Column("matched_at", DateTime(timezone=True)),
+    Column("findings", LargeBinary),
+    Column("severity_counts", Text),  # JSON {"CRITICAL": n, ...}
+    Index("ix_image_scans_state", "state", "queued_at"),
+    Index("ix_image_scans_generation", "matched_generation"),
+)
+
+# OSV advisories as the operator loaded them (`skyreg vulndb import`): the record skyreg keeps
+# (`scan/osv.py` `Advisory`, msgspec JSON) and each (ecosystem, package name) it names, the key
+# matching looks advisories up by. `vulndb_state` (one row) counts changes: scans matched at an
+# older generation are matched again, without reading their layers.
+vuln_advisories = Table(
+    "vuln_advisories",
+    metadata,
+    Column("id", String(256), primary_key=True),
+    Column("modified", String(64), nullable=False),
+    Column("record", LargeBinary, nullable=False),
+)
+
+vuln_packages = Table(
+    "vuln_packages",
+    metadata,
+    Column("ecosystem", String(128), primary_key=True),
+    Column("name", String(1024), primary_key=True),
+    Column(
+        "advisory_id",
+        String(256),
+        ForeignKey("vuln_advisories.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Index("ix_vuln_packages_advisory", "advisory_id"),
+)
+
+vulndb_state = Table(
+    "vulndb_state",
+    metadata,
+    Column("id", Integer, primary_key=True),  # always 1
+    Column("generation", Integer, nullable=False),
+    Column("advisories", Integer, nullable=False),
+    Column("imported_at", DateTime(timezone=True)),
+    Column("source", Text),
+)

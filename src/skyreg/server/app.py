@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from skyreg.geo.node import GeoNode
     from skyreg.registry.pulls import PullTimes
     from skyreg.services.releases import ReleaseService
+    from skyreg.services.scans import ScanService
     from skyreg.workers import Workers
 
 
@@ -37,6 +38,7 @@ def create_app(
     workers: Workers | None = None,
     gc: Collector | None = None,
     gc_worker: bool = True,
+    scan_worker: bool = True,
     secret_keys: Callable[[], MasterKeys],
 ) -> web.Application:
     """The application of one worker process over `reg`: the OCI API; with auth, the token
@@ -64,6 +66,8 @@ def create_app(
                         "build_expiry", BUILD_EXPIRY_INTERVAL, app[SERVICES_KEY].builds.expire
                     )
                 )
+                if scan_worker:  # pushed images: packages, files, SBOMs, vulnerabilities
+                    workers.add(app[SERVICES_KEY].scans.worker())
     if reg.geo is not None:
         app.cleanup_ctx.append(reg.geo.run)
     if reg.geo is not None or workers is not None or gc is not None:
@@ -72,7 +76,9 @@ def create_app(
         async def metrics(request: web.Request) -> web.StreamResponse:
             if reg.auth is not None:
                 await reg.meta.run(_require_admin, request, reg.auth)
-            return await _metrics_response(geo, workers, gc, reg.pulls)
+            services = app.get(SERVICES_KEY)
+            scans = None if services is None else services.scan_service
+            return await _metrics_response(geo, workers, gc, reg.pulls, scans)
 
         app.router.add_get("/metrics", metrics)
     return app
@@ -83,6 +89,7 @@ async def _metrics_response(
     workers: Workers | None,
     gc: Collector | None = None,
     pulls: PullTimes | None = None,
+    scans: ScanService | None = None,
 ) -> web.Response:
     text = await geo.meta.run(geo.metrics) if geo is not None else ""
     if workers is not None:
@@ -91,6 +98,8 @@ async def _metrics_response(
         text += await gc.metrics()
     if pulls is not None:
         text += pulls.metrics()
+    if scans is not None:
+        text += scans.metrics()
     return web.Response(text=text, content_type="text/plain", charset="utf-8")
 
 

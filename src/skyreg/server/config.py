@@ -52,6 +52,7 @@ class ServeConfig:
     gc_worker: bool = True  # False (--no-gc): no collector worker here; enqueues still happen
     retention_interval: float = 300.0  # seconds between the gc worker's rounds over policies
     pull_flush_interval: float = 30.0  # seconds between writes of manifest pull times
+    scan_worker: bool = True  # False (--no-scan): pushes are queued for scanning, not scanned here
     # Master keys of app secrets: SKYREG_SECRETS_KEY, else this 0600 file, else
     # `<data-dir>/secrets.key` (made on first use). See auth/envelope.py.
     secrets_key_file: Path | None = None

@@ -188,6 +188,7 @@ async def run_worker(
         workers=workers,
         gc=collector,
         gc_worker=cfg.gc_worker,
+        scan_worker=cfg.scan_worker,
         secret_keys=functools.partial(
             MasterKeys.load,
             cfg.secrets_key_file,

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from skyreg.auth.service import Authenticator
+from skyreg.meta.scans import ScanMeta
 from skyreg.platform.api import (
     agent,
     apps,
@@ -29,6 +30,7 @@ from skyreg.platform.api import (
     releases,
     replication,
     retention,
+    scans,
     secrets,
     tokens,
 )
@@ -48,6 +50,7 @@ from skyreg.platform.releases import RELEASES_KEY
 from skyreg.registry.context import REGISTRY_KEY
 from skyreg.services.gc import GcService
 from skyreg.services.releases import ReleaseService
+from skyreg.services.scans import ScanService
 
 if TYPE_CHECKING:
     from skyreg.auth.envelope import MasterKeys
@@ -78,6 +81,7 @@ ROUTE_LIST: list[Route] = [
     *agent.ROUTES,
     *tokens.ROUTES,
     *secrets.ROUTES,
+    *scans.ROUTES,
 ]
 
 # Every path served, with its routes by method (the OpenAPI document lists the same).
@@ -100,6 +104,14 @@ def add_management_routes(
     registry = app.get(REGISTRY_KEY)
     if registry is not None:  # usage shares the registry's quota checks' cached figure
         services.quotas.gate = registry.quotas
+    if registry is not None:  # scans read the registry's blobs
+        services.scan_service = ScanService(
+            ScanMeta(releases.platform.db),
+            releases.registry,
+            releases.platform,
+            releases.releases,
+            registry.store,
+        )
     services.openapi = encoded(ROUTE_LIST)
     app[SERVICES_KEY] = services
     if gc_service is not None:

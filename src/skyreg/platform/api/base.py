@@ -48,6 +48,7 @@ from skyreg.services.orgs import OrgService
 from skyreg.services.quotas import QuotaService
 from skyreg.services.releases import DEFAULT_REGION, ReleaseService
 from skyreg.services.retention import RetentionService
+from skyreg.services.scans import ScanService
 from skyreg.services.secrets import SecretKeyRing, SecretService
 from skyreg.services.tokens import TokenService
 
@@ -75,6 +76,13 @@ class Services:
     builds: BuildService
     secrets: SecretService
     openapi: bytes = b""  # the generated document, encoded once
+    scan_service: ScanService | None = None  # None: no registry in this process (no blobs)
+
+    @property
+    def scans(self) -> ScanService:
+        if self.scan_service is None:
+            raise Unavailable("image scans are not served here")
+        return self.scan_service
 
     @classmethod
     def over(
@@ -279,6 +287,7 @@ class Route:
     description: str | None = None
     response_description: str = "OK"
     max_body: int = MAX_BODY  # bytes of a request body (more: 413)
+    streams_body: bool = False  # the handler reads the body itself, after identifying the caller
 
 
 _HEADERS = {"Cache-Control": "no-store"}
@@ -328,7 +337,7 @@ def endpoint(routes: dict[str, Route]) -> RequestHandler:
         try:
             call = Call(request, request.app[SERVICES_KEY])
             _refuse_unstorable_parameters(request)
-            if request.method in BODY_METHODS:
+            if request.method in BODY_METHODS and not route.streams_body:
                 await call.read_body(route.max_body)
             if route.security != "none":
                 await call.identify()

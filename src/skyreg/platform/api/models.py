@@ -15,6 +15,7 @@ import msgspec
 from msgspec import UNSET, UnsetType
 
 from skyreg.clock import utc_iso
+from skyreg.scan.model import FileEntry, Finding, OsRelease
 from skyreg.services.inputs import DNS_LABEL_PATTERN, INT32_MAX
 
 Time = Annotated[str, msgspec.Meta(extra_json_schema={"format": "date-time"})]
@@ -692,3 +693,76 @@ class KeyRotation(Model):
     key_id: Annotated[str, _d("The id of the master key every data key is now wrapped with")]
     rewrapped: int
     total: int
+
+
+# -- scans: packages, files and vulnerabilities of an app's images -------------------------------
+
+
+class ScanState(Model):
+    """Where the scan of one image stands."""
+
+    digest: Annotated[str, _d("The image manifest scanned (of an index: one platform's)")]
+    state: Annotated[str, _d("queued, indexing, done or failed")]
+    error: Annotated[str | None, _d("Why the last attempt failed")]
+    queued_at: Time
+    indexed_at: Time | None
+    os: OsRelease | None
+    packages: Annotated[int | None, _d("Packages found (null: not indexed yet)")]
+    files: Annotated[int | None, _d("Entries of the image's final tree")]
+    matched_at: Annotated[Time | None, _d("When the findings were computed")]
+    matched_generation: Annotated[int, _d("The vulnerability data generation matched against")]
+
+
+class VulnDb(Model):
+    """The OSV advisories the operator loaded."""
+
+    generation: Annotated[int, _d("Grows with each import that changed something")]
+    advisories: int
+    imported_at: Time | None
+    source: str | None
+
+
+class ImageVulns(Model):
+    app: str
+    image: Annotated[str, _d("The image as named (default: the current release's)")]
+    repository: str
+    digest: str
+    scan: ScanState
+    database: VulnDb
+    counts: Annotated[dict[str, int] | None, _d("Findings per severity (null: not matched)")]
+    vulnerabilities: Annotated[
+        list[Finding] | None, _d("Worst first; null until the image is indexed and matched")
+    ]
+
+
+class ImageFiles(Model):
+    app: str
+    image: str
+    digest: str
+    scan: ScanState
+    files: Annotated[list[FileEntry], _d("By path, after `after`")]
+    truncated: Annotated[bool, _d("The indexer kept only the first entries of a huge tree")]
+    next_after: Annotated[str | None, _d("Pass as `after` for the next page; null: last page")]
+
+
+class SummaryEntry(Model):
+    advisory: str
+    aliases: list[str]
+    severity: str
+    apps: Annotated[dict[str, list[str]], _d("App -> its affected packages")]
+
+
+class VulnSummary(Model):
+    org: str
+    apps: Annotated[list[str], _d("Apps whose current image has a finding")]
+    advisories: Annotated[list[SummaryEntry], _d("Worst first (at most 10,000)")]
+
+
+class VulnImport(Model):
+    read: Annotated[int, _d("Advisories read from the upload")]
+    changed: Annotated[int, _d("New or modified (the others were already stored)")]
+    unchanged: int
+    failed: Annotated[int, _d("Records refused (errors names the first 20)")]
+    errors: list[str]
+    generation: int
+    seconds: float
