@@ -400,3 +400,66 @@ def test_scans_are_the_org_s_own(server: InProcessRegistry, tenant: Tenant) -> N
     refused(api(server, "POST", "/vulndb", tenant.token, data=b"PK"), 403, "forbidden")
     refused(api(server, "POST", "/vulndb", None, data=b"x" * 1024), 401, "unauthorized")
     refused(api(server, "POST", "/vulndb", tenant.admin, data=b"not a zip"), 400, "bad_request")
+
+
+def test_an_image_scanned_for_another_org_shows_nothing_of_it(
+    server: InProcessRegistry, tenant: Tenant, push: Any, tmp_path: Path
+) -> None:
+    """The same digest pushed by two orgs is scanned once; the second org's SBOM is made for
+    its own repository and names nothing of the first's."""
+    layout = _build(tmp_path, "shared", [python_entries()])
+    digest = push(layout, "shared")
+    wait_for(
+        lambda: (
+            answer(
+                api(
+                    server,
+                    "GET",
+                    f"/apps/{tenant.app}/vulns",
+                    tenant.token,
+                    params={"image": "shared"},
+                ),
+                200,
+            )["vulnerabilities"]
+            is not None
+        ),
+        "the shared image scanned",
+        120,
+    )
+    t = Tenancy(server.data_dir)
+    other_org, other_app = f"org{uuid.uuid4().hex[:8]}", f"app{uuid.uuid4().hex[:8]}"
+    t.org(other_org)
+    t.app(other_app, other_org)
+    other = t.token("org", org=other_org)[0]
+    root = short_tmpdir("scanpush2")
+    _write_containers_files(root, [server.host])
+    try:
+        done = subprocess.run(
+            [
+                *("skopeo", "--policy", str(root / "policy.json")),
+                *("--registries-conf", str(root / "registries.conf"), "copy"),
+                *("--dest-tls-verify=false", "--dest-creds", f"x:{other}"),
+                f"oci:{layout}",
+                f"docker://{server.host}/{other_app}:mine",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={"TMPDIR": str(root / "tmp"), "PATH": "/usr/bin:/bin"},
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+    finally:
+        remove_tree(root)
+    mine = answer(
+        api(server, "GET", f"/apps/{other_app}/vulns", other, params={"image": "mine"}), 200
+    )
+    assert mine["digest"] == digest and mine["scan"]["state"] == "done"
+    assert tenant.app not in json.dumps(mine)
+    for fmt in ("spdx", "cyclonedx"):
+        r = api(
+            server, "GET", f"/apps/{other_app}/sbom", other, params={"image": "mine", "format": fmt}
+        )
+        document = answer(r, 200)
+        assert other_app in r.text and tenant.app not in r.text, fmt
+        assert document

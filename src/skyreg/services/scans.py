@@ -31,6 +31,7 @@ import msgspec
 from skyreg.meta.platform import App, PlatformMeta, Release, ReleaseMeta, TokenRecord
 from skyreg.meta.registry import RegistryMeta
 from skyreg.meta.scans import (
+    DONE,
     MAX_ATTEMPTS,
     AdvisoryRow,
     Claim,
@@ -259,7 +260,8 @@ class ScanService:
             self.registry.get_manifest, claim.repository, claim.digest, True
         )
         if stored is None:
-            raise ScanError(f"repository {claim.repository} no longer holds {claim.digest}")
+            # No repository name: every tenant holding the digest reads this scan's error.
+            raise ScanError("the image was deleted before it was scanned")
         manifest = parse_manifest(stored.content, stored.media_type, Digest.parse(stored.digest))
         loop = asyncio.get_running_loop()
         layers = [
@@ -429,13 +431,26 @@ class ScanService:
         fmt: str,
         platform: str | None = None,
     ) -> tuple[ImageRef, bytes]:
-        """The image's SBOM document in `fmt` ("spdx" or "cyclonedx"), as attached to it."""
+        """The image's SBOM document in `fmt` ("spdx" or "cyclonedx"), as attached to it in
+        its repository; an image scanned while in another repository (the same digest pushed
+        elsewhere first) gets one made now from the stored index, named after this repository:
+        nothing of the other repository shows."""
         artifact_type = SBOM_FORMATS.get(fmt)
         if artifact_type is None:
             raise Invalid("format must be spdx or cyclonedx")
         ref, layer = await self.platform.read(self._sbom_layer, caller, app, image, platform, fmt)
-        chunks = [c async for c in self.store.read(Digest.parse(layer))]
-        return ref, b"".join(chunks)
+        if layer is not None:
+            chunks = [c async for c in self.store.read(Digest.parse(layer))]
+            return ref, b"".join(chunks)
+        index = await self.index_summary(ref.digest)
+        render = spdx_json if fmt == "spdx" else cyclonedx_json
+        try:
+            document = await asyncio.to_thread(
+                render, index, ref.repository, ref.digest, datetime.now(UTC)
+            )
+        except SbomError as e:
+            raise Invalid(f"no {fmt} SBOM can be made for this image: {e}"[:300]) from None
+        return ref, document
 
     def _sbom_layer(
         self,
@@ -444,7 +459,7 @@ class ScanService:
         image: str | None,
         platform: str | None,
         fmt: str,
-    ) -> tuple[ImageRef, str]:
+    ) -> tuple[ImageRef, str | None]:
         ref = self._image(caller, app, image, platform)
         record = self._scan(ref)
         for referrer in self.registry.referrers(ref.repository, ref.digest, SBOM_FORMATS[fmt]):
@@ -456,7 +471,9 @@ class ScanService:
             ).layers
             if layers:
                 return ref, str(layers[0].digest)
-        raise NotFound(f"{fmt} SBOM (scan {record.state}) of image", ref.name[:200])
+        if record.state != DONE:
+            raise NotFound(f"{fmt} SBOM (scan {record.state}) of image", ref.name[:200])
+        return ref, None
 
     async def vulns(
         self,
