@@ -285,7 +285,7 @@ class RegistryMeta(SqlStore):
             )
             self._keep_manifest(conn, repo_id, digest)
             if scannable(manifest):  # indexed off the request path (meta/scans.py)
-                enqueue_scan(conn, self._insert_ignore, digest, repository)
+                enqueue_scan(conn, self._insert_ignore, digest, repository, self.region)
             refs = [(str(d.digest), "blob") for d in manifest.required_blobs()]
             refs += [
                 (child, "manifest") for child in sorted({str(d.digest) for d in manifest.manifests})

@@ -80,12 +80,19 @@ def scannable(manifest: Manifest) -> bool:
     )
 
 
-def enqueue_scan(conn: Connection, insert_ignore: Any, digest: str, repository: str) -> None:
+def enqueue_scan(
+    conn: Connection, insert_ignore: Any, digest: str, repository: str, region: str
+) -> None:
     """Queue `digest` for indexing (nothing when it is queued or scanned already), inside the
-    caller's transaction."""
+    caller's transaction; `region` holds its blobs (the region the push landed in)."""
     conn.execute(
         insert_ignore(_sc).values(
-            digest=digest, repository=repository, state=QUEUED, queued_at=_now(), attempts=0
+            digest=digest,
+            repository=repository,
+            region=region,
+            state=QUEUED,
+            queued_at=_now(),
+            attempts=0,
         )
     )
 
@@ -187,9 +194,9 @@ class ScanMeta(SqlStore):
 
     # -- the queue ---------------------------------------------------------------------------
 
-    def claim(self, stale_after: timedelta) -> Claim | None:
-        """Take the oldest due scan (queued, or taken by a worker longer than `stale_after`
-        ago), or None."""
+    def claim(self, stale_after: timedelta, region: str = "") -> Claim | None:
+        """Take the oldest due scan of `region` (whose store holds its blobs): queued, or taken
+        by a worker longer than `stale_after` ago; None when there is none."""
 
         def work(conn: Connection) -> Claim | None:
             now = _now()
@@ -197,7 +204,9 @@ class ScanMeta(SqlStore):
                 and_(_sc.c.state == QUEUED, _sc.c.queued_at <= now),
                 and_(_sc.c.state == INDEXING, _sc.c.claimed_at < now - stale_after),
             )
-            query = select(_sc.c.digest, _sc.c.repository, _sc.c.attempts).where(due)
+            query = select(_sc.c.digest, _sc.c.repository, _sc.c.attempts).where(
+                due, _sc.c.region == region
+            )
             query = query.order_by(_sc.c.queued_at).limit(1)
             if self._locks:
                 query = query.with_for_update(skip_locked=True)

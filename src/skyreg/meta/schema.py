@@ -501,6 +501,7 @@ image_scans = Table(
     metadata,
     Column("digest", String(200), primary_key=True),
     Column("repository", _name(255), nullable=False),
+    Column("region", String(64), nullable=False, server_default=""),  # whose store has the push
     Column("state", String(16), nullable=False),  # queued, indexing, done, failed
     Column("queued_at", DateTime(timezone=True), nullable=False),
     Column("claimed_at", DateTime(timezone=True)),
@@ -517,7 +518,7 @@ image_scans = Table(
     Column("matched_at", DateTime(timezone=True)),
     Column("findings", LargeBinary),
     Column("severity_counts", Text),  # JSON {"CRITICAL": n, ...}
-    Index("ix_image_scans_state", "state", "queued_at"),
+    Index("ix_image_scans_state", "region", "state", "queued_at"),
     Index("ix_image_scans_generation", "matched_generation"),
 )
 

@@ -113,7 +113,15 @@ def open_tar(
     """`stream` as a tar read in stream mode (each member once, forward only)."""
     try:
         # closed by the `with` below
-        tar = tarfile.open(fileobj=cast(IO[bytes], stream), mode="r|", tarinfo=tarinfo)  # noqa: SIM115
+        # Names that are not UTF-8 get U+FFFD (not surrogate escapes): what the indexer keeps
+        # is stored and served as JSON, which holds no lone surrogates.
+        tar = tarfile.open(  # noqa: SIM115
+            fileobj=cast(IO[bytes], stream),
+            mode="r|",
+            tarinfo=tarinfo,
+            encoding="utf-8",
+            errors="replace",
+        )
     except ValueError as e:
         raise ScanError(f"{label} is not a readable tar: {e}") from e
     with tar:
@@ -132,6 +140,11 @@ def checked_tarinfo(max_header_bytes: int, label: str) -> type[tarfile.TarInfo]:
         def frombuf(cls, buf: bytes | bytearray, encoding: str, errors: str) -> Self:
             nonlocal chained, chained_bytes, global_bytes
             info = super().frombuf(buf, encoding, errors)
+            # An old GNU sparse entry chains extension blocks that tarfile reads until one
+            # says stop, keeping 21 (offset, size) pairs of each: memory grows with the
+            # stream. Layers are written by Go's archive/tar, which writes no sparse entries.
+            if info.type == tarfile.GNUTYPE_SPARSE and buf[482]:
+                raise ScanError(f"{label}: a GNU sparse entry with extension blocks")
             if info.type not in _EXTENDED_TYPES:
                 chained = chained_bytes = 0
                 return info
@@ -147,5 +160,10 @@ def checked_tarinfo(max_header_bytes: int, label: str) -> type[tarfile.TarInfo]:
             if chained > _MAX_CHAINED_HEADERS:
                 raise ScanError(f"{label}: more than {_MAX_CHAINED_HEADERS} extended headers")
             return info
+
+        def _proc_gnusparse_10(self, _next: object, _pax: object, _tar: object) -> None:
+            # tarfile reads GNU sparse 1.0's map (a count, then numbers, one a line) until it
+            # has as many numbers as the count says, keeping each: unbounded for a lying count.
+            raise ScanError(f"{label}: a GNU sparse 1.0 entry (sparse map in its data)")
 
     return _Checked

@@ -223,7 +223,8 @@ class ScanService:
         """Index what is queued (for at most STEP_BUDGET seconds), then match what is due."""
         deadline = time.monotonic() + STEP_BUDGET
         while time.monotonic() < deadline:
-            claim = await self.scans.run(self.scans.claim, STALE_CLAIM)
+            # Scans of pushes into this region's store (its blobs are there).
+            claim = await self.scans.run(self.scans.claim, STALE_CLAIM, self.registry.region)
             if claim is None:
                 break
             await self.index(claim)
@@ -439,7 +440,8 @@ class ScanService:
         if artifact_type is None:
             raise Invalid("format must be spdx or cyclonedx")
         ref, layer = await self.platform.read(self._sbom_layer, caller, app, image, platform, fmt)
-        if layer is not None:
+        # Attached here; in a multi-region registry its bytes may not be in this region yet.
+        if layer is not None and await self.store.stat(Digest.parse(layer)) is not None:
             chunks = [c async for c in self.store.read(Digest.parse(layer))]
             return ref, b"".join(chunks)
         index = await self.index_summary(ref.digest)

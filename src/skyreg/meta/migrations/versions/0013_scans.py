@@ -27,6 +27,7 @@ def upgrade() -> None:
         "image_scans",
         sa.Column("digest", sa.String(200), primary_key=True),
         sa.Column("repository", _name(255), nullable=False),
+        sa.Column("region", sa.String(64), nullable=False, server_default=""),
         sa.Column("state", sa.String(16), nullable=False),
         sa.Column("queued_at", _TS, nullable=False),
         sa.Column("claimed_at", _TS),
@@ -44,7 +45,7 @@ def upgrade() -> None:
         sa.Column("findings", sa.LargeBinary),
         sa.Column("severity_counts", sa.Text),
     )
-    op.create_index("ix_image_scans_state", "image_scans", ["state", "queued_at"])
+    op.create_index("ix_image_scans_state", "image_scans", ["region", "state", "queued_at"])
     op.create_index("ix_image_scans_generation", "image_scans", ["matched_generation"])
     op.create_table(
         "vuln_advisories",
