@@ -223,6 +223,31 @@ class ScanMeta(SqlStore):
 
         return self._transaction(work)
 
+    def relocate(self, digest: str) -> str | None:
+        """The scan's repository no longer holds `digest`: move the scan to a repository that
+        does (its name), or forget the scan when none does (None; a later push queues it
+        afresh)."""
+
+        def work(conn: Connection) -> str | None:
+            holder = conn.execute(
+                select(s.repositories.c.name)
+                .select_from(
+                    s.manifests.join(
+                        s.repositories, s.repositories.c.id == s.manifests.c.repository_id
+                    )
+                )
+                .where(s.manifests.c.digest == digest)
+                .order_by(s.repositories.c.name)
+                .limit(1)
+            ).scalar()
+            if holder is None:
+                conn.execute(delete(_sc).where(_sc.c.digest == digest))
+                return None
+            conn.execute(update(_sc).where(_sc.c.digest == digest).values(repository=holder))
+            return str(holder)
+
+        return self._transaction(work)
+
     def requeue(self, digest: str) -> bool:
         """Queue a scan again (an operator's `rescan`); False when there is none."""
 

@@ -326,7 +326,47 @@ def _parse_named(raw: bytes, name: str) -> Advisory | OsvError:
         return OsvError(e.reason, name)
 
 
+def _central_entries(path: Path, limit: int) -> int:
+    """How many entries a zip's central directory holds (counted up to `limit + 1`), walked
+    before `ZipFile` parses it whole into objects: it reads entries up to the directory's
+    declared size, whatever count the end record declares. 0 when no end record is found
+    (`ZipFile` then refuses the file)."""
+    with path.open("rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - (22 + 0xFFFF + 20)))
+        tail = f.read()
+        at = tail.rfind(b"PK\x05\x06")
+        if at < 0 or len(tail) < at + 22:
+            return 0
+        cd_size = int.from_bytes(tail[at + 12 : at + 16], "little")
+        cd_offset = int.from_bytes(tail[at + 16 : at + 20], "little")
+        locator = at - 20
+        if locator >= 0 and tail[locator : locator + 4] == b"PK\x06\x07":
+            f.seek(int.from_bytes(tail[locator + 8 : locator + 16], "little"))
+            record = f.read(56)
+            if len(record) == 56 and record[:4] == b"PK\x06\x06":
+                cd_size = int.from_bytes(record[40:48], "little")
+                cd_offset = int.from_bytes(record[48:56], "little")
+        f.seek(cd_offset)
+        count = walked = 0
+        while walked + 46 <= cd_size and count <= limit:
+            fixed = f.read(46)
+            if len(fixed) < 46 or fixed[:4] != b"PK\x01\x02":
+                break
+            extra = sum(int.from_bytes(fixed[i : i + 2], "little") for i in (28, 30, 32))
+            f.seek(extra, os.SEEK_CUR)
+            walked += 46 + extra
+            count += 1
+        return count
+
+
 def _read_zip(path: Path) -> Iterator[Advisory | OsvError]:
+    try:
+        entries = _central_entries(path, MAX_MEMBERS)
+    except OSError as e:
+        raise OsvError(f"not a readable zip: {e}", str(path)) from None
+    if entries > MAX_MEMBERS:
+        raise OsvError(f"more than {MAX_MEMBERS} members", str(path))
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as e:

@@ -19,6 +19,8 @@ _INT32, _STRING, _STRING_ARRAY, _I18NSTRING = 4, 6, 8, 9
 _MAX_TAGS = 0xFFFF  # rpm's own bound on the index entries of one header
 _MAX_STRING = 64 * 1024
 _SQLITE_MAGIC = b"SQLite format 3\x00"
+_MAX_VM_STEPS = 50_000_000  # SQLite VM instructions for reading one database (~1 s)
+_STEPS_PER_CALL = 10_000
 
 
 class RpmDbError(ValueError):
@@ -35,10 +37,23 @@ def parse_rpmdb_sqlite(data: bytes, *, layer: str, path: str, max_packages: int)
     buf[18:20] = b"\x01\x01"
     found: list[Package] = []
     conn = sqlite3.connect(":memory:")
+    # The database is the image's: its `Packages` may be a view or have generated columns that
+    # compute without end or make giant values. No value may be longer than the database
+    # itself, and the query gets a budget of SQLite VM steps.
+    conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, max(len(data), 1 << 20))
+    steps = [0]
+
+    def budget() -> int:
+        steps[0] += 1
+        return int(steps[0] > _MAX_VM_STEPS // _STEPS_PER_CALL)
+
+    conn.set_progress_handler(budget, _STEPS_PER_CALL)
     try:
         conn.deserialize(bytes(buf))
         rows = conn.execute("SELECT blob FROM Packages")
-        for (blob,) in rows:
+        for seen, (blob,) in enumerate(rows):
+            if seen > 2 * max_packages + 1000:  # rows that are not packages count too
+                raise RpmDbError(f"more than {2 * max_packages + 1000} rows in Packages")
             if not isinstance(blob, bytes):
                 continue
             tags = parse_header(blob)

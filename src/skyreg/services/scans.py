@@ -77,6 +77,10 @@ _ANNOTATION_CREATED = "org.opencontainers.image.created"
 _EMPTY = b"{}"
 
 
+class _Forgotten(Exception):
+    """No repository holds the image any more: its scan was dropped."""
+
+
 def retry_delay(attempts: int) -> float:
     """Seconds before a failed scan is tried again: 1 min, 4 min, ..."""
     return 60.0 * float(4 ** max(0, attempts - 1))
@@ -237,7 +241,9 @@ class ScanService:
     async def index(self, claim: Claim) -> None:
         """Index one claimed image, store it, attach its SBOMs."""
         try:
-            index, stored_type, stored_size = await self._read_image(claim)
+            claim, index, stored_type, stored_size = await self._read_image(claim)
+        except _Forgotten:
+            return
         except ScanError as e:
             self.failed += 1
             log.info("scan of %s failed: %s", claim.digest, e)
@@ -256,13 +262,22 @@ class ScanService:
         except Exception:  # the scan stands; the SBOMs are still served from the index
             log.exception("SBOMs of %s not attached", claim.digest)
 
-    async def _read_image(self, claim: Claim) -> tuple[ImageIndex, str, int]:
+    async def _read_image(self, claim: Claim) -> tuple[Claim, ImageIndex, str, int]:
         stored = await self.registry.read(
             self.registry.get_manifest, claim.repository, claim.digest, True
         )
         if stored is None:
-            # No repository name: every tenant holding the digest reads this scan's error.
-            raise ScanError("the image was deleted before it was scanned")
+            # Deleted from the repository that queued it (maybe pushed and deleted on purpose):
+            # another repository holding the digest takes the scan over, else it is forgotten.
+            holder = await self.scans.run(self.scans.relocate, claim.digest)
+            if holder is None:
+                raise _Forgotten
+            claim = Claim(claim.digest, holder, claim.attempts)
+            stored = await self.registry.read(
+                self.registry.get_manifest, holder, claim.digest, True
+            )
+            if stored is None:  # deleted meanwhile too: the next claim tries again
+                raise RuntimeError("the image's repositories changed while it was being read")
         manifest = parse_manifest(stored.content, stored.media_type, Digest.parse(stored.digest))
         loop = asyncio.get_running_loop()
         layers = [
@@ -271,7 +286,7 @@ class ScanService:
             if d.media_type not in mt.FOREIGN_LAYERS and not d.urls
         ]
         index = await asyncio.to_thread(index_image, layers, self.limits)
-        return index, stored.media_type, len(stored.content)
+        return claim, index, stored.media_type, len(stored.content)
 
     async def _attach_sboms(
         self, claim: Claim, index: ImageIndex, subject_type: str, subject_size: int

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,9 +33,10 @@ IMAGE_PARAM = Param(
     "TAG, DIGEST, REPO:TAG or REPO@DIGEST of the app's repositories (default: the image of the "
     "app's current release)",
 )
+_PLATFORM = re.compile(r"[a-z0-9]{1,32}/[a-z0-9_]{1,32}(/[a-z0-9]{1,32})?")
 PLATFORM_PARAM = Param(
     "platform",
-    {"type": "string", "pattern": "^[a-z0-9]+/[a-z0-9_]+(/[a-z0-9]+)?$"},
+    {"type": "string", "pattern": "^[a-z0-9]{1,32}/[a-z0-9_]{1,32}(/[a-z0-9]{1,32})?$"},
     "For an index: the image of OS/ARCH[/VARIANT] (default linux/amd64, else its first)",
 )
 FORMAT_PARAM = Param("format", {"type": "string", "enum": ["spdx", "cyclonedx"]}, "Default spdx")
@@ -42,11 +44,6 @@ SEVERITY_PARAM = Param(
     "severity",
     {"type": "string", "enum": ["CRITICAL", "HIGH", "MEDIUM", "LOW", "UNKNOWN"]},
     "Only findings at least this severe",
-)
-VULNS_FORMAT_PARAM = Param(
-    "format",
-    {"type": "string", "enum": ["skyreg", "trivy"]},
-    f"trivy: Trivy's JSON report shape (also with `Accept: {TRIVY_MEDIA_TYPE}`)",
 )
 
 
@@ -76,8 +73,8 @@ def vulndb(status: VulnDbStatus) -> models.VulnDb:
 
 def _platform(call: Call) -> str | None:
     raw = call.query("platform")
-    if raw is not None and not (1 <= raw.count("/") <= 2 and len(raw) <= 64):
-        raise bad_request("platform must be OS/ARCH[/VARIANT]")
+    if raw is not None and not _PLATFORM.fullmatch(raw):
+        raise bad_request("platform must be OS/ARCH[/VARIANT] (lowercase letters and digits)")
     return raw
 
 
@@ -98,11 +95,8 @@ async def get_sbom(call: Call) -> bytes:
 
 
 async def get_vulns(call: Call) -> models.ImageVulns | bytes:
-    """The image's findings (or, asked for, Trivy's report shape)."""
-    fmt = call.query("format")
-    if fmt not in (None, "skyreg", "trivy"):
-        raise bad_request("format must be skyreg or trivy")
-    trivy = fmt == "trivy" or TRIVY_MEDIA_TYPE in call.request.headers.get("Accept", "")
+    """The image's findings (or, asked for with `Accept`, Trivy's report shape)."""
+    trivy = TRIVY_MEDIA_TYPE in call.request.headers.get("Accept", "")
     found = await call.services.scans.vulns(
         call.token, call.path("app"), _image(call), call.query("severity"), _platform(call)
     )
@@ -227,7 +221,10 @@ ROUTES = [
         "What is known to be wrong with an app's image: the OSV advisories naming an installed "
         "package's version, worst first", models.ImageVulns, errors=(400, 404),
         security="optional",
-        query=(IMAGE_PARAM, SEVERITY_PARAM, PLATFORM_PARAM, VULNS_FORMAT_PARAM),
+        query=(IMAGE_PARAM, SEVERITY_PARAM, PLATFORM_PARAM),
+        description=f"With `Accept: {TRIVY_MEDIA_TYPE}` the answer is Trivy's JSON report "
+        "(`SchemaVersion: 2`, `Results[].Vulnerabilities[]`) instead, so tools reading Trivy "
+        "reports read it.",
         response_description="Findings with the scan's state",
     ),
     Route(
