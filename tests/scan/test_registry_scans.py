@@ -76,32 +76,37 @@ def tenant(server: InProcessRegistry) -> Tenant:
     )
 
 
+def skopeo_push(root: Path, host: str, token: str, layout: Path, target: str) -> str:
+    """`skopeo copy oci:LAYOUT docker://HOST/TARGET` as `token` (containers files under
+    `root`); the digest pushed."""
+    done = subprocess.run(
+        [
+            *("skopeo", "--policy", str(root / "policy.json")),
+            *("--registries-conf", str(root / "registries.conf"), "copy"),
+            *("--dest-tls-verify=false", "--dest-creds", f"x:{token}"),
+            *("--digestfile", str(root / "digest")),
+            f"oci:{layout}",
+            f"docker://{host}/{target}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"TMPDIR": str(root / "tmp"), "PATH": "/usr/bin:/bin"},
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return (root / "digest").read_text().strip()
+
+
 @pytest.fixture(scope="module")
 def push(server: InProcessRegistry, tenant: Tenant) -> Iterator[Any]:
+    """Push an OCI layout as `<the tenant's app>:TAG`."""
     root = short_tmpdir("scanpush")
     _write_containers_files(root, [server.host])
-
-    def push_layout(layout: Path, tag: str) -> str:
-        done = subprocess.run(
-            [
-                *("skopeo", "--policy", str(root / "policy.json")),
-                *("--registries-conf", str(root / "registries.conf"), "copy"),
-                *("--dest-tls-verify=false", "--dest-creds", f"x:{tenant.token}"),
-                *("--digestfile", str(root / "digest")),
-                f"oci:{layout}",
-                f"docker://{server.host}/{tenant.app}:{tag}",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env={"TMPDIR": str(root / "tmp"), "PATH": "/usr/bin:/bin"},
-            check=False,
-        )
-        assert done.returncode == 0, done.stderr
-        return (root / "digest").read_text().strip()
-
     try:
-        yield push_layout
+        yield lambda layout, tag: skopeo_push(
+            root, server.host, tenant.token, layout, f"{tenant.app}:{tag}"
+        )
     finally:
         remove_tree(root)
 
@@ -434,21 +439,7 @@ def test_an_image_scanned_for_another_org_shows_nothing_of_it(
     root = short_tmpdir("scanpush2")
     _write_containers_files(root, [server.host])
     try:
-        done = subprocess.run(
-            [
-                *("skopeo", "--policy", str(root / "policy.json")),
-                *("--registries-conf", str(root / "registries.conf"), "copy"),
-                *("--dest-tls-verify=false", "--dest-creds", f"x:{other}"),
-                f"oci:{layout}",
-                f"docker://{server.host}/{other_app}:mine",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env={"TMPDIR": str(root / "tmp"), "PATH": "/usr/bin:/bin"},
-            check=False,
-        )
-        assert done.returncode == 0, done.stderr
+        skopeo_push(root, server.host, other, layout, f"{other_app}:mine")
     finally:
         remove_tree(root)
     mine = answer(
