@@ -282,3 +282,27 @@ def test_go_modules_replacements_and_purls() -> None:
         ("github.com/fork/net", "v0.1.1", "pkg:golang/github.com/fork/net@v0.1.1"),
         ("stdlib", "go1.22.5", "pkg:golang/stdlib@1.22.5"),
     ]
+
+
+def test_a_go_binary_built_without_modules_lists_its_main_package() -> None:
+    """Debian builds Go programs outside module mode: their build info has a `path` line but no
+    `mod` line. Debian's own docker client is one; syft lists its main package, so do we (its
+    version unknown to the build info: "(devel)", as syft writes it when nothing says more)."""
+    binary = Path("/usr/bin/docker")
+    if not binary.exists():
+        pytest.skip("Debian's docker.io is not installed")
+    scanner = golang.BuildInfoScanner(max_info=1 << 20)
+    with binary.open("rb") as f:
+        while not scanner.done and (chunk := f.read(1 << 20)):
+            scanner.feed(chunk)
+    found = scanner.result()
+    assert found is not None
+    go_version, modinfo = found
+    assert "\nmod\t" not in "\n" + modinfo  # no module line: the case at hand
+    packages = golang.go_packages(go_version, modinfo, layer=L, path="usr/bin/docker")
+    names = {p.name: p for p in packages}
+    assert names["github.com/docker/cli/cmd/docker"].version == "(devel)"
+    assert names["github.com/docker/cli/cmd/docker"].purl.startswith(
+        "pkg:golang/github.com/docker/cli@"
+    )
+    assert "stdlib" in names

@@ -125,13 +125,16 @@ def go_packages(go_version: str, modinfo: str, *, layer: str, path: str) -> list
     ones under the replacement's path and version, as syft does) and `stdlib` at the Go version
     (`go1.22.5`, purl version `1.22.5`)."""
     main: tuple[str, str] | None = None
+    built_from = ""  # the `path` line: the main package's import path
     deps: list[list[str]] = []
     ldflags = ""
     vcs_revision = vcs_time = ""
     for line in modinfo.split("\n"):
         fields = line.split("\t")
         kind = fields[0]
-        if kind == "mod" and len(fields) >= 3:
+        if kind == "path" and len(fields) >= 2:
+            built_from = fields[1]
+        elif kind == "mod" and len(fields) >= 3:
             main = (fields[1], fields[2])
         elif kind == "dep" and len(fields) >= 3:
             deps.append([fields[1], fields[2]])
@@ -155,6 +158,10 @@ def go_packages(go_version: str, modinfo: str, *, layer: str, path: str) -> list
             Package(name=name, version=version, type=GOLANG, purl=purl, layer=layer, path=path)
         )
 
+    if main is None and "." in built_from.split("/", 1)[0]:
+        # Built outside module mode (Debian builds Go packages so): no `mod` line, the main
+        # package's path names it; syft reports it too, versioned from -ldflags when it can.
+        main = (built_from, "(devel)")
     if main is not None:
         version = _main_version(main[1], ldflags, vcs_revision, vcs_time)
         if version:
