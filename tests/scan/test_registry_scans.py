@@ -8,9 +8,11 @@ reported with its fixed version, and the image holding the fixed version is clea
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import subprocess
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +23,10 @@ import jsonschema
 import pytest
 import requests
 
+from skyreg.oci.digest import digest_of
 from skyreg.scan.index import index_image
+from skyreg.services.scans import _opener
+from skyreg.store.filesystem import FilesystemBlobStore
 from tests.support.clients import _write_containers_files, remove_tree, short_tmpdir
 from tests.support.inprocess import InProcessRegistry
 from tests.support.layers import Entry, file
@@ -454,3 +459,26 @@ def test_an_image_scanned_for_another_org_shows_nothing_of_it(
         document = answer(r, 200)
         assert other_app in r.text and tenant.app not in r.text, fmt
         assert document
+
+
+def test_an_indexing_thread_gives_up_at_its_next_read_once_its_worker_stops(tmp_path: Path) -> None:
+    """A server stopping mid-scan does not wait for the rest of a large image: the blob files
+    the indexing thread reads end once the worker's stop is set."""
+    store = FilesystemBlobStore(tmp_path / "store")
+    data = b"x" * (3 << 20)
+    digest = digest_of(data)
+
+    async def put() -> None:
+        async def body() -> Any:
+            yield data
+
+        await store.put(digest, body())
+
+    asyncio.run(put())
+    stop = threading.Event()
+    blob = _opener(store, digest, asyncio.new_event_loop(), stop)()
+    assert blob.read(1 << 20) == data[: 1 << 20]
+    stop.set()
+    with pytest.raises(Exception, match="the scan worker stopped"):
+        blob.read(2 << 20)
+    blob.close()

@@ -18,6 +18,7 @@ import asyncio
 import io
 import json
 import logging
+import threading
 import time
 import zipfile
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -116,15 +117,43 @@ class _BlobReader(io.RawIOBase):
         return n
 
 
+class _Abandoned(Exception):
+    """The scan's worker was stopped: the indexing thread gives up at its next read."""
+
+
+class _Stoppable(io.RawIOBase):
+    """A blob file whose reads end once `stop` is set: a thread still indexing when the server
+    stops must not hold the process's shutdown for the rest of a large image."""
+
+    def __init__(self, raw: BinaryIO, stop: threading.Event) -> None:
+        self._raw, self._stop = raw, stop
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, target: Any) -> int:
+        if self._stop.is_set():
+            raise _Abandoned("the scan worker stopped")
+        data = self._raw.read(len(target))
+        target[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
 def _opener(
-    store: BlobStore, digest: Digest, loop: asyncio.AbstractEventLoop
+    store: BlobStore, digest: Digest, loop: asyncio.AbstractEventLoop, stop: threading.Event
 ) -> Callable[[], BinaryIO]:
     def open_blob() -> BinaryIO:
         path = store.local_path(digest)
-        if path is not None:
-            return path.open("rb")
-        reader = io.BufferedReader(_BlobReader(store, digest, loop), buffer_size=1024 * 1024)
-        return cast(BinaryIO, reader)
+        raw: BinaryIO = (
+            path.open("rb")
+            if path is not None
+            else cast(BinaryIO, io.BufferedReader(_BlobReader(store, digest, loop), 1 << 20))
+        )
+        return cast(BinaryIO, io.BufferedReader(_Stoppable(raw, stop), 1 << 20))
 
     return open_blob
 
@@ -279,13 +308,19 @@ class ScanService:
             if stored is None:  # deleted meanwhile too: the next claim tries again
                 raise RuntimeError("the image's repositories changed while it was being read")
         manifest = parse_manifest(stored.content, stored.media_type, Digest.parse(stored.digest))
-        loop = asyncio.get_running_loop()
+        loop, stop = asyncio.get_running_loop(), threading.Event()
         layers = [
-            Layer(str(d.digest), d.media_type, _opener(self.store, d.digest, loop))
+            Layer(str(d.digest), d.media_type, _opener(self.store, d.digest, loop, stop))
             for d in manifest.layers
             if d.media_type not in mt.FOREIGN_LAYERS and not d.urls
         ]
-        index = await asyncio.to_thread(index_image, layers, self.limits)
+        try:
+            index = await asyncio.to_thread(index_image, layers, self.limits)
+        except asyncio.CancelledError:
+            # The worker is stopping: the thread ends at its next read; the claim goes stale
+            # and is taken again (STALE_CLAIM) by a worker that runs.
+            stop.set()
+            raise
         return claim, index, stored.media_type, len(stored.content)
 
     async def _attach_sboms(
