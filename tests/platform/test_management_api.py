@@ -199,6 +199,8 @@ def test_openapi_document_lists_every_served_path(server: InProcessRegistry) -> 
         "/api/v1/apps/{app}/files",
         "/api/v1/orgs/{org}/vulnsummary",
         "/api/v1/vulndb",
+        "/api/v1/orgs/{org}/audit",
+        "/api/v1/audit",
     } == set(doc["paths"])
     # Every documented operation answers something other than "no such endpoint".
     root = admin(server)

@@ -12,7 +12,7 @@ import io
 import json
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -34,20 +34,67 @@ class Strict:
     admin: str
     image: Image
     seen: set[tuple[str, str]]
+    audited: dict[tuple[str, str], int] = field(default_factory=dict)  # entries each call left
 
     def call(
         self, method: str, route: str, path: str | None = None, secret: str | None = "", **kw: Any
     ) -> requests.Response:
         """`method` on `route` (a `ROUTES` key; `path` fills its parameters), as `secret`
-        (default: the admin token; None: anonymous)."""
+        (default: the admin token; None: anonymous). A mutating call must leave exactly one
+        audit entry, naming the caller's token and what the call named (none for routes the
+        document marks `x-skyreg-audited: false`)."""
         self.seen.add((route, method))
         token = self.admin if secret == "" else secret
         headers = dict(kw.pop("headers", {}))
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
-        return requests.request(
+        before = self._last_audit_id() if method != "GET" else 0
+        r = requests.request(
             method, self.reg.url + API + (path or route), headers=headers, timeout=60, **kw
         )
+        if method != "GET":
+            new = self._audit_after(before)
+            expected_actor = self._token_id(token)
+            if ROUTES[route][method].audited:
+                assert len(new) == 1, (method, route, new)
+                entry = new[0]
+                assert entry["action"] == ROUTES[route][method].operation_id, entry
+                assert entry["target"] == f"{method} {API}{path or route}", entry
+                assert entry["actor_id"] == expected_actor, entry
+                assert entry["status"] == r.status_code, entry
+                assert entry["client"] == "127.0.0.1", entry
+            else:
+                assert new == [], (method, route, new)
+            self.audited[(route, method)] = len(new)
+        return r
+
+    def _audit_after(self, after: int) -> list[dict[str, Any]]:
+        r = requests.get(
+            self.reg.url + API + "/audit",
+            params={"after": str(after)},
+            headers={"Authorization": f"Bearer {self.admin}"},
+            timeout=60,
+        )
+        assert r.status_code == 200, r.text
+        return list(r.json()["entries"])
+
+    def _last_audit_id(self) -> int:
+        entries = self._audit_after(0)
+        while True:
+            more = self._audit_after(entries[-1]["id"]) if entries else []
+            if not more:
+                return int(entries[-1]["id"]) if entries else 0
+            entries = more
+
+    def _token_id(self, secret: str | None) -> str | None:
+        if secret is None:
+            return None
+        r = requests.get(
+            self.reg.url + API + "/whoami",
+            headers={"Authorization": f"Bearer {secret}"},
+            timeout=60,
+        )
+        return str(r.json()["id"]) if r.status_code == 200 else None
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +235,17 @@ def test_every_management_route_queries_off_the_event_loop(strict: Strict) -> No
     _ok(s.call("GET", "/tokens"), 200)
     created = _ok(s.call("POST", "/tokens", json={"kind": "readonly", "org": "acme"}), 201)
     _ok(s.call("DELETE", "/tokens/{token_id}", f"/tokens/{created['id']}"), 200)
+    log = _ok(s.call("GET", "/orgs/{org}/audit", "/orgs/acme/audit"), 200)["entries"]
+    assert {e["org"] for e in log} == {"acme"} and log
+    _ok(s.call("GET", "/audit"), 200)
     assert s.seen == {(path, method) for path, methods in ROUTES.items() for method in methods}
+    # Every mutating operation of the document was called and audited as it says.
+    document = _ok(s.call("GET", "/openapi.json", secret=None), 200)
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            if method.upper() in ("POST", "PUT", "PATCH", "DELETE"):
+                expected = 0 if operation.get("x-skyreg-audited") is False else 1
+                assert s.audited[(path.removeprefix(API), method.upper())] == expected, path
     assert "LoopBlocked" not in s.reg.log()
 
 

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from skyreg import __version__
+from skyreg.cli.audit import register as register_audit
 from skyreg.cli.builder import register as register_builder
 from skyreg.cli.builds import register as register_builds
 from skyreg.cli.deploy import register as register_deploy
@@ -293,6 +294,12 @@ def serve(
             "server with the worker scans them).",
         ),
     ] = True,
+    audit_days: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Days the audit log keeps an entry (`skyreg audit`); older ones go."
+        ),
+    ] = 365,
     pull_flush_interval: Annotated[
         float,
         typer.Option(
@@ -420,6 +427,7 @@ def serve(
             retention_interval=retention_interval,
             pull_flush_interval=pull_flush_interval,
             scan_worker=scan,
+            audit_days=audit_days,
             secrets_key_file=secrets_key_file,
             secrets_key_env=os.environ.get("SKYREG_SECRETS_KEY"),
         )
@@ -444,6 +452,7 @@ register_machines(app)
 register_proxy(app)
 register_push(app)
 register_registry(app)
+register_audit(app)
 register_secrets(app)
 
 keys_app = typer.Typer(help="Registry-token signing keys in the data dir.", no_args_is_help=True)

@@ -557,3 +557,28 @@ vulndb_state = Table(
     Column("imported_at", DateTime(timezone=True)),
     Column("source", Text),
 )
+
+# -- the audit log (migration 0014) -------------------------------------------------------------
+
+# One row per mutating management API call and registry action (push, deletions), appended after
+# it answered: who (the token: id, name, kind; none for an anonymous caller), what (`action`: the
+# API operation or registry action; `target`: what it named), when, from where (the client
+# address), and the result (the HTTP status). `org_id` is the org whose thing was acted on (else
+# the caller's; None: neither, seen by admins only). Nothing updates or deletes a row but the
+# expiry of rows older than the retention (`meta/audit.py`).
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("id", _BIG_ID, primary_key=True, autoincrement=True),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("org_id", Integer),
+    Column("actor_id", String(32)),
+    Column("actor_name", String(100)),
+    Column("actor_kind", String(16)),
+    Column("action", String(64), nullable=False),
+    Column("target", Text, nullable=False),
+    Column("client", String(64), nullable=False),
+    Column("status", Integer, nullable=False),
+    Index("ix_audit_log_org", "org_id", "id"),
+    Index("ix_audit_log_at", "at"),
+)

@@ -16,6 +16,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from skyreg.auth.http import IDENTITY_KEY, identify, unauthorized
 from skyreg.auth.policy import DELETE, PULL, PUSH
 from skyreg.geo.errors import BlobNotInRegion, GeoRefused, RegionsUnavailable
+from skyreg.meta.audit import AuditEntry, AuditMeta
 from skyreg.meta.db import disk_full
 from skyreg.meta.db import unreachable as database_unreachable
 from skyreg.meta.errors import BlobSizeMismatch, ManifestInUse, MetaRefused, ReferenceMissing
@@ -259,9 +260,63 @@ async def _dispatch(request: web.Request) -> web.StreamResponse:
         )
     if route.endpoint is not Endpoint.CATALOG:
         validate_name(route.name)
-    await _authorize(request, request.app[REGISTRY_KEY], route.endpoint, route.name)
-    _refuse_unstorable_query(request, route.endpoint)
-    return await handler(request, route.name, route.reference)
+    reg = request.app[REGISTRY_KEY]
+    action = _AUDITED.get((route.endpoint, request.method))
+    if reg.audit is None or action is None:
+        await _authorize(request, reg, route.endpoint, route.name)
+        _refuse_unstorable_query(request, route.endpoint)
+        return await handler(request, route.name, route.reference)
+    status = 500
+    try:
+        await _authorize(request, reg, route.endpoint, route.name)
+        _refuse_unstorable_query(request, route.endpoint)
+        resp = await handler(request, route.name, route.reference)
+        status = resp.status
+        return resp
+    except RegistryError as e:
+        status = e.status
+        raise
+    except MetaRefused:
+        status = 400
+        raise
+    finally:
+        await _audit(request, reg.audit, action, route.name, route.reference, status)
+
+
+# Registry actions in the audit log: pushes and deletions (uploads are recorded by the push of
+# the manifest that uses them; pulls are not audited).
+_AUDITED = {
+    (Endpoint.MANIFEST, "PUT"): "pushManifest",
+    (Endpoint.MANIFEST, "DELETE"): "deleteManifest",
+    (Endpoint.BLOB, "DELETE"): "deleteBlob",
+}
+
+
+async def _audit(
+    request: web.Request, audit: AuditMeta, action: str, name: str, reference: str, status: int
+) -> None:
+    """Append a registry action's audit entry; a failure to is logged, never the client's."""
+    identity = request.get(IDENTITY_KEY)
+    token = identity.token if identity is not None else None
+    separator = "@" if ":" in reference else ":"
+    entry = AuditEntry(
+        action=action,
+        target=f"{name}{separator}{reference}",
+        client=request.remote or "unknown",
+        status=status,
+        actor_id=token.id if token else None,
+        actor_name=token.name if token else None,
+        actor_kind=token.kind if token else None,
+        actor_org_id=token.org_id if token else None,
+        names={"repository": name},
+    )
+    try:
+        await audit.run(audit.record, entry)
+    except Exception as e:
+        if database_unreachable(e) or disk_full(e):  # the outage is logged once, elsewhere
+            log.debug("audit entry of %s %s not written: %s", request.method, request.path, e)
+        else:
+            log.exception("audit entry of %s %s not written", request.method, request.path)
 
 
 def upload_expiry(reg: Registry, interval: float) -> PeriodicWorker:

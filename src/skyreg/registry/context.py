@@ -10,6 +10,7 @@ from aiohttp import web
 from skyreg.auth.http import IDENTITY_KEY
 from skyreg.auth.policy import PULL
 from skyreg.auth.service import Authenticator
+from skyreg.meta.audit import AuditMeta
 from skyreg.meta.registry import RegistryMeta
 from skyreg.registry.forwarded import Network
 from skyreg.store.base import BlobStore
@@ -34,6 +35,7 @@ class Registry:
     space: SpaceGuard | None = None  # None: no low-space watermark (S3, or turned off)
     quotas: QuotaGate | None = None  # None: no org quotas (a registry without the platform)
     pulls: PullTimes | None = None  # None: manifest pull times are not recorded
+    audit: AuditMeta | None = None  # None: pushes and deletions are not audited (no platform)
 
 
 REGISTRY_KEY = web.AppKey("registry", Registry)

@@ -4,13 +4,16 @@ the registry's middlewares."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from skyreg.auth.http import AUTHENTICATOR_KEY, TOKEN_PATH, client_of, token_endpoint, too_many
 from skyreg.auth.service import Authenticator, AuthFailed, Throttled
+from skyreg.meta.audit import AuditMeta
 from skyreg.oci.errors import ErrorCode, RegistryError
 from skyreg.platform.api import add_management_routes
 from skyreg.platform.api.base import SERVICES_KEY
@@ -31,6 +34,9 @@ if TYPE_CHECKING:
     from skyreg.workers import Workers
 
 
+log = logging.getLogger("skyreg.server")
+
+
 def create_app(
     reg: Registry,
     releases: ReleaseService | None = None,
@@ -39,6 +45,7 @@ def create_app(
     gc: Collector | None = None,
     gc_worker: bool = True,
     scan_worker: bool = True,
+    audit_days: int = 365,
     secret_keys: Callable[[], MasterKeys],
 ) -> web.Application:
     """The application of one worker process over `reg`: the OCI API; with auth, the token
@@ -68,6 +75,9 @@ def create_app(
                 )
                 if scan_worker:  # pushed images: packages, files, SBOMs, vulnerabilities
                     workers.add(app[SERVICES_KEY].scans.worker())
+                audit = app[SERVICES_KEY].audit
+                if audit is not None:  # entries past the retention go, hourly
+                    workers.add(_audit_expiry(audit, timedelta(days=audit_days)))
     if reg.geo is not None:
         app.cleanup_ctx.append(reg.geo.run)
     if reg.geo is not None or workers is not None or gc is not None:
@@ -82,6 +92,16 @@ def create_app(
 
         app.router.add_get("/metrics", metrics)
     return app
+
+
+def _audit_expiry(audit: AuditMeta, keep: timedelta) -> PeriodicWorker:
+    """The worker deleting audit entries older than `keep`, hourly."""
+
+    async def step() -> None:
+        while await audit.run(audit.expire, keep):  # a batch at a time
+            pass
+
+    return PeriodicWorker("audit_expiry", 3600.0, step, logger=log)
 
 
 async def _metrics_response(

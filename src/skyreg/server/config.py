@@ -53,6 +53,7 @@ class ServeConfig:
     retention_interval: float = 300.0  # seconds between the gc worker's rounds over policies
     pull_flush_interval: float = 30.0  # seconds between writes of manifest pull times
     scan_worker: bool = True  # False (--no-scan): pushes are queued for scanning, not scanned here
+    audit_days: int = 365  # days the audit log keeps an entry
     # Master keys of app secrets: SKYREG_SECRETS_KEY, else this 0600 file, else
     # `<data-dir>/secrets.key` (made on first use). See auth/envelope.py.
     secrets_key_file: Path | None = None

@@ -21,6 +21,7 @@ from skyreg.auth.envelope import MasterKeys
 from skyreg.auth.keys import KeyRing
 from skyreg.auth.ratelimit import FailureLimiter
 from skyreg.auth.service import Authenticator
+from skyreg.meta.audit import AuditMeta
 from skyreg.meta.db import unreachable as database_unreachable
 from skyreg.meta.gc import GcMeta, GcSettings
 from skyreg.meta.machines import MachineMeta
@@ -147,6 +148,8 @@ async def run_worker(
     store = open_blob_store(cfg)
     auth = _authenticator(cfg, meta)
     reg = Registry(meta=meta, store=store, upload_ttl=cfg.upload_ttl, auth=auth)
+    if auth is not None:  # who pushed and deleted what: the audit log of the platform's orgs
+        reg.audit = AuditMeta(meta.db)
     if isinstance(store, FilesystemBlobStore) and cfg.min_free_space != Watermark():
         reg.space = SpaceGuard(store, meta, cfg.min_free_space, cfg.reclaim_idle)
     reg.geo = _geo_node(cfg, reg)
@@ -189,6 +192,7 @@ async def run_worker(
         gc=collector,
         gc_worker=cfg.gc_worker,
         scan_worker=cfg.scan_worker,
+        audit_days=cfg.audit_days,
         secret_keys=functools.partial(
             MasterKeys.load,
             cfg.secrets_key_file,

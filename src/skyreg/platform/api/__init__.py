@@ -21,6 +21,7 @@ from skyreg.meta.scans import ScanMeta
 from skyreg.platform.api import (
     agent,
     apps,
+    audit,
     builds,
     gc,
     images,
@@ -82,6 +83,7 @@ ROUTE_LIST: list[Route] = [
     *tokens.ROUTES,
     *secrets.ROUTES,
     *scans.ROUTES,
+    *audit.ROUTES,
 ]
 
 # Every path served, with its routes by method (the OpenAPI document lists the same).

@@ -104,7 +104,7 @@ ROUTES = [
         "POST", "/agent/machines/{machine_id}/state", agent_state, "agentReportState",
         "An agent reports a machine's state; the release's status follows (complete when all "
         "its machines started, failed when one failed)", models.Machine, request=StateReport,
-        errors=(400, 403, 404), response_description="The machine",
+        errors=(400, 403, 404), response_description="The machine", audited=False,
     ),
     Route(
         "POST", "/agent/machines/{machine_id}/health", agent_health, "agentReportHealth",
@@ -113,7 +113,7 @@ ROUTES = [
         models.Machine, request=HealthReport, errors=(400, 403, 404, 409),
         description="409 when the machine's release has no checks or the machine is neither "
         "starting nor started.",
-        response_description="The machine",
+        response_description="The machine", audited=False,
     ),
     Route(
         "GET", "/agent/routes", agent_routes, "agentRoutes",
@@ -125,10 +125,12 @@ ROUTES = [
         "POST", "/agent/machines/{machine_id}/events", agent_event, "agentReportEvent",
         "An agent records a machine event", models.Recorded, status=201,
         request=MachineEventInput, errors=(400, 403, 404), response_description="Recorded",
+        audited=False,
     ),
     Route(
         "POST", "/agent/machines/{machine_id}/logs", agent_logs, "agentSendLogs",
         "An agent appends a machine's log lines", models.Recorded, status=201,
         request=LogLines, errors=(400, 403, 404), response_description="Recorded",
+        audited=False,
     ),
 ]  # fmt: skip

@@ -22,7 +22,9 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from skyreg.auth.envelope import MasterKeys
 from skyreg.auth.service import Authenticator
+from skyreg.meta.audit import AuditEntry, AuditMeta
 from skyreg.meta.builds import BuildMeta
+from skyreg.meta.db import disk_full
 from skyreg.meta.db import unreachable as database_unreachable
 from skyreg.meta.platform import TokenRecord
 from skyreg.meta.quotas import QuotaMeta
@@ -56,6 +58,7 @@ log = logging.getLogger("skyreg.platform")
 
 PREFIX = "/api/v1"
 BODY_METHODS = frozenset({"POST", "PATCH", "PUT"})  # requests whose body the endpoint reads
+AUDITED_METHODS = BODY_METHODS | {"DELETE"}  # calls that change something: audited
 
 In = TypeVar("In", bound=Input)
 
@@ -76,6 +79,7 @@ class Services:
     builds: BuildService
     secrets: SecretService
     openapi: bytes = b""  # the generated document, encoded once
+    audit: AuditMeta | None = None  # None: no audit log (set by `over`)
     scan_service: ScanService | None = None  # None: no registry in this process (no blobs)
 
     @property
@@ -96,7 +100,7 @@ class Services:
         retention = RetentionMeta(releases.platform.db)
         # Untagged manifests wait the registry's review delay unless a policy says otherwise.
         retention.review_delay = releases.registry.gc.review_delay
-        return cls(
+        services = cls(
             auth=auth,
             orgs=OrgService(releases.platform),
             apps=AppService(releases.platform, releases.geo),
@@ -125,6 +129,8 @@ class Services:
                 SecretKeyRing(secret_keys),
             ),
         )
+        services.audit = AuditMeta(releases.platform.db)
+        return services
 
 
 SERVICES_KEY = web.AppKey("management_services", Services)
@@ -233,6 +239,10 @@ class Call:
         except msgspec.ValidationError as e:
             raise bad_request(str(e)[:300]) from None
 
+    def raw_body(self) -> bytes | None:
+        """The body as read (None: not read, or refused)."""
+        return self._raw
+
     def lazy_body(self, model: type[In]) -> Callable[[], In]:
         """`body`, for a service that asks for it once its earlier checks pass."""
         return lambda: self.body(model)
@@ -288,6 +298,9 @@ class Route:
     response_description: str = "OK"
     max_body: int = MAX_BODY  # bytes of a request body (more: 413)
     streams_body: bool = False  # the handler reads the body itself, after identifying the caller
+    # Mutating calls leave an audit entry; not agents' and builders' own reports (machine
+    # telemetry, many a second), marked `x-skyreg-audited: false` in the document.
+    audited: bool = True
 
 
 _HEADERS = {"Cache-Control": "no-store"}
@@ -334,32 +347,102 @@ def endpoint(routes: dict[str, Route]) -> RequestHandler:
                 f"{request.method} is not supported here",
                 headers={"Allow": allow},
             ).response()
-        try:
-            call = Call(request, request.app[SERVICES_KEY])
-            _refuse_unstorable_parameters(request)
-            if request.method in BODY_METHODS and not route.streams_body:
-                await call.read_body(route.max_body)
-            if route.security != "none":
-                await call.identify()
-            return _answer(route, await route.handler(call))
-        except ServiceError as e:
-            return refusal(e).response()
-        except ApiError as err:
-            return err.response()
-        except RequestPayloadError as e:  # a body the client mis-encoded (say, "gzip" that is not)
-            return bad_request(f"unreadable request body: {e}"[:300]).response()
-        except Exception as e:
-            if database_unreachable(e):  # logged once by the engine, not per request
-                return ApiError(
-                    503,
-                    "unavailable",
-                    "registry database is unreachable: retry later",
-                    headers={"Retry-After": "5"},
-                ).response()
-            log.exception("unhandled error in %s %s", request.method, request.path)
-            return ApiError(500, "internal", "internal server error").response()
+        call = Call(request, request.app[SERVICES_KEY])
+        response = await _serve_call(route, call)
+        if route.audited and request.method in AUDITED_METHODS:
+            await _audit(call, route, response.status)
+        return response
 
     return serve
+
+
+async def _serve_call(route: Route, call: Call) -> web.StreamResponse:
+    request = call.request
+    try:
+        _refuse_unstorable_parameters(request)
+        if request.method in BODY_METHODS and not route.streams_body:
+            await call.read_body(route.max_body)
+        if route.security != "none":
+            await call.identify()
+        return _answer(route, await route.handler(call))
+    except ServiceError as e:
+        return refusal(e).response()
+    except ApiError as err:
+        return err.response()
+    except RequestPayloadError as e:  # a body the client mis-encoded (say, "gzip" that is not)
+        return bad_request(f"unreadable request body: {e}"[:300]).response()
+    except Exception as e:
+        if database_unreachable(e):  # logged once by the engine, not per request
+            return ApiError(
+                503,
+                "unavailable",
+                "registry database is unreachable: retry later",
+                headers={"Retry-After": "5"},
+            ).response()
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return ApiError(500, "internal", "internal server error").response()
+
+
+_PATH_NAMES = {
+    "org": "org",
+    "app": "app",
+    "machine_id": "machine",
+    "build_id": "build",
+    "builder_id": "builder",
+    "token_id": "token",
+}
+_CREATED_NAMES = {"createOrg": "org", "createApp": "app"}  # the body's `name` is what it made
+
+
+def _audit_names(call: Call, route: Route) -> dict[str, str]:
+    """What the call named, by kind: its path parameters and the body's `org`/`app`/`name`."""
+    names = {
+        _PATH_NAMES[key]: value
+        for key, value in call.request.match_info.items()
+        if key in _PATH_NAMES
+    }
+    raw = call.raw_body()
+    if raw and len(raw) <= MAX_BODY and raw.lstrip().startswith(b"{"):
+        try:
+            doc = load_json(raw, max_bytes=MAX_BODY)
+        except JSONInputError:
+            doc = None
+        if isinstance(doc, dict):
+            for key in ("org", "app"):
+                if isinstance(doc.get(key), str) and key not in names:
+                    names[key] = doc[key][:200]
+            created = _CREATED_NAMES.get(route.operation_id)
+            if created and isinstance(doc.get("name"), str):
+                names[created] = doc["name"][:200]
+    return names
+
+
+async def _audit(call: Call, route: Route, status: int) -> None:
+    """Append the call's audit entry; a failure to is logged, never the caller's problem (the
+    action already happened)."""
+    token = call.token
+    entry = AuditEntry(
+        action=route.operation_id,
+        target=f"{call.request.method} {call.request.path}",
+        client=call.request.remote or "unknown",
+        status=status,
+        actor_id=token.id if token else None,
+        actor_name=token.name if token else None,
+        actor_kind=token.kind if token else None,
+        actor_org_id=token.org_id if token else None,
+        names=_audit_names(call, route),
+    )
+    audit = call.services.audit
+    if audit is None:
+        return
+    try:
+        await audit.run(audit.record, entry)
+    except Exception as e:
+        request = call.request
+        if database_unreachable(e) or disk_full(e):  # the outage is logged once, elsewhere
+            log.debug("audit entry of %s %s not written: %s", request.method, request.path, e)
+        else:
+            log.exception("audit entry of %s %s not written", request.method, request.path)
 
 
 async def no_endpoint(request: web.Request) -> web.StreamResponse:

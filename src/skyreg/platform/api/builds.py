@@ -207,13 +207,13 @@ ROUTES = [
         "the build's sealed secrets; `wait` (seconds, at most 20) waits for one to be queued",
         models.ClaimedBuild, errors=(400, 403, 404),
         query=(Param("wait", {"type": "integer", "minimum": 0, "maximum": 20, "default": 0}),),
-        response_description="A build, or null",
+        response_description="A build, or null", audited=False,
     ),
     Route(
         "POST", "/builder/builds/{build_id}/logs", builder_logs, "sendBuildLogs",
         "A builder appends a build's log lines; `stop` tells it to stop the build",
         models.BuildLogAccepted, request=BuildLogLines, errors=(400, 404),
-        response_description="Accepted",
+        response_description="Accepted", audited=False,
     ),
     Route(
         "POST", "/builder/builds/{build_id}/result", builder_result, "sendBuildResult",

@@ -766,3 +766,24 @@ class VulnImport(Model):
     errors: list[str]
     generation: int
     seconds: float
+
+
+# -- the audit log -------------------------------------------------------------------------------
+
+
+class AuditEntry(Model):
+    id: Annotated[int, _d("Grows with each entry; pass the last as `after` for the next page")]
+    at: Time
+    org: Annotated[str | None, _d("The org whose thing was acted on (null: none)")]
+    actor_id: Annotated[str | None, _d("The token's id (null: an anonymous caller)")]
+    actor_name: str | None
+    actor_kind: str | None
+    action: Annotated[str, _d("The API operation (operationId) or registry action")]
+    target: Annotated[str, _d("What it acted on: METHOD PATH, or REPOSITORY:TAG / @DIGEST")]
+    client: Annotated[str, _d("The client's address")]
+    status: Annotated[int, _d("The HTTP status it answered")]
+
+
+class AuditLog(Model):
+    entries: Annotated[list[AuditEntry], _d("Oldest first")]
+    next_after: Annotated[int | None, _d("Pass as `after` for more; null: no more now")]

@@ -9,7 +9,7 @@ from typing import Any
 import msgspec
 
 from skyreg.platform.api import models
-from skyreg.platform.api.base import PATH_PARAMETERS, PREFIX, Route
+from skyreg.platform.api.base import AUDITED_METHODS, PATH_PARAMETERS, PREFIX, Route
 
 INFO = {
     "title": "skyreg management API",
@@ -87,6 +87,8 @@ def document(routes: list[Route]) -> dict[str, Any]:
         operation: dict[str, Any] = {"operationId": route.operation_id, "summary": route.summary}
         if route.description:
             operation["description"] = route.description
+        if route.method in AUDITED_METHODS and not route.audited:
+            operation["x-skyreg-audited"] = False  # machine telemetry: not in the audit log
         if route.security == "none":
             operation["security"] = []
         elif route.security == "optional":

@@ -1,0 +1,97 @@
+"""`/orgs/{org}/audit` and `/audit`: the audit log (append-only; read, never changed here)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from skyreg.meta.audit import MAX_PAGE, AuditRecord
+from skyreg.platform.api import models
+from skyreg.platform.api.base import Call, Param, Route, bad_request
+from skyreg.services.access import may_manage, required, visible_org
+from skyreg.services.errors import Forbidden
+
+QUERY = (
+    Param("since", {"type": "string", "format": "date-time"}, "Entries at or after this time"),
+    Param("after", {"type": "integer", "minimum": 0}, "Entries after this id (next_after)"),
+    Param("limit", {"type": "integer", "minimum": 1, "maximum": MAX_PAGE}, f"At most {MAX_PAGE}"),
+)
+
+
+def _entry(r: AuditRecord) -> models.AuditEntry:
+    return models.AuditEntry(
+        id=r.id,
+        at=models.time(r.at),
+        org=r.org,
+        actor_id=r.actor_id,
+        actor_name=r.actor_name,
+        actor_kind=r.actor_kind,
+        action=r.action,
+        target=r.target,
+        client=r.client,
+        status=r.status,
+    )
+
+
+def _since(call: Call) -> datetime | None:
+    raw = call.query("since")
+    if raw is None:
+        return None
+    try:
+        value = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        raise bad_request("since must be an RFC 3339 time") from None
+    if value.tzinfo is None:
+        raise bad_request("since must name its time zone (Z or +HH:MM)")
+    return value
+
+
+async def _page(call: Call, org_name: str | None) -> models.AuditLog:
+    since, after = _since(call), call.query_int("after", 0)
+    limit = call.query_int("limit", MAX_PAGE, minimum=1, maximum=MAX_PAGE)
+    services = call.services
+    caller = call.caller()
+    audit = services.audit
+    if audit is None:  # pragma: no cover - every management API has one
+        raise bad_request("no audit log here")
+
+    def read() -> list[AuditRecord]:
+        token = required(caller)
+        if org_name is None:
+            if token.kind != "admin":
+                raise Forbidden("only an admin token reads the whole audit log")
+            return audit.entries(None, all_orgs=True, since=since, after=after, limit=limit)
+        org = visible_org(services.auth.platform, token, org_name)
+        if not may_manage(token, org.id):
+            raise Forbidden("an org token of the organization (or admin) reads its audit log")
+        return audit.entries(org.id, since=since, after=after, limit=limit)
+
+    records = await audit.read(read)
+    return models.AuditLog(
+        entries=[_entry(r) for r in records],
+        next_after=records[-1].id if len(records) == limit else None,
+    )
+
+
+async def org_audit(call: Call) -> models.AuditLog:
+    """An org's audit log (admin, or an org token of it)."""
+    return await _page(call, call.path("org"))
+
+
+async def all_audit(call: Call) -> models.AuditLog:
+    """Every org's audit log and the entries of no org (admin)."""
+    return await _page(call, None)
+
+
+ROUTES = [
+    Route(
+        "GET", "/orgs/{org}/audit", org_audit, "getOrgAudit",
+        "An org's audit log: who changed what, when, from where, with what result (admin, or "
+        "an org token of the org)", models.AuditLog, errors=(400, 403, 404), query=QUERY,
+        response_description="Entries, oldest first",
+    ),
+    Route(
+        "GET", "/audit", all_audit, "getAudit",
+        "The whole audit log, entries of no org included (admin)", models.AuditLog,
+        errors=(400, 403), query=QUERY, response_description="Entries, oldest first",
+    ),
+]  # fmt: skip
