@@ -201,6 +201,10 @@ def test_openapi_document_lists_every_served_path(server: InProcessRegistry) -> 
         "/api/v1/vulndb",
         "/api/v1/orgs/{org}/audit",
         "/api/v1/audit",
+        "/api/v1/orgs/{org}/webhooks",
+        "/api/v1/webhooks/{webhook_id}",
+        "/api/v1/webhooks/{webhook_id}/deliveries",
+        "/api/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/redeliver",
     } == set(doc["paths"])
     # Every documented operation answers something other than "no such endpoint".
     root = admin(server)
@@ -213,6 +217,8 @@ def test_openapi_document_lists_every_served_path(server: InProcessRegistry) -> 
             .replace("{org}", "nonexistent-org")
             .replace("{build_id}", "nonexistent")
             .replace("{builder_id}", "nonexistent")
+            .replace("{webhook_id}", "nonexistent")
+            .replace("{delivery_id}", "1")
         )
         r = requests.request(
             method, server.url + concrete, headers={"Authorization": f"Bearer {root.secret}"}

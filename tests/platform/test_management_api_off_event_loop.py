@@ -99,7 +99,10 @@ class Strict:
 
 @pytest.fixture(scope="module")
 def strict(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Strict]:
-    reg = InProcessRegistry(data_dir=tmp_path_factory.mktemp("strict") / "data")
+    reg = InProcessRegistry(
+        data_dir=tmp_path_factory.mktemp("strict") / "data",
+        options={"webhook_allow_private": True},  # its webhook points at a closed local port
+    )
     reg.start()
     try:
         t = Tenancy(reg.data_dir)
@@ -235,6 +238,24 @@ def test_every_management_route_queries_off_the_event_loop(strict: Strict) -> No
     _ok(s.call("GET", "/tokens"), 200)
     created = _ok(s.call("POST", "/tokens", json={"kind": "readonly", "org": "acme"}), 201)
     _ok(s.call("DELETE", "/tokens/{token_id}", f"/tokens/{created['id']}"), 200)
+    # Webhooks: made, listed, its deliveries listed and one sent again, deleted.
+    hook = _ok(
+        s.call(
+            "POST",
+            "/orgs/{org}/webhooks",
+            "/orgs/acme/webhooks",
+            json={"url": "http://127.0.0.1:9/hook", "events": ["dev.skyreg.release.created"]},
+        ),
+        201,
+    )
+    _ok(s.call("GET", "/orgs/{org}/webhooks", "/orgs/acme/webhooks"), 200)
+    _ok(s.call("POST", "/apps/{app}/releases", "/apps/web/releases", json={"image": "web:v1"}), 201)
+    hook_path = f"/webhooks/{hook['id']}"
+    listed = _ok(s.call("GET", "/webhooks/{webhook_id}/deliveries", hook_path + "/deliveries"), 200)
+    again = f"{hook_path}/deliveries/{listed['deliveries'][0]['id']}/redeliver"
+    route = "/webhooks/{webhook_id}/deliveries/{delivery_id}/redeliver"
+    _ok(s.call("POST", route, again), 201)
+    _ok(s.call("DELETE", "/webhooks/{webhook_id}", hook_path), 204)
     log = _ok(s.call("GET", "/orgs/{org}/audit", "/orgs/acme/audit"), 200)["entries"]
     assert {e["org"] for e in log} == {"acme"} and log
     _ok(s.call("GET", "/audit"), 200)

@@ -24,6 +24,7 @@ from skyreg.cli.push import register as register_push
 from skyreg.cli.registry import register as register_registry
 from skyreg.cli.retention import register as register_retention
 from skyreg.cli.secrets import register as register_secrets
+from skyreg.cli.webhooks import register as register_webhooks
 from skyreg.meta.threads import DEFAULT_THREADS, MAX_THREADS
 
 app = typer.Typer(
@@ -294,6 +295,22 @@ def serve(
             "server with the worker scans them).",
         ),
     ] = True,
+    webhook_allow_private: Annotated[
+        bool,
+        typer.Option(
+            help="Allow webhook targets on loopback, private and link-local addresses (refused "
+            "by default: a webhook must not reach into the server's own network)."
+        ),
+    ] = False,
+    webhook_max_attempts: Annotated[
+        int, typer.Option(min=1, max=100, help="Attempts before a webhook delivery fails.")
+    ] = 8,
+    webhook_retry_base: Annotated[
+        float,
+        typer.Option(
+            min=0.01, help="Seconds before a failed delivery's first retry (doubling, at most 1 h)."
+        ),
+    ] = 5.0,
     audit_days: Annotated[
         int,
         typer.Option(
@@ -428,6 +445,9 @@ def serve(
             pull_flush_interval=pull_flush_interval,
             scan_worker=scan,
             audit_days=audit_days,
+            webhook_allow_private=webhook_allow_private,
+            webhook_max_attempts=webhook_max_attempts,
+            webhook_retry_base=webhook_retry_base,
             secrets_key_file=secrets_key_file,
             secrets_key_env=os.environ.get("SKYREG_SECRETS_KEY"),
         )
@@ -453,6 +473,7 @@ register_proxy(app)
 register_push(app)
 register_registry(app)
 register_audit(app)
+register_webhooks(app)
 register_secrets(app)
 
 keys_app = typer.Typer(help="Registry-token signing keys in the data dir.", no_args_is_help=True)

@@ -20,6 +20,13 @@ from skyreg.meta import schema as s
 from skyreg.meta.db import SqlStore
 from skyreg.meta.gc import GcSettings, enqueue_manifests, release_images
 from skyreg.meta.platform import stored_service
+from skyreg.meta.webhooks import (
+    MACHINE_FAILED,
+    MACHINE_STARTED,
+    RELEASE_COMPLETE,
+    RELEASE_FAILED,
+    emit_for_app,
+)
 
 DESIRED = ("started", "stopped", "waiting")
 # Live machines count against an app's limit: started, or waiting their turn in a rolling deploy.
@@ -204,6 +211,29 @@ def _machine(row: Any) -> Machine:
     )
 
 
+def _release_event(conn: Connection, event_type: str, release_id: int) -> None:
+    """A release's webhook event (created, complete, failed), in the caller's transaction."""
+    row = conn.execute(
+        select(_r.c.app_id, _r.c.version, _r.c.status, _r.c.image_ref, _r.c.image_digest).where(
+            _r.c.id == release_id
+        )
+    ).first()
+    if row is not None:
+        emit_for_app(
+            conn,
+            event_type,
+            int(row[0]),
+            f"releases/{release_id}",
+            {
+                "release_id": release_id,
+                "version": int(row[1]),
+                "status": row[2],
+                "image": row[3],
+                "digest": row[4],
+            },
+        )
+
+
 class MachineMeta(SqlStore):
     gc: GcSettings = GcSettings()  # the GC review delay (meta/gc.py)
 
@@ -279,6 +309,7 @@ class MachineMeta(SqlStore):
                 conn.execute(
                     update(_r).where(_r.c.id == release_id).values(status="failed", updated_at=now)
                 )
+                _release_event(conn, RELEASE_FAILED, release_id)
                 return refusal
             placed = rows
             if strategy == "rolling" and len(rows) > 1 and self._live(conn, app_id) > 0:
@@ -467,7 +498,7 @@ class MachineMeta(SqlStore):
         def work(conn: Connection) -> None:
             now = _now()
             found = conn.execute(
-                select(_m.c.release_id, _r.c.service)
+                select(_m.c.release_id, _r.c.service, _m.c.state, _m.c.app_id, _m.c.region)
                 .select_from(_m.join(_r, _r.c.id == _m.c.release_id))
                 .where(_m.c.id == machine_id)
             ).first()
@@ -483,6 +514,20 @@ class MachineMeta(SqlStore):
             if state == "starting":
                 values["health"] = "starting" if has_checks(stored_service(found[1])) else None
             conn.execute(update(_m).where(_m.c.id == machine_id).values(**values))
+            if state in ("started", "failed") and state != found[2]:
+                emit_for_app(
+                    conn,
+                    MACHINE_STARTED if state == "started" else MACHINE_FAILED,
+                    int(found[3]),
+                    f"machines/{machine_id}",
+                    {
+                        "machine": machine_id,
+                        "region": found[4],
+                        "state": state,
+                        "exit_code": exit_code,
+                        "release_id": release_id,
+                    },
+                )
             self._reconcile(conn, release_id, now)
 
         self._transaction(work)
@@ -572,6 +617,7 @@ class MachineMeta(SqlStore):
             conn.execute(
                 update(_r).where(_r.c.id == release_id).values(status="failed", updated_at=now)
             )
+            _release_event(conn, RELEASE_FAILED, release_id)
             conn.execute(
                 update(_m)
                 .where(_m.c.release_id == release_id)
@@ -592,6 +638,7 @@ class MachineMeta(SqlStore):
                 .where(_r.c.id == release_id)
                 .values(status="complete", stable=True, updated_at=now)
             )
+            _release_event(conn, RELEASE_COMPLETE, release_id)
             self._stop_others(conn, int(release[1]), release_id, now, older=int(release[2]))
 
     @staticmethod

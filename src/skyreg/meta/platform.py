@@ -13,6 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from skyreg.meta import schema as s
 from skyreg.meta.db import SqlStore
 from skyreg.meta.gc import GcSettings, release_images_retired
+from skyreg.meta.webhooks import RELEASE_CREATED, emit_for_app
 
 
 def _now() -> datetime:
@@ -622,7 +623,22 @@ class ReleaseMeta(SqlStore):
                 .select_from(_RELEASES_FROM)
                 .where(s.releases.c.id == release_id)
             ).one()
-            return _release(tuple(row))
+            created = _release(tuple(row))
+            emit_for_app(
+                conn,
+                RELEASE_CREATED,
+                app_id,
+                f"releases/{created.id}",
+                {
+                    "release_id": created.id,
+                    "version": created.version,
+                    "status": created.status,
+                    "image": created.image_ref,
+                    "digest": created.image_digest,
+                    "user": created.user_name,
+                },
+            )
+            return created
 
         return self._transaction(work, conflicts=True)
 

@@ -35,6 +35,7 @@ from skyreg.meta.gc import GcSettings, cancel_deletion, enqueue_blobs, enqueue_m
 from skyreg.meta.retention import PUSH_GRACE, forget_pulls, untagged_delay
 from skyreg.meta.scans import enqueue_scan, scannable
 from skyreg.meta.threads import DEFAULT_THREADS
+from skyreg.meta.webhooks import IMAGE_PUSHED, MANIFEST_DELETED, TAG_DELETED, emit_for_repository
 from skyreg.oci.manifest import Manifest
 
 
@@ -304,6 +305,19 @@ class RegistryMeta(SqlStore):
                     ],
                 )
             moved = [self._set_tag(conn, repo_id, tag, digest, now) for tag in tag_names]
+            if manifest.subject is None:  # a push (a referrer, such as a signature, is not)
+                emit_for_repository(
+                    conn,
+                    IMAGE_PUSHED,
+                    repository,
+                    f"{repository}@{digest}",
+                    {
+                        "repository": repository,
+                        "digest": digest,
+                        "tags": tag_names,
+                        "mediaType": manifest.media_type,
+                    },
+                )
             left = {p for p in moved if p is not None and p != digest}
             if left or not tag_names:
                 # The app's untagged delay (its retention policy), else the review delay.
@@ -517,6 +531,13 @@ class RegistryMeta(SqlStore):
             enqueue_manifests(
                 conn, held + [(repo_id, str(r)) for r in referrers], "parent_deleted", delay, now
             )
+            emit_for_repository(
+                conn,
+                MANIFEST_DELETED,
+                repository,
+                f"{repository}@{digest}",
+                {"repository": repository, "digest": digest},
+            )
             return True
 
         return self._transaction(work)
@@ -535,6 +556,13 @@ class RegistryMeta(SqlStore):
                 return False
             delay = untagged_delay(conn, repository, self.gc.review_delay)
             enqueue_manifests(conn, [(repo_id, str(digest))], "tag_deleted", delay)
+            emit_for_repository(
+                conn,
+                TAG_DELETED,
+                repository,
+                f"{repository}:{tag}",
+                {"repository": repository, "tag": tag, "digest": str(digest)},
+            )
             return True
 
         return self._transaction(work)

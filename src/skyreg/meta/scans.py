@@ -30,6 +30,7 @@ from sqlalchemy import Connection, and_, delete, exists, func, or_, select, upda
 
 from skyreg.meta import schema as s
 from skyreg.meta.db import SqlStore
+from skyreg.meta.webhooks import SCAN_FINISHED, emit_for_repository
 from skyreg.oci import mediatypes as mt
 from skyreg.oci.manifest import Manifest
 from skyreg.scan.model import SEVERITIES, FileEntry, Finding, ImageIndex, OsRelease, Package
@@ -352,19 +353,33 @@ class ScanMeta(SqlStore):
         ]
 
     def store_findings(self, digest: str, generation: int, findings: Sequence[Finding]) -> None:
-        counts = json.dumps(severity_counts(findings))
-        self._transaction(
-            lambda conn: conn.execute(
+        """Store a match; the first one of a scan is its `scan.finished` webhook event."""
+        counts = severity_counts(findings)
+
+        def work(conn: Connection) -> None:
+            row = conn.execute(
+                select(_sc.c.repository, _sc.c.matched_at).where(_sc.c.digest == digest)
+            ).first()
+            conn.execute(
                 update(_sc)
                 .where(_sc.c.digest == digest, _sc.c.state == DONE)
                 .values(
                     matched_generation=generation,
                     matched_at=_now(),
                     findings=pack(tuple(findings)),
-                    severity_counts=counts,
+                    severity_counts=json.dumps(counts),
                 )
             )
-        )
+            if row is not None and row.matched_at is None:
+                emit_for_repository(
+                    conn,
+                    SCAN_FINISHED,
+                    row.repository,
+                    f"{row.repository}@{digest}",
+                    {"repository": row.repository, "digest": digest, "vulnerabilities": counts},
+                )
+
+        self._transaction(work)
 
     def advisories_for(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], list[bytes]]:
         """The stored records naming each (ecosystem, name) pair."""

@@ -582,3 +582,48 @@ audit_log = Table(
     Index("ix_audit_log_org", "org_id", "id"),
     Index("ix_audit_log_at", "at"),
 )
+
+# -- webhooks (migration 0015) -------------------------------------------------------------------
+
+# A webhook of an org (app_id None: every app of it) for some event types; its HMAC secret
+# sealed under a master key (`key_id`), shown to its creator once.
+webhooks = Table(
+    "webhooks",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("org_id", Integer, ForeignKey("orgs.id"), nullable=False),
+    Column("app_id", Integer, ForeignKey("apps.id")),
+    Column("url", Text, nullable=False),
+    Column("events", Text, nullable=False),  # JSON list of event types; [] = every type
+    Column("key_id", String(32), nullable=False),
+    Column("sealed_secret", LargeBinary, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("created_by", String(32)),
+    Column("deleted_at", DateTime(timezone=True)),
+    Index("ix_webhooks_org", "org_id"),
+)
+
+# The outbox: one row per (event, webhook), written in the transaction of the change that made
+# the event; the `webhooks` worker delivers each webhook's rows in id order (at least once; the
+# CloudEvents id names the event for de-duplication), retrying with backoff up to a cap.
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("id", _BIG_ID, primary_key=True, autoincrement=True),
+    Column("webhook_id", String(32), ForeignKey("webhooks.id"), nullable=False),
+    Column("event_id", String(64), nullable=False),
+    Column("event_type", String(64), nullable=False),
+    Column("source", Text, nullable=False),
+    Column("subject", Text),
+    Column("time", DateTime(timezone=True), nullable=False),
+    Column("data", Text, nullable=False),  # JSON
+    Column("state", String(16), nullable=False),  # pending, delivered, failed
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("next_attempt_at", DateTime(timezone=True), nullable=False),
+    Column("last_status", Integer),
+    Column("last_latency_ms", Integer),
+    Column("last_response", Text),
+    Column("last_error", Text),
+    Column("delivered_at", DateTime(timezone=True)),
+    Index("ix_webhook_deliveries_due", "state", "webhook_id", "id"),
+)

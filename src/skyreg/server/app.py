@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
@@ -17,6 +18,7 @@ from skyreg.meta.audit import AuditMeta
 from skyreg.oci.errors import ErrorCode, RegistryError
 from skyreg.platform.api import add_management_routes
 from skyreg.platform.api.base import SERVICES_KEY
+from skyreg.platform.webhooks import WebhookSender
 from skyreg.registry import CLIENT_MAX_SIZE, add_routes, middlewares
 from skyreg.registry.context import Registry
 from skyreg.registry.gc import Collector
@@ -46,6 +48,7 @@ def create_app(
     gc_worker: bool = True,
     scan_worker: bool = True,
     audit_days: int = 365,
+    webhooks: WebhookSettings | None = None,
     secret_keys: Callable[[], MasterKeys],
 ) -> web.Application:
     """The application of one worker process over `reg`: the OCI API; with auth, the token
@@ -78,6 +81,22 @@ def create_app(
                 audit = app[SERVICES_KEY].audit
                 if audit is not None:  # entries past the retention go, hourly
                     workers.add(_audit_expiry(audit, timedelta(days=audit_days)))
+                settings = webhooks or WebhookSettings()
+                services = app[SERVICES_KEY]
+                services.webhook_allow_private = settings.allow_private
+                sender = WebhookSender(
+                    services.webhooks.meta,
+                    services.secrets.keyring.keys,
+                    allow_private=settings.allow_private,
+                    max_attempts=settings.max_attempts,
+                    retry_base=settings.retry_base,
+                )
+                workers.add(sender.worker())
+
+                async def close_sender(_app: web.Application) -> None:
+                    await sender.aclose()
+
+                app.on_cleanup.append(close_sender)
     if reg.geo is not None:
         app.cleanup_ctx.append(reg.geo.run)
     if reg.geo is not None or workers is not None or gc is not None:
@@ -92,6 +111,15 @@ def create_app(
 
         app.router.add_get("/metrics", metrics)
     return app
+
+
+@dataclass(frozen=True)
+class WebhookSettings:
+    """`serve --webhook-*`: targets allowed, attempts, first retry delay."""
+
+    allow_private: bool = False
+    max_attempts: int = 8
+    retry_base: float = 5.0
 
 
 def _audit_expiry(audit: AuditMeta, keep: timedelta) -> PeriodicWorker:

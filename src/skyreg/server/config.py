@@ -54,6 +54,9 @@ class ServeConfig:
     pull_flush_interval: float = 30.0  # seconds between writes of manifest pull times
     scan_worker: bool = True  # False (--no-scan): pushes are queued for scanning, not scanned here
     audit_days: int = 365  # days the audit log keeps an entry
+    webhook_allow_private: bool = False  # webhook targets on loopback/private addresses
+    webhook_max_attempts: int = 8  # attempts before a delivery fails
+    webhook_retry_base: float = 5.0  # seconds before the first retry (doubling, at most 1 h)
     # Master keys of app secrets: SKYREG_SECRETS_KEY, else this 0600 file, else
     # `<data-dir>/secrets.key` (made on first use). See auth/envelope.py.
     secrets_key_file: Path | None = None

@@ -38,7 +38,7 @@ from skyreg.registry.gc import Collector
 from skyreg.registry.pulls import PullTimes
 from skyreg.registry.quotas import QuotaGate
 from skyreg.registry.space import SpaceGuard, Watermark
-from skyreg.server.app import create_app, metrics_app
+from skyreg.server.app import WebhookSettings, create_app, metrics_app
 from skyreg.server.config import ServeConfig, parse_storage
 from skyreg.server.supervisor import supervise
 from skyreg.services.releases import ReleaseService
@@ -193,6 +193,9 @@ async def run_worker(
         gc_worker=cfg.gc_worker,
         scan_worker=cfg.scan_worker,
         audit_days=cfg.audit_days,
+        webhooks=WebhookSettings(
+            cfg.webhook_allow_private, cfg.webhook_max_attempts, cfg.webhook_retry_base
+        ),
         secret_keys=functools.partial(
             MasterKeys.load,
             cfg.secrets_key_file,

@@ -406,3 +406,21 @@ class MachineSecretsRequest(Input):
     """`POST /agent/machines/{id}/secrets`: the agent starting the machine asks for its values."""
 
     generation: Annotated[int, _doc(minimum=0, maximum=INT32_MAX)]
+
+
+class CreateWebhook(Input):
+    """`POST /orgs/{org}/webhooks`: a webhook of the org (or of one of its apps)."""
+
+    url: Annotated[
+        str,
+        _doc(
+            maxLength=2048,
+            description="http(s) URL the events are POSTed to; loopback and private addresses "
+            "are refused unless the server allows them (`serve --webhook-allow-private`)",
+        ),
+    ]
+    events: Annotated[
+        list[str],
+        _doc(maxItems=20, description="Event types (`dev.skyreg.image.pushed`, ...); [] = all"),
+    ] = msgspec.field(default_factory=list)
+    app: Annotated[Name | None, _doc(description="Only this app's events")] = None

@@ -34,6 +34,7 @@ from skyreg.platform.api import (
     scans,
     secrets,
     tokens,
+    webhooks,
 )
 from skyreg.platform.api.base import (
     PREFIX,
@@ -84,6 +85,7 @@ ROUTE_LIST: list[Route] = [
     *secrets.ROUTES,
     *scans.ROUTES,
     *audit.ROUTES,
+    *webhooks.ROUTES,
 ]
 
 # Every path served, with its routes by method (the OpenAPI document lists the same).

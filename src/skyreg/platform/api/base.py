@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 import msgspec
@@ -30,6 +30,7 @@ from skyreg.meta.platform import TokenRecord
 from skyreg.meta.quotas import QuotaMeta
 from skyreg.meta.retention import RetentionMeta
 from skyreg.meta.secrets import SecretMeta
+from skyreg.meta.webhooks import WebhookMeta
 from skyreg.oci.bounded import MAX_INT, JSONInputError, load_json, parse_int, storable
 from skyreg.platform.http import MAX_BODY, ApiError, Identifier, read_body
 from skyreg.services.access import AUTHENTICATION_REQUIRED
@@ -53,6 +54,7 @@ from skyreg.services.retention import RetentionService
 from skyreg.services.scans import ScanService
 from skyreg.services.secrets import SecretKeyRing, SecretService
 from skyreg.services.tokens import TokenService
+from skyreg.services.webhooks import WebhookService
 
 log = logging.getLogger("skyreg.platform")
 
@@ -80,6 +82,8 @@ class Services:
     secrets: SecretService
     openapi: bytes = b""  # the generated document, encoded once
     audit: AuditMeta | None = None  # None: no audit log (set by `over`)
+    webhooks: WebhookService = field(init=False)  # set by `over`
+    webhook_allow_private: bool = False  # webhook targets on loopback/private addresses allowed
     scan_service: ScanService | None = None  # None: no registry in this process (no blobs)
 
     @property
@@ -130,6 +134,7 @@ class Services:
             ),
         )
         services.audit = AuditMeta(releases.platform.db)
+        services.webhooks = WebhookService(WebhookMeta(releases.platform.db), releases.platform)
         return services
 
 
@@ -263,6 +268,8 @@ class Param:
 
 
 PATH_PARAMETERS = {
+    "webhook_id": "Webhook id",
+    "delivery_id": "Delivery id (of the webhook's deliveries)",
     "app": "App name",
     "org": "Organization name",
     "token_id": "Token id",

@@ -787,3 +787,46 @@ class AuditEntry(Model):
 class AuditLog(Model):
     entries: Annotated[list[AuditEntry], _d("Oldest first")]
     next_after: Annotated[int | None, _d("Pass as `after` for more; null: no more now")]
+
+
+# -- webhooks ------------------------------------------------------------------------------------
+
+
+class Webhook(Model):
+    id: str
+    org: str
+    app: Annotated[str | None, _d("Only this app's events (null: every app of the org)")]
+    url: str
+    events: Annotated[list[str], _d("Event types ([]: all)")]
+    created_at: Time
+
+
+class NewWebhook(Webhook):
+    secret: Annotated[
+        str, _d("Signs every delivery (X-Skyreg-Signature: sha256=HMAC); shown only now")
+    ]
+
+
+class WebhookList(Model):
+    webhooks: list[Webhook]
+
+
+class Delivery(Model):
+    id: int
+    event_id: Annotated[str, _d("The CloudEvents id: the same in every delivery of the event")]
+    event_type: str
+    subject: str | None
+    time: Time
+    state: Annotated[str, _d("pending, delivered or failed")]
+    attempts: int
+    next_attempt_at: Time
+    last_status: Annotated[int | None, _d("The receiver's last HTTP status")]
+    last_latency_ms: int | None
+    last_response: Annotated[str | None, _d("The start of the receiver's last answer")]
+    last_error: str | None
+    delivered_at: Time | None
+
+
+class DeliveryList(Model):
+    webhook: Webhook
+    deliveries: Annotated[list[Delivery], _d("Newest first")]
