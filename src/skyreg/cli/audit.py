@@ -10,7 +10,17 @@ from typing import Annotated, Any
 import typer
 
 from skyreg.cli.client import client, fail
-from skyreg.cli.platform import AsJson, Server, Token, _console, _print_json, _quote, _table, _when
+from skyreg.cli.platform import (
+    AsJson,
+    Server,
+    Token,
+    _cell,
+    _console,
+    _print_json,
+    _quote,
+    _table,
+    _when,
+)
 
 _AGO = re.compile(r"(\d+)([smhd])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -70,7 +80,14 @@ def audit(
     rows = _table("WHEN", "WHO", "ACTION", "TARGET", "FROM", "RESULT")
     for e in entries:
         who = f"{e['actor_name'] or '-'} ({e['actor_kind'] or 'anonymous'})"
-        rows.add_row(_when(e["at"]), who, e["action"], e["target"], e["client"], str(e["status"]))
+        rows.add_row(
+            _when(e["at"]),
+            _cell(who),
+            _cell(e["action"]),
+            _cell(e["target"]),
+            _cell(e["client"]),
+            str(e["status"]),
+        )
     _console().print(rows)
 
 

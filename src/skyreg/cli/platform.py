@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     # Imported where a table is printed: rich costs every other command its start-up time.
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
 Server = Annotated[
     str | None,
@@ -93,6 +94,15 @@ def short_digest(digest: str) -> str:
     """`sha256:0123456789ab`: the algorithm and the first 12 hex digits."""
     algorithm, _, hex_part = digest.partition(":")
     return f"{algorithm}:{hex_part[:12]}" if hex_part else digest[:19]
+
+
+def _cell(value: object) -> Text:
+    """Text a user or tenant controls, as a table cell: never read as markup (`[/x]` would end
+    the table with an error), its control characters (terminal escape sequences) as `\\xNN`."""
+    from rich.text import Text
+
+    raw = str(value)
+    return Text("".join(c if c == "\t" or c.isprintable() else f"\\x{ord(c):02x}" for c in raw))
 
 
 def _table(*columns: str) -> Table:

@@ -13,7 +13,17 @@ from typing import Annotated, Any
 import typer
 
 from skyreg.cli.client import client, fail
-from skyreg.cli.platform import AsJson, Server, Token, _console, _print_json, _quote, _table, _when
+from skyreg.cli.platform import (
+    AsJson,
+    Server,
+    Token,
+    _cell,
+    _console,
+    _print_json,
+    _quote,
+    _table,
+    _when,
+)
 from skyreg.units import human_size
 
 registry_app = typer.Typer(
@@ -142,7 +152,12 @@ def vulns(
         if cves and not ident.startswith("CVE-"):
             ident += f" ({cves[0]})"
         rows.add_row(
-            f["severity"], ident, f["package"], f["version"], f["fixed"] or "-", f["summary"][:80]
+            _cell(f["severity"]),
+            _cell(ident),
+            _cell(f["package"]),
+            _cell(f["version"]),
+            _cell(f["fixed"] or "-"),
+            _cell(f["summary"][:80]),
         )
     _console().print(rows)
 
@@ -166,9 +181,9 @@ def vulnsummary(
     rows = _table("ID", "SEVERITY", *apps)
     for entry in doc["advisories"]:
         rows.add_row(
-            entry["advisory"],
-            entry["severity"],
-            *(", ".join(entry["apps"].get(a, [])) or "-" for a in apps),
+            _cell(entry["advisory"]),
+            _cell(entry["severity"]),
+            *(_cell(", ".join(entry["apps"].get(a, [])) or "-") for a in apps),
         )
     _console().print(rows)
 

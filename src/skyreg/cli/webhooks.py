@@ -7,7 +7,17 @@ from typing import Annotated
 import typer
 
 from skyreg.cli.client import client
-from skyreg.cli.platform import AsJson, Server, Token, _console, _print_json, _quote, _table, _when
+from skyreg.cli.platform import (
+    AsJson,
+    Server,
+    Token,
+    _cell,
+    _console,
+    _print_json,
+    _quote,
+    _table,
+    _when,
+)
 
 webhooks_app = typer.Typer(
     help="Webhooks: CloudEvents POSTed to a URL of yours when images, releases and machines "
@@ -52,10 +62,10 @@ def list_(org: Org, as_json: AsJson = False, server: Server = None, token: Token
     rows = _table("ID", "URL", "APP", "EVENTS", "CREATED")
     for h in found["webhooks"]:
         rows.add_row(
-            h["id"],
-            h["url"],
-            h["app"] or "*",
-            ", ".join(h["events"]) or "all",
+            _cell(h["id"]),
+            _cell(h["url"]),
+            _cell(h["app"] or "*"),
+            _cell(", ".join(h["events"]) or "all"),
             _when(h["created_at"]),
         )
     _console().print(rows)
@@ -90,12 +100,12 @@ def deliveries(
         answer = (d["last_error"] or d["last_response"] or "")[:60]
         rows.add_row(
             str(d["id"]),
-            d["event_type"],
-            d["state"],
+            _cell(d["event_type"]),
+            _cell(d["state"]),
             str(d["attempts"]),
             str(d["last_status"] or "-"),
             latency,
-            answer,
+            _cell(answer),
         )
     _console().print(rows)
 

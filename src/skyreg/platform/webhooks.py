@@ -125,9 +125,11 @@ def check_address(address: str, *, host: str | None = None) -> None:
         raise UnsafeTarget(f"{address!r} is not an IP address") from None
     kind = _unsafe_kind(ip)
     if kind is not None:
-        name = f"{host} resolves to {ip}" if host and host != address else f"{ip}"
+        # A name's addresses are not shown: a tenant must not look up the server's internal
+        # DNS through this message.
+        name = f"{host} resolves to {kind}" if host and host != address else f"{ip}, {kind}"
         raise UnsafeTarget(
-            f"{name}, {kind}: webhooks may only call public addresses "
+            f"{name}: webhooks may only call public addresses "
             "(a server operator may allow private targets)"
         )
 
@@ -265,9 +267,9 @@ class _Outcome:
 @dataclass
 class WebhookSender:
     """Delivers due webhook deliveries: one `step` sends each webhook's oldest due delivery
-    (at most `concurrency` POSTs at once) and records the attempt. A 2xx answer delivers; any
-    other answer, a redirect, a timeout or a refused target is retried after
-    min(retry_base * 2**attempts, 3600) seconds, until `max_attempts` attempts fail it."""
+    (at most `concurrency` POSTs at once, one per webhook) and records the attempt. A 2xx
+    answer delivers; any other answer, a redirect, a timeout or a refused target is retried
+    after min(retry_base * 2**attempts, 3600) seconds, until `max_attempts` attempts fail it."""
 
     meta: WebhookMeta
     keys: Callable[[], MasterKeys]  # may block (reads a key file): called on a thread
@@ -279,7 +281,11 @@ class WebhookSender:
     delivered: int = 0  # deliveries this process delivered
     failed: int = 0  # deliveries this process gave up on
     retried: int = 0  # failed attempts to be made again
+    step_wait: float = 1.0  # seconds a step waits for the deliveries it started
     _session: aiohttp.ClientSession | None = field(default=None, init=False, repr=False)
+    _gate: asyncio.Semaphore | None = field(default=None, init=False, repr=False)
+    # The delivery in flight of each webhook (it may outlive the step that started it).
+    _inflight: dict[str, asyncio.Task[None]] = field(default_factory=dict, init=False, repr=False)
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -300,23 +306,42 @@ class WebhookSender:
         return float(min(self.retry_base * 2**attempts, MAX_BACKOFF))
 
     async def step(self) -> None:
-        """Send every due delivery once."""
+        """Start each due delivery of a webhook that has none in flight, and wait for them at
+        most `step_wait` seconds: a receiver that answers slowly (or never, until `timeout`)
+        holds back its own webhook only, not the next steps of the others."""
+        self._reap()
         due = await self.meta.read(self.meta.due, DUE_BATCH)
+        due = [item for item in due if item.delivery.webhook_id not in self._inflight]
         if not due:
             return
         keys = await asyncio.to_thread(self.keys)
-        gate = asyncio.Semaphore(self.concurrency)
+        if self._gate is None:
+            self._gate = asyncio.Semaphore(self.concurrency)
+        gate = self._gate
 
         async def one(item: DueDelivery) -> None:
             async with gate:
                 await self._deliver(keys, item)
 
-        # Every delivery finishes (or fails) before the step reports the first error, if any:
-        # one failed write must not leave the others running past the step.
-        results = await asyncio.gather(*(one(item) for item in due), return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+        started = []
+        for item in due:
+            task = asyncio.create_task(one(item))
+            self._inflight[item.delivery.webhook_id] = task
+            started.append(task)
+        await asyncio.wait(started, timeout=self.step_wait)
+        self._reap()
+
+    def _reap(self) -> None:
+        """Forget finished deliveries; raise the first one's error, once all are forgotten (a
+        failed write must not leave the others in the in-flight table)."""
+        error: BaseException | None = None
+        for hook_id, task in list(self._inflight.items()):
+            if task.done():
+                del self._inflight[hook_id]
+                if not task.cancelled() and task.exception() is not None and error is None:
+                    error = task.exception()
+        if error is not None:
+            raise error
 
     async def _deliver(self, keys: MasterKeys, item: DueDelivery) -> None:
         d = item.delivery
@@ -374,7 +399,13 @@ class WebhookSender:
         return PeriodicWorker("webhooks", interval, self.step, logger=log)
 
     async def aclose(self) -> None:
-        """Close the HTTP client (after the worker stopped)."""
+        """Stop the deliveries in flight (each stays pending: it is sent again, at least once)
+        and close the HTTP client (after the worker stopped)."""
+        tasks = list(self._inflight.values())
+        self._inflight.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
             self._session = None
