@@ -406,3 +406,19 @@ def test_cloudevent_and_signature_are_stable() -> None:
         "datacontenttype": "application/json",
         "data": {"tag": "v1"},
     }
+
+
+def test_webhooks_with_a_delivery_in_flight_leave_their_places_to_others(world: World) -> None:
+    """Due deliveries are listed a batch at a time: webhooks the sender is still delivering to
+    are left out of the query, so hanging receivers never crowd out due deliveries of others."""
+
+    async def test() -> None:
+        hooks = {await world.hook(f"http://127.0.0.1:9/hook{n}") for n in range(4)}
+        await world.emit("dev.skyreg.image.pushed", None, n=1)  # one delivery per webhook
+        first = await world.hooks.read(world.hooks.due, 3)
+        busy = frozenset(d.delivery.webhook_id for d in first)
+        assert len(busy) == 3  # a batch of three: one webhook's delivery is left out
+        rest = await world.hooks.read(world.hooks.due, 3, busy)
+        assert [d.delivery.webhook_id for d in rest] == sorted(hooks - busy)
+
+    asyncio.run(test())

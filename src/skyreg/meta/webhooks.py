@@ -372,9 +372,10 @@ class WebhookMeta(SqlStore):
 
     # -- the worker's side -----------------------------------------------------------------
 
-    def due(self, limit: int = 50) -> list[DueDelivery]:
-        """Per live webhook, its oldest pending delivery, when that one is due (a delivery
-        waits for the ones before it: order is kept)."""
+    def due(self, limit: int = 50, busy: frozenset[str] = frozenset()) -> list[DueDelivery]:
+        """Per live webhook (but those in `busy`: a delivery of theirs is in flight), its oldest
+        pending delivery, when that one is due (a delivery waits for the ones before it: order
+        is kept)."""
         heads = (
             select(func.min(_d.c.id).label("id"))
             .where(_d.c.state == PENDING)
@@ -388,6 +389,8 @@ class WebhookMeta(SqlStore):
             .order_by(_d.c.id)
             .limit(limit)
         )
+        if busy:
+            query = query.where(_d.c.webhook_id.not_in(sorted(busy)))
         with self._read() as conn:
             rows = conn.execute(query).all()
         return [DueDelivery(_delivery(r), r.url, r.key_id, bytes(r.sealed_secret)) for r in rows]

@@ -310,8 +310,9 @@ class WebhookSender:
         most `step_wait` seconds: a receiver that answers slowly (or never, until `timeout`)
         holds back its own webhook only, not the next steps of the others."""
         self._reap()
-        due = await self.meta.read(self.meta.due, DUE_BATCH)
-        due = [item for item in due if item.delivery.webhook_id not in self._inflight]
+        # Webhooks with a delivery in flight are left out of the query, so hanging receivers
+        # never take the places of due deliveries of others.
+        due = await self.meta.read(self.meta.due, DUE_BATCH, frozenset(self._inflight))
         if not due:
             return
         keys = await asyncio.to_thread(self.keys)
