@@ -81,7 +81,7 @@ def emit(
             or_(_w.c.app_id.is_(None), _w.c.app_id == app_id),
         )
     ).all()
-    wanted = [h.id for h in hooks if not json.loads(h.events) or event_type in json.loads(h.events)]
+    wanted = [h.id for h in hooks if event_type in json.loads(h.events) or h.events == "[]"]
     if not wanted:
         return 0
     now, event_id, body = _now(), uuid.uuid4().hex, json.dumps(dict(data), sort_keys=True)

@@ -184,6 +184,7 @@ class Call:
         self._raw: bytes | None = None
         self._limit = MAX_BODY
         self._body_error: ApiError | RequestPayloadError | None = None
+        self._doc: Any = None  # the body as `body` parsed it (kept for the audit entry)
 
     async def identify(self) -> None:
         """Look up the Authorization header's token; 401 when wrong, 429 when throttled."""
@@ -237,6 +238,7 @@ class Call:
                 doc = load_json(raw, max_bytes=self._limit)  # depth, NUL, surrogates bounded
             except JSONInputError as e:
                 raise bad_request(f"the request body is not valid JSON: {e}") from None
+        self._doc = doc
         if not isinstance(doc, dict):
             raise bad_request("the request body must be a JSON object")
         try:
@@ -244,9 +246,15 @@ class Call:
         except msgspec.ValidationError as e:
             raise bad_request(str(e)[:300]) from None
 
-    def raw_body(self) -> bytes | None:
-        """The body as read (None: not read, or refused)."""
-        return self._raw
+    def parsed_body(self) -> Any:
+        """The body as JSON, parsed once (by `body`, else here); None when it was not read or
+        is not JSON."""
+        if self._doc is None and self._raw is not None and self._raw.strip():
+            try:
+                self._doc = load_json(self._raw, max_bytes=self._limit)
+            except JSONInputError:
+                return None
+        return self._doc
 
     def lazy_body(self, model: type[In]) -> Callable[[], In]:
         """`body`, for a service that asks for it once its earlier checks pass."""
@@ -408,19 +416,14 @@ def _audit_names(call: Call, route: Route) -> dict[str, str]:
         for key, value in call.request.match_info.items()
         if key in _PATH_NAMES
     }
-    raw = call.raw_body()
-    if raw and len(raw) <= MAX_BODY and raw.lstrip().startswith(b"{"):
-        try:
-            doc = load_json(raw, max_bytes=MAX_BODY)
-        except JSONInputError:
-            doc = None
-        if isinstance(doc, dict):
-            for key in ("org", "app"):
-                if isinstance(doc.get(key), str) and key not in names:
-                    names[key] = doc[key][:200]
-            created = _CREATED_NAMES.get(route.operation_id)
-            if created and isinstance(doc.get("name"), str):
-                names[created] = doc["name"][:200]
+    doc = call.parsed_body()
+    if isinstance(doc, dict):
+        for key in ("org", "app"):
+            if isinstance(doc.get(key), str) and key not in names:
+                names[key] = doc[key][:200]
+        created = _CREATED_NAMES.get(route.operation_id)
+        if created and isinstance(doc.get("name"), str):
+            names[created] = doc["name"][:200]
     return names
 
 
