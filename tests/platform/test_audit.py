@@ -154,3 +154,36 @@ def test_entries_past_the_retention_go(server: InProcessRegistry) -> None:
         audit.close()
         meta.close()
     assert _log(server, org) == []
+
+
+def test_the_log_reads_newest_first_paged_backwards(server: InProcessRegistry) -> None:
+    org = _org(server)
+    for i in range(5):
+        body = {"kind": "readonly", "org": org.name, "name": f"newest-{i}"}
+        answer(api(server, "POST", "/tokens", org.org_token, json=body), 201)
+    oldest_first = [e["id"] for e in _log(server, org)]
+    assert len(oldest_first) == 5
+    path = f"/orgs/{org.name}/audit?order=newest&limit=2"
+    first = answer(api(server, "GET", path, org.org_token), 200)
+    assert [e["id"] for e in first["entries"]] == oldest_first[:-3:-1]
+    assert first["next_after"] is None and first["next_before"] == oldest_first[-2]
+    second = answer(api(server, "GET", f"{path}&before={first['next_before']}", org.org_token), 200)
+    assert [e["id"] for e in second["entries"]] == oldest_first[-3:-5:-1]
+    third = answer(api(server, "GET", f"{path}&before={second['next_before']}", org.org_token), 200)
+    assert [e["id"] for e in third["entries"]] == oldest_first[:1]
+    assert third["next_before"] is None
+    # Oldest first stays the default, paged forwards only.
+    assert (
+        answer(api(server, "GET", f"/orgs/{org.name}/audit?limit=2", org.org_token), 200)[
+            "next_before"
+        ]
+        is None
+    )
+    refused(
+        api(server, "GET", f"/orgs/{org.name}/audit?before=3", org.org_token), 400, "bad_request"
+    )
+    refused(
+        api(server, "GET", f"/orgs/{org.name}/audit?order=sideways", org.org_token),
+        400,
+        "bad_request",
+    )

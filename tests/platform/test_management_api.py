@@ -172,6 +172,8 @@ def test_openapi_document_lists_every_served_path(server: InProcessRegistry) -> 
         "/api/v1/tokens/{token_id}",
         "/api/v1/apps/{app}/machines",
         "/api/v1/apps/{app}/logs",
+        "/api/v1/machines/{machine_id}",
+        "/api/v1/machines/{machine_id}/logs",
         "/api/v1/machines/{machine_id}/stop",
         "/api/v1/machines/{machine_id}/start",
         "/api/v1/machines/{machine_id}/restart",

@@ -185,6 +185,12 @@ def test_every_management_route_queries_off_the_event_loop(strict: Strict) -> No
     _ok(s.call("GET", "/agent/routes"), 200)
     logs = _ok(s.call("GET", "/apps/{app}/logs", "/apps/web/logs"), 200)
     assert [ln["line"] for ln in logs["lines"]] == ["a line"]
+    one = _ok(s.call("GET", "/machines/{machine_id}", f"/machines/{machine}"), 200)
+    assert [e["message"] for e in one["events"]][-1] == "hi"
+    tail = _ok(
+        s.call("GET", "/machines/{machine_id}/logs", f"/machines/{machine}/logs?tail=5"), 200
+    )
+    assert [ln["line"] for ln in tail["lines"]] == ["a line"]
     for action in ("stop", "start", "restart"):
         changed = s.call(
             "POST", f"/machines/{{machine_id}}/{action}", f"/machines/{machine}/{action}"

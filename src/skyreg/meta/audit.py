@@ -127,16 +127,21 @@ class AuditMeta(SqlStore):
         since: datetime | None = None,
         after: int = 0,
         limit: int = MAX_PAGE,
+        before: int | None = None,
+        newest_first: bool = False,
     ) -> list[AuditRecord]:
-        """Entries of `org_id` (with `all_orgs`: of every org and of none), oldest first,
-        after the id `after`, at most `limit`."""
+        """Entries of `org_id` (with `all_orgs`: of every org and of none), oldest first
+        (`newest_first`: newest first), with ids above `after` and below `before`, at most
+        `limit`."""
         query = (
             select(_a, s.orgs.c.name)
             .select_from(_a.outerjoin(s.orgs, s.orgs.c.id == _a.c.org_id))
             .where(_a.c.id > after)
-            .order_by(_a.c.id)
+            .order_by(_a.c.id.desc() if newest_first else _a.c.id)
             .limit(min(limit, MAX_PAGE))
         )
+        if before is not None:
+            query = query.where(_a.c.id < before)
         if not all_orgs:
             query = query.where(_a.c.org_id == org_id)
         if since is not None:

@@ -778,6 +778,25 @@ class MachineMeta(SqlStore):
             [{"machine_id": machine_id, "at": now, "line": ln[:MAX_LINE]} for ln in lines],
         )
 
+    def machine_logs(
+        self, machine_id: str, after: int = 0, limit: int = 1000, *, tail: bool = False
+    ) -> list[LogLine]:
+        """One machine's log lines with ids above `after`, oldest first: the first `limit` of
+        them, or with `tail` the last `limit`."""
+        lg = s.machine_logs
+        order = lg.c.id.desc() if tail else lg.c.id
+        with self._read() as conn:
+            rows = conn.execute(
+                select(lg.c.id, lg.c.machine_id, _m.c.region, lg.c.at, lg.c.line)
+                .select_from(lg.join(_m, _m.c.id == lg.c.machine_id))
+                .where(lg.c.machine_id == machine_id, lg.c.id > after)
+                .order_by(order)
+                .limit(limit)
+            ).all()
+        if tail:
+            rows = list(reversed(rows))
+        return [LogLine(int(r[0]), str(r[1]), str(r[2]), _aware(r[3]), str(r[4])) for r in rows]
+
     def logs(self, app_id: int, after: int = 0, limit: int = 1000) -> list[LogLine]:
         """Log lines of the app's machines with ids above `after`, oldest first."""
         lg = s.machine_logs

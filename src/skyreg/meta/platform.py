@@ -80,7 +80,10 @@ class ImageTag:
     media_type: str
     size: int
     pushed_at: datetime
+    pulled_at: datetime | None = None  # last pulled (written in batches: up to a minute late)
 
+
+_CHUNK = 500  # parent digests one IN (...) names
 
 _APP_COLUMNS = (
     s.apps.c.id,
@@ -352,7 +355,7 @@ class PlatformMeta(SqlStore):
         Size is the manifest plus the blobs it references (for an index, its manifests' blobs),
         computed once per manifest however many tags name it.
         """
-        r, t, m = s.repositories, s.tags, s.manifests
+        r, t, m, p = s.repositories, s.tags, s.manifests, s.manifest_pulls
         query = (
             select(
                 r.c.id,
@@ -362,11 +365,17 @@ class PlatformMeta(SqlStore):
                 m.c.media_type,
                 m.c.size,
                 t.c.updated_at,
+                p.c.pulled_at,
             )
             .select_from(
-                r.join(t, t.c.repository_id == r.c.id).join(
+                r.join(t, t.c.repository_id == r.c.id)
+                .join(
                     m,
                     (m.c.repository_id == t.c.repository_id) & (m.c.digest == t.c.manifest_digest),
+                )
+                .outerjoin(
+                    p,
+                    (p.c.repository_id == t.c.repository_id) & (p.c.digest == t.c.manifest_digest),
                 )
             )
             .where(or_(r.c.name == app, r.c.name.startswith(app + "/", autoescape=True)))
@@ -393,36 +402,62 @@ class PlatformMeta(SqlStore):
                     media_type=row[4],
                     size=sizes[int(row[0]), str(row[3])],
                     pushed_at=_aware(row[6]),  # type: ignore[arg-type]
+                    pulled_at=None if row[7] is None else _aware(row[7]),
                 )
                 for row in rows
             ]
 
+    def pulled_at(self, repository: str, digest: str) -> datetime | None:
+        """When the manifest `digest` of `repository` was last pulled (None: not yet)."""
+        r, p = s.repositories, s.manifest_pulls
+        with self._read() as conn:
+            found = conn.execute(
+                select(p.c.pulled_at)
+                .select_from(p.join(r, r.c.id == p.c.repository_id))
+                .where(r.c.name == repository, p.c.digest == digest)
+            ).scalar_one_or_none()
+        return None if found is None else _aware(found)
+
     @staticmethod
-    def _referenced_size(conn: Connection, repo_id: int, digest: str, depth: int = 0) -> int:
-        # One query for the blobs and one for the child manifests, not one per reference: a
-        # manifest may reference tens of thousands of blobs.
+    def _referenced_size(conn: Connection, repo_id: int, digest: str) -> int:
+        """The bytes of the distinct blobs and child manifests `digest` references, two levels
+        down (an index's manifests and their blobs): a layer two platforms share counts once,
+        as it is stored once. A query for the blobs and one for the child manifests per level
+        (in chunks), not one per reference: a manifest may reference tens of thousands."""
         refs, blobs, manifests = s.manifest_references, s.blobs, s.manifests
-        mine = (refs.c.repository_id == repo_id) & (refs.c.parent_digest == digest)
-        total = int(
-            conn.execute(
-                select(func.coalesce(func.sum(blobs.c.size), 0))
-                .select_from(refs.join(blobs, blobs.c.digest == refs.c.child_digest))
-                .where(mine, refs.c.kind == "blob")
-            ).scalar_one()
-        )
-        if depth >= 2:
-            return total
-        children = refs.outerjoin(
-            manifests,
-            (manifests.c.repository_id == repo_id) & (manifests.c.digest == refs.c.child_digest),
-        )
-        for child, size in conn.execute(
-            select(refs.c.child_digest, manifests.c.size)
-            .select_from(children)
-            .where(mine, refs.c.kind != "blob")
-        ):
-            total += int(size or 0) + PlatformMeta._referenced_size(conn, repo_id, child, depth + 1)
-        return total
+        blob_sizes: dict[str, int] = {}
+        manifest_sizes: dict[str, int] = {digest: 0}
+        level = [digest]
+        for _depth in range(3):
+            below: list[str] = []
+            for start in range(0, len(level), _CHUNK):
+                parents = level[start : start + _CHUNK]
+                mine = (refs.c.repository_id == repo_id) & refs.c.parent_digest.in_(parents)
+                for child, size in conn.execute(
+                    select(refs.c.child_digest, blobs.c.size)
+                    .select_from(refs.join(blobs, blobs.c.digest == refs.c.child_digest))
+                    .where(mine, refs.c.kind == "blob")
+                ):
+                    blob_sizes[str(child)] = int(size)
+                if _depth == 2:
+                    continue
+                children = refs.outerjoin(
+                    manifests,
+                    (manifests.c.repository_id == repo_id)
+                    & (manifests.c.digest == refs.c.child_digest),
+                )
+                for child, size in conn.execute(
+                    select(refs.c.child_digest, manifests.c.size)
+                    .select_from(children)
+                    .where(mine, refs.c.kind != "blob")
+                ):
+                    if str(child) not in manifest_sizes:
+                        manifest_sizes[str(child)] = int(size or 0)
+                        below.append(str(child))
+            if not below:
+                break
+            level = below
+        return sum(blob_sizes.values()) + sum(manifest_sizes.values())
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,7 +3,8 @@ deletion of a tag or a manifest, and the replication queue."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from skyreg.auth.policy import DELETE, AccessPolicy
@@ -11,6 +12,9 @@ from skyreg.meta.errors import ManifestInUse
 from skyreg.meta.geo import Job
 from skyreg.meta.platform import App, ImageTag, PlatformMeta, TokenRecord
 from skyreg.meta.registry import RegistryMeta
+from skyreg.oci.digest import Digest
+from skyreg.oci.errors import RegistryError
+from skyreg.oci.manifest import Descriptor, Manifest, parse_manifest
 from skyreg.services.access import required, visible_app
 from skyreg.services.errors import Conflict, Forbidden, Invalid, NotFound
 
@@ -19,6 +23,8 @@ if TYPE_CHECKING:
 
 RECENT_JOBS = 50
 MAX_IMAGE_PAGE = 1000  # tags one page of an app's images holds (each costs its size's queries)
+MAX_PLATFORMS = 64  # manifests of an index one image's detail reads (each one query)
+MAX_REFERRERS = 100  # referrers one image's detail lists
 
 
 def image_cursor(tag: ImageTag) -> str:
@@ -36,21 +42,88 @@ class BlobCopies:
 
 
 @dataclass(frozen=True)
+class Part:
+    """A descriptor as an image's detail shows it."""
+
+    digest: str
+    media_type: str
+    size: int
+
+
+@dataclass(frozen=True)
+class ImageManifest:
+    """One image manifest of an image (the image itself, or a platform of an index): its
+    platform (`os/arch[/variant]`, from the index; None for a single image), config and
+    layers (empty when the index names a manifest the repository does not hold)."""
+
+    digest: str
+    media_type: str
+    size: int
+    platform: str | None
+    config: Part | None
+    layers: list[Part]
+
+
+@dataclass(frozen=True)
+class ImageReferrer:
+    """A manifest whose subject is the image: a signature, an SBOM, an attestation."""
+
+    digest: str
+    media_type: str
+    size: int
+    artifact_type: str | None
+
+
+@dataclass(frozen=True)
 class ImageDetail:
-    """One image of an app; `blobs` and `regions` (region -> (complete, bytes held)) only in a
+    """One image of an app: its manifests (platforms) with their layers, its referrers, when it
+    was last pulled; `blobs` and `regions` (region -> (complete, bytes held)) only in a
     multi-region registry."""
 
     repository: str
     reference: str
     digest: str
     media_type: str
+    manifests: list[ImageManifest] = field(default_factory=list)
+    referrers: list[ImageReferrer] = field(default_factory=list)
+    pulled_at: datetime | None = None
     blobs: list[BlobCopies] | None = None
     regions: dict[str, tuple[bool, int]] | None = None
+    platforms_left_out: int = 0  # an index's manifests past MAX_PLATFORMS
+    referrers_left_out: int = 0  # referrers past MAX_REFERRERS
+    manifest_size: int = 0  # the bytes of the manifest itself
 
     @property
     def size(self) -> int:
-        """The bytes of every blob."""
-        return sum(b.size for b in self.blobs or ())
+        """The bytes of the manifests and every distinct blob they reference (as the image
+        listing counts them)."""
+        if self.blobs is not None:
+            return sum(b.size for b in self.blobs)
+        seen: dict[str, int] = {self.digest: self.manifest_size}
+        for manifest in self.manifests:
+            seen[manifest.digest] = manifest.size
+            for part in ([manifest.config] if manifest.config else []) + manifest.layers:
+                seen[part.digest] = part.size
+        return sum(seen.values())
+
+
+def _part(descriptor: Descriptor) -> Part:
+    return Part(str(descriptor.digest), descriptor.media_type, descriptor.size)
+
+
+def _platform(descriptor: Descriptor) -> str | None:
+    """`os/architecture[/variant]` of an index's descriptor."""
+    platform = descriptor.platform or {}
+    names = [platform.get("os"), platform.get("architecture"), platform.get("variant")]
+    text = "/".join(str(n)[:40] for n in names if isinstance(n, str) and n)
+    return text or None
+
+
+def _parsed(raw: bytes, media_type: str, digest: str) -> Manifest | None:
+    try:
+        return parse_manifest(raw, media_type, Digest.parse(digest))
+    except RegistryError:  # stored manifests were valid when pushed; never fail the page
+        return None
 
 
 @dataclass(frozen=True)
@@ -149,21 +222,37 @@ class ImageService:
     def _show_image(self, caller: TokenRecord | None, name: str, reference: str) -> ImageDetail:
         app = visible_app(self.platform, caller, name, public_ok=True)
         repository, ref, by_digest = split_reference(app.name, reference)
-        if repository != app.name:
+        if repository != app.name and not repository.startswith(app.name + "/"):
             raise NotFound("image", reference[:200])
         stored = self.registry.get_manifest(repository, ref, by_digest=by_digest)
         if stored is None:
             raise NotFound("image", reference[:200])
-        geo = self.geo
-        if geo is None:
-            return ImageDetail(repository, ref, stored.digest, stored.media_type)
-        blobs = geo.image_blobs(repository, stored.digest)
-        copies = geo.meta.copies([d for d, _ in blobs])
-        return ImageDetail(
+        manifests, left_out = self._manifests(repository, stored.digest, stored.media_type,
+                                              stored.content)  # fmt: skip
+        found = self.registry.referrers(repository, stored.digest, None)
+        referrers = [
+            ImageReferrer(r.digest, r.media_type, r.size, r.artifact_type)
+            for r in found[:MAX_REFERRERS]
+        ]
+        detail = ImageDetail(
             repository,
             ref,
             stored.digest,
             stored.media_type,
+            manifests,
+            referrers,
+            self.platform.pulled_at(repository, stored.digest),
+            platforms_left_out=left_out,
+            referrers_left_out=max(0, len(found) - MAX_REFERRERS),
+            manifest_size=len(stored.content),
+        )
+        geo = self.geo
+        if geo is None or repository != app.name:
+            return detail
+        blobs = geo.image_blobs(repository, stored.digest)
+        copies = geo.meta.copies([d for d, _ in blobs])
+        return replace(
+            detail,
             blobs=[BlobCopies(d, size, sorted(copies[d])) for d, size in blobs],
             regions={
                 region: (
@@ -173,6 +262,34 @@ class ImageService:
                 for region in geo.regions.codes
             },
         )
+
+    def _manifests(
+        self, repository: str, digest: str, media_type: str, content: bytes
+    ) -> tuple[list[ImageManifest], int]:
+        """The image manifests of a manifest (itself, or an index's: at most MAX_PLATFORMS,
+        with how many more it names)."""
+        manifest = _parsed(content, media_type, digest)
+        if manifest is None:
+            return [], 0
+        if not manifest.is_index:
+            config = _part(manifest.config) if manifest.config else None
+            layers = [_part(d) for d in manifest.layers]
+            return [ImageManifest(digest, media_type, len(content), None, config, layers)], 0
+        found = []
+        for child in manifest.manifests[:MAX_PLATFORMS]:
+            child_digest = str(child.digest)
+            stored = self.registry.get_manifest(repository, child_digest, by_digest=True)
+            parsed = None
+            if stored is not None:
+                parsed = _parsed(stored.content, stored.media_type, child_digest)
+            config = _part(parsed.config) if parsed is not None and parsed.config else None
+            layers = [_part(d) for d in parsed.layers] if parsed is not None else []
+            found.append(
+                ImageManifest(
+                    child_digest, child.media_type, child.size, _platform(child), config, layers
+                )
+            )
+        return found, max(0, len(manifest.manifests) - MAX_PLATFORMS)
 
     async def delete_image(
         self, caller: TokenRecord | None, app: str, reference: str

@@ -146,6 +146,40 @@ class MachineService:
         app = visible_app(self.platform, caller, name)
         return app, self.machines.logs(app.id, after, MAX_LOG_LINES)
 
+    async def get_machine(
+        self, caller: TokenRecord, machine_id: str
+    ) -> tuple[Machine, list[MachineEvent]]:
+        """A machine the caller sees (its org's), with its latest events."""
+        return await self.platform.read(self._get_machine, caller, machine_id)
+
+    def _get_machine(
+        self, caller: TokenRecord, machine_id: str
+    ) -> tuple[Machine, list[MachineEvent]]:
+        machine = self._visible(caller, machine_id)
+        return machine, self.machines.events(machine.id)
+
+    def _visible(self, caller: TokenRecord, machine_id: str) -> Machine:
+        """A machine of the caller's org; another org's answers as a missing one does."""
+        machine = self.machines.get(machine_id)
+        if machine is None or not sees_org(caller, machine.org_id):
+            raise NotFound("machine", machine_id)
+        return machine
+
+    async def machine_logs(
+        self, caller: TokenRecord, machine_id: str, after: int, tail: int | None
+    ) -> tuple[Machine, list[LogLine]]:
+        """One machine's log lines with ids above `after`, oldest first: the first page, or
+        its last `tail` lines (at most MAX_LOG_LINES)."""
+        return await self.platform.read(self._machine_logs, caller, machine_id, after, tail)
+
+    def _machine_logs(
+        self, caller: TokenRecord, machine_id: str, after: int, tail: int | None
+    ) -> tuple[Machine, list[LogLine]]:
+        machine = self._visible(caller, machine_id)
+        limit = MAX_LOG_LINES if tail is None else min(tail, MAX_LOG_LINES)
+        lines = self.machines.machine_logs(machine.id, after, limit, tail=tail is not None)
+        return machine, lines
+
     async def change(self, caller: TokenRecord, machine_id: str, action: str) -> Machine:
         """Stop, start or restart a machine of an app the caller may push to. Starting a
         machine not desired started (also by restart) makes it live: over the app's live
@@ -155,9 +189,7 @@ class MachineService:
         return await self.platform.run(self._change, caller, machine_id, action)
 
     def _change(self, caller: TokenRecord, machine_id: str, action: str) -> Machine:
-        machine = self.machines.get(machine_id)
-        if machine is None or not sees_org(caller, machine.org_id):
-            raise NotFound("machine", machine_id)
+        machine = self._visible(caller, machine_id)
         if PUSH not in self.policy.allowed(caller, machine.app_name):
             raise Forbidden(f"this token may not manage machines of app {machine.app_name}")
         running = machine.desired == "started" and machine.state in ("starting", "started")

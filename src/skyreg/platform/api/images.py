@@ -19,7 +19,12 @@ def image_model(image: ImageTag) -> models.Image:
         media_type=image.media_type,
         size=image.size,
         pushed_at=models.time(image.pushed_at),
+        pulled_at=models.maybe_time(image.pulled_at),
     )
+
+
+def _part(part: images.Part) -> models.ImagePart:
+    return models.ImagePart(digest=part.digest, media_type=part.media_type, size=part.size)
 
 
 def image_detail_model(found: images.ImageDetail) -> models.ImageDetail:
@@ -29,6 +34,30 @@ def image_detail_model(found: images.ImageDetail) -> models.ImageDetail:
         reference=found.reference,
         digest=found.digest,
         media_type=found.media_type,
+        size=found.size,
+        manifests=[
+            models.ImageManifest(
+                digest=m.digest,
+                media_type=m.media_type,
+                size=m.size,
+                platform=m.platform,
+                config=None if m.config is None else _part(m.config),
+                layers=[_part(p) for p in m.layers],
+            )
+            for m in found.manifests
+        ],
+        platforms_left_out=found.platforms_left_out,
+        referrers_left_out=found.referrers_left_out,
+        referrers=[
+            models.ImageReferrer(
+                digest=r.digest,
+                media_type=r.media_type,
+                size=r.size,
+                artifact_type=r.artifact_type,
+            )
+            for r in found.referrers
+        ],
+        pulled_at=models.maybe_time(found.pulled_at),
     )
     if found.blobs is None or found.regions is None:
         return detail
@@ -38,7 +67,6 @@ def image_detail_model(found: images.ImageDetail) -> models.ImageDetail:
         region: models.RegionHolding(complete=complete, bytes=held)
         for region, (complete, held) in found.regions.items()
     }
-    detail.size = found.size
     return detail
 
 

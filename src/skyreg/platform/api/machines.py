@@ -1,11 +1,12 @@
-"""`/apps/{app}/machines`, `/apps/{app}/logs` and `/machines/{machine_id}/stop|start|restart`."""
+"""`/apps/{app}/machines`, `/apps/{app}/logs`, `/machines/{machine_id}` (with `/logs`) and
+`/machines/{machine_id}/stop|start|restart`."""
 
 from __future__ import annotations
 
 from skyreg.meta.machines import LogLine, Machine, MachineEvent
 from skyreg.platform.api import models
 from skyreg.platform.api.base import Call, Handler, Param, Route
-from skyreg.services.machines import MACHINE_PAGE, MAX_MACHINE_PAGE
+from skyreg.services.machines import MACHINE_PAGE, MAX_LOG_LINES, MAX_MACHINE_PAGE
 
 CURSOR = Param(
     "cursor",
@@ -89,6 +90,33 @@ async def app_logs(call: Call) -> models.LogList:
     )
 
 
+async def get_machine(call: Call) -> models.MachineWithEvents:
+    """A machine with its latest events."""
+    machine, events = await call.services.machines.get_machine(
+        call.caller(), call.path("machine_id")
+    )
+    return models.MachineWithEvents(
+        **machine_fields(machine),  # type: ignore[arg-type]
+        events=[_event(e) for e in events],
+    )
+
+
+async def machine_logs(call: Call) -> models.LogList:
+    """One machine's log lines: after a line id, or its last `tail` lines."""
+    after = call.query_int("after", 0)
+    tail = None
+    if call.query("tail") is not None:
+        tail = call.query_int("tail", MAX_LOG_LINES, 1, MAX_LOG_LINES)
+    machine, lines = await call.services.machines.machine_logs(
+        call.caller(), call.path("machine_id"), after, tail
+    )
+    return models.LogList(
+        app=machine.app_name,
+        lines=[_line(ln) for ln in lines],
+        last=lines[-1].id if lines else after,
+    )
+
+
 def _change(action: str) -> Handler:
     async def change(call: Call) -> models.Machine:
         machine = await call.services.machines.change(
@@ -114,6 +142,22 @@ ROUTES = [
         "last id to follow)", models.LogList, errors=(400, 404),
         query=(Param("after", {"type": "integer", "minimum": 0, "maximum": 2**63 - 1,
                                "default": 0}),),
+        response_description="Log lines",
+    ),
+    Route(
+        "GET", "/machines/{machine_id}", get_machine, "getMachine",
+        "A machine: region, release, desired and reported state, address, health and latest "
+        "events", models.MachineWithEvents, errors=(404,), response_description="The machine",
+    ),
+    Route(
+        "GET", "/machines/{machine_id}/logs", machine_logs, "machineLogs",
+        "The machine's log lines with ids above `after`, oldest first; with `tail`, its last "
+        "`tail` lines (poll with `after` = the answer's `last` to follow)", models.LogList,
+        errors=(400, 404),
+        query=(Param("after", {"type": "integer", "minimum": 0, "maximum": 2**63 - 1,
+                               "default": 0}),
+               Param("tail", {"type": "integer", "minimum": 1, "maximum": MAX_LOG_LINES},
+                     "The last lines only (at most this many)")),
         response_description="Log lines",
     ),
     Route(

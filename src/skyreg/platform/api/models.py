@@ -169,6 +169,13 @@ class Image(Model):
         ),
     ]
     pushed_at: Time
+    pulled_at: Annotated[
+        str | None,
+        msgspec.Meta(
+            description="When it was last pulled (recorded in batches); null: never",
+            extra_json_schema={"format": "date-time"},
+        ),
+    ] = None
 
 
 class ImageList(Model):
@@ -191,12 +198,49 @@ class RegionHolding(Model):
     bytes: int
 
 
+class ImagePart(Model):
+    digest: str
+    media_type: str
+    size: int
+
+
+class ImageManifest(Model):
+    """An image manifest of the image: itself, or one platform of an index."""
+
+    digest: str
+    media_type: str
+    size: int
+    platform: Annotated[str | None, _d("os/architecture[/variant] from the index; null: single")]
+    config: ImagePart | None
+    layers: list[ImagePart]
+
+
+class ImageReferrer(Model):
+    """A manifest whose subject is the image (signature, SBOM, attestation)."""
+
+    digest: str
+    media_type: str
+    size: int
+    artifact_type: str | None
+
+
 class ImageDetail(Model):
     repository: str
     reference: str
     digest: str
     media_type: str
-    size: int | UnsetType = UNSET
+    size: Annotated[
+        int, _d("The manifest and the distinct blobs and manifests it references, in bytes")
+    ] = 0
+    manifests: Annotated[
+        list[ImageManifest], _d("The image's manifests with their layers (an index: each platform)")
+    ] = msgspec.field(default_factory=list)
+    platforms_left_out: Annotated[int, _d("An index's manifests past the 64 listed")] = 0
+    referrers: list[ImageReferrer] = msgspec.field(default_factory=list)
+    referrers_left_out: Annotated[int, _d("Referrers past the 100 listed")] = 0
+    pulled_at: Annotated[
+        str | None, _d("When it was last pulled (recorded in batches); null: never")
+    ] = None
     blobs: list[BlobRegions] | UnsetType = UNSET
     regions: dict[str, RegionHolding] | UnsetType = UNSET
 
@@ -785,8 +829,11 @@ class AuditEntry(Model):
 
 
 class AuditLog(Model):
-    entries: Annotated[list[AuditEntry], _d("Oldest first")]
+    entries: Annotated[list[AuditEntry], _d("Oldest first (with `order=newest`: newest first)")]
     next_after: Annotated[int | None, _d("Pass as `after` for more; null: no more now")]
+    next_before: Annotated[
+        int | None, _d("With `order=newest`: pass as `before` for older ones; null: no more")
+    ] = None
 
 
 # -- webhooks ------------------------------------------------------------------------------------
