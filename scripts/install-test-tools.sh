@@ -5,12 +5,14 @@
 # (the metadata suite starts its own server from /usr/lib/postgresql/*/bin), iproute2 for the
 # emulated WAN of the multi-region bench, nginx for the load-balancer example, strace for the
 # power-loss test (it records what the server syncs), buildah (with runc) for `skyreg builder`,
-# rpm (rpmbuild) for the RPM database the image indexer's tests read.
+# rpm (rpmbuild) for the RPM database the image indexer's tests read, chromium and its chromedriver
+# (with a font) for the console's browser tests.
 # Skips apt entirely when everything is installed already.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 pkgs=(curl ca-certificates skopeo podman crun conmon docker.io containerd runc docker-registry wrk
-      busybox-static uidmap iptables bubblewrap umoci postgresql iproute2 nginx-light strace buildah rpm)
+      busybox-static uidmap iptables bubblewrap umoci postgresql iproute2 nginx-light strace buildah rpm
+      chromium chromium-driver fonts-dejavu-core)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -29,7 +31,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 # Fail here, loudly, rather than let the real-client tests skip.
 for bin in skopeo podman dockerd docker containerd ctr docker-registry wrk busybox curl bwrap umoci ip tc \
-           nginx strace buildah runc rpmbuild; do
+           nginx strace buildah runc rpmbuild chromium chromedriver; do
   command -v "$bin" >/dev/null || { echo "install-test-tools: $bin missing" >&2; exit 1; }
 done
 # PostgreSQL's server binaries are not on PATH.

@@ -237,7 +237,7 @@ machine_logs = Table(
     Column("machine_id", String(32), ForeignKey("machines.id"), nullable=False),
     Column("at", DateTime(timezone=True), nullable=False),
     Column("line", Text, nullable=False),
-    Index("ix_machine_logs_machine", "machine_id"),
+    Index("ix_machine_logs_machine", "machine_id", "id"),  # (machine_id, id) since 0016: tails
 )
 
 # -- regions (migration 0006) ---------------------------------------------------------------------
@@ -626,4 +626,20 @@ webhook_deliveries = Table(
     Column("last_error", Text),
     Column("delivered_at", DateTime(timezone=True)),
     Index("ix_webhook_deliveries_due", "state", "webhook_id", "id"),
+)
+
+# -- console sessions (migration 0016) ------------------------------------------------------------
+
+# A signed-in browser: the sha256 of its session cookie's secret, the access token it signed in
+# with (the session sees what that token sees, and ends when the token is revoked or expires),
+# and its own end. Sign-out deletes the row.
+console_sessions = Table(
+    "console_sessions",
+    metadata,
+    Column("id_sha256", String(64), primary_key=True),
+    Column("token_id", String(32), ForeignKey("tokens.id"), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("client", String(64), nullable=False),
+    Index("ix_console_sessions_expires", "expires_at"),
 )

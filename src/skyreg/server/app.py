@@ -23,6 +23,7 @@ from skyreg.registry import CLIENT_MAX_SIZE, add_routes, middlewares
 from skyreg.registry.context import Registry
 from skyreg.registry.gc import Collector
 from skyreg.services.gc import GcService
+from skyreg.web import add_console
 from skyreg.workers import PeriodicWorker
 
 BUILD_EXPIRY_INTERVAL = 10.0  # seconds
@@ -70,6 +71,7 @@ def create_app(
         if releases is not None:
             gc_service = None if gc is None else GcService(gc, worker=gc_worker)
             add_management_routes(app, reg.auth, releases, gc_service, secret_keys)
+            console_expiry = add_console(app)
             if workers is not None:  # builds whose builder or client went away, and deadlines
                 workers.add(
                     PeriodicWorker(
@@ -92,6 +94,7 @@ def create_app(
                     retry_base=settings.retry_base,
                 )
                 workers.add(sender.worker())
+                workers.add(console_expiry)
 
                 async def close_sender(_app: web.Application) -> None:
                     await sender.aclose()

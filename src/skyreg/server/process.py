@@ -371,6 +371,7 @@ def banner(cfg: ServeConfig, port: int, admin_token: Path | None) -> str:
         token = str(admin_token) if admin_token else "<token>"
         lines += [
             f"  admin token: {token} (keep it secret; create scoped tokens with `skyreg tokens`)",
+            f"  web console: http://{addr}/ (sign in with a token)",
             "  push an image:",
             f"    skyreg login --server http://{addr} --token-file {token}",
             "    skyreg orgs create myorg && skyreg apps create myapp --org myorg",

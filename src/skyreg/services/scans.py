@@ -46,7 +46,8 @@ from skyreg.oci.digest import Digest, digest_of
 from skyreg.oci.manifest import parse_manifest
 from skyreg.scan.index import IndexLimits, Layer, ScanError, index_image
 from skyreg.scan.match import lookup_keys, match, normalize_name
-from skyreg.scan.model import SEVERITIES, FileEntry, Finding, ImageIndex, OsRelease, Package
+from skyreg.scan.model import SEVERITIES as SEVERITIES  # the order pages show them in
+from skyreg.scan.model import FileEntry, Finding, ImageIndex, OsRelease, Package
 from skyreg.scan.osv import Advisory, OsvError, read_source
 from skyreg.scan.sbom import (
     CYCLONEDX_ARTIFACT_TYPE,

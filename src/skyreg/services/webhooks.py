@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 from skyreg.meta.platform import PlatformMeta, TokenRecord
 from skyreg.meta.webhooks import (
-    EVENT_TYPES,
+    EVENT_TYPES as EVENT_TYPES,  # the event types forms offer
+)
+from skyreg.meta.webhooks import (
     MAX_WEBHOOKS_PER_ORG,
     DeliveryRecord,
     TooManyWebhooks,

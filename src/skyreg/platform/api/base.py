@@ -201,13 +201,21 @@ class Call:
         """A path parameter."""
         return self.request.match_info[name]
 
+    def path_params(self) -> dict[str, str]:
+        """Every path parameter (what the audit entry names)."""
+        return dict(self.request.match_info)
+
+    def target(self) -> str:
+        """What the audit entry says was called."""
+        return f"{self.request.method} {self.request.path}"
+
     def query(self, name: str) -> str | None:
         """A query parameter (None when absent)."""
         return self.request.query.get(name)
 
     def query_int(self, name: str, default: int, minimum: int = 0, maximum: int = MAX_INT) -> int:
         """The integer query parameter `name` (`default` when absent); 400 unless in bounds."""
-        raw = self.request.query.get(name)
+        raw = self.query(name)
         if raw is None:
             return default
         try:
@@ -365,7 +373,7 @@ def endpoint(routes: dict[str, Route]) -> RequestHandler:
         call = Call(request, request.app[SERVICES_KEY])
         response = await _serve_call(route, call)
         if route.audited and request.method in AUDITED_METHODS:
-            await _audit(call, route, response.status)
+            await audit_call(call, route, response.status)
         return response
 
     return serve
@@ -412,9 +420,7 @@ _CREATED_NAMES = {"createOrg": "org", "createApp": "app"}  # the body's `name` i
 def _audit_names(call: Call, route: Route) -> dict[str, str]:
     """What the call named, by kind: its path parameters and the body's `org`/`app`/`name`."""
     names = {
-        _PATH_NAMES[key]: value
-        for key, value in call.request.match_info.items()
-        if key in _PATH_NAMES
+        _PATH_NAMES[key]: value for key, value in call.path_params().items() if key in _PATH_NAMES
     }
     doc = call.parsed_body()
     if isinstance(doc, dict):
@@ -427,13 +433,13 @@ def _audit_names(call: Call, route: Route) -> dict[str, str]:
     return names
 
 
-async def _audit(call: Call, route: Route, status: int) -> None:
+async def audit_call(call: Call, route: Route, status: int) -> None:
     """Append the call's audit entry; a failure to is logged, never the caller's problem (the
     action already happened)."""
     token = call.token
     entry = AuditEntry(
         action=route.operation_id,
-        target=f"{call.request.method} {call.request.path}",
+        target=call.target(),
         client=call.request.remote or "unknown",
         status=status,
         actor_id=token.id if token else None,

@@ -1,0 +1,1 @@
+"""Console pages, one module per part of the console."""
