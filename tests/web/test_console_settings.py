@@ -20,6 +20,7 @@ import pytest
 import requests
 from selenium.webdriver.support.select import Select
 
+from skyreg.units import human_size
 from tests.support.browser import Browser
 from tests.support.console import ConsoleSite, console_site
 from tests.support.oci import push_image
@@ -425,6 +426,16 @@ def test_replication_shows_the_queue_and_jobs_of_a_registry_with_regions(
             [row] = [r for r in recent if r[0] == blob[:19]]
             assert row[1:5] == ["syd", "iad", "done", "1"]
         iad.screenshot("settings-replication-regions")
+        # The image's page says which regions hold it, and each blob's copies.
+        detail = regions.api("iad", "GET", "/apps/web/images/v1")
+        assert set(detail["regions"]) == {"iad", "syd"}
+        held = human_size(detail["size"])
+        iad.get("/apps/web/images/v1")
+        assert iad.rows("table.regions") == [["iad", "yes", held], ["syd", "yes", held]]
+        assert {row[0]: row[2] for row in iad.rows("table.blobs")} == {
+            blob[:19]: "iad, syd" for blob in blobs
+        }
+        iad.screenshot("image-regions")
     finally:
         regions.stop_all()
 
