@@ -6,13 +6,14 @@
 # emulated WAN of the multi-region bench, nginx for the load-balancer example, strace for the
 # power-loss test (it records what the server syncs), buildah (with runc) for `skyreg builder`,
 # rpm (rpmbuild) for the RPM database the image indexer's tests read, chromium and its chromedriver
-# (with a font) for the console's browser tests.
+# (with a font) for the console's browser tests, fuse3 (and libfuse3-dev, pkg-config, gcc,
+# python3-dev to build pyfuse3) for lazy pull's filesystem.
 # Skips apt entirely when everything is installed already.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 pkgs=(curl ca-certificates skopeo podman crun conmon docker.io containerd runc docker-registry wrk
       busybox-static uidmap iptables bubblewrap umoci postgresql iproute2 nginx-light strace buildah rpm
-      chromium chromium-driver fonts-dejavu-core)
+      chromium chromium-driver fonts-dejavu-core fuse3 libfuse3-dev pkg-config gcc python3-dev)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -31,7 +32,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 # Fail here, loudly, rather than let the real-client tests skip.
 for bin in skopeo podman dockerd docker containerd ctr docker-registry wrk busybox curl bwrap umoci ip tc \
-           nginx strace buildah runc rpmbuild chromium chromedriver; do
+           nginx strace buildah runc rpmbuild chromium chromedriver fusermount3 pkg-config gcc; do
   command -v "$bin" >/dev/null || { echo "install-test-tools: $bin missing" >&2; exit 1; }
 done
 # PostgreSQL's server binaries are not on PATH.

@@ -9,15 +9,14 @@ import io
 import os
 import subprocess
 import tarfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
 
 import pytest
 import zstandard
 
 from skyreg.lazy.index import (
     GZIP_SPACING,
+    UNSET_MTIME,
     IndexLimits,
     LayerIndex,
     LayerIndexError,
@@ -88,12 +87,8 @@ class CountingSource:
         return self.blob[offset : offset + length]
 
 
-def _opener(blob: bytes) -> Callable[[], BinaryIO]:
-    return lambda: io.BytesIO(blob)
-
-
 def _index(blob: bytes, **kw: object) -> tuple[LayerIndex, bytes | None]:
-    index, points = build(_opener(blob), "sha256:test", chunk_size=CHUNK, **kw)  # type: ignore[arg-type]
+    index, points = build(io.BytesIO(blob), "sha256:test", chunk_size=CHUNK, **kw)  # type: ignore[arg-type]
     return decode_index(index.encode()), points  # through its JSON, as a reader gets it
 
 
@@ -240,3 +235,14 @@ def test_an_index_that_does_not_cover_its_stream_is_refused() -> None:
     index.chunks = index.chunks[:-1]
     with pytest.raises(LayerIndexError, match="do not cover"):
         decode_index(index.encode())
+
+
+@pytest.mark.parametrize("mtime", ["nan", "inf", "1e400", "-1e30"])
+def test_a_time_no_file_system_takes_is_indexed_as_unset(mtime: str) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = _info("f", size=1)
+        info.pax_headers = {"mtime": mtime}
+        tar.addfile(info, io.BytesIO(b"x"))
+    index, _ = _index(buf.getvalue())
+    assert index.entries[0].mtime == UNSET_MTIME

@@ -71,7 +71,12 @@ class InProcessRegistry:
         """The `ServeConfig` this server starts with."""
         # No scan worker unless a test asks (`scan_worker=True`): it adds SBOM referrers to
         # pushed images, which tests of other features would count.
-        options: dict[str, Any] = {"access_log": False, "scan_worker": False, **self.options}
+        options: dict[str, Any] = {
+            "access_log": False,
+            "scan_worker": False,
+            "lazy_index": False,
+            **self.options,
+        }
         return ServeConfig(data_dir=self.data_dir, host="127.0.0.1", port=self.port, **options)
 
     def start(self) -> None:

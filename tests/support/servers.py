@@ -95,6 +95,8 @@ class RunningRegistry:
             # No scan worker unless a test asks (`--scan`): it adds SBOM referrers to pushed
             # images, which tests of other features would count.
             *([] if "--scan" in self.extra_args else ["--no-scan"]),
+            # Nor layer indexes for lazy pull (another referrer) unless asked (`--lazy-index`).
+            *([] if "--lazy-index" in self.extra_args else ["--no-lazy-index"]),
             *self.extra_args,
         ]
         self.proc = subprocess.Popen(

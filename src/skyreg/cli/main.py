@@ -295,6 +295,13 @@ def serve(
             "server with the worker scans them).",
         ),
     ] = True,
+    lazy_index: Annotated[
+        bool,
+        typer.Option(
+            help="With the scan worker, give each scanned image seekable indexes of its layers "
+            "(an OCI referrer) for lazy pull: far machines start before the image arrives.",
+        ),
+    ] = True,
     webhook_allow_private: Annotated[
         bool,
         typer.Option(
@@ -444,6 +451,7 @@ def serve(
             retention_interval=retention_interval,
             pull_flush_interval=pull_flush_interval,
             scan_worker=scan,
+            lazy_index=lazy_index,
             audit_days=audit_days,
             webhook_allow_private=webhook_allow_private,
             webhook_max_attempts=webhook_max_attempts,

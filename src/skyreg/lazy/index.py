@@ -21,8 +21,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import math
 import tarfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, BinaryIO, cast
 
@@ -264,6 +264,16 @@ def _text(raw: str, what: str, limit: int) -> tuple[str, str | None]:
         return data.decode("utf-8", "replace"), base64.b64encode(data).decode()
 
 
+UNSET_MTIME = 1 << 62  # a time no file system takes: the unpacker leaves such a time unset
+
+
+def _mtime(value: float) -> int:
+    """Whole seconds of a tar time; UNSET_MTIME for NaN, infinities and times past 2^62 s."""
+    if not math.isfinite(value) or abs(value) >= UNSET_MTIME:
+        return UNSET_MTIME
+    return int(value)
+
+
 def _entry(info: tarfile.TarInfo, limits: IndexLimits) -> Entry:
     kind = _TYPES.get(info.type)
     if kind is None:
@@ -277,7 +287,7 @@ def _entry(info: tarfile.TarInfo, limits: IndexLimits) -> Entry:
         uid=info.uid,
         gid=info.gid,
         size=info.size if kind == "file" else 0,
-        mtime=int(info.mtime),
+        mtime=_mtime(info.mtime),
         uname=info.uname or None,
         gname=info.gname or None,
     )
@@ -301,34 +311,34 @@ def _entry(info: tarfile.TarInfo, limits: IndexLimits) -> Entry:
 
 
 def build(
-    open_blob: Callable[[], BinaryIO],
+    raw: BinaryIO,
     digest: str,
     limits: IndexLimits | None = None,
     chunk_size: int = CHUNK_SIZE,
 ) -> tuple[LayerIndex, bytes | None]:
-    """The index of the layer blob `open_blob` opens (seekable; read once more for gzip) and,
-    for gzip, its seek points. NotIndexable for a single-frame zstd blob; LayerIndexError for a
-    layer that is not a readable tar or breaks a limit."""
+    """The index of the layer blob `raw` (a seekable file, read from its start) and, for gzip,
+    its seek points. NotIndexable for a single-frame zstd blob; LayerIndexError for a layer
+    that is not a readable tar or breaks a limit."""
     limits = limits or IndexLimits()
-    with open_blob() as raw:
-        magic = raw.read(4)
-        raw.seek(0, io.SEEK_END)
-        compressed_size = raw.tell()
-        raw.seek(0)
-        compression = compression_of(magic)
-        try:
-            if compression == "gzip":
-                return _build_gzip(raw, digest, compressed_size, limits, chunk_size)
-            if compression == "zstd":
-                frames = _ZstdFrames(raw, limits.max_frames)
-                index = _walk(frames, digest, "zstd", compressed_size, limits, chunk_size)
-                if len(frames.frames) < 2:
-                    raise NotIndexable("a zstd layer of one frame: no random access")
-                index.frames = frames.frames
-                return index, None
-            return _walk(raw, digest, "none", compressed_size, limits, chunk_size), None
-        except (ScanError, tarfile.TarError, EOFError, zstandard.ZstdError, OSError) as e:
-            raise LayerIndexError(f"layer {digest}: {e}") from e
+    raw.seek(0)
+    magic = raw.read(4)
+    raw.seek(0, io.SEEK_END)
+    compressed_size = raw.tell()
+    raw.seek(0)
+    compression = compression_of(magic)
+    try:
+        if compression == "gzip":
+            return _build_gzip(raw, digest, compressed_size, limits, chunk_size)
+        if compression == "zstd":
+            frames = _ZstdFrames(raw, limits.max_frames)
+            index = _walk(frames, digest, "zstd", compressed_size, limits, chunk_size)
+            if len(frames.frames) < 2:
+                raise NotIndexable("a zstd layer of one frame: no random access")
+            index.frames = frames.frames
+            return index, None
+        return _walk(raw, digest, "none", compressed_size, limits, chunk_size), None
+    except (ScanError, tarfile.TarError, EOFError, zstandard.ZstdError, OSError) as e:
+        raise LayerIndexError(f"layer {digest}: {e}") from e
 
 
 def _build_gzip(

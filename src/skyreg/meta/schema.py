@@ -643,3 +643,22 @@ console_sessions = Table(
     Column("client", String(64), nullable=False),
     Index("ix_console_sessions_expires", "expires_at"),
 )
+
+# -- layer indexes for lazy pull (migration 0017) ------------------------------------------------
+
+# A layer blob's seekable index (docs/lazy-index.md), made once per layer digest whatever the
+# images sharing it: the index document's blob and, for gzip, its seek points' blob (both kept
+# in the registry's blob store, linked into each repository whose images use them); or why
+# there is none (`unindexable`: one zstd frame, a limit; `failed`: not a readable tar).
+layer_indexes = Table(
+    "layer_indexes",
+    metadata,
+    Column("layer_digest", String(200), primary_key=True),
+    Column("state", String(16), nullable=False),  # done, unindexable, failed
+    Column("index_digest", String(200)),
+    Column("index_size", BigInteger),
+    Column("points_digest", String(200)),
+    Column("points_size", BigInteger),
+    Column("reason", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)

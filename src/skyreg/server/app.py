@@ -15,6 +15,7 @@ from aiohttp import web
 from skyreg.auth.http import AUTHENTICATOR_KEY, TOKEN_PATH, client_of, token_endpoint, too_many
 from skyreg.auth.service import Authenticator, AuthFailed, Throttled
 from skyreg.meta.audit import AuditMeta
+from skyreg.meta.lazy import LayerIndexMeta
 from skyreg.oci.errors import ErrorCode, RegistryError
 from skyreg.platform.api import add_management_routes
 from skyreg.platform.api.base import SERVICES_KEY
@@ -23,6 +24,7 @@ from skyreg.registry import CLIENT_MAX_SIZE, add_routes, middlewares
 from skyreg.registry.context import Registry
 from skyreg.registry.gc import Collector
 from skyreg.services.gc import GcService
+from skyreg.services.lazyindex import LazyIndexer
 from skyreg.web import add_console
 from skyreg.workers import PeriodicWorker
 
@@ -48,6 +50,7 @@ def create_app(
     gc: Collector | None = None,
     gc_worker: bool = True,
     scan_worker: bool = True,
+    lazy_index: bool = True,
     audit_days: int = 365,
     webhooks: WebhookSettings | None = None,
     secret_keys: Callable[[], MasterKeys],
@@ -56,7 +59,8 @@ def create_app(
     endpoint and (given `releases`) the management API, whose /gc routes use the process's
     collector `gc` (`gc_worker`: whether `workers` runs it); `/metrics` (an admin token when
     auth is on) with this process's `workers`, garbage collection and, with a region,
-    replication. `secret_keys` loads the master keys of app secrets. The caller starts and
+    replication; with `lazy_index`, the scan worker also indexes layers for lazy pull.
+    `secret_keys` loads the master keys of app secrets. The caller starts and
     stops `workers`. Every route
     answers errors through the registry's middleware (the token endpoint's and `/metrics`'
     answers too)."""
@@ -79,7 +83,12 @@ def create_app(
                     )
                 )
                 if scan_worker:  # pushed images: packages, files, SBOMs, vulnerabilities
-                    workers.add(app[SERVICES_KEY].scans.worker())
+                    scans = app[SERVICES_KEY].scans
+                    if lazy_index:  # ... and seekable layer indexes for lazy pull
+                        scans.lazy = LazyIndexer(
+                            LayerIndexMeta(releases.platform.db), scans.registry, scans.store
+                        )
+                    workers.add(scans.worker())
                 audit = app[SERVICES_KEY].audit
                 if audit is not None:  # entries past the retention go, hourly
                     workers.add(_audit_expiry(audit, timedelta(days=audit_days)))

@@ -53,6 +53,7 @@ class ServeConfig:
     retention_interval: float = 300.0  # seconds between the gc worker's rounds over policies
     pull_flush_interval: float = 30.0  # seconds between writes of manifest pull times
     scan_worker: bool = True  # False (--no-scan): pushes are queued for scanning, not scanned here
+    lazy_index: bool = True  # the scan worker makes layer indexes for lazy pull (--no-lazy-index)
     audit_days: int = 365  # days the audit log keeps an entry
     webhook_allow_private: bool = False  # webhook targets on loopback/private addresses
     webhook_max_attempts: int = 8  # attempts before a delivery fails

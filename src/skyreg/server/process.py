@@ -192,6 +192,7 @@ async def run_worker(
         gc=collector,
         gc_worker=cfg.gc_worker,
         scan_worker=cfg.scan_worker,
+        lazy_index=cfg.lazy_index,
         audit_days=cfg.audit_days,
         webhooks=WebhookSettings(
             cfg.webhook_allow_private, cfg.webhook_max_attempts, cfg.webhook_retry_base

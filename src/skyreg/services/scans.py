@@ -59,6 +59,7 @@ from skyreg.scan.sbom import (
 from skyreg.services.access import required, visible_app, visible_org
 from skyreg.services.errors import Forbidden, Invalid, NotFound
 from skyreg.services.images import split_reference
+from skyreg.services.lazyindex import LazyIndexer
 from skyreg.store.base import BlobStore
 from skyreg.workers import PeriodicWorker
 
@@ -243,6 +244,8 @@ class ScanService:
     releases: ReleaseMeta
     store: BlobStore
     limits: IndexLimits = field(default_factory=IndexLimits)
+    # Layer indexes for lazy pull, made for each image scanned (None: not made here).
+    lazy: LazyIndexer | None = None
     indexed: int = 0  # images this process indexed
     failed: int = 0
     matched: int = 0
@@ -291,6 +294,29 @@ class ScanService:
             await self._attach_sboms(claim, index, stored_type, stored_size)
         except Exception:  # the scan stands; the SBOMs are still served from the index
             log.exception("SBOMs of %s not attached", claim.digest)
+        if self.lazy is not None:
+            try:
+                await self._attach_layer_indexes(self.lazy, claim)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # machines pull the image whole
+                log.exception("layer indexes of %s not attached", claim.digest)
+
+    async def _attach_layer_indexes(self, lazy: LazyIndexer, claim: Claim) -> None:
+        stored = await self.registry.read(
+            self.registry.get_manifest, claim.repository, claim.digest, True
+        )
+        if stored is None:
+            return
+        manifest = parse_manifest(stored.content, stored.media_type, Digest.parse(stored.digest))
+        loop, stop = asyncio.get_running_loop(), threading.Event()
+        try:
+            await lazy.attach(
+                claim.repository, manifest, lambda d: _opener(self.store, d, loop, stop)
+            )
+        except asyncio.CancelledError:
+            stop.set()
+            raise
 
     async def _read_image(self, claim: Claim) -> tuple[Claim, ImageIndex, str, int]:
         stored = await self.registry.read(
