@@ -187,3 +187,35 @@ def test_the_log_reads_newest_first_paged_backwards(server: InProcessRegistry) -
         400,
         "bad_request",
     )
+
+
+def test_calls_without_a_token_fill_no_org_s_log_past_a_bound(server: InProcessRegistry) -> None:
+    org = _org(server)
+    admin = Tenancy(server.data_dir).admin_secret()
+
+    def anonymous_entries() -> int:
+        log = answer(api(server, "GET", f"/orgs/{org.name}/audit", admin), 200)["entries"]
+        return sum(1 for e in log if e["actor_id"] is None)
+
+    before = anonymous_entries()
+    for i in range(40):  # naming the org's app, as anyone may
+        body = {"secrets": {"K": str(i)}}
+        refused(
+            api(server, "POST", f"/apps/{org.app}/secrets", None, json=body), 401, "unauthorized"
+        )
+        pushed = requests.put(
+            f"{server.url}/v2/{org.app}/manifests/t{i}",
+            data=b"{}",
+            headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"},
+            timeout=30,
+        )
+        assert pushed.status_code == 401
+    # At most 30 a minute from one client, API and registry together; the rest were counted.
+    assert before < anonymous_entries() <= before + 30
+    metrics = requests.get(f"{server.url}/metrics", auth=("x", admin), timeout=30).text
+    dropped = [ln for ln in metrics.splitlines() if ln.startswith("skyreg_audit_anonymous_dropped")]
+    assert dropped and int(dropped[0].split()[1]) >= 80 - 30
+    # A caller with a token is recorded whatever anonymous callers did.
+    body = {"kind": "readonly", "org": org.name, "name": "after-the-flood"}
+    answer(api(server, "POST", "/tokens", org.org_token, json=body), 201)
+    assert _log(server, org)[-1]["action"] == "createToken"

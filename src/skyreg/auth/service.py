@@ -21,6 +21,7 @@ from skyreg.auth.ratelimit import FailureLimiter
 from skyreg.auth.secrets import new_token_id, new_token_secret, secret_sha256
 from skyreg.clock import utc_iso
 from skyreg.meta.platform import PlatformMeta, TokenRecord
+from skyreg.netaddr import client_key
 from skyreg.oci.names import NAME_RE
 
 REGISTRY_TOKEN_TTL = 300
@@ -112,6 +113,9 @@ def basic_password(header: str) -> str | None:
     return password
 
 
+ANONYMOUS_AUDIT_PER_MINUTE = 30
+
+
 class Authenticator:
     """Turns credentials into identities and identities into signed registry tokens."""
 
@@ -136,6 +140,18 @@ class Authenticator:
         self.proxy_limiter = FailureLimiter(
             limit=self.limiter.limit * PROXY_FACTOR, window=self.limiter.window
         )
+        # Audit entries of calls without a valid token, per client: anyone may make them by
+        # naming an org's things, so past this many a minute they are counted, not written.
+        self.anonymous_audit = FailureLimiter(limit=ANONYMOUS_AUDIT_PER_MINUTE, window=60.0)
+        self.anonymous_audit_dropped = 0
+
+    def audit_anonymous(self, address: str) -> bool:
+        """Whether an audit entry of a call from `address` without a valid token is written
+        (False past ANONYMOUS_AUDIT_PER_MINUTE a minute from that client: counted instead)."""
+        if self.anonymous_audit.failed(client_key(address)) is None:
+            return True
+        self.anonymous_audit_dropped += 1
+        return False
 
     @property
     def public_host(self) -> str:

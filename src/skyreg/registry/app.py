@@ -298,6 +298,9 @@ async def _audit(
     """Append a registry action's audit entry; a failure to is logged, never the client's."""
     identity = request.get(IDENTITY_KEY)
     token = identity.token if identity is not None else None
+    auth = request.app[REGISTRY_KEY].auth
+    if token is None and auth is not None and not auth.audit_anonymous(request.remote or ""):
+        return
     separator = "@" if ":" in reference else ":"
     entry = AuditEntry(
         action=action,

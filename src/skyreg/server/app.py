@@ -119,7 +119,7 @@ def create_app(
                 await reg.meta.run(_require_admin, request, reg.auth)
             services = app.get(SERVICES_KEY)
             scans = None if services is None else services.scan_service
-            return await _metrics_response(geo, workers, gc, reg.pulls, scans)
+            return await _metrics_response(geo, workers, gc, reg.pulls, scans, reg.auth)
 
         app.router.add_get("/metrics", metrics)
     return app
@@ -150,6 +150,7 @@ async def _metrics_response(
     gc: Collector | None = None,
     pulls: PullTimes | None = None,
     scans: ScanService | None = None,
+    auth: Authenticator | None = None,
 ) -> web.Response:
     text = await geo.meta.run(geo.metrics) if geo is not None else ""
     if workers is not None:
@@ -160,6 +161,13 @@ async def _metrics_response(
         text += pulls.metrics()
     if scans is not None:
         text += scans.metrics()
+    if auth is not None:
+        text += (
+            "# HELP skyreg_audit_anonymous_dropped_total Audit entries of calls without a valid "
+            "token not written: over the per-client bound.\n"
+            "# TYPE skyreg_audit_anonymous_dropped_total counter\n"
+            f"skyreg_audit_anonymous_dropped_total {auth.anonymous_audit_dropped}\n"
+        )
     return web.Response(text=text, content_type="text/plain", charset="utf-8")
 
 

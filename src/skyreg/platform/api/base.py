@@ -437,6 +437,8 @@ async def audit_call(call: Call, route: Route, status: int) -> None:
     """Append the call's audit entry; a failure to is logged, never the caller's problem (the
     action already happened)."""
     token = call.token
+    if token is None and not call.services.auth.audit_anonymous(call.request.remote or ""):
+        return
     entry = AuditEntry(
         action=route.operation_id,
         target=call.target(),
