@@ -281,20 +281,19 @@ class World:
     keys: MasterKeys
     org_id: int
 
-    async def hook(self, url: str) -> str:
+    async def hook(self, url: str, org_id: int | None = None) -> str:
         hook_id = WebhookMeta.new_id()
         key_id, sealed = seal_secret(self.keys, hook_id, "s3cret")
-        await self.hooks.run(
-            self.hooks.create, hook_id, self.org_id, None, url, [], key_id, sealed, None
-        )
+        org = self.org_id if org_id is None else org_id
+        await self.hooks.run(self.hooks.create, hook_id, org, None, url, [], key_id, sealed, None)
         return hook_id
 
-    async def emit(self, n: int) -> None:
+    async def emit(self, n: int, org_id: int | None = None) -> None:
         def work(conn: Any) -> int:
             return emit(
                 conn,
                 IMAGE_PUSHED,
-                org_id=self.org_id,
+                org_id=self.org_id if org_id is None else org_id,
                 app_id=None,
                 source="/apps/web",
                 subject=None,
@@ -400,6 +399,40 @@ def test_a_hanging_receiver_does_not_hold_back_other_webhooks(world: World) -> N
                     await asyncio.sleep(0.02)
             # X's first attempt is still the one in flight: nothing recorded for it yet.
             assert [d.attempts for d in world.hooks.deliveries(hang)] == [0, 0, 0]
+        finally:
+            stop.set()
+            receiver.release.set()
+            await worker
+            await sender.aclose()
+
+    hostile(test)
+
+
+def test_one_orgs_hanging_receivers_hold_only_its_share_of_the_delivery_slots(
+    world: World,
+) -> None:
+    """Org A makes as many webhooks as the sender has slots, all to a receiver that never
+    answers; org B's delivery still goes out while every one of A's first attempts is in flight
+    (each org holds at most `per_org` slots: without that bound, B waits for A's timeouts)."""
+
+    async def test(receiver: Hostile) -> None:
+        platform = PlatformMeta(world.meta.db)
+        other = (await platform.run(platform.create_org, "bravo")).id
+        hanging = [await world.hook(receiver.url("/hang")) for _ in range(8)]
+        ok = await world.hook(receiver.url("/ok"), org_id=other)
+        await world.emit(0)
+        await world.emit(1, org_id=other)
+        sender = WebhookSender(world.hooks, lambda: world.keys, allow_private=True, timeout=60)
+        assert sender.concurrency == len(hanging)
+        stop = asyncio.Event()
+        worker = asyncio.create_task(_run_worker(sender, stop))
+        try:
+            async with asyncio.timeout(30):
+                while world.states(ok) != [DELIVERED]:
+                    await asyncio.sleep(0.02)
+            # None of A's attempts has ended (none timed out first), and A holds its share only.
+            assert all(d.attempts == 0 for h in hanging for d in world.hooks.deliveries(h))
+            assert receiver.got.count("/hang") == sender.per_org
         finally:
             stop.set()
             receiver.release.set()

@@ -190,6 +190,7 @@ class DueDelivery:
     url: str
     key_id: str
     sealed_secret: bytes
+    org_id: int = 0  # the webhook's org (the sender bounds each org's deliveries in flight)
 
 
 _HOOK_COLUMNS = (
@@ -383,7 +384,7 @@ class WebhookMeta(SqlStore):
             .subquery()
         )
         query = (
-            select(_d, _w.c.url, _w.c.key_id, _w.c.sealed_secret)
+            select(_d, _w.c.url, _w.c.key_id, _w.c.sealed_secret, _w.c.org_id)
             .select_from(_d.join(heads, heads.c.id == _d.c.id).join(_w, _w.c.id == _d.c.webhook_id))
             .where(_d.c.next_attempt_at <= _now(), _w.c.deleted_at.is_(None))
             .order_by(_d.c.id)
@@ -393,7 +394,10 @@ class WebhookMeta(SqlStore):
             query = query.where(_d.c.webhook_id.not_in(sorted(busy)))
         with self._read() as conn:
             rows = conn.execute(query).all()
-        return [DueDelivery(_delivery(r), r.url, r.key_id, bytes(r.sealed_secret)) for r in rows]
+        return [
+            DueDelivery(_delivery(r), r.url, r.key_id, bytes(r.sealed_secret), int(r.org_id))
+            for r in rows
+        ]
 
     def attempted(
         self,

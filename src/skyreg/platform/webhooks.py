@@ -23,6 +23,7 @@ import json
 import logging
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -278,6 +279,7 @@ class WebhookSender:
     max_attempts: int = 8
     retry_base: float = 5.0
     concurrency: int = 8
+    per_org: int = 2  # deliveries of one org's webhooks in flight at once
     delivered: int = 0  # deliveries this process delivered
     failed: int = 0  # deliveries this process gave up on
     retried: int = 0  # failed attempts to be made again
@@ -286,6 +288,7 @@ class WebhookSender:
     _gate: asyncio.Semaphore | None = field(default=None, init=False, repr=False)
     # The delivery in flight of each webhook (it may outlive the step that started it).
     _inflight: dict[str, asyncio.Task[None]] = field(default_factory=dict, init=False, repr=False)
+    _org_of: dict[str, int] = field(default_factory=dict, init=False, repr=False)
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -324,11 +327,19 @@ class WebhookSender:
             async with gate:
                 await self._deliver(keys, item)
 
+        # An org's receivers that hang hold at most `per_org` of the `concurrency` slots.
+        busy = Counter(self._org_of[hook] for hook in self._inflight)
         started = []
         for item in due:
+            if busy[item.org_id] >= self.per_org:
+                continue  # due again at the next step
+            busy[item.org_id] += 1
             task = asyncio.create_task(one(item))
             self._inflight[item.delivery.webhook_id] = task
+            self._org_of[item.delivery.webhook_id] = item.org_id
             started.append(task)
+        if not started:
+            return
         await asyncio.wait(started, timeout=self.step_wait)
         self._reap()
 
@@ -339,6 +350,7 @@ class WebhookSender:
         for hook_id, task in list(self._inflight.items()):
             if task.done():
                 del self._inflight[hook_id]
+                self._org_of.pop(hook_id, None)
                 if not task.cancelled() and task.exception() is not None and error is None:
                     error = task.exception()
         if error is not None:
