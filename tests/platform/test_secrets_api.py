@@ -313,7 +313,10 @@ def test_a_release_keeps_the_set_it_was_made_with(server: InProcessRegistry) -> 
 def test_rotate_key_rewraps_every_org_and_the_old_key_can_go(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    reg = InProcessRegistry(data_dir=tmp_path_factory.mktemp("rotate") / "data")
+    reg = InProcessRegistry(
+        data_dir=tmp_path_factory.mktemp("rotate") / "data",
+        options={"webhook_allow_private": True},
+    )
     reg.start()
     try:
         with_secrets = [make_tenant(reg), make_tenant(reg)]
@@ -321,6 +324,10 @@ def test_rotate_key_rewraps_every_org_and_the_old_key_can_go(
         values = {t.app: {"TOKEN": uuid.uuid4().hex} for t in with_secrets}
         for t in with_secrets:
             answer(set_secrets(reg, t.app, t.tokens["org"], values[t.app], stage=True), 200)
+        # A webhook's signing secret, sealed under the master key of its day.
+        hooks = f"/orgs/{with_secrets[0].org}/webhooks"
+        hook = {"url": "http://127.0.0.1:9/hook"}
+        answer(api(reg, "POST", hooks, with_secrets[0].tokens["org"], json=hook), 201)
         for token in (without.tokens["org"], without.tokens["deploy"], without.tokens["agent"]):
             refused(api(reg, "POST", "/secrets/rotate-key", token), 403, "forbidden")
 
@@ -328,9 +335,11 @@ def test_rotate_key_rewraps_every_org_and_the_old_key_can_go(
         old_text = key_file.read_text()
         new = prepend_new_key(key_file)
         rotated = answer(api(reg, "POST", "/secrets/rotate-key", without.admin), 200)
-        assert rotated == {"key_id": new.key_id, "rewrapped": 2, "total": 2}
+        assert rotated == {
+            "key_id": new.key_id, "rewrapped": 2, "total": 2, "webhooks_resealed": 1,
+        }  # fmt: skip
         again = answer(api(reg, "POST", "/secrets/rotate-key", without.admin), 200)
-        assert again == {"key_id": new.key_id, "rewrapped": 0, "total": 2}
+        assert again == {"key_id": new.key_id, "rewrapped": 0, "total": 2, "webhooks_resealed": 0}
         # Set and list work under the new key, for an org with secrets and a new one.
         for t in (*with_secrets, without):
             answer(set_secrets(reg, t.app, t.tokens["org"], {"MORE": "m"}, stage=True), 200)
@@ -340,10 +349,12 @@ def test_rotate_key_rewraps_every_org_and_the_old_key_can_go(
         kept = [line for line in old_text.splitlines() if line.startswith("#")]
         key_file.write_text("\n".join([new.to_base64(), *kept]) + "\n")
         assert old_text.strip().splitlines()[-1] not in key_file.read_text()
+        # Nothing is left under the old key: the webhook's secret opens without it.
         assert answer(api(reg, "POST", "/secrets/rotate-key", without.admin), 200) == {
             "key_id": new.key_id,
             "rewrapped": 0,
             "total": 3,
+            "webhooks_resealed": 0,
         }
         for t in with_secrets:  # the values still open, through the agent path
             release = deploy(reg, t)

@@ -255,6 +255,33 @@ class WebhookMeta(SqlStore):
     def new_id() -> str:
         return secrets.token_hex(8)
 
+    def sealed_with_others(
+        self, key_id: str, after: str = "", limit: int = 500
+    ) -> list[tuple[str, str, bytes]]:
+        """(id, key id, sealed secret) of live webhooks whose secret is sealed under another
+        master key than `key_id`, by id after `after`."""
+        with self._read() as conn:
+            rows = conn.execute(
+                select(_w.c.id, _w.c.key_id, _w.c.sealed_secret)
+                .where(_w.c.key_id != key_id, _w.c.id > after, _w.c.deleted_at.is_(None))
+                .order_by(_w.c.id)
+                .limit(limit)
+            ).all()
+        return [(str(r[0]), str(r[1]), bytes(r[2])) for r in rows]
+
+    def reseal(self, hook_id: str, old: bytes, key_id: str, sealed: bytes) -> bool:
+        """Replace a webhook's sealed secret, unless it changed meantime; whether it did."""
+
+        def work(conn: Connection) -> bool:
+            done = conn.execute(
+                update(_w)
+                .where(_w.c.id == hook_id, _w.c.sealed_secret == old)
+                .values(key_id=key_id, sealed_secret=sealed)
+            )
+            return bool(done.rowcount)
+
+        return self._transaction(work)
+
     def create(
         self,
         hook_id: str,

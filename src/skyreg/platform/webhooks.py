@@ -33,13 +33,15 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
 
-from skyreg.auth.envelope import MasterKeys, SecretKeyError, open_value, seal_value
+from skyreg.auth.envelope import MasterKeys, SecretKeyError
 from skyreg.meta.webhooks import DeliveryRecord, DueDelivery, WebhookMeta
+from skyreg.services.webhooks import SECRET_CONTEXT as SECRET_CONTEXT
+from skyreg.services.webhooks import open_secret as open_secret
+from skyreg.services.webhooks import seal_secret as seal_secret
 from skyreg.workers.base import PeriodicWorker
 
 log = logging.getLogger("skyreg.platform.webhooks")
 
-SECRET_CONTEXT = "webhook/{id}"
 MAX_URL_LENGTH = 2048
 MAX_ANSWER_BYTES = 64 * 1024
 MAX_BACKOFF = 3600.0
@@ -55,26 +57,6 @@ _IPV4_COMPATIBLE = ipaddress.ip_network("::/96")  # deprecated ::a.b.c.d
 
 
 # -- the secret ----------------------------------------------------------------------------------
-
-
-def seal_secret(keys: MasterKeys, hook_id: str, secret: str) -> tuple[str, bytes]:
-    """`secret` sealed under the current master key for the webhook `hook_id`: (key id, sealed),
-    as `WebhookMeta.create` stores them."""
-    master = keys.current
-    sealed = seal_value(master.key, SECRET_CONTEXT.format(id=hook_id), secret.encode("utf-8"))
-    return master.key_id, sealed
-
-
-def open_secret(keys: MasterKeys, hook_id: str, key_id: str, sealed: bytes) -> str:
-    """The secret `seal_secret` sealed for `hook_id`. SecretKeyError when this server does not
-    hold master key `key_id`, or the blob fails authentication (altered, another webhook's)."""
-    master = keys.by_id(key_id)
-    if master is None:
-        raise SecretKeyError(
-            f"no master key opens the secret of webhook {hook_id} (key id {key_id}): add that "
-            "key to the key file or SKYREG_SECRETS_KEY"
-        )
-    return open_value(master.key, SECRET_CONTEXT.format(id=hook_id), sealed).decode("utf-8")
 
 
 # -- where a webhook may point -------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Webhooks of an org: who may make, see and delete them, and their deliveries.
 
 The secret that signs deliveries is made here and shown once; it is stored sealed under the
-server's master key (`platform/webhooks.py` seals and opens it). Delivery itself is the
+server's current master key (`seal_secret`, `open_secret`), sealed again under the newest one
+at a key rotation (`reseal`). Delivery itself is the
 `webhooks` worker's (`platform/webhooks.py` `WebhookSender`)."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from skyreg.auth.envelope import MasterKeys, SecretKeyError, open_value, seal_value
 from skyreg.meta.platform import PlatformMeta, TokenRecord
 from skyreg.meta.webhooks import (
     EVENT_TYPES as EVENT_TYPES,  # the event types forms offer
@@ -26,6 +28,29 @@ from skyreg.services.errors import Forbidden, Invalid, LimitExceeded, NotFound
 from skyreg.services.inputs import Body, CreateWebhook
 
 Sealer = Callable[[str, str], tuple[str, bytes]]  # (webhook id, secret) -> (key id, sealed)
+
+
+SECRET_CONTEXT = "webhook/{id}"
+
+
+def seal_secret(keys: MasterKeys, hook_id: str, secret: str) -> tuple[str, bytes]:
+    """`secret` sealed under the current master key for the webhook `hook_id`: (key id, sealed),
+    as `WebhookMeta.create` stores them."""
+    master = keys.current
+    sealed = seal_value(master.key, SECRET_CONTEXT.format(id=hook_id), secret.encode("utf-8"))
+    return master.key_id, sealed
+
+
+def open_secret(keys: MasterKeys, hook_id: str, key_id: str, sealed: bytes) -> str:
+    """The secret `seal_secret` sealed for `hook_id`. SecretKeyError when this server does not
+    hold master key `key_id`, or the blob fails authentication (altered, another webhook's)."""
+    master = keys.by_id(key_id)
+    if master is None:
+        raise SecretKeyError(
+            f"no master key opens the secret of webhook {hook_id} (key id {key_id}): add that "
+            "key to the key file or SKYREG_SECRETS_KEY"
+        )
+    return open_value(master.key, SECRET_CONTEXT.format(id=hook_id), sealed).decode("utf-8")
 
 
 @dataclass
@@ -118,3 +143,19 @@ class WebhookService:
             return again
 
         return await self.meta.run(work)
+
+    async def reseal(self, keys: MasterKeys) -> int:
+        """Seal every webhook secret sealed under an older master key under the current one
+        (a key rotation); how many were. SecretKeyError for one no key opens."""
+        current = keys.current.key_id
+        done, after = 0, ""
+        while True:
+            page = await self.meta.read(self.meta.sealed_with_others, current, after)
+            if not page:
+                return done
+            for hook_id, key_id, sealed in page:
+                secret = open_secret(keys, hook_id, key_id, sealed)
+                new_key, new_sealed = seal_secret(keys, hook_id, secret)
+                if await self.meta.run(self.meta.reseal, hook_id, sealed, new_key, new_sealed):
+                    done += 1
+            after = page[-1][0]

@@ -737,6 +737,7 @@ class KeyRotation(Model):
     key_id: Annotated[str, _d("The id of the master key every data key is now wrapped with")]
     rewrapped: int
     total: int
+    webhooks_resealed: Annotated[int, _d("Webhook secrets now sealed under that key")] = 0
 
 
 # -- scans: packages, files and vulnerabilities of an app's images -------------------------------

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import functools
 
+from skyreg.auth.envelope import SecretKeyError
 from skyreg.platform.api import models
 from skyreg.platform.api.base import Call, Route
 from skyreg.platform.api.releases import release_model
+from skyreg.platform.http import ApiError
 from skyreg.services.inputs import MachineSecretsRequest, SetSecrets, UnsetSecrets
 from skyreg.services.secrets import SecretsChanged
 
@@ -73,9 +75,21 @@ async def unset_secrets(call: Call) -> models.SecretsChanged:
 
 
 async def rotate_key(call: Call) -> models.KeyRotation:
-    """Read the master keys again; wrap every org's data key with the newest."""
-    done = await call.services.secrets.rotate_key(call.caller())
-    return models.KeyRotation(key_id=done.key_id, rewrapped=done.rewrapped, total=done.total)
+    """Read the master keys again; wrap every org's data key, and seal every webhook secret,
+    with the newest."""
+    secrets = call.services.secrets
+    done = await secrets.rotate_key(call.caller())
+    keys = await secrets.secrets.run(secrets.keyring.keys)
+    try:
+        resealed = await call.services.webhooks.reseal(keys)
+    except SecretKeyError as e:
+        raise ApiError(503, "unavailable", f"webhook secrets: {e}") from None
+    return models.KeyRotation(
+        key_id=done.key_id,
+        rewrapped=done.rewrapped,
+        total=done.total,
+        webhooks_resealed=resealed,
+    )
 
 
 async def machine_secrets(call: Call) -> models.MachineSecretValues:
