@@ -4,9 +4,7 @@ org's token sees: in Debian's Chromium, against a real server."""
 from __future__ import annotations
 
 import re
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ import requests
 from selenium.webdriver.common.keys import Keys
 
 from tests.support.browser import Browser
-from tests.support.console import ConsoleSite
+from tests.support.console import ConsoleSite, foreign_page
 from tests.support.inprocess import InProcessRegistry
 from tests.support.platform import Tenancy, answer, api
 from tests.support.waiting import wait_for
@@ -195,28 +193,9 @@ def hostile_site(site: ConsoleSite) -> Iterator[str]:
     SameSite cookies alone would not stop it) that posts the console's sign-out form."""
     page = f"""<!doctype html><html><body>
     <form id="f" method="post" action="{site.url}/signout"><input name="csrf" value="guess"></form>
-    <script>document.getElementById('f').submit();</script></body></html>""".encode()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html")
-            self.send_header("Content-Length", str(len(page)))
-            self.end_headers()
-            self.wfile.write(page)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+    <script>document.getElementById('f').submit();</script></body></html>"""
+    with foreign_page(page) as url:
+        yield url
 
 
 def test_a_form_posted_from_another_origin_is_refused(

@@ -12,7 +12,7 @@ import json
 import logging
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -32,6 +32,7 @@ from skyreg.meta.registry import RegistryMeta
 from skyreg.oci import mediatypes as mt
 from skyreg.oci.digest import Digest, digest_of
 from skyreg.oci.manifest import Manifest, parse_manifest
+from skyreg.services.artifacts import put_blob
 from skyreg.store.base import BlobStore
 
 log = logging.getLogger("skyreg.lazy")
@@ -174,15 +175,7 @@ class LazyIndexer:
         return record
 
     async def _put_blob(self, repository: str, data: bytes) -> None:
-        digest = digest_of(data)
-
-        async def body() -> AsyncIterator[bytes]:
-            yield data
-
-        async def link(size: int) -> None:
-            await self.registry.run(self.registry.link_blob, repository, str(digest), size)
-
-        await self.store.put(digest, body(), before_install=link)
+        await put_blob(self.store, self.registry, repository, data)
 
 
 def _build_spooled(

@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 import zipfile
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -57,6 +57,7 @@ from skyreg.scan.sbom import (
     spdx_json,
 )
 from skyreg.services.access import required, visible_app, visible_org
+from skyreg.services.artifacts import put_blob
 from skyreg.services.errors import Forbidden, Invalid, NotFound
 from skyreg.services.images import split_reference
 from skyreg.services.lazyindex import LazyIndexer
@@ -386,15 +387,7 @@ class ScanService:
             await self.registry.run(self.registry.put_manifest, claim.repository, manifest, [])
 
     async def _put_blob(self, repository: str, data: bytes) -> None:
-        digest = digest_of(data)
-
-        async def body() -> AsyncIterator[bytes]:
-            yield data
-
-        async def link(size: int) -> None:
-            await self.registry.run(self.registry.link_blob, repository, str(digest), size)
-
-        await self.store.put(digest, body(), before_install=link)
+        await put_blob(self.store, self.registry, repository, data)
 
     async def match_due(self) -> bool:
         """Match a batch of scans against the current advisories; whether there was any."""

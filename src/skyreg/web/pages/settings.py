@@ -49,6 +49,32 @@ def _org_path(org: str, *rest: str) -> str:
 # -- tokens ------------------------------------------------------------------------------------
 
 
+async def _form_page(
+    view: View,
+    org: str,
+    template: str,
+    title: str,
+    shown: dict[str, Any],
+    created: Any,
+    error: str | None,
+    status: int,
+) -> web.StreamResponse:
+    """An org's list page with its create form: the org's apps for the form, what was just
+    made (its secret shown this once), or the form again with what was typed and the error."""
+    apps = (await view.api("listApps", query={"org": org})).apps
+    return view.render(
+        template,
+        status=status,
+        title=title,
+        org=org,
+        apps=[a.name for a in apps],
+        created=created,
+        error=error,
+        form=view.form if error else {},
+        **shown,
+    )
+
+
 async def _tokens_page(
     view: View,
     org: str,
@@ -58,19 +84,10 @@ async def _tokens_page(
     status: int = 200,
 ) -> web.StreamResponse:
     tokens = (await view.api("listTokens", query={"org": org})).tokens
-    apps = (await view.api("listApps", query={"org": org})).apps
     listing = paged(view, tokens, lambda t: f"{t.name} {t.kind} {t.app or ''} {t.id}")
-    return view.render(
-        "tokens.html",
-        status=status,
-        title=f"Tokens of {org}",
-        org=org,
-        listing=listing,
-        apps=[a.name for a in apps],
-        kinds=TOKEN_KINDS,
-        created=created,
-        error=error,
-        form=view.form if error else {},
+    shown = {"listing": listing, "kinds": TOKEN_KINDS}
+    return await _form_page(
+        view, org, "tokens.html", f"Tokens of {org}", shown, created, error, status
     )
 
 
@@ -129,18 +146,9 @@ async def _webhooks_page(
     status: int = 200,
 ) -> web.StreamResponse:
     hooks = (await view.api("listWebhooks", params={"org": org})).webhooks
-    apps = (await view.api("listApps", query={"org": org})).apps
-    return view.render(
-        "webhooks.html",
-        status=status,
-        title=f"Webhooks of {org}",
-        org=org,
-        hooks=hooks,
-        apps=[a.name for a in apps],
-        events=EVENT_TYPES,
-        created=created,
-        error=error,
-        form=view.form if error else {},
+    shown = {"hooks": hooks, "events": EVENT_TYPES}
+    return await _form_page(
+        view, org, "webhooks.html", f"Webhooks of {org}", shown, created, error, status
     )
 
 
