@@ -92,6 +92,15 @@ def agent(
             help="Seconds a machine with a service keeps running once asked to stop.",
         ),
     ] = 2.0,
+    lazy: Annotated[
+        bool,
+        typer.Option(
+            "--lazy/--no-lazy",
+            help="Start a machine whose image is not here yet from a read-only FUSE mount of "
+            "the registry's layer indexes while the image downloads (root, /dev/fuse and "
+            "pyfuse3 needed; otherwise, or without indexes, the image is pulled whole first).",
+        ),
+    ] = True,
 ) -> None:
     """Run the machine agent of a region: start, stop and report the region's machines."""
     from skyreg.machines.agent import Agent, check_host
@@ -140,6 +149,7 @@ def agent(
         limits=limits,
         network=host_network,
         drain=drain,
+        lazy=lazy,
     )
     try:
         run_until_signalled(runner.run)

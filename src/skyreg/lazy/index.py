@@ -36,6 +36,7 @@ INDEX_VERSION = 1
 INDEX_MEDIA_TYPE = "application/vnd.skyreg.layer-index.v1+json"
 GZIP_POINTS_MEDIA_TYPE = "application/vnd.skyreg.gzip-seek-points.v1"
 ARTIFACT_TYPE = "application/vnd.skyreg.lazy-index.v1"
+LAYER_ANNOTATION = "dev.skyreg.lazy.layer"  # on a referrer's blob: the layer it describes
 CHUNK_SIZE = 1 << 20  # uncompressed bytes one digest covers
 GZIP_SPACING = 4 << 20  # uncompressed bytes between gzip seek points
 _READ = 1 << 16

@@ -10,6 +10,12 @@ preparation is `failed`; a requested stop (SIGTERM, SIGKILL after `STOP_GRACE`) 
 Events and new log lines are posted as they happen. A machine that exited on its own is not
 started again until its generation changes. Shutting the agent down stops every machine.
 
+Lazy start (`lazy`, on by default; root agents with FUSE only): a machine whose image is not
+unpacked here yet starts over a FUSE mount of the image's layer indexes (`machines/lazystart.py`)
+while the whole image is pulled and unpacked in the background; later starts use the unpacked
+tree. An image that cannot be mounted (no index, a layer without one, a bad index) is pulled
+whole as before, the reason in the agent's log; its machine's events are today's.
+
 With a `network` (`skyreg agent --network`), every machine gets its own network namespace
 (`machines/network.py`): attached before it starts (its address goes with the `starting`
 report), bwrap started inside it, detached once the machine has stopped, whatever the path.
@@ -42,8 +48,16 @@ import aiohttp
 from skyreg.client.api import ApiCallError, call_api
 from skyreg.machines.health import HealthChecker, checks_from_service
 from skyreg.machines.layercache import LayerCache
+from skyreg.machines.lazystart import LazyMounts, LazyUnavailable, clean_stale, host_problem
 from skyreg.machines.network import HostNetwork, NetworkError, enter_command
-from skyreg.machines.prepare import RegistrySource, prepare_image
+from skyreg.machines.prepare import (
+    PreparedImage,
+    RegistrySource,
+    ResolvedImage,
+    fetch_config,
+    pull_image,
+    resolve_image,
+)
 from skyreg.machines.rootfs import fresh_rootfs, release_rootfs, share_data_dir
 from skyreg.machines.runtime import (
     EnterCommand,
@@ -90,11 +104,13 @@ class Agent:
     limits: UnpackLimits = field(default_factory=UnpackLimits)  # unpacking an image
     network: HostNetwork | None = None  # None: machines share the host's network
     drain: float = DRAIN
+    lazy: bool = True  # start machines from a lazy mount while their image arrives (issue 18)
     _local: dict[str, _Local] = field(default_factory=dict)
     # machine id → the generation that ran and exited on its own (not started again)
     _finished: dict[str, int] = field(default_factory=dict)
     _session: aiohttp.ClientSession | None = None
     _cache: LayerCache | None = None
+    _lazy: LazyMounts | None = None
 
     # -- HTTP -----------------------------------------------------------------------------------
 
@@ -159,9 +175,16 @@ class Agent:
         private_dir(self.data_dir)
         private_dir(self.data_dir / "cache")
         private_dir(self.data_dir / "machines", mode=0o711)
-        if await asyncio.to_thread(share_data_dir, self.data_dir, ("cache", "machines")):
+        private_dir(self.data_dir / "lazy")
+        await asyncio.to_thread(clean_stale, self.data_dir / "lazy")
+        if await asyncio.to_thread(share_data_dir, self.data_dir, ("cache", "machines", "lazy")):
             log.info("machine users reach their rootfs through this agent's mount namespace")
         self._cache = LayerCache(self.data_dir / "cache")
+        problem = host_problem() if self.lazy else "off (--no-lazy)"
+        if problem is None:
+            self._lazy = LazyMounts(self.data_dir / "lazy", self._cache, self.limits)
+        else:
+            log.info("lazy start: %s; images are pulled whole before machines start", problem)
         timeout = aiohttp.ClientTimeout(total=300, sock_connect=10)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             self._session = session
@@ -175,6 +198,8 @@ class Agent:
                         await asyncio.wait_for(stop.wait(), self.poll_interval)
             finally:
                 await self.shutdown()
+                if self._lazy is not None:  # after the machines over them stopped
+                    await self._lazy.close()
                 self._session = None
                 if self.network is not None:
                     # Every machine stopped: the bridges, chains and rules go too (a restart
@@ -241,32 +266,101 @@ class Agent:
         await self._state(mid, "starting")
         await self._event(mid, "Pulling container image")
         began = time.monotonic()
-        assert self._cache is not None
         source = RegistrySource(self.server, self.token, self.session)
+        lazy: str | None = None  # the image whose lazy mount this machine's rootfs lies over
         try:
             # Also proves the app's repository may read every blob: a failure names the blob.
-            image = await prepare_image(
-                source,
-                self._cache,
-                m["image"]["repository"],
-                m["image"]["digest"],
-                limits=self.limits,
-            )
+            resolved = await resolve_image(source, m["image"]["repository"], m["image"]["digest"])
+            image, rootfs, lazy = await self._prepare(mid, source, resolved, home)
             config = ImageConfig.from_json(image.config)
         except Exception as e:
             log.warning("machine %s: cannot prepare the image: %s", mid, e)
+            await asyncio.to_thread(release_rootfs, home)
+            if lazy is not None:
+                assert self._lazy is not None
+                await self._lazy.release(lazy)
             await self._event(mid, f"Failed to prepare image: {e}"[:1000])
             await self._state(mid, "failed")
             self._finished[mid] = local.generation
             return
-        secs = time.monotonic() - began
-        await self._event(mid, f"Successfully prepared image ({secs:.2f}s)", int(secs * 1000))
+        try:
+            secs = time.monotonic() - began
+            if lazy is None:
+                message = f"Successfully prepared image ({secs:.2f}s)"
+            else:
+                message = f"Prepared a lazy mount of the image ({secs:.2f}s); pulling it whole"
+            await self._event(mid, message, int(secs * 1000))
+            await self._run_prepared(local, m, config, rootfs, lazy=lazy is not None)
+        finally:
+            if lazy is not None:  # the overlay goes before the mount under it
+                assert self._lazy is not None
+                await asyncio.to_thread(release_rootfs, home)
+                await self._lazy.release(lazy)
+
+    async def _prepare(
+        self, mid: str, source: RegistrySource, resolved: ResolvedImage, home: Path
+    ) -> tuple[PreparedImage, Path, str | None]:
+        """The image and a fresh rootfs over it: over its lazy mount when it can (and the image
+        digest, whose mount to release once the machine is done), else over its unpacked tree."""
+        assert self._cache is not None
+        image = await self._lazy_image(mid, source, resolved)
+        if image is not None:
+            try:
+                rootfs, _ = await asyncio.to_thread(
+                    fresh_rootfs, image.rootfs, home, allow_copy=False
+                )
+                return image, rootfs, resolved.manifest_digest
+            except OSError as e:
+                assert self._lazy is not None
+                await self._lazy.release(resolved.manifest_digest)
+                self._no_lazy(mid, f"no overlay over its lazy mount: {e}")
+        image = await pull_image(source, self._cache, resolved, limits=self.limits)
+        rootfs, method = await asyncio.to_thread(fresh_rootfs, image.rootfs, home)
+        log.debug("machine %s: rootfs by %s", mid, method)
+        return image, rootfs, None
+
+    async def _lazy_image(
+        self, mid: str, source: RegistrySource, resolved: ResolvedImage
+    ) -> PreparedImage | None:
+        """The image as its lazy mount, when it is not unpacked here yet and can be mounted
+        (its whole pull then runs in the background); None: pull it whole (the reason logged)."""
+        assert self._cache is not None
+        if self._lazy is None or self._cache.rootfs_path(resolved.manifest_digest).is_dir():
+            return None
+        cache = self._cache
+        config = await fetch_config(source, cache, resolved)
+        try:
+            mountpoint = await self._lazy.acquire(
+                source,
+                resolved,
+                functools.partial(pull_image, source, cache, resolved, limits=self.limits),
+            )
+        except LazyUnavailable as e:
+            self._no_lazy(mid, str(e))
+            return None
+        return PreparedImage(resolved.manifest_digest, config, mountpoint)
+
+    def _no_lazy(self, mid: str, why: str) -> None:
+        # Only logged: for the machine's owner this is today's start, events and all.
+        log.info("machine %s: no lazy start (%s): pulling the whole image", mid, why)
+
+    async def _run_prepared(
+        self,
+        local: _Local,
+        m: dict[str, Any],
+        config: ImageConfig,
+        rootfs: Path,
+        *,
+        lazy: bool,
+    ) -> None:
+        """Start the machine on its prepared rootfs and watch it until it stopped."""
+        mid = local.id
+        home = self.data_dir / "machines" / mid
         if local.stop_requested:
+            await asyncio.to_thread(release_rootfs, home)
             await self._state(mid, "stopped")
             return
         log_path = home / "log"
-        rootfs, method = await asyncio.to_thread(fresh_rootfs, image.rootfs, home)
-        log.debug("machine %s: rootfs by %s", mid, method)
         offset = log_path.stat().st_size if log_path.exists() else 0
         try:
             plain, secrets = await self._environment(local)
@@ -285,7 +379,7 @@ class Agent:
         }
         del secrets
         try:
-            await self._start(local, m, config, rootfs, LogTail(log_path, offset), env)
+            await self._start(local, m, config, rootfs, LogTail(log_path, offset), env, lazy=lazy)
         finally:  # after the machine stopped (or never started), whatever the path
             if self.network is not None:
                 await asyncio.to_thread(self._detach, mid)
@@ -319,6 +413,8 @@ class Agent:
         rootfs: Path,
         tail: LogTail,
         env: dict[str, str],
+        *,
+        lazy: bool = False,
     ) -> None:
         """Attach, start and watch the machine until it stopped."""
         mid = local.id
@@ -351,6 +447,9 @@ class Agent:
             await self._state(mid, "failed")
             self._finished[mid] = local.generation
             return
+        if lazy:
+            log.info("machine %s: started from a lazy mount", mid)
+            await self._event(mid, "Started from a lazy mount")
         try:
             await self._monitor(local, m, machine, address, tail)
         finally:

@@ -6,7 +6,11 @@ The cache is shared by every app on the host, so it is a speed-up, never an auth
 before any cached blob or tree is used, a HEAD through the release's repository proves that the
 repository may read every blob of the image (the registry answers 404 for a blob not linked to
 it), also when the unpacked tree is already there. The manifest is always read through that
-repository (never from the cache), which proves the same for it."""
+repository (never from the cache), which proves the same for it.
+
+`prepare_image` is `resolve_image` (manifest, platform, that proof) then `pull_image` (blobs into
+the cache, the unpacked tree); a lazy start (`machines/lazystart.py`) resolves first and pulls in
+the background."""
 
 from __future__ import annotations
 
@@ -146,18 +150,21 @@ def _pick_platform(index: Manifest, arch: str) -> Descriptor:
     raise PrepareError(f"no linux/{arch} image in the index (it has {', '.join(offered)})")
 
 
-async def prepare_image(
-    source: RegistrySource,
-    cache: LayerCache,
-    repository: str,
-    digest: str,
-    *,
-    arch: str | None = None,
-    limits: UnpackLimits | None = None,
-) -> PreparedImage:
-    """Fetch `repository@digest` (choosing linux/`arch` from an index) into `cache` and unpack
-    it once (within `limits`); layers already cached are not downloaded, layers are fetched
-    concurrently. Nothing cached is used before `repository` is shown to hold every blob."""
+@dataclass(frozen=True)
+class ResolvedImage:
+    """An image's platform manifest, read through `repository`, which was shown to hold every
+    blob of it (`resolve_image`): what the full pull and the lazy start both begin with."""
+
+    repository: str
+    manifest_digest: str  # of the platform manifest (an index resolved to one entry)
+    manifest: Manifest
+
+
+async def resolve_image(
+    source: RegistrySource, repository: str, digest: str, *, arch: str | None = None
+) -> ResolvedImage:
+    """The manifest of `repository@digest` (linux/`arch` chosen from an index), once
+    `repository` is shown to hold its config and every layer."""
     raw, media_type = await source.manifest(repository, digest)
     manifest = parse_manifest(raw, media_type, Digest.parse(digest))
     if manifest.is_index:
@@ -175,6 +182,30 @@ async def prepare_image(
         )
     blobs = [manifest.config, *manifest.layers]
     await source.check_readable(repository, [str(d.digest) for d in blobs])
+    return ResolvedImage(repository, digest, manifest)
+
+
+async def fetch_config(source: RegistrySource, cache: LayerCache, image: ResolvedImage) -> bytes:
+    """The image's config (through the layer cache)."""
+    config = image.manifest.config
+    assert config is not None
+    digest = str(config.digest)
+    path = await cache.fetch(digest, config.size, source.opener(image.repository, digest))
+    return path.read_bytes()
+
+
+async def pull_image(
+    source: RegistrySource,
+    cache: LayerCache,
+    image: ResolvedImage,
+    *,
+    limits: UnpackLimits | None = None,
+) -> PreparedImage:
+    """Fetch the config and layers of a resolved image into `cache` (concurrently, those
+    already cached are not downloaded) and unpack it once (within `limits`)."""
+    manifest, repository = image.manifest, image.repository
+    assert manifest.config is not None
+    blobs = [manifest.config, *manifest.layers]
     paths = await asyncio.gather(
         *(
             cache.fetch(str(d.digest), d.size, source.opener(repository, str(d.digest)))
@@ -183,5 +214,21 @@ async def prepare_image(
     )
     config = paths[0].read_bytes()
     layers = [(path, d.media_type) for path, d in zip(paths[1:], manifest.layers, strict=True)]
-    rootfs = await cache.rootfs_for(digest, layers, limits)
-    return PreparedImage(manifest_digest=digest, config=config, rootfs=rootfs)
+    rootfs = await cache.rootfs_for(image.manifest_digest, layers, limits)
+    return PreparedImage(manifest_digest=image.manifest_digest, config=config, rootfs=rootfs)
+
+
+async def prepare_image(
+    source: RegistrySource,
+    cache: LayerCache,
+    repository: str,
+    digest: str,
+    *,
+    arch: str | None = None,
+    limits: UnpackLimits | None = None,
+) -> PreparedImage:
+    """Fetch `repository@digest` (choosing linux/`arch` from an index) into `cache` and unpack
+    it once (within `limits`); layers already cached are not downloaded, layers are fetched
+    concurrently. Nothing cached is used before `repository` is shown to hold every blob."""
+    image = await resolve_image(source, repository, digest, arch=arch)
+    return await pull_image(source, cache, image, limits=limits)

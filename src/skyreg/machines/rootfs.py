@@ -102,11 +102,13 @@ def _mount(
         raise OSError(err, f"cannot mount on {target}: {os.strerror(err)}")
 
 
-def fresh_rootfs(image_rootfs: Path, home: Path) -> tuple[Path, str]:
+def fresh_rootfs(image_rootfs: Path, home: Path, *, allow_copy: bool = True) -> tuple[Path, str]:
     """A new writable rootfs for one start of the machine living in `home`.
 
     Whatever the previous start left (mount, upper layer, copy) is removed first. Returns the
-    rootfs path (`<home>/rootfs`) and the method used: `overlay`, `reflink` or `copy`.
+    rootfs path (`<home>/rootfs`) and the method used: `overlay`, `reflink` or `copy`. Without
+    `allow_copy` (a lazy mount as the lower layer: copying it would read the whole image through
+    it) only the overlay is tried: OSError when it cannot be had.
     """
     release_rootfs(home)
     private_dir(home, mode=0o711)  # its user reaches rootfs/ through it; nothing else is open
@@ -118,8 +120,12 @@ def fresh_rootfs(image_rootfs: Path, home: Path) -> tuple[Path, str]:
             _mount_overlay(image_rootfs, home)
             return rootfs, "overlay"
         except OSError as e:
-            log.warning("overlay rootfs unavailable (%s); copying the image tree", e)
             release_rootfs(home)
+            if not allow_copy:
+                raise
+            log.warning("overlay rootfs unavailable (%s); copying the image tree", e)
+    if not allow_copy:
+        raise OSError("an overlay rootfs needs root and paths overlayfs takes")
     return rootfs, clone_rootfs(image_rootfs, rootfs)
 
 

@@ -21,6 +21,7 @@ from skyreg.lazy.index import (
     ARTIFACT_TYPE,
     GZIP_POINTS_MEDIA_TYPE,
     INDEX_MEDIA_TYPE,
+    LAYER_ANNOTATION,
     IndexLimits,
     LayerIndex,
     LayerIndexError,
@@ -37,7 +38,6 @@ from skyreg.store.base import BlobStore
 
 log = logging.getLogger("skyreg.lazy")
 
-LAYER_ANNOTATION = "dev.skyreg.lazy.layer"  # the layer digest an index blob describes
 _EMPTY = b"{}"
 MAX_INDEXED_BLOB = 16 << 30  # compressed bytes of a layer worth indexing
 

@@ -1,0 +1,271 @@
+"""The lazy mount helper: `python -m skyreg.machines.lazymount`, one process per image (pyfuse3
+serves one filesystem per process), started by the agent (`machines/lazystart.py`).
+
+It reads one line of JSON on stdin (`MountSpec`: the mountpoint, the registry, the repository
+and the credentials to read it with, and per layer its digest, its index document, its gzip seek
+points and where the layer cache keeps the whole blob once it has landed), merges the image's
+tree from the indexes (`lazy/tree.py`), mounts it read-only (`machines/lazyfs.py`), prints
+`ready` on stdout (`error: <why>` when it cannot) and serves until SIGTERM, SIGINT or the end
+of stdin (the agent closing its end, or dying), then unmounts. Credentials come through stdin
+only, never argv or the environment.
+
+A layer's bytes are read from its blob in the layer cache as soon as that is there (the agent
+pulls the whole image meanwhile: reads switch to local bytes as layers land), else by HTTP Range
+requests to the registry, each with bounded timeouts and retried (`ATTEMPTS`). Every chunk is
+checked against the index before it is served (`LayerReader`); a corrupt one is fetched once
+more by `lazyfs`, then EIO, never served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+
+import aiohttp
+import msgspec
+
+from skyreg.client.protocol import basic_authorization, blob_path, content_range_start
+from skyreg.lazy.index import LayerIndexError, decode_index
+from skyreg.lazy.reader import FileSource, LayerReader
+from skyreg.lazy.tree import MergeError, MergeLimits, merge
+
+log = logging.getLogger("skyreg.lazymount")
+
+READY = b"ready\n"
+MAX_SPEC = 16 << 20  # bytes of the JSON line on stdin
+ATTEMPTS = 3  # tries of one Range request
+BACKOFF = 0.25  # seconds before the second try, doubled after
+CONNECT_TIMEOUT = 10.0
+READ_TIMEOUT = 30.0  # seconds without a byte from the registry
+REQUEST_TIMEOUT = 120.0  # seconds for one Range request, whatever its progress
+
+
+class LayerSpec(msgspec.Struct, forbid_unknown_fields=True):
+    digest: str  # of the layer blob
+    size: int  # of the layer blob (the manifest's)
+    index: str  # path of its index document (verified by the agent)
+    blob: str  # where the layer cache keeps the whole blob once it has landed
+    points: str | None = None  # path of its gzip seek points
+
+
+class Limits(msgspec.Struct, forbid_unknown_fields=True):
+    """The agent's `UnpackLimits`, which the merged tree keeps as its unpack would."""
+
+    layer_bytes: int
+    image_bytes: int
+    entries: int
+    header_bytes: int
+    path_bytes: int
+    path_depth: int
+
+
+class MountSpec(msgspec.Struct, forbid_unknown_fields=True):
+    mountpoint: str
+    registry: str  # base URL
+    repository: str
+    layers: list[LayerSpec]
+    username: str = "x"
+    password: str | None = None
+    limits: Limits | None = None  # None: MergeLimits' defaults (UnpackLimits' own)
+
+
+class RangeError(OSError):
+    """The registry did not give the bytes asked for."""
+
+
+class RegistryRanges:
+    """Range GETs of blobs to one registry, from any thread, on an event loop of its own."""
+
+    def __init__(self, spec: MountSpec) -> None:
+        self._base = spec.registry.rstrip("/")
+        self._repository = spec.repository
+        self._headers = {}
+        if spec.password:
+            self._headers["Authorization"] = basic_authorization(spec.username, spec.password)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="ranges", daemon=True)
+        self._thread.start()
+        self._session = asyncio.run_coroutine_threadsafe(self._open(), self._loop).result()
+
+    async def _open(self) -> aiohttp.ClientSession:
+        timeout = aiohttp.ClientTimeout(
+            total=REQUEST_TIMEOUT, sock_connect=CONNECT_TIMEOUT, sock_read=READ_TIMEOUT
+        )
+        return aiohttp.ClientSession(timeout=timeout)
+
+    def read(self, digest: str, offset: int, length: int) -> bytes:
+        """`length` bytes of blob `digest` from `offset` (fewer only at its end)."""
+        job = asyncio.run_coroutine_threadsafe(self._read(digest, offset, length), self._loop)
+        return job.result(timeout=ATTEMPTS * (REQUEST_TIMEOUT + 10))
+
+    async def _read(self, digest: str, offset: int, length: int) -> bytes:
+        delay = BACKOFF
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                return await self._get(digest, offset, length)
+            except (aiohttp.ClientError, TimeoutError, RangeError) as e:
+                if attempt == ATTEMPTS:
+                    raise RangeError(f"blob {digest} bytes {offset}+{length}: {e}") from e
+                log.warning("blob %s bytes %d+%d, try %d: %s", digest, offset, length, attempt, e)
+            await asyncio.sleep(delay)
+            delay *= 2
+        raise AssertionError("unreachable")
+
+    async def _get(self, digest: str, offset: int, length: int) -> bytes:
+        headers = {**self._headers, "Range": f"bytes={offset}-{offset + length - 1}"}
+        url = self._base + blob_path(self._repository, digest)
+        # A redirect to storage keeps the Range; aiohttp drops Authorization for another origin.
+        async with self._session.get(url, headers=headers) as resp:
+            if resp.status == 206:
+                start = content_range_start(resp.headers.get("Content-Range", ""))
+                if start != offset:
+                    raise RangeError(f"asked for bytes from {offset}, got a range from {start}")
+                return await _read_up_to(resp, length)
+            if resp.status == 200:  # the Range was ignored: skip to it, bounded
+                data = await _read_up_to(resp, offset + length)
+                return data[offset:]
+            raise RangeError(f"HTTP {resp.status} {resp.reason or ''}".strip())
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._session.close(), self._loop).result(timeout=10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+
+async def _read_up_to(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    body = bytearray()
+    while len(body) < limit:
+        chunk = await resp.content.read(min(limit - len(body), 1 << 20))
+        if not chunk:
+            break
+        body += chunk
+    return bytes(body)
+
+
+class LayerSource:
+    """A layer blob by byte range: the layer cache's copy once it is there, else the registry."""
+
+    def __init__(self, digest: str, blob: Path, ranges: RegistryRanges) -> None:
+        self._digest = digest
+        self._blob = blob
+        self._ranges = ranges
+        self._local: FileSource | None = None
+        self._lock = threading.Lock()
+        self.remote_bytes = 0
+
+    def _local_copy(self) -> FileSource | None:
+        with self._lock:
+            # The cache publishes a blob by rename once verified: present means complete.
+            if self._local is None and self._blob.is_file():
+                self._local = FileSource(str(self._blob))
+                log.info("layer %s: reading the local copy now", self._digest)
+            return self._local
+
+    def read_range(self, offset: int, length: int) -> bytes:
+        local = self._local_copy()
+        if local is not None:
+            return local.read_range(offset, length)
+        data = self._ranges.read(self._digest, offset, length)
+        self.remote_bytes += len(data)
+        return data
+
+    def close(self) -> None:
+        if self._local is not None:
+            self._local.close()
+
+
+class _Stop(Exception):
+    """SIGTERM or SIGINT: unmount and exit."""
+
+
+def _stop(signum: int, frame: FrameType | None) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
+def serve(spec: MountSpec) -> None:
+    """Merge, mount, say `ready`, serve until stdin ends or a signal comes, unmount."""
+    from skyreg.machines.lazyfs import mount  # pyfuse3: the agent imports this module without
+
+    ranges = RegistryRanges(spec)
+    sources: list[LayerSource] = []
+    readers: list[LayerReader] = []
+    try:
+        for layer in spec.layers:
+            index = decode_index(Path(layer.index).read_bytes())
+            if index.digest != layer.digest or index.compressed_size != layer.size:
+                raise LayerIndexError(f"the index of layer {layer.digest} describes another blob")
+            points = Path(layer.points).read_bytes() if layer.points else None
+            source = LayerSource(layer.digest, Path(layer.blob), ranges)
+            sources.append(source)
+            readers.append(LayerReader(index, source, points))
+        limits = None if spec.limits is None else MergeLimits(**msgspec.structs.asdict(spec.limits))
+        tree = merge([r.index for r in readers], limits)
+        # No signal between the kernel mount and holding its handle: it would be left behind.
+        blocked = {signal.SIGTERM, signal.SIGINT}
+        signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+        handle = mount(tree, readers, Path(spec.mountpoint))
+        try:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
+            sys.stdout.buffer.write(READY)
+            sys.stdout.buffer.flush()
+            log.info(
+                "%s mounted at %s (%d layers, %d nodes)",
+                spec.repository,
+                spec.mountpoint,
+                len(readers),
+                len(tree.nodes),
+            )
+            while os.read(0, 4096):  # until the agent closes stdin (or dies)
+                pass
+        except _Stop as e:
+            log.info("%s: unmounting", e)
+        finally:
+            for sig in blocked:  # the unmount is not cut short (the agent SIGKILLs if it hangs)
+                signal.signal(sig, signal.SIG_IGN)
+            handle.unmount()
+        log.info("unmounted %s (%d bytes by Range)", spec.mountpoint, _remote(sources))
+    finally:
+        for reader in readers:
+            reader.close()
+        for source in sources:
+            source.close()
+        ranges.close()
+
+
+def _remote(sources: list[LayerSource]) -> int:
+    return sum(s.remote_bytes for s in sources)
+
+
+def main() -> int:
+    """Run the helper (see the module docstring); 0 after a clean unmount, 2 when it cannot
+    mount (the reason on stderr)."""
+    from skyreg.machines.lazyfs import LazyFSError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        line = sys.stdin.buffer.readline(MAX_SPEC)
+        spec = msgspec.json.decode(line, type=MountSpec)
+        serve(spec)
+    except _Stop:
+        return 0
+    except (msgspec.DecodeError, LayerIndexError, MergeError, LazyFSError, OSError) as e:
+        log.error("cannot mount: %s", e)
+        # The agent reads this line in place of `ready`: its reason to pull the image whole.
+        with contextlib.suppress(OSError):
+            sys.stdout.buffer.write(f"error: {e}".replace("\n", " ")[:1000].encode() + b"\n")
+            sys.stdout.buffer.flush()
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
