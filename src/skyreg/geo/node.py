@@ -2,7 +2,10 @@
 
 - Every blob this node stores (a push, a copy) is recorded as held by its region.
 - A GET of a blob its region lacks is a pull-through (`pull_through`): the bytes come from the
-  nearest region holding them, stream to the client and land in this region's store.
+  nearest region holding them, stream to the client and land in this region's store. A Range
+  GET of at most `MAX_RANGE_THROUGH` bytes is answered with just that range from the nearest
+  holder while the one whole copy goes on in the background (lazy pull reads single files of
+  layers this way); a larger one waits for the whole copy.
 - A replication worker claims this region's queued jobs and runs them through the same
   transfers (`MAX_PARALLEL` at once), so a pull and a job for one blob share one transfer.
 - `enqueue_image` asks for every blob of an image (the host platform's child of an index) in
@@ -29,6 +32,7 @@ from skyreg.geo.errors import BlobNotInRegion, RegionsUnavailable
 from skyreg.geo.regions import RegionMap
 from skyreg.geo.transfer import (
     LEASE_SECONDS,
+    MAX_RANGE_THROUGH,
     BlobDeleted,
     Feed,
     Transfer,
@@ -109,22 +113,56 @@ class GeoNode:
             raise BlobNotInRegion(str(digest))
 
     async def pull_through(
-        self, repository: str, digest: Digest, size: int, *, ranged: bool
+        self,
+        repository: str,
+        digest: Digest,
+        size: int,
+        *,
+        byte_range: tuple[int, int] | None = None,
     ) -> AsyncGenerator[bytes, None] | None:
         """Bring a blob this region lacks here from the nearest region holding it.
 
         Returns None once the blob is in this region's store, for the caller to serve it as
-        any local blob (Range requests, and clients joining a transfer whose bytes have
-        passed, wait for that); otherwise the bytes as they arrive, led by one empty chunk as
-        soon as they flow (the caller may send its headers then). Raises RegionsUnavailable
-        when no holder answers: from the iterator once it has begun, so a stream is cut.
+        any local blob (clients joining a transfer whose bytes have passed, and Range reads of
+        more than `MAX_RANGE_THROUGH` bytes, wait for that); otherwise the bytes as they
+        arrive — of the whole blob, or with `byte_range` (first, last: a satisfiable range)
+        just those, from a holder, while the whole copy starts or goes on in the background —
+        led by one empty chunk as soon as they flow (the caller may send its headers then).
+        Raises RegionsUnavailable when no holder answers: from the iterator once it has begun,
+        so a stream is cut.
         """
         transfer = self.transfers.get(repository, digest, size)
+        if byte_range is not None:
+            return await self._range(transfer, repository, digest, size, *byte_range)
         feed = transfer.subscribe()
-        if ranged or feed is None:
+        if feed is None:
             await self._wait(transfer, digest)
             return None
         return self._stream(transfer, feed, digest, size)
+
+    async def _range(
+        self, transfer: Transfer, repository: str, digest: Digest, size: int, first: int, last: int
+    ) -> AsyncGenerator[bytes, None] | None:
+        if last - first + 1 > MAX_RANGE_THROUGH or transfer.done.is_set():
+            await self._wait(transfer, digest)
+            return None
+        sources = await self.transfers.holders(digest)
+        if not sources:  # GC took its copies, or they are all gone: the copy says which
+            await self._wait(transfer, digest)
+            return None
+        return self._ranged(repository, digest, size, first, last, sources)
+
+    async def _ranged(
+        self, repository: str, digest: Digest, size: int, first: int, last: int, sources: list[str]
+    ) -> AsyncGenerator[bytes, None]:
+        chunks = self.transfers.read_range(repository, digest, size, first, last, sources)
+        try:
+            async with contextlib.aclosing(chunks):
+                async for chunk in chunks:
+                    yield chunk
+        except TransferFailed as e:
+            log.warning("range read of %s through %s failed: %s", digest, self.region, e)
+            raise RegionsUnavailable(str(digest)) from None
 
     async def _stream(
         self, transfer: Transfer, feed: Feed, digest: Digest, size: int
@@ -247,6 +285,13 @@ class GeoNode:
             "# TYPE skyreg_transfers_total counter",
             f'skyreg_transfers_total{{{me},result="done"}} {c.transfers_done}',
             f'skyreg_transfers_total{{{me},result="failed"}} {c.transfers_failed}',
+            "# HELP skyreg_range_bytes_in_total Bytes of Range reads this process passed through"
+            " from other regions (not stored: the whole copy is counted above).",
+            "# TYPE skyreg_range_bytes_in_total counter",
+            f"skyreg_range_bytes_in_total{{{me}}} {c.range_bytes_in}",
+            "# TYPE skyreg_range_reads_total counter",
+            f'skyreg_range_reads_total{{{me},result="done"}} {c.ranges_done}',
+            f'skyreg_range_reads_total{{{me},result="failed"}} {c.ranges_failed}',
             "",
         ]
         return "\n".join(lines)

@@ -18,6 +18,13 @@ that cancels a pending deletion of them in this region and refuses once GC has d
 blob, and then the upload is aborted. A copy that lands while GC deletes the blob is not
 recorded (`finish` / `add_copy` queue the deletion of its bytes instead). Both end the
 transfer with `BlobDeleted`.
+
+Range reads (`read_range`): a client reading a few bytes of a blob on its way here (the lazy
+reader of a far machine) need not wait for the whole copy. The bytes it asked for come from the
+nearest holder by a peer request with the same Range, accepted only as a 206 of exactly that
+range (Content-Range and Content-Length), and go straight to the client, stored nowhere; the
+whole copy is the caller's single `Transfer`. A range's bytes cannot be checked against the
+blob's digest alone: the reader checks them (the lazy index's chunk digests).
 """
 
 from __future__ import annotations
@@ -28,14 +35,14 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import aiohttp
 
-from skyreg.client.aio import AsyncRegistryClient
-from skyreg.client.protocol import RegistryClientError
+from skyreg.client.aio import READ_SIZE, AsyncRegistryClient
+from skyreg.client.protocol import RegistryClientError, basic_authorization, blob_path
 from skyreg.geo.regions import RegionMap
 from skyreg.meta.geo import GeoMeta, Job
 from skyreg.oci.digest import Digest
@@ -48,6 +55,13 @@ PEER_HEADER = "X-Skyreg-Peer"  # set on requests between regions: answer from lo
 _FEED_LIMIT = 32  # chunks (~1 MiB each) a subscriber may lag before it is detached
 _WAIT_POLL = 0.2
 _WAIT_LIMIT = 3600.0
+MAX_RANGE_THROUGH = (
+    64 << 20
+)  # bytes one Range read may ask through regions (more: wait for the copy)
+RANGE_PARALLEL = 32  # peer Range requests of this process at once (the session holds 64)
+# One peer Range request: connect and read stalls as the transfer's, and an end (a reader gives
+# up on a range after 120 s: `machines/lazymount.py`).
+RANGE_TIMEOUT = aiohttp.ClientTimeout(total=120, sock_connect=10, sock_read=60)
 
 
 class TransferFailed(Exception):
@@ -68,6 +82,9 @@ class Counters:
     bytes_in: int = 0
     transfers_done: int = 0
     transfers_failed: int = 0
+    range_bytes_in: int = 0  # bytes of Range reads passed through from other regions
+    ranges_done: int = 0
+    ranges_failed: int = 0
 
 
 class Feed:
@@ -170,6 +187,7 @@ class Transfers:
         self.counters = Counters()
         self._active: dict[str, Transfer] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._ranges = asyncio.Semaphore(RANGE_PARALLEL)
 
     def get(self, repository: str, digest: Digest, size: int, job: Job | None = None) -> Transfer:
         """The transfer of `digest` into this region: joined if running, else started."""
@@ -386,6 +404,80 @@ class Transfers:
         if size != t.size:
             raise _SourceError(f"got {size} of {t.size} bytes")
         return moved
+
+    # -- range reads ---------------------------------------------------------------------------
+
+    async def holders(self, digest: Digest) -> list[str]:
+        """The other regions holding a copy of `digest`, nearest first."""
+        return self.regions.nearest(await self.meta.run(self.meta.regions_of, str(digest)))
+
+    async def read_range(
+        self, repository: str, digest: Digest, size: int, first: int, last: int, sources: list[str]
+    ) -> AsyncGenerator[bytes, None]:
+        """Bytes `first`..`last` of the blob (`size` bytes) from the first of `sources` that
+        answers with exactly them, led by one empty chunk once a source did (the caller may
+        send its headers then). A source failing before or during its answer is replaced by the
+        next, asked for the bytes still missing. Raises TransferFailed when none supplied them
+        all (a stream already begun is then cut by the caller)."""
+        position = first
+        tried: list[str] = []
+        started = False
+        async with self._ranges:
+            for source in sources:
+                try:
+                    async with self._range_request(
+                        repository, digest, source, position, last
+                    ) as resp:
+                        _check_range(resp, position, last, size)
+                        if not started:
+                            started = True
+                            yield b""
+                        async for chunk in resp.content.iter_chunked(READ_SIZE):
+                            chunk = chunk[: last + 1 - position]  # Content-Length bounds it too
+                            position += len(chunk)
+                            self.counters.range_bytes_in += len(chunk)
+                            yield chunk
+                    if position <= last:  # aiohttp holds a source to its Content-Length
+                        raise _SourceError(f"the answer ended at byte {position} of {first}-{last}")
+                except (aiohttp.ClientError, TimeoutError, _SourceError) as e:
+                    tried.append(f"{source}: {e or type(e).__name__}")
+                    log.warning(
+                        "bytes %d-%d of %s from %s failed: %s", position, last, digest, source, e
+                    )
+                if position > last:  # every byte arrived (a failure after the last one is moot)
+                    self.counters.ranges_done += 1
+                    return
+            self.counters.ranges_failed += 1
+            raise TransferFailed(
+                f"{digest} bytes {first}-{last}: every region failed: {'; '.join(tried) or 'none'}"
+            )
+
+    @contextlib.asynccontextmanager
+    async def _range_request(
+        self, repository: str, digest: Digest, source: str, first: int, last: int
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """A peer's answer to GET `Range: bytes=first-last` of the blob: Basic credentials (the
+        peer token, no token flow, as `_from`) and `PEER_HEADER`, so the source never chains."""
+        headers = {PEER_HEADER: self.region, "Range": f"bytes={first}-{last}"}
+        token = self.peer_token()
+        if token:
+            headers["Authorization"] = basic_authorization("skyreg-peer", token)
+        url = self.regions.url_of(source) + blob_path(repository, str(digest))
+        async with self._session().get(url, headers=headers, timeout=RANGE_TIMEOUT) as resp:
+            yield resp
+
+
+def _check_range(resp: aiohttp.ClientResponse, first: int, last: int, size: int) -> None:
+    """Only a 206 of exactly bytes `first`..`last` of a blob of `size` bytes is passed on: a
+    200 (the Range ignored), another range or another length is the source's error."""
+    if resp.status != 206:
+        raise _SourceError(f"HTTP {resp.status} to a Range request")
+    expected = f"bytes {first}-{last}/{size}"
+    got = resp.headers.get("Content-Range", "")
+    if got.strip() != expected:
+        raise _SourceError(f"Content-Range {got[:100]!r}, asked for {expected!r}")
+    if resp.content_length != last - first + 1:
+        raise _SourceError(f"Content-Length {resp.content_length} for {last - first + 1} bytes")
 
 
 def _leased_elsewhere(job: Job | None) -> bool:

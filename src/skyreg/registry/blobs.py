@@ -84,10 +84,16 @@ async def get_blob(request: web.Request, name: str, reference: str) -> web.Strea
         reg.geo.refuse_chained(digest, for_peer=bool(request.headers.get(PEER_HEADER)))
         if request.method == "HEAD":
             return web.Response(status=200, headers=_blob_headers(digest, size))
-        ranged = request.headers.get("Range") is not None
-        chunks = await reg.geo.pull_through(name, digest, size, ranged=ranged)
+        range_header = request.headers.get("Range")
+        asked = _byte_range(range_header, size) if range_header is not None else None
+        chunks = await reg.geo.pull_through(name, digest, size, byte_range=asked)
         if chunks is not None:
-            return await _stream(request, chunks, _blob_headers(digest, size))
+            headers = _blob_headers(digest, size)
+            if asked is None:
+                return await _stream(request, chunks, headers)
+            headers["Content-Range"] = f"bytes {asked[0]}-{asked[1]}/{size}"
+            headers["Content-Length"] = str(asked[1] - asked[0] + 1)
+            return await _stream(request, chunks, headers, status=206)
         stored = await reg.store.stat(digest)
     if size is None or stored is None:
         raise RegistryError(
@@ -123,11 +129,15 @@ async def get_blob(request: web.Request, name: str, reference: str) -> web.Strea
 
 
 async def _stream(
-    request: web.Request, chunks: AsyncGenerator[bytes, None], headers: dict[str, str]
+    request: web.Request,
+    chunks: AsyncGenerator[bytes, None],
+    headers: dict[str, str],
+    status: int = 200,
 ) -> web.StreamResponse:
-    """Send a blob's bytes as another region supplies them: the headers once bytes flow, so a
-    failure before that is still a clean error answer (after it, the stream is cut)."""
-    resp = web.StreamResponse(status=200, headers=headers)
+    """Send a blob's bytes (or a range of them: 206) as another region supplies them: the
+    headers once bytes flow, so a failure before that is still a clean error answer (after it,
+    the stream is cut)."""
+    resp = web.StreamResponse(status=status, headers=headers)
     async with contextlib.aclosing(chunks):
         async for chunk in chunks:
             if not resp.prepared:
