@@ -196,6 +196,7 @@ def test_openapi_document_lists_every_served_path(server: InProcessRegistry) -> 
         "/api/v1/agent/machines/{machine_id}/secrets",
         "/api/v1/agent/machines/{machine_id}/health",
         "/api/v1/agent/routes",
+        "/api/v1/agent/apps/{app}/images/{reference}/prefetch",
         "/api/v1/apps/{app}/sbom",
         "/api/v1/apps/{app}/vulns",
         "/api/v1/apps/{app}/files",

@@ -183,6 +183,12 @@ def test_every_management_route_queries_off_the_event_loop(strict: Strict) -> No
     # Its release has no health checks: refused, after reading the machine.
     _ok(s.call("POST", route + "/health", base + "/health", json={"status": "passing"}), 409)
     _ok(s.call("GET", "/agent/routes"), 200)
+    prefetch = "/agent/apps/{app}/images/{reference}/prefetch"
+    web_prefetch = f"/agent/apps/web/images/{s.image.digest}/prefetch"
+    layer = "sha256:" + hashlib.sha256(s.image.layers[0]).hexdigest()
+    ranges = {"ranges": [{"layer": layer, "offset": 0, "length": 1}]}
+    _ok(s.call("PUT", prefetch, web_prefetch, json=ranges), 200)
+    assert _ok(s.call("GET", prefetch, web_prefetch), 200)["ranges"] == ranges["ranges"]
     logs = _ok(s.call("GET", "/apps/{app}/logs", "/apps/web/logs"), 200)
     assert [ln["line"] for ln in logs["lines"]] == ["a line"]
     one = _ok(s.call("GET", "/machines/{machine_id}", f"/machines/{machine}"), 200)

@@ -36,6 +36,7 @@ import pyfuse3
 import trio
 
 from skyreg.lazy.index import LayerIndexError
+from skyreg.lazy.prefetch import Recorder
 from skyreg.lazy.reader import CorruptChunk, LayerReader
 from skyreg.lazy.tree import MAX_NAME_BYTES, Node, Tree, read
 
@@ -56,12 +57,15 @@ class LazyFSError(Exception):
 
 class LazyFS(pyfuse3.Operations):
     """pyfuse3 operations over `tree`, reading files through `readers` (one per layer, in the
-    order the tree was merged from)."""
+    order the tree was merged from); `recorder` (learned prefetch) notes what is read."""
 
-    def __init__(self, tree: Tree, readers: list[LayerReader]) -> None:
+    def __init__(
+        self, tree: Tree, readers: list[LayerReader], recorder: Recorder | None = None
+    ) -> None:
         super().__init__()
         self.tree = tree
         self.readers = readers
+        self.recorder = recorder
         self._limiter = trio.CapacityLimiter(READ_THREADS)
         self._dirs: dict[int, list[tuple[bytes, Node]]] = {}
         self._next_dir = 0
@@ -170,13 +174,29 @@ class LazyFS(pyfuse3.Operations):
     def _read(self, node: Node, reader: LayerReader, off: int, size: int) -> bytes:
         for attempt in range(1, READ_ATTEMPTS + 1):
             try:
-                return read(node, reader, off, size)
+                data = read(node, reader, off, size)
             except CorruptChunk as e:
                 log.warning("inode %d, attempt %d: %s", node.ino, attempt, e)
             except (LayerIndexError, OSError) as e:
                 log.warning("inode %d: cannot read its layer: %s", node.ino, e)
                 break
+            else:
+                if self.recorder is not None and data:
+                    self._record(node, off, len(data))
+                return data
         raise pyfuse3.FUSEError(errno.EIO)
+
+    def _record(self, node: Node, off: int, length: int) -> None:
+        """Note the bytes of the layer's stream this read used (a sparse file: its stored
+        runs, whole)."""
+        assert self.recorder is not None and node.entry is not None
+        entry = node.entry
+        if entry.offset is None:
+            return
+        if entry.sparse is None:
+            self.recorder.read(node.layer, entry.offset + off, length)
+        else:
+            self.recorder.read(node.layer, entry.offset, sum(n for _, n in entry.sparse))
 
     async def release(self, fh: int) -> None:
         return None
@@ -293,18 +313,24 @@ def _unescape(field: bytes) -> bytes:
 
 
 def mount(
-    tree: Tree, readers: list[LayerReader], mountpoint: Path, *, allow_other: bool | None = None
+    tree: Tree,
+    readers: list[LayerReader],
+    mountpoint: Path,
+    *,
+    allow_other: bool | None = None,
+    recorder: Recorder | None = None,
 ) -> Mount:
     """Mount `tree` read-only at `mountpoint` (an existing directory), its files read through
-    `readers` (one per layer, the order `merge` got). `allow_other` (default: when root) lets
-    other users (the machine's) in; the kernel checks modes and owners (`default_permissions`).
-    Raises `LazyFSError` when FUSE is missing or a mount is already live in this process."""
+    `readers` (one per layer, the order `merge` got), each read noted by `recorder` if any.
+    `allow_other` (default: when root) lets other users (the machine's) in; the kernel checks
+    modes and owners (`default_permissions`). Raises `LazyFSError` when FUSE is missing or a
+    mount is already live in this process."""
     if not _active.acquire(blocking=False):
         raise LazyFSError("a lazy filesystem is already mounted by this process")
     options = set(pyfuse3.default_options) | {"ro", "fsname=skyreg-lazy", "subtype=skyreg"}
     if allow_other if allow_other is not None else os.geteuid() == 0:
         options.add("allow_other")
-    handle = Mount(Path(mountpoint), LazyFS(tree, readers))
+    handle = Mount(Path(mountpoint), LazyFS(tree, readers, recorder))
     try:
         handle._start(options)
     except BaseException:

@@ -14,17 +14,28 @@ pulls the whole image meanwhile: reads switch to local bytes as layers land), el
 requests to the registry, each with bounded timeouts and retried (`ATTEMPTS`). Every chunk is
 checked against the index before it is served (`LayerReader`); a corrupt one is fetched once
 more by `lazyfs`, then EIO, never served.
+
+Learned prefetch (`lazy/prefetch.py`): the spec may carry the image's prefetch list (what an
+earlier start of it read first). Before mounting, the helper reads those chunks, `PREFETCH_THREADS`
+at a time, through verified readers, into its spool (`spool`, a private directory of the
+agent's: each chunk a file, checked again against the index whenever it is read), and logs how
+many it got; a chunk it could not get is left to the machine's own read. From `ready` it records
+the chunks the machine reads for `record` seconds and then prints them on stdout as one line,
+`prefetch <JSON list of ranges>`, for the agent to report.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import signal
 import sys
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from types import FrameType
 
@@ -32,13 +43,18 @@ import aiohttp
 import msgspec
 
 from skyreg.client.protocol import basic_authorization, blob_path, content_range_start
-from skyreg.lazy.index import LayerIndexError, decode_index
-from skyreg.lazy.reader import FileSource, LayerReader
+from skyreg.lazy.index import LayerIndex, LayerIndexError, decode_index
+from skyreg.lazy.prefetch import LayerGeometry, PrefetchRange, Recorder, plan
+from skyreg.lazy.reader import CorruptChunk, FileSource, LayerReader
 from skyreg.lazy.tree import MergeError, MergeLimits, merge
 
 log = logging.getLogger("skyreg.lazymount")
 
 READY = b"ready\n"
+PREFETCH_LINE = b"prefetch "  # then the JSON list of ranges the machine read first
+PREFETCH_THREADS = 8  # chunk reads of a prefetch at once
+PREFETCH_TASK_CHUNKS = 4  # consecutive chunks one prefetch task reads (one gzip seek span)
+PREFETCH_TIMEOUT = 60.0  # seconds of prefetching before the mount goes ahead without the rest
 MAX_SPEC = 16 << 20  # bytes of the JSON line on stdin
 ATTEMPTS = 3  # tries of one Range request
 BACKOFF = 0.25  # seconds before the second try, doubled after
@@ -74,6 +90,9 @@ class MountSpec(msgspec.Struct, forbid_unknown_fields=True):
     username: str = "x"
     password: str | None = None
     limits: Limits | None = None  # None: MergeLimits' defaults (UnpackLimits' own)
+    prefetch: list[PrefetchRange] = msgspec.field(default_factory=list)  # read before `ready`
+    spool: str | None = None  # a private directory for prefetched chunks (None: no prefetch)
+    record: float = 0.0  # seconds after `ready` whose reads are reported (0: none)
 
 
 class RangeError(OSError):
@@ -181,6 +200,150 @@ class LayerSource:
             self._local.close()
 
 
+class SpooledReader(LayerReader):
+    """A `LayerReader` that serves the chunks prefetched into `spool` (each checked against the
+    index again as it is read: a bad one is dropped and read as if never prefetched)."""
+
+    def __init__(
+        self,
+        index: LayerIndex,
+        source: LayerSource,
+        points: bytes | None,
+        spool: Path | None,
+        position: int,
+    ) -> None:
+        super().__init__(index, source, points)
+        self.layer_source = source
+        self.points = points
+        self._spool = spool
+        self._position = position
+        self._spooled: set[int] = set()
+        self._spool_lock = threading.Lock()
+
+    def _path(self, number: int) -> Path:
+        assert self._spool is not None
+        return self._spool / f"{self._position}-{number}"
+
+    def chunk(self, number: int) -> bytes:
+        with self._spool_lock:
+            spooled = number in self._spooled
+        if spooled:
+            path = self._path(number)
+            try:
+                data = path.read_bytes()
+            except OSError as e:
+                log.warning("layer %s chunk %d: spool unreadable: %s", self.index.digest, number, e)
+            else:
+                if hashlib.sha256(data).hexdigest() == self.index.chunks[number]:
+                    return data
+                log.warning("layer %s chunk %d: spooled bytes corrupt", self.index.digest, number)
+            with self._spool_lock:
+                self._spooled.discard(number)
+            path.unlink(missing_ok=True)
+        return super().chunk(number)
+
+    def prefetch(self, numbers: list[int]) -> int:
+        """Read chunks `numbers` (verified, by a decoder of their own so machine reads are not
+        held up) into the spool; the bytes it kept."""
+        if self._spool is None:
+            return 0
+        reader = LayerReader(self.index, self.layer_source, self.points)
+        kept = 0
+        try:
+            for number in numbers:
+                with self._spool_lock:
+                    if number in self._spooled:
+                        continue
+                try:
+                    data = reader.chunk(number)
+                except CorruptChunk:
+                    data = reader.chunk(number)  # once more, from a fresh decoder state
+                path = self._path(number)
+                partial = path.with_name(path.name + ".partial")
+                partial.write_bytes(data)
+                partial.rename(path)
+                with self._spool_lock:
+                    self._spooled.add(number)
+                kept += len(data)
+        finally:
+            reader.close()
+        return kept
+
+    def spooled(self) -> set[int]:
+        """The chunk numbers in the spool now."""
+        with self._spool_lock:
+            return set(self._spooled)
+
+
+def prefetch(readers: list[SpooledReader], ranges: list[PrefetchRange]) -> tuple[int, int, int]:
+    """Read the chunks of `ranges` into the readers' spools, `PREFETCH_THREADS` tasks at once,
+    for at most `PREFETCH_TIMEOUT` seconds: (chunks asked for, chunks kept, bytes kept). A
+    chunk that cannot be read is left for the machine's own read (logged, never fatal)."""
+    geometry = [_geometry(r.index) for r in readers]
+    tasks = [
+        (layer, numbers[i : i + PREFETCH_TASK_CHUNKS])
+        for layer, numbers in plan(ranges, geometry)
+        for i in range(0, len(numbers), PREFETCH_TASK_CHUNKS)
+    ]
+    wanted = sum(len(numbers) for _, numbers in tasks)
+    if not tasks:
+        return 0, 0, 0
+    pool = ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="prefetch")
+    try:
+        futures = [pool.submit(readers[layer].prefetch, numbers) for layer, numbers in tasks]
+        done, pending = wait(futures, timeout=PREFETCH_TIMEOUT)
+        if pending:
+            log.warning("prefetch: %d tasks not done in %ss", len(pending), PREFETCH_TIMEOUT)
+        kept_bytes = 0
+        for future in done:
+            error = future.exception()
+            if error is None:
+                kept_bytes += future.result()
+            else:
+                log.warning("prefetch: %s", error)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+    kept = sum(len(r.spooled()) for r in readers)
+    return wanted, kept, kept_bytes
+
+
+def _geometry(index: LayerIndex) -> LayerGeometry:
+    return LayerGeometry(index.digest, index.chunk_size, index.uncompressed_size)
+
+
+class _Stdout:
+    """The helper's stdout, written from the main thread (`ready`) and the recorder's timer."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def line(self, data: bytes) -> None:
+        with self._lock:
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+
+
+def _report_later(recorder: Recorder, out: _Stdout) -> threading.Timer:
+    """Print what the machine read once the recorder's window has closed."""
+
+    def report() -> None:
+        ranges = recorder.ranges()
+        if not ranges:
+            return
+        with contextlib.suppress(OSError):  # the agent went away
+            out.line(PREFETCH_LINE + msgspec.json.encode(ranges) + b"\n")
+        log.info(
+            "recorded %d ranges (%d bytes) read in the first %ss",
+            len(ranges),
+            sum(r.length for r in ranges),
+            recorder.window,
+        )
+
+    timer = threading.Timer(recorder.window, report)
+    timer.daemon = True
+    return timer
+
+
 class _Stop(Exception):
     """SIGTERM or SIGINT: unmount and exit."""
 
@@ -190,31 +353,52 @@ def _stop(signum: int, frame: FrameType | None) -> None:
 
 
 def serve(spec: MountSpec) -> None:
-    """Merge, mount, say `ready`, serve until stdin ends or a signal comes, unmount."""
+    """Merge, prefetch, mount, say `ready`, record, serve until stdin ends or a signal comes,
+    unmount."""
     from skyreg.machines.lazyfs import mount  # pyfuse3: the agent imports this module without
 
     ranges = RegistryRanges(spec)
     sources: list[LayerSource] = []
-    readers: list[LayerReader] = []
+    readers: list[SpooledReader] = []
+    spool = None if spec.spool is None else Path(spec.spool)
+    timer: threading.Timer | None = None
     try:
-        for layer in spec.layers:
+        for position, layer in enumerate(spec.layers):
             index = decode_index(Path(layer.index).read_bytes())
             if index.digest != layer.digest or index.compressed_size != layer.size:
                 raise LayerIndexError(f"the index of layer {layer.digest} describes another blob")
             points = Path(layer.points).read_bytes() if layer.points else None
             source = LayerSource(layer.digest, Path(layer.blob), ranges)
             sources.append(source)
-            readers.append(LayerReader(index, source, points))
+            readers.append(SpooledReader(index, source, points, spool, position))
         limits = None if spec.limits is None else MergeLimits(**msgspec.structs.asdict(spec.limits))
         tree = merge([r.index for r in readers], limits)
+        if spool is not None and spec.prefetch:
+            began = time.monotonic()
+            wanted, kept, kept_bytes = prefetch(readers, spec.prefetch)
+            log.info(
+                "prefetched %d of %d chunks (%d ranges listed, %d bytes) in %.2fs before ready",
+                kept,
+                wanted,
+                len(spec.prefetch),
+                kept_bytes,
+                time.monotonic() - began,
+            )
+        recorder = None
+        if spec.record > 0:
+            recorder = Recorder([_geometry(r.index) for r in readers], spec.record)
+        out = _Stdout()
         # No signal between the kernel mount and holding its handle: it would be left behind.
         blocked = {signal.SIGTERM, signal.SIGINT}
         signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
-        handle = mount(tree, readers, Path(spec.mountpoint))
+        handle = mount(tree, list(readers), Path(spec.mountpoint), recorder=recorder)
         try:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
-            sys.stdout.buffer.write(READY)
-            sys.stdout.buffer.flush()
+            if recorder is not None:
+                recorder.start()
+                timer = _report_later(recorder, out)
+                timer.start()
+            out.line(READY)
             log.info(
                 "%s mounted at %s (%d layers, %d nodes)",
                 spec.repository,
@@ -232,6 +416,8 @@ def serve(spec: MountSpec) -> None:
             handle.unmount()
         log.info("unmounted %s (%d bytes by Range)", spec.mountpoint, _remote(sources))
     finally:
+        if timer is not None:
+            timer.cancel()
         for reader in readers:
             reader.close()
         for source in sources:

@@ -17,6 +17,13 @@ that does not say `ready` within `READY_TIMEOUT` — is `LazyUnavailable` with t
 agent then pulls the image whole, as it always did. `host_problem` says why this host cannot
 mount at all (not root, no /dev/fuse, no pyfuse3).
 
+Learned prefetch (`lazy/prefetch.py`): before starting a helper, the agent asks the server for
+the image's prefetch list (`GET /api/v1/agent/apps/{app}/images/{reference}/prefetch`; none, or
+an error, is an empty list) and hands it to the helper, which reads those chunks into its spool
+(`<data-dir>/lazy/<image hex>/spool`) before it says `ready`. The helper records what the machine
+reads in its first `PREFETCH_WINDOW` seconds and prints it; the agent reports it with a PUT of
+the same path, replacing the list the next start of the image (on any host) will read first.
+
 A mount lives while a machine uses it: `release` by the last one stops its helper (end of stdin,
 SIGTERM, SIGKILL after `STOP_TIMEOUT`), detaches whatever is left mounted and removes its
 directory; `close` (the agent stopping) does so for all, and `clean_stale` removes what an agent
@@ -43,6 +50,7 @@ from pathlib import Path
 import aiohttp
 import msgspec
 
+from skyreg.client.api import call_api
 from skyreg.client.protocol import basic_authorization
 from skyreg.lazy.index import (
     ARTIFACT_TYPE,
@@ -50,8 +58,9 @@ from skyreg.lazy.index import (
     INDEX_MEDIA_TYPE,
     LAYER_ANNOTATION,
 )
+from skyreg.lazy.prefetch import WINDOW, PrefetchRange
 from skyreg.machines.layercache import LayerCache, remove_tree
-from skyreg.machines.lazymount import READY, LayerSpec, Limits, MountSpec
+from skyreg.machines.lazymount import PREFETCH_LINE, READY, LayerSpec, Limits, MountSpec
 from skyreg.machines.prepare import PrepareError, RegistrySource, ResolvedImage
 from skyreg.machines.unpack import UnpackLimits
 from skyreg.oci.digest import Digest
@@ -67,6 +76,8 @@ READY_TIMEOUT = 120.0  # seconds for the helper to merge the tree and mount it
 STOP_TIMEOUT = 15.0  # seconds for the helper to unmount before SIGKILL
 MAX_REFERRERS_BYTES = 4 << 20
 MAX_INDEX_BYTES = 512 << 20  # an index document or seek points blob (bounded by IndexLimits)
+PREFETCH_WINDOW = WINDOW  # seconds after `ready` whose reads make the image's prefetch list
+MAX_HELPER_LINE = 4 << 20  # bytes of one line of the helper's stdout (a prefetch list)
 _MNT_DETACH = 2
 _EINVAL = 22
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -95,6 +106,7 @@ class _Helper:
     directory: Path
     proc: asyncio.subprocess.Process
     users: int = 0
+    learn: asyncio.Task[None] | None = None  # reads the helper's prefetch list, reports it
 
     @property
     def mountpoint(self) -> Path:
@@ -253,6 +265,8 @@ class LazyMounts:
         await asyncio.to_thread(_unmount_and_remove, directory)
         private_dir(directory)
         private_dir(directory / "mnt")
+        private_dir(directory / "spool")
+        learned = await _learned(source, image)
         spec = MountSpec(
             mountpoint=str(directory / "mnt"),
             registry=source.base_url,
@@ -267,6 +281,9 @@ class LazyMounts:
                 path_bytes=self.limits.path_bytes,
                 path_depth=self.limits.path_depth,
             ),
+            prefetch=learned,
+            spool=str(directory / "spool"),
+            record=PREFETCH_WINDOW if source.token else 0.0,
         )
         # The agent's token reaches the helper through stdin only; its environment drops it.
         env = {k: v for k, v in os.environ.items() if k != "SKYREG_TOKEN"}
@@ -279,6 +296,7 @@ class LazyMounts:
             env=env,
             cwd="/",
             start_new_session=True,  # a terminal's ^C reaches the agent, which stops it last
+            limit=MAX_HELPER_LINE,
         )
         helper = _Helper(image.manifest_digest, directory, proc)
         assert proc.stdin is not None and proc.stdout is not None
@@ -286,14 +304,85 @@ class LazyMounts:
             proc.stdin.write(msgspec.json.encode(spec) + b"\n")
             await proc.stdin.drain()
             line = await asyncio.wait_for(proc.stdout.readline(), READY_TIMEOUT)
-        except (TimeoutError, OSError) as e:
+        except (TimeoutError, OSError, ValueError) as e:
             line = f"error: {e or 'no answer in time'}".encode()
         if line != READY:
             await _stop_helper(helper)
             why = line.decode(errors="replace").strip().removeprefix("error: ")
             raise LazyUnavailable(f"the lazy mount failed: {why or 'the helper exited'}")
-        log.info("lazy mount of %s at %s (pid %d)", image.manifest_digest, directory, proc.pid)
+        log.info(
+            "lazy mount of %s at %s (pid %d, %d prefetch ranges given)",
+            image.manifest_digest,
+            directory,
+            proc.pid,
+            len(learned),
+        )
+        helper.learn = asyncio.create_task(
+            _learn(helper, source, image), name=f"learn-{image.manifest_digest}"
+        )
         return helper
+
+
+def _prefetch_path(image: ResolvedImage) -> str:
+    """The API path of the image's prefetch list: `/agent/apps/<app>/images/<ref>/prefetch`,
+    the app being the repository's first component (`<app>` or `<app>/...`)."""
+    repository = image.repository
+    app = repository.split("/", 1)[0]
+    digest = image.manifest_digest
+    reference = digest if repository == app else f"{repository}@{digest}"
+    quoted = urllib.parse.quote(reference, safe=":@")
+    return f"/agent/apps/{urllib.parse.quote(app, safe='')}/images/{quoted}/prefetch"
+
+
+async def _learned(source: RegistrySource, image: ResolvedImage) -> list[PrefetchRange]:
+    """The image's prefetch list as the server keeps it ([] when none, or on any error: a
+    start without prefetch is still a start)."""
+    if not source.token:
+        return []
+    try:
+        answer = await call_api(
+            source.session, source.base_url, source.token, "GET", _prefetch_path(image)
+        )
+        return msgspec.convert(answer["ranges"], list[PrefetchRange])
+    except (aiohttp.ClientError, RuntimeError, TimeoutError, ValueError, KeyError,
+            TypeError, msgspec.ValidationError) as e:  # fmt: skip
+        log.info("no prefetch list for %s: %s", image.manifest_digest, e)
+        return []
+
+
+async def _learn(helper: _Helper, source: RegistrySource, image: ResolvedImage) -> None:
+    """Read the helper's stdout after `ready`; report the prefetch list it prints."""
+    stdout = helper.proc.stdout
+    assert stdout is not None and source.token
+    while True:
+        try:
+            line = await stdout.readline()
+        except (ValueError, OSError) as e:  # a line over MAX_HELPER_LINE
+            log.warning("lazy mount helper of %s: %s", image.manifest_digest, e)
+            return
+        if not line:
+            return
+        if not line.startswith(PREFETCH_LINE):
+            continue
+        try:
+            ranges = msgspec.json.decode(line[len(PREFETCH_LINE) :], type=list[PrefetchRange])
+            await call_api(
+                source.session,
+                source.base_url,
+                source.token,
+                "PUT",
+                _prefetch_path(image),
+                {"ranges": msgspec.to_builtins(ranges)},
+            )
+        except (aiohttp.ClientError, RuntimeError, TimeoutError, msgspec.DecodeError) as e:
+            log.warning("cannot report the prefetch list of %s: %s", image.manifest_digest, e)
+            continue
+        log.info(
+            "reported the prefetch list of %s: %d ranges, %d bytes",
+            image.manifest_digest,
+            len(ranges),
+            sum(r.length for r in ranges),
+        )
 
 
 async def _referrers(source: RegistrySource, repository: str, digest: str) -> str | None:
@@ -333,6 +422,10 @@ async def _referrers(source: RegistrySource, repository: str, digest: str) -> st
 async def _stop_helper(helper: _Helper) -> None:
     """End the helper (stdin closed, SIGTERM, SIGKILL after STOP_TIMEOUT) and remove its mount."""
     proc = helper.proc
+    if helper.learn is not None and helper.learn is not asyncio.current_task():
+        helper.learn.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await helper.learn
     if proc.returncode is None:
         if proc.stdin is not None:
             proc.stdin.close()

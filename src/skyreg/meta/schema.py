@@ -8,6 +8,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     ForeignKey,
+    ForeignKeyConstraint,
     Index,
     Integer,
     LargeBinary,
@@ -661,4 +662,25 @@ layer_indexes = Table(
     Column("points_size", BigInteger),
     Column("reason", Text),
     Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+# -- learned prefetch lists for lazy pull (migration 0018) ----------------------------------------
+
+# What machines of an image read in their first seconds (lazy/prefetch.py), as its agent last
+# reported it: the JSON list of (layer digest, offset, length) ranges of the layers' uncompressed
+# streams. One row per manifest of a repository; it goes with the manifest.
+image_prefetch = Table(
+    "image_prefetch",
+    metadata,
+    Column("repository_id", Integer, primary_key=True),
+    Column("digest", String(200), primary_key=True),
+    Column("ranges", Text, nullable=False),
+    Column("range_count", Integer, nullable=False),
+    Column("bytes", BigInteger, nullable=False),
+    Column("reported_at", DateTime(timezone=True), nullable=False),
+    ForeignKeyConstraint(
+        ["repository_id", "digest"],
+        ["manifests.repository_id", "manifests.digest"],
+        ondelete="CASCADE",
+    ),
 )

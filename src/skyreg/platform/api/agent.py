@@ -1,5 +1,6 @@
-"""`/agent/machines...` and `/agent/routes`: what region agents and proxies call (an admin
-token, or an org or agent token for its org's machines)."""
+"""`/agent/machines...`, `/agent/routes` and `/agent/apps/{app}/images/{reference}/prefetch`: what
+region agents and proxies call (an admin token, or an org or agent token for its org's machines;
+prefetch lists: admin and agent tokens only)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from skyreg.platform.api.base import Call, Param, Route
 from skyreg.platform.api.machines import CURSOR, limit_param, machine_fields, machine_model
 from skyreg.services.inputs import HealthReport, LogLines, MachineEventInput, StateReport
 from skyreg.services.machines import MAX_MACHINE_PAGE
+from skyreg.services.prefetch import MAX_BODY as MAX_PREFETCH_BODY
+from skyreg.services.prefetch import PrefetchList, PrefetchReport
 from skyreg.services.releases import DEFAULT_REGION
 
 
@@ -90,6 +93,38 @@ async def agent_logs(call: Call) -> models.Recorded:
     return models.Recorded()
 
 
+def prefetch_model(found: PrefetchList) -> models.PrefetchList:
+    """An image's prefetch list as the API shows it."""
+    return models.PrefetchList(
+        repository=found.repository,
+        digest=found.digest,
+        ranges=[
+            models.PrefetchRange(layer=r.layer, offset=r.offset, length=r.length)
+            for r in found.ranges
+        ],
+        bytes=found.bytes,
+        reported_at=models.maybe_time(found.reported_at),
+    )
+
+
+async def agent_prefetch(call: Call) -> models.PrefetchList:
+    """An image's learned prefetch list."""
+    found = await call.services.prefetch.get(
+        call.caller(), call.path("app"), call.path("reference")
+    )
+    return prefetch_model(found)
+
+
+async def agent_report_prefetch(call: Call) -> models.PrefetchList:
+    """An agent reports what an image's machine read first."""
+    found = await call.services.prefetch.replace(
+        call.caller(), call.path("app"), call.path("reference"), call.lazy_body(PrefetchReport)
+    )
+    return prefetch_model(found)
+
+
+PREFETCH = "/agent/apps/{app}/images/{reference}/prefetch"
+
 ROUTES = [
     Route(
         "GET", "/agent/machines", agent_machines, "agentMachines",
@@ -132,5 +167,24 @@ ROUTES = [
         "An agent appends a machine's log lines", models.Recorded, status=201,
         request=LogLines, errors=(400, 403, 404), response_description="Recorded",
         audited=False,
+    ),
+    Route(
+        "GET", PREFETCH, agent_prefetch, "agentImagePrefetch",
+        "For agents (admin or agent token): the ranges of an image's layers its machines read "
+        "first (lazy pull's learned prefetch), to read before the next lazy start",
+        models.PrefetchList, errors=(400, 403, 404),
+        description="`reference` is DIGEST or REPO@DIGEST of one image manifest of the app's "
+        "repositories; no list reported yet: no ranges.",
+        response_description="The prefetch list",
+    ),
+    Route(
+        "PUT", PREFETCH, agent_report_prefetch, "agentReportImagePrefetch",
+        "An agent reports what a lazily started machine of the image read in its first seconds "
+        "(ranges of the manifest's layers, in reading order); it replaces the image's list",
+        models.PrefetchList, request=PrefetchReport, errors=(400, 403, 404),
+        description="400 for more than 4096 ranges, more than 256 MiB in all, or a layer the "
+        "manifest does not have.",
+        response_description="The prefetch list kept", audited=False,
+        max_body=MAX_PREFETCH_BODY,
     ),
 ]  # fmt: skip

@@ -48,6 +48,7 @@ from skyreg.services.images import ImageService
 from skyreg.services.inputs import Input
 from skyreg.services.machines import MachineService
 from skyreg.services.orgs import OrgService
+from skyreg.services.prefetch import PrefetchService
 from skyreg.services.quotas import QuotaService
 from skyreg.services.releases import DEFAULT_REGION, ReleaseService
 from skyreg.services.retention import RetentionService
@@ -80,6 +81,7 @@ class Services:
     quotas: QuotaService
     builds: BuildService
     secrets: SecretService
+    prefetch: PrefetchService
     openapi: bytes = b""  # the generated document, encoded once
     audit: AuditMeta | None = None  # None: no audit log (set by `over`)
     webhooks: WebhookService = field(init=False)  # set by `over`
@@ -124,6 +126,7 @@ class Services:
                 auth,
                 region=DEFAULT_REGION if releases.geo is None else releases.geo.region,
             ),
+            prefetch=PrefetchService(releases.platform, releases.registry),
             secrets=SecretService(
                 SecretMeta(releases.platform.db),
                 releases.platform,

@@ -878,3 +878,22 @@ class Delivery(Model):
 class DeliveryList(Model):
     webhook: Webhook
     deliveries: Annotated[list[Delivery], _d("Newest first")]
+
+
+class PrefetchRange(Model):
+    """Bytes of one layer's uncompressed stream (its tar) the image's machine read first."""
+
+    layer: Annotated[str, _d("The layer blob's digest")]
+    offset: Annotated[int, _d("Offset in the layer's uncompressed stream (chunk-aligned)")]
+    length: int
+
+
+class PrefetchList(Model):
+    """An image's learned prefetch list (lazy pull): what its machine read in its first seconds,
+    in that order, as an agent last reported it; the next lazy start reads it first."""
+
+    repository: str
+    digest: Annotated[str, _d("The image manifest's digest")]
+    ranges: list[PrefetchRange]
+    bytes: Annotated[int, _d("Bytes of every range together")]
+    reported_at: Annotated[Time | None, _d("When it was reported (null: never, no ranges)")]
