@@ -166,3 +166,34 @@ def test_a_layer_two_images_share_is_indexed_once(site: Site) -> None:
         return str(digest)
 
     assert index_of(one) == index_of(two)
+
+
+@pytest.mark.parametrize("field", ["artifactType", "config"])
+def test_a_client_cannot_push_a_layer_index_referrer(site: Site, field: str) -> None:
+    """Agents mount images through these referrers: only the registry's own may exist, or a
+    tenant could make machines of its image (and of the same image elsewhere) see a tree other
+    than its layers'."""
+    image = _push(site, f"forged-{field}", [(LAYER_TAR, _tar({"etc/motd": b"real\n"}))])
+    empty = b"{}"
+    push_blob(site.server.url, "shop", empty, site.session)
+    fake = json.dumps({"entries": []}).encode()
+    push_blob(site.server.url, "shop", fake, site.session)
+    config = (
+        {"mediaType": ARTIFACT_TYPE, "digest": sha256(empty), "size": 2}
+        if field == "config"
+        else {"mediaType": "application/vnd.oci.empty.v1+json", "digest": sha256(empty), "size": 2}
+    )
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": config,
+        "layers": [descriptor(INDEX_MEDIA_TYPE, fake)],
+        "subject": {"mediaType": OCI_MANIFEST, "digest": image, "size": 1},
+    }
+    if field == "artifactType":
+        manifest["artifactType"] = ARTIFACT_TYPE
+    body = json.dumps(manifest).encode()
+    response = put_manifest(site.server.url, "shop", sha256(body), body, session=site.session)
+    assert response.status_code == 403, response.text
+    assert response.json()["errors"][0]["code"] == "DENIED"
+    assert "reserved" in response.json()["errors"][0]["message"]

@@ -7,6 +7,7 @@ import hashlib
 
 from aiohttp import web
 
+from skyreg.lazy.index import ARTIFACT_TYPE as LAZY_INDEX_ARTIFACT
 from skyreg.oci import mediatypes as mt
 from skyreg.oci.digest import Digest, is_digest
 from skyreg.oci.errors import ErrorCode, RegistryError
@@ -85,6 +86,9 @@ async def _read_limited(request: web.Request) -> bytes:
     return bytes(data)
 
 
+SERVER_ARTIFACT_TYPES = frozenset({LAZY_INDEX_ARTIFACT})  # no client may push these
+
+
 async def put_manifest(request: web.Request, name: str, reference: str) -> web.StreamResponse:
     """PUT a manifest by tag or digest (plus any ?tag= parameters)."""
     reg = registry_of(request)
@@ -105,6 +109,14 @@ async def put_manifest(request: web.Request, name: str, reference: str) -> web.S
     manifest = await asyncio.to_thread(
         parse_manifest, raw, request.headers.get("Content-Type"), digest
     )
+    if manifest.referrer_artifact_type() in SERVER_ARTIFACT_TYPES:
+        # Agents mount images through these: only the registry's own, made from the layers'
+        # bytes, may exist (a tenant's could show a tree other than its layers').
+        raise RegistryError(
+            ErrorCode.DENIED,
+            f"artifact type {manifest.referrer_artifact_type()} is reserved: the registry "
+            "attaches these itself",
+        )
     tags = [] if by_digest else [ref]
     tags += [validate_tag(t) for t in request.query.getall("tag", []) if t not in tags]
     warning = None
