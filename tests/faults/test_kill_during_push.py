@@ -39,8 +39,11 @@ from tests.support.waiting import children, wait_for
 MiB = 1 << 20
 KILLS = 3
 PUSHERS = 4
-IMAGES_PER_PUSHER = 5
-ACKS_BETWEEN_KILLS = 12  # at most 36 of the at least 60 acknowledgements the pushers will get
+# Enough work that the pushers are still pushing at the last kill: while a killed server
+# restarts and its catalog is checked, the others' retries land many acknowledgements at once
+# (a run with 5 images a pusher, ~160 acknowledgements, saw 150 of them before its third kill).
+IMAGES_PER_PUSHER = 10
+ACKS_BETWEEN_KILLS = 12  # at most 36 of the ~320 acknowledgements the pushers will get
 _TIMEOUT = 30
 
 

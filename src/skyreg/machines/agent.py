@@ -48,7 +48,13 @@ import aiohttp
 from skyreg.client.api import ApiCallError, call_api
 from skyreg.machines.health import HealthChecker, checks_from_service
 from skyreg.machines.layercache import LayerCache
-from skyreg.machines.lazystart import LazyMounts, LazyUnavailable, clean_stale, host_problem
+from skyreg.machines.lazystart import (
+    LazyMounts,
+    LazyUnavailable,
+    clean_stale,
+    host_problem,
+    mount_key,
+)
 from skyreg.machines.network import HostNetwork, NetworkError, enter_command
 from skyreg.machines.prepare import (
     PreparedImage,
@@ -267,7 +273,7 @@ class Agent:
         await self._event(mid, "Pulling container image")
         began = time.monotonic()
         source = RegistrySource(self.server, self.token, self.session)
-        lazy: str | None = None  # the image whose lazy mount this machine's rootfs lies over
+        lazy: str | None = None  # the lazy mount this machine's rootfs lies over (its key)
         try:
             # Also proves the app's repository may read every blob: a failure names the blob.
             resolved = await resolve_image(source, m["image"]["repository"], m["image"]["digest"])
@@ -300,8 +306,8 @@ class Agent:
     async def _prepare(
         self, mid: str, source: RegistrySource, resolved: ResolvedImage, home: Path
     ) -> tuple[PreparedImage, Path, str | None]:
-        """The image and a fresh rootfs over it: over its lazy mount when it can (and the image
-        digest, whose mount to release once the machine is done), else over its unpacked tree."""
+        """The image and a fresh rootfs over it: over its lazy mount when it can (and that
+        mount's key, to release once the machine is done), else over its unpacked tree."""
         assert self._cache is not None
         image = await self._lazy_image(mid, source, resolved)
         if image is not None:
@@ -309,10 +315,10 @@ class Agent:
                 rootfs, _ = await asyncio.to_thread(
                     fresh_rootfs, image.rootfs, home, allow_copy=False
                 )
-                return image, rootfs, resolved.manifest_digest
+                return image, rootfs, mount_key(resolved)
             except OSError as e:
                 assert self._lazy is not None
-                await self._lazy.release(resolved.manifest_digest)
+                await self._lazy.release(mount_key(resolved))
                 self._no_lazy(mid, f"no overlay over its lazy mount: {e}")
         image = await pull_image(source, self._cache, resolved, limits=self.limits)
         rootfs, method = await asyncio.to_thread(fresh_rootfs, image.rootfs, home)

@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import hashlib
 import importlib.util
 import json
 import logging
@@ -113,6 +114,13 @@ class _Helper:
         return self.directory / "mnt"
 
 
+def mount_key(image: ResolvedImage) -> str:
+    """What a lazy mount serves: one image through one repository. Machines of the same image
+    digest pulled through another repository (another org's) get a mount of their own, which
+    reads through their repository: a mount never outlives, nor reports for, another's."""
+    return f"{image.repository}@{image.manifest_digest}"
+
+
 @dataclass
 class LazyMounts:
     """The agent's lazy mounts, one per image, under `root` (`<data-dir>/lazy`)."""
@@ -133,38 +141,39 @@ class LazyMounts:
         """The mountpoint of `image`'s merged tree (one more user of it), mounting it if need
         be and then starting `pull` (the whole image into the cache) in the background.
         LazyUnavailable says why not."""
-        digest = image.manifest_digest
-        async with self._locks.setdefault(digest, asyncio.Lock()):
-            live = self._live.get(digest)
+        key = mount_key(image)
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            live = self._live.get(key)
             if live is not None and live.proc.returncode is not None:
-                log.warning("the lazy mount helper of %s exited: mounting again", digest)
-                del self._live[digest]
+                log.warning("the lazy mount helper of %s exited: mounting again", key)
+                del self._live[key]
                 await _stop_helper(live)
                 live = None
             if live is None:
                 layers = await self._indexes(source, image)
                 live = await self._start(source, image, layers)
-                self._live[digest] = live
+                self._live[key] = live
             live.users += 1
-            self._background(digest, pull)
+            self._background(key, pull)
             return live.mountpoint
 
-    async def release(self, digest: str) -> None:
-        """One user fewer of `digest`'s mount; the last one unmounts it and stops its helper."""
-        async with self._locks.setdefault(digest, asyncio.Lock()):
-            live = self._live.get(digest)
+    async def release(self, key: str) -> None:
+        """One user fewer of the mount `key` (`mount_key`); the last one unmounts it and stops
+        its helper."""
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            live = self._live.get(key)
             if live is None:
                 return
             live.users -= 1
             if live.users > 0:
                 return
-            del self._live[digest]
+            del self._live[key]
             await _stop_helper(live)
-            log.info("lazy mount of %s removed: no machine uses it any more", digest)
+            log.info("lazy mount of %s removed: no machine uses it any more", key)
 
-    def pulling(self, digest: str) -> bool:
-        """Whether the background pull of `digest` is still under way."""
-        task = self._pulls.get(digest)
+    def pulling(self, key: str) -> bool:
+        """Whether the background pull of the mount `key`'s image is still under way."""
+        task = self._pulls.get(key)
         return task is not None and not task.done()
 
     async def close(self) -> None:
@@ -177,8 +186,8 @@ class LazyMounts:
         helpers, self._live = list(self._live.values()), {}
         await asyncio.gather(*(_stop_helper(h) for h in helpers))
 
-    def _background(self, digest: str, pull: Callable[[], Awaitable[object]]) -> None:
-        if self.pulling(digest):
+    def _background(self, key: str, pull: Callable[[], Awaitable[object]]) -> None:
+        if self.pulling(key):
             return
 
         async def run() -> None:
@@ -186,11 +195,11 @@ class LazyMounts:
             try:
                 await pull()
             except Exception as e:  # the mount serves on; the next start tries again
-                log.warning("background pull of %s failed: %s", digest, e)
+                log.warning("background pull of %s failed: %s", key, e)
                 return
-            log.info("background pull of %s done (%.2fs)", digest, time.monotonic() - began)
+            log.info("background pull of %s done (%.2fs)", key, time.monotonic() - began)
 
-        self._pulls[digest] = asyncio.create_task(run(), name=f"pull-{digest}")
+        self._pulls[key] = asyncio.create_task(run(), name=f"pull-{key}")
 
     # -- indexes -------------------------------------------------------------------------------
 
@@ -261,7 +270,9 @@ class LazyMounts:
     async def _start(
         self, source: RegistrySource, image: ResolvedImage, layers: list[LayerSpec]
     ) -> _Helper:
-        directory = self.root / Digest.parse(image.manifest_digest).hex
+        # The image's hex, then its repository's: one directory per (repository, image).
+        of_repository = hashlib.sha256(image.repository.encode()).hexdigest()[:16]
+        directory = self.root / f"{Digest.parse(image.manifest_digest).hex}-{of_repository}"
         await asyncio.to_thread(_unmount_and_remove, directory)
         private_dir(directory)
         private_dir(directory / "mnt")
