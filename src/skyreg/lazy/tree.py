@@ -18,10 +18,9 @@ as root (owners applied, setuid/setgid kept), on a tree of nodes instead of a di
   metadata is ignored;
 - a directory's mode and mtime are the last ones a layer gave it; owners follow `chown`'s rules
   (an id of -1 or 2^32-1 keeps the current one, one out of range keeps both);
-- the unpacker's limits (`MergeLimits`, the defaults of its `UnpackLimits`: the layer contract
-  keeps `skyreg.lazy` below `skyreg.machines`, so they are restated here) raise
-  `MergeLimitError` where it raises `UnpackLimitError`; rejected entries are listed as it lists
-  them.
+- the unpacker's limits (`UnpackLimits`, defined in `oci/layerlimits.py` for both;
+  `MergeLimits` here) raise `MergeLimitError` where it raises `UnpackLimitError`; rejected
+  entries are listed as it lists them.
 
 A file node points at its layer (`layer`: the position in the list `merge` was given) and its
 index `Entry`; `read` serves its bytes through that layer's `LayerReader`. Xattrs: the unpacker
@@ -29,7 +28,7 @@ writes none, so neither does the tree unless `keep_xattrs` is set.
 
 The bookkeeping is the unpacker's: the paths the current layer wrote (and their ancestors) in a
 tree of components, directories already pruned in this layer. Memory is bounded by the number of
-nodes (`MergeLimits.nodes`).
+nodes (`max_nodes`).
 """
 
 from __future__ import annotations
@@ -41,6 +40,7 @@ from dataclasses import dataclass, field
 
 from skyreg.lazy.index import Entry, LayerIndex
 from skyreg.lazy.reader import LayerReader
+from skyreg.oci.layerlimits import UnpackLimits
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
@@ -64,26 +64,13 @@ class MergeLimitError(MergeError):
     """A layer or the image breaks one of the `MergeLimits`."""
 
 
-@dataclass(frozen=True, slots=True)
-class MergeLimits:
-    """The unpacker's `UnpackLimits` (same names, same defaults) and a bound on the tree."""
+# The unpacker's own bounds (same class): the tree refuses exactly the images it refuses.
+MergeLimits = UnpackLimits
 
-    layer_bytes: int = 16 << 30
-    image_bytes: int = 32 << 30
-    entries: int = 1_000_000
-    header_bytes: int = 1 << 20
-    path_bytes: int = 4096
-    path_depth: int = 256
 
-    @property
-    def path_nodes(self) -> int:
-        """Path components a layer's bookkeeping may track (as the unpacker's)."""
-        return 4 * self.entries
-
-    @property
-    def nodes(self) -> int:
-        """Nodes the merged tree may hold."""
-        return 4 * self.entries
+def max_nodes(limits: UnpackLimits) -> int:
+    """Nodes the merged tree may hold."""
+    return 4 * limits.entries
 
 
 @dataclass(frozen=True, slots=True)
@@ -447,8 +434,8 @@ class _Merger:
 
     def new_node(self, kind: str, mode: int) -> Node:
         self.nodes += 1
-        if self.nodes > self.limits.nodes:
-            raise MergeLimitError(f"the image's tree has more than {self.limits.nodes} nodes")
+        if self.nodes > max_nodes(self.limits):
+            raise MergeLimitError(f"the image's tree has more than {max_nodes(self.limits)} nodes")
         return Node(kind, mode)
 
     # -- layers ------------------------------------------------------------------------------

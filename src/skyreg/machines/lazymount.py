@@ -46,7 +46,8 @@ from skyreg.client.protocol import basic_authorization, blob_path, content_range
 from skyreg.lazy.index import LayerIndex, LayerIndexError, decode_index
 from skyreg.lazy.prefetch import LayerGeometry, PrefetchRange, Recorder, plan
 from skyreg.lazy.reader import CorruptChunk, FileSource, LayerReader
-from skyreg.lazy.tree import MergeError, MergeLimits, merge
+from skyreg.lazy.tree import MergeError, merge
+from skyreg.oci.layerlimits import UnpackLimits
 
 log = logging.getLogger("skyreg.lazymount")
 
@@ -71,17 +72,6 @@ class LayerSpec(msgspec.Struct, forbid_unknown_fields=True):
     points: str | None = None  # path of its gzip seek points
 
 
-class Limits(msgspec.Struct, forbid_unknown_fields=True):
-    """The agent's `UnpackLimits`, which the merged tree keeps as its unpack would."""
-
-    layer_bytes: int
-    image_bytes: int
-    entries: int
-    header_bytes: int
-    path_bytes: int
-    path_depth: int
-
-
 class MountSpec(msgspec.Struct, forbid_unknown_fields=True):
     mountpoint: str
     registry: str  # base URL
@@ -89,7 +79,7 @@ class MountSpec(msgspec.Struct, forbid_unknown_fields=True):
     layers: list[LayerSpec]
     username: str = "x"
     password: str | None = None
-    limits: Limits | None = None  # None: MergeLimits' defaults (UnpackLimits' own)
+    limits: UnpackLimits | None = None  # the agent's (None: the defaults)
     prefetch: list[PrefetchRange] = msgspec.field(default_factory=list)  # read before `ready`
     spool: str | None = None  # a private directory for prefetched chunks (None: no prefetch)
     record: float = 0.0  # seconds after `ready` whose reads are reported (0: none)
@@ -371,7 +361,7 @@ def serve(spec: MountSpec) -> None:
             source = LayerSource(layer.digest, Path(layer.blob), ranges)
             sources.append(source)
             readers.append(SpooledReader(index, source, points, spool, position))
-        limits = None if spec.limits is None else MergeLimits(**msgspec.structs.asdict(spec.limits))
+        limits = spec.limits
         tree = merge([r.index for r in readers], limits)
         if spool is not None and spec.prefetch:
             began = time.monotonic()

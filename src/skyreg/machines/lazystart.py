@@ -61,7 +61,7 @@ from skyreg.lazy.index import (
 )
 from skyreg.lazy.prefetch import WINDOW, PrefetchRange
 from skyreg.machines.layercache import LayerCache, remove_tree
-from skyreg.machines.lazymount import PREFETCH_LINE, READY, LayerSpec, Limits, MountSpec
+from skyreg.machines.lazymount import PREFETCH_LINE, READY, LayerSpec, MountSpec
 from skyreg.machines.prepare import PrepareError, RegistrySource, ResolvedImage
 from skyreg.machines.unpack import UnpackLimits
 from skyreg.oci.digest import Digest
@@ -284,14 +284,7 @@ class LazyMounts:
             repository=image.repository,
             layers=layers,
             password=source.token,
-            limits=Limits(
-                layer_bytes=self.limits.layer_bytes,
-                image_bytes=self.limits.image_bytes,
-                entries=self.limits.entries,
-                header_bytes=self.limits.header_bytes,
-                path_bytes=self.limits.path_bytes,
-                path_depth=self.limits.path_depth,
-            ),
+            limits=self.limits,
             prefetch=learned,
             spool=str(directory / "spool"),
             record=PREFETCH_WINDOW if source.token else 0.0,
