@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import hashlib
+import logging
 import multiprocessing
 import os
 import stat
@@ -19,6 +20,7 @@ from skyreg.machines.layercache import (
     BlobVerificationError,
     LayerCache,
     Opener,
+    ResumeRefused,
     clone_rootfs,
 )
 from skyreg.machines.unpack import UnpackError, UnpackLimits, UnpackReport, unpack_layers
@@ -29,23 +31,29 @@ DIGEST = "sha256:" + hashlib.sha256(DATA).hexdigest()
 DEADLINE = 60.0
 
 
-def opener_for(data: bytes, calls: list[int], chunk: int = 65536) -> Opener:
-    """An opener that records each call and yields `data` in chunks, letting others run."""
+def opener_for(
+    data: bytes, calls: list[int], chunk: int = 65536, streamed: list[int] | None = None
+) -> Opener:
+    """An opener that records the offset of each call and yields `data` from there in chunks,
+    letting others run (and adds each chunk's length to `streamed`)."""
 
-    async def opener() -> AsyncIterator[bytes]:
-        calls.append(1)
+    async def opener(offset: int) -> AsyncIterator[bytes]:
+        calls.append(offset)
 
         async def stream() -> AsyncIterator[bytes]:
-            for i in range(0, len(data), chunk):
+            for i in range(offset, len(data), chunk):
                 await asyncio.sleep(0)
-                yield data[i : i + chunk]
+                piece = data[i : i + chunk]
+                if streamed is not None:
+                    streamed.append(len(piece))
+                yield piece
 
         return stream()
 
     return opener
 
 
-async def never_called() -> AsyncIterator[bytes]:
+async def never_called(offset: int) -> AsyncIterator[bytes]:
     raise AssertionError("the opener must not be called")
 
 
@@ -137,7 +145,7 @@ def test_concurrent_fetches_share_one_download(
         return await asyncio.gather(*(cache.fetch(DIGEST, len(DATA), opener) for _ in range(8)))
 
     paths = asyncio.run(main())
-    assert calls == [1]
+    assert calls == [0]
     assert len(locks) == 1  # one task did the work; the others awaited it
     assert set(paths) == {cache.path(DIGEST)}
 
@@ -152,10 +160,10 @@ def test_a_failed_shared_download_fails_everyone_then_can_be_retried(tmp_path: P
         return await asyncio.gather(*fetches, return_exceptions=True)
 
     results = asyncio.run(main())
-    assert calls == [1]
+    assert calls == [0]
     assert all(isinstance(r, BlobVerificationError) for r in results)
     assert asyncio.run(cache.fetch(DIGEST, len(DATA), opener_for(DATA, calls))).is_file()
-    assert calls == [1, 1]
+    assert calls == [0, 0]
 
 
 def test_a_cancelled_caller_does_not_cancel_the_shared_download(tmp_path: Path) -> None:
@@ -172,13 +180,170 @@ def test_a_cancelled_caller_does_not_cancel_the_shared_download(tmp_path: Path) 
     assert asyncio.run(main()).read_bytes() == DATA
 
 
+# -- resuming a download ----------------------------------------------------------------------
+
+HALF = len(DATA) // 2
+
+
+def part_file(cache: LayerCache, digest: str = DIGEST) -> Path:
+    """Where a download of `digest` is written before it is verified (what a kill leaves)."""
+    return cache.path(digest).parent / f".{digest.split(':')[1]}.part"
+
+
+def leave_part(cache: LayerCache, data: bytes) -> Path:
+    part = part_file(cache)
+    part.parent.mkdir(parents=True, exist_ok=True)
+    part.write_bytes(data)
+    return part
+
+
+def test_a_part_file_with_a_correct_prefix_is_resumed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = LayerCache(tmp_path)
+    part = leave_part(cache, DATA[:HALF])
+    calls: list[int] = []
+    streamed: list[int] = []
+    with caplog.at_level(logging.INFO, logger="skyreg.machines.layercache"):
+        path = asyncio.run(
+            cache.fetch(DIGEST, len(DATA), opener_for(DATA, calls, streamed=streamed))
+        )
+    assert calls == [HALF]
+    assert sum(streamed) == len(DATA) - HALF  # only the rest came from the source
+    assert path.read_bytes() == DATA
+    assert blob_files(tmp_path) == [path]  # the part file became the blob
+    assert not part.exists()
+    assert f"resuming blob {DIGEST} at {HALF} of {len(DATA)} bytes" in caplog.text
+
+
+def test_a_part_file_with_wrong_bytes_is_not_published_and_the_next_fetch_starts_at_0(
+    tmp_path: Path,
+) -> None:
+    cache = LayerCache(tmp_path)
+    part = leave_part(cache, b"x" * HALF)
+    calls: list[int] = []
+    with pytest.raises(BlobVerificationError):
+        asyncio.run(cache.fetch(DIGEST, len(DATA), opener_for(DATA, calls)))
+    assert calls == [HALF]
+    assert not cache.has(DIGEST)
+    assert not part.exists()
+    assert blob_files(tmp_path) == []
+    assert asyncio.run(cache.fetch(DIGEST, len(DATA), opener_for(DATA, calls))).read_bytes() == DATA
+    assert calls == [HALF, 0]
+
+
+@pytest.mark.parametrize("when", ["at-call", "at-first-byte"])
+def test_a_source_that_cannot_resume_makes_the_download_start_over(
+    tmp_path: Path, when: str
+) -> None:
+    cache = LayerCache(tmp_path)
+    leave_part(cache, DATA[:HALF])
+    calls: list[int] = []
+    whole = opener_for(DATA, calls)
+
+    async def opener(offset: int) -> AsyncIterator[bytes]:
+        if offset and when == "at-call":
+            calls.append(offset)
+            raise ResumeRefused("no ranges here")
+        if offset:  # like a registry answering 200 to a Range: found out on the first read
+            calls.append(offset)
+
+            async def refused() -> AsyncIterator[bytes]:
+                raise ResumeRefused("HTTP 200")
+                yield b""  # an async generator
+
+            return refused()
+        return await whole(offset)
+
+    path = asyncio.run(cache.fetch(DIGEST, len(DATA), opener))
+    assert calls == [HALF, 0]
+    assert path.read_bytes() == DATA  # the old prefix was cut off, not kept before the rest
+    assert blob_files(tmp_path) == [path]
+
+
+def test_a_part_file_longer_than_the_blob_is_discarded(tmp_path: Path) -> None:
+    cache = LayerCache(tmp_path)
+    leave_part(cache, DATA + b"more")
+    calls: list[int] = []
+    path = asyncio.run(cache.fetch(DIGEST, len(DATA), opener_for(DATA, calls)))
+    assert calls == [0]
+    assert path.read_bytes() == DATA
+    assert blob_files(tmp_path) == [path]
+
+
+def test_a_complete_part_file_is_published_without_downloading(tmp_path: Path) -> None:
+    cache = LayerCache(tmp_path)
+    leave_part(cache, DATA)  # killed between the last write and the rename
+    path = asyncio.run(cache.fetch(DIGEST, len(DATA), never_called))
+    assert path.read_bytes() == DATA
+    assert blob_files(tmp_path) == [path]
+
+
+def test_a_complete_part_file_with_wrong_bytes_is_downloaded_again(tmp_path: Path) -> None:
+    cache = LayerCache(tmp_path)
+    leave_part(cache, b"x" * len(DATA))
+    calls: list[int] = []
+    path = asyncio.run(cache.fetch(DIGEST, len(DATA), opener_for(DATA, calls)))
+    assert calls == [0]
+    assert path.read_bytes() == DATA
+
+
+def test_an_interrupted_download_keeps_its_part_and_the_next_fetch_resumes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(layercache, "_BATCH", 65536)  # each 64 KiB chunk is written at once
+    cache = LayerCache(tmp_path)
+    calls: list[int] = []
+
+    async def dropped(offset: int) -> AsyncIterator[bytes]:
+        calls.append(offset)
+
+        async def stream() -> AsyncIterator[bytes]:
+            for i in range(3):
+                yield DATA[i * 65536 : (i + 1) * 65536]
+            raise ConnectionResetError("the connection dropped")
+
+        return stream()
+
+    with pytest.raises(ConnectionResetError):
+        asyncio.run(cache.fetch(DIGEST, len(DATA), dropped))
+    assert part_file(cache).read_bytes() == DATA[: 3 * 65536]
+    assert not cache.has(DIGEST)
+    path = asyncio.run(cache.fetch(DIGEST, len(DATA), opener_for(DATA, calls)))
+    assert calls == [0, 3 * 65536]
+    assert path.read_bytes() == DATA
+
+
+def test_a_download_failing_before_its_first_byte_leaves_no_part_file(tmp_path: Path) -> None:
+    cache = LayerCache(tmp_path)
+
+    async def refused(offset: int) -> AsyncIterator[bytes]:
+        raise ConnectionRefusedError("no registry")
+
+    with pytest.raises(ConnectionRefusedError):
+        asyncio.run(cache.fetch(DIGEST, len(DATA), refused))
+    assert blob_files(tmp_path) == []
+
+
+def test_stale_temporaries_go_but_the_part_file_stays(tmp_path: Path) -> None:
+    cache = LayerCache(tmp_path)
+    part = leave_part(cache, DATA[:HALF])
+    stale = part.parent / f".{DIGEST.split(':')[1]}.abc123.part"  # the old random names
+    stale.write_bytes(b"junk")
+    calls: list[int] = []
+    asyncio.run(cache.fetch(DIGEST, len(DATA), opener_for(DATA, calls)))
+    assert calls == [HALF]
+    assert not stale.exists()
+
+
 # -- across processes -------------------------------------------------------------------------
 
 
 def _fetch_in_child(root: str, data_path: str, count_path: str) -> None:
     """Child process: fetch DIGEST with an opener that logs each call to `count_path`."""
 
-    async def opener() -> AsyncIterator[bytes]:
+    async def opener(offset: int) -> AsyncIterator[bytes]:
+        assert offset == 0
         with open(count_path, "a") as f:
             f.write(f"{os.getpid()}\n")
 

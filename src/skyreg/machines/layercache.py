@@ -11,7 +11,16 @@ Single flight: inside a process concurrent requests for one digest share one asy
 callers await it shielded, so one caller giving up does not cancel the others); across processes
 the work runs under an exclusive `flock` on the digest's lock file, taken in a worker thread, and
 whoever gets the lock second finds the result in place. Results appear by atomic rename only, so
-a crash leaves at most a `.<hex>.*` temporary, removed by the next fetch of that digest.
+a crash leaves at most a `.<hex>.*` temporary: the next fetch of that digest resumes a blob's
+part file (below) and removes any other.
+
+Resumable downloads: blob `<hex>` is downloaded into `blobs/<alg>/.<hex>.part` (one writer at a
+time, under the blob's flock), flushed batch by batch, so an agent killed mid-download leaves a
+prefix of the blob there (a failed download keeps it too, unless its bytes did not verify).
+The next fetch hashes that prefix (in a worker thread) and asks the opener for the rest only; a
+source that cannot resume (`ResumeRefused`) makes it start over from byte 0. The digest of the
+whole is checked before anything is published, as always: a part file with wrong bytes ends in
+`BlobVerificationError` and is removed, so the next fetch starts at 0.
 
 Machines never run in `rootfs/<hex>` itself: `clone_rootfs` gives each start a fresh copy.
 
@@ -31,12 +40,13 @@ import hashlib
 import logging
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from skyreg.machines.unpack import UnpackLimits, unpack_layers
 from skyreg.oci.digest import Digest
@@ -45,11 +55,15 @@ from skyreg.privatefs import private_dir
 
 log = logging.getLogger(__name__)
 
-Opener = Callable[[], Awaitable[AsyncIterator[bytes]]]
-"""Starts a download: returns an async iterator over the blob's bytes."""
+Opener = Callable[[int], Awaitable[AsyncIterator[bytes]]]
+"""Starts a download at a byte offset: returns an async iterator over the blob's bytes from
+there on. For an offset above 0 a source that cannot start there raises `ResumeRefused` (when
+called or before the first byte), and the download starts over at 0."""
 
 _BATCH = 1 << 20
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_PART_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+_T = TypeVar("_T")
 # Threads that may block on another process's lock live apart from the default executor, so
 # waiting for locks can never starve the I/O that lock holders in this process need.
 _LOCK_THREADS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="layercache-lock")
@@ -57,6 +71,11 @@ _LOCK_THREADS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="layercach
 
 class BlobVerificationError(Exception):
     """Downloaded bytes do not match the expected digest or size; nothing was stored."""
+
+
+class ResumeRefused(Exception):
+    """Raised by an `Opener` asked for bytes from an offset above 0 that it cannot serve from
+    there (say the registry ignored the Range and sent the whole blob): start over at 0."""
 
 
 class CloneError(Exception):
@@ -250,11 +269,12 @@ def _locked(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _remove_stale(directory: Path, prefix: str) -> None:
-    """Remove temporaries named `prefix…` left by a crashed process (caller holds the lock)."""
+def _remove_stale(directory: Path, prefix: str, keep: str | None = None) -> None:
+    """Remove temporaries named `prefix…` left by a crashed process (caller holds the lock),
+    except the one named `keep` (a download's part file, which the next download resumes)."""
     with contextlib.suppress(FileNotFoundError):
         for entry in directory.iterdir():
-            if entry.name.startswith(prefix):
+            if entry.name.startswith(prefix) and entry.name != keep:
                 log.info("removing stale temporary %s", entry)
                 remove_tree(entry)
 
@@ -276,33 +296,143 @@ async def _fetch_locked(d: Digest, size: int, opener: Opener, target: Path, lock
             return target
         if not target.parent.is_dir():
             private_dir(target.parent)
-        _remove_stale(target.parent, f".{d.hex}.")
-        await _download(d, size, opener, target)
+        part = _part_path(d, target)
+        _remove_stale(target.parent, f".{d.hex}.", keep=part.name)
+        await _download(d, size, opener, target, part)
     return target
 
 
-async def _download(d: Digest, size: int, opener: Opener, target: Path) -> None:
-    """Stream into a temporary next to `target`, verify, fsync, rename; clean up on failure."""
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{d.hex}.", suffix=".part")
-    tmp = Path(tmp_name)
+def _part_path(d: Digest, target: Path) -> Path:
+    """The fixed name the download of `d` is written to, so that a later one can resume it."""
+    return target.parent / f".{d.hex}.part"
+
+
+async def _download(d: Digest, size: int, opener: Opener, target: Path, part: Path) -> None:
+    """Stream into `part` (resuming what it holds), verify, fsync, rename it to `target`.
+
+    Bytes that do not verify remove `part`; any other failure (a lost connection, a
+    cancellation) keeps it, a valid prefix of the blob for the next download to resume.
+    """
+    offset, hasher = await asyncio.to_thread(_resume_point, part, d, size)
+    if offset == 0:
+        await asyncio.to_thread(_discard, part)
     try:
-        with os.fdopen(fd, "wb") as out:
-            hasher = d.hasher()
-            written = await _receive(await opener(), out, hasher, size)
+        with _open_part(part, offset) as out:
+            if offset and offset == size:  # verified: killed between the last write and rename
+                log.info("blob %s: the part file is complete, publishing it", d)
+            else:
+                if offset:
+                    log.info("resuming blob %s at %d of %d bytes", d, offset, size)
+                    try:
+                        await _receive(await opener(offset), out, hasher, size - offset)
+                    except ResumeRefused as e:
+                        log.info("blob %s cannot be resumed (%s): starting over at 0", d, e)
+                        await _write_to_end(_truncate, out)
+                        offset, hasher = 0, d.hasher()
+                if offset == 0:
+                    await _receive(await opener(0), out, hasher, size)
+            written = await _write_to_end(_position, out)
             if written != size:
                 raise BlobVerificationError(f"{d}: got {written} bytes, expected {size}")
             if hasher.hexdigest() != d.hex:
                 raise BlobVerificationError(f"{d}: content does not match the digest")
-            await asyncio.to_thread(_publish, out, tmp, target)
+            await _write_to_end(_publish, out, part, target)
+    except BlobVerificationError:
+        part.unlink(missing_ok=True)
+        raise
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            if part.stat().st_size == 0:  # nothing arrived: nothing worth keeping
+                part.unlink()
+        raise
+
+
+def _resume_point(part: Path, d: Digest, size: int) -> tuple[int, hashlib._Hash]:
+    """How many bytes of `part` to keep and their hash (worker thread: reads up to `size`).
+
+    0 (start over) when there is no part file, or it is empty, not a regular file, longer
+    than the blob, or as long as the blob but not matching its digest.
+    """
+    hasher = d.hasher()
+    try:
+        fd = os.open(part, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return 0, hasher
+    except OSError as e:  # a symlink, say: not ours, discarded
+        log.warning("discarding %s: %s", part, e)
+        return 0, hasher
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_size == 0:
+            return 0, hasher
+        if info.st_size > size:
+            log.warning("discarding %s: %d bytes, the blob has %d", part, info.st_size, size)
+            return 0, hasher
+        kept = 0
+        while kept < info.st_size:
+            chunk = f.read(min(_BATCH, info.st_size - kept))
+            if not chunk:
+                break
+            hasher.update(chunk)
+            kept += len(chunk)
+    if kept == size and hasher.hexdigest() != d.hex:  # complete, and wrong: nothing to resume
+        log.warning("discarding %s: its %d bytes do not match the digest", part, size)
+        return 0, d.hasher()
+    return kept, hasher
+
+
+def _discard(part: Path) -> None:
+    """Remove whatever lies at `part` (a file, or a directory a crash could not have made)."""
+    if part.exists() or part.is_symlink():
+        remove_tree(part)
+
+
+@contextlib.contextmanager
+def _open_part(part: Path, offset: int) -> Iterator[BinaryIO]:
+    """`part` opened for writing at `offset`, anything after it cut off (mode 0600)."""
+    fd = os.open(part, _PART_FLAGS, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.ftruncate(fd, offset)
+        os.lseek(fd, offset, os.SEEK_SET)
+        out = os.fdopen(fd, "wb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with out:
+        yield out
+
+
+def _truncate(out: BinaryIO) -> None:
+    out.flush()
+    out.seek(0)
+    out.truncate(0)
+
+
+def _position(out: BinaryIO) -> int:
+    out.flush()
+    return out.tell()
+
+
+async def _write_to_end(func: Callable[..., _T], *args: Any) -> _T:
+    """`func(*args)` in a worker thread that uses the part file. A cancelled caller still
+    waits for the thread (unless cancelled again), so that the file is not closed under it and
+    nothing writes to it once the flock is released and another process may resume it."""
+    task = asyncio.ensure_future(asyncio.to_thread(func, *args))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await task
         raise
 
 
 async def _receive(
     stream: AsyncIterator[bytes], out: BinaryIO, hasher: hashlib._Hash, size: int
 ) -> int:
-    """Hash and write `stream` in ~1 MiB batches in a worker thread; returns the byte count."""
+    """Hash and write `stream` in ~1 MiB batches in a worker thread, each flushed to the file
+    (what a killed process leaves is a prefix of the blob); returns the byte count. More than
+    `size` bytes is BlobVerificationError."""
     batch: list[bytes] = []
     pending = written = 0
     try:
@@ -313,10 +443,10 @@ async def _receive(
             batch.append(chunk)
             pending += len(chunk)
             if pending >= _BATCH:
-                await asyncio.to_thread(_write_batch, out, hasher, batch)
+                await _write_to_end(_write_batch, out, hasher, batch)
                 batch, pending = [], 0
         if batch:
-            await asyncio.to_thread(_write_batch, out, hasher, batch)
+            await _write_to_end(_write_batch, out, hasher, batch)
     finally:
         if isinstance(stream, AsyncGenerator):
             await stream.aclose()
@@ -327,6 +457,7 @@ def _write_batch(out: BinaryIO, hasher: hashlib._Hash, batch: list[bytes]) -> No
     for chunk in batch:
         hasher.update(chunk)
         out.write(chunk)
+    out.flush()
 
 
 def _publish(out: BinaryIO, tmp: Path, target: Path) -> None:

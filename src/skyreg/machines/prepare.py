@@ -15,6 +15,7 @@ the background."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -23,8 +24,8 @@ from pathlib import Path
 import aiohttp
 
 from skyreg.client.aio import AsyncRegistryClient
-from skyreg.client.protocol import ResponseTooLarge
-from skyreg.machines.layercache import LayerCache
+from skyreg.client.protocol import RegistryClientError, ResponseTooLarge
+from skyreg.machines.layercache import LayerCache, ResumeRefused
 from skyreg.machines.unpack import UnpackLimits
 from skyreg.oci import mediatypes as mt
 from skyreg.oci.digest import Digest
@@ -111,20 +112,34 @@ class RegistrySource:
 
 @dataclass
 class _BlobOpener:
+    """The `Opener` of one blob through one repository: a GET from an offset (`Range`)."""
+
     source: RegistrySource
     repository: str
     digest: str
 
-    async def __call__(self) -> AsyncIterator[bytes]:
+    async def __call__(self, offset: int = 0) -> AsyncIterator[bytes]:
         self.source.blobs_fetched.append(self.digest)
-        return self._stream()
+        return self._stream(offset)
 
-    async def _stream(self) -> AsyncIterator[bytes]:
-        async with self.source.client.blob(self.repository, self.digest) as blob:
-            if blob.status != 200:
-                raise PrepareError(
-                    f"blob {self.repository}@{self.digest}: HTTP {blob.status} {blob.error_code()}"
+    async def _stream(self, offset: int) -> AsyncIterator[bytes]:
+        """The blob's bytes from `offset`. Asked for more than 0, anything but a 206 from there
+        (a 200: the registry ignored the Range; an error) is ResumeRefused: the cache starts
+        over at 0, and that request gives the error, if any, for good."""
+        what = f"blob {self.repository}@{self.digest}"
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                blob = await stack.enter_async_context(
+                    self.source.client.blob(self.repository, self.digest, offset=offset)
                 )
+            except RegistryClientError as e:  # a 206 from elsewhere than `offset`
+                if not offset:
+                    raise
+                raise ResumeRefused(f"{what} from byte {offset}: {e}") from e
+            if offset and blob.status != 206:
+                raise ResumeRefused(f"{what} from byte {offset}: HTTP {blob.status}")
+            if not offset and blob.status != 200:
+                raise PrepareError(f"{what}: HTTP {blob.status} {blob.error_code()}")
             async for chunk in blob.chunks():
                 yield chunk
 
