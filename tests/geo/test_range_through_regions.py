@@ -1,7 +1,9 @@
 """Range through regions (issue 18, lazy pull): a region lacking a blob answers a Range read with
 just those bytes from the nearest holder, while its one whole copy of the blob goes on in the
 background. Three `skyreg serve` nodes (iad holds what is pushed; syd reaches iad through a
-`Relay` that can hold whole-blob copies and alter the ranges it forwards; sin is farther)."""
+`Relay` that can hold whole-blob copies and alter the ranges it forwards; sin is farther).
+Whole copies of blobs larger than `FOREGROUND_BLOB` come as bounded Range requests marked with
+`PIECE_HEADER`: the relay tells them from Range reads by that header."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
-from skyreg.geo.transfer import MAX_RANGE_THROUGH, PEER_HEADER
+from skyreg.geo.transfer import MAX_RANGE_THROUGH, PEER_HEADER, PIECE, PIECE_HEADER
 from tests.support.regions import Regions
 from tests.support.waiting import wait_for
 
@@ -33,11 +35,20 @@ class Seen:
     path: str
     range: str | None
     peer: str | None
+    piece: bool = False  # it carried PIECE_HEADER: a piece of a whole copy
 
     @property
     def whole(self) -> bool:
-        """A whole-blob copy (a transfer starts at 0 without Range, resumes with `bytes=N-`)."""
-        return self.range is None or self.range.endswith("-")
+        """Part of a whole-blob copy: a small blob's starts at 0 without Range (resumes with
+        `bytes=N-`), a large blob's comes in pieces (bounded ranges with PIECE_HEADER)."""
+        return self.piece or self.range is None or self.range.endswith("-")
+
+    @property
+    def bounds(self) -> tuple[int, int]:
+        """First and last byte of a bounded `Range: bytes=first-last`."""
+        assert self.range is not None and not self.range.endswith("-"), self.range
+        first, last = self.range.removeprefix("bytes=").split("-")
+        return int(first), int(last)
 
 
 class Relay:
@@ -80,6 +91,10 @@ class Relay:
         with self._lock:
             return [s for s in self.seen if s.path.endswith(f"/blobs/{digest}")]
 
+    def pieces_for(self, digest: str) -> list[tuple[int, int]]:
+        """The byte bounds of the whole-copy pieces asked for `digest`, in the order asked."""
+        return [s.bounds for s in self.requests_for(digest) if s.piece]
+
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
         try:
@@ -103,7 +118,12 @@ class Relay:
             await runner.cleanup()
 
     async def _relay(self, request: web.Request) -> web.Response:
-        seen = Seen(request.path, request.headers.get("Range"), request.headers.get(PEER_HEADER))
+        seen = Seen(
+            request.path,
+            request.headers.get("Range"),
+            request.headers.get(PEER_HEADER),
+            request.headers.get(PIECE_HEADER) == "1",
+        )
         with self._lock:
             self.seen.append(seen)
         headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in _HOP)
@@ -216,7 +236,11 @@ def test_a_range_beyond_the_bound_waits_for_the_whole_copy(
     assert got.status_code == 206
     assert got.content == data[: last + 1]
     assert r.stored("syd", digest).exists()  # answered from syd's own copy...
-    assert [s.range for s in relay.requests_for(digest)] == [None]  # ...with no range asked
+    asked = relay.requests_for(digest)
+    assert all(s.piece for s in asked), asked  # ...with no Range read asked: only the copy's
+    # pieces, in order, each at most PIECE bytes, together the blob once
+    starts = range(0, len(data), PIECE)
+    assert relay.pieces_for(digest) == [(n, min(n + PIECE, len(data)) - 1) for n in starts]
     assert r.metric("syd", "skyreg_range_bytes_in_total") == 0
 
 

@@ -232,6 +232,13 @@ class GeoNode:
                     queued += 1
         return queued
 
+    async def copy_everywhere(self, repository: str, digest: str) -> int:
+        """Queue copies of the blobs of `digest` — a small artifact this server made for an
+        image (its layer indexes) — into every other region, so that a machine starting there
+        lazily finds them nearby before the image arrives; jobs queued."""
+        others = [code for code in self.regions.codes if code != self.region]
+        return await self.meta.run(self.enqueue_image, repository, digest, others)
+
     def after_push(self, repository: str, digest: str) -> None:
         """A manifest was pushed: apps that keep images in their regions copy it ahead."""
         placement = self.meta.app_placement(repository.split("/", 1)[0])
@@ -289,6 +296,14 @@ class GeoNode:
             " from other regions (not stored: the whole copy is counted above).",
             "# TYPE skyreg_range_bytes_in_total counter",
             f"skyreg_range_bytes_in_total{{{me}}} {c.range_bytes_in}",
+            "# HELP skyreg_transfer_yield_seconds_total Seconds whole-blob copies of large blobs"
+            " waited for foreground fetches (Range reads, small blobs) to leave the link.",
+            "# TYPE skyreg_transfer_yield_seconds_total counter",
+            f"skyreg_transfer_yield_seconds_total{{{me}}} {c.yield_seconds:.6f}",
+            "# HELP skyreg_transfer_spliced_bytes_total Bytes of whole-blob copies taken from"
+            " Range reads passed through before (not fetched twice).",
+            "# TYPE skyreg_transfer_spliced_bytes_total counter",
+            f"skyreg_transfer_spliced_bytes_total{{{me}}} {c.spliced_bytes}",
             "# TYPE skyreg_range_reads_total counter",
             f'skyreg_range_reads_total{{{me},result="done"}} {c.ranges_done}',
             f'skyreg_range_reads_total{{{me},result="failed"}} {c.ranges_failed}',

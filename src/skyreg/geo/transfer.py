@@ -25,6 +25,25 @@ nearest holder by a peer request with the same Range, accepted only as a 206 of 
 range (Content-Range and Content-Length), and go straight to the client, stored nowhere; the
 whole copy is the caller's single `Transfer`. A range's bytes cannot be checked against the
 blob's digest alone: the reader checks them (the lazy index's chunk digests).
+
+Priority on the WAN (`WanPriority`, one per `Transfers`): what a starting machine waits for goes
+first, while every whole copy still crosses the WAN once. Foreground fetches are every Range read
+passed through (from before its peer request to its last byte) and whole copies of blobs of at
+most `FOREGROUND_BLOB` bytes (index documents, configs: what a start waits for). Whole copies of
+larger blobs are background: they come as Range requests of at most `PIECE` bytes, one at a time,
+and before asking for each piece they wait while a foreground fetch is in flight or one ended
+less than `LINGER` seconds ago (a machine's sequential reads leave small gaps that must not hand
+the link back), but never more than `MAX_YIELD` seconds per piece, so a background copy is
+slowed, never starved. Pieces, not one long answer read slowly: a paused copy then has at most
+one piece on the way, where a long answer would keep the link busy with whatever the socket
+buffers and every hop between the regions had queued (measured: several MB per connection).
+The time waited is `Counters.yield_seconds`.
+
+No double transfer: a Range read of a blob whose whole copy runs in this process, beyond what
+the copy has received, keeps its bytes (at most `MAX_KEPT` for the process); the copy appends
+them from memory when it gets there and asks its source only for the rest (`spliced_bytes`).
+They are checked with the whole blob's digest as any other byte of it; a copy that does not
+match forgets them before it tries the next source.
 """
 
 from __future__ import annotations
@@ -36,6 +55,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -52,6 +72,7 @@ log = logging.getLogger("skyreg.geo")
 
 LEASE_SECONDS = 30.0
 PEER_HEADER = "X-Skyreg-Peer"  # set on requests between regions: answer from local bytes only
+PIECE_HEADER = "X-Skyreg-Copy-Piece"  # on a whole copy's piece requests (logs, relays, tests)
 _FEED_LIMIT = 32  # chunks (~1 MiB each) a subscriber may lag before it is detached
 _WAIT_POLL = 0.2
 _WAIT_LIMIT = 3600.0
@@ -62,6 +83,12 @@ RANGE_PARALLEL = 32  # peer Range requests of this process at once (the session 
 # One peer Range request: connect and read stalls as the transfer's, and an end (a reader gives
 # up on a range after 120 s: `machines/lazymount.py`).
 RANGE_TIMEOUT = aiohttp.ClientTimeout(total=120, sock_connect=10, sock_read=60)
+# WAN priority (module doc): whole copies up to this size are foreground, larger ones background.
+FOREGROUND_BLOB = 16 << 20
+PIECE = 4 << 20  # bytes one request of a large copy asks for (what a pause leaves in flight)
+MAX_KEPT = 256 << 20  # bytes of Range reads kept for whole copies, in all
+LINGER = 1.0  # seconds after the last foreground fetch ended before background copies go on
+MAX_YIELD = 2.0  # seconds a background copy waits at most (one such copy goes per MAX_YIELD)
 
 
 class TransferFailed(Exception):
@@ -83,8 +110,76 @@ class Counters:
     transfers_done: int = 0
     transfers_failed: int = 0
     range_bytes_in: int = 0  # bytes of Range reads passed through from other regions
+    spliced_bytes: int = 0  # bytes of whole copies taken from Range reads, not fetched again
     ranges_done: int = 0
     ranges_failed: int = 0
+    yield_seconds: float = 0.0  # background copies waited for foreground fetches, summed
+
+
+class WanPriority:
+    """The priority gate between foreground fetches and background copies (module doc).
+
+    `foreground()` marks a fetch in flight; `background_turn()` returns once none is in flight
+    and none ended within `LINGER` seconds, or after waiting `MAX_YIELD` seconds regardless —
+    one waiting copy at a time, at most one every `MAX_YIELD` seconds (were all to go at once
+    when their bounds end together, their pieces would take the link back in a burst).
+    Waiting is event-driven: an Event set when the last foreground fetch ends, and bounded
+    sleeps; every step is O(1) on the event loop."""
+
+    def __init__(self, counters: Counters) -> None:
+        self.counters = counters
+        self.active = 0  # foreground fetches in flight
+        self.waiting = 0  # background turns waiting now
+        self._ended = -float("inf")  # loop time the last foreground fetch ended
+        self._next_escape = -float("inf")  # loop time the next waiting copy may go regardless
+        self._idle = asyncio.Event()  # set while no foreground fetch is in flight
+        self._idle.set()
+
+    @contextlib.asynccontextmanager
+    async def foreground(self) -> AsyncIterator[None]:
+        """A foreground fetch in flight for the block's duration (nested or concurrent ones
+        count each: the gate opens after the last)."""
+        self.active += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self.active -= 1
+            if self.active == 0:
+                self._ended = asyncio.get_running_loop().time()
+                self._idle.set()
+
+    async def background_turn(self) -> None:
+        """Return when the link is the background's: at once if no foreground fetch is in
+        flight or ended within `LINGER`, else when that holds, but after `MAX_YIELD` at most."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        if self.active == 0 and start >= self._ended + LINGER:
+            return
+        deadline = start + MAX_YIELD
+        self.waiting += 1
+        try:
+            while True:
+                now = loop.time()
+                if now >= deadline:
+                    if now >= self._next_escape:  # this copy goes: the next one in MAX_YIELD
+                        self._next_escape = now + MAX_YIELD
+                        return
+                    deadline = self._next_escape
+                    continue
+                if self.active:  # until the last foreground fetch ends (or the bound)
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout_at(deadline):
+                            await self._idle.wait()
+                    continue
+                quiet = self._ended + LINGER
+                if now >= quiet:
+                    return
+                # The linger: one bounded sleep, then check again (a fetch may have begun).
+                await asyncio.sleep(min(quiet, deadline) - now)
+        finally:
+            self.waiting -= 1
+            self.counters.yield_seconds += loop.time() - start
 
 
 class Feed:
@@ -188,6 +283,10 @@ class Transfers:
         self._active: dict[str, Transfer] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._ranges = asyncio.Semaphore(RANGE_PARALLEL)
+        self.priority = WanPriority(self.counters)
+        # Range reads' bytes of blobs whose whole copy runs here, by blob, by first byte.
+        self._kept: dict[str, dict[int, bytes]] = {}
+        self._kept_bytes = 0
 
     def get(self, repository: str, digest: Digest, size: int, job: Job | None = None) -> Transfer:
         """The transfer of `digest` into this region: joined if running, else started."""
@@ -227,6 +326,7 @@ class Transfers:
             error = TransferFailed(f"internal error: {e}")
         finally:
             self._active.pop(str(t.digest), None)
+            self._forget_kept(t.digest)
             t._finish(error)
 
     async def _move(self, t: Transfer, job: Job | None) -> None:
@@ -265,7 +365,12 @@ class Transfers:
             # pushed or copied here meanwhile?
             if await self.store.stat(t.digest) is not None and await self._adopt(t, job):
                 return
-            moved, source = await self._fetch(t)
+            small = t.size <= FOREGROUND_BLOB  # what a start waits for: foreground
+            priority: AbstractAsyncContextManager[None] = (
+                self.priority.foreground() if small else contextlib.nullcontext()
+            )
+            async with priority:
+                moved, source = await self._fetch(t)
             await self._record(t, job, moved, source)
             t.source = source
             log.info("copied %s (%d bytes) from %s into %s", digest, t.size, source, self.region)
@@ -350,6 +455,7 @@ class Transfers:
                     return moved, source
                 except DigestMismatch as e:
                     tried.append(f"{source}: content does not match the digest ({e})")
+                    self._forget_kept(t.digest)  # they may be what was wrong
                     t._detach_all()
                     await self.store.abort(upload_id)
                     upload_id = uuid.uuid4().hex
@@ -373,6 +479,8 @@ class Transfers:
             offset = 0
         if offset >= t.size:
             return 0  # every byte is here already: the commit verifies them
+        if t.size > FOREGROUND_BLOB:
+            return await self._in_pieces(t, source, upload_id, offset)
         token = self.peer_token()
         client = AsyncRegistryClient(
             self.regions.url_of(source),
@@ -392,7 +500,7 @@ class Transfers:
             elif blob.status not in (200, 206):
                 raise _SourceError(f"HTTP {blob.status}")
 
-            async def pieces() -> AsyncIterator[bytes]:
+            async def chunks() -> AsyncIterator[bytes]:
                 nonlocal moved
                 async for chunk in blob.chunks():
                     moved += len(chunk)
@@ -400,10 +508,88 @@ class Transfers:
                     t._publish(chunk)
                     yield chunk
 
-            size = await self.store.append(upload_id, pieces(), offset)
+            size = await self.store.append(upload_id, chunks(), offset)
         if size != t.size:
             raise _SourceError(f"got {size} of {t.size} bytes")
         return moved
+
+    async def _in_pieces(self, t: Transfer, source: str, upload_id: str, offset: int) -> int:
+        """A large blob's copy as Range requests of at most `PIECE` bytes, one at a time, each
+        asked for only when the link is the background's (`WanPriority`): a paused copy leaves
+        at most one piece on the way. What Range reads brought here meanwhile (`_kept`) is
+        appended from memory instead of crossing the link again. Bytes moved."""
+        moved = 0
+
+        async def chunks() -> AsyncIterator[bytes]:
+            nonlocal moved
+            position = offset
+            while position < t.size:
+                kept = self._kept_at(t, position)
+                if not kept:  # splicing uses no link; a piece waits for the background's turn
+                    await self.priority.background_turn()
+                    kept = self._kept_at(t, position)  # a Range read may have kept them meanwhile
+                if kept:
+                    self.counters.spliced_bytes += len(kept)
+                    position += len(kept)
+                    t._publish(kept)
+                    yield kept
+                    continue
+                last = min(t.size, position + PIECE, self._next_kept(t, position)) - 1
+                async with self._range_request(
+                    t.repository, t.digest, source, position, last, piece=True
+                ) as resp:
+                    _check_range(resp, position, last, t.size)
+                    async for chunk in resp.content.iter_chunked(READ_SIZE):
+                        chunk = chunk[: last + 1 - position]
+                        position += len(chunk)
+                        moved += len(chunk)
+                        self.counters.bytes_in += len(chunk)
+                        t._publish(chunk)
+                        yield chunk
+                if position <= last:
+                    raise _SourceError(f"the answer ended at byte {position} of a piece")
+
+        size = await self.store.append(upload_id, chunks(), offset)
+        if size != t.size:
+            raise _SourceError(f"got {size} of {t.size} bytes")
+        return moved
+
+    def _keep(self, digest: Digest, first: int, data: bytes) -> None:
+        """Keep a Range read's bytes `first`... for the whole copy of `digest` running here, when
+        it has not passed them yet (bounded by `MAX_KEPT` for the process)."""
+        t = self._active.get(str(digest))
+        if t is None or first < t.received or self._kept_bytes + len(data) > MAX_KEPT:
+            return
+        pieces = self._kept.setdefault(str(digest), {})
+        if first in pieces:
+            return
+        pieces[first] = data
+        self._kept_bytes += len(data)
+
+    def _kept_at(self, t: Transfer, position: int) -> bytes:
+        """Kept bytes of `t`'s blob from `position` on (b"" when none starts at or covers it);
+        what lies behind `position` is dropped."""
+        pieces = self._kept.get(str(t.digest))
+        if not pieces:
+            return b""
+        found = b""
+        for first in sorted(pieces):
+            data = pieces[first]
+            if first + len(data) <= position:  # passed: no use any more
+                self._kept_bytes -= len(pieces.pop(first))
+            elif first <= position and not found:
+                found = data[position - first :]
+                self._kept_bytes -= len(pieces.pop(first))
+        return found
+
+    def _next_kept(self, t: Transfer, position: int) -> int:
+        """Where the next kept bytes of `t`'s blob after `position` start (else the blob's end)."""
+        after = [first for first in self._kept.get(str(t.digest), {}) if first > position]
+        return min(after, default=t.size)
+
+    def _forget_kept(self, digest: Digest) -> None:
+        for data in self._kept.pop(str(digest), {}).values():
+            self._kept_bytes -= len(data)
 
     # -- range reads ---------------------------------------------------------------------------
 
@@ -422,7 +608,9 @@ class Transfers:
         position = first
         tried: list[str] = []
         started = False
-        async with self._ranges:
+        # The bytes, for the whole copy of the blob running here (`_keep`): never twice.
+        keep: bytearray | None = bytearray() if str(digest) in self._active else None
+        async with self.priority.foreground(), self._ranges:
             for source in sources:
                 try:
                     async with self._range_request(
@@ -434,6 +622,8 @@ class Transfers:
                             yield b""
                         async for chunk in resp.content.iter_chunked(READ_SIZE):
                             chunk = chunk[: last + 1 - position]  # Content-Length bounds it too
+                            if keep is not None and position == first + len(keep):
+                                keep += chunk
                             position += len(chunk)
                             self.counters.range_bytes_in += len(chunk)
                             yield chunk
@@ -446,6 +636,8 @@ class Transfers:
                     )
                 if position > last:  # every byte arrived (a failure after the last one is moot)
                     self.counters.ranges_done += 1
+                    if keep is not None and len(keep) == last - first + 1:
+                        self._keep(digest, first, bytes(keep))
                     return
             self.counters.ranges_failed += 1
             raise TransferFailed(
@@ -454,11 +646,21 @@ class Transfers:
 
     @contextlib.asynccontextmanager
     async def _range_request(
-        self, repository: str, digest: Digest, source: str, first: int, last: int
+        self,
+        repository: str,
+        digest: Digest,
+        source: str,
+        first: int,
+        last: int,
+        *,
+        piece: bool = False,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """A peer's answer to GET `Range: bytes=first-last` of the blob: Basic credentials (the
-        peer token, no token flow, as `_from`) and `PEER_HEADER`, so the source never chains."""
+        peer token, no token flow, as `_from`) and `PEER_HEADER`, so the source never chains;
+        `piece`: a piece of a whole copy (`PIECE_HEADER` says so), not a Range read."""
         headers = {PEER_HEADER: self.region, "Range": f"bytes={first}-{last}"}
+        if piece:
+            headers[PIECE_HEADER] = "1"
         token = self.peer_token()
         if token:
             headers["Authorization"] = basic_authorization("skyreg-peer", token)

@@ -86,7 +86,11 @@ def create_app(
                     scans = app[SERVICES_KEY].scans
                     if lazy_index:  # ... and seekable layer indexes for lazy pull
                         scans.lazy = LazyIndexer(
-                            LayerIndexMeta(releases.platform.db), scans.registry, scans.store
+                            LayerIndexMeta(releases.platform.db),
+                            scans.registry,
+                            scans.store,
+                            stored=scans.stored,
+                            copy_ahead=None if reg.geo is None else reg.geo.copy_everywhere,
                         )
                     workers.add(scans.worker())
                 audit = app[SERVICES_KEY].audit

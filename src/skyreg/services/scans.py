@@ -57,7 +57,7 @@ from skyreg.scan.sbom import (
     spdx_json,
 )
 from skyreg.services.access import required, visible_app, visible_org
-from skyreg.services.artifacts import put_blob
+from skyreg.services.artifacts import Stored, put_blob
 from skyreg.services.errors import Forbidden, Invalid, NotFound
 from skyreg.services.images import split_reference
 from skyreg.services.lazyindex import LazyIndexer
@@ -247,6 +247,7 @@ class ScanService:
     limits: IndexLimits = field(default_factory=IndexLimits)
     # Layer indexes for lazy pull, made for each image scanned (None: not made here).
     lazy: LazyIndexer | None = None
+    stored: Stored | None = None  # records this region's copy of each blob put (multi-region)
     indexed: int = 0  # images this process indexed
     failed: int = 0
     matched: int = 0
@@ -387,7 +388,7 @@ class ScanService:
             await self.registry.run(self.registry.put_manifest, claim.repository, manifest, [])
 
     async def _put_blob(self, repository: str, data: bytes) -> None:
-        await put_blob(self.store, self.registry, repository, data)
+        await put_blob(self.store, self.registry, repository, data, self.stored)
 
     async def match_due(self) -> bool:
         """Match a batch of scans against the current advisories; whether there was any."""

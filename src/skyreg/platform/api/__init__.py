@@ -115,6 +115,7 @@ def add_management_routes(
             releases.platform,
             releases.releases,
             registry.store,
+            stored=None if registry.geo is None else registry.geo.stored,
         )
     services.openapi = encoded(ROUTE_LIST)
     app[SERVICES_KEY] = services

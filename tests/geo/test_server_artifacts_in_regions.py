@@ -1,0 +1,98 @@
+"""What the server attaches to an image itself — the scan's SBOM and the layer indexes of lazy
+pull — can be read from every region, like a pushed blob: the region that made them records its
+copy, so another region's node knows where to fetch them from (before, it answered 503: "no
+other region holds it", and a far agent fell back to a whole pull)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.support.regions import Regions
+from tests.support.waiting import wait_for
+
+pytestmark = pytest.mark.slow
+
+LAZY_INDEX = "application/vnd.skyreg.lazy-index.v1"
+
+
+@pytest.fixture
+def regions(tmp_path: Path) -> Iterator[Regions]:
+    r = Regions.on_free_ports(
+        tmp_path, ("iad", "syd"), rtt_ms={("iad", "syd"): 50}, extra_args=["--scan", "--lazy-index"]
+    )
+    r.write_regions()
+    try:
+        r.start_all()
+        r.api("iad", "POST", "/orgs", json={"name": "acme"})
+        r.api("iad", "POST", "/apps", json={"name": "web", "org": "acme"})
+        yield r
+    finally:
+        r.stop_all()
+
+
+def _layer() -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in (("etc/os-release", b"ID=debian\nVERSION_ID=12\n"),
+                           ("app/data.bin", os.urandom(300_000))):  # fmt: skip
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _referrers(r: Regions, code: str, digest: str) -> list[dict[str, object]]:
+    got = requests.get(f"{r.url(code)}/v2/web/referrers/{digest}", auth=("x", r.admin), timeout=60)
+    assert got.status_code == 200, got.text
+    return list(got.json()["manifests"])
+
+
+def test_the_sbom_and_layer_indexes_made_in_one_region_are_read_in_another(
+    regions: Regions,
+) -> None:
+    r = regions
+    manifest, _ = r.push_image("iad", "web", "v1", [_layer()])
+
+    def attached() -> list[dict[str, object]] | None:
+        found = _referrers(r, "iad", manifest)
+        kinds = {str(x.get("artifactType")) for x in found}
+        return found if LAZY_INDEX in kinds and len(found) >= 2 else None
+
+    referrers = wait_for(attached, "the scan's SBOM and the layer indexes", timeout=120)
+    assert {str(x["digest"]) for x in _referrers(r, "syd", manifest)} == {
+        str(x["digest"]) for x in referrers
+    }
+    blobs: list[str] = []
+    index_blobs: list[str] = []
+    for ref in referrers:
+        got = requests.get(
+            f"{r.url('syd')}/v2/web/manifests/{ref['digest']}",
+            auth=("x", r.admin),
+            headers={"Accept": str(ref["mediaType"])},
+            timeout=60,
+        )
+        assert got.status_code == 200, got.text
+        doc = got.json()
+        digests = [str(d["digest"]) for d in [doc["config"], *doc["layers"]]]
+        blobs += digests
+        if ref.get("artifactType") == LAZY_INDEX:
+            index_blobs += [str(d["digest"]) for d in doc["layers"]]
+    assert blobs and index_blobs
+    for digest in set(blobs):
+        assert "iad" in r.copies(digest), digest  # recorded where it was made
+    # The layer indexes are copied to every region as soon as they are made (a far lazy start
+    # reads them nearby); the SBOM only when something asks for it there.
+    for digest in set(index_blobs):
+        wait_for(lambda d=digest: r.copies(d) == {"iad", "syd"}, f"{digest} copied to syd")
+    for digest in set(blobs):
+        got = r.get_blob("syd", "web", digest)
+        assert got.status_code == 200, (digest, got.status_code, got.text[:300])
+        assert "sha256:" + hashlib.sha256(got.content).hexdigest() == digest
