@@ -81,9 +81,11 @@ class CountingSource:
     def __init__(self, blob: bytes) -> None:
         self.blob = blob
         self.read_bytes = 0
+        self.requests = 0
 
     def read_range(self, offset: int, length: int) -> bytes:
         self.read_bytes += length
+        self.requests += 1
         return self.blob[offset : offset + length]
 
 
@@ -161,6 +163,33 @@ def test_a_file_deep_in_a_gzip_layer_costs_one_seek_span_not_the_blob() -> None:
     [main] = [e for e in index.entries if e.name == "app/main"]
     assert reader.read_file(main) == b"entrypoint!"
     assert source.read_bytes <= 2 * GZIP_SPACING < len(blob) / 2
+
+
+@pytest.mark.parametrize("compression", ["gzip", "none"])
+def test_a_file_read_in_small_pieces_costs_one_range_request(compression: str) -> None:
+    """A reader that says where its file ends (`until`) gets the file's compressed bytes in one
+    range, however small its reads: over a long link every request is a round trip."""
+    app = os.urandom(3 * 1024 * 1024 + 12345)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in (("filler", os.urandom(5 * 1024 * 1024)), ("app.bin", app),
+                           ("after", os.urandom(6 * 1024 * 1024))):  # fmt: skip
+            tar.addfile(_info(name, size=len(data)), io.BytesIO(data))
+    blob = COMPRESSIONS[compression](buf.getvalue())
+    index, points = _index(blob)
+    [entry] = [e for e in index.entries if e.name == "app.bin"]
+    assert entry.offset is not None
+    source = CountingSource(blob)
+    reader = LayerReader(index, source, points)
+    got = b"".join(
+        reader.read(entry.offset + at, min(128 * 1024, len(app) - at), entry.offset + entry.size)
+        for at in range(0, len(app), 128 * 1024)
+    )
+    assert got == app
+    assert source.requests == 1
+    # From the seek point before the file's first chunk (one spacing back, two when a point
+    # lies just after that chunk's start) to a little past its end; never the whole blob.
+    assert source.read_bytes <= 2 * GZIP_SPACING + len(app) + 256 * 1024 < len(blob)
 
 
 @pytest.mark.parametrize("compression", sorted(COMPRESSIONS))

@@ -189,14 +189,15 @@ def read(node: Node, reader: LayerReader, offset: int, size: int) -> bytes:
     end = min(offset + size, entry.size)
     if offset >= end:
         return b""
-    if entry.sparse is None:
-        return reader.read(entry.offset + offset, end - offset)
+    if entry.sparse is None:  # the file's end: what a reader of it likely reads up to
+        return reader.read(entry.offset + offset, end - offset, entry.offset + entry.size)
     out = bytearray(end - offset)
     stored = entry.offset
+    until = entry.offset + sum(length for _, length in entry.sparse)
     for start, length in entry.sparse:
         lo, hi = max(start, offset), min(start + length, end)
         if lo < hi:
-            out[lo - offset : hi - offset] = reader.read(stored + lo - start, hi - lo)
+            out[lo - offset : hi - offset] = reader.read(stored + lo - start, hi - lo, until)
         stored += length
     return bytes(out)
 

@@ -334,7 +334,8 @@ class Agent:
         if self._lazy is None or self._cache.rootfs_path(resolved.manifest_digest).is_dir():
             return None
         cache = self._cache
-        config = await fetch_config(source, cache, resolved)
+        # The config comes while the indexes do: each is a round trip to a far region.
+        config = asyncio.ensure_future(fetch_config(source, cache, resolved))
         try:
             mountpoint = await self._lazy.acquire(
                 source,
@@ -342,9 +343,19 @@ class Agent:
                 functools.partial(pull_image, source, cache, resolved, limits=self.limits),
             )
         except LazyUnavailable as e:
+            await config  # the whole pull needs it too (and its error is the machine's)
             self._no_lazy(mid, str(e))
             return None
-        return PreparedImage(resolved.manifest_digest, config, mountpoint)
+        except BaseException:
+            config.cancel()
+            with contextlib.suppress(BaseException):
+                await config
+            raise
+        try:
+            return PreparedImage(resolved.manifest_digest, await config, mountpoint)
+        except BaseException:
+            await self._lazy.release(mount_key(resolved))
+            raise
 
     def _no_lazy(self, mid: str, why: str) -> None:
         # Only logged: for the machine's owner this is today's start, events and all.

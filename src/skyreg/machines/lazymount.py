@@ -54,7 +54,8 @@ log = logging.getLogger("skyreg.lazymount")
 READY = b"ready\n"
 PREFETCH_LINE = b"prefetch "  # then the JSON list of ranges the machine read first
 PREFETCH_THREADS = 8  # chunk reads of a prefetch at once
-PREFETCH_TASK_CHUNKS = 4  # consecutive chunks one prefetch task reads (one gzip seek span)
+PREFETCH_TASK_CHUNKS = 64  # chunks one prefetch task reads (one range request)
+PREFETCH_GAP = 4  # chunks between two listed ones that one task reads along
 PREFETCH_TIMEOUT = 60.0  # seconds of prefetching before the mount goes ahead without the rest
 MAX_SPEC = 16 << 20  # bytes of the JSON line on stdin
 ATTEMPTS = 3  # tries of one Range request
@@ -214,7 +215,7 @@ class SpooledReader(LayerReader):
         assert self._spool is not None
         return self._spool / f"{self._position}-{number}"
 
-    def chunk(self, number: int) -> bytes:
+    def chunk(self, number: int, until: int | None = None) -> bytes:
         with self._spool_lock:
             spooled = number in self._spooled
         if spooled:
@@ -230,7 +231,7 @@ class SpooledReader(LayerReader):
             with self._spool_lock:
                 self._spooled.discard(number)
             path.unlink(missing_ok=True)
-        return super().chunk(number)
+        return super().chunk(number, until)
 
     def prefetch(self, numbers: list[int]) -> int:
         """Read chunks `numbers` (verified, by a decoder of their own so machine reads are not
@@ -244,10 +245,11 @@ class SpooledReader(LayerReader):
                 with self._spool_lock:
                     if number in self._spooled:
                         continue
+                until = (numbers[-1] + 1) * self.index.chunk_size  # the task's chunks: one range
                 try:
-                    data = reader.chunk(number)
+                    data = reader.chunk(number, until)
                 except CorruptChunk:
-                    data = reader.chunk(number)  # once more, from a fresh decoder state
+                    data = reader.chunk(number, until)  # once more, from a fresh decoder state
                 path = self._path(number)
                 partial = path.with_name(path.name + ".partial")
                 partial.write_bytes(data)
@@ -270,11 +272,7 @@ def prefetch(readers: list[SpooledReader], ranges: list[PrefetchRange]) -> tuple
     for at most `PREFETCH_TIMEOUT` seconds: (chunks asked for, chunks kept, bytes kept). A
     chunk that cannot be read is left for the machine's own read (logged, never fatal)."""
     geometry = [_geometry(r.index) for r in readers]
-    tasks = [
-        (layer, numbers[i : i + PREFETCH_TASK_CHUNKS])
-        for layer, numbers in plan(ranges, geometry)
-        for i in range(0, len(numbers), PREFETCH_TASK_CHUNKS)
-    ]
+    tasks = _tasks(plan(ranges, geometry))
     wanted = sum(len(numbers) for _, numbers in tasks)
     if not tasks:
         return 0, 0, 0
@@ -295,6 +293,28 @@ def prefetch(readers: list[SpooledReader], ranges: list[PrefetchRange]) -> tuple
         pool.shutdown(wait=False, cancel_futures=True)
     kept = sum(len(r.spooled()) for r in readers)
     return wanted, kept, kept_bytes
+
+
+def _tasks(planned: list[tuple[int, list[int]]]) -> list[tuple[int, list[int]]]:
+    """The planned chunks as prefetch tasks: per layer, its chunks in stream order, cut into
+    runs of neighbours (a gap of up to `PREFETCH_GAP` chunks is read along: decoding passes
+    through it anyway) of at most `PREFETCH_TASK_CHUNKS` — each task one range request and one
+    decode from one seek point, where the list's own order (a machine's reads as they came,
+    interleaved) would decode the same span several times. Layers in the list's order."""
+    by_layer: dict[int, set[int]] = {}
+    for layer, numbers in planned:
+        by_layer.setdefault(layer, set()).update(numbers)
+    tasks: list[tuple[int, list[int]]] = []
+    for layer, wanted in by_layer.items():
+        run: list[int] = []
+        for number in sorted(wanted):
+            if run and (number - run[-1] > PREFETCH_GAP + 1 or len(run) >= PREFETCH_TASK_CHUNKS):
+                tasks.append((layer, run))
+                run = []
+            run.append(number)
+        if run:
+            tasks.append((layer, run))
+    return tasks
 
 
 def _geometry(index: LayerIndex) -> LayerGeometry:

@@ -66,7 +66,7 @@ from skyreg.machines.prepare import PrepareError, RegistrySource, ResolvedImage
 from skyreg.machines.unpack import UnpackLimits
 from skyreg.oci.digest import Digest
 from skyreg.oci.errors import RegistryError
-from skyreg.oci.manifest import Descriptor, parse_manifest
+from skyreg.oci.manifest import Descriptor, Manifest, parse_manifest
 from skyreg.privatefs import private_dir
 
 log = logging.getLogger("skyreg.agent")
@@ -150,8 +150,16 @@ class LazyMounts:
                 await _stop_helper(live)
                 live = None
             if live is None:
-                layers = await self._indexes(source, image)
-                live = await self._start(source, image, layers)
+                referrer = await self._referrer(source, image)
+                # The helper starts (its interpreter and imports) while the indexes come.
+                proc = await _spawn_helper()
+                helper = _Helper(image.manifest_digest, self._directory(image), proc)
+                try:
+                    layers = await self._indexes(source, image, referrer)
+                    live = await self._start(source, image, layers, helper)
+                except BaseException:
+                    await _stop_helper(helper)
+                    raise
                 self._live[key] = live
             live.users += 1
             self._background(key, pull)
@@ -203,8 +211,8 @@ class LazyMounts:
 
     # -- indexes -------------------------------------------------------------------------------
 
-    async def _indexes(self, source: RegistrySource, image: ResolvedImage) -> list[LayerSpec]:
-        """Every layer's index (and seek points) in the cache, or LazyUnavailable."""
+    async def _referrer(self, source: RegistrySource, image: ResolvedImage) -> Manifest:
+        """The image's lazy-index referrer, or LazyUnavailable."""
         repository = image.repository
         try:
             found = await _referrers(source, repository, image.manifest_digest)
@@ -219,6 +227,14 @@ class LazyMounts:
             raise LazyUnavailable(f"referrer {found} is not a lazy index")
         if str(subject.digest) != image.manifest_digest:
             raise LazyUnavailable(f"referrer {found} indexes another image")
+        return referrer
+
+    async def _indexes(
+        self, source: RegistrySource, image: ResolvedImage, referrer: Manifest
+    ) -> list[LayerSpec]:
+        """Every layer's index (and seek points) of `referrer` in the cache, or
+        LazyUnavailable."""
+        repository = image.repository
         by_layer: dict[str, dict[str, Descriptor]] = {}
         for d in referrer.layers:
             described = (d.annotations or {}).get(LAYER_ANNOTATION)
@@ -267,12 +283,17 @@ class LazyMounts:
 
     # -- the helper ----------------------------------------------------------------------------
 
-    async def _start(
-        self, source: RegistrySource, image: ResolvedImage, layers: list[LayerSpec]
-    ) -> _Helper:
-        # The image's hex, then its repository's: one directory per (repository, image).
+    def _directory(self, image: ResolvedImage) -> Path:
+        """The image's hex, then its repository's: one directory per (repository, image)."""
         of_repository = hashlib.sha256(image.repository.encode()).hexdigest()[:16]
-        directory = self.root / f"{Digest.parse(image.manifest_digest).hex}-{of_repository}"
+        return self.root / f"{Digest.parse(image.manifest_digest).hex}-{of_repository}"
+
+    async def _start(
+        self, source: RegistrySource, image: ResolvedImage, layers: list[LayerSpec], helper: _Helper
+    ) -> _Helper:
+        """Hand the started `helper` its mount; it is `helper` once it said `ready`, else
+        LazyUnavailable (the caller stops it)."""
+        directory = helper.directory
         await asyncio.to_thread(_unmount_and_remove, directory)
         private_dir(directory)
         private_dir(directory / "mnt")
@@ -289,20 +310,7 @@ class LazyMounts:
             spool=str(directory / "spool"),
             record=PREFETCH_WINDOW if source.token else 0.0,
         )
-        # The agent's token reaches the helper through stdin only; its environment drops it.
-        env = {k: v for k, v in os.environ.items() if k != "SKYREG_TOKEN"}
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "skyreg.machines.lazymount",
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            env=env,
-            cwd="/",
-            start_new_session=True,  # a terminal's ^C reaches the agent, which stops it last
-            limit=MAX_HELPER_LINE,
-        )
-        helper = _Helper(image.manifest_digest, directory, proc)
+        proc = helper.proc
         assert proc.stdin is not None and proc.stdout is not None
         try:
             proc.stdin.write(msgspec.json.encode(spec) + b"\n")
@@ -311,7 +319,6 @@ class LazyMounts:
         except (TimeoutError, OSError, ValueError) as e:
             line = f"error: {e or 'no answer in time'}".encode()
         if line != READY:
-            await _stop_helper(helper)
             why = line.decode(errors="replace").strip().removeprefix("error: ")
             raise LazyUnavailable(f"the lazy mount failed: {why or 'the helper exited'}")
         log.info(
@@ -325,6 +332,23 @@ class LazyMounts:
             _learn(helper, source, image), name=f"learn-{image.manifest_digest}"
         )
         return helper
+
+
+async def _spawn_helper() -> asyncio.subprocess.Process:
+    """A mount helper process, waiting for its spec on stdin."""
+    # The agent's token reaches the helper through stdin only; its environment drops it.
+    env = {k: v for k, v in os.environ.items() if k != "SKYREG_TOKEN"}
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "skyreg.machines.lazymount",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        env=env,
+        cwd="/",
+        start_new_session=True,  # a terminal's ^C reaches the agent, which stops it last
+        limit=MAX_HELPER_LINE,
+    )
 
 
 def _prefetch_path(image: ResolvedImage) -> str:
