@@ -63,11 +63,13 @@ import hashlib
 import io
 import json
 import os
+import random
 import re
 import shlex
 import shutil
 import signal
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -95,6 +97,7 @@ T = TypeVar("T")
 MB = 1_000_000
 A, B = "iad", "syd"
 LAB_PORTS = {"iad": 5001, "syd": 5002, "naive": 5003}  # inside the namespaces: no clashes
+LAZY_APPS = ("geo-lazy", "geo-learn", "geo-lfleet")  # figures 6, 7, 8
 HTTP_PORT_BASE = 18080  # image n's httpd listens on HTTP_PORT_BASE + n
 FLEET = 8
 BUSYBOX = Path("/bin/busybox")
@@ -105,7 +108,9 @@ OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 CLONE_NEWNET = 0x40000000
-PREPARED_RE = re.compile(r"Successfully prepared image \(([\d.]+)s\)")
+PREPARED = ("Successfully prepared image", "Prepared a lazy mount of the image")
+PREPARED_RE = re.compile(rf"(?:{'|'.join(PREPARED)}) \(([\d.]+)s\)")
+LAZY_INDEX = "application/vnd.skyreg.lazy-index.v1"  # the layer indexes' artifactType
 Executor = concurrent.futures.ThreadPoolExecutor
 _STOP = threading.Event()  # set on exit: probes and waits in helper threads give up
 
@@ -187,33 +192,49 @@ def _base_layer(serial: int) -> tuple[bytes, bytes]:
     return tar, _gzip(tar)
 
 
-def _random_layer(serial: int, index: int, size: int, files: int = 4) -> tuple[bytes, bytes]:
+def _random_layer(
+    serial: int, index: int, size: int, read: int, files: int = 4
+) -> tuple[bytes, bytes]:
+    """`files` files of random bytes, and in their middle `app.bin` (`read` bytes): what the
+    entrypoint reads before it serves (a program and its libraries, spread over the layers)."""
     top = f"opt/l{index:02d}"
     entries: list[tuple[str, str, bytes | str, int]] = [
         ("opt", "dir", b"", 0o755),
         (top, "dir", b"", 0o755),
         (f"{top}/image", "file", f"{serial}\n".encode(), 0o644),
     ]
-    entries += [
-        (f"{top}/blob{i}.bin", "file", os.urandom(size // files), 0o644) for i in range(files)
+    # Files of differing sizes (seeded by the layer's place: every image alike), so that `app.bin`
+    # lies at a different offset in each layer, as files of real layers do.
+    weights = [random.Random(index * 10 + i).uniform(0.5, 1.5) for i in range(files)]
+    rest = size - read
+    blobs = [
+        (f"{top}/blob{i}.bin", "file", os.urandom(int(rest * w / sum(weights))), 0o644)
+        for i, w in enumerate(weights)
     ]
+    app: tuple[str, str, bytes | str, int] = (f"{top}/app.bin", "file", os.urandom(read), 0o644)
+    entries += [*blobs[: files // 2], app, *blobs[files // 2 :]]
     tar = _tar(entries)
     return tar, _gzip(tar)
 
 
 def build_image(
-    layout: Path, serial: int, size: int, layers: int, *, listen: bool, pool: Executor
+    layout: Path, serial: int, size: int, layers: int, reads: int, *, listen: bool, pool: Executor
 ) -> Image:
-    """An OCI layout: a busybox layer (with /www) + `layers - 1` layers of random bytes."""
+    """An OCI layout: a busybox layer (with /www) + `layers - 1` layers of random bytes; the
+    entrypoint reads `reads` bytes (each random layer's `app.bin`) before it serves."""
     big = max(layers - 1, 1)
     jobs = [pool.submit(_base_layer, serial)]
-    jobs += [pool.submit(_random_layer, serial, i, size // big) for i in range(1, big + 1)]
+    jobs += [
+        pool.submit(_random_layer, serial, i, size // big, reads // big) for i in range(1, big + 1)
+    ]
     built = [j.result() for j in jobs]
     port = HTTP_PORT_BASE + serial if listen else None
+    read = " ".join(f"/opt/l{i:02d}/app.bin" for i in range(1, big + 1))
     if port is not None:
-        cmd = ["/bin/busybox", "httpd", "-f", "-p", str(port), "-h", "/www"]
+        serve = f"exec /bin/busybox httpd -f -p {port} -h /www"
     else:  # 8 of these share a namespace: nothing listens
-        cmd = ["/bin/sh", "-c", "trap 'exit 0' TERM; while :; do sleep 1; done"]
+        serve = "trap 'exit 0' TERM; while :; do sleep 1; done"
+    cmd = ["/bin/sh", "-c", f"cat {read} > /dev/null && {serve}"]
     blobs = layout / "blobs" / "sha256"
     blobs.mkdir(parents=True, exist_ok=True)
 
@@ -515,13 +536,21 @@ class Start:
     prepared: float | None  # the agent's "Successfully prepared image (…s)" (slowest machine)
     phases: dict[str, float]
     link_bytes: int | None = None  # tc: iad -> syd during the deploy
-    node_bytes: float | None = None  # syd node's skyreg_transfer_bytes_in_total delta
+    node_bytes: float | None = None  # syd node's bytes from other regions (whole + Range)
+    range_bytes: float | None = None  # of which Range reads passed through
     reclaimed: int = 0  # replication jobs of the image that needed more than one claim
+    wan0: tuple[float, float] | None = None  # the syd node's counters before the deploy
+    link0: int | None = None  # tc's before the deploy
 
 
 @dataclass
 class Results:
-    starts: dict[int, list[Start]] = field(default_factory=lambda: {i: [] for i in range(6)})
+    starts: dict[int, list[Start]] = field(default_factory=lambda: {i: [] for i in range(9)})
+    warm: list[Start] = field(default_factory=list)  # a second start on fig 6's agent
+    indexed: list[float] = field(default_factory=list)  # push end -> layer indexes listed
+    index_copied: list[float] = field(default_factory=list)  # push end -> indexes in syd
+    index_bytes: list[float] = field(default_factory=list)  # an image's index blobs
+    learned: list[float] = field(default_factory=list)  # bytes of fig 7's prefetch list
     replication: list[float] = field(default_factory=list)  # fig 3: push end -> syd complete
     replication_bytes: list[float] = field(default_factory=list)
     replication_reclaimed: list[int] = field(default_factory=list)
@@ -618,7 +647,7 @@ class Bench:
         self.naive_api = Api(self.net, a, self.naive.url, self.naive.token)
         for api in (self.api, self.naive_api):
             api("POST", "/orgs", {"name": "bench"})
-        for app in ("geo-local", "geo-ahead", "geo-far", "geo-fleet"):
+        for app in ("geo-local", "geo-ahead", "geo-far", "geo-fleet", *LAZY_APPS):
             self.api("POST", "/apps", {"name": app, "org": "bench"})
         self.naive_api("POST", "/apps", {"name": "geo-naive", "org": "bench"})
         self.api("PATCH", "/apps/geo-ahead", {"regions": [b], "replicate_ahead": True})
@@ -632,6 +661,7 @@ class Bench:
             self.serial,
             self.args.size_mb * MB,
             self.args.layers,
+            self.args.reads_mb * MB,
             listen=listen,
             pool=self.pool,
         )
@@ -661,9 +691,12 @@ class Bench:
         log(f"pushed {out.strip()} in {fmt(took)}")
         return took
 
-    def start_agent(self, region: str, server: str, token: str, code: str | None = None) -> Agent:
+    def start_agent(
+        self, region: str, server: str, token: str, code: str | None = None, lazy: bool = False
+    ) -> Agent:
         """An agent in network namespace `region`, serving skyreg region `code` (default: the
-        same name; a single-region registry knows only `local`)."""
+        same name; a single-region registry knows only `local`); `lazy`: machines may start
+        from a lazy mount of the image (figures 6-8), else the image is pulled whole first."""
         self.agents += 1
         data = self.tmp / "agents" / f"{region}-{self.agents}"
         argv = [
@@ -677,6 +710,7 @@ class Bench:
             server,
             "--data-dir",
             str(data),
+            "--lazy" if lazy else "--no-lazy",
         ]
         proc = self.net.popen(
             region, f"agent-{region}-{self.agents}", argv, {**os.environ, "SKYREG_TOKEN": token}
@@ -718,11 +752,7 @@ class Bench:
         if port is not None:
             probe = self.net.call(region, wait_http, f"http://127.0.0.1:{port}/", deadline)
         link0 = self.net.link_bytes(A, B)
-        node0 = (
-            self.syd_api.metric("skyreg_transfer_bytes_in_total")
-            if api is not self.naive_api
-            else None
-        )
+        node0 = self.wan_in() if api is not self.naive_api else None
         os.sync()  # nobody's earlier writes (the bench's own image layouts) flush in the window
         time.sleep(max(0.0, post_at - time.monotonic()))
         wall0, t0 = time.time(), time.monotonic()
@@ -757,7 +787,7 @@ class Bench:
         seconds = done - t0
         answered_wall = wall0 + seconds
         link = self.net.link_bytes(A, B)
-        node = self.syd_api.metric("skyreg_transfer_bytes_in_total") if node0 is not None else None
+        node = self.wan_in() if node0 is not None else None
         mine = [
             m
             for m in api("GET", f"/apps/{app}/machines")["machines"]
@@ -768,7 +798,17 @@ class Bench:
             prepared=_prepared(mine),
             phases=_phases(mine, wall0, answered_wall),
             link_bytes=None if link is None or link0 is None else link - link0,
-            node_bytes=None if node is None or node0 is None else node - node0,
+            node_bytes=None if node is None or node0 is None else sum(node) - sum(node0),
+            range_bytes=None if node is None or node0 is None else node[1] - node0[1],
+            wan0=node0,
+            link0=link0,
+        )
+
+    def wan_in(self) -> tuple[float, float]:
+        """The syd node's bytes from other regions: (whole-blob transfers, Range reads)."""
+        return (
+            self.syd_api.metric("skyreg_transfer_bytes_in_total"),
+            self.syd_api.metric("skyreg_range_bytes_in_total"),
         )
 
     def measure(
@@ -780,9 +820,12 @@ class Bench:
         ref: str,
         count: int,
         port: int | None,
+        lazy: bool = False,
+        after: Callable[[Agent, Start], None] | None = None,
     ) -> Start:
+        """A fresh agent, one timed deploy; `after` runs before the agent stops."""
         region, server, token, code = agent_args
-        agent = self.start_agent(region, server, token, code)
+        agent = self.start_agent(region, server, token, code, lazy=lazy)
         # Deploys land at spread phases of the agent's poll cycle (as real ones would), not
         # always just after a poll: 1 s after its loop began, plus (run + 0.5) / runs of it.
         phase = (len(self.results.starts[fig]) + 0.5) / self.args.runs * AGENT_POLL
@@ -790,14 +833,18 @@ class Bench:
             start = self.deploy(
                 api, app, ref, region, count, port, agent.ready + 1.0 + phase, code=code
             )
+            if after is not None:
+                after(agent, start)
         finally:
             self.stop_agent(agent, api, app)
-        if fig in (4, 5):
+        if fig in (4, 5, 6, 7, 8):
             start.reclaimed = self.reclaimed(app, ref.partition(":")[2])
         self.results.starts[fig].append(start)
         extra = f", {start.reclaimed} job(s) claimed twice" if start.reclaimed else ""
-        if start.node_bytes is not None and fig in (4, 5):
+        if start.node_bytes is not None and fig >= 4:
             extra += f", syd node fetched {start.node_bytes / MB:.1f} MB"
+            if start.range_bytes:
+                extra += f" ({start.range_bytes / MB:.1f} MB by Range)"
         if start.link_bytes:
             extra += f", link iad->syd {start.link_bytes / MB:.1f} MB"
         phases = ", ".join(f"{k} {fmt(v)}" for k, v in start.phases.items())
@@ -828,14 +875,140 @@ class Bench:
             time.sleep(0.25)
         raise BenchError(f"{app}:{tag} not complete in {region}: {doc['regions']}")
 
+    def wait_indexed(self, app: str, tag: str, pushed: float) -> None:
+        """Until the image lists its layer indexes (the scan worker in iad makes them after the
+        push): every figure deploys an image the registry is done with, so no scan competes
+        with a measured start; the time since `pushed` (the push's end) is reported."""
+        deadline = time.monotonic() + 300
+        found: list[str] = []
+        while not found:
+            if time.monotonic() > deadline:
+                raise BenchError(f"{app}:{tag}: no layer indexes within 300 s")
+            doc = self.api("GET", f"/apps/{app}/images/{tag}")
+            found = [
+                str(r["digest"])
+                for r in doc.get("referrers", [])
+                if r.get("artifact_type") == LAZY_INDEX
+            ]
+            time.sleep(0.25)
+        took = time.monotonic() - pushed
+        self.results.indexed.append(took)
+        # The server copies the indexes (not the image) to every region once made: until syd
+        # has them, as it would by the time a deploy follows a push.
+        blobs = self.index_blobs(app, found[0])
+        while not self.in_region(blobs, B):
+            if time.monotonic() > deadline:
+                raise BenchError(f"{app}:{tag}: layer indexes not in {B} within 300 s")
+            time.sleep(0.25)
+        copied = time.monotonic() - pushed
+        self.results.index_copied.append(copied)
+        self.results.index_bytes.append(sum(blobs.values()))
+        log(
+            f"{app}:{tag} has its layer indexes {fmt(took)} after the push, in {B} "
+            f"{fmt(copied)} after ({sum(blobs.values()) / MB:.1f} MB)"
+        )
+
+    def index_blobs(self, app: str, referrer: str) -> dict[str, int]:
+        """The blobs of the layer-index referrer `referrer` of an image of `app`: digest -> size."""
+        url = f"{self.node_iad.url}/v2/{app}/manifests/{referrer}"
+        status, raw = self.net.call(A, http, "GET", url, self.node_iad.token).result()
+        if status != 200:
+            raise BenchError(f"GET {url}: HTTP {status}")
+        doc = json.loads(raw)
+        return {str(d["digest"]): int(d["size"]) for d in [doc["config"], *doc["layers"]]}
+
+    def in_region(self, blobs: dict[str, int], region: str) -> bool:
+        with contextlib.closing(sqlite3.connect(self.tmp / "meta.db", timeout=30)) as db:
+            marks = ",".join("?" * len(blobs))
+            (n,) = db.execute(
+                f"SELECT count(*) FROM blob_regions WHERE region = ? AND digest IN ({marks})",
+                (region, *blobs),
+            ).fetchone()
+        return int(n) == len(blobs)
+
+    def publish(self, img: Image, app: str, tag: str) -> None:
+        """Push `img` as `app:tag` in iad and wait for its layer indexes."""
+        self.push(self.node_iad, img, f"{app}:{tag}")
+        pushed = time.monotonic()
+        self._drop(img)
+        self.wait_indexed(app, tag, pushed)
+
+    def digest(self, app: str, tag: str) -> str:
+        return str(self.api("GET", f"/apps/{app}/images/{tag}")["digest"])
+
+    def wait_tree(self, agent: Agent, app: str, tag: str) -> float:
+        """Until the agent's background pull unpacked the image (its layer cache holds the
+        tree later starts use); the seconds waited."""
+        tree = agent.data_dir / "cache" / "rootfs" / self.digest(app, tag).removeprefix("sha256:")
+        deadline = time.monotonic() + 120 + 4 * self.link_seconds
+        t0 = time.monotonic()
+        while not tree.is_dir():
+            if time.monotonic() > deadline:
+                raise BenchError(f"{app}:{tag}: the agent did not unpack the image in time")
+            time.sleep(0.1)
+        return time.monotonic() - t0
+
+    def warm_start(self, agent: Agent, app: str, tag: str, port: int) -> None:
+        """Figure 6's agent, once its background pull is done: stop the machine, deploy again
+        (the image is cached now: today's unpacked-tree path) and time that start."""
+        waited = self.wait_tree(agent, app, tag)
+        log(f"{app}:{tag}: the agent had the whole image {fmt(waited)} after the machine answered")
+        for m in self.api("GET", f"/apps/{app}/machines")["machines"]:
+            if m["desired"] == "started":
+                self.api("POST", f"/machines/{m['id']}/stop")
+        deadline = time.monotonic() + 60
+        while any(
+            m["state"] != "stopped" for m in self.api("GET", f"/apps/{app}/machines")["machines"]
+        ):
+            if time.monotonic() > deadline:
+                raise BenchError(f"{app}: machines did not stop within 60 s")
+            time.sleep(0.1)
+        ref = f"{app}:{tag}"
+        warm = self.deploy(self.api, app, ref, B, 1, port, time.monotonic(), code=B)
+        self.results.warm.append(warm)
+        log(
+            f"warm start in {B}: {fmt(warm.seconds)} (agent prepared image in {fmt(warm.prepared)})"
+        )
+
+    def whole_image(self, agent: Agent, app: str, tag: str, start: Start) -> None:
+        """Figure 8: wait until the image is whole in syd (the node's copy) and on the agent,
+        then count every byte the syd node took from iad since the deploy."""
+        self.wait_complete(app, tag, B)
+        self.wait_tree(agent, app, tag)
+        if start.wan0 is not None:
+            now = self.wan_in()
+            start.node_bytes = sum(now) - sum(start.wan0)
+            start.range_bytes = now[1] - start.wan0[1]
+        link = self.net.link_bytes(A, B)
+        if link is not None and start.link0 is not None:
+            start.link_bytes = link - start.link0
+
+    def learn(self, app: str, tag: str, port: int) -> None:
+        """One lazy start in iad (local, untimed) that teaches the image's prefetch list:
+        figure 7 then starts the same image far away with that list."""
+        ref = f"{app}:{tag}"
+        agent = self.start_agent(A, self.node_iad.url, self.node_iad.token, A, lazy=True)
+        path = f"/agent/apps/{app}/images/{self.digest(app, tag)}/prefetch"
+        try:
+            self.deploy(self.api, app, ref, A, 1, port, time.monotonic(), code=A)
+            deadline = time.monotonic() + 120
+            while not (ranges := self.api("GET", path)["ranges"]):
+                if time.monotonic() > deadline:
+                    raise BenchError(f"{ref}: no prefetch list learned within 120 s")
+                time.sleep(0.25)
+        finally:
+            self.stop_agent(agent, self.api, app)
+        learned = sum(int(r["length"]) for r in ranges)
+        self.results.learned.append(learned)
+        log(f"{ref}: learned a prefetch list of {len(ranges)} ranges, {learned / MB:.1f} MB")
+
     # -- the figures
 
     def run(self) -> None:
         self.start_platform()
         base = self.image()
-        self.push(self.node_iad, base, "geo-local:base")
         self.push(self.naive, base, "geo-naive:base")
-        self._drop(base)
+        self.publish(base, "geo-local", "base")
         iad = (A, self.node_iad.url, self.node_iad.token, A)
         syd = (B, self.node_syd.url, self.node_iad.token, B)
         # The naive registry has no regions: its agent, in syd's namespace, serves `local`.
@@ -845,13 +1018,18 @@ class Bench:
         for run in range(1, self.args.runs + 1):
             log(f"--- run {run} of {self.args.runs}")
             self.measure(1, iad, self.api, "geo-local", "geo-local:base", 1, base.port)
+            if self.args.only == "lazy":
+                self.run_lazy(run, syd)
+                continue
             self.measure(2, naive, self.naive_api, "geo-naive", "geo-naive:base", 1, base.port)
 
             img = self.image()
             node0 = self.syd_api.metric("skyreg_transfer_bytes_in_total")
             self.push(self.node_iad, img, f"geo-ahead:r{run}")
+            pushed = time.monotonic()
             self._drop(img)
             took = self.wait_complete("geo-ahead", f"r{run}", B)
+            self.wait_indexed("geo-ahead", f"r{run}", pushed)
             moved = self.syd_api.metric("skyreg_transfer_bytes_in_total") - node0
             self.results.replication.append(took)
             self.results.replication_bytes.append(moved)
@@ -860,20 +1038,45 @@ class Bench:
             self.measure(3, syd, self.api, "geo-ahead", f"geo-ahead:r{run}", 1, img.port)
 
             img = self.image()
-            self.push(self.node_iad, img, f"geo-far:r{run}")
-            self._drop(img)
+            self.publish(img, "geo-far", f"r{run}")
             self.measure(4, syd, self.api, "geo-far", f"geo-far:r{run}", 1, img.port)
 
             img = self.image(listen=False)
-            self.push(self.node_iad, img, f"geo-fleet:r{run}")
-            self._drop(img)
+            self.publish(img, "geo-fleet", f"r{run}")
             self.measure(5, syd, self.api, "geo-fleet", f"geo-fleet:r{run}", FLEET, None)
+
+            self.run_lazy(run, syd)
+
+    def run_lazy(self, run: int, syd: tuple[str, str, str, str]) -> None:
+        """Figures 6-8: the same kinds of fresh image, started by agents with --lazy."""
+        tag = f"r{run}"
+        img = self.image()
+        self.publish(img, "geo-lazy", tag)
+        port = img.port
+        assert port is not None
+        self.measure(
+            6, syd, self.api, "geo-lazy", f"geo-lazy:{tag}", 1, port, lazy=True,
+            after=lambda agent, _start: self.warm_start(agent, "geo-lazy", tag, port),
+        )  # fmt: skip
+
+        img = self.image()
+        self.publish(img, "geo-learn", tag)
+        assert img.port is not None
+        self.learn("geo-learn", tag, img.port)
+        self.measure(7, syd, self.api, "geo-learn", f"geo-learn:{tag}", 1, img.port, lazy=True)
+
+        img = self.image(listen=False)
+        self.publish(img, "geo-lfleet", tag)
+        self.measure(
+            8, syd, self.api, "geo-lfleet", f"geo-lfleet:{tag}", FLEET, None, lazy=True,
+            after=lambda agent, start: self.whole_image(agent, "geo-lfleet", tag, start),
+        )  # fmt: skip
 
     def _drop(self, img: Image) -> None:
         shutil.rmtree(img.layout, ignore_errors=True)
 
 
-def _events(m: dict[str, Any], prefix: str) -> float | None:
+def _events(m: dict[str, Any], prefix: str | tuple[str, ...]) -> float | None:
     for e in m["events"]:
         if e["message"].startswith(prefix):
             return _when(e["at"])
@@ -895,7 +1098,7 @@ def _phases(machines: list[dict[str, Any]], wall0: float, done: float) -> dict[s
     marks = [
         (
             _events(m, "Pulling container image"),
-            _events(m, "Successfully prepared image"),
+            _events(m, PREPARED),
             _events(m, "Starting machine"),
         )
         for m in machines
@@ -1002,7 +1205,47 @@ def report(
         f"| {fmt(med(5, 'prepared'))} | ≈ 1 x image ({image / MB:.1f} MB; met if ≤ 1.1 x) "
         f"| {'—' if bytes_ratio is None else f'{bytes_ratio:.2f}'} | {met5} |"
     )
+    lazy = "lazy pull (agent `--lazy`)"
+    b6 = 0.3 * link_s if net.lab else None
+    row(6, f"first deploy to {B}, no copy there yet, {lazy}", f"≤ 0.3 x link = {fmt(b6)}", b6,
+        med(6))  # fmt: skip
+    b7 = 0.15 * link_s if net.lab else None
+    row(7, f"as 6, with the prefetch list one start in {A} learned", f"≤ 0.15 x link = {fmt(b7)}",
+        b7, med(7))  # fmt: skip
+    node8, link8, range8 = med(8, "node_bytes"), med(8, "link_bytes"), med(8, "range_bytes")
+    ratio8 = None if node8 is None or not image else node8 / image
+    met8 = "—" if ratio8 is None else ("yes" if ratio8 <= 1.1 else "**no**")
+    link_txt = (
+        "" if link8 is None else f"; link {A}→{B} {link8 / MB:.1f} MB (IP, {link8 / image:.2f} x)"
+    )
+    node_txt = "—" if node8 is None else f"{node8 / MB:.1f} MB"
+    range_txt = "" if range8 is None else f", {range8 / MB:.1f} MB of it by Range"
+    print(
+        f"| 8 | {FLEET} machines in {B} at once, fresh image, {lazy}: bytes into {B} until the "
+        f"image is whole there and on the agent (node counters: whole blobs + Range{range_txt}"
+        f"{link_txt}); time until all {FLEET} started | {node_txt}; {fmt(med(8))} "
+        f"| {fmt(med(8, 'prepared'))} | ≤ 1.1 x image "
+        f"| {'—' if ratio8 is None else f'{ratio8:.2f}'} | {met8} |"
+    )
+    warm = median([x.seconds for x in res.warm])
+    warm_prep = median([x.prepared for x in res.warm if x.prepared is not None])
+    met_w = "—" if warm_prep is None else ("yes" if warm_prep < 0.1 else "**no**")
+    print(
+        f"| w | warm start: figure 6's agent again once its background pull unpacked the image "
+        f"| {fmt(warm)} | {fmt(warm_prep)} | prepared < 100 ms | — | {met_w} |"
+    )
     print()
+    if res.indexed:
+        index_mb = (median(res.index_bytes) or 0) / MB
+        print(
+            f"Layer indexes (scan worker in {A}): listed {fmt(median(res.indexed))} after the "
+            f"end of a push, copied to {B} {fmt(median(res.index_copied))} after it (medians; "
+            f"{index_mb:.1f} MB, {index_mb * MB / image:.1%} of the image: the server copies an "
+            "image's indexes, not the image, to every region once made); every figure deploys "
+            "once they are there. Figure 7's prefetch list: "
+            f"{(median(res.learned) or 0) / MB:.1f} MB (median), learned by one lazy start in "
+            f"{A}."
+        )
     node4 = med(4, "node_bytes")
     if node4 is not None and image:
         link_txt = (
@@ -1020,16 +1263,16 @@ def report(
             f"until `images/{{tag}}` showed {B} complete "
             f"({(median(res.replication_bytes) or 0) / MB:.1f} MB moved)."
         )
-    again = [sum(res.replication_reclaimed), *(sum(x.reclaimed for x in s[n]) for n in (4, 5))]
+    again = [sum(x.reclaimed for x in s[n]) for n in (4, 5, 6, 7, 8)]
     print(
         f"Replication jobs that needed a second claim (possible only after a {B} node's lease "
-        f"expired, 30 s): figure 3's copies {again[0]}, figure 4 {again[1]}, figure 5 "
-        f"{again[2]} (summed over the runs)."
+        f"expired, 30 s): figure 3's copies {sum(res.replication_reclaimed)}, figures 4-8 "
+        f"{', '.join(map(str, again))} (summed over the runs)."
     )
     print()
     print(
         "Per run (seconds): "
-        + "; ".join(f"({n}) " + " ".join(f"{x.seconds:.2f}" for x in s[n]) for n in range(1, 6))
+        + "; ".join(f"({n}) " + " ".join(f"{x.seconds:.2f}" for x in s[n]) for n in range(1, 9))
         + "."
     )
     print()
@@ -1041,7 +1284,7 @@ def report(
     print()
     print("| # | agent poll | prepare | rootfs+start | up | total |")
     print("|---|---:|---:|---:|---:|---:|")
-    for n in range(1, 6):
+    for n in range(1, 9):
         keys = ("agent poll", "prepare", "rootfs+start", "up")
         cells = [fmt(median([x.phases[k] for x in s[n] if k in x.phases])) for k in keys]
         print(f"| {n} | {' | '.join(cells)} | {fmt(med(n))} |")
@@ -1057,6 +1300,12 @@ def main() -> int:
     parser.add_argument("--mbit", type=float, default=100, help="iad <-> syd bandwidth")
     parser.add_argument("--size-mb", type=int, default=200, help="image size (uncompressed)")
     parser.add_argument("--layers", type=int, default=10)
+    parser.add_argument(
+        "--reads-mb", type=int, default=10, help="what the entrypoint reads before it serves"
+    )
+    parser.add_argument(
+        "--only", choices=("all", "lazy"), default="all", help="lazy: figures 1 and 6-8 only"
+    )
     parser.add_argument("--tmp-dir", type=Path, default=None, help="parent of the temp dir")
     parser.add_argument("--keep-logs", type=Path, default=None, help="copy every log here")
     args = parser.parse_args()
