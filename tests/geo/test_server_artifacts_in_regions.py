@@ -5,11 +5,14 @@ other region holds it", and a far agent fell back to a whole pull)."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import os
+import sqlite3
 import tarfile
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -39,14 +42,9 @@ def regions(tmp_path: Path) -> Iterator[Regions]:
 
 
 def _layer() -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in (("etc/os-release", b"ID=debian\nVERSION_ID=12\n"),
-                           ("app/data.bin", os.urandom(300_000))):  # fmt: skip
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+    return _tar_of(
+        {"etc/os-release": b"ID=debian\nVERSION_ID=12\n", "app/data.bin": os.urandom(300_000)}
+    )
 
 
 def _referrers(r: Regions, code: str, digest: str) -> list[dict[str, object]]:
@@ -96,3 +94,62 @@ def test_the_sbom_and_layer_indexes_made_in_one_region_are_read_in_another(
         got = r.get_blob("syd", "web", digest)
         assert got.status_code == 200, (digest, got.status_code, got.text[:300])
         assert "sha256:" + hashlib.sha256(got.content).hexdigest() == digest
+
+
+def _zeros_layer() -> bytes:
+    """A layer that compresses ~1000:1: its seek points (a 32 KiB window per MiB) outweigh it."""
+    return gzip.compress(_tar_of({"zeros": bytes(64 << 20)}), compresslevel=9)
+
+
+def _tar_of(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _index_blobs(r: Regions, manifest: str) -> list[str]:
+    def found() -> list[dict[str, object]] | None:
+        return [x for x in _referrers(r, "iad", manifest) if x.get("artifactType") == LAZY_INDEX]
+
+    [ref] = wait_for(found, f"the layer indexes of {manifest}", timeout=120)
+    got = requests.get(
+        f"{r.url('iad')}/v2/web/manifests/{ref['digest']}",
+        auth=("x", r.admin),
+        headers={"Accept": str(ref["mediaType"])},
+        timeout=60,
+    )
+    assert got.status_code == 200, got.text
+    return [str(d["digest"]) for d in got.json()["layers"]]
+
+
+def test_indexes_larger_than_a_tenth_of_their_image_are_not_copied_ahead(regions: Regions) -> None:
+    """A tenant's layer of zeros (65 KB pushed) has index blobs several times its size: they
+    stay in the region that made them (readable from others when asked), where an image of
+    ordinary layers gets its indexes copied to every region."""
+    r = regions
+    zeros, _ = r.push_image("iad", "web", "zeros", [_zeros_layer()])
+    plain, _ = r.push_image("iad", "web", "plain", [_layer()])
+    big = _index_blobs(r, zeros)
+    small = _index_blobs(r, plain)
+    # The scan worker takes images in push order: once the later image's indexes are in syd,
+    # the earlier one's copy-ahead decision was made too.
+    for digest in small:
+        wait_for(lambda d=digest: r.copies(d) == {"iad", "syd"}, f"{digest} copied to syd")
+    with closing(sqlite3.connect(r.top / "meta.db", timeout=30)) as db:
+        queued = db.execute(
+            "SELECT count(*) FROM replication_jobs WHERE region = 'syd' AND digest IN (?, ?)",
+            (big[0], big[-1]),
+        ).fetchone()[0]
+    assert queued == 0
+    assert all(r.copies(d) == {"iad"} for d in big)
+    for digest in big:  # still read from syd, through to iad
+        got = r.get_blob("syd", "web", digest)
+        assert got.status_code == 200 and sha256_of(got.content) == digest
+
+
+def sha256_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()

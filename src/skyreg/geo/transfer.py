@@ -227,6 +227,7 @@ class Transfer:
     source: str | None = None
     _feeds: list[Feed] = field(default_factory=list)
     _live: bool = True  # bytes flow from offset 0: subscribers may still join
+    splicing: bool = False  # copied here in pieces now: Range reads' bytes are of use to it
 
     def subscribe(self) -> Feed | None:
         """A live feed, or None when bytes have already passed (read the store afterwards)."""
@@ -519,6 +520,7 @@ class Transfers:
         at most one piece on the way. What Range reads brought here meanwhile (`_kept`) is
         appended from memory instead of crossing the link again. Bytes moved."""
         moved = 0
+        t.splicing = True
 
         async def chunks() -> AsyncIterator[bytes]:
             nonlocal moved
@@ -549,7 +551,10 @@ class Transfers:
                 if position <= last:
                     raise _SourceError(f"the answer ended at byte {position} of a piece")
 
-        size = await self.store.append(upload_id, chunks(), offset)
+        try:
+            size = await self.store.append(upload_id, chunks(), offset)
+        finally:
+            t.splicing = False
         if size != t.size:
             raise _SourceError(f"got {size} of {t.size} bytes")
         return moved
@@ -558,10 +563,13 @@ class Transfers:
         """Keep a Range read's bytes `first`... for the whole copy of `digest` running here, when
         it has not passed them yet (bounded by `MAX_KEPT` for the process)."""
         t = self._active.get(str(digest))
-        if t is None or first < t.received or self._kept_bytes + len(data) > MAX_KEPT:
-            return
+        if t is None or not t.splicing or first < t.received:
+            return  # no copy here that will use them (a copy whose lease is elsewhere waits)
         pieces = self._kept.setdefault(str(digest), {})
-        if first in pieces:
+        end = first + len(data)
+        if any(at < end and first < at + len(kept) for at, kept in pieces.items()):
+            return  # overlaps what is kept: kept pieces stay disjoint (no byte kept twice)
+        if self._kept_bytes + len(data) > MAX_KEPT:
             return
         pieces[first] = data
         self._kept_bytes += len(data)
@@ -610,17 +618,26 @@ class Transfers:
         started = False
         # The bytes, for the whole copy of the blob running here (`_keep`): never twice.
         keep: bytearray | None = bytearray() if str(digest) in self._active else None
-        async with self.priority.foreground(), self._ranges:
+        # Foreground while waiting on the peer only: a client that stops taking the bytes
+        # (the generator suspended at `yield`) does not hold background copies back.
+        foreground = self.priority.foreground
+        async with self._ranges:
             for source in sources:
                 try:
-                    async with self._range_request(
-                        repository, digest, source, position, last
-                    ) as resp:
-                        _check_range(resp, position, last, size)
+                    async with contextlib.AsyncExitStack() as stack:
+                        async with foreground():
+                            resp = await stack.enter_async_context(
+                                self._range_request(repository, digest, source, position, last)
+                            )
+                            _check_range(resp, position, last, size)
                         if not started:
                             started = True
                             yield b""
-                        async for chunk in resp.content.iter_chunked(READ_SIZE):
+                        while True:
+                            async with foreground():
+                                chunk = await resp.content.read(READ_SIZE)
+                            if not chunk:
+                                break
                             chunk = chunk[: last + 1 - position]  # Content-Length bounds it too
                             if keep is not None and position == first + len(keep):
                                 keep += chunk

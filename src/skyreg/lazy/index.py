@@ -6,7 +6,7 @@ link target, extended attributes, sparse map) with the offset of each file's dat
 *uncompressed* stream, the SHA-256 of every `chunk_size` bytes of that stream (every byte a
 reader serves is verified), and how to start decompressing near any offset:
 
-- gzip: seek points every `GZIP_SPACING` uncompressed bytes, each with zlib's 32 KiB window
+- gzip: seek points about every `GZIP_SPAN` compressed bytes, each with zlib's 32 KiB window
   (indexed_gzip's export, a blob of its own: `GZIP_POINTS_MEDIA_TYPE`), so reading any file costs
   one Range request from the point before it;
 - zstd: the blob's frames (compressed and uncompressed offsets); a blob of one frame has no
@@ -38,7 +38,9 @@ GZIP_POINTS_MEDIA_TYPE = "application/vnd.skyreg.gzip-seek-points.v1"
 ARTIFACT_TYPE = "application/vnd.skyreg.lazy-index.v1"
 LAYER_ANNOTATION = "dev.skyreg.lazy.layer"  # on a referrer's blob: the layer it describes
 CHUNK_SIZE = 64 << 10  # uncompressed bytes one digest covers (a read's smallest unit)
-GZIP_SPACING = 1 << 20  # uncompressed bytes between gzip seek points
+GZIP_SPAN = 512 << 10  # compressed bytes aimed for between gzip seek points
+GZIP_SPACING = 4 << 20  # uncompressed bytes between gzip seek points, at most
+MIN_GZIP_SPACING = 256 << 10  # ... and at least
 _READ = 1 << 16
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -342,10 +344,28 @@ def build(
         raise LayerIndexError(f"layer {digest}: {e}") from e
 
 
+def _gzip_spacing(raw: BinaryIO, compressed_size: int) -> int:
+    """Uncompressed bytes between seek points such that about `GZIP_SPAN` compressed bytes lie
+    between two (a read decodes from the point before it: that is what it costs beyond its own
+    bytes; each point holds a 32 KiB window, so the points are about 6 % of the blob whatever
+    its compression), from the ratio the gzip trailer's size gives. A trailer that cannot be
+    the whole size (a multi-member blob, 4 GiB or more) gives `GZIP_SPACING`."""
+    if compressed_size < 18:
+        return GZIP_SPACING
+    raw.seek(compressed_size - 4)
+    isize = int.from_bytes(raw.read(4), "little")  # uncompressed size mod 2**32
+    raw.seek(0)
+    if isize < compressed_size * 9 // 10:
+        return GZIP_SPACING
+    spacing = GZIP_SPAN * isize // compressed_size
+    return max(MIN_GZIP_SPACING, min(GZIP_SPACING, spacing))
+
+
 def _build_gzip(
     raw: BinaryIO, digest: str, compressed_size: int, limits: IndexLimits, chunk_size: int
 ) -> tuple[LayerIndex, bytes]:
-    stream = indexed_gzip.IndexedGzipFile(fileobj=raw, spacing=GZIP_SPACING, drop_handles=False)
+    spacing = _gzip_spacing(raw, compressed_size)
+    stream = indexed_gzip.IndexedGzipFile(fileobj=raw, spacing=spacing, drop_handles=False)
     try:
         index = _walk(cast(IO[bytes], stream), digest, "gzip", compressed_size, limits, chunk_size)
         stream.build_full_index()  # reading creates points only some way behind the reads

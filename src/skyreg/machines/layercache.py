@@ -363,7 +363,7 @@ def _resume_point(part: Path, d: Digest, size: int) -> tuple[int, hashlib._Hash]
         return 0, hasher
     with os.fdopen(fd, "rb") as f:
         info = os.fstat(f.fileno())
-        if not stat.S_ISREG(info.st_mode) or info.st_size == 0:
+        if not _own_file(info) or info.st_size == 0:
             return 0, hasher
         if info.st_size > size:
             log.warning("discarding %s: %d bytes, the blob has %d", part, info.st_size, size)
@@ -381,6 +381,12 @@ def _resume_point(part: Path, d: Digest, size: int) -> tuple[int, hashlib._Hash]
     return kept, hasher
 
 
+def _own_file(info: os.stat_result) -> bool:
+    """A regular file of this process's user with one name: what a download may resume or
+    write into (a hard link to any other file, or someone else's file, never is)."""
+    return stat.S_ISREG(info.st_mode) and info.st_nlink == 1 and info.st_uid == os.geteuid()
+
+
 def _discard(part: Path) -> None:
     """Remove whatever lies at `part` (a file, or a directory a crash could not have made)."""
     if part.exists() or part.is_symlink():
@@ -390,8 +396,10 @@ def _discard(part: Path) -> None:
 @contextlib.contextmanager
 def _open_part(part: Path, offset: int) -> Iterator[BinaryIO]:
     """`part` opened for writing at `offset`, anything after it cut off (mode 0600)."""
-    fd = os.open(part, _PART_FLAGS, 0o600)
+    fd = os.open(part, _PART_FLAGS | (os.O_EXCL if offset == 0 else 0), 0o600)
     try:
+        if not _own_file(os.fstat(fd)):  # a link planted since it was checked: not written to
+            raise OSError(f"{part} is not this process's own file")
         os.fchmod(fd, 0o600)
         os.ftruncate(fd, offset)
         os.lseek(fd, offset, os.SEEK_SET)

@@ -40,6 +40,7 @@ log = logging.getLogger("skyreg.lazy")
 
 _EMPTY = b"{}"
 MAX_INDEXED_BLOB = 16 << 30  # compressed bytes of a layer worth indexing
+COPY_AHEAD_SHARE = 0.1  # indexes copied to every region when at most this share of the image
 
 
 @dataclass
@@ -116,7 +117,12 @@ class LazyIndexer:
         referrer = parse_manifest(raw, mt.OCI_MANIFEST, digest_of(raw))
         await self.registry.run(self.registry.put_manifest, repository, referrer, [])
         self.attached += 1
-        if self.copy_ahead is not None:  # ~1-3 % of the image: every region gets it now
+        index_bytes = sum(int(str(d["size"])) for d in descriptors)
+        image_bytes = sum(d.size for d in layers)
+        if self.copy_ahead is not None and index_bytes <= COPY_AHEAD_SHARE * image_bytes:
+            # Every region gets the indexes now (not the image): a far first start reads them
+            # nearby. Indexes as large as a good part of the image (layers that compress
+            # very well) are fetched when a start asks instead.
             await self.copy_ahead(repository, str(referrer.digest))
         return True
 
