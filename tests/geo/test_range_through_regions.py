@@ -20,7 +20,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from skyreg.geo.transfer import MAX_RANGE_THROUGH, PEER_HEADER, PIECE, PIECE_HEADER
-from tests.support.regions import Regions
+from tests.support.regions import Regions, running_regions
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -151,15 +151,8 @@ class Relay:
 
 @pytest.fixture(scope="module")
 def region_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Regions]:
-    r = Regions.on_free_ports(tmp_path_factory.mktemp("ranges"), CODES, rtt_ms=RTT)
-    r.write_regions()
-    try:
-        r.start_all()
-        r.api("iad", "POST", "/orgs", json={"name": "acme"})
-        r.api("iad", "POST", "/apps", json={"name": "web", "org": "acme"})
+    with running_regions(tmp_path_factory.mktemp("ranges"), CODES, rtt_ms=RTT) as r:
         yield r
-    finally:
-        r.stop_all()
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import requests
 
 from skyreg.client.push import push_image
 from tests.support.images import Entry, build_app_image
-from tests.support.regions import Regions, sha256
+from tests.support.regions import Regions, running_regions, sha256
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -81,17 +81,9 @@ class Throttle:
 def region_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Regions]:
     """The three regions' nodes, started once for the module's tests (`regions` hands them
     over fresh to each)."""
-    r = Regions.on_free_ports(
-        tmp_path_factory.mktemp("regions"), CODES, rtt_ms=RTT, extra_args=LEASE_ARGS
-    )
-    r.write_regions()
-    try:
-        r.start_all()
-        r.api("iad", "POST", "/orgs", json={"name": "acme"})
-        r.api("iad", "POST", "/apps", json={"name": "web", "org": "acme"})
+    top = tmp_path_factory.mktemp("regions")
+    with running_regions(top, CODES, rtt_ms=RTT, extra_args=LEASE_ARGS) as r:
         yield r
-    finally:
-        r.stop_all()
 
 
 @pytest.fixture

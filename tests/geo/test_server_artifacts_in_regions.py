@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.support.regions import Regions
+from tests.support.regions import Regions, running_regions
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -28,17 +28,11 @@ LAZY_INDEX = "application/vnd.skyreg.lazy-index.v1"
 
 @pytest.fixture
 def regions(tmp_path: Path) -> Iterator[Regions]:
-    r = Regions.on_free_ports(
-        tmp_path, ("iad", "syd"), rtt_ms={("iad", "syd"): 50}, extra_args=["--scan", "--lazy-index"]
-    )
-    r.write_regions()
-    try:
-        r.start_all()
-        r.api("iad", "POST", "/orgs", json={"name": "acme"})
-        r.api("iad", "POST", "/apps", json={"name": "web", "org": "acme"})
+    rtt = {("iad", "syd"): 50}
+    with running_regions(
+        tmp_path, ("iad", "syd"), rtt_ms=rtt, extra_args=["--scan", "--lazy-index"]
+    ) as r:
         yield r
-    finally:
-        r.stop_all()
 
 
 def _layer() -> bytes:
@@ -88,8 +82,7 @@ def test_the_sbom_and_layer_indexes_made_in_one_region_are_read_in_another(
         assert "iad" in r.copies(digest), digest  # recorded where it was made
     # The layer indexes are copied to every region as soon as they are made (a far lazy start
     # reads them nearby); the SBOM only when something asks for it there.
-    for digest in set(index_blobs):
-        wait_for(lambda d=digest: r.copies(d) == {"iad", "syd"}, f"{digest} copied to syd")
+    _wait_copied(r, index_blobs)
     for digest in set(blobs):
         got = r.get_blob("syd", "web", digest)
         assert got.status_code == 200, (digest, got.status_code, got.text[:300])
@@ -137,8 +130,7 @@ def test_indexes_larger_than_a_tenth_of_their_image_are_not_copied_ahead(regions
     small = _index_blobs(r, plain)
     # The scan worker takes images in push order: once the later image's indexes are in syd,
     # the earlier one's copy-ahead decision was made too.
-    for digest in small:
-        wait_for(lambda d=digest: r.copies(d) == {"iad", "syd"}, f"{digest} copied to syd")
+    _wait_copied(r, small)
     with closing(sqlite3.connect(r.top / "meta.db", timeout=30)) as db:
         queued = db.execute(
             "SELECT count(*) FROM replication_jobs WHERE region = 'syd' AND digest IN (?, ?)",
@@ -153,3 +145,12 @@ def test_indexes_larger_than_a_tenth_of_their_image_are_not_copied_ahead(regions
 
 def sha256_of(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _wait_copied(r: Regions, digests: list[str]) -> None:
+    for digest in set(digests):
+
+        def both(d: str = digest) -> bool:
+            return r.copies(d) == {"iad", "syd"}
+
+        wait_for(both, f"{digest} copied to syd")

@@ -32,7 +32,7 @@ from skyreg.meta.geo import GeoMeta
 from skyreg.oci.digest import Digest
 from skyreg.store.filesystem import FilesystemBlobStore
 from tests.geo.test_range_through_regions import Relay
-from tests.support.regions import Regions
+from tests.support.regions import Regions, running_regions
 from tests.support.waiting import free_port, wait_for
 
 BOUND = 30.0  # seconds any awaited step may take before the test fails (a wait bound only)
@@ -452,15 +452,8 @@ class PieceRelay(Relay):
 
 @pytest.fixture(scope="module")
 def two_regions(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Regions]:
-    r = Regions.on_free_ports(tmp_path_factory.mktemp("wan"), ("iad", "syd"), rtt_ms={})
-    r.write_regions()
-    try:
-        r.start_all()
-        r.api("iad", "POST", "/orgs", json={"name": "acme"})
-        r.api("iad", "POST", "/apps", json={"name": "web", "org": "acme"})
+    with running_regions(tmp_path_factory.mktemp("wan"), ("iad", "syd"), rtt_ms={}) as r:
         yield r
-    finally:
-        r.stop_all()
 
 
 @pytest.mark.slow

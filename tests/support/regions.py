@@ -8,8 +8,8 @@ import hashlib
 import json
 import os
 import sqlite3
-from collections.abc import Iterable
-from contextlib import closing
+from collections.abc import Iterable, Iterator
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -277,3 +277,18 @@ class Regions:
         return not any(self.stored(c, digest).exists() for c in self.codes) and not self.rows(
             digest
         )
+
+
+@contextmanager
+def running_regions(top: Path, codes: Iterable[str], **kw: Any) -> Iterator[Regions]:
+    """The regions' nodes on free ports under `top` (`Regions` fields in `kw`), started with
+    org acme and its app web, stopped afterwards (also on failure)."""
+    r = Regions.on_free_ports(top, codes, **kw)
+    r.write_regions()
+    try:
+        r.start_all()
+        r.api("iad", "POST", "/orgs", json={"name": "acme"})
+        r.api("iad", "POST", "/apps", json={"name": "web", "org": "acme"})
+        yield r
+    finally:
+        r.stop_all()
