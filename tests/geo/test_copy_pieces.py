@@ -73,10 +73,16 @@ class Holder:
     byte flipped — a faulty holder the reader may catch, and the copy must."""
 
     def __init__(
-        self, blobs: dict[str, bytes], *, hold: bool = False, alter_ranges: bool = False
+        self,
+        blobs: dict[str, bytes],
+        *,
+        hold: bool = False,
+        alter_ranges: bool = False,
+        no_ranges: bool = False,
     ) -> None:
         self.blobs = blobs
         self.alter_ranges = alter_ranges
+        self.no_ranges = no_ranges  # answer every GET with the whole blob (an older node)
         self.asked: list[Asked] = []
         self.more, self.piece_held = asyncio.Event(), asyncio.Event()
         if not hold:
@@ -98,7 +104,7 @@ class Holder:
         wanted = request.headers.get("Range")
         piece = request.headers.get(PIECE_HEADER) == "1"
         self.asked.append(Asked(digest, wanted, piece))
-        if wanted is None:
+        if wanted is None or self.no_ranges:
             return web.Response(body=data)
         first, last = _bounds(wanted)
         body = data[first : last + 1]
@@ -267,6 +273,22 @@ def test_a_large_blob_is_copied_as_bounded_marked_pieces_in_order_and_a_small_on
             counters = transfers.counters
             assert counters.bytes_in == len(large) + len(small)
             assert counters.spliced_bytes == 0 and counters.transfers_done == 2
+
+    asyncio.run(scenario())
+
+
+def test_a_source_that_ignores_ranges_still_gives_a_large_blob_in_one_answer(syd: Syd) -> None:
+    large = os.urandom(FOREGROUND_BLOB + PIECE + 1)
+    digest = syd.pushed(large, ("iad",))
+    holder = Holder({str(digest): large}, no_ranges=True)
+
+    async def scenario() -> None:
+        async with syd.transfers({"iad": holder}) as transfers:
+            await asyncio.wait_for(transfers.get("web", digest, len(large)).wait(), BOUND)
+            assert await syd.stored(digest) == large
+            # One piece asked for, answered whole: then the blob in one answer from 0.
+            assert holder.pieces(digest) == [(0, PIECE - 1)]
+            assert holder.others(digest) == [Asked(str(digest), None, False)]
 
     asyncio.run(scenario())
 

@@ -28,8 +28,9 @@ blob's digest alone: the reader checks them (the lazy index's chunk digests).
 
 Priority on the WAN (`WanPriority`, one per `Transfers`): what a starting machine waits for goes
 first, while every whole copy still crosses the WAN once. Foreground fetches are every Range read
-passed through (from before its peer request to its last byte) and whole copies of blobs of at
-most `FOREGROUND_BLOB` bytes (index documents, configs: what a start waits for). Whole copies of
+passed through (while it waits on its peer: a client that stops taking its bytes does not hold
+the link) and whole copies of blobs of at most `FOREGROUND_BLOB` bytes (index documents,
+configs: what a start waits for). Whole copies of
 larger blobs are background: they come as Range requests of at most `PIECE` bytes, one at a time,
 and before asking for each piece they wait while a foreground fetch is in flight or one ended
 less than `LINGER` seconds ago (a machine's sequential reads leave small gaps that must not hand
@@ -481,7 +482,13 @@ class Transfers:
         if offset >= t.size:
             return 0  # every byte is here already: the commit verifies them
         if t.size > FOREGROUND_BLOB:
-            return await self._in_pieces(t, source, upload_id, offset)
+            try:
+                return await self._in_pieces(t, source, upload_id, offset)
+            except _NoRanges:  # a source that ignores Range (an older node): one answer
+                log.info("%s answers %s without ranges: copying it in one answer", source, t.digest)
+                offset = await self.store.upload_size(upload_id)
+                if offset >= t.size:
+                    return 0
         token = self.peer_token()
         client = AsyncRegistryClient(
             self.regions.url_of(source),
@@ -540,6 +547,8 @@ class Transfers:
                 async with self._range_request(
                     t.repository, t.digest, source, position, last, piece=True
                 ) as resp:
+                    if resp.status == 200:
+                        raise _NoRanges
                     _check_range(resp, position, last, t.size)
                     async for chunk in resp.content.iter_chunked(READ_SIZE):
                         chunk = chunk[: last + 1 - position]
@@ -711,3 +720,7 @@ def _leased_elsewhere(job: Job | None) -> bool:
 
 class _SourceError(Exception):
     """A source region answered, but not with the blob."""
+
+
+class _NoRanges(Exception):
+    """A source answered a piece request with the whole blob (it does not serve ranges)."""
