@@ -41,6 +41,7 @@ from skyreg.meta.db import create_db_engine, sqlite_url, upgrade_schema
 from skyreg.meta.geo import GeoMeta
 from skyreg.oci.digest import Digest
 from skyreg.store.filesystem import FilesystemBlobStore
+from tests.support.aioserve import serve_on_loopback
 from tests.support.waiting import free_port
 
 BOUND = 30.0  # seconds any awaited step may take before the test fails (a wait bound only)
@@ -119,17 +120,11 @@ class Holder:
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[Holder]:
-        app = web.Application()
-        app.router.add_get("/v2/{tail:.*}", self.serve)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, "127.0.0.1", 0).start()
-            self.port = int(runner.addresses[0][1])
-            yield self
-        finally:
-            self.more.set()  # no handler is left waiting
-            await runner.cleanup()
+        async with serve_on_loopback(self.serve) as self.port:
+            try:
+                yield self
+            finally:
+                self.more.set()  # no handler is left waiting
 
 
 class Syd:

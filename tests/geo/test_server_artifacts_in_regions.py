@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import os
 import sqlite3
-import tarfile
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
@@ -18,6 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.support.images import Entry, make_tar
 from tests.support.regions import Regions, running_regions
 from tests.support.waiting import wait_for
 
@@ -95,13 +94,7 @@ def _zeros_layer() -> bytes:
 
 
 def _tar_of(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+    return make_tar(Entry(name, "file", data=data) for name, data in files.items())
 
 
 def _index_blobs(r: Regions, manifest: str) -> list[str]:

@@ -32,6 +32,7 @@ from skyreg.meta.geo import GeoMeta
 from skyreg.oci.digest import Digest
 from skyreg.store.filesystem import FilesystemBlobStore
 from tests.geo.test_range_through_regions import Relay
+from tests.support.aioserve import serve_on_loopback
 from tests.support.regions import Regions, running_regions
 from tests.support.waiting import free_port, wait_for
 
@@ -279,18 +280,12 @@ class Peer:
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[Peer]:
-        app = web.Application()
-        app.router.add_get("/v2/{tail:.*}", self.serve)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, "127.0.0.1", 0).start()
-            self.port = int(runner.addresses[0][1])
-            yield self
-        finally:
-            for held in (self.more, self.answer_range, self.answer_small):
-                held.set()  # no handler is left waiting
-            await runner.cleanup()
+        async with serve_on_loopback(self.serve) as self.port:
+            try:
+                yield self
+            finally:
+                for held in (self.more, self.answer_range, self.answer_small):
+                    held.set()  # no handler is left waiting
 
 
 def test_a_large_blobs_whole_copy_waits_for_a_range_read_and_a_small_blob_then_completes(
