@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -172,6 +173,14 @@ def test_a_tcp_check_passes_on_a_listener() -> None:
     run(main)
 
 
+def _kernel_socket_buffers() -> int:
+    """The most a sender's and a receiver's kernel may hold of one TCP stream, in bytes."""
+    return sum(
+        int(Path(f"/proc/sys/net/ipv4/{name}").read_text().split()[2])
+        for name in ("tcp_wmem", "tcp_rmem")
+    )
+
+
 def test_an_endless_body_is_read_to_a_bound_and_passes() -> None:
     sent = [0]
 
@@ -190,7 +199,9 @@ def test_an_endless_body_is_read_to_a_bound_and_passes() -> None:
             await rec.wait(1)
         await server.close()
         assert rec.statuses() == ["passing"]
-        assert sent[0] < 64 * MAX_BODY  # the checker hung up rather than read it all
+        # The checker hung up rather than read it all: what was sent is its bound plus what the
+        # two kernels' socket buffers took (which differ between hosts: 4 MiB sent was seen).
+        assert sent[0] <= MAX_BODY + _kernel_socket_buffers() + (1 << 20)
 
     run(main)
 
