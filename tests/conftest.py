@@ -13,7 +13,12 @@ import pytest
 from tests.support.inprocess import InProcessRegistry, environment, serve_options
 from tests.support.servers import BACKINGS, RunningRegistry, scaleout_backing
 
-pytest_plugins = ["tests.support.clients", "tests.support.postgres", "tests.support.s3"]
+pytest_plugins = [
+    "tests.support.clients",
+    "tests.support.holders",
+    "tests.support.postgres",
+    "tests.support.s3",
+]
 
 # Every server the suite starts (and every store it makes) refuses a query on an event loop
 # thread (skyreg.meta.db.Database): a request handler that forgot to hop answers 500 and the

@@ -21,57 +21,21 @@ import io
 import os
 import stat
 import tarfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 
 import skyreg.geo.transfer as transfer_module
-from skyreg.geo.transfer import PIECE_HEADER, TransferFailed, Transfers
+from skyreg.geo.transfer import PIECE_HEADER, TransferFailed
 from skyreg.lazy.index import GZIP_SPACING, LayerIndexError, build
 from skyreg.lazy.reader import LayerReader
 from skyreg.machines.layercache import BlobVerificationError, LayerCache, Opener
 from skyreg.oci.digest import Digest
-from tests.geo.test_copy_pieces import BOUND, SMALL_PIECE, Holder, Syd
+from tests.support.holders import BOUND, SMALL_PIECE, Holder, Syd, read_through, wait_started
 
 # -- shared helpers ---------------------------------------------------------------------------
-
-
-@pytest.fixture
-def syd(tmp_path: Path) -> Iterator[Syd]:
-    """syd's metadata and store (closed after the test)."""
-    region = Syd(tmp_path)
-    try:
-        yield region
-    finally:
-        region.close()
-
-
-@pytest.fixture
-def small_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Blobs over 1 MiB are copied in 1 MiB pieces; the gate's bound is out of the way (a copy
-    waits exactly while a foreground fetch is in flight), its linger short."""
-    monkeypatch.setattr(transfer_module, "FOREGROUND_BLOB", SMALL_PIECE)
-    monkeypatch.setattr(transfer_module, "PIECE", SMALL_PIECE)
-    monkeypatch.setattr(transfer_module, "LINGER", 0.01)
-    monkeypatch.setattr(transfer_module, "MAX_YIELD", 3600.0)
-
-
-async def _read(
-    transfers: Transfers, digest: Digest, size: int, first: int, last: int, repo: str = "web"
-) -> bytes:
-    """A Range read passed through from iad (every chunk consumed), as `repo`'s reader."""
-    got = b""
-    async for chunk in transfers.read_range(repo, digest, size, first, last, ["iad"]):
-        got += chunk
-    return got
-
-
-async def _started(holder: Holder, copy: transfer_module.Transfer) -> None:
-    """The whole copy got its first piece and waits (in the holder) for its second."""
-    await asyncio.wait_for(holder.piece_held.wait(), BOUND)
-    assert not copy.done.is_set()
 
 
 class PieceFaultHolder(Holder):
@@ -122,9 +86,9 @@ def test_overlapping_range_reads_of_two_repositories_splice_each_byte_once_in_or
     async def scenario() -> None:
         async with syd.transfers({"iad": holder}) as transfers:
             copy = transfers.get("web", digest, len(data))
-            await _started(holder, copy)
+            await wait_started(holder, copy)
             for repo, first, last in reads:
-                got = await _read(transfers, digest, len(data), first, last, repo)
+                got = await read_through(transfers, digest, len(data), first, last, repo)
                 assert got == data[first : last + 1]
             holder.more.set()
             await asyncio.wait_for(copy.wait(), BOUND)
@@ -149,9 +113,9 @@ def test_overlapping_range_reads_keep_each_byte_of_the_blob_at_most_once(syd: Sy
     async def scenario() -> None:
         async with syd.transfers({"iad": holder}) as transfers:
             copy = transfers.get("web", digest, len(data))
-            await _started(holder, copy)
+            await wait_started(holder, copy)
             for shift in range(shifts):
-                await _read(transfers, digest, len(data), first + shift, last + shift)
+                await read_through(transfers, digest, len(data), first + shift, last + shift)
             union = last + shifts - first
             assert transfers._kept_bytes <= union, (transfers._kept_bytes, union)
 
@@ -172,7 +136,7 @@ def test_range_reads_keep_nothing_while_another_node_moves_the_blob(syd: Syd) ->
     async def scenario() -> None:
         async with syd.transfers({"iad": holder}) as transfers:
             waiting = transfers.get("web", digest, len(data))
-            assert await _read(transfers, digest, len(data), 0, 999_999) == data[:1_000_000]
+            assert await read_through(transfers, digest, len(data), 0, 999_999) == data[:1_000_000]
             assert not waiting.done.is_set()  # still waiting for the other node
             assert holder.pieces(digest) == []  # no copy runs in this process
             assert transfers._kept_bytes == 0, transfers._kept_bytes
@@ -223,8 +187,8 @@ def test_a_copy_failing_midway_frees_the_bytes_kept_for_it(syd: Syd) -> None:
     async def scenario() -> None:
         async with syd.transfers({"iad": holder}) as transfers:
             copy = transfers.get("web", digest, len(data))
-            await _started(holder, copy)
-            await _read(transfers, digest, len(data), 3_000_000, 3_499_999)
+            await wait_started(holder, copy)
+            await read_through(transfers, digest, len(data), 3_000_000, 3_499_999)
             assert transfers._kept_bytes == 500_000
             holder.fault = "error"
             holder.more.set()
@@ -285,7 +249,9 @@ def test_one_tenants_stalled_range_reads_do_not_block_another_tenants_reads(
                 await st.enter_async_context(contextlib.aclosing(stalled))
                 await anext(stalled)
                 await anext(stalled)
-            got = await asyncio.wait_for(_read(transfers, digest, len(data), 0, 9, "b/app"), 5.0)
+            got = await asyncio.wait_for(
+                read_through(transfers, digest, len(data), 0, 9, "b/app"), 5.0
+            )
             assert got == data[:10]
 
     asyncio.run(scenario())
